@@ -1,0 +1,38 @@
+"""gunicorn settings for streamer.
+
+    gunicorn 'streamer.app:create_app' -c deploy/gunicorn.conf.py
+
+Command-line flags (--bind, --workers, ...) override these values.
+"""
+
+import os
+import sys
+
+from streamer.config import Config, ConfigError
+
+bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:8080")
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+worker_class = "aiohttp.GunicornWebWorker"
+# Long-lived streams: the worker timeout only concerns the worker's heartbeat
+# to the arbiter, which aiohttp's worker sends from its event loop.
+timeout = 30
+# On SIGTERM / reload, WebSockets close with 1001 and SSE streams end within this.
+graceful_timeout = 20
+keepalive = 75
+accesslog = "-"
+errorlog = "-"
+
+
+def on_starting(server):  # type: ignore[no-untyped-def]
+    """Refuse to start with a configuration that cannot work, before forking workers."""
+    try:
+        config = Config.from_env(os.environ)
+    except ConfigError as exc:
+        sys.exit(f"streamer: configuration error: {exc}")
+    if config.redis_url is None and server.cfg.workers > 1:
+        sys.exit(
+            f"streamer: refusing to start {server.cfg.workers} workers without "
+            "STREAMER_REDIS_URL: the embedded broker lives in one process, so clients "
+            "of one worker would never see events published through another. "
+            "Set STREAMER_REDIS_URL, or run a single worker (--workers 1)."
+        )

@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="streamer",
+    version="0.1.0",
+    description="Live progress of background jobs over WebSocket and Server-Sent Events",
+    python_requires=">=3.11",
+    packages=find_packages(include=["streamer", "streamer.*"]),
+    package_data={"streamer": ["static/*", "py.typed"]},
+    install_requires=[
+        "aiohttp>=3.10,<4",
+        "aiohttp-sse>=2.2,<4",
+        "aiohttp-session[secure]>=2.12,<3",
+        "gunicorn>=22",
+        "redis>=5.0,<9",
+        "PyJWT>=2.8,<3",
+        "prometheus-client>=0.20",
+    ],
+    extras_require={
+        "uvloop": ["uvloop>=0.19"],
+        "test": [
+            "pytest>=8",
+            "pytest-aiohttp>=1.1",
+            "pytest-timeout>=2.3",
+            "hypothesis>=6.100",
+            "ruff>=0.6",
+            "mypy>=1.10",
+        ],
+    },
+    entry_points={"console_scripts": ["streamer=streamer.cli:main"]},
+)

@@ -1,0 +1,76 @@
+"""The application factory: `gunicorn 'streamer.app:create_app' -k aiohttp.GunicornWebWorker`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from importlib import resources
+
+from aiohttp import web
+
+from .app_keys import BROKER, CONFIG, HUB, METRICS
+from .broker import Broker
+from .config import Config
+from .handlers import demo, health, publish, sse, ws
+from .hub import CloseReason, Hub
+from .memory_broker import MemoryBroker
+from .metrics import Metrics
+from .redis_broker import RedisBroker
+
+MAX_REQUEST_BODY_BYTES = 256 * 1024
+
+
+def build_broker(config: Config, hub: Hub) -> Broker:
+    if config.redis_url is None:
+        return MemoryBroker(history_size=config.history_size, history_ttl=config.history_ttl)
+    return RedisBroker(
+        config.redis_url,
+        history_size=config.history_size,
+        history_ttl=config.history_ttl,
+        local_users=hub.users,
+    )
+
+
+async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
+    broker = app[BROKER]
+    hub = app[HUB]
+    await broker.start(hub.deliver)
+    yield
+    await broker.close()
+
+
+async def _close_connections(app: web.Application) -> None:
+    # WebSockets close with 1001 and SSE streams end; clients resume elsewhere.
+    app[HUB].close_all(CloseReason.SHUTDOWN)
+
+
+def build_app(config: Config) -> web.Application:
+    app = web.Application(client_max_size=MAX_REQUEST_BODY_BYTES)
+    hub = Hub(config.client_buffer)
+    app[CONFIG] = config
+    app[HUB] = hub
+    app[BROKER] = build_broker(config, hub)
+    app[METRICS] = Metrics()
+    app.cleanup_ctx.append(_broker_ctx)
+    app.cleanup_ctx.append(demo.demo_jobs_ctx)
+    app.on_shutdown.append(_close_connections)
+
+    static_dir = resources.files("streamer").joinpath("static")
+    app.router.add_get("/", demo.index)
+    app.router.add_static("/static/", str(static_dir))
+    app.router.add_get("/ws/tasks/", ws.websocket_handler)
+    app.router.add_get("/sse/tasks/", sse.sse_handler)
+    app.router.add_post("/api/tasks/events", publish.publish_handler)
+    app.router.add_get("/healthz", health.healthz)
+    app.router.add_get("/readyz", health.readyz)
+    app.router.add_get("/metrics", health.metrics)
+    app.router.add_get("/demo/token", demo.demo_token)
+    app.router.add_post("/demo/jobs", demo.start_demo_job)
+    return app
+
+
+async def create_app(config: Config | None = None) -> web.Application:
+    """Build the application; without `config`, read it from STREAMER_* variables now."""
+    if config is None:
+        config = Config.from_env(os.environ)
+    return build_app(config)

@@ -1,0 +1,15 @@
+"""Typed keys for what the application holds."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from .broker import Broker
+from .config import Config
+from .hub import Hub
+from .metrics import Metrics
+
+CONFIG = web.AppKey("config", Config)
+HUB = web.AppKey("hub", Hub)
+BROKER = web.AppKey("broker", Broker)
+METRICS = web.AppKey("metrics", Metrics)

@@ -1,0 +1,1 @@
+"""Who is asking: tokens, credentials from requests, and origin checks."""

@@ -1,0 +1,55 @@
+"""Access tokens: JWTs signed with HS256 whose `sub` is the user id."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import jwt
+
+ALGORITHMS = ("HS256",)
+DEFAULT_TTL_S = 3600
+MAX_TOKEN_LENGTH = 4096
+
+
+class InvalidToken(Exception):
+    """Missing, malformed, badly signed or expired credentials."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    user_id: str
+    expires_at: float
+
+
+def issue_token(secret: str, user_id: str, ttl_s: int = DEFAULT_TTL_S) -> str:
+    if not user_id:
+        raise ValueError("user_id must not be empty")
+    if ttl_s <= 0:
+        raise ValueError("ttl must be positive")
+    now = int(time.time())
+    return jwt.encode(
+        {"sub": str(user_id), "iat": now, "exp": now + ttl_s}, secret, algorithm="HS256"
+    )
+
+
+def verify_token(secret: str, token: str) -> Identity:
+    if not token or len(token) > MAX_TOKEN_LENGTH:
+        raise InvalidToken("malformed token")
+    try:
+        claims = jwt.decode(
+            token,
+            secret,
+            algorithms=list(ALGORITHMS),
+            options={"require": ["sub", "exp"]},
+        )
+    except jwt.ExpiredSignatureError:
+        raise InvalidToken("token expired") from None
+    except jwt.InvalidTokenError as exc:
+        raise InvalidToken(f"invalid token: {exc}") from None
+    subject = claims["sub"]
+    if not isinstance(subject, str) or not subject or len(subject) > 200:
+        raise InvalidToken("invalid token: bad subject")
+    if any(ord(ch) < 32 for ch in subject):
+        raise InvalidToken("invalid token: bad subject")
+    return Identity(user_id=subject, expires_at=float(claims["exp"]))

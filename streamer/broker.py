@@ -1,0 +1,65 @@
+"""The broker interface: where events are stored, replayed and fanned out from.
+
+Two implementations: `MemoryBroker` (embedded, one process) and `RedisBroker`.
+Both hold exactly one subscription per process and hand each event, serialised
+once, to a single `deliver` callback (the hub).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .events import Delivery, EventId, TaskEvent, TaskState
+
+DeliverCallback = Callable[[Delivery], None]
+CatchUpCallback = Callable[[], None]
+
+
+class BrokerUnavailable(RuntimeError):
+    """The broker cannot be reached; nothing was published."""
+
+
+@dataclass(frozen=True)
+class Replay:
+    """Events after a resume point; `complete` is False when some may be missing."""
+
+    events: list[Delivery]
+    complete: bool
+
+
+class Broker(ABC):
+    @abstractmethod
+    async def start(self, deliver: DeliverCallback) -> None:
+        """Open the process's one subscription; each event goes to `deliver`."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    @abstractmethod
+    async def publish(self, event: TaskEvent) -> EventId:
+        """Store the task's new state and append the event, atomically; return its id."""
+
+    @abstractmethod
+    async def active_tasks(self, user_id: str) -> list[TaskState]:
+        """The user's unfinished tasks, newest first."""
+
+    @abstractmethod
+    async def task_state(self, user_id: str, task_id: str) -> TaskState | None:
+        """The task's state, or None when it is unknown or belongs to someone else."""
+
+    @abstractmethod
+    async def request_cancel(self, user_id: str, task_id: str) -> bool:
+        """Record a cancellation request; False for unknown, foreign or finished tasks."""
+
+    @abstractmethod
+    async def is_cancelled(self, task_id: str) -> bool: ...
+
+    @abstractmethod
+    async def replay(self, user_id: str, after: str) -> Replay:
+        """The user's events published after the id `after`, oldest first."""
+
+    @abstractmethod
+    async def ready(self) -> bool:
+        """True when the broker can publish and deliver."""

@@ -1,0 +1,198 @@
+"""The `streamer` command: serve, publish, token."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from typing import Any
+
+from .auth.tokens import DEFAULT_TTL_S, issue_token
+from .broker import BrokerUnavailable
+from .config import ENV_VARIABLES, Config, ConfigError
+from .events import (
+    TERMINAL_STATUSES,
+    EventError,
+    TaskEvent,
+    completed_event,
+    progress_event,
+    validate_identifier,
+)
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    for name, (_, help_text) in ENV_VARIABLES.items():
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, dest=name, help=f"{help_text} (STREAMER_{name.upper()})")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamer", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the service")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument(
+        "--demo", action="store_true", help="enable the demo login and demo jobs on /"
+    )
+    _add_setting_flags(serve)
+
+    publish = commands.add_parser("publish", help="publish one task event")
+    publish.add_argument("--user", required=True)
+    publish.add_argument("--task", required=True)
+    publish.add_argument("--progress", type=float)
+    publish.add_argument("--step", help="current_step text")
+    publish.add_argument("--processed", type=int)
+    publish.add_argument("--total", type=int)
+    publish.add_argument("--status", help="PROGRESS by default; SUCCESS, FAILURE, REVOKED end it")
+    publish.add_argument("--task-name")
+    publish.add_argument("--category")
+    publish.add_argument("--result", help="result_data, a JSON object")
+    publish.add_argument("--error", help="error_message")
+    publish.add_argument("--redis-url", help="publish straight to Redis (STREAMER_REDIS_URL)")
+    publish.add_argument("--url", help=f"without Redis: the running service ({DEFAULT_URL})")
+    publish.add_argument("--publish-key", help="X-API-Key for --url (STREAMER_PUBLISH_KEY)")
+
+    token = commands.add_parser("token", help="print an access token for a user")
+    token.add_argument("--user", required=True)
+    token.add_argument("--ttl", type=int, default=DEFAULT_TTL_S, help="seconds (default 3600)")
+    token.add_argument("--secret", help="STREAMER_SECRET")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "publish":
+            return _publish(args)
+        return _token(args)
+    except (ConfigError, EventError, ValueError) as exc:
+        print(f"streamer: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokerUnavailable as exc:
+        print(f"streamer: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from .app import create_app
+
+    overrides = {name: getattr(args, name) for name in ENV_VARIABLES}
+    demo = bool(args.demo)
+    if not overrides["secret"] and not os.environ.get("STREAMER_SECRET"):
+        overrides["secret"] = secrets.token_urlsafe(32)
+        demo = True
+        print(
+            "streamer: no STREAMER_SECRET set: generated one for this run (development "
+            "mode: the demo page logs in as user 'demo'). Set STREAMER_SECRET in production.",
+            file=sys.stderr,
+        )
+        if not overrides["publish_key"] and not os.environ.get("STREAMER_PUBLISH_KEY"):
+            overrides["publish_key"] = secrets.token_urlsafe(24)
+            print(
+                f"streamer: generated publish key for this run: {overrides['publish_key']}",
+                file=sys.stderr,
+            )
+    config = Config.from_env(os.environ, overrides).replace(demo_mode=demo)
+    broker = config.redis_url or "embedded (in-memory, this process only)"
+    print(
+        f"streamer: serving on http://{args.host}:{args.port}/ with broker {broker}",
+        file=sys.stderr,
+    )
+    web.run_app(create_app(config), host=args.host, port=args.port, print=None)
+    return 0
+
+
+def _event_from_args(args: argparse.Namespace) -> TaskEvent:
+    status = (args.status or "PROGRESS").upper()
+    if status in TERMINAL_STATUSES:
+        result: Any = None
+        if args.result is not None:
+            try:
+                result = json.loads(args.result)
+            except ValueError:
+                raise EventError("--result must be a JSON object") from None
+        return completed_event(
+            args.user, args.task, status=status, result_data=result, error_message=args.error
+        )
+    if args.result is not None or args.error is not None:
+        raise EventError("--result and --error need a terminal --status: SUCCESS, FAILURE, REVOKED")
+    progress: float | int | None = args.progress
+    if isinstance(progress, float) and progress.is_integer():
+        progress = int(progress)
+    return progress_event(
+        args.user,
+        args.task,
+        progress=progress,
+        current_step=args.step,
+        processed_items=args.processed,
+        total_items=args.total,
+        status=status,
+        task_name=args.task_name,
+        category=args.category,
+    )
+
+
+def _publish(args: argparse.Namespace) -> int:
+    event = _event_from_args(args)
+    redis_url = args.redis_url or os.environ.get("STREAMER_REDIS_URL")
+    if redis_url and not args.url:
+        from .publisher import Publisher
+
+        with Publisher(redis_url) as publisher:
+            print(publisher.publish(event))
+        return 0
+    print(_publish_over_http(event, args))
+    return 0
+
+
+def _publish_over_http(event: TaskEvent, args: argparse.Namespace) -> str:
+    url = (args.url or DEFAULT_URL).rstrip("/") + "/api/tasks/events"
+    key = args.publish_key or os.environ.get("STREAMER_PUBLISH_KEY")
+    if not key:
+        raise ConfigError("publishing over HTTP needs --publish-key or STREAMER_PUBLISH_KEY")
+    body = json.dumps(
+        {"type": event.type, "user_id": event.user_id, "task_id": event.task_id, **event.fields}
+    ).encode()
+    request = urllib.request.Request(
+        url,
+        data=body,
+        method="POST",
+        headers={"Content-Type": "application/json", "X-API-Key": key},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            answer = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace").strip()
+        raise BrokerUnavailable(f"{url} answered {exc.code}: {detail}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise BrokerUnavailable(f"could not reach {url}: {exc}") from None
+    return str(answer["id"])
+
+
+def _token(args: argparse.Namespace) -> int:
+    secret = args.secret or os.environ.get("STREAMER_SECRET")
+    if not secret:
+        raise ConfigError("STREAMER_SECRET is not set (or pass --secret)")
+    Config(secret=secret)  # same validation as the server
+    if args.ttl <= 0:
+        raise ConfigError("--ttl must be a positive number of seconds")
+    print(issue_token(secret, validate_identifier("--user", args.user), ttl_s=args.ttl))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Service configuration: read once from the environment (or CLI flags) and validated."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+MIN_SECRET_LENGTH = 32
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or malformed; the message names it."""
+
+
+@dataclass(frozen=True)
+class Config:
+    secret: str
+    redis_url: str | None = None
+    publish_key: str | None = None
+    allowed_origins: tuple[str, ...] = ()
+    history_size: int = 1000
+    history_ttl: int = 3600
+    heartbeat_s: float = 15.0
+    client_buffer: int = 1000
+    ws_max_message_bytes: int = 64 * 1024
+    sse_retry_ms: int = 3000
+    demo_mode: bool = False
+
+    def __post_init__(self) -> None:
+        if len(self.secret) < MIN_SECRET_LENGTH:
+            raise ConfigError(
+                f"STREAMER_SECRET must be at least {MIN_SECRET_LENGTH} characters long "
+                f"(got {len(self.secret)}); generate one with "
+                "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+            )
+        if self.publish_key is not None and len(self.publish_key) < 16:
+            raise ConfigError("STREAMER_PUBLISH_KEY must be at least 16 characters long")
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str], overrides: Mapping[str, str | None] | None = None
+    ) -> Config:
+        """Build a config from STREAMER_* variables; `overrides` (CLI flags) win over them.
+
+        Keys of `overrides` are the variable names without the prefix, lower case
+        (`redis_url`, `secret`, ...). A None override means "not given".
+        """
+        values: dict[str, str] = {}
+        for name in ENV_VARIABLES:
+            raw = environ.get(f"STREAMER_{name.upper()}")
+            if raw is not None and raw.strip() != "":
+                values[name] = raw.strip()
+        for name, raw in (overrides or {}).items():
+            if name not in ENV_VARIABLES:
+                raise ConfigError(f"unknown setting {name!r}")
+            if raw is not None:
+                values[name] = raw.strip()
+
+        if "secret" not in values:
+            raise ConfigError("STREAMER_SECRET is not set: it signs and verifies the access tokens")
+        kwargs: dict[str, Any] = {}
+        for name, raw in values.items():
+            parse, _ = ENV_VARIABLES[name]
+            kwargs[name] = parse(f"STREAMER_{name.upper()}", raw)
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+
+def _text(name: str, raw: str) -> str:
+    if any(ord(ch) < 32 for ch in raw):
+        raise ConfigError(f"{name} must not contain control characters")
+    return raw
+
+
+def _redis_url(name: str, raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"{name} must be a redis://, rediss:// or unix:// URL, got {raw!r}")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ConfigError(f"{name} has no host: {raw!r}")
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        raise ConfigError(f"{name} has a bad port: {raw!r}") from exc
+    return raw
+
+
+def _origins(name: str, raw: str) -> tuple[str, ...]:
+    origins: list[str] = []
+    for item in raw.split(","):
+        origin = item.strip().rstrip("/")
+        if not origin:
+            continue
+        if origin == "*":
+            origins.append(origin)
+            continue
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path:
+            raise ConfigError(
+                f"{name} must be a comma-separated list of origins such as "
+                f"https://app.example.com (or *), got {item.strip()!r}"
+            )
+        origins.append(origin.lower())
+    return tuple(origins)
+
+
+def _number(
+    convert: Callable[[str], float], kind: str, low: float, high: float
+) -> Callable[[str, str], Any]:
+    def parse(name: str, raw: str) -> float:
+        try:
+            value = convert(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be {kind}, got {raw!r}") from None
+        if not low <= value <= high:
+            raise ConfigError(f"{name} must be between {low} and {high}, got {raw}")
+        return value
+
+    return parse
+
+
+def _int_between(low: int, high: int) -> Callable[[str, str], int]:
+    return _number(int, "an integer", low, high)
+
+
+def _seconds(low: float, high: float) -> Callable[[str, str], float]:
+    return _number(float, "a number of seconds", low, high)
+
+
+# name -> (parser, help text); the CLI builds its flags from this table.
+ENV_VARIABLES: dict[str, tuple[Callable[[str, str], Any], str]] = {
+    "redis_url": (_redis_url, "Redis URL; unset: embedded broker, one process only"),
+    "secret": (_text, "key that signs access tokens (HS256), 32+ characters"),
+    "publish_key": (_text, "key producers send as X-API-Key to POST /api/tasks/events"),
+    "allowed_origins": (_origins, "comma-separated browser origins allowed to connect"),
+    "history_size": (_int_between(1, 1_000_000), "events kept per user for resume"),
+    "history_ttl": (_int_between(1, 30 * 86400), "seconds a user's history is kept"),
+    "heartbeat_s": (_seconds(0.1, 3600), "seconds between SSE heartbeat comments"),
+    "client_buffer": (_int_between(1, 1_000_000), "events buffered per slow client"),
+}

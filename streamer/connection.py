@@ -1,0 +1,83 @@
+"""What both transports do for one client: subscribe, snapshot, replay, then live events."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from .broker import Broker
+from .events import Delivery, TaskState, dumps
+from .hub import CloseReason, Hub, Subscription
+
+
+def active_tasks_message(tasks: list[TaskState], *, recovered: bool) -> str:
+    return dumps({"type": "active_tasks", "tasks": tasks, "recovered": recovered})
+
+
+@dataclass
+class ClientStream:
+    """A subscribed client: send `snapshot`, then `replayed`, then `subscription.next()`
+    until it returns None."""
+
+    subscription: Subscription
+    snapshot: str
+    replayed: list[Delivery] = field(default_factory=list)
+
+
+@asynccontextmanager
+async def open_client_stream(
+    hub: Hub,
+    broker: Broker,
+    *,
+    user_id: str,
+    task_id: str | None,
+    last_event_id: str | None,
+    expires_at: float | None,
+) -> AsyncIterator[ClientStream]:
+    """Subscribe before reading the snapshot and history, so nothing falls in between;
+    events queued meanwhile that the replay already covers are dropped."""
+    subscription = hub.subscribe(user_id, task_id)
+    expiry: asyncio.TimerHandle | None = None
+    try:
+        if expires_at is not None:
+            delay = max(expires_at - time.time(), 0)
+            expiry = asyncio.get_running_loop().call_later(
+                delay, subscription.close, CloseReason.EXPIRED
+            )
+        recovered = True
+        replayed: list[Delivery] = []
+        if last_event_id is not None:
+            replay = await broker.replay(user_id, last_event_id)
+            recovered = replay.complete
+            replayed = [d for d in replay.events if subscription.wants(d)]
+            if replay.events:
+                subscription.skip_through(replay.events[-1].event_id)
+        tasks = await broker.active_tasks(user_id)
+        if task_id is not None:
+            tasks = [task for task in tasks if task["task_id"] == task_id]
+        yield ClientStream(subscription, active_tasks_message(tasks, recovered=recovered), replayed)
+    finally:
+        if expiry is not None:
+            expiry.cancel()
+        hub.unsubscribe(subscription)
+
+
+async def run_until_first_done(*coroutines: Coroutine[Any, Any, object]) -> None:
+    """Run side by side; when one finishes, cancel the others and wait for them."""
+    tasks = [asyncio.create_task(coroutine) for coroutine in coroutines]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            # A peer that went away shows up as one of these; anything else is a bug.
+            with contextlib.suppress(
+                asyncio.CancelledError, ConnectionError, RuntimeError, TimeoutError
+            ):
+                await task

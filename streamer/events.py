@@ -1,0 +1,357 @@
+"""The event model: what producers publish, what clients receive, and event ids.
+
+Everything a producer sends is validated here, once, whichever way it arrives
+(Python publisher, CLI, HTTP), so the brokers only ever store well-formed events.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+PROGRESS_STATUSES = frozenset({"PENDING", "STARTED", "PROGRESS", "RETRY"})
+TERMINAL_STATUSES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
+RUNNING_STATUSES = frozenset({"STARTED", "PROGRESS", "RETRY"})
+
+EventType = Literal["task_progress", "task_completed"]
+
+MAX_ID_LENGTH = 200
+MAX_TEXT_LENGTH = 2000
+MAX_RESULT_BYTES = 64 * 1024
+
+TASK_STATE_FIELDS = (
+    "task_id",
+    "task_name",
+    "category",
+    "status",
+    "progress",
+    "current_step",
+    "processed_items",
+    "total_items",
+    "created_at",
+    "started_at",
+    "completed_at",
+    "estimated_completion",
+    "result_data",
+    "error_message",
+)
+
+TaskState = dict[str, Any]
+
+
+class EventError(ValueError):
+    """A published event is malformed; the message says which field and why."""
+
+
+def dumps(value: Any) -> str:
+    """Compact one-line JSON; newlines inside strings are escaped, so SSE framing is safe."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def utc_now_iso() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def validate_identifier(name: str, value: object) -> str:
+    """User and task ids: non-empty strings (numbers become their decimal string)."""
+    if isinstance(value, bool):
+        raise EventError(f"{name} must be a string, got a boolean")
+    if isinstance(value, int):
+        value = str(value)
+    if not isinstance(value, str):
+        raise EventError(f"{name} must be a string")
+    if not value or len(value) > MAX_ID_LENGTH:
+        raise EventError(f"{name} must be 1 to {MAX_ID_LENGTH} characters long")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        raise EventError(f"{name} must not contain control characters")
+    return value
+
+
+def _optional_text(name: str, value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise EventError(f"{name} must be a string")
+    if len(value) > MAX_TEXT_LENGTH:
+        raise EventError(f"{name} must be at most {MAX_TEXT_LENGTH} characters long")
+    return value
+
+
+def _optional_count(name: str, value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise EventError(f"{name} must be a non-negative integer")
+    return value
+
+
+def _progress(value: object) -> float | int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise EventError("progress must be a number from 0 to 100")
+    if not math.isfinite(value) or not 0 <= value <= 100:
+        raise EventError("progress must be a number from 0 to 100")
+    return value
+
+
+def _iso_timestamp(name: str, value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise EventError(f"{name} must be an ISO 8601 timestamp string")
+    try:
+        datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise EventError(f"{name} must be an ISO 8601 timestamp, got {value!r}") from None
+    return value
+
+
+def _result_data(value: object) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise EventError("result_data must be a JSON object")
+    try:
+        encoded = dumps(value)
+    except (TypeError, ValueError) as exc:
+        raise EventError(f"result_data is not JSON-serialisable: {exc}") from None
+    if len(encoded.encode()) > MAX_RESULT_BYTES:
+        raise EventError(f"result_data must be at most {MAX_RESULT_BYTES} bytes as JSON")
+    loaded: dict[str, Any] = json.loads(encoded)
+    return loaded
+
+
+@dataclass(frozen=True)
+class TaskEvent:
+    """One validated progress or completion event, before it gets its id."""
+
+    user_id: str
+    task_id: str
+    type: EventType
+    fields: Mapping[str, Any]
+    published_at: str = field(default_factory=utc_now_iso)
+
+    @property
+    def status(self) -> str:
+        status: str = self.fields["status"]
+        return status
+
+    @property
+    def terminal(self) -> bool:
+        return self.type == "task_completed"
+
+    def to_json(self) -> str:
+        """The wire message without its id (the broker assigns the id)."""
+        return dumps({"type": self.type, "task_id": self.task_id, **self.fields})
+
+    def state_update(self) -> StateUpdate:
+        """How this event changes the stored task state."""
+        values: dict[str, Any] = {"task_id": self.task_id}
+        values.update({k: v for k, v in self.fields.items() if v is not None})
+        if_absent = {"created_at": self.published_at}
+        if self.terminal:
+            values["completed_at"] = self.published_at
+            if self.status == "SUCCESS":
+                values["progress"] = 100
+            if_absent["started_at"] = self.published_at
+        elif self.status in RUNNING_STATUSES:
+            if_absent["started_at"] = self.published_at
+        return StateUpdate(values=values, if_absent=if_absent, terminal=self.terminal)
+
+
+@dataclass(frozen=True)
+class StateUpdate:
+    values: Mapping[str, Any]
+    if_absent: Mapping[str, Any]
+    terminal: bool
+
+    def apply(self, state: TaskState) -> TaskState:
+        merged = dict(state)
+        merged.update(self.values)
+        for key, value in self.if_absent.items():
+            merged.setdefault(key, value)
+        return merged
+
+
+def full_task_state(stored: Mapping[str, Any]) -> TaskState:
+    """A task state with every field of the wire format present (None when unknown)."""
+    state = {name: stored.get(name) for name in TASK_STATE_FIELDS}
+    if state["result_data"] is None:
+        state["result_data"] = {}
+    return state
+
+
+def progress_event(
+    user_id: object,
+    task_id: object,
+    *,
+    progress: object = None,
+    current_step: object = None,
+    processed_items: object = None,
+    total_items: object = None,
+    status: object = "PROGRESS",
+    task_name: object = None,
+    category: object = None,
+    estimated_completion: object = None,
+) -> TaskEvent:
+    if not isinstance(status, str) or status not in PROGRESS_STATUSES:
+        raise EventError(
+            f"status of a task_progress event must be one of {sorted(PROGRESS_STATUSES)}, "
+            f"got {status!r}"
+        )
+    fields: dict[str, Any] = {
+        "status": status,
+        "progress": _progress(progress),
+        "current_step": _optional_text("current_step", current_step),
+        "processed_items": _optional_count("processed_items", processed_items),
+        "total_items": _optional_count("total_items", total_items),
+    }
+    optional = {
+        "task_name": _optional_text("task_name", task_name),
+        "category": _optional_text("category", category),
+        "estimated_completion": _iso_timestamp("estimated_completion", estimated_completion),
+    }
+    fields.update({k: v for k, v in optional.items() if v is not None})
+    return TaskEvent(
+        user_id=validate_identifier("user_id", user_id),
+        task_id=validate_identifier("task_id", task_id),
+        type="task_progress",
+        fields=fields,
+    )
+
+
+def completed_event(
+    user_id: object,
+    task_id: object,
+    *,
+    status: object = "SUCCESS",
+    result_data: object = None,
+    error_message: object = None,
+) -> TaskEvent:
+    if not isinstance(status, str) or status not in TERMINAL_STATUSES:
+        raise EventError(
+            f"status of a task_completed event must be one of {sorted(TERMINAL_STATUSES)}, "
+            f"got {status!r}"
+        )
+    fields = {
+        "status": status,
+        "result_data": _result_data(result_data),
+        "error_message": _optional_text("error_message", error_message),
+    }
+    return TaskEvent(
+        user_id=validate_identifier("user_id", user_id),
+        task_id=validate_identifier("task_id", task_id),
+        type="task_completed",
+        fields=fields,
+    )
+
+
+_PROGRESS_KEYS = frozenset(
+    {
+        "progress",
+        "current_step",
+        "processed_items",
+        "total_items",
+        "status",
+        "task_name",
+        "category",
+        "estimated_completion",
+    }
+)
+_COMPLETED_KEYS = frozenset({"status", "result_data", "error_message"})
+
+
+def event_from_payload(payload: object) -> TaskEvent:
+    """Validate a producer's JSON object (HTTP body): `user_id`, `task_id`, event fields.
+
+    `type` may be left out: a terminal status means task_completed.
+    Unknown fields are refused so that typos do not silently lose data.
+    """
+    if not isinstance(payload, dict):
+        raise EventError("the body must be a JSON object")
+    body = dict(payload)
+    user_id = body.pop("user_id", None)
+    task_id = body.pop("task_id", None)
+    if user_id is None:
+        raise EventError("user_id is required")
+    if task_id is None:
+        raise EventError("task_id is required")
+    event_type = body.pop("type", None)
+    if event_type is None:
+        status = body.get("status")
+        terminal = isinstance(status, str) and status in TERMINAL_STATUSES
+        event_type = "task_completed" if terminal else "task_progress"
+    if event_type == "task_progress":
+        allowed = _PROGRESS_KEYS
+    elif event_type == "task_completed":
+        allowed = _COMPLETED_KEYS
+    else:
+        raise EventError("type must be task_progress or task_completed")
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise EventError(f"unknown field(s) for {event_type}: {', '.join(unknown)}")
+    if event_type == "task_progress":
+        body.setdefault("status", "PROGRESS")
+        return progress_event(user_id, task_id, **body)
+    body.setdefault("status", "SUCCESS")
+    return completed_event(user_id, task_id, **body)
+
+
+_EVENT_ID = re.compile(r"^([0-9a-f]{8,32})-([0-9]{1,20})-([0-9]{1,20})$")
+
+
+@dataclass(frozen=True, order=True)
+class EventId:
+    """`<epoch>-<ms>-<seq>`: the epoch changes when the broker lost its data."""
+
+    epoch: str = field(compare=False)
+    ms: int
+    seq: int
+
+    @classmethod
+    def parse(cls, raw: str) -> EventId | None:
+        match = _EVENT_ID.match(raw.strip()) if len(raw) <= 80 else None
+        if match is None:
+            return None
+        return cls(match.group(1), int(match.group(2)), int(match.group(3)))
+
+    @property
+    def stream_id(self) -> str:
+        return f"{self.ms}-{self.seq}"
+
+    def __str__(self) -> str:
+        return f"{self.epoch}-{self.ms}-{self.seq}"
+
+
+def with_id(event_json: str, event_id: str) -> str:
+    """Prepend `"id"` to an event's JSON object without decoding it again."""
+    return '{"id":' + dumps(event_id) + "," + event_json[1:]
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """An event ready to send: serialised once, shared by every connection that gets it."""
+
+    user_id: str
+    task_id: str
+    event_id: EventId
+    type: str
+    json: str
+
+
+def parse_wire_event(user_id: str, event_id: EventId, event_json: str) -> Delivery:
+    """Build a Delivery from the stored event (without id) of a history entry."""
+    decoded = json.loads(event_json)
+    return Delivery(
+        user_id=user_id,
+        task_id=str(decoded["task_id"]),
+        event_id=event_id,
+        type=str(decoded["type"]),
+        json=with_id(event_json, str(event_id)),
+    )

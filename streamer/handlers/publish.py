@@ -1,0 +1,48 @@
+"""POST /api/tasks/events: publishing over HTTP for producers in other languages."""
+
+from __future__ import annotations
+
+import hmac
+import json
+
+from aiohttp import web
+
+from ..app_keys import BROKER, CONFIG, METRICS
+from ..broker import BrokerUnavailable
+from ..events import EventError, event_from_payload
+from .common import json_error
+
+MAX_BODY_BYTES = 128 * 1024
+
+
+async def publish_handler(request: web.Request) -> web.Response:
+    config = request.app[CONFIG]
+    if config.publish_key is None:
+        return json_error(
+            403, "publishing_disabled", "set STREAMER_PUBLISH_KEY to publish over HTTP"
+        )
+    given = request.headers.get("X-API-Key", "")
+    if not hmac.compare_digest(given.encode(), config.publish_key.encode()):
+        return json_error(401, "unauthorized", "missing or wrong X-API-Key")
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        return json_error(413, "too_large", f"the body must be at most {MAX_BODY_BYTES} bytes")
+    try:
+        body = await request.content.read(MAX_BODY_BYTES + 1)
+    except ValueError:
+        return json_error(400, "invalid_body", "could not read the body")
+    if len(body) > MAX_BODY_BYTES:
+        return json_error(413, "too_large", f"the body must be at most {MAX_BODY_BYTES} bytes")
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):
+        return json_error(400, "invalid_json", "the body must be one JSON object")
+    try:
+        event = event_from_payload(payload)
+    except EventError as exc:
+        return json_error(422, "invalid_event", str(exc))
+    try:
+        event_id = await request.app[BROKER].publish(event)
+    except BrokerUnavailable as exc:
+        return json_error(503, "broker_unavailable", str(exc))
+    request.app[METRICS].events_published.inc()
+    return web.json_response({"id": str(event_id)}, status=202)

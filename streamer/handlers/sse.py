@@ -1,0 +1,81 @@
+"""GET /sse/tasks/: the Server-Sent Events transport (aiohttp-sse)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from aiohttp import web
+from aiohttp_sse import EventSourceResponse
+
+from ..app_keys import BROKER, CONFIG, HUB, METRICS
+from ..auth.credentials import authenticate
+from ..auth.tokens import InvalidToken
+from ..connection import ClientStream, open_client_stream, run_until_first_done
+from .common import json_error, stream_params, worker_header
+
+log = logging.getLogger(__name__)
+
+SEND_TIMEOUT_S = 30.0
+
+
+async def sse_handler(request: web.Request) -> web.StreamResponse:
+    config = request.app[CONFIG]
+    try:
+        identity = authenticate(request, config.secret)
+    except InvalidToken as exc:
+        refusal = json_error(401, "unauthorized", str(exc))
+        refusal.headers["WWW-Authenticate"] = 'Bearer realm="streamer"'
+        return refusal
+    params = stream_params(request, last_event_header=True)
+
+    metrics = request.app[METRICS]
+    response = EventSourceResponse(
+        ping_interval=config.heartbeat_s, send_timeout=SEND_TIMEOUT_S, headers=worker_header()
+    )
+    metrics.connections.labels("sse").inc()
+    try:
+        async with open_client_stream(
+            request.app[HUB],
+            request.app[BROKER],
+            user_id=identity.user_id,
+            task_id=params.task_id,
+            last_event_id=params.last_event_id,
+            expires_at=identity.expires_at,
+        ) as stream:
+            await response.prepare(request)
+            await _serve(response, stream, config.sse_retry_ms, request)
+    finally:
+        metrics.connections.labels("sse").dec()
+    return response
+
+
+async def _serve(
+    response: EventSourceResponse, stream: ClientStream, retry_ms: int, request: web.Request
+) -> None:
+    metrics = request.app[METRICS]
+    subscription = stream.subscription
+
+    async def send_events() -> None:
+        # active_tasks carries no id: it is not in the history, and leaving the
+        # id out keeps the browser's resume point where it was.
+        await response.send(stream.snapshot, event="active_tasks", retry=retry_ms)
+        for replayed in stream.replayed:
+            await response.send(replayed.json, id=str(replayed.event_id), event=replayed.type)
+        while (delivery := await subscription.next()) is not None:
+            await response.send(delivery.json, id=str(delivery.event_id), event=delivery.type)
+            metrics.events_sent.labels("sse").inc()
+
+    # response.wait() ends when the client goes away (a heartbeat write fails).
+    await run_until_first_done(send_events(), response.wait(), subscription.wait_closed())
+    reason = subscription.close_reason
+    if reason is not None:
+        metrics.disconnects.labels(reason.value).inc()
+    with contextlib.suppress(Exception):
+        response.stop_streaming()
+    try:
+        await asyncio.wait_for(response.write_eof(), timeout=2)
+    except (TimeoutError, ConnectionError, RuntimeError):
+        if request.transport is not None:
+            request.transport.abort()

@@ -1,0 +1,147 @@
+"""GET /ws/tasks/: the WebSocket transport."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from ..app_keys import BROKER, CONFIG, HUB, METRICS
+from ..auth.credentials import authenticate
+from ..auth.origin import origin_allowed
+from ..auth.tokens import Identity, InvalidToken
+from ..broker import Broker
+from ..commands import Command, CommandError, parse_command
+from ..connection import (
+    ClientStream,
+    active_tasks_message,
+    open_client_stream,
+    run_until_first_done,
+)
+from ..events import dumps
+from ..hub import CloseReason
+from .common import stream_params, worker_header
+
+log = logging.getLogger(__name__)
+
+CLOSE_UNAUTHORIZED = 4401
+CLOSE_TOO_SLOW = 4008
+CLOSE_CODES = {
+    CloseReason.OVERFLOW: (CLOSE_TOO_SLOW, b"too slow: resume from your last event id"),
+    CloseReason.SHUTDOWN: (WSCloseCode.GOING_AWAY, b"server shutting down"),
+    CloseReason.EXPIRED: (CLOSE_UNAUTHORIZED, b"token expired"),
+}
+CLOSE_TIMEOUT_S = 2.0
+WS_HEARTBEAT_S = 30.0
+
+
+class _Socket:
+    """Serialises sends: events and command replies come from two tasks."""
+
+    def __init__(self, ws: web.WebSocketResponse) -> None:
+        self.ws = ws
+        self._lock = asyncio.Lock()
+
+    async def send(self, text: str) -> None:
+        async with self._lock:
+            await self.ws.send_str(text)
+
+
+def error_message(code: str, message: str) -> str:
+    return dumps({"type": "error", "code": code, "message": message})
+
+
+async def websocket_handler(request: web.Request) -> web.StreamResponse:
+    config = request.app[CONFIG]
+    if not origin_allowed(request, config.allowed_origins):
+        raise web.HTTPForbidden(text="origin not allowed\n")
+    ws = web.WebSocketResponse(max_msg_size=config.ws_max_message_bytes, heartbeat=WS_HEARTBEAT_S)
+    ws.headers.update(worker_header())
+    if not ws.can_prepare(request).ok:
+        raise web.HTTPBadRequest(text="expected a WebSocket upgrade\n")
+    params = stream_params(request, last_event_header=False)
+    try:
+        identity: Identity | None = authenticate(request, config.secret)
+    except InvalidToken as exc:
+        log.info("websocket refused: %s", exc)
+        identity = None
+    await ws.prepare(request)
+    if identity is None:
+        await ws.close(code=CLOSE_UNAUTHORIZED, message=b"unauthorized")
+        return ws
+
+    metrics = request.app[METRICS]
+    metrics.connections.labels("websocket").inc()
+    try:
+        async with open_client_stream(
+            request.app[HUB],
+            request.app[BROKER],
+            user_id=identity.user_id,
+            task_id=params.task_id,
+            last_event_id=params.last_event_id,
+            expires_at=identity.expires_at,
+        ) as stream:
+            await _serve(request, _Socket(ws), stream, identity.user_id)
+    finally:
+        metrics.connections.labels("websocket").dec()
+    return ws
+
+
+async def _serve(request: web.Request, socket: _Socket, stream: ClientStream, user_id: str) -> None:
+    broker = request.app[BROKER]
+    metrics = request.app[METRICS]
+    subscription = stream.subscription
+
+    async def send_events() -> None:
+        await socket.send(stream.snapshot)
+        for replayed in stream.replayed:
+            await socket.send(replayed.json)
+        while (delivery := await subscription.next()) is not None:
+            await socket.send(delivery.json)
+            metrics.events_sent.labels("websocket").inc()
+
+    async def answer_commands() -> None:
+        async for message in socket.ws:
+            if message.type == WSMsgType.TEXT:
+                await socket.send(await _answer(broker, user_id, message.data))
+            elif message.type == WSMsgType.BINARY:
+                await socket.send(
+                    error_message("unsupported_frame", "send commands as JSON text frames")
+                )
+            # CLOSE / ERROR end the iteration; aiohttp answers pings itself.
+
+    await run_until_first_done(send_events(), answer_commands(), subscription.wait_closed())
+    reason = subscription.close_reason
+    if reason is not None and not socket.ws.closed:
+        metrics.disconnects.labels(reason.value).inc()
+        code, text = CLOSE_CODES[reason]
+        try:
+            await asyncio.wait_for(socket.ws.close(code=code, message=text), CLOSE_TIMEOUT_S)
+        except (TimeoutError, ConnectionError):
+            # A peer that stopped reading never acknowledges the close.
+            if request.transport is not None:
+                request.transport.abort()
+    elif not socket.ws.closed:
+        await socket.ws.close()
+
+
+async def _answer(broker: Broker, user_id: str, text: str) -> str:
+    try:
+        command = parse_command(text)
+    except CommandError as exc:
+        return error_message(exc.code, exc.message)
+    return await _run(broker, user_id, command)
+
+
+async def _run(broker: Broker, user_id: str, command: Command) -> str:
+    if command.type == "ping":
+        return dumps({"type": "pong"})
+    if command.type == "get_active_tasks":
+        return active_tasks_message(await broker.active_tasks(user_id), recovered=True)
+    assert command.task_id is not None
+    if command.type == "get_task_status":
+        state = await broker.task_state(user_id, command.task_id)
+        return dumps({"type": "task_status", "task_id": command.task_id, "status": state})
+    success = await broker.request_cancel(user_id, command.task_id)
+    return dumps({"type": "task_cancelled", "task_id": command.task_id, "success": success})

@@ -1,0 +1,112 @@
+"""The per-process hub: live connections by user, and in-memory fan-out to them."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections import deque
+from collections.abc import Iterator
+
+from .events import Delivery, EventId
+
+
+class CloseReason(enum.Enum):
+    """Why the server ends a connection; transports map each to their own signal."""
+
+    OVERFLOW = "overflow"  # the client did not keep up with its buffer
+    SHUTDOWN = "shutdown"  # the process is stopping or reloading
+    EXPIRED = "expired"  # the access token expired
+
+
+class Subscription:
+    """One connection's bounded buffer of events to send, in publish order."""
+
+    def __init__(self, user_id: str, task_id: str | None, limit: int) -> None:
+        self.user_id = user_id
+        self.task_id = task_id
+        self._limit = limit
+        self._buffer: deque[Delivery] = deque()
+        self._wakeup = asyncio.Event()
+        self._last_id: EventId | None = None
+        self.close_reason: CloseReason | None = None
+
+    def wants(self, delivery: Delivery) -> bool:
+        return self.task_id is None or delivery.task_id == self.task_id
+
+    def offer(self, delivery: Delivery) -> None:
+        """Queue an event unless already sent or queued (replay/live seam)."""
+        if self.close_reason is not None or not self.wants(delivery):
+            return
+        if self._last_id is not None and delivery.event_id <= self._last_id:
+            return
+        if len(self._buffer) >= self._limit:
+            self.close(CloseReason.OVERFLOW)
+            return
+        self._last_id = delivery.event_id
+        self._buffer.append(delivery)
+        self._wakeup.set()
+
+    def skip_through(self, event_id: EventId) -> None:
+        """Drop queued events up to `event_id`: they were already sent by a replay."""
+        if self._last_id is None or event_id > self._last_id:
+            self._last_id = event_id
+        self._buffer = deque(d for d in self._buffer if d.event_id > event_id)
+
+    def close(self, reason: CloseReason) -> None:
+        if self.close_reason is None:
+            self.close_reason = reason
+            self._buffer.clear()
+            self._wakeup.set()
+
+    async def next(self) -> Delivery | None:
+        """The next event to send, or None once the subscription is closed."""
+        while True:
+            if self.close_reason is not None:
+                return None
+            if self._buffer:
+                return self._buffer.popleft()
+            self._wakeup.clear()
+            await self._wakeup.wait()
+
+    async def wait_closed(self) -> CloseReason:
+        while self.close_reason is None:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        return self.close_reason
+
+
+class Hub:
+    def __init__(self, client_buffer: int) -> None:
+        self._client_buffer = client_buffer
+        self._by_user: dict[str, set[Subscription]] = {}
+
+    def subscribe(self, user_id: str, task_id: str | None = None) -> Subscription:
+        subscription = Subscription(user_id, task_id, self._client_buffer)
+        self._by_user.setdefault(user_id, set()).add(subscription)
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        subscriptions = self._by_user.get(subscription.user_id)
+        if subscriptions is None:
+            return
+        subscriptions.discard(subscription)
+        if not subscriptions:
+            del self._by_user[subscription.user_id]
+
+    def deliver(self, delivery: Delivery) -> None:
+        for subscription in tuple(self._by_user.get(delivery.user_id, ())):
+            subscription.offer(delivery)
+
+    def users(self) -> list[str]:
+        return list(self._by_user)
+
+    def subscriptions(self) -> Iterator[Subscription]:
+        for subscriptions in self._by_user.values():
+            yield from subscriptions
+
+    def close_all(self, reason: CloseReason) -> None:
+        for subscription in list(self.subscriptions()):
+            subscription.close(reason)
+
+    def __len__(self) -> int:
+        return sum(len(subscriptions) for subscriptions in self._by_user.values())

@@ -1,0 +1,131 @@
+"""The embedded broker: everything in this process's memory, same semantics as Redis."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from .broker import Broker, DeliverCallback, Replay
+from .events import (
+    Delivery,
+    EventId,
+    TaskEvent,
+    TaskState,
+    full_task_state,
+    with_id,
+)
+
+
+@dataclass
+class _History:
+    entries: deque[tuple[EventId, Delivery]]
+    last_write: float = 0.0
+    max_deleted: EventId | None = None
+
+
+@dataclass
+class _UserTasks:
+    states: dict[str, TaskState] = field(default_factory=dict)
+    active: dict[str, float] = field(default_factory=dict)  # task_id -> created
+
+
+class MemoryBroker(Broker):
+    def __init__(self, *, history_size: int, history_ttl: int) -> None:
+        self._history_size = history_size
+        self._history_ttl = history_ttl
+        self._epoch = secrets.token_hex(4)
+        self._last_id = EventId(self._epoch, 0, 0)
+        self._histories: dict[str, _History] = {}
+        self._users: dict[str, _UserTasks] = {}
+        self._cancelled: set[str] = set()
+        self._deliver: DeliverCallback | None = None
+
+    async def start(self, deliver: DeliverCallback) -> None:
+        self._deliver = deliver
+
+    async def close(self) -> None:
+        self._deliver = None
+
+    def _next_id(self) -> EventId:
+        now_ms = int(time.time() * 1000)
+        if now_ms > self._last_id.ms:
+            self._last_id = EventId(self._epoch, now_ms, 0)
+        else:
+            self._last_id = EventId(self._epoch, self._last_id.ms, self._last_id.seq + 1)
+        return self._last_id
+
+    def _history(self, user_id: str) -> _History | None:
+        history = self._histories.get(user_id)
+        if history is not None and time.monotonic() - history.last_write > self._history_ttl:
+            del self._histories[user_id]
+            return None
+        return history
+
+    async def publish(self, event: TaskEvent) -> EventId:
+        tasks = self._users.setdefault(event.user_id, _UserTasks())
+        update = event.state_update()
+        tasks.states[event.task_id] = update.apply(tasks.states.get(event.task_id, {}))
+        if update.terminal:
+            tasks.active.pop(event.task_id, None)
+        else:
+            tasks.active.setdefault(event.task_id, time.time())
+
+        event_id = self._next_id()
+        delivery = Delivery(
+            user_id=event.user_id,
+            task_id=event.task_id,
+            event_id=event_id,
+            type=event.type,
+            json=with_id(event.to_json(), str(event_id)),
+        )
+        history = self._history(event.user_id)
+        if history is None:
+            history = self._histories[event.user_id] = _History(deque())
+        if len(history.entries) >= self._history_size:
+            history.max_deleted = history.entries.popleft()[0]
+        history.entries.append((event_id, delivery))
+        history.last_write = time.monotonic()
+
+        if self._deliver is not None:
+            self._deliver(delivery)
+        return event_id
+
+    async def active_tasks(self, user_id: str) -> list[TaskState]:
+        tasks = self._users.get(user_id)
+        if tasks is None:
+            return []
+        newest_first = sorted(tasks.active.items(), key=lambda item: item[1], reverse=True)
+        return [full_task_state(tasks.states[task_id]) for task_id, _ in newest_first]
+
+    async def task_state(self, user_id: str, task_id: str) -> TaskState | None:
+        tasks = self._users.get(user_id)
+        if tasks is None or task_id not in tasks.states:
+            return None
+        return full_task_state(tasks.states[task_id])
+
+    async def request_cancel(self, user_id: str, task_id: str) -> bool:
+        tasks = self._users.get(user_id)
+        if tasks is None or task_id not in tasks.active:
+            return False
+        self._cancelled.add(task_id)
+        return True
+
+    async def is_cancelled(self, task_id: str) -> bool:
+        return task_id in self._cancelled
+
+    async def replay(self, user_id: str, after: str) -> Replay:
+        resume_point = EventId.parse(after)
+        history = self._history(user_id)
+        if resume_point is None or resume_point.epoch != self._epoch or history is None:
+            return Replay([], complete=False)
+        if resume_point > self._last_id:
+            return Replay([], complete=False)
+        if history.max_deleted is not None and history.max_deleted > resume_point:
+            return Replay([], complete=False)
+        events = [delivery for event_id, delivery in history.entries if event_id > resume_point]
+        return Replay(events, complete=True)
+
+    async def ready(self) -> bool:
+        return True

@@ -1,0 +1,136 @@
+"""Producers' API: publish task progress from Celery tasks or any Python code.
+
+from streamer.publisher import Publisher
+
+with Publisher() as publisher:          # STREAMER_REDIS_URL
+    publisher.progress(user_id, task_id, progress=40, current_step="resizing")
+    if publisher.is_cancelled(task_id):
+        ...
+    publisher.completed(user_id, task_id, result_data={"url": "..."})
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any, Self
+
+import redis
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from .broker import BrokerUnavailable
+from .config import ENV_VARIABLES, ConfigError
+from .events import EventId, TaskEvent, completed_event, progress_event, validate_identifier
+from .redis_store import PUBLISH_SCRIPT, ScriptCall, cancel_key, publish_call
+
+__all__ = ["AsyncPublisher", "BrokerUnavailable", "Publisher"]
+
+_DEFAULTS = {"history_size": 1000, "history_ttl": 3600}
+
+
+def _settings(redis_url: str | None, environ: Mapping[str, str]) -> tuple[str, dict[str, int]]:
+    url = redis_url if redis_url is not None else environ.get("STREAMER_REDIS_URL")
+    if not url:
+        raise ConfigError("no Redis URL: pass redis_url= or set STREAMER_REDIS_URL")
+    parse_url = ENV_VARIABLES["redis_url"][0]
+    url = parse_url("redis_url", url)
+    limits: dict[str, int] = {}
+    for name, default in _DEFAULTS.items():
+        raw = environ.get(f"STREAMER_{name.upper()}")
+        limits[name] = ENV_VARIABLES[name][0](f"STREAMER_{name.upper()}", raw) if raw else default
+    return url, limits
+
+
+def _event_id(raw: bytes) -> str:
+    event_id = EventId.parse(raw.decode())
+    if event_id is None:
+        raise BrokerUnavailable(f"Redis returned a malformed event id: {raw!r}")
+    return str(event_id)
+
+
+class Publisher:
+    """Synchronous publisher (one Redis connection pool); safe to share between threads."""
+
+    def __init__(self, redis_url: str | None = None) -> None:
+        url, self._limits = _settings(redis_url, os.environ)
+        self._client = redis.Redis.from_url(url, socket_connect_timeout=5)
+        self._script = self._client.register_script(PUBLISH_SCRIPT)
+
+    def progress(self, user_id: object, task_id: object, **fields: Any) -> str:
+        return self.publish(progress_event(user_id, task_id, **fields))
+
+    def completed(self, user_id: object, task_id: object, **fields: Any) -> str:
+        return self.publish(completed_event(user_id, task_id, **fields))
+
+    def publish(self, event: TaskEvent) -> str:
+        call: ScriptCall = publish_call(event, **self._limits)
+        try:
+            return _event_id(self._script(keys=call.keys, args=call.args))
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(f"could not publish to Redis: {exc}") from exc
+
+    def is_cancelled(self, task_id: object) -> bool:
+        key = cancel_key(validate_identifier("task_id", task_id))
+        try:
+            return bool(self._client.exists(key))
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(f"could not reach Redis: {exc}") from exc
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class AsyncPublisher:
+    """The asyncio twin of `Publisher`."""
+
+    def __init__(self, redis_url: str | None = None) -> None:
+        url, self._limits = _settings(redis_url, os.environ)
+        self._client = aioredis.Redis.from_url(url, socket_connect_timeout=5)
+        self._script = self._client.register_script(PUBLISH_SCRIPT)
+
+    async def progress(self, user_id: object, task_id: object, **fields: Any) -> str:
+        return await self.publish(progress_event(user_id, task_id, **fields))
+
+    async def completed(self, user_id: object, task_id: object, **fields: Any) -> str:
+        return await self.publish(completed_event(user_id, task_id, **fields))
+
+    async def publish(self, event: TaskEvent) -> str:
+        call = publish_call(event, **self._limits)
+        try:
+            return _event_id(await self._script(keys=call.keys, args=call.args))
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(f"could not publish to Redis: {exc}") from exc
+
+    async def is_cancelled(self, task_id: object) -> bool:
+        key = cancel_key(validate_identifier("task_id", task_id))
+        try:
+            return bool(await self._client.exists(key))
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(f"could not reach Redis: {exc}") from exc
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()

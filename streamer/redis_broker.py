@@ -1,0 +1,252 @@
+"""The Redis broker: one subscriber connection per process, history in Redis streams."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, cast
+
+import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from .broker import Broker, BrokerUnavailable, DeliverCallback, Replay
+from .events import Delivery, EventId, TaskEvent, TaskState, parse_wire_event
+from .redis_store import (
+    CANCEL_SCRIPT,
+    EPOCH_KEY,
+    EVENTS_CHANNEL,
+    PUBLISH_SCRIPT,
+    active_key,
+    cancel_call,
+    cancel_key,
+    decode_message,
+    decode_state,
+    history_key,
+    publish_call,
+    task_key,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_SNAPSHOT_TASKS = 500
+RECONNECT_BACKOFF_MIN_S = 0.1
+RECONNECT_BACKOFF_MAX_S = 5.0
+
+
+class RedisBroker(Broker):
+    def __init__(
+        self,
+        url: str,
+        *,
+        history_size: int,
+        history_ttl: int,
+        local_users: Callable[[], Iterable[str]] = tuple,
+    ) -> None:
+        self._url = url
+        self._history_size = history_size
+        self._history_ttl = history_ttl
+        self._local_users = local_users
+        self._client: redis.Redis | None = None
+        self._subscriber_task: asyncio.Task[None] | None = None
+        self._subscribed = asyncio.Event()
+        # Per user, the stream id of the last event received: where to catch up
+        # from when the subscription was lost.
+        self._last_seen: dict[str, str] = {}
+
+    @property
+    def client(self) -> redis.Redis:
+        if self._client is None:
+            raise RuntimeError("RedisBroker.start() has not been called")
+        return self._client
+
+    async def start(self, deliver: DeliverCallback) -> None:
+        self._client = redis.Redis.from_url(
+            self._url, socket_connect_timeout=5, health_check_interval=30
+        )
+        self._publish_script = self._client.register_script(PUBLISH_SCRIPT)
+        self._cancel_script = self._client.register_script(CANCEL_SCRIPT)
+        self._subscriber_task = asyncio.create_task(
+            self._subscribe_forever(deliver), name="streamer-redis-subscriber"
+        )
+        # Wait briefly for the first subscription so that early events are not
+        # missed, but do not refuse to start while Redis is down: the
+        # subscriber keeps retrying and /readyz reports not ready meanwhile.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._subscribed.wait(), timeout=5)
+
+    async def close(self) -> None:
+        if self._subscriber_task is not None:
+            self._subscriber_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._subscriber_task
+        if self._client is not None:
+            await self._client.aclose()
+
+    async def _subscribe_forever(self, deliver: DeliverCallback) -> None:
+        backoff = RECONNECT_BACKOFF_MIN_S
+        lost_at_ms: int | None = None
+        while True:
+            # Errors must surface here, not be retried inside redis-py, so that
+            # each reconnect is followed by a catch-up from the history.
+            subscriber = redis.Redis.from_url(
+                self._url, socket_connect_timeout=5, retry=Retry(NoBackoff(), 0)
+            )
+            pubsub = subscriber.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(EVENTS_CHANNEL)
+                self._subscribed.set()
+                if lost_at_ms is not None:
+                    log.warning("redis subscription restored; catching up")
+                    await self._catch_up(deliver, lost_at_ms)
+                    lost_at_ms = None
+                backoff = RECONNECT_BACKOFF_MIN_S
+                while True:
+                    message = await pubsub.get_message(timeout=None)
+                    if message is None or message.get("type") != "message":
+                        continue
+                    delivery = decode_message(message["data"])
+                    if delivery is None:
+                        log.warning("ignoring a malformed message on %s", EVENTS_CHANNEL)
+                        continue
+                    self._last_seen[delivery.user_id] = delivery.event_id.stream_id
+                    deliver(delivery)
+            except (RedisError, OSError) as exc:
+                if lost_at_ms is None:
+                    lost_at_ms = int(time.time() * 1000)
+                self._subscribed.clear()
+                log.warning("redis subscription lost (%s); retrying in %.1fs", exc, backoff)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                with contextlib.suppress(Exception):
+                    await subscriber.aclose()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, RECONNECT_BACKOFF_MAX_S)
+
+    async def _catch_up(self, deliver: DeliverCallback, lost_at_ms: int) -> None:
+        """Deliver what local users missed while the subscription was down.
+
+        Connections drop what they already have (ids are ordered), so reading a
+        little too far back is harmless.
+        """
+        users = set(self._local_users())
+        self._last_seen = {u: i for u, i in self._last_seen.items() if u in users}
+        epoch = await self._epoch()
+        for user_id in users:
+            start = self._last_seen.get(user_id, f"{max(lost_at_ms - 1000, 0)}-0")
+            for delivery in await self._read_history(user_id, epoch, f"({start}"):
+                self._last_seen[user_id] = delivery.event_id.stream_id
+                deliver(delivery)
+
+    async def _epoch(self) -> str | None:
+        return _text(await self.client.get(EPOCH_KEY))
+
+    async def _read_history(self, user_id: str, epoch: str | None, start: str) -> list[Delivery]:
+        if epoch is None:
+            return []
+        entries = await self.client.xrange(history_key(user_id), min=start, max="+")
+        return self._to_deliveries(user_id, epoch, entries)
+
+    @staticmethod
+    def _to_deliveries(user_id: str, epoch: str, entries: Any) -> list[Delivery]:
+        deliveries = []
+        for stream_id, fields in entries or ():
+            ms, seq = _require_text(stream_id).split("-")
+            event_id = EventId(epoch, int(ms), int(seq))
+            deliveries.append(parse_wire_event(user_id, event_id, _require_text(fields[b"e"])))
+        return deliveries
+
+    async def publish(self, event: TaskEvent) -> EventId:
+        call = publish_call(event, history_size=self._history_size, history_ttl=self._history_ttl)
+        try:
+            raw = await self._publish_script(keys=call.keys, args=call.args)
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(f"could not publish to Redis: {exc}") from exc
+        event_id = EventId.parse(_require_text(raw))
+        if event_id is None:
+            raise BrokerUnavailable(f"Redis returned a malformed event id: {raw!r}")
+        return event_id
+
+    async def active_tasks(self, user_id: str) -> list[TaskState]:
+        task_ids = await self.client.zrevrange(active_key(user_id), 0, MAX_SNAPSHOT_TASKS - 1)
+        if not task_ids:
+            return []
+        async with self.client.pipeline(transaction=False) as pipe:
+            for task_id in task_ids:
+                pipe.hgetall(task_key(user_id, _require_text(task_id)))
+            raw_states = await pipe.execute()
+        states = (decode_state(cast(_RawHash, raw)) for raw in raw_states)
+        return [state for state in states if state is not None]
+
+    async def task_state(self, user_id: str, task_id: str) -> TaskState | None:
+        return decode_state(cast(_RawHash, await self.client.hgetall(task_key(user_id, task_id))))
+
+    async def request_cancel(self, user_id: str, task_id: str) -> bool:
+        call = cancel_call(user_id, task_id)
+        return bool(await self._cancel_script(keys=call.keys, args=call.args))
+
+    async def is_cancelled(self, task_id: str) -> bool:
+        return bool(await self.client.exists(cancel_key(task_id)))
+
+    async def replay(self, user_id: str, after: str) -> Replay:
+        resume_point = EventId.parse(after)
+        if resume_point is None:
+            return Replay([], complete=False)
+        key = history_key(user_id)
+        # One transaction, range first: a trim between the two reads could
+        # otherwise hide a gap.
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.get(EPOCH_KEY)
+            pipe.xrange(key, min=f"({resume_point.stream_id}", max="+")
+            pipe.exists(key)
+            epoch_raw, entries, exists = await pipe.execute()
+        if _text(epoch_raw) != resume_point.epoch or not exists:
+            return Replay([], complete=False)
+        info = await self.client.xinfo_stream(key)
+        last_generated = _stream_id(info.get("last-generated-id"))
+        max_deleted = _stream_id(info.get("max-deleted-entry-id"))
+        point = (resume_point.ms, resume_point.seq)
+        if last_generated is not None and point > last_generated:
+            return Replay([], complete=False)
+        if max_deleted is not None and max_deleted > point:
+            return Replay([], complete=False)
+        return Replay(self._to_deliveries(user_id, resume_point.epoch, entries), complete=True)
+
+    async def ready(self) -> bool:
+        if not self._subscribed.is_set():
+            return False
+        try:
+            return bool(await asyncio.wait_for(self.client.ping(), timeout=2))
+        except (RedisError, OSError, TimeoutError):
+            return False
+
+
+def _stream_id(raw: object) -> tuple[int, int] | None:
+    if isinstance(raw, bytes):
+        raw = raw.decode()
+    if not isinstance(raw, str) or "-" not in raw:
+        return None
+    ms, seq = raw.split("-", 1)
+    return int(ms), int(seq)
+
+
+_RawHash = dict[bytes, bytes]
+
+
+def _text(raw: object) -> str | None:
+    if raw is None:
+        return None
+    return _require_text(raw)
+
+
+def _require_text(raw: object) -> str:
+    if isinstance(raw, bytes):
+        return raw.decode()
+    if isinstance(raw, str):
+        return raw
+    raise BrokerUnavailable(f"unexpected reply from Redis: {raw!r}")

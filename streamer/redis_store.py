@@ -1,0 +1,153 @@
+"""Redis key layout and the atomic publish script, shared by the broker and the publishers.
+
+Publishing one event is one EVALSHA, whatever the number of subscribers: the
+script updates the task's state hash and the user's active set, appends the
+event to the user's history stream, and PUBLISHes it on the single events
+channel that every process subscribes to once.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .events import Delivery, EventId, TaskEvent, TaskState, dumps, full_task_state
+
+PREFIX = "streamer"
+EVENTS_CHANNEL = f"{PREFIX}:events"
+EPOCH_KEY = f"{PREFIX}:epoch"
+# Unfinished tasks are kept this long after their last event, so a producer that
+# died does not leave a task in everyone's snapshot forever.
+ACTIVE_TASK_TTL_S = 7 * 86400
+
+
+def task_key(user_id: str, task_id: str) -> str:
+    return f"{PREFIX}:task:{{{user_id}}}:{task_id}"
+
+
+def active_key(user_id: str) -> str:
+    return f"{PREFIX}:active:{{{user_id}}}"
+
+
+def history_key(user_id: str) -> str:
+    return f"{PREFIX}:history:{{{user_id}}}"
+
+
+def cancel_key(task_id: str) -> str:
+    return f"{PREFIX}:cancel:{task_id}"
+
+
+PUBLISH_SCRIPT = """
+-- KEYS: task hash, active zset, history stream, epoch
+-- ARGV: user, task, event json (no id), terminal, history size, history ttl,
+--       active ttl, candidate epoch, created score, channel, n_values, n_if_absent,
+--       then field/value pairs (values first, then if-absent ones)
+local task_key, active_key, history_key, epoch_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local user, task, event = ARGV[1], ARGV[2], ARGV[3]
+local terminal = ARGV[4] == '1'
+redis.call('SET', epoch_key, ARGV[8], 'NX')
+local epoch = redis.call('GET', epoch_key)
+
+local n_values, n_if_absent = tonumber(ARGV[11]), tonumber(ARGV[12])
+local i = 13
+redis.call('HSET', task_key, 'user_id', user)
+for _ = 1, n_values do
+  redis.call('HSET', task_key, ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+for _ = 1, n_if_absent do
+  redis.call('HSETNX', task_key, ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+if terminal then
+  redis.call('ZREM', active_key, task)
+  redis.call('EXPIRE', task_key, ARGV[6])
+else
+  redis.call('ZADD', active_key, 'NX', ARGV[9], task)
+  redis.call('EXPIRE', task_key, ARGV[7])
+  redis.call('EXPIRE', active_key, ARGV[7])
+end
+
+local stream_id = redis.call('XADD', history_key, 'MAXLEN', ARGV[5], '*', 'e', event)
+redis.call('EXPIRE', history_key, ARGV[6])
+local event_id = epoch .. '-' .. stream_id
+local with_id = '{"id":"' .. event_id .. '",' .. string.sub(event, 2)
+redis.call('PUBLISH', ARGV[10], user .. '\\n' .. task .. '\\n' .. event_id .. '\\n' .. with_id)
+return event_id
+"""
+
+CANCEL_SCRIPT = """
+-- KEYS: task hash, active zset, cancel flag; ARGV: user, task, ttl
+if redis.call('HGET', KEYS[1], 'user_id') ~= ARGV[1] then return 0 end
+if redis.call('ZSCORE', KEYS[2], ARGV[2]) == false then return 0 end
+redis.call('SET', KEYS[3], '1', 'EX', ARGV[3])
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class ScriptCall:
+    keys: list[str]
+    args: list[str | int | float]
+
+
+def publish_call(event: TaskEvent, *, history_size: int, history_ttl: int) -> ScriptCall:
+    update = event.state_update()
+    pairs: list[str | int | float] = []
+    for key, value in update.values.items():
+        pairs += [key, dumps(value)]
+    for key, value in update.if_absent.items():
+        pairs += [key, dumps(value)]
+    return ScriptCall(
+        keys=[
+            task_key(event.user_id, event.task_id),
+            active_key(event.user_id),
+            history_key(event.user_id),
+            EPOCH_KEY,
+        ],
+        args=[
+            event.user_id,
+            event.task_id,
+            event.to_json(),
+            "1" if update.terminal else "0",
+            history_size,
+            history_ttl,
+            max(ACTIVE_TASK_TTL_S, history_ttl),
+            secrets.token_hex(4),
+            time.time(),
+            EVENTS_CHANNEL,
+            len(update.values),
+            len(update.if_absent),
+            *pairs,
+        ],
+    )
+
+
+def cancel_call(user_id: str, task_id: str) -> ScriptCall:
+    return ScriptCall(
+        keys=[task_key(user_id, task_id), active_key(user_id), cancel_key(task_id)],
+        args=[user_id, task_id, ACTIVE_TASK_TTL_S],
+    )
+
+
+def decode_state(raw: Mapping[bytes, bytes]) -> TaskState | None:
+    if not raw:
+        return None
+    stored = {key.decode(): json.loads(value) for key, value in raw.items() if key != b"user_id"}
+    return full_task_state(stored)
+
+
+def decode_message(data: bytes) -> Delivery | None:
+    """Parse `user\\ntask\\nid\\njson` from the events channel; None if malformed."""
+    try:
+        user_id, task_id, raw_id, payload = data.decode().split("\n", 3)
+        event_id = EventId.parse(raw_id)
+        event_type = json.loads(payload)["type"]
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return None
+    if event_id is None or not isinstance(event_type, str):
+        return None
+    return Delivery(user_id, task_id, event_id, event_type, payload)

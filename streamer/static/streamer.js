@@ -1,0 +1,383 @@
+/*
+ * streamer.js: live task progress from a streamer server, over WebSocket or Server-Sent Events.
+ * Plain browser JavaScript, no build step, no dependencies; exposes window.Streamer.
+ *
+ *   const board = new Streamer.TaskBoard(document.getElementById("tasks"));
+ *   const stream = new Streamer.TaskStream({
+ *     url: location.origin, token, transport: "auto",       // or "websocket" / "sse"
+ *     onEvent: (msg) => board.handle(msg),
+ *     onStatus: (text, state) => console.log(state, text),
+ *   });
+ *   stream.start();
+ *
+ * One connection per page carries every task of the user. Task events carry an opaque `id`;
+ * the stream remembers the last one and resumes from it after a reconnect, so nothing is missed.
+ */
+(function (global) {
+  "use strict";
+
+  const FIRST_DELAY_MS = 500;
+  const MAX_DELAY_MS = 10000;
+  const CLOSE_UNAUTHORIZED = 4401;
+  const WEBSOCKET_FAILURES_BEFORE_SSE = 2;
+  const SSE_EVENTS = ["active_tasks", "task_progress", "task_completed"];
+  const TERMINAL = new Set(["SUCCESS", "FAILURE", "REVOKED"]);
+
+  /**
+   * One live connection (WebSocket or SSE) that reconnects with backoff and resumes.
+   *
+   * onStatus(text, state) reports state changes; state is one of
+   * "connecting", "connected", "reconnecting", "unauthorized", "stopped".
+   */
+  class TaskStream {
+    constructor(options) {
+      const opts = options || {};
+      const transport = opts.transport || "auto";
+      if (!["auto", "websocket", "sse"].includes(transport)) {
+        throw new Error(`transport must be "auto", "websocket" or "sse", got ${transport}`);
+      }
+      this.url = opts.url || global.location.origin;
+      this.token = opts.token || null;
+      this.taskId = opts.taskId || null;
+      this.requestedTransport = transport;
+      this.onEvent = opts.onEvent || (() => {});
+      this.onStatus = opts.onStatus || (() => {});
+      /** The transport in use: "websocket" or "sse" ("auto" starts with WebSocket). */
+      this.transport = transport === "sse" ? "sse" : "websocket";
+      /** The id of the last task event received: the resume point. */
+      this.lastEventId = null;
+      this._running = false;
+      this._attempt = 0; // reconnects since the last connection that delivered a message
+      this._failedOpens = 0; // WebSockets in a row that never opened
+      this._socket = null;
+      this._source = null;
+      this._timer = null;
+    }
+
+    start() {
+      if (this._running) return;
+      this._running = true;
+      this._connect();
+    }
+
+    stop() {
+      this._running = false;
+      clearTimeout(this._timer);
+      this._timer = null;
+      this._disconnect();
+      this._status("stopped", "stopped");
+    }
+
+    /** Send a command over the WebSocket; false when there is no open WebSocket. */
+    send(command) {
+      const socket = this._socket;
+      if (socket === null || socket.readyState !== WebSocket.OPEN) return false;
+      socket.send(JSON.stringify(command));
+      return true;
+    }
+
+    _connect() {
+      this._timer = null;
+      if (!this._running) return;
+      this._status(`connecting (${this.transport})`, "connecting");
+      if (this.transport === "websocket") {
+        this._openWebSocket();
+      } else {
+        this._openEventSource();
+      }
+    }
+
+    _endpoint(path, scheme) {
+      const url = new URL(path, this.url);
+      if (scheme === "ws") url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+      if (this.token) url.searchParams.set("token", this.token);
+      if (this.taskId) url.searchParams.set("task_id", this.taskId);
+      if (this.lastEventId) url.searchParams.set("last_event_id", this.lastEventId);
+      return url.toString();
+    }
+
+    _openWebSocket() {
+      let socket;
+      try {
+        socket = new WebSocket(this._endpoint("/ws/tasks/", "ws"));
+      } catch (error) {
+        this._webSocketFailed(`cannot open a WebSocket: ${error.message}`);
+        return;
+      }
+      let opened = false;
+      this._socket = socket;
+      socket.onopen = () => {
+        opened = true;
+        this._failedOpens = 0;
+        this._status("connected (websocket)", "connected");
+      };
+      socket.onmessage = (event) => this._receive(event.data);
+      socket.onclose = (event) => {
+        if (this._socket !== socket) return; // stopped or replaced
+        this._socket = null;
+        if (!this._running) return;
+        if (event.code === CLOSE_UNAUTHORIZED) {
+          this._running = false;
+          const reason = event.reason || "unauthorized";
+          this._status(`not authorised (${reason}): get a new token`, "unauthorized");
+        } else if (!opened) {
+          this._webSocketFailed("the WebSocket did not open");
+        } else {
+          this._reconnect(`connection closed (code ${event.code})`);
+        }
+      };
+    }
+
+    _webSocketFailed(text) {
+      this._failedOpens += 1;
+      if (this.requestedTransport === "auto" && this._failedOpens >= WEBSOCKET_FAILURES_BEFORE_SSE) {
+        this.transport = "sse";
+        this._attempt = 0;
+        this._connect();
+        return;
+      }
+      this._reconnect(text);
+    }
+
+    _openEventSource() {
+      const url = this._endpoint("/sse/tasks/", "http");
+      const source = new EventSource(url);
+      this._source = source;
+      source.onopen = () => this._status("connected (sse)", "connected");
+      for (const name of SSE_EVENTS) {
+        source.addEventListener(name, (event) => this._receive(event.data));
+      }
+      source.onerror = () => {
+        if (this._source !== source || !this._running) return;
+        if (source.readyState !== EventSource.CLOSED) {
+          // The browser reconnects by itself and sends Last-Event-ID.
+          this._status("connection lost: reconnecting (sse)", "reconnecting");
+          return;
+        }
+        // The browser gave up (an HTTP error): find out whether the token is the cause.
+        source.close();
+        this._source = null;
+        refusedAsUnauthorized(url).then((unauthorized) => {
+          if (!this._running || this._source !== null || this._timer !== null) return;
+          if (unauthorized) {
+            this._running = false;
+            this._status("not authorised: get a new token", "unauthorized");
+          } else {
+            this._reconnect("the event stream failed");
+          }
+        });
+      };
+    }
+
+    _receive(data) {
+      let message;
+      try {
+        message = JSON.parse(data);
+      } catch (error) {
+        return; // not ours: ignore
+      }
+      if (message === null || typeof message !== "object") return;
+      this._attempt = 0;
+      if (typeof message.id === "string" && message.id) this.lastEventId = message.id;
+      this.onEvent(message);
+    }
+
+    _reconnect(text) {
+      this._disconnect();
+      // Equal jitter: between half and all of 0.5 s, 1 s, 2 s, ... capped at 10 s.
+      const base = Math.min(MAX_DELAY_MS, FIRST_DELAY_MS * 2 ** this._attempt);
+      const delay = base / 2 + Math.random() * (base / 2);
+      this._attempt += 1;
+      const seconds = (delay / 1000).toFixed(1);
+      this._status(`${text}: reconnecting in ${seconds} s`, "reconnecting");
+      this._timer = setTimeout(() => this._connect(), delay);
+    }
+
+    _disconnect() {
+      const socket = this._socket;
+      const source = this._source;
+      this._socket = null;
+      this._source = null;
+      if (socket !== null) socket.close(1000);
+      if (source !== null) source.close();
+    }
+
+    _status(text, state) {
+      this.onStatus(text, state);
+    }
+  }
+
+  /** Did the SSE endpoint answer 401? Reads only the status, then hangs up. */
+  async function refusedAsUnauthorized(url) {
+    const controller = new AbortController();
+    try {
+      const response = await fetch(url, { signal: controller.signal, cache: "no-store" });
+      return response.status === 401;
+    } catch (error) {
+      return false;
+    } finally {
+      controller.abort();
+    }
+  }
+
+  function element(tag, className, text) {
+    const node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
+  /**
+   * Keeps task_id -> latest task state from the stream's messages and renders one row per task
+   * into `container`: <div class="task" data-task-id data-status> with name, id, a
+   * <progress max="100">, status and current step. All text goes through textContent.
+   *
+   * options.onCancel(taskId): when given and `cancellable` is true, unfinished rows get a
+   * Cancel button that calls it.
+   */
+  class TaskBoard {
+    constructor(container, options) {
+      const opts = options || {};
+      this.container = container;
+      this.onCancel = opts.onCancel || null;
+      this._cancellable = opts.cancellable !== undefined ? Boolean(opts.cancellable) : true;
+      /** task_id -> task state, newest first. */
+      this.tasks = new Map();
+      this._rows = new Map();
+      this.render();
+    }
+
+    get cancellable() {
+      return this._cancellable;
+    }
+
+    set cancellable(value) {
+      this._cancellable = Boolean(value);
+      this.render();
+    }
+
+    /** Apply one server message; returns true when it changed the board. */
+    handle(message) {
+      switch (message.type) {
+        case "active_tasks":
+          this.tasks = new Map((message.tasks || []).map((task) => [task.task_id, { ...task }]));
+          break;
+        case "task_progress":
+          this._merge(message);
+          break;
+        case "task_completed": {
+          const done = { ...message };
+          if (done.status === "SUCCESS") done.progress = 100;
+          this._merge(done);
+          break;
+        }
+        case "task_status":
+          if (message.status === null || typeof message.status !== "object") return false;
+          this._merge(message.status);
+          break;
+        default:
+          return false;
+      }
+      this.render();
+      return true;
+    }
+
+    _merge(update) {
+      const known = this.tasks.get(update.task_id);
+      const fields = { ...update };
+      delete fields.type;
+      delete fields.id;
+      if (known !== undefined) {
+        Object.assign(known, fields);
+      } else {
+        // A task not in the snapshot is new: it goes first, like in active_tasks.
+        this.tasks = new Map([[update.task_id, fields], ...this.tasks]);
+      }
+    }
+
+    render() {
+      const container = this.container;
+      for (const [taskId, row] of this._rows) {
+        if (!this.tasks.has(taskId)) {
+          row.remove();
+          this._rows.delete(taskId);
+        }
+      }
+      let empty = container.querySelector(":scope > .tasks-empty");
+      if (this.tasks.size === 0 && empty === null) {
+        container.appendChild(element("p", "tasks-empty", "No active tasks."));
+      } else if (this.tasks.size > 0 && empty !== null) {
+        empty.remove();
+      }
+      for (const [taskId, task] of this.tasks) {
+        let row = this._rows.get(taskId);
+        if (row === undefined) {
+          row = this._createRow(taskId);
+          this._rows.set(taskId, row);
+        }
+        this._updateRow(row, task);
+        container.appendChild(row); // moves existing rows into order
+      }
+    }
+
+    _createRow(taskId) {
+      const row = element("div", "task");
+      row.dataset.taskId = taskId;
+      const head = element("div", "task-head");
+      head.append(element("span", "task-name"), element("code", "task-id", taskId));
+      const bar = element("progress", "task-progress");
+      bar.max = 100;
+      const line = element("div", "task-line");
+      line.append(
+        element("span", "task-percent"),
+        element("span", "task-status"),
+        element("span", "task-step"),
+      );
+      const cancel = element("button", "task-cancel", "Cancel");
+      cancel.type = "button";
+      cancel.addEventListener("click", () => {
+        if (this.onCancel !== null) this.onCancel(taskId);
+      });
+      row.append(head, bar, line, element("div", "task-detail"), cancel);
+      return row;
+    }
+
+    _updateRow(row, task) {
+      const status = String(task.status || "PENDING");
+      const progress = Math.max(0, Math.min(100, Number(task.progress) || 0));
+      const finished = TERMINAL.has(status);
+      row.dataset.status = status;
+      row.querySelector(".task-name").textContent = task.task_name || "task";
+      const bar = row.querySelector("progress");
+      bar.value = progress;
+      bar.textContent = `${Math.round(progress)}%`;
+      row.querySelector(".task-percent").textContent = `${Math.round(progress)}%`;
+      row.querySelector(".task-status").textContent = status;
+      row.querySelector(".task-step").textContent = describeStep(task);
+      row.querySelector(".task-detail").textContent = describeOutcome(task, status);
+      row.querySelector(".task-cancel").hidden =
+        finished || this.onCancel === null || !this._cancellable;
+    }
+  }
+
+  function describeStep(task) {
+    const parts = [];
+    if (task.current_step) parts.push(String(task.current_step));
+    if (task.total_items !== null && task.total_items !== undefined) {
+      parts.push(`${task.processed_items || 0}/${task.total_items} items`);
+    }
+    return parts.join(" · ");
+  }
+
+  function describeOutcome(task, status) {
+    if (task.error_message) return `Error: ${task.error_message}`;
+    const result = task.result_data;
+    if (status === "SUCCESS" && result && Object.keys(result).length > 0) {
+      const text = JSON.stringify(result);
+      return `Result: ${text.length > 200 ? text.slice(0, 199) + "…" : text}`;
+    }
+    return "";
+  }
+
+  global.Streamer = { TaskStream, TaskBoard };
+})(window);

@@ -1,0 +1,111 @@
+"""Shared fixtures: a private redis-server, app clients, and real server processes."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from aiohttp.test_utils import TestClient
+
+from streamer.app import create_app
+from streamer.auth.tokens import issue_token
+from streamer.config import Config
+
+from .processes import RedisServer, ServerProcess, free_port, start_server_process
+
+SECRET = "test-secret-" + "x" * 60
+PUBLISH_KEY = "test-publish-key-0123456789"
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A private redis-server on a free port, for the whole test session."""
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is not installed: .ci/run installs it (apt redis-server)")
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    redis_server.ensure_running()
+    with redis.Redis.from_url(redis_server.url) as client:
+        client.flushall()
+    return redis_server.url
+
+
+@pytest.fixture
+def secret() -> str:
+    return SECRET
+
+
+@pytest.fixture
+def token_for() -> Callable[..., str]:
+    def make(user_id: str, ttl_s: int = 3600) -> str:
+        return issue_token(SECRET, user_id, ttl_s=ttl_s)
+
+    return make
+
+
+@pytest.fixture
+def user_id() -> str:
+    return f"user-{secrets.token_hex(4)}"
+
+
+@pytest.fixture(params=["memory", "redis"])
+def config(request: pytest.FixtureRequest) -> Config:
+    """The service config, once with the embedded broker and once with Redis."""
+    redis_url = request.getfixturevalue("redis_url") if request.param == "redis" else None
+    return Config(
+        secret=SECRET,
+        publish_key=PUBLISH_KEY,
+        redis_url=redis_url,
+        history_size=100,
+        heartbeat_s=0.5,
+        client_buffer=50,
+    )
+
+
+@pytest.fixture
+async def client(
+    config: Config, aiohttp_client: Callable[..., object]
+) -> AsyncIterator[TestClient]:  # type: ignore[type-arg]
+    app = await create_app(config)
+    test_client = await aiohttp_client(app)  # type: ignore[misc]
+    yield test_client
+
+
+@pytest.fixture
+def process_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for server subprocesses: this interpreter's scripts first on PATH."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMER_")}
+    env["STREAMER_SECRET"] = SECRET
+    env["STREAMER_PUBLISH_KEY"] = PUBLISH_KEY
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@pytest.fixture
+def start_process(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """Start a server subprocess; every one started is stopped at teardown."""
+    started: list[ServerProcess] = []
+
+    def start(args: list[str], env: dict[str, str], port: int | None = None) -> ServerProcess:
+        process = start_server_process(args, env, port or free_port(), tmp_path)
+        started.append(process)
+        return process
+
+    try:
+        yield start
+    finally:
+        for process in started:
+            process.stop()

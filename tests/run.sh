@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Sets up everything the test suite drives and runs it:
+#   a virtualenv with the package and its test extras, and the real programs the
+#   tests start (redis-server, curl, nginx, chromium), installed with apt-get when
+#   missing; then lint (ruff), types (mypy) and pytest. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3}"
+missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v curl >/dev/null || missing+=(curl)
+command -v nginx >/dev/null || missing+=(nginx)
+command -v chromium >/dev/null || missing+=(chromium)
+if ((${#missing[@]})); then
+  echo "installing system packages: ${missing[*]}"
+  SUDO=""
+  if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+
+.venv/bin/ruff check streamer tests bench deploy
+.venv/bin/ruff format --check streamer tests bench deploy
+.venv/bin/mypy streamer
+
+exec .venv/bin/python -m pytest -p no:cacheprovider "$@"

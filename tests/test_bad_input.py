@@ -1,0 +1,125 @@
+"""Malformed client input never crashes a connection or the worker."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from aiohttp import WSMsgType
+from aiohttp.test_utils import TestClient
+
+from streamer.app_keys import BROKER
+from streamer.events import progress_event
+
+from .clients import SseReader, ws_close_code, ws_json
+
+TokenFor = Callable[..., str]
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        ("not json", "invalid_json"),
+        ("", "invalid_json"),
+        ("[1, 2]", "invalid_message"),
+        ('"ping"', "invalid_message"),
+        ("null", "invalid_message"),
+        ("{}", "invalid_message"),
+        ('{"type": 5}', "invalid_message"),
+        ('{"type": "drop_tables"}', "unknown_type"),
+        ('{"type": "get_task_status"}', "missing_task_id"),
+        ('{"type": "cancel_task"}', "missing_task_id"),
+        ('{"type": "get_task_status", "task_id": ["x"]}', "invalid_task_id"),
+        ('{"type": "get_task_status", "task_id": ""}', "invalid_task_id"),
+        ('{"type": "cancel_task", "task_id": "a\\nb"}', "invalid_task_id"),
+        ("[" * 50_000, "invalid_json"),  # deep nesting, under the size limit
+    ],
+)
+async def test_bad_commands_get_an_error_and_the_connection_stays_open(
+    client: TestClient, token_for: TokenFor, user_id: str, frame: str, code: str
+) -> None:
+    async with client.ws_connect(f"/ws/tasks/?token={token_for(user_id)}") as ws:
+        await ws_json(ws)
+        await ws.send_str(frame)
+        error = await ws_json(ws)
+        assert error["type"] == "error" and error["code"] == code and error["message"]
+        await ws.send_json({"type": "ping"})
+        assert await ws_json(ws) == {"type": "pong"}
+
+
+async def test_binary_frame_gets_an_error(
+    client: TestClient, token_for: TokenFor, user_id: str
+) -> None:
+    async with client.ws_connect(f"/ws/tasks/?token={token_for(user_id)}") as ws:
+        await ws_json(ws)
+        await ws.send_bytes(b"\x00\xff" * 10)
+        assert (await ws_json(ws))["code"] == "unsupported_frame"
+        await ws.send_json({"type": "ping"})
+        assert await ws_json(ws) == {"type": "pong"}
+
+
+async def test_one_mebibyte_frame_closes_cleanly_and_the_server_keeps_serving(
+    client: TestClient, token_for: TokenFor, user_id: str
+) -> None:
+    token = token_for(user_id)
+    async with client.ws_connect(f"/ws/tasks/?token={token}") as ws:
+        await ws_json(ws)
+        await ws.send_str('{"type": "ping", "pad": "' + "x" * (1024 * 1024) + '"}')
+        assert await ws_close_code(ws) == 1009  # message too big
+    async with client.ws_connect(f"/ws/tasks/?token={token}") as ws:
+        await ws_json(ws)
+        await ws.send_json({"type": "ping"})
+        assert await ws_json(ws) == {"type": "pong"}
+
+
+async def test_websocket_endpoint_without_upgrade(client: TestClient) -> None:
+    response = await client.get("/ws/tasks/")
+    assert response.status == 400
+
+
+@pytest.mark.parametrize("field", ["current_step", "task_id", "task_name", "category"])
+async def test_newlines_in_event_fields_cannot_inject_sse_fields(
+    client: TestClient, token_for: TokenFor, user_id: str, field: str
+) -> None:
+    evil = 'x\r\nevent: task_completed\r\ndata: {"type":"forged"}\n\nid: 1\rretry: 1'
+    fields = {"progress": 10, "current_step": "ok", "task_name": "ok", "category": "ok"}
+    task_id = "task"
+    if field == "task_id":
+        task_id = evil
+    else:
+        fields[field] = evil
+    response = await client.get(f"/sse/tasks/?token={token_for(user_id)}")
+    reader = SseReader(response)
+    await reader.next()
+    broker = client.app[BROKER]
+    if field == "task_id":
+        # Control characters are refused in ids at publish time.
+        with pytest.raises(ValueError):
+            progress_event(user_id, task_id, **fields)
+        task_id = "plain"
+    else:
+        await broker.publish(progress_event(user_id, task_id, **fields))
+    await broker.publish(progress_event(user_id, "sentinel", progress=1))
+    events = []
+    while not events or events[-1].json["task_id"] != "sentinel":
+        events.append(await reader.next())
+    # Exactly the published events arrived, each a single data line of JSON.
+    assert [e.event for e in events] == ["task_progress"] * len(events)
+    assert all(len(e.data) == 1 for e in events)
+    if field != "task_id":
+        assert events[0].json[field] == evil
+    response.close()
+
+
+async def test_bad_last_event_ids_are_answered_with_a_fresh_snapshot(
+    client: TestClient, token_for: TokenFor, user_id: str
+) -> None:
+    for bad in ("0", "zzzz-1-1", "deadbeef-99999999999999999-0", "x" * 5000, "\u00e9"):
+        async with client.ws_connect(
+            "/ws/tasks/", params={"token": token_for(user_id), "last_event_id": bad}
+        ) as ws:
+            snapshot = await ws_json(ws)
+            assert snapshot["type"] == "active_tasks" and snapshot["recovered"] is False
+    message = await client.ws_connect(f"/ws/tasks/?token={token_for(user_id)}")
+    assert (await message.receive()).type == WSMsgType.TEXT
+    await message.close()

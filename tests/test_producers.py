@@ -1,0 +1,178 @@
+"""Producers: the Python publishers, the HTTP endpoint, and validation of what they send."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import redis
+from aiohttp.test_utils import TestClient
+
+from streamer.app import create_app
+from streamer.config import Config
+from streamer.events import EventError
+from streamer.publisher import AsyncPublisher, BrokerUnavailable, Publisher
+from streamer.redis_store import EVENTS_CHANNEL
+
+from .clients import ws_json, ws_messages
+from .conftest import PUBLISH_KEY, SECRET
+from .processes import free_port
+
+TokenFor = Callable[..., str]
+
+
+@pytest.fixture
+async def redis_client(redis_url: str, aiohttp_client: Callable[..., object]) -> TestClient:  # type: ignore[type-arg]
+    app = await create_app(Config(secret=SECRET, publish_key=PUBLISH_KEY, redis_url=redis_url))
+    test_client: TestClient = await aiohttp_client(app)  # type: ignore[misc]
+    return test_client
+
+
+async def test_sync_and_async_publishers_reach_clients(
+    redis_client: TestClient, redis_url: str, token_for: TokenFor, user_id: str
+) -> None:
+    async with redis_client.ws_connect(f"/ws/tasks/?token={token_for(user_id)}") as ws:
+        await ws_json(ws)
+        with Publisher(redis_url) as publisher:
+            first = publisher.progress(
+                user_id, "job", progress=10, current_step="start", processed_items=1,
+                total_items=10, status="STARTED",
+            )  # fmt: skip
+            assert not publisher.is_cancelled("job")
+        async with AsyncPublisher(redis_url) as async_publisher:
+            second = await async_publisher.progress(user_id, "job", progress=50)
+            third = await async_publisher.completed(
+                user_id, "job", result_data={"rows": 3, "files": []}
+            )
+        events = await ws_messages(ws, 3)
+        assert [e["id"] for e in events] == [first, second, third]
+        assert events[0]["status"] == "STARTED" and events[0]["processed_items"] == 1
+        assert events[2]["result_data"] == {"rows": 3, "files": []}
+
+        await ws.send_json({"type": "get_task_status", "task_id": "job"})
+        state = (await ws_json(ws))["status"]
+        assert state["status"] == "SUCCESS" and state["progress"] == 100
+        assert state["result_data"] == {"rows": 3, "files": []}
+        assert state["created_at"] <= state["started_at"] <= state["completed_at"]
+
+
+async def test_cancellation_is_seen_by_the_producer(
+    redis_client: TestClient, redis_url: str, token_for: TokenFor, user_id: str
+) -> None:
+    with Publisher(redis_url) as publisher:
+        publisher.progress(user_id, "long-job", progress=1)
+        async with redis_client.ws_connect(f"/ws/tasks/?token={token_for(user_id)}") as ws:
+            await ws_json(ws)
+            await ws.send_json({"type": "cancel_task", "task_id": "long-job"})
+            assert (await ws_json(ws))["success"] is True
+        assert publisher.is_cancelled("long-job")
+        async with AsyncPublisher(redis_url) as async_publisher:
+            assert await async_publisher.is_cancelled("long-job")
+
+
+def test_one_publish_costs_a_constant_number_of_redis_commands(redis_url: str) -> None:
+    """Publishing is one script call, whatever the number of subscribers."""
+    with redis.Redis.from_url(redis_url) as admin, Publisher(redis_url) as publisher:
+        publisher.progress("u", "warm-up", progress=1)  # loads the script
+
+        def evalsha_calls() -> int:
+            stats = admin.info("commandstats").get("cmdstat_evalsha", {"calls": 0})
+            return int(stats["calls"])
+
+        def calls_for_one_publish() -> int:
+            """Every command Redis ran for one publish, the script's own included."""
+            before = admin.info("stats")["total_commands_processed"]
+            publisher.progress("u", "t", progress=5)
+            after = admin.info("stats")["total_commands_processed"]
+            return int(after - before) - 1  # the INFO call itself
+
+        scripts_before = evalsha_calls()
+        alone = calls_for_one_publish()
+        assert evalsha_calls() - scripts_before == 1  # one round trip
+        subscribers = [admin.pubsub() for _ in range(20)]
+        for pubsub in subscribers:
+            pubsub.subscribe(EVENTS_CHANNEL)
+        try:
+            assert calls_for_one_publish() == alone
+        finally:
+            for pubsub in subscribers:
+                pubsub.close()
+
+
+def test_publisher_validates_events(redis_url: str) -> None:
+    with Publisher(redis_url) as publisher:
+        with pytest.raises(EventError, match="progress"):
+            publisher.progress("u", "t", progress=101)
+        with pytest.raises(EventError, match="status"):
+            publisher.progress("u", "t", status="SUCCESS")
+        with pytest.raises(EventError, match="result_data"):
+            publisher.completed("u", "t", result_data=[1, 2])
+        with pytest.raises(EventError, match="user_id"):
+            publisher.progress("", "t", progress=1)
+        assert publisher.progress(42, "t", progress=1)  # numeric user ids become strings
+
+
+def test_publisher_reports_an_unreachable_redis() -> None:
+    with Publisher(f"redis://127.0.0.1:{free_port()}/0") as publisher:
+        with pytest.raises(BrokerUnavailable):
+            publisher.progress("u", "t", progress=1)
+        with pytest.raises(BrokerUnavailable):
+            publisher.is_cancelled("t")
+
+
+async def test_http_publish_endpoint(client: TestClient, token_for: TokenFor, user_id: str) -> None:
+    url = "/api/tasks/events"
+    key = {"X-API-Key": PUBLISH_KEY}
+    async with client.ws_connect(f"/ws/tasks/?token={token_for(user_id)}") as ws:
+        await ws_json(ws)
+        accepted = await client.post(
+            url, json={"user_id": user_id, "task_id": "t", "progress": 5}, headers=key
+        )
+        assert accepted.status == 202
+        event_id = (await accepted.json())["id"]
+        event = await ws_json(ws)
+        assert event["id"] == event_id and event["type"] == "task_progress"
+        # A terminal status without "type" means task_completed.
+        done = await client.post(
+            url, json={"user_id": user_id, "task_id": "t", "status": "SUCCESS"}, headers=key
+        )
+        assert done.status == 202
+        assert (await ws_json(ws))["type"] == "task_completed"
+
+        numeric = await client.post(
+            url, json={"user_id": 7, "task_id": "t", "progress": 1}, headers=key
+        )
+        assert numeric.status == 202
+
+    refusals = [
+        ({}, {"user_id": "u", "task_id": "t"}, 401),
+        ({"X-API-Key": "wrong-key-0123456789"}, {"user_id": "u", "task_id": "t"}, 401),
+        (key, {"task_id": "t"}, 422),
+        (key, {"user_id": "u"}, 422),
+        (key, {"user_id": "u", "task_id": "t", "progress": "lots"}, 422),
+        (key, {"user_id": "u", "task_id": "t", "progres": 5}, 422),
+        (key, {"user_id": "u", "task_id": "t", "type": "active_tasks"}, 422),
+        (key, {"user_id": "u", "task_id": "t", "status": ["SUCCESS"]}, 422),
+        (key, ["not", "an", "object"], 422),
+    ]
+    for headers, body, status in refusals:
+        response = await client.post(url, json=body, headers=headers)
+        assert response.status == status, (body, await response.text())
+        assert (await response.json())["type"] == "error"
+
+    not_json = await client.post(url, data=b"{oops", headers=key)
+    assert not_json.status == 400
+    too_big = await client.post(url, data=b"{" + b" " * 300_000 + b"}", headers=key)
+    assert too_big.status == 413
+
+
+async def test_http_publish_is_off_without_a_key(
+    redis_url: str, aiohttp_client: Callable[..., object]
+) -> None:
+    app = await create_app(Config(secret=SECRET))
+    test_client: TestClient = await aiohttp_client(app)  # type: ignore[misc]
+    response = await test_client.post(
+        "/api/tasks/events", json={"user_id": "u", "task_id": "t"}, headers={"X-API-Key": ""}
+    )
+    assert response.status == 403
+    assert "STREAMER_PUBLISH_KEY" in (await response.json())["message"]

@@ -1,0 +1,169 @@
+"""Real server processes: gunicorn with aiohttp's worker and Redis, and `streamer serve`."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from .processes import BIN, ServerProcess, free_port
+from .streams import CurlStream, WsStream, run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+GUNICORN_CONF = str(ROOT / "deploy" / "gunicorn.conf.py")
+TokenFor = Callable[..., str]
+StartProcess = Callable[..., ServerProcess]
+MAX_CONNECT_TRIES = 40
+
+
+def gunicorn_args(workers: int, port: int | str = "{port}") -> list[str]:
+    return [
+        "gunicorn", "streamer.app:create_app", "-c", GUNICORN_CONF,
+        "--workers", str(workers), "--bind", f"127.0.0.1:{port}",
+    ]  # fmt: skip
+
+
+def run_to_exit(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run a server command that is expected to refuse to start."""
+    return subprocess.run(
+        [str(BIN / args[0]), *args[1:]], env=env, capture_output=True, text=True, timeout=30
+    )
+
+
+async def streams_on_every_worker(
+    base_url: str, token: str, workers: int
+) -> tuple[list[WsStream], list[CurlStream]]:
+    """Open WebSocket and curl SSE streams until each worker serves at least one of each."""
+    ws_streams: list[WsStream] = []
+    sse_streams: list[CurlStream] = []
+    ws_url = base_url.replace("http", "ws") + f"/ws/tasks/?token={token}"
+    for _ in range(MAX_CONNECT_TRIES):
+        if len({s.worker for s in ws_streams}) < workers:
+            ws_streams.append(await WsStream.open(ws_url))
+        if len({s.headers["x-streamer-worker"] for s in sse_streams}) < workers:
+            sse_streams.append(await CurlStream.open(f"{base_url}/sse/tasks/", token))
+        if (
+            len({s.worker for s in ws_streams}) == workers
+            and len({s.headers["x-streamer-worker"] for s in sse_streams}) == workers
+        ):
+            return ws_streams, sse_streams
+    raise AssertionError(
+        f"connections did not spread over {workers} workers in {MAX_CONNECT_TRIES} tries"
+    )
+
+
+async def test_gunicorn_two_workers_share_events_through_redis(
+    redis_url: str,
+    process_env: dict[str, str],
+    start_process: StartProcess,
+    token_for: TokenFor,
+    user_id: str,
+) -> None:
+    env = {**process_env, "STREAMER_REDIS_URL": redis_url}
+    server = start_process(gunicorn_args(2), env)
+    await asyncio.to_thread(server.wait_healthy)
+    token = token_for(user_id)
+    ws_streams, sse_streams = await streams_on_every_worker(server.base_url, token, 2)
+    try:
+        for ws in ws_streams:
+            assert (await ws.next())["type"] == "active_tasks"
+        for sse in sse_streams:
+            assert sse.status == 200
+            assert sse.headers["content-type"].startswith("text/event-stream")
+            assert (await sse.next_data())["type"] == "active_tasks"
+
+        # A separate producer process publishes straight to Redis.
+        progress_id = await run_cli(
+            "publish", "--user", user_id, "--task", "report", "--progress", "40",
+            "--step", "crunching", "--redis-url", redis_url, env=env,
+        )  # fmt: skip
+        done_id = await run_cli(
+            "publish", "--user", user_id, "--task", "report", "--status", "SUCCESS",
+            "--result", '{"rows": 12}', "--redis-url", redis_url, env=env,
+        )  # fmt: skip
+        for ws in ws_streams:
+            progress = await ws.next()
+            assert progress["id"] == progress_id and progress["current_step"] == "crunching"
+            done = await ws.next()
+            assert done["id"] == done_id and done["result_data"] == {"rows": 12}
+        for sse in sse_streams:
+            assert (await sse.next_data())["id"] == progress_id
+            assert (await sse.next_data())["id"] == done_id
+    finally:
+        for ws in ws_streams:
+            await ws.close()
+        for sse in sse_streams:
+            await sse.close()
+
+
+def test_gunicorn_refuses_several_workers_without_redis(process_env: dict[str, str]) -> None:
+    result = run_to_exit(gunicorn_args(2, free_port()), process_env)
+    assert result.returncode != 0
+    assert "refusing to start 2 workers without STREAMER_REDIS_URL" in result.stderr
+    assert "Booting worker" not in result.stderr  # refused before forking any worker
+
+
+def test_gunicorn_refuses_a_bad_setting(process_env: dict[str, str], redis_url: str) -> None:
+    env = {**process_env, "STREAMER_REDIS_URL": redis_url, "STREAMER_HISTORY_SIZE": "lots"}
+    result = run_to_exit(gunicorn_args(1, free_port()), env)
+    assert result.returncode != 0
+    assert "STREAMER_HISTORY_SIZE must be an integer" in result.stderr + result.stdout
+
+
+async def test_streamer_serve_with_the_embedded_broker(
+    process_env: dict[str, str], start_process: StartProcess, token_for: TokenFor, user_id: str
+) -> None:
+    server = start_process(["streamer", "serve", "--port", "{port}"], process_env)
+    await asyncio.to_thread(server.wait_healthy)
+    assert "embedded" in server.log()
+    token = token_for(user_id)
+    sse = await CurlStream.open(f"{server.base_url}/sse/tasks/", token)
+    ws = await WsStream.open(server.base_url.replace("http", "ws") + f"/ws/tasks/?token={token}")
+    try:
+        assert (await sse.next_data())["type"] == "active_tasks"
+        assert (await ws.next())["type"] == "active_tasks"
+        # Without Redis, the CLI publishes over HTTP to the running service.
+        event_id = await run_cli(
+            "publish", "--user", user_id, "--task", "t1", "--progress", "5",
+            "--url", server.base_url, env=process_env,
+        )  # fmt: skip
+        assert (await sse.next_data())["id"] == event_id
+        assert (await ws.next())["id"] == event_id
+    finally:
+        await sse.close()
+        await ws.close()
+
+
+async def test_streamer_serve_development_mode(
+    process_env: dict[str, str], start_process: StartProcess
+) -> None:
+    env = {k: v for k, v in process_env.items() if not k.startswith("STREAMER_")}
+    server = start_process(["streamer", "serve", "--port", "{port}"], env)
+    await asyncio.to_thread(server.wait_healthy)
+    assert "generated one for this run" in server.log()
+    status, body = server.get("/demo/token")
+    assert status == 200 and b'"token"' in body
+    status, page = server.get("/")
+    assert status == 200 and b"streamer.js" in page
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("STREAMER_SECRET", "short", "STREAMER_SECRET must be at least 32"),
+        ("STREAMER_REDIS_URL", "http://x", "STREAMER_REDIS_URL must be a redis://"),
+        ("STREAMER_HEARTBEAT_S", "-1", "STREAMER_HEARTBEAT_S must be between"),
+        ("STREAMER_CLIENT_BUFFER", "0", "STREAMER_CLIENT_BUFFER must be between"),
+        ("STREAMER_ALLOWED_ORIGINS", "evil.example", "STREAMER_ALLOWED_ORIGINS"),
+    ],
+)
+def test_streamer_serve_refuses_bad_settings(
+    process_env: dict[str, str], variable: str, value: str, message: str
+) -> None:
+    env = {**process_env, variable: value}
+    result = run_to_exit(["streamer", "serve", "--port", str(free_port())], env)
+    assert result.returncode == 2
+    assert message in result.stderr

@@ -1,0 +1,256 @@
+"""Both transports, both brokers: snapshot, live events, commands, filters, order."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+
+from streamer.app_keys import BROKER
+from streamer.events import completed_event, progress_event
+
+from .clients import SseReader, ws_json, ws_messages
+
+TokenFor = Callable[..., str]
+
+
+async def publish_progress(client: TestClient, user: str, task: str, **fields: Any) -> str:
+    fields.setdefault("progress", 10)
+    return str(await client.app[BROKER].publish(progress_event(user, task, **fields)))
+
+
+async def publish_done(client: TestClient, user: str, task: str, **fields: Any) -> str:
+    return str(await client.app[BROKER].publish(completed_event(user, task, **fields)))
+
+
+async def test_websocket_snapshot_then_live_events(
+    client: TestClient, token_for: TokenFor, user_id: str
+) -> None:
+    await publish_progress(client, user_id, "old", progress=5, task_name="first")
+    await publish_progress(client, user_id, "new", progress=7, task_name="second")
+    await publish_progress(client, user_id, "finished", progress=50)
+    await publish_done(client, user_id, "finished")
+
+    async with client.ws_connect(f"/ws/tasks/?token={token_for(user_id)}") as ws:
+        snapshot = await ws_json(ws)
+        assert snapshot["type"] == "active_tasks"
+        assert snapshot["recovered"] is True
+        assert [t["task_id"] for t in snapshot["tasks"]] == ["new", "old"]  # newest first
+        new = snapshot["tasks"][0]
+        assert new["task_name"] == "second" and new["progress"] == 7
+        assert new["status"] == "PROGRESS" and new["created_at"] and new["started_at"]
+        assert set(new) >= {
+            "task_id", "task_name", "category", "status", "progress", "current_step",
+            "processed_items", "total_items", "created_at", "started_at", "completed_at",
+            "estimated_completion", "result_data", "error_message",
+        }  # fmt: skip
+
+        progress_id = await publish_progress(
+            client,
+            user_id,
+            "new",
+            progress=60,
+            current_step="resizing",
+            processed_items=6,
+            total_items=10,
+            estimated_completion="2030-01-01T00:00:00Z",
+            category="images",
+        )
+        event = await ws_json(ws)
+        assert event == {
+            "id": progress_id,
+            "type": "task_progress",
+            "task_id": "new",
+            "status": "PROGRESS",
+            "progress": 60,
+            "current_step": "resizing",
+            "processed_items": 6,
+            "total_items": 10,
+            "category": "images",
+            "estimated_completion": "2030-01-01T00:00:00Z",
+        }
+        done_id = await publish_done(
+            client, user_id, "new", status="FAILURE", error_message="disk full"
+        )
+        event = await ws_json(ws)
+        assert event == {
+            "id": done_id,
+            "type": "task_completed",
+            "task_id": "new",
+            "status": "FAILURE",
+            "result_data": {},
+            "error_message": "disk full",
+        }
+
+        await ws.send_json({"type": "get_active_tasks"})
+        active = await ws_json(ws)
+        assert active["type"] == "active_tasks"
+        assert [t["task_id"] for t in active["tasks"]] == ["old"]
+
+
+async def test_websocket_commands(client: TestClient, token_for: TokenFor, user_id: str) -> None:
+    await publish_progress(client, user_id, "job", progress=30)
+    async with client.ws_connect(f"/ws/tasks/?token={token_for(user_id)}") as ws:
+        await ws_json(ws)
+        await ws.send_json({"type": "ping"})
+        assert await ws_json(ws) == {"type": "pong"}
+
+        await ws.send_json({"type": "get_task_status", "task_id": "job"})
+        status = await ws_json(ws)
+        assert status["type"] == "task_status" and status["task_id"] == "job"
+        assert status["status"]["progress"] == 30 and status["status"]["status"] == "PROGRESS"
+
+        await ws.send_json({"type": "get_task_status", "task_id": "nope"})
+        assert await ws_json(ws) == {"type": "task_status", "task_id": "nope", "status": None}
+
+        await ws.send_json({"type": "cancel_task", "task_id": "job"})
+        assert await ws_json(ws) == {"type": "task_cancelled", "task_id": "job", "success": True}
+        assert await client.app[BROKER].is_cancelled("job")
+
+        await ws.send_json({"type": "cancel_task", "task_id": "nope"})
+        assert await ws_json(ws) == {"type": "task_cancelled", "task_id": "nope", "success": False}
+        assert not await client.app[BROKER].is_cancelled("nope")
+
+        await publish_done(client, user_id, "job", status="REVOKED")
+        completed = await ws_json(ws)
+        assert completed["type"] == "task_completed" and completed["status"] == "REVOKED"
+        await ws.send_json({"type": "cancel_task", "task_id": "job"})
+        reply = await ws_json(ws)
+        assert reply == {"type": "task_cancelled", "task_id": "job", "success": False}
+
+        await ws.send_json({"type": "get_task_status", "task_id": "job"})
+        final = (await ws_json(ws))["status"]
+        assert final["status"] == "REVOKED" and final["completed_at"] is not None
+
+
+async def test_sse_stream_framing_and_headers(
+    client: TestClient, token_for: TokenFor, user_id: str
+) -> None:
+    await publish_progress(client, user_id, "job", progress=1)
+    response = await client.get(
+        "/sse/tasks/", headers={"Authorization": f"Bearer {token_for(user_id)}"}
+    )
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    assert response.headers["Cache-Control"] == "no-cache"
+    assert response.headers["X-Accel-Buffering"] == "no"
+    reader = SseReader(response)
+    first = await reader.next()
+    assert first.event == "active_tasks" and first.retry == 3000 and first.id is None
+    assert [t["task_id"] for t in first.json["tasks"]] == ["job"]
+
+    event_id = await publish_progress(client, user_id, "job", progress=2)
+    second = await reader.next()
+    assert second.event == "task_progress" and second.id == event_id
+    assert len(second.data) == 1  # one line of JSON
+    assert second.json["id"] == event_id and second.json["progress"] == 2
+
+    heartbeat = await reader.wait_for_comment(timeout=5)  # heartbeat_s is 0.5 in tests
+    assert heartbeat.startswith(":")
+    response.close()
+
+
+async def test_both_transports_get_the_same_events_in_the_same_order(
+    client: TestClient, token_for: TokenFor, user_id: str
+) -> None:
+    token = token_for(user_id)
+    async with client.ws_connect(f"/ws/tasks/?token={token}") as ws:
+        sse = await client.get(f"/sse/tasks/?token={token}")
+        reader = SseReader(sse)
+        ws_snapshot = await ws_json(ws)
+        sse_snapshot = (await reader.next()).json
+        assert ws_snapshot == sse_snapshot
+
+        published = []
+        for step in range(20):
+            task = f"task-{step % 3}"
+            if step in (10, 17):
+                published.append(await publish_done(client, user_id, task))
+            else:
+                published.append(await publish_progress(client, user_id, task, progress=step))
+        via_ws = await ws_messages(ws, len(published))
+        via_sse = await reader.messages(len(published))
+        assert [m["id"] for m in via_ws] == published
+        assert via_ws == via_sse
+        sse.close()
+
+
+async def test_task_id_filter(client: TestClient, token_for: TokenFor, user_id: str) -> None:
+    await publish_progress(client, user_id, "a", progress=1)
+    await publish_progress(client, user_id, "b", progress=1)
+    token = token_for(user_id)
+    async with client.ws_connect(f"/ws/tasks/?token={token}&task_id=b") as ws:
+        sse = await client.get(f"/sse/tasks/?token={token}&task_id=b")
+        reader = SseReader(sse)
+        for snapshot in (await ws_json(ws), (await reader.next()).json):
+            assert [t["task_id"] for t in snapshot["tasks"]] == ["b"]
+        await publish_progress(client, user_id, "a", progress=2)
+        b_id = await publish_progress(client, user_id, "b", progress=3)
+        assert (await ws_json(ws))["id"] == b_id
+        assert (await reader.next()).id == b_id
+        sse.close()
+
+    bad = await client.get(f"/sse/tasks/?token={token}&task_id=" + "x" * 300)
+    assert bad.status == 400
+    assert (await bad.json())["code"] == "invalid_task_id"
+
+
+async def test_resume_from_last_event_id_on_both_transports(
+    client: TestClient, token_for: TokenFor, user_id: str
+) -> None:
+    token = token_for(user_id)
+    ids = [await publish_progress(client, user_id, "job", progress=p) for p in range(5)]
+
+    async with client.ws_connect(f"/ws/tasks/?token={token}&last_event_id={ids[1]}") as ws:
+        snapshot = await ws_json(ws)
+        assert snapshot["type"] == "active_tasks" and snapshot["recovered"] is True
+        replayed = await ws_messages(ws, 3)
+        assert [m["id"] for m in replayed] == ids[2:]
+        live = await publish_progress(client, user_id, "job", progress=99)
+        assert (await ws_json(ws))["id"] == live  # no duplicate at the seam
+
+    sse = await client.get(
+        "/sse/tasks/", headers={"Authorization": f"Bearer {token}", "Last-Event-ID": ids[3]}
+    )
+    reader = SseReader(sse)
+    assert (await reader.next()).json["recovered"] is True
+    assert [(await reader.next()).id for _ in range(2)] == [ids[4], live]
+    sse.close()
+
+    async with client.ws_connect(f"/ws/tasks/?token={token}&last_event_id=garbage") as ws:
+        snapshot = await ws_json(ws)
+        assert snapshot["recovered"] is False
+        assert [t["progress"] for t in snapshot["tasks"]] == [99]
+
+
+async def test_events_of_one_task_keep_publish_order_under_concurrency(
+    client: TestClient, token_for: TokenFor, user_id: str
+) -> None:
+    async with client.ws_connect(f"/ws/tasks/?token={token_for(user_id)}") as ws:
+        await ws_json(ws)
+
+        async def producer(task: str) -> list[str]:
+            return [await publish_progress(client, user_id, task, progress=p) for p in range(10)]
+
+        # 40 events stay within the test client buffer of 50 even if none is sent yet.
+        published = await asyncio.gather(*(producer(f"t{n}") for n in range(4)))
+        received = await ws_messages(ws, 40)
+        for n, ids in enumerate(published):
+            of_task = [m for m in received if m["task_id"] == f"t{n}"]
+            assert [m["id"] for m in of_task] == ids
+            assert [m["progress"] for m in of_task] == list(range(10))
+        assert len({m["id"] for m in received}) == 40
+
+
+async def test_health_ready_metrics_and_demo_page(client: TestClient) -> None:
+    assert (await client.get("/healthz")).status == 200
+    ready = await client.get("/readyz")
+    assert ready.status == 200 and (await ready.json())["status"] == "ready"
+    metrics = await (await client.get("/metrics")).text()
+    assert "streamer_connections" in metrics and "streamer_events_sent_total" in metrics
+    page = await client.get("/")
+    assert page.status == 200 and "streamer.js" in await page.text()
+    script = await client.get("/static/streamer.js")
+    assert script.status == 200
