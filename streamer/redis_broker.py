@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import Callable, Iterable
-from typing import Any, cast
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any, ParamSpec, TypeVar, cast
 
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from .broker import Broker, BrokerUnavailable, DeliverCallback, Replay
 from .events import Delivery, EventId, TaskEvent, TaskState, parse_wire_event
@@ -32,6 +33,25 @@ from .redis_store import (
 )
 
 log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _unavailable_on_error(
+    method: Callable[P, Coroutine[Any, Any, R]],
+) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Redis and socket errors become BrokerUnavailable, the interface's one failure."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await method(*args, **kwargs)
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(f"Redis is unavailable: {exc}") from exc
+
+    return wrapper
+
 
 MAX_SNAPSHOT_TASKS = 500
 RECONNECT_BACKOFF_MIN_S = 0.1
@@ -161,17 +181,16 @@ class RedisBroker(Broker):
             deliveries.append(parse_wire_event(user_id, event_id, _require_text(fields[b"e"])))
         return deliveries
 
+    @_unavailable_on_error
     async def publish(self, event: TaskEvent) -> EventId:
         call = publish_call(event, history_size=self._history_size, history_ttl=self._history_ttl)
-        try:
-            raw = await self._publish_script(keys=call.keys, args=call.args)
-        except (RedisError, OSError) as exc:
-            raise BrokerUnavailable(f"could not publish to Redis: {exc}") from exc
+        raw = await self._publish_script(keys=call.keys, args=call.args)
         event_id = EventId.parse(_require_text(raw))
         if event_id is None:
             raise BrokerUnavailable(f"Redis returned a malformed event id: {raw!r}")
         return event_id
 
+    @_unavailable_on_error
     async def active_tasks(self, user_id: str) -> list[TaskState]:
         task_ids = await self.client.zrevrange(active_key(user_id), 0, MAX_SNAPSHOT_TASKS - 1)
         if not task_ids:
@@ -183,16 +202,20 @@ class RedisBroker(Broker):
         states = (decode_state(cast(_RawHash, raw)) for raw in raw_states)
         return [state for state in states if state is not None]
 
+    @_unavailable_on_error
     async def task_state(self, user_id: str, task_id: str) -> TaskState | None:
         return decode_state(cast(_RawHash, await self.client.hgetall(task_key(user_id, task_id))))
 
+    @_unavailable_on_error
     async def request_cancel(self, user_id: str, task_id: str) -> bool:
         call = cancel_call(user_id, task_id)
         return bool(await self._cancel_script(keys=call.keys, args=call.args))
 
+    @_unavailable_on_error
     async def is_cancelled(self, task_id: str) -> bool:
         return bool(await self.client.exists(cancel_key(task_id)))
 
+    @_unavailable_on_error
     async def replay(self, user_id: str, after: str) -> Replay:
         resume_point = EventId.parse(after)
         if resume_point is None:
@@ -207,7 +230,10 @@ class RedisBroker(Broker):
             epoch_raw, entries, exists = await pipe.execute()
         if _text(epoch_raw) != resume_point.epoch or not exists:
             return Replay([], complete=False)
-        info = await self.client.xinfo_stream(key)
+        try:
+            info = await self.client.xinfo_stream(key)
+        except ResponseError:  # the key expired in between
+            return Replay([], complete=False)
         last_generated = _stream_id(info.get("last-generated-id"))
         max_deleted = _stream_id(info.get("max-deleted-entry-id"))
         point = (resume_point.ms, resume_point.seq)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from .clients import ws_close_code
 from .processes import BIN, ServerProcess, free_port
 from .streams import CurlStream, WsStream, run_cli
 
@@ -167,3 +169,54 @@ def test_streamer_serve_refuses_bad_settings(
     result = run_to_exit(["streamer", "serve", "--port", str(free_port())], env)
     assert result.returncode == 2
     assert message in result.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+async def test_shutdown_and_reload_close_streams_for_clients_to_resume(
+    redis_url: str,
+    process_env: dict[str, str],
+    start_process: StartProcess,
+    token_for: TokenFor,
+    user_id: str,
+    signum: int,
+) -> None:
+    """SIGTERM stops gunicorn, SIGHUP replaces its workers: either way WebSockets close
+    with 1001 and SSE streams end, and a client resuming with its last id loses nothing."""
+    env = {**process_env, "STREAMER_REDIS_URL": redis_url}
+    server = start_process(gunicorn_args(1), env)
+    await asyncio.to_thread(server.wait_healthy)
+    token = token_for(user_id)
+    ws = await WsStream.open(server.base_url.replace("http", "ws") + f"/ws/tasks/?token={token}")
+    sse = await CurlStream.open(f"{server.base_url}/sse/tasks/", token)
+    try:
+        await ws.next()
+        await sse.next_data()
+        seen = await run_cli(
+            "publish", "--user", user_id, "--task", "t", "--progress", "1", env=env
+        )  # fmt: skip
+        assert (await ws.next())["id"] == seen
+        assert (await sse.next_data())["id"] == seen
+
+        server.signal(signum)
+        assert await ws_close_code(ws.ws) == 1001
+        with pytest.raises(EOFError):
+            await sse.next_data()
+        missed = await run_cli(
+            "publish", "--user", user_id, "--task", "t", "--progress", "2", env=env
+        )  # fmt: skip
+    finally:
+        await ws.close()
+        await sse.close()
+
+    if signum == signal.SIGTERM:
+        assert await asyncio.to_thread(server.wait_exit, 30) == 0
+        server = start_process(gunicorn_args(1), env)
+    await asyncio.to_thread(server.wait_healthy)
+    resumed = await WsStream.open(
+        server.base_url.replace("http", "ws") + f"/ws/tasks/?token={token}&last_event_id={seen}"
+    )
+    try:
+        assert (await resumed.next())["recovered"] is True
+        assert (await resumed.next())["id"] == missed
+    finally:
+        await resumed.close()

@@ -12,6 +12,7 @@ from aiohttp_sse import EventSourceResponse
 from ..app_keys import BROKER, CONFIG, HUB, METRICS
 from ..auth.credentials import authenticate
 from ..auth.tokens import InvalidToken
+from ..broker import BrokerUnavailable
 from ..connection import ClientStream, open_client_stream, run_until_first_done
 from .common import json_error, stream_params, worker_header
 
@@ -46,6 +47,10 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
         ) as stream:
             await response.prepare(request)
             await _serve(response, stream, config.sse_retry_ms, request)
+    except BrokerUnavailable as exc:
+        if response.prepared:
+            raise
+        return json_error(503, "broker_unavailable", f"{exc}; try again")
     finally:
         metrics.connections.labels("sse").dec()
     return response

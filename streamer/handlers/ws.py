@@ -11,7 +11,7 @@ from ..app_keys import BROKER, CONFIG, HUB, METRICS
 from ..auth.credentials import authenticate
 from ..auth.origin import origin_allowed
 from ..auth.tokens import Identity, InvalidToken
-from ..broker import Broker
+from ..broker import Broker, BrokerUnavailable
 from ..commands import Command, CommandError, parse_command
 from ..connection import (
     ClientStream,
@@ -83,6 +83,9 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
             expires_at=identity.expires_at,
         ) as stream:
             await _serve(request, _Socket(ws), stream, identity.user_id)
+    except BrokerUnavailable as exc:
+        log.warning("websocket closed: %s", exc)
+        await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"broker unavailable")
     finally:
         metrics.connections.labels("websocket").dec()
     return ws
@@ -131,7 +134,10 @@ async def _answer(broker: Broker, user_id: str, text: str) -> str:
         command = parse_command(text)
     except CommandError as exc:
         return error_message(exc.code, exc.message)
-    return await _run(broker, user_id, command)
+    try:
+        return await _run(broker, user_id, command)
+    except BrokerUnavailable:
+        return error_message("broker_unavailable", "the broker is unavailable; try again")
 
 
 async def _run(broker: Broker, user_id: str, command: Command) -> str:

@@ -1,0 +1,115 @@
+"""Redis faults injected for real: killed subscriber connection, Redis stopped and restarted."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+import redis
+from aiohttp.test_utils import TestClient
+
+from streamer.app import create_app
+from streamer.app_keys import BROKER
+from streamer.config import Config
+from streamer.publisher import AsyncPublisher, BrokerUnavailable
+
+from .clients import SseReader, ws_json, ws_messages
+from .conftest import PUBLISH_KEY, SECRET
+from .processes import RedisServer
+
+TokenFor = Callable[..., str]
+
+
+@pytest.fixture
+async def redis_client(redis_url: str, aiohttp_client: Callable[..., object]) -> TestClient:
+    config = Config(secret=SECRET, publish_key=PUBLISH_KEY, redis_url=redis_url, heartbeat_s=0.5)
+    test_client: TestClient = await aiohttp_client(await create_app(config))  # type: ignore[misc]
+    return test_client
+
+
+async def wait_for(condition: Callable[[], object], timeout: float = 10) -> None:
+    async def poll() -> None:
+        while not await condition():  # type: ignore[misc]
+            await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+async def test_killed_subscriber_reconnects_and_catches_up(
+    redis_client: TestClient, redis_url: str, token_for: TokenFor, user_id: str
+) -> None:
+    token = token_for(user_id)
+    async with (
+        redis_client.ws_connect(f"/ws/tasks/?token={token}") as ws,
+        AsyncPublisher(redis_url) as publisher,
+    ):
+        sse = SseReader(await redis_client.get(f"/sse/tasks/?token={token}"))
+        await ws_json(ws)
+        await sse.next()
+        published = []
+        with redis.Redis.from_url(redis_url) as admin:
+            for step in range(60):
+                published.append(await publisher.progress(user_id, "job", progress=step))
+                if step in (10, 30, 45):
+
+                    async def subscribed() -> bool:
+                        return len(admin.client_list(_type="pubsub")) == 1
+
+                    await wait_for(subscribed)  # the previous kill was recovered from
+                    assert admin.client_kill_filter(_type="pubsub") == 1
+        received_ws = [m["id"] for m in await ws_messages(ws, len(published))]
+        received_sse = [(await sse.next()).id for _ in published]
+        assert received_ws == published
+        assert received_sse == published
+        # Nothing more: no duplicate trailing behind.
+        await ws.send_json({"type": "ping"})
+        assert await ws_json(ws) == {"type": "pong"}
+
+
+async def test_redis_down_keeps_connections_and_reports_unavailable(
+    redis_client: TestClient,
+    redis_server: RedisServer,
+    redis_url: str,
+    token_for: TokenFor,
+    user_id: str,
+) -> None:
+    token = token_for(user_id)
+    async with redis_client.ws_connect(f"/ws/tasks/?token={token}") as ws:
+        await ws_json(ws)
+        sse_response = await redis_client.get(f"/sse/tasks/?token={token}")
+        sse = SseReader(sse_response)
+        await sse.next()
+        redis_server.stop()
+        try:
+
+            async def not_ready() -> bool:
+                return (await redis_client.get("/readyz")).status == 503
+
+            await wait_for(not_ready)
+            await ws.send_json({"type": "get_task_status", "task_id": "x"})
+            error = await ws_json(ws)
+            assert error["type"] == "error" and error["code"] == "broker_unavailable"
+            refused = await redis_client.post(
+                "/api/tasks/events",
+                json={"user_id": user_id, "task_id": "t", "progress": 1},
+                headers={"X-API-Key": PUBLISH_KEY},
+            )
+            assert refused.status == 503
+            with pytest.raises(BrokerUnavailable):
+                await redis_client.app[BROKER].active_tasks(user_id)
+            new_sse = await redis_client.get(f"/sse/tasks/?token={token}")
+            assert new_sse.status == 503
+            assert not ws.closed
+        finally:
+            redis_server.start()
+
+        async def ready() -> bool:
+            return (await redis_client.get("/readyz")).status == 200
+
+        await wait_for(ready)
+        async with AsyncPublisher(redis_url) as publisher:
+            event_id = await publisher.progress(user_id, "after", progress=1)
+        assert (await ws_json(ws))["id"] == event_id
+        assert (await sse.next()).id == event_id  # the SSE stream survived the outage too
+        sse_response.close()
