@@ -54,6 +54,8 @@ def _unavailable_on_error(
 
 
 MAX_SNAPSHOT_TASKS = 500
+REDIS_POOL_SIZE = 50
+REDIS_POOL_WAIT_S = 10.0
 RECONNECT_BACKOFF_MIN_S = 0.1
 RECONNECT_BACKOFF_MAX_S = 5.0
 
@@ -85,9 +87,16 @@ class RedisBroker(Broker):
         return self._client
 
     async def start(self, deliver: DeliverCallback) -> None:
-        self._client = redis.Redis.from_url(
-            self._url, socket_connect_timeout=5, health_check_interval=30
+        # A burst of (re)connecting clients all read their snapshot at once: they
+        # queue for a bounded set of connections instead of failing.
+        pool = redis.BlockingConnectionPool.from_url(
+            self._url,
+            max_connections=REDIS_POOL_SIZE,
+            timeout=REDIS_POOL_WAIT_S,
+            socket_connect_timeout=5,
+            health_check_interval=30,
         )
+        self._client = redis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
         self._publish_script = self._client.register_script(PUBLISH_SCRIPT)
         self._cancel_script = self._client.register_script(CANCEL_SCRIPT)
         self._subscriber_task = asyncio.create_task(

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+import aiohttp
 from aiohttp.test_utils import TestClient
 
 from streamer.app_keys import BROKER
@@ -254,3 +255,20 @@ async def test_health_ready_metrics_and_demo_page(client: TestClient) -> None:
     assert page.status == 200 and "streamer.js" in await page.text()
     script = await client.get("/static/streamer.js")
     assert script.status == 200
+
+
+async def test_a_burst_of_connections_is_served(
+    client: TestClient, token_for: TokenFor, user_id: str
+) -> None:
+    """More simultaneous connections than the Redis pool has connections: they queue."""
+    await publish_progress(client, user_id, "job", progress=3)
+    url = client.make_url(f"/ws/tasks/?token={token_for(user_id)}")
+    clients = 300
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+        async def connect_and_read_snapshot() -> list[str]:
+            async with session.ws_connect(url) as ws:
+                return [task["task_id"] for task in (await ws_json(ws))["tasks"]]
+
+        snapshots = await asyncio.gather(*(connect_and_read_snapshot() for _ in range(clients)))
+    assert snapshots == [["job"]] * clients

@@ -51,6 +51,9 @@ async def start_demo_job(request: web.Request) -> web.Response:
 
 async def _run_demo_job(broker: Broker, task_id: str) -> None:
     for step in range(DEMO_STEPS):
+        if await broker.is_cancelled(task_id):
+            await broker.publish(completed_event(DEMO_USER, task_id, status="REVOKED"))
+            return
         await broker.publish(
             progress_event(
                 DEMO_USER,

@@ -1,0 +1,289 @@
+"""End to end in real headless Chromium: the demo page and streamer.js against `streamer serve`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+
+from streamer.publisher import Publisher
+
+from .browser import Browser, find_chromium
+from .processes import ServerProcess
+
+Row = dict[str, Any]
+
+# Every task row of the page, in the order shown.
+ROWS_JS = """
+Array.from(document.querySelectorAll("#tasks [data-task-id]"), (row) => ({
+  task_id: row.dataset.taskId,
+  status: row.dataset.status,
+  progress: row.querySelector("progress").value,
+  name: row.querySelector(".task-name").textContent,
+  text: row.textContent,
+  cancel_shown: Boolean(row.querySelector("button")) && !row.querySelector("button").hidden,
+}))
+"""
+
+
+@pytest.fixture
+def chromium() -> str:
+    path = find_chromium()
+    if path is None:
+        pytest.fail(
+            "Chromium is not installed: the browser tests need it "
+            "(`apt-get install -y chromium`; .ci/run installs it)",
+            pytrace=False,
+        )
+    return path
+
+
+@pytest.fixture
+async def browser(chromium: str) -> AsyncIterator[Browser]:
+    async with Browser(chromium) as browser:
+        yield browser
+
+
+@pytest.fixture
+def server_env(process_env: dict[str, str], redis_url: str) -> dict[str, str]:
+    return {**process_env, "STREAMER_REDIS_URL": redis_url}
+
+
+@pytest.fixture
+def server(
+    server_env: dict[str, str], start_process: Callable[..., ServerProcess]
+) -> ServerProcess:
+    process = start_process(["streamer", "serve", "--port", "{port}"], server_env)
+    process.wait_healthy()
+    return process
+
+
+@pytest.fixture
+def publisher(redis_url: str) -> Iterator[Publisher]:
+    with Publisher(redis_url) as publisher:
+        yield publisher
+
+
+def page_url(server: ServerProcess, token: str, transport: str) -> str:
+    return f"{server.base_url}/?{urlencode({'token': token, 'transport': transport})}"
+
+
+def row_js(task_id: str) -> str:
+    return f"document.querySelector({json.dumps(f'#tasks [data-task-id={json.dumps(task_id)}]')})"
+
+
+async def open_page(browser: Browser, url: str) -> None:
+    await browser.navigate(url)
+    await browser.wait_for(
+        "document.body && document.body.dataset.connection === 'open'",
+        what="the page to receive active_tasks",
+    )
+
+
+async def rows(browser: Browser) -> dict[str, Row]:
+    shown: list[Row] = await browser.evaluate(ROWS_JS)
+    return {row["task_id"]: row for row in shown}
+
+
+async def wait_status(browser: Browser, task_id: str, status: str) -> None:
+    await browser.wait_for(
+        f"{row_js(task_id)}?.dataset.status === {json.dumps(status)}",
+        what=f"task {task_id} to show {status}",
+    )
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse", "auto"])
+async def test_page_renders_active_tasks(
+    transport: str,
+    server: ServerProcess,
+    publisher: Publisher,
+    browser: Browser,
+    token_for: Callable[..., str],
+    user_id: str,
+) -> None:
+    publisher.progress(
+        user_id,
+        "t-old",
+        progress=10,
+        current_step="downloading",
+        task_name="import",
+        status="STARTED",
+    )
+    markup = "<img src=x onerror=alert(1)> thumbnails"
+    publisher.progress(
+        user_id,
+        "t-new",
+        progress=40,
+        current_step="resizing",
+        task_name=markup,
+        processed_items=4,
+        total_items=10,
+    )
+    publisher.progress("someone-else", "t-foreign", progress=99, task_name="not yours")
+
+    await open_page(browser, page_url(server, token_for(user_id), transport))
+
+    shown = await browser.evaluate(ROWS_JS)
+    assert [row["task_id"] for row in shown] == ["t-new", "t-old"]  # newest first
+    new, old = shown
+    assert (new["status"], new["progress"], new["name"]) == ("PROGRESS", 40, markup)
+    assert "resizing" in new["text"] and "4/10 items" in new["text"]
+    assert (old["status"], old["progress"], old["name"]) == ("STARTED", 10, "import")
+    assert "downloading" in old["text"]
+    # Text, not markup: the task name did not become an element.
+    assert await browser.evaluate("document.querySelectorAll('#tasks img').length") == 0
+    # Cancelling needs the WebSocket ("auto" gets one here).
+    assert new["cancel_shown"] is (transport != "sse")
+    assert await browser.evaluate("document.getElementById('user-id').textContent") == user_id
+    expected = "sse" if transport == "sse" else "websocket"
+    assert expected in await browser.evaluate("document.getElementById('status').textContent")
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
+async def test_page_shows_live_progress_and_completion(
+    transport: str,
+    server: ServerProcess,
+    publisher: Publisher,
+    browser: Browser,
+    token_for: Callable[..., str],
+    user_id: str,
+) -> None:
+    publisher.progress(user_id, "t1", progress=10, current_step="starting", task_name="export")
+    await open_page(browser, page_url(server, token_for(user_id), transport))
+    assert list(await rows(browser)) == ["t1"]
+
+    publisher.progress(user_id, "t2", progress=5, current_step="queued", task_name="report")
+    publisher.progress(user_id, "t1", progress=75, current_step="uploading")
+    publisher.completed(user_id, "t1", result_data={"url": "https://example.com/out.csv"})
+
+    await wait_status(browser, "t1", "SUCCESS")
+    await wait_status(browser, "t2", "PROGRESS")
+    shown = await rows(browser)
+    assert list(shown) == ["t2", "t1"]
+    assert shown["t1"]["progress"] == 100
+    assert shown["t1"]["name"] == "export"  # merged: the completion does not repeat the name
+    assert "uploading" in shown["t1"]["text"]
+    assert "https://example.com/out.csv" in shown["t1"]["text"]
+    assert not shown["t1"]["cancel_shown"]
+    assert (shown["t2"]["progress"], shown["t2"]["name"]) == (5, "report")
+
+    publisher.completed(user_id, "t2", status="FAILURE", error_message="disk <full>")
+    await wait_status(browser, "t2", "FAILURE")
+    assert "Error: disk <full>" in (await rows(browser))["t2"]["text"]
+
+
+async def test_cancel_button_sends_cancel_task(
+    server: ServerProcess,
+    publisher: Publisher,
+    browser: Browser,
+    token_for: Callable[..., str],
+    user_id: str,
+) -> None:
+    publisher.progress(user_id, "t-cancel", progress=30, task_name="long job")
+    await open_page(browser, page_url(server, token_for(user_id), "websocket"))
+
+    await browser.evaluate(f"{row_js('t-cancel')}.querySelector('button').click()")
+
+    deadline = time.monotonic() + 10
+    while not publisher.is_cancelled("t-cancel"):
+        assert time.monotonic() < deadline, "cancel_task never reached the server"
+        await asyncio.sleep(0.05)
+    await browser.wait_for(
+        "document.getElementById('status').textContent.includes('cancel requested')",
+        what="the page to confirm the cancel request",
+    )
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
+async def test_page_resumes_after_server_restart(
+    transport: str,
+    server: ServerProcess,
+    server_env: dict[str, str],
+    start_process: Callable[..., ServerProcess],
+    publisher: Publisher,
+    browser: Browser,
+    token_for: Callable[..., str],
+    user_id: str,
+) -> None:
+    publisher.progress(user_id, "t1", progress=10, task_name="first")
+    publisher.progress(user_id, "t2", progress=20, task_name="second")
+    await open_page(browser, page_url(server, token_for(user_id), transport))
+    publisher.progress(user_id, "t2", progress=30)
+    await browser.wait_for(f"{row_js('t2')}?.querySelector('progress').value === 30", what="t2")
+
+    server.stop()  # SIGTERM: WebSockets close with 1001, SSE streams end
+    await browser.wait_for(
+        "document.body.dataset.connection !== 'open'", what="the page to notice the restart"
+    )
+    publisher.progress(user_id, "t1", progress=60, current_step="while away")
+    publisher.completed(user_id, "t2", result_data={"n": 1})
+    restarted = start_process(["streamer", "serve", "--port", "{port}"], server_env, server.port)
+    restarted.wait_healthy()
+
+    # t2 finished while the page was away: it is no longer in the active_tasks snapshot, so
+    # it only shows SUCCESS if the client resumed from its last event id.
+    await wait_status(browser, "t2", "SUCCESS")
+    shown = await rows(browser)
+    assert (shown["t1"]["progress"], shown["t1"]["status"]) == (60, "PROGRESS")
+    assert shown["t2"]["progress"] == 100
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
+async def test_page_reports_a_refused_token(
+    transport: str, server: ServerProcess, browser: Browser
+) -> None:
+    await browser.navigate(page_url(server, "not-a-valid-token", transport))
+    await browser.wait_for(
+        "document.body && document.body.dataset.connection === 'unauthorized'",
+        what="the page to report the refused token",
+    )
+    status = await browser.evaluate("document.getElementById('status').textContent")
+    assert "not authorised" in status
+
+
+async def test_demo_mode_logs_in_and_runs_a_demo_job(
+    process_env: dict[str, str], start_process: Callable[..., ServerProcess], browser: Browser
+) -> None:
+    # No STREAMER_SECRET and no Redis: development mode on the embedded broker.
+    env = {k: v for k, v in process_env.items() if not k.startswith("STREAMER_")}
+    server = start_process(["streamer", "serve", "--port", "{port}"], env)
+    server.wait_healthy()
+    await open_page(browser, server.base_url + "/")
+    assert await browser.evaluate("document.getElementById('user-id').textContent") == "demo"
+
+    await browser.evaluate("document.getElementById('start-job').click()")
+    await browser.wait_for(
+        "document.querySelector('#tasks [data-task-id^=\"demo-\"]')?.dataset.status === 'SUCCESS'",
+        what="the demo job to finish",
+    )
+    (job,) = (await rows(browser)).values()
+    assert (job["name"], job["progress"]) == ("demo job", 100)
+
+
+async def test_page_without_token_asks_for_one(
+    server: ServerProcess,
+    publisher: Publisher,
+    browser: Browser,
+    token_for: Callable[..., str],
+    user_id: str,
+) -> None:
+    publisher.progress(user_id, "t1", progress=50, task_name="pasted")
+    await browser.navigate(server.base_url + "/")
+    await browser.wait_for(
+        "document.getElementById('login') && !document.getElementById('login').hidden",
+        what="the token form (no demo login outside development mode)",
+    )
+    assert await browser.evaluate("document.getElementById('start-job').hidden") is True
+    await browser.evaluate(
+        f"document.getElementById('token').value = {json.dumps(token_for(user_id))};"
+        "document.getElementById('login').requestSubmit()"
+    )
+    await browser.wait_for(
+        "document.body.dataset.connection === 'open'", what="the page to connect"
+    )
+    assert list(await rows(browser)) == ["t1"]
