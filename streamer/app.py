@@ -20,21 +20,19 @@ from .redis_broker import RedisBroker
 MAX_REQUEST_BODY_BYTES = 256 * 1024
 
 
-def build_broker(config: Config, hub: Hub) -> Broker:
+def build_broker(config: Config) -> Broker:
     if config.redis_url is None:
         return MemoryBroker(history_size=config.history_size, history_ttl=config.history_ttl)
     return RedisBroker(
         config.redis_url,
         history_size=config.history_size,
         history_ttl=config.history_ttl,
-        local_users=hub.users,
     )
 
 
 async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
     broker = app[BROKER]
-    hub = app[HUB]
-    await broker.start(hub.deliver)
+    await broker.start(app[HUB])
     yield
     await broker.close()
 
@@ -49,7 +47,7 @@ def build_app(config: Config) -> web.Application:
     hub = Hub(config.client_buffer)
     app[CONFIG] = config
     app[HUB] = hub
-    app[BROKER] = build_broker(config, hub)
+    app[BROKER] = build_broker(config)
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(_broker_ctx)
     app.cleanup_ctx.append(demo.demo_jobs_ctx)

@@ -8,13 +8,23 @@ once, to a single `deliver` callback (the hub).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from .events import Delivery, EventId, TaskEvent, TaskState
 
-DeliverCallback = Callable[[Delivery], None]
-CatchUpCallback = Callable[[], None]
+
+class Listener(Protocol):
+    """Who the broker hands events to: the process's hub."""
+
+    def deliver(self, delivery: Delivery) -> None: ...
+
+    def reset(self) -> None:
+        """The broker lost its data: every client must resynchronise from a snapshot."""
+
+    def users(self) -> Iterable[str]:
+        """Users with connections in this process (to catch up after a lost subscription)."""
 
 
 class BrokerUnavailable(RuntimeError):
@@ -31,8 +41,8 @@ class Replay:
 
 class Broker(ABC):
     @abstractmethod
-    async def start(self, deliver: DeliverCallback) -> None:
-        """Open the process's one subscription; each event goes to `deliver`."""
+    async def start(self, listener: Listener) -> None:
+        """Open the process's one subscription; each event goes to the listener."""
 
     @abstractmethod
     async def close(self) -> None: ...

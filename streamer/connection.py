@@ -12,11 +12,46 @@ from typing import Any
 
 from .broker import Broker
 from .events import Delivery, TaskState, dumps
-from .hub import CloseReason, Hub, Subscription
+from .hub import CloseReason, Hub, Resync, Subscription
 
 
 def active_tasks_message(tasks: list[TaskState], *, recovered: bool) -> str:
     return dumps({"type": "active_tasks", "tasks": tasks, "recovered": recovered})
+
+
+async def snapshot_message(
+    broker: Broker, user_id: str, task_id: str | None, *, recovered: bool
+) -> str:
+    tasks = await broker.active_tasks(user_id)
+    if task_id is not None:
+        tasks = [task for task in tasks if task["task_id"] == task_id]
+    return active_tasks_message(tasks, recovered=recovered)
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One message for a transport to send; `event_id` is None for snapshots."""
+
+    json: str
+    type: str
+    event_id: str | None
+
+
+async def outgoing_messages(broker: Broker, stream: ClientStream) -> AsyncIterator[Outgoing]:
+    """Everything a client is sent, in order: snapshot, replay, then live events
+    (and a fresh snapshot wherever the broker lost its data)."""
+    yield Outgoing(stream.snapshot, "active_tasks", None)
+    for delivery in stream.replayed:
+        yield Outgoing(delivery.json, delivery.type, str(delivery.event_id))
+    subscription = stream.subscription
+    while (item := await subscription.next()) is not None:
+        if isinstance(item, Resync):
+            snapshot = await snapshot_message(
+                broker, subscription.user_id, subscription.task_id, recovered=False
+            )
+            yield Outgoing(snapshot, "active_tasks", None)
+        else:
+            yield Outgoing(item.json, item.type, str(item.event_id))
 
 
 @dataclass
@@ -57,10 +92,8 @@ async def open_client_stream(
             replayed = [d for d in replay.events if subscription.wants(d)]
             if replay.events:
                 subscription.skip_through(replay.events[-1].event_id)
-        tasks = await broker.active_tasks(user_id)
-        if task_id is not None:
-            tasks = [task for task in tasks if task["task_id"] == task_id]
-        yield ClientStream(subscription, active_tasks_message(tasks, recovered=recovered), replayed)
+        snapshot = await snapshot_message(broker, user_id, task_id, recovered=recovered)
+        yield ClientStream(subscription, snapshot, replayed)
     finally:
         if expiry is not None:
             expiry.cancel()

@@ -18,6 +18,13 @@ class CloseReason(enum.Enum):
     EXPIRED = "expired"  # the access token expired
 
 
+class Resync:
+    """In a subscription's buffer: send a fresh snapshot with `recovered: false` here."""
+
+
+RESYNC = Resync()
+
+
 class Subscription:
     """One connection's bounded buffer of events to send, in publish order."""
 
@@ -25,7 +32,7 @@ class Subscription:
         self.user_id = user_id
         self.task_id = task_id
         self._limit = limit
-        self._buffer: deque[Delivery] = deque()
+        self._buffer: deque[Delivery | Resync] = deque()
         self._wakeup = asyncio.Event()
         self._last_id: EventId | None = None
         self.close_reason: CloseReason | None = None
@@ -50,7 +57,15 @@ class Subscription:
         """Drop queued events up to `event_id`: they were already sent by a replay."""
         if self._last_id is None or event_id > self._last_id:
             self._last_id = event_id
-        self._buffer = deque(d for d in self._buffer if d.event_id > event_id)
+        self._buffer = deque(
+            item for item in self._buffer if isinstance(item, Resync) or item.event_id > event_id
+        )
+
+    def resync(self) -> None:
+        """The broker lost its data: the client must start again from a snapshot."""
+        if self.close_reason is None and not (self._buffer and self._buffer[-1] is RESYNC):
+            self._buffer.append(RESYNC)
+            self._wakeup.set()
 
     def close(self, reason: CloseReason) -> None:
         if self.close_reason is None:
@@ -58,8 +73,8 @@ class Subscription:
             self._buffer.clear()
             self._wakeup.set()
 
-    async def next(self) -> Delivery | None:
-        """The next event to send, or None once the subscription is closed."""
+    async def next(self) -> Delivery | Resync | None:
+        """The next event (or resync point) to send; None once the subscription is closed."""
         while True:
             if self.close_reason is not None:
                 return None
@@ -99,6 +114,10 @@ class Hub:
 
     def users(self) -> list[str]:
         return list(self._by_user)
+
+    def reset(self) -> None:
+        for subscription in list(self.subscriptions()):
+            subscription.resync()
 
     def subscriptions(self) -> Iterator[Subscription]:
         for subscriptions in self._by_user.values():

@@ -7,7 +7,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from .broker import Broker, DeliverCallback, Replay
+from .broker import Broker, Listener, Replay
 from .events import (
     Delivery,
     EventId,
@@ -40,13 +40,13 @@ class MemoryBroker(Broker):
         self._histories: dict[str, _History] = {}
         self._users: dict[str, _UserTasks] = {}
         self._cancelled: set[str] = set()
-        self._deliver: DeliverCallback | None = None
+        self._listener: Listener | None = None
 
-    async def start(self, deliver: DeliverCallback) -> None:
-        self._deliver = deliver
+    async def start(self, listener: Listener) -> None:
+        self._listener = listener
 
     async def close(self) -> None:
-        self._deliver = None
+        self._listener = None
 
     def _next_id(self) -> EventId:
         now_ms = int(time.time() * 1000)
@@ -88,8 +88,8 @@ class MemoryBroker(Broker):
         history.entries.append((event_id, delivery))
         history.last_write = time.monotonic()
 
-        if self._deliver is not None:
-            self._deliver(delivery)
+        if self._listener is not None:
+            self._listener.deliver(delivery)
         return event_id
 
     async def active_tasks(self, user_id: str) -> list[TaskState]:

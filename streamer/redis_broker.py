@@ -7,7 +7,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar, cast
 
 import redis.asyncio as redis
@@ -15,7 +15,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
-from .broker import Broker, BrokerUnavailable, DeliverCallback, Replay
+from .broker import Broker, BrokerUnavailable, Listener, Replay
 from .events import Delivery, EventId, TaskEvent, TaskState, parse_wire_event
 from .redis_store import (
     CANCEL_SCRIPT,
@@ -67,18 +67,19 @@ class RedisBroker(Broker):
         *,
         history_size: int,
         history_ttl: int,
-        local_users: Callable[[], Iterable[str]] = tuple,
     ) -> None:
         self._url = url
         self._history_size = history_size
         self._history_ttl = history_ttl
-        self._local_users = local_users
         self._client: redis.Redis | None = None
         self._subscriber_task: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
         # Per user, the stream id of the last event received: where to catch up
         # from when the subscription was lost.
         self._last_seen: dict[str, str] = {}
+        # The epoch of the Redis dataset events came from; a new one means Redis
+        # lost its data (flushed, or restarted without persistence).
+        self._epoch: str | None = None
 
     @property
     def client(self) -> redis.Redis:
@@ -86,7 +87,7 @@ class RedisBroker(Broker):
             raise RuntimeError("RedisBroker.start() has not been called")
         return self._client
 
-    async def start(self, deliver: DeliverCallback) -> None:
+    async def start(self, listener: Listener) -> None:
         # A burst of (re)connecting clients all read their snapshot at once: they
         # queue for a bounded set of connections instead of failing.
         pool = redis.BlockingConnectionPool.from_url(
@@ -100,7 +101,7 @@ class RedisBroker(Broker):
         self._publish_script = self._client.register_script(PUBLISH_SCRIPT)
         self._cancel_script = self._client.register_script(CANCEL_SCRIPT)
         self._subscriber_task = asyncio.create_task(
-            self._subscribe_forever(deliver), name="streamer-redis-subscriber"
+            self._subscribe_forever(listener), name="streamer-redis-subscriber"
         )
         # Wait briefly for the first subscription so that early events are not
         # missed, but do not refuse to start while Redis is down: the
@@ -116,7 +117,7 @@ class RedisBroker(Broker):
         if self._client is not None:
             await self._client.aclose()
 
-    async def _subscribe_forever(self, deliver: DeliverCallback) -> None:
+    async def _subscribe_forever(self, listener: Listener) -> None:
         backoff = RECONNECT_BACKOFF_MIN_S
         lost_at_ms: int | None = None
         while True:
@@ -128,11 +129,13 @@ class RedisBroker(Broker):
             pubsub = subscriber.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(EVENTS_CHANNEL)
-                self._subscribed.set()
                 if lost_at_ms is not None:
                     log.warning("redis subscription restored; catching up")
-                    await self._catch_up(deliver, lost_at_ms)
+                    await self._catch_up(listener, lost_at_ms)
                     lost_at_ms = None
+                elif self._epoch is None:
+                    self._epoch = await self._read_epoch()
+                self._subscribed.set()
                 backoff = RECONNECT_BACKOFF_MIN_S
                 while True:
                     message = await pubsub.get_message(timeout=None)
@@ -142,8 +145,9 @@ class RedisBroker(Broker):
                     if delivery is None:
                         log.warning("ignoring a malformed message on %s", EVENTS_CHANNEL)
                         continue
+                    self._check_epoch(listener, delivery.event_id.epoch)
                     self._last_seen[delivery.user_id] = delivery.event_id.stream_id
-                    deliver(delivery)
+                    listener.deliver(delivery)
             except (RedisError, OSError) as exc:
                 if lost_at_ms is None:
                     lost_at_ms = int(time.time() * 1000)
@@ -157,22 +161,37 @@ class RedisBroker(Broker):
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, RECONNECT_BACKOFF_MAX_S)
 
-    async def _catch_up(self, deliver: DeliverCallback, lost_at_ms: int) -> None:
+    def _check_epoch(self, listener: Listener, epoch: str | None) -> bool:
+        """Tell the listener when the dataset changed under us; True if it did."""
+        lost = self._epoch is not None and epoch != self._epoch
+        if lost:
+            log.warning("redis lost its data (epoch %s -> %s): clients resync", self._epoch, epoch)
+            self._last_seen.clear()
+            listener.reset()
+        # None (Redis empty, nothing published yet) is remembered too, so the first
+        # epoch of the new dataset does not count as a second loss.
+        self._epoch = epoch
+        return lost
+
+    async def _catch_up(self, listener: Listener, lost_at_ms: int) -> None:
         """Deliver what local users missed while the subscription was down.
 
         Connections drop what they already have (ids are ordered), so reading a
-        little too far back is harmless.
+        little too far back is harmless. If Redis lost its data meanwhile, there is
+        nothing to catch up from: clients get a fresh snapshot instead.
         """
-        users = set(self._local_users())
+        epoch = await self._read_epoch()
+        if self._check_epoch(listener, epoch):
+            return
+        users = set(listener.users())
         self._last_seen = {u: i for u, i in self._last_seen.items() if u in users}
-        epoch = await self._epoch()
         for user_id in users:
             start = self._last_seen.get(user_id, f"{max(lost_at_ms - 1000, 0)}-0")
             for delivery in await self._read_history(user_id, epoch, f"({start}"):
                 self._last_seen[user_id] = delivery.event_id.stream_id
-                deliver(delivery)
+                listener.deliver(delivery)
 
-    async def _epoch(self) -> str | None:
+    async def _read_epoch(self) -> str | None:
         return _text(await self.client.get(EPOCH_KEY))
 
     async def _read_history(self, user_id: str, epoch: str | None, start: str) -> list[Delivery]:

@@ -71,7 +71,15 @@ else
   redis.call('EXPIRE', active_key, ARGV[7])
 end
 
-local stream_id = redis.call('XADD', history_key, 'MAXLEN', ARGV[5], '*', 'e', event)
+-- Trim with XDEL rather than MAXLEN: XDEL records max-deleted-entry-id, which
+-- tells a resuming client whether anything after its last id was dropped.
+local excess = redis.call('XLEN', history_key) - tonumber(ARGV[5]) + 1
+if excess > 0 then
+  for _, entry in ipairs(redis.call('XRANGE', history_key, '-', '+', 'COUNT', excess)) do
+    redis.call('XDEL', history_key, entry[1])
+  end
+end
+local stream_id = redis.call('XADD', history_key, '*', 'e', event)
 redis.call('EXPIRE', history_key, ARGV[6])
 local event_id = epoch .. '-' .. stream_id
 local with_id = '{"id":"' .. event_id .. '",' .. string.sub(event, 2)

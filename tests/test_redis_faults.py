@@ -113,3 +113,74 @@ async def test_redis_down_keeps_connections_and_reports_unavailable(
         assert (await ws_json(ws))["id"] == event_id
         assert (await sse.next()).id == event_id  # the SSE stream survived the outage too
         sse_response.close()
+
+
+async def test_flushed_redis_makes_clients_resync(
+    redis_client: TestClient, redis_url: str, token_for: TokenFor, user_id: str
+) -> None:
+    token = token_for(user_id)
+    async with (
+        redis_client.ws_connect(f"/ws/tasks/?token={token}") as ws,
+        AsyncPublisher(redis_url) as publisher,
+    ):
+        sse = SseReader(await redis_client.get(f"/sse/tasks/?token={token}"))
+        await ws_json(ws)
+        await sse.next()
+        before = await publisher.progress(user_id, "old", progress=1)
+        assert (await ws_json(ws))["id"] == before
+        assert (await sse.next()).id == before
+        with redis.Redis.from_url(redis_url) as admin:
+            admin.flushall()
+        after = await publisher.progress(user_id, "new", progress=2)
+        for message in (await ws_json(ws), (await sse.next()).json):
+            assert message["type"] == "active_tasks" and message["recovered"] is False
+            assert [t["task_id"] for t in message["tasks"]] == ["new"]
+        assert (await ws_json(ws))["id"] == after
+        assert (await sse.next()).id == after
+        # Resuming from an id of the lost dataset is honest about it too.
+        async with redis_client.ws_connect(
+            f"/ws/tasks/?token={token}&last_event_id={before}"
+        ) as late:
+            assert (await ws_json(late))["recovered"] is False
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+async def test_redis_restart(
+    aiohttp_client: Callable[..., object],
+    tmp_path_factory: pytest.TempPathFactory,
+    token_for: TokenFor,
+    user_id: str,
+    persistent: bool,
+) -> None:
+    """Without persistence the data is gone: clients are told (`recovered: false`).
+    With it nothing is lost: events published while the subscriber was away arrive."""
+    server = RedisServer(tmp_path_factory.mktemp("redis-restart"), persistent=persistent)
+    server.start()
+    try:
+        config = Config(secret=SECRET, redis_url=server.url)
+        client: TestClient = await aiohttp_client(await create_app(config))  # type: ignore[misc]
+        token = token_for(user_id)
+        async with client.ws_connect(f"/ws/tasks/?token={token}") as ws:
+            await ws_json(ws)
+            async with AsyncPublisher(server.url) as publisher:
+                seen = await publisher.progress(user_id, "job", progress=1)
+            assert (await ws_json(ws))["id"] == seen
+            server.stop()
+            server.start()
+            async with AsyncPublisher(server.url) as publisher:
+                published = await publisher.progress(user_id, "job", progress=2)
+            if persistent:
+                assert (await ws_json(ws))["id"] == published
+            else:
+                resync = await ws_json(ws)
+                assert resync["type"] == "active_tasks" and resync["recovered"] is False
+                assert [t["progress"] for t in resync["tasks"]] in ([2], [])
+                if resync["tasks"] == []:  # the snapshot was read before the publish
+                    assert (await ws_json(ws))["id"] == published
+        async with client.ws_connect(f"/ws/tasks/?token={token}&last_event_id={seen}") as late:
+            resumed = await ws_json(late)
+            assert resumed["recovered"] is persistent
+            if persistent:
+                assert (await ws_json(late))["id"] == published
+    finally:
+        server.stop()

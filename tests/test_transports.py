@@ -272,3 +272,24 @@ async def test_a_burst_of_connections_is_served(
 
         snapshots = await asyncio.gather(*(connect_and_read_snapshot() for _ in range(clients)))
     assert snapshots == [["job"]] * clients
+
+
+async def test_resume_from_beyond_the_retained_history_is_reported(
+    client: TestClient, token_for: TokenFor, user_id: str
+) -> None:
+    """history_size is 100 in the tests: a gap of more than 100 events cannot be replayed."""
+    first = await publish_progress(client, user_id, "job", progress=0)
+    second = await publish_progress(client, user_id, "job", progress=1)
+    for step in range(100):
+        await publish_progress(client, user_id, "job", progress=step % 100)
+    token = token_for(user_id)
+    async with client.ws_connect(f"/ws/tasks/?token={token}&last_event_id={first}") as ws:
+        snapshot = await ws_json(ws)
+        assert snapshot["recovered"] is False and snapshot["tasks"][0]["task_id"] == "job"
+        await ws.send_json({"type": "ping"})
+        assert await ws_json(ws) == {"type": "pong"}  # no partial replay came first
+    # The oldest retained event is `second`'s successor: resuming from `second` is complete.
+    async with client.ws_connect(f"/ws/tasks/?token={token}&last_event_id={second}") as ws:
+        assert (await ws_json(ws))["recovered"] is True
+        replayed = await ws_messages(ws, 100)
+        assert len({m["id"] for m in replayed}) == 100

@@ -13,7 +13,12 @@ from ..app_keys import BROKER, CONFIG, HUB, METRICS
 from ..auth.credentials import authenticate
 from ..auth.tokens import InvalidToken
 from ..broker import BrokerUnavailable
-from ..connection import ClientStream, open_client_stream, run_until_first_done
+from ..connection import (
+    ClientStream,
+    open_client_stream,
+    outgoing_messages,
+    run_until_first_done,
+)
 from .common import json_error, stream_params, worker_header
 
 log = logging.getLogger(__name__)
@@ -48,9 +53,9 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
             await response.prepare(request)
             await _serve(response, stream, config.sse_retry_ms, request)
     except BrokerUnavailable as exc:
-        if response.prepared:
-            raise
-        return json_error(503, "broker_unavailable", f"{exc}; try again")
+        if not response.prepared:
+            return json_error(503, "broker_unavailable", f"{exc}; try again")
+        log.warning("sse stream ended: %s", exc)  # the client reconnects and resumes
     finally:
         metrics.connections.labels("sse").dec()
     return response
@@ -63,13 +68,12 @@ async def _serve(
     subscription = stream.subscription
 
     async def send_events() -> None:
+        retry: int | None = retry_ms
         # active_tasks carries no id: it is not in the history, and leaving the
         # id out keeps the browser's resume point where it was.
-        await response.send(stream.snapshot, event="active_tasks", retry=retry_ms)
-        for replayed in stream.replayed:
-            await response.send(replayed.json, id=str(replayed.event_id), event=replayed.type)
-        while (delivery := await subscription.next()) is not None:
-            await response.send(delivery.json, id=str(delivery.event_id), event=delivery.type)
+        async for message in outgoing_messages(request.app[BROKER], stream):
+            await response.send(message.json, id=message.event_id, event=message.type, retry=retry)
+            retry = None
             metrics.events_sent.labels("sse").inc()
 
     # response.wait() ends when the client goes away (a heartbeat write fails).

@@ -17,6 +17,7 @@ from ..connection import (
     ClientStream,
     active_tasks_message,
     open_client_stream,
+    outgoing_messages,
     run_until_first_done,
 )
 from ..events import dumps
@@ -97,11 +98,8 @@ async def _serve(request: web.Request, socket: _Socket, stream: ClientStream, us
     subscription = stream.subscription
 
     async def send_events() -> None:
-        await socket.send(stream.snapshot)
-        for replayed in stream.replayed:
-            await socket.send(replayed.json)
-        while (delivery := await subscription.next()) is not None:
-            await socket.send(delivery.json)
+        async for message in outgoing_messages(broker, stream):
+            await socket.send(message.json)
             metrics.events_sent.labels("websocket").inc()
 
     async def answer_commands() -> None:

@@ -1,0 +1,75 @@
+"""A real nginx in front of the service, configured from deploy/nginx.conf.template."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import string
+import subprocess
+from pathlib import Path
+
+from .processes import free_port, wait_until
+
+TEMPLATE = Path(__file__).resolve().parent.parent / "deploy" / "nginx.conf.template"
+
+MAIN_CONF = """
+user root;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log;
+events {{}}
+http {{
+    access_log {dir}/access.log;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    include {dir}/streamer.conf;
+}}
+"""
+
+
+class Nginx:
+    def __init__(self, directory: Path, upstream_port: int) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.upstream_port = upstream_port
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        binary = shutil.which("nginx") or "/usr/sbin/nginx"
+        if not Path(binary).exists():
+            raise AssertionError("nginx is not installed: .ci/run installs it")
+        site = string.Template(TEMPLATE.read_text()).safe_substitute(
+            STREAMER_UPSTREAM=f"127.0.0.1:{self.upstream_port}",
+            NGINX_PORT=f"127.0.0.1:{self.port}",
+        )
+        (self.directory / "streamer.conf").write_text(site)
+        conf = self.directory / "nginx.conf"
+        conf.write_text(MAIN_CONF.format(dir=self.directory))
+        self.process = subprocess.Popen(
+            [binary, "-p", str(self.directory), "-c", str(conf), "-g", "daemon off;"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        wait_until(self._listening, 10, f"nginx on port {self.port}")
+
+    def _listening(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            assert self.process.stderr is not None
+            raise RuntimeError(f"nginx exited: {self.process.stderr.read().decode()}")
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()

@@ -1,0 +1,72 @@
+"""The shipped nginx configuration in front of gunicorn: WebSocket upgrade and unbuffered SSE."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from .nginx import Nginx
+from .processes import ServerProcess
+from .streams import CurlStream, WsStream, run_cli
+from .test_servers import gunicorn_args
+
+TokenFor = Callable[..., str]
+
+
+@pytest.fixture
+def proxied(
+    redis_url: str,
+    process_env: dict[str, str],
+    start_process: Callable[..., ServerProcess],
+    tmp_path: Path,
+) -> Iterator[tuple[Nginx, dict[str, str]]]:
+    env = {**process_env, "STREAMER_REDIS_URL": redis_url}
+    server = start_process(gunicorn_args(2), env)
+    server.wait_healthy()
+    nginx = Nginx(tmp_path / "nginx", server.port)
+    nginx.directory.mkdir()
+    nginx.start()
+    try:
+        yield nginx, env
+    finally:
+        nginx.stop()
+
+
+async def test_websocket_and_sse_through_nginx(
+    proxied: tuple[Nginx, dict[str, str]], token_for: TokenFor, user_id: str
+) -> None:
+    nginx, env = proxied
+    token = token_for(user_id)
+    ws = await WsStream.open(nginx.base_url.replace("http", "ws") + f"/ws/tasks/?token={token}")
+    sse = await CurlStream.open(f"{nginx.base_url}/sse/tasks/", token)
+    try:
+        assert (await ws.next())["type"] == "active_tasks"
+        assert sse.status == 200 and sse.headers["content-type"].startswith("text/event-stream")
+        assert (await sse.next_data())["type"] == "active_tasks"
+        for progress in (10, 20, 30):
+            event_id = await run_cli(
+                "publish", "--user", user_id, "--task", "t", "--progress", str(progress), env=env
+            )  # fmt: skip
+            # Each event arrives on its own: nginx does not buffer the stream.
+            assert (await ws.next(timeout=5))["id"] == event_id
+            assert (await sse.next_data(timeout=5))["id"] == event_id
+    finally:
+        await ws.close()
+        await sse.close()
+
+
+async def test_same_origin_browser_upgrade_through_nginx(
+    proxied: tuple[Nginx, dict[str, str]], token_for: TokenFor
+) -> None:
+    """nginx passes Host on, so the service recognises its own origin behind the proxy."""
+    nginx, _ = proxied
+    async with aiohttp.ClientSession() as session:
+        url = nginx.base_url.replace("http", "ws") + f"/ws/tasks/?token={token_for('u')}"
+        async with session.ws_connect(url, headers={"Origin": nginx.base_url}) as ws:
+            assert (await ws.receive_json(timeout=10))["type"] == "active_tasks"
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await session.ws_connect(url, headers={"Origin": "https://evil.example"})
+        assert refused.value.status == 403
