@@ -8,7 +8,7 @@ import string
 import subprocess
 from pathlib import Path
 
-from .processes import free_port, wait_until
+from .processes import free_port, terminate, wait_until
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "deploy" / "nginx.conf.template"
 
@@ -66,10 +66,5 @@ class Nginx:
             return sock.connect_ex(("127.0.0.1", self.port)) == 0
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            terminate(self.process)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 import redis
+from aiohttp import ClientWebSocketResponse
 from aiohttp.test_utils import TestClient
 
 from streamer.app import create_app
@@ -36,17 +38,29 @@ async def wait_for(condition: Callable[[], object], timeout: float = 10) -> None
     await asyncio.wait_for(poll(), timeout)
 
 
+@contextlib.asynccontextmanager
+async def connected_pair(
+    client: TestClient, token: str
+) -> AsyncIterator[tuple[ClientWebSocketResponse, SseReader]]:
+    """A WebSocket and an SSE stream of one user, both past their first snapshot."""
+    async with client.ws_connect(f"/ws/tasks/?token={token}") as ws:
+        response = await client.get(f"/sse/tasks/?token={token}")
+        sse = SseReader(response)
+        await ws_json(ws)
+        await sse.next()
+        try:
+            yield ws, sse
+        finally:
+            response.close()
+
+
 async def test_killed_subscriber_reconnects_and_catches_up(
     redis_client: TestClient, redis_url: str, token_for: TokenFor, user_id: str
 ) -> None:
-    token = token_for(user_id)
     async with (
-        redis_client.ws_connect(f"/ws/tasks/?token={token}") as ws,
+        connected_pair(redis_client, token_for(user_id)) as (ws, sse),
         AsyncPublisher(redis_url) as publisher,
     ):
-        sse = SseReader(await redis_client.get(f"/sse/tasks/?token={token}"))
-        await ws_json(ws)
-        await sse.next()
         published = []
         with redis.Redis.from_url(redis_url) as admin:
             for step in range(60):
@@ -118,14 +132,10 @@ async def test_redis_down_keeps_connections_and_reports_unavailable(
 async def test_flushed_redis_makes_clients_resync(
     redis_client: TestClient, redis_url: str, token_for: TokenFor, user_id: str
 ) -> None:
-    token = token_for(user_id)
     async with (
-        redis_client.ws_connect(f"/ws/tasks/?token={token}") as ws,
+        connected_pair(redis_client, token_for(user_id)) as (ws, sse),
         AsyncPublisher(redis_url) as publisher,
     ):
-        sse = SseReader(await redis_client.get(f"/sse/tasks/?token={token}"))
-        await ws_json(ws)
-        await sse.next()
         before = await publisher.progress(user_id, "old", progress=1)
         assert (await ws_json(ws))["id"] == before
         assert (await sse.next()).id == before
@@ -139,7 +149,7 @@ async def test_flushed_redis_makes_clients_resync(
         assert (await sse.next()).id == after
         # Resuming from an id of the lost dataset is honest about it too.
         async with redis_client.ws_connect(
-            f"/ws/tasks/?token={token}&last_event_id={before}"
+            f"/ws/tasks/?token={token_for(user_id)}&last_event_id={before}"
         ) as late:
             assert (await ws_json(late))["recovered"] is False
 
