@@ -1,0 +1,279 @@
+"""Soak test: resume under faults, counted event by event.
+
+    .venv/bin/python -m bench.soak --duration 60
+
+Runs real gunicorn workers on a private redis-server, clients (half WebSocket, half
+SSE) that disconnect at random moments and resume from their last id, producers
+publishing all along, and faults: the Redis subscriber connections are killed
+(`CLIENT KILL TYPE pubsub`) and gunicorn workers are SIGKILLed. At the end every
+client's received ids are compared with what was published for its user, and it
+prints published, delivered, lost, duplicated and reordered. Exit status 0 only
+when nothing was lost, duplicated or reordered. Loopback only, bounded in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import random
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import redis
+
+from streamer.auth.tokens import issue_token
+from streamer.events import EventId
+from streamer.publisher import AsyncPublisher
+from tests.processes import RedisServer, ServerProcess, free_port, start_server_process
+
+SECRET = "soak-secret-" + "s" * 40
+ROOT = Path(__file__).resolve().parent.parent
+RECONNECT_PAUSE_S = 0.05
+
+
+def order_key(event_id: str) -> tuple[int, int]:
+    parsed = EventId.parse(event_id)
+    assert parsed is not None, event_id
+    return parsed.ms, parsed.seq
+
+
+@dataclass
+class Client:
+    user: str
+    transport: str
+    base_url: str
+    token: str
+    received: list[str] = field(default_factory=list)
+    connections: int = 0
+    resyncs: int = 0
+    connected_once: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def last_id(self) -> str | None:
+        return self.received[-1] if self.received else None
+
+    def _on_message(self, message: dict[str, Any]) -> None:
+        if message["type"] == "active_tasks":
+            self.connections += 1
+            if not message["recovered"]:
+                self.resyncs += 1
+            self.connected_once.set()
+        elif "id" in message:
+            self.received.append(message["id"])
+
+    async def _stream_once(self, session: aiohttp.ClientSession) -> None:
+        params = {"token": self.token}
+        if self.last_id is not None:
+            params["last_event_id"] = self.last_id
+        if self.transport == "websocket":
+            url = self.base_url.replace("http", "ws") + "/ws/tasks/"
+            async with session.ws_connect(url, params=params) as ws:
+                async for frame in ws:
+                    if frame.type == aiohttp.WSMsgType.TEXT:
+                        self._on_message(json.loads(frame.data))
+        else:
+            async with session.get(f"{self.base_url}/sse/tasks/", params=params) as response:
+                if response.status != 200:
+                    raise ConnectionError(f"SSE answered {response.status}")
+                async for raw in response.content:
+                    line = raw.decode()
+                    if line.startswith("data: "):
+                        self._on_message(json.loads(line[6:]))
+
+    async def run(self, stop_churn: asyncio.Event, done: asyncio.Event, seed: int) -> None:
+        """Stream, dropping the connection at random moments until `stop_churn`,
+        then stay connected until `done`."""
+        rng = random.Random(seed)
+        async with aiohttp.ClientSession() as session:
+            while not done.is_set():
+                lifetime = rng.uniform(0.3, 3.0) if not stop_churn.is_set() else None
+                with contextlib.suppress(
+                    TimeoutError, aiohttp.ClientError, ConnectionError, asyncio.IncompleteReadError
+                ):
+                    async with asyncio.timeout(lifetime):
+                        await self._stream_once(session)
+                await asyncio.sleep(RECONNECT_PAUSE_S)
+
+
+async def produce(
+    redis_url: str, users: list[str], published: dict[str, list[str]], stop: asyncio.Event,
+    interval: float, seed: int,
+) -> int:  # fmt: skip
+    rng = random.Random(seed)
+    count = 0
+    async with AsyncPublisher(redis_url) as publisher:
+        while not stop.is_set():
+            user = rng.choice(users)
+            task = f"task-{rng.randrange(3)}"
+            event_id = await publisher.progress(user, task, progress=count % 101)
+            published[user].append(event_id)
+            count += 1
+            await asyncio.sleep(interval)
+    return count
+
+
+def worker_pids(master_pid: int) -> list[int]:
+    path = Path(f"/proc/{master_pid}/task/{master_pid}/children")
+    return [int(pid) for pid in path.read_text().split()]
+
+
+async def inject_faults(
+    server: ServerProcess, redis_url: str, stop: asyncio.Event, args: argparse.Namespace,
+    counts: dict[str, int],
+) -> None:  # fmt: skip
+    rng = random.Random(args.seed)
+    admin = redis.Redis.from_url(redis_url)
+    next_kill = time.monotonic() + args.redis_kill_every
+    next_worker_kill = time.monotonic() + args.worker_kill_every
+    try:
+        while not stop.is_set():
+            await asyncio.sleep(0.1)
+            now = time.monotonic()
+            if now >= next_kill:
+                counts["redis_subscriber_kills"] += admin.client_kill_filter(_type="pubsub")
+                next_kill = now + args.redis_kill_every
+            if now >= next_worker_kill:
+                workers = worker_pids(server.process.pid)
+                if workers:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(rng.choice(workers), signal.SIGKILL)
+                        counts["worker_kills"] += 1
+                next_worker_kill = now + args.worker_kill_every
+    finally:
+        admin.close()
+
+
+def evaluate(clients: list[Client], published: dict[str, list[str]]) -> dict[str, int]:
+    totals = dict(published=0, expected_deliveries=0, delivered=0, lost=0, duplicated=0,
+                  reordered=0, unexpected=0, resyncs=0, reconnects=0)  # fmt: skip
+    totals["published"] = sum(len(ids) for ids in published.values())
+    for client in clients:
+        expected = published[client.user]
+        received = client.received
+        seen = set(received)
+        totals["expected_deliveries"] += len(expected)
+        totals["delivered"] += len(seen & set(expected))
+        totals["lost"] += len(set(expected) - seen)
+        totals["duplicated"] += len(received) - len(seen)
+        totals["unexpected"] += len(seen - set(expected))
+        totals["reordered"] += sum(
+            1 for a, b in itertools.pairwise(received) if order_key(b) <= order_key(a)
+        )
+        totals["resyncs"] += client.resyncs
+        totals["reconnects"] += max(client.connections - 1, 0)
+    return totals
+
+
+async def soak(args: argparse.Namespace, server: ServerProcess, redis_url: str) -> dict[str, int]:
+    users = [f"soak-user-{n}" for n in range(args.users)]
+    published: dict[str, list[str]] = {user: [] for user in users}
+    clients = [
+        Client(
+            user=users[n % len(users)],
+            transport="websocket" if n % 2 == 0 else "sse",
+            base_url=server.base_url,
+            token=issue_token(SECRET, users[n % len(users)], ttl_s=3600),
+        )
+        for n in range(args.clients)
+    ]
+    stop_publishing, stop_churn, done = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    client_tasks = [
+        asyncio.create_task(c.run(stop_churn, done, args.seed + n)) for n, c in enumerate(clients)
+    ]
+    counts = {"redis_subscriber_kills": 0, "worker_kills": 0}
+    try:
+        # Every client holds a connection before the first event, so it must get them all.
+        await asyncio.wait_for(
+            asyncio.gather(*(c.connected_once.wait() for c in clients)), args.timeout
+        )
+        producers = [
+            asyncio.create_task(
+                produce(redis_url, users, published, stop_publishing, args.interval, args.seed + p)
+            )
+            for p in range(args.producers)
+        ]
+        faults = asyncio.create_task(
+            inject_faults(server, redis_url, stop_publishing, args, counts)
+        )
+        await asyncio.sleep(args.duration)
+        stop_publishing.set()
+        await asyncio.gather(*producers, faults)
+        stop_churn.set()
+
+        # Producers append concurrently: the newest id is the largest, not the last.
+        newest = {user: max(ids, key=order_key) for user, ids in published.items() if ids}
+
+        async def caught_up() -> None:
+            while any(c.user in newest and c.last_id != newest[c.user] for c in clients):
+                await asyncio.sleep(0.1)
+
+        with contextlib.suppress(TimeoutError):  # what is missing then is counted as lost
+            await asyncio.wait_for(caught_up(), args.timeout)
+    finally:
+        done.set()
+        for task in client_tasks:
+            task.cancel()
+        await asyncio.gather(*client_tasks, return_exceptions=True)
+    return {**evaluate(clients, published), **counts}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=60, help="seconds of publishing")
+    parser.add_argument("--clients", type=int, default=40)
+    parser.add_argument("--users", type=int, default=8)
+    parser.add_argument("--producers", type=int, default=4)
+    parser.add_argument("--interval", type=float, default=0.02, help="per producer, seconds")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--redis-kill-every", type=float, default=5.0)
+    parser.add_argument("--worker-kill-every", type=float, default=15.0)
+    parser.add_argument("--timeout", type=float, default=60, help="bound for set-up and drain")
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    if not 1 <= args.duration <= 3600 or not 1 <= args.clients <= 2000:
+        parser.error("--duration must be 1..3600 s and --clients 1..2000")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        redis_server = RedisServer(Path(tmp))
+        redis_server.start()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMER_")}
+        env.update(
+            STREAMER_SECRET=SECRET,
+            STREAMER_REDIS_URL=redis_server.url,
+            STREAMER_HISTORY_SIZE="100000",
+        )
+        command = [
+            "gunicorn", "streamer.app:create_app", "-c", str(ROOT / "deploy/gunicorn.conf.py"),
+            "--workers", str(args.workers), "--bind", "127.0.0.1:{port}",
+            "--access-logfile", "/dev/null", "--graceful-timeout", "5",
+        ]  # fmt: skip
+        server = start_server_process(command, env, free_port(), Path(tmp))
+        try:
+            server.wait_healthy()
+            result = asyncio.run(soak(args, server, redis_server.url))
+        except BaseException:
+            print(server.log()[-3000:], file=sys.stderr)
+            raise
+        finally:
+            server.stop()
+            redis_server.stop()
+    print(f"soak {args.duration:g}s, {args.clients} clients, {args.workers} workers:")
+    for key, value in result.items():
+        print(f"  {key:<24} {value}")
+    print(json.dumps(result))
+    bad = result["lost"] + result["duplicated"] + result["reordered"] + result["unexpected"]
+    return 0 if bad == 0 and result["published"] > 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
