@@ -1,76 +1,123 @@
-"""A client that stops reading is cut off at its buffer limit; the others are not slowed."""
+"""A client that stops reading is cut off at its buffer limit; the others are not slowed;
+the slow client resumes from its last id without losing anything."""
 
 from __future__ import annotations
 
 import asyncio
-import socket
-from collections.abc import Callable
+import json
+from collections.abc import AsyncIterator, Callable
 
+import aiohttp
 from aiohttp.test_utils import TestClient
 
 from streamer.app_keys import BROKER, HUB
 from streamer.events import completed_event
 
-from .clients import SseReader, ws_json
+from .clients import SseReader, ws_json, ws_messages
+from .raw_ws import OP_CLOSE, OP_TEXT, RawWebSocket
 
 TokenFor = Callable[..., str]
-PAYLOAD = {"blob": "x" * 32 * 1024}
-MAX_EVENTS = 2000
+PAYLOAD = {"blob": "x" * 16 * 1024}
+FAST_CLIENTS = 100
+EVENTS_READ_BEFORE_STALLING = 3
+MAX_EVENTS = 3000
+WAIT_S = 10.0
 
 
-def stalled_websocket(host: str, port: int, token: str) -> socket.socket:
-    """Complete a WebSocket handshake, then never read again (tiny receive buffer)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.settimeout(10)
-    sock.connect((host, port))
-    sock.sendall(
-        (
-            f"GET /ws/tasks/?token={token} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-    )
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = sock.recv(1)
-        assert chunk, "server closed during the handshake"
-        head += chunk
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return sock
+async def fast_client_ids(
+    session: aiohttp.ClientSession, url: str, transport: str, ready: asyncio.Event
+) -> AsyncIterator[str]:
+    """Yield the id of every event one fast client receives."""
+    if transport == "websocket":
+        async with session.ws_connect(url.replace("/sse/", "/ws/")) as ws:
+            await ws_json(ws)
+            ready.set()
+            while True:
+                yield (await ws_json(ws))["id"]
+    else:
+        async with session.get(url) as response:
+            reader = SseReader(response)
+            await reader.next()
+            ready.set()
+            while True:
+                event = await reader.next()
+                assert event.id is not None
+                yield event.id
 
 
-async def test_slow_client_is_cut_off_and_others_keep_up(
+def remaining_ids(slow: RawWebSocket) -> list[str]:
+    """Event ids that reached the slow client's socket before it was cut off."""
+    ids = []
+    try:
+        while True:
+            opcode, payload = slow.receive()
+            if opcode == OP_CLOSE:
+                break
+            if opcode == OP_TEXT and (event := json.loads(payload)).get("id"):
+                ids.append(event["id"])
+    except (EOFError, ConnectionError, TimeoutError):
+        pass  # the server aborted the connection: what arrived is what counts
+    return ids
+
+
+async def test_slow_client_is_cut_off_others_keep_up_and_it_resumes(
     client: TestClient, token_for: TokenFor, user_id: str
 ) -> None:
     token = token_for(user_id)
     hub = client.app[HUB]
     broker = client.app[BROKER]
     assert client.host and client.port
-    async with client.ws_connect(f"/ws/tasks/?token={token}") as fast_ws:
-        fast_sse = SseReader(await client.get(f"/sse/tasks/?token={token}"))
-        await ws_json(fast_ws)
-        await fast_sse.next()
-        stalled = await asyncio.to_thread(stalled_websocket, client.host, client.port, token)
+    sse_url = str(client.make_url(f"/sse/tasks/?token={token}"))
+    queues = [asyncio.Queue[str]() for _ in range(FAST_CLIENTS)]
+    readies = [asyncio.Event() for _ in range(FAST_CLIENTS)]
+
+    async def pump(n: int, session: aiohttp.ClientSession) -> None:
+        transport = "websocket" if n % 2 == 0 else "sse"
+        async for event_id in fast_client_ids(session, sse_url, transport, readies[n]):
+            queues[n].put_nowait(event_id)
+
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        pumps = [asyncio.create_task(pump(n, session)) for n in range(FAST_CLIENTS)]
+        slow = await asyncio.to_thread(
+            RawWebSocket, client.host, client.port, f"/ws/tasks/?token={token}",
+            receive_buffer=4096,
+        )  # fmt: skip
         try:
-            assert len(hub) == 3
-            sent = 0
-            # Publish until the stalled client is gone; each event is read by the
-            # fast clients before the next is published.
-            while len(hub) == 3:
-                assert sent < MAX_EVENTS, "the stalled client was never cut off"
-                event_id = str(
-                    await broker.publish(completed_event(user_id, f"t{sent}", result_data=PAYLOAD))
+            await asyncio.wait_for(asyncio.gather(*(r.wait() for r in readies)), WAIT_S)
+            assert (await asyncio.to_thread(slow.receive))[0] == OP_TEXT  # its snapshot
+            assert len(hub) == FAST_CLIENTS + 1
+
+            published: list[str] = []
+            slow_read: list[str] = []
+            while len(hub) == FAST_CLIENTS + 1:
+                assert len(published) < MAX_EVENTS, "the stalled client was never cut off"
+                event = completed_event(user_id, f"t{len(published)}", result_data=PAYLOAD)
+                published.append(str(await broker.publish(event)))
+                # Every fast client gets each event before the next is published.
+                received = await asyncio.wait_for(
+                    asyncio.gather(*(q.get() for q in queues)), WAIT_S
                 )
-                sent += 1
-                assert (await ws_json(fast_ws))["id"] == event_id
-                assert (await fast_sse.next()).id == event_id
-            assert len(hub) == 2
+                assert received == [published[-1]] * FAST_CLIENTS
+                if len(slow_read) < EVENTS_READ_BEFORE_STALLING:
+                    opcode, payload = await asyncio.to_thread(slow.receive)
+                    assert opcode == OP_TEXT
+                    slow_read.append(json.loads(payload)["id"])
+            # It was cut off, and the server said why where it could.
             metrics = await (await client.get("/metrics")).text()
             assert 'streamer_server_disconnects_total{reason="overflow"} 1.0' in metrics
-            # The fast clients are still served.
-            last = str(await broker.publish(completed_event(user_id, "after")))
-            assert (await ws_json(fast_ws))["id"] == last
-            assert (await fast_sse.next()).id == last
+            slow_read += await asyncio.to_thread(remaining_ids, slow)
         finally:
-            stalled.close()
+            slow.close()
+            for task in pumps:
+                task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+
+    assert slow_read == published[: len(slow_read)]
+    missed = published[len(slow_read) :]
+    assert missed, "the slow client should have missed events"
+    async with client.ws_connect(
+        f"/ws/tasks/?token={token}&last_event_id={slow_read[-1]}"
+    ) as resumed:
+        assert (await ws_json(resumed))["recovered"] is True
+        assert [m["id"] for m in await ws_messages(resumed, len(missed))] == missed
