@@ -194,6 +194,7 @@ def main() -> int:
             STREAMER_SECRET=SECRET,
             STREAMER_REDIS_URL=redis_server.url,
             STREAMER_CLIENT_BUFFER="10000",
+            STREAMER_MAX_CONNECTIONS_PER_USER="100000",
         )
         command = [
             "gunicorn", "streamer.app:create_app", "-c", str(ROOT / "deploy/gunicorn.conf.py"),

@@ -8,10 +8,12 @@ from importlib import resources
 
 from aiohttp import web
 
+from .access_log import RedactingAccessLogger
 from .app_keys import BROKER, CONFIG, HUB, METRICS
+from .auth.sessions import setup_sessions
 from .broker import Broker
 from .config import Config
-from .handlers import demo, health, publish, sse, ws
+from .handlers import demo, health, publish, session, sse, ws
 from .hub import CloseReason, Hub
 from .memory_broker import MemoryBroker
 from .metrics import Metrics
@@ -43,13 +45,29 @@ async def _close_connections(app: web.Application) -> None:
 
 
 def build_app(config: Config) -> web.Application:
-    app = web.Application(client_max_size=MAX_REQUEST_BODY_BYTES)
-    hub = Hub(config.client_buffer)
+    app = web.Application(
+        client_max_size=MAX_REQUEST_BODY_BYTES,
+        handler_args={
+            "access_log_class": RedactingAccessLogger,
+            "max_line_size": config.max_header_bytes,
+            "max_field_size": config.max_header_bytes,
+        },
+    )
+    hub = Hub(
+        config.client_buffer,
+        max_connections=config.max_connections,
+        max_connections_per_user=config.max_connections_per_user,
+    )
     app[CONFIG] = config
     app[HUB] = hub
     app[BROKER] = build_broker(config)
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(_broker_ctx)
+    app.cleanup_ctx.append(
+        setup_sessions(
+            app, secret=config.secret, redis_url=config.redis_url, secure=config.cookie_secure
+        )
+    )
     app.cleanup_ctx.append(demo.demo_jobs_ctx)
     app.on_shutdown.append(_close_connections)
 
@@ -58,6 +76,9 @@ def build_app(config: Config) -> web.Application:
     app.router.add_static("/static/", str(static_dir))
     app.router.add_get("/ws/tasks/", ws.websocket_handler)
     app.router.add_get("/sse/tasks/", sse.sse_handler)
+    app.router.add_route("OPTIONS", "/sse/tasks/", sse.sse_preflight)
+    app.router.add_post("/auth/session", session.create_session)
+    app.router.add_delete("/auth/session", session.delete_session)
     app.router.add_post("/api/tasks/events", publish.publish_handler)
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import secrets
 import sys
@@ -11,6 +12,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from .auth.tokens import DEFAULT_TTL_S, issue_token
 from .broker import BrokerUnavailable
@@ -25,6 +27,15 @@ from .events import (
 )
 
 DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
@@ -105,8 +116,14 @@ def _serve(args: argparse.Namespace) -> int:
                 f"streamer: generated publish key for this run: {overrides['publish_key']}",
                 file=sys.stderr,
             )
-    config = Config.from_env(os.environ, overrides).replace(demo_mode=demo)
-    broker = config.redis_url or "embedded (in-memory, this process only)"
+    config = Config.from_env(os.environ, overrides)
+    if demo:
+        # Development over plain http: a Secure cookie would never come back.
+        config = config.replace(demo_mode=True, cookie_secure=False)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    broker = redact_url(config.redis_url) if config.redis_url else "embedded (in-memory)"
     print(
         f"streamer: serving on http://{args.host}:{args.port}/ with broker {broker}",
         file=sys.stderr,

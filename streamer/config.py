@@ -25,7 +25,13 @@ class Config:
     history_ttl: int = 3600
     heartbeat_s: float = 15.0
     client_buffer: int = 1000
+    max_connections: int = 10_000
+    max_connections_per_user: int = 20
     ws_max_message_bytes: int = 64 * 1024
+    commands_per_s: float = 10.0
+    ws_heartbeat_s: float = 30.0
+    max_header_bytes: int = 8190
+    cookie_secure: bool = True
     sse_retry_ms: int = 3000
     demo_mode: bool = False
 
@@ -124,6 +130,15 @@ def _number(
     return parse
 
 
+def _boolean(name: str, raw: str) -> bool:
+    value = raw.lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
 def _int_between(low: int, high: int) -> Callable[[str, str], int]:
     return _number(int, "an integer", low, high)
 
@@ -142,4 +157,11 @@ ENV_VARIABLES: dict[str, tuple[Callable[[str, str], Any], str]] = {
     "history_ttl": (_int_between(1, 30 * 86400), "seconds a user's history is kept"),
     "heartbeat_s": (_seconds(0.1, 3600), "seconds between SSE heartbeat comments"),
     "client_buffer": (_int_between(1, 1_000_000), "events buffered per slow client"),
+    "max_connections": (_int_between(1, 1_000_000), "open streams per process"),
+    "max_connections_per_user": (_int_between(1, 100_000), "open streams per user and process"),
+    "ws_max_message_bytes": (_int_between(256, 16 * 1024 * 1024), "largest client message"),
+    "commands_per_s": (_number(float, "a number", 0.1, 10_000), "commands/s per WebSocket"),
+    "ws_heartbeat_s": (_seconds(0.1, 3600), "seconds between WebSocket pings; dead peers dropped"),
+    "max_header_bytes": (_int_between(1024, 1024 * 1024), "longest request line or header"),
+    "cookie_secure": (_boolean, "send the session cookie over HTTPS only"),
 }

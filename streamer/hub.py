@@ -90,20 +90,37 @@ class Subscription:
         return self.close_reason
 
 
+class ConnectionLimitReached(Exception):
+    """Refused: the process or the user already has as many streams as allowed."""
+
+
 class Hub:
-    def __init__(self, client_buffer: int) -> None:
+    def __init__(
+        self, client_buffer: int, *, max_connections: int, max_connections_per_user: int
+    ) -> None:
         self._client_buffer = client_buffer
+        self._max_connections = max_connections
+        self._max_per_user = max_connections_per_user
         self._by_user: dict[str, set[Subscription]] = {}
+        self._count = 0
 
     def subscribe(self, user_id: str, task_id: str | None = None) -> Subscription:
+        if self._count >= self._max_connections:
+            raise ConnectionLimitReached("this server has too many connections; retry later")
+        if len(self._by_user.get(user_id, ())) >= self._max_per_user:
+            raise ConnectionLimitReached(
+                f"too many connections for this user (at most {self._max_per_user})"
+            )
+        self._count += 1
         subscription = Subscription(user_id, task_id, self._client_buffer)
         self._by_user.setdefault(user_id, set()).add(subscription)
         return subscription
 
     def unsubscribe(self, subscription: Subscription) -> None:
         subscriptions = self._by_user.get(subscription.user_id)
-        if subscriptions is None:
+        if subscriptions is None or subscription not in subscriptions:
             return
+        self._count -= 1
         subscriptions.discard(subscription)
         if not subscriptions:
             del self._by_user[subscription.user_id]
@@ -128,4 +145,4 @@ class Hub:
             subscription.close(reason)
 
     def __len__(self) -> int:
-        return sum(len(subscriptions) for subscriptions in self._by_user.values())
+        return self._count

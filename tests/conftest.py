@@ -72,6 +72,7 @@ def config(request: pytest.FixtureRequest) -> Config:
         history_size=100,
         heartbeat_s=0.5,
         client_buffer=50,
+        max_connections_per_user=500,  # tests open hundreds of streams for one user
     )
 
 

@@ -99,6 +99,10 @@ async def test_gunicorn_two_workers_share_events_through_redis(
             await ws.close()
         for sse in sse_streams:
             await sse.close()
+    # The access log shows the requests, never the credentials.
+    log = server.log()
+    assert "GET /ws/tasks/?token=[redacted]" in log
+    assert token not in log
 
 
 def test_gunicorn_refuses_several_workers_without_redis(process_env: dict[str, str]) -> None:
@@ -106,6 +110,15 @@ def test_gunicorn_refuses_several_workers_without_redis(process_env: dict[str, s
     assert result.returncode != 0
     assert "refusing to start 2 workers without STREAMER_REDIS_URL" in result.stderr
     assert "Booting worker" not in result.stderr  # refused before forking any worker
+
+
+def test_gunicorn_refuses_to_start_without_a_secret(
+    process_env: dict[str, str], redis_url: str
+) -> None:
+    env = {k: v for k, v in process_env.items() if k != "STREAMER_SECRET"}
+    result = run_to_exit(gunicorn_args(1, free_port()), env | {"STREAMER_REDIS_URL": redis_url})
+    assert result.returncode != 0
+    assert "STREAMER_SECRET is not set" in result.stderr
 
 
 def test_gunicorn_refuses_a_bad_setting(process_env: dict[str, str], redis_url: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from .sessions import identity_from_session
 from .tokens import Identity, InvalidToken, verify_token
 
 
@@ -18,8 +19,12 @@ def token_from_request(request: web.Request) -> str | None:
     return request.query.get("token")
 
 
-def authenticate(request: web.Request, secret: str) -> Identity:
+async def authenticate(request: web.Request, secret: str) -> Identity:
+    """Bearer header, then `?token=`, then the session cookie."""
     token = token_from_request(request)
-    if token is None:
-        raise InvalidToken("no credentials: send a Bearer token or ?token=")
-    return verify_token(secret, token)
+    if token is not None:
+        return verify_token(secret, token)
+    identity = await identity_from_session(request)
+    if identity is None:
+        raise InvalidToken("no credentials: send a Bearer token, ?token= or a session cookie")
+    return identity

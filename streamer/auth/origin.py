@@ -1,4 +1,4 @@
-"""Origin checks against cross-site WebSocket hijacking."""
+"""Origin checks (against cross-site WebSocket hijacking and cookie misuse) and CORS."""
 
 from __future__ import annotations
 
@@ -18,3 +18,21 @@ def origin_allowed(request: web.Request, allowed: tuple[str, ...]) -> bool:
     parts = urlsplit(origin)
     host = request.headers.get("Host", "").lower()
     return bool(parts.netloc) and parts.netloc == host
+
+
+def cors_headers(request: web.Request, allowed: tuple[str, ...]) -> dict[str, str]:
+    """CORS response headers for a cross-origin request from an allowed origin, else none."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return {}
+    normalized = origin.strip().rstrip("/").lower()
+    if normalized in allowed:
+        return {
+            "Access-Control-Allow-Origin": origin.strip(),
+            "Access-Control-Allow-Credentials": "true",
+            "Vary": "Origin",
+        }
+    if "*" in allowed:
+        # Any origin may read the stream, but never with the user's cookies.
+        return {"Access-Control-Allow-Origin": "*"}
+    return {}

@@ -11,6 +11,7 @@ from aiohttp_sse import EventSourceResponse
 
 from ..app_keys import BROKER, CONFIG, HUB, METRICS
 from ..auth.credentials import authenticate
+from ..auth.origin import cors_headers, origin_allowed
 from ..auth.tokens import InvalidToken
 from ..broker import BrokerUnavailable
 from ..connection import (
@@ -19,6 +20,7 @@ from ..connection import (
     outgoing_messages,
     run_until_first_done,
 )
+from ..hub import ConnectionLimitReached
 from .common import json_error, stream_params, worker_header
 
 log = logging.getLogger(__name__)
@@ -28,17 +30,23 @@ SEND_TIMEOUT_S = 30.0
 
 async def sse_handler(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG]
+    if not origin_allowed(request, config.allowed_origins):
+        return json_error(403, "origin_not_allowed", "this origin may not read the stream")
+    cors = cors_headers(request, config.allowed_origins)
     try:
-        identity = authenticate(request, config.secret)
+        identity = await authenticate(request, config.secret)
     except InvalidToken as exc:
         refusal = json_error(401, "unauthorized", str(exc))
         refusal.headers["WWW-Authenticate"] = 'Bearer realm="streamer"'
+        refusal.headers.update(cors)
         return refusal
     params = stream_params(request, last_event_header=True)
 
     metrics = request.app[METRICS]
     response = EventSourceResponse(
-        ping_interval=config.heartbeat_s, send_timeout=SEND_TIMEOUT_S, headers=worker_header()
+        ping_interval=config.heartbeat_s,
+        send_timeout=SEND_TIMEOUT_S,
+        headers=worker_header() | cors,
     )
     metrics.connections.labels("sse").inc()
     try:
@@ -52,6 +60,11 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
         ) as stream:
             await response.prepare(request)
             await _serve(response, stream, config.sse_retry_ms, request)
+    except ConnectionLimitReached as exc:
+        metrics.disconnects.labels("connection_limit").inc()
+        refusal = json_error(429, "too_many_connections", str(exc))
+        refusal.headers.update(cors | {"Retry-After": "5"})
+        return refusal
     except BrokerUnavailable as exc:
         if not response.prepared:
             return json_error(503, "broker_unavailable", f"{exc}; try again")
@@ -59,6 +72,20 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
     finally:
         metrics.connections.labels("sse").dec()
     return response
+
+
+async def sse_preflight(request: web.Request) -> web.Response:
+    """CORS preflight for fetch-based SSE clients that send Authorization."""
+    allowed = request.app[CONFIG].allowed_origins
+    cors = cors_headers(request, allowed)
+    if not cors:
+        return json_error(403, "origin_not_allowed", "this origin may not read the stream")
+    cors |= {
+        "Access-Control-Allow-Methods": "GET",
+        "Access-Control-Allow-Headers": "Authorization, Last-Event-ID, Cache-Control",
+        "Access-Control-Max-Age": "600",
+    }
+    return web.Response(status=204, headers=cors)
 
 
 async def _serve(

@@ -21,20 +21,24 @@ from ..connection import (
     run_until_first_done,
 )
 from ..events import dumps
-from ..hub import CloseReason
+from ..hub import CloseReason, ConnectionLimitReached
+from ..rate_limit import TokenBucket
 from .common import stream_params, worker_header
 
 log = logging.getLogger(__name__)
 
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_TOO_SLOW = 4008
+CLOSE_TOO_MANY = 4029
 CLOSE_CODES = {
     CloseReason.OVERFLOW: (CLOSE_TOO_SLOW, b"too slow: resume from your last event id"),
     CloseReason.SHUTDOWN: (WSCloseCode.GOING_AWAY, b"server shutting down"),
     CloseReason.EXPIRED: (CLOSE_UNAUTHORIZED, b"token expired"),
 }
 CLOSE_TIMEOUT_S = 2.0
-WS_HEARTBEAT_S = 30.0
+# A client that keeps sending past its rate after this many refusals in a row is
+# dropped; before that each refused command gets an error reply.
+MAX_REFUSED_COMMANDS = 50
 
 
 class _Socket:
@@ -57,13 +61,16 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG]
     if not origin_allowed(request, config.allowed_origins):
         raise web.HTTPForbidden(text="origin not allowed\n")
-    ws = web.WebSocketResponse(max_msg_size=config.ws_max_message_bytes, heartbeat=WS_HEARTBEAT_S)
+    # aiohttp pings every ws_heartbeat_s and drops a peer whose pong does not come.
+    ws = web.WebSocketResponse(
+        max_msg_size=config.ws_max_message_bytes, heartbeat=config.ws_heartbeat_s
+    )
     ws.headers.update(worker_header())
     if not ws.can_prepare(request).ok:
         raise web.HTTPBadRequest(text="expected a WebSocket upgrade\n")
     params = stream_params(request, last_event_header=False)
     try:
-        identity: Identity | None = authenticate(request, config.secret)
+        identity: Identity | None = await authenticate(request, config.secret)
     except InvalidToken as exc:
         log.info("websocket refused: %s", exc)
         identity = None
@@ -84,6 +91,9 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
             expires_at=identity.expires_at,
         ) as stream:
             await _serve(request, _Socket(ws), stream, identity.user_id)
+    except ConnectionLimitReached as exc:
+        metrics.disconnects.labels("connection_limit").inc()
+        await ws.close(code=CLOSE_TOO_MANY, message=str(exc).encode()[:120])
     except BrokerUnavailable as exc:
         log.warning("websocket closed: %s", exc)
         await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"broker unavailable")
@@ -102,15 +112,30 @@ async def _serve(request: web.Request, socket: _Socket, stream: ClientStream, us
             await socket.send(message.json)
             metrics.events_sent.labels("websocket").inc()
 
+    config = request.app[CONFIG]
+    bucket = TokenBucket(config.commands_per_s, burst=max(2 * config.commands_per_s, 1))
+
     async def answer_commands() -> None:
+        refused_in_a_row = 0
         async for message in socket.ws:
+            if message.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+                continue  # CLOSE / ERROR end the iteration; aiohttp answers pings itself.
+            if not bucket.take():
+                refused_in_a_row += 1
+                if refused_in_a_row > MAX_REFUSED_COMMANDS:
+                    metrics.disconnects.labels("rate_limit").inc()
+                    await socket.ws.close(code=CLOSE_TOO_MANY, message=b"too many commands")
+                    return
+                limit = f"at most {config.commands_per_s:g} commands per second"
+                await socket.send(error_message("rate_limited", limit))
+                continue
+            refused_in_a_row = 0
             if message.type == WSMsgType.TEXT:
                 await socket.send(await _answer(broker, user_id, message.data))
-            elif message.type == WSMsgType.BINARY:
+            else:
                 await socket.send(
                     error_message("unsupported_frame", "send commands as JSON text frames")
                 )
-            # CLOSE / ERROR end the iteration; aiohttp answers pings itself.
 
     await run_until_first_done(send_events(), answer_commands(), subscription.wait_closed())
     reason = subscription.close_reason

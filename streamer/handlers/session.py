@@ -1,0 +1,56 @@
+"""POST and DELETE /auth/session: exchange a token for a session cookie, and log out."""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+from ..app_keys import CONFIG
+from ..auth.credentials import token_from_request
+from ..auth.origin import origin_allowed
+from ..auth.sessions import end_session, start_session
+from ..auth.tokens import InvalidToken, verify_token
+from .common import json_error
+
+MAX_BODY_BYTES = 8 * 1024
+
+
+async def _token_from_body(request: web.Request) -> str | None:
+    if not request.can_read_body:
+        return None
+    raw = await request.content.read(MAX_BODY_BYTES + 1)
+    if len(raw) > MAX_BODY_BYTES:
+        raise InvalidToken("the body is too large")
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise InvalidToken('the body must be JSON: {"token": "..."}') from None
+    token = body.get("token") if isinstance(body, dict) else None
+    if not isinstance(token, str):
+        raise InvalidToken('the body must be JSON: {"token": "..."}')
+    return token
+
+
+async def create_session(request: web.Request) -> web.Response:
+    """Log in: the token comes as `Authorization: Bearer` or a JSON body `{"token"}`."""
+    config = request.app[CONFIG]
+    # Refusing other sites' pages stops login CSRF (logging a victim in as someone else).
+    if not origin_allowed(request, config.allowed_origins):
+        return json_error(403, "origin_not_allowed", "this origin may not log in")
+    try:
+        token = token_from_request(request) or await _token_from_body(request)
+        if token is None:
+            raise InvalidToken("send the token as Authorization: Bearer or in the JSON body")
+        identity = await start_session(request, verify_token(config.secret, token))
+    except InvalidToken as exc:
+        return json_error(401, "unauthorized", str(exc))
+    return web.json_response({"user_id": identity.user_id, "expires_at": identity.expires_at})
+
+
+async def delete_session(request: web.Request) -> web.Response:
+    """Log out: the cookie is cleared (and, with Redis, the session deleted server-side)."""
+    if not origin_allowed(request, request.app[CONFIG].allowed_origins):
+        return json_error(403, "origin_not_allowed", "this origin may not log out")
+    await end_session(request)
+    return web.Response(status=204)

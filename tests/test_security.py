@@ -1,0 +1,315 @@
+"""Sessions, origins and CORS, limits, isolation under load, and what the logs keep."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient
+
+from streamer.access_log import redact
+from streamer.app import create_app
+from streamer.app_keys import BROKER, HUB
+from streamer.auth.sessions import SESSION_COOKIE
+from streamer.config import Config
+from streamer.events import progress_event
+
+from .clients import SseReader, ws_close_code, ws_json
+from .raw_ws import RawWebSocket
+
+TokenFor = Callable[..., str]
+AiohttpClient = Callable[..., Any]
+ALLOWED = "https://app.example.com"
+
+
+async def make_client(aiohttp_client: AiohttpClient, config: Config, **changes: Any) -> TestClient:
+    client: TestClient = await aiohttp_client(await create_app(config.replace(**changes)))
+    return client
+
+
+# --- sessions ---------------------------------------------------------------------------
+
+
+async def test_session_cookie_flow(
+    config: Config, aiohttp_client: AiohttpClient, token_for: TokenFor, user_id: str
+) -> None:
+    # The test client speaks plain http, where browsers never send a Secure cookie back.
+    client = await make_client(aiohttp_client, config, cookie_secure=False)
+    login = await client.post(
+        "/auth/session", headers={"Authorization": f"Bearer {token_for(user_id)}"}
+    )
+    assert login.status == 200
+    assert (await login.json())["user_id"] == user_id
+    cookie = login.cookies[SESSION_COOKIE]
+    assert cookie["httponly"] and cookie["samesite"] == "Lax"
+    stolen = cookie.value
+
+    # Both transports accept the cookie alone.
+    async with client.ws_connect("/ws/tasks/") as ws:
+        assert (await ws_json(ws))["type"] == "active_tasks"
+        await client.app[BROKER].publish(progress_event(user_id, "t", progress=1))
+        assert (await ws_json(ws))["task_id"] == "t"
+    sse = await client.get("/sse/tasks/")
+    assert sse.status == 200
+    assert (await SseReader(sse).next()).event == "active_tasks"
+    sse.close()
+
+    logout = await client.delete("/auth/session")
+    assert logout.status == 204
+    assert (await client.get("/sse/tasks/")).status == 401
+    async with client.ws_connect("/ws/tasks/") as ws:
+        assert await ws_close_code(ws) == 4401
+
+    # A copy of the cookie taken before logout: with Redis the session is gone
+    # server-side; the encrypted cookie of the embedded mode stays valid until it
+    # expires (documented in SECURITY.md).
+    replay = await client.get("/sse/tasks/", cookies={SESSION_COOKIE: stolen})
+    assert replay.status == (401 if config.redis_url else 200)
+    replay.close()
+
+
+async def test_session_from_json_body_and_refusals(
+    config: Config, aiohttp_client: AiohttpClient, token_for: TokenFor, user_id: str
+) -> None:
+    client = await make_client(aiohttp_client, config, cookie_secure=False)
+    assert (await client.post("/auth/session", json={"token": token_for(user_id)})).status == 200
+    for body in ({}, {"token": 5}, {"token": "garbage"}, ["x"]):
+        assert (await client.post("/auth/session", json=body)).status == 401
+    assert (await client.post("/auth/session", data=b"{not json")).status == 401
+    assert (await client.post("/auth/session", data=b"{" + b" " * 20_000 + b"}")).status == 401
+    foreign = await client.post(
+        "/auth/session",
+        json={"token": token_for(user_id)},
+        headers={"Origin": "https://evil.example"},
+    )
+    assert foreign.status == 403
+
+
+async def test_tampered_cookie_is_refused(
+    config: Config, aiohttp_client: AiohttpClient, token_for: TokenFor, user_id: str
+) -> None:
+    client = await make_client(aiohttp_client, config, cookie_secure=False)
+    login = await client.post("/auth/session", json={"token": token_for(user_id)})
+    value = login.cookies[SESSION_COOKIE].value
+    client.session.cookie_jar.clear()
+    for forged in (value[:-4] + "AAAA", value[::-1], "x", ""):
+        response = await client.get("/sse/tasks/", cookies={SESSION_COOKIE: forged})
+        assert response.status == 401
+
+
+async def test_session_cookie_is_secure_by_default(
+    config: Config, aiohttp_client: AiohttpClient, token_for: TokenFor
+) -> None:
+    client = await make_client(aiohttp_client, config)
+    login = await client.post("/auth/session", json={"token": token_for("u")})
+    cookie = login.cookies[SESSION_COOKIE]
+    assert cookie["secure"] and cookie["httponly"] and cookie["samesite"] == "Lax"
+
+
+async def test_session_ends_with_its_token(
+    config: Config, aiohttp_client: AiohttpClient, token_for: TokenFor, user_id: str
+) -> None:
+    client = await make_client(aiohttp_client, config, cookie_secure=False)
+    await client.post("/auth/session", json={"token": token_for(user_id, ttl_s=2)})
+    async with client.ws_connect("/ws/tasks/") as ws:
+        await ws_json(ws)
+        assert await ws_close_code(ws) == 4401  # at the token's expiry
+    assert (await client.get("/sse/tasks/")).status == 401
+
+
+# --- origins and CORS -------------------------------------------------------------------
+
+
+async def test_sse_origins_and_cors(
+    config: Config, aiohttp_client: AiohttpClient, token_for: TokenFor
+) -> None:
+    client = await make_client(aiohttp_client, config, allowed_origins=(ALLOWED,))
+    url = f"/sse/tasks/?token={token_for('u')}"
+
+    foreign = await client.get(url, headers={"Origin": "https://evil.example"})
+    assert foreign.status == 403
+    assert "Access-Control-Allow-Origin" not in foreign.headers
+
+    allowed = await client.get(url, headers={"Origin": ALLOWED})
+    assert allowed.status == 200
+    assert allowed.headers["Access-Control-Allow-Origin"] == ALLOWED
+    assert allowed.headers["Access-Control-Allow-Credentials"] == "true"
+    assert "Origin" in allowed.headers["Vary"]
+    allowed.close()
+
+    no_origin = await client.get(url)  # curl and servers send none
+    assert no_origin.status == 200 and "Access-Control-Allow-Origin" not in no_origin.headers
+    no_origin.close()
+
+    preflight = await client.options(
+        "/sse/tasks/",
+        headers={"Origin": ALLOWED, "Access-Control-Request-Headers": "authorization"},
+    )
+    assert preflight.status == 204
+    assert "Authorization" in preflight.headers["Access-Control-Allow-Headers"]
+    denied = await client.options("/sse/tasks/", headers={"Origin": "https://evil.example"})
+    assert denied.status == 403
+
+    async with client.ws_connect(f"/ws/tasks/?token={token_for('u')}", origin=ALLOWED) as ws:
+        assert (await ws_json(ws))["type"] == "active_tasks"
+
+
+# --- limits -----------------------------------------------------------------------------
+
+
+async def test_connection_limits(
+    config: Config, aiohttp_client: AiohttpClient, token_for: TokenFor
+) -> None:
+    client = await make_client(
+        aiohttp_client, config, max_connections_per_user=2, max_connections=4
+    )
+    alice, bob, carol = token_for("alice"), token_for("bob"), token_for("carol")
+    async with (
+        client.ws_connect(f"/ws/tasks/?token={alice}") as first,
+        client.ws_connect(f"/ws/tasks/?token={alice}") as second,
+    ):
+        await ws_json(first)
+        await ws_json(second)
+        async with client.ws_connect(f"/ws/tasks/?token={alice}") as third:
+            assert await ws_close_code(third) == 4029
+        refused = await client.get(f"/sse/tasks/?token={alice}")
+        assert refused.status == 429 and (await refused.json())["code"] == "too_many_connections"
+        assert refused.headers["Retry-After"]
+
+        # Another user is not affected, up to the per-process limit.
+        bob_sse = await client.get(f"/sse/tasks/?token={bob}")
+        assert bob_sse.status == 200
+        async with client.ws_connect(f"/ws/tasks/?token={bob}") as bob_ws:
+            await ws_json(bob_ws)
+            assert len(client.app[HUB]) == 4
+            full = await client.get(f"/sse/tasks/?token={carol}")
+            assert full.status == 429
+            # The connected clients keep receiving.
+            await client.app[BROKER].publish(progress_event("alice", "t", progress=1))
+            assert (await ws_json(first))["task_id"] == "t"
+            assert (await ws_json(second))["task_id"] == "t"
+        bob_sse.close()
+
+
+async def test_command_rate_limit(
+    config: Config, aiohttp_client: AiohttpClient, token_for: TokenFor
+) -> None:
+    client = await make_client(aiohttp_client, config, commands_per_s=2)
+    async with client.ws_connect(f"/ws/tasks/?token={token_for('u')}") as ws:
+        await ws_json(ws)
+        for _ in range(10):
+            await ws.send_json({"type": "ping"})
+        replies = [await ws_json(ws) for _ in range(10)]
+        assert replies[:4] == [{"type": "pong"}] * 4  # the burst
+        assert {r["type"] for r in replies[4:]} <= {"pong", "error"}
+        assert any(r.get("code") == "rate_limited" for r in replies[4:])
+
+        # The bucket refills: a ping is answered again within a bounded time.
+        deadline = time.monotonic() + 5
+        while True:
+            await ws.send_json({"type": "ping"})
+            if (await ws_json(ws))["type"] == "pong":
+                break
+            assert time.monotonic() < deadline, "the rate limit never let a command through"
+            await asyncio.sleep(0.2)  # pacing the retries, not waiting for a condition
+
+        # A client that keeps flooding is dropped; others are not affected.
+        async with client.ws_connect(f"/ws/tasks/?token={token_for('other')}") as other:
+            await ws_json(other)
+            for _ in range(200):
+                await ws.send_json({"type": "ping"})
+            assert await ws_close_code(ws) == 4029
+            await other.send_json({"type": "ping"})
+            assert await ws_json(other) == {"type": "pong"}
+
+
+async def test_dead_websocket_peers_are_dropped(
+    config: Config, aiohttp_client: AiohttpClient, token_for: TokenFor
+) -> None:
+    client = await make_client(aiohttp_client, config, ws_heartbeat_s=0.3)
+    assert client.host and client.port
+    silent = await asyncio.to_thread(
+        RawWebSocket, client.host, client.port, f"/ws/tasks/?token={token_for('u')}"
+    )
+    try:
+        assert len(client.app[HUB]) == 1
+
+        async def dropped() -> None:
+            while len(client.app[HUB]) == 1:
+                await asyncio.sleep(0.05)
+
+        # It answers no ping, so the server gives up on it.
+        await asyncio.wait_for(dropped(), 10)
+    finally:
+        silent.close()
+
+
+async def test_oversized_headers_are_refused_and_the_server_keeps_serving(
+    config: Config, aiohttp_client: AiohttpClient
+) -> None:
+    client = await make_client(aiohttp_client, config, max_header_bytes=2048)
+    refused = await client.get("/healthz", headers={"X-Big": "x" * 4096})
+    assert refused.status in (400, 431)
+    assert (await client.get("/healthz")).status == 200
+
+
+# --- isolation ----------------------------------------------------------------------------
+
+
+async def test_many_users_interleaved_publishing_never_leak(
+    client: TestClient, token_for: TokenFor
+) -> None:
+    users = [f"iso-{n}" for n in range(12)]
+    rng = random.Random(7)
+    plan = [(user, step) for user in users for step in range(6)]
+    rng.shuffle(plan)
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        streams: dict[str, tuple[aiohttp.ClientWebSocketResponse, SseReader]] = {}
+        for user in users:
+            url = client.make_url(f"/ws/tasks/?token={token_for(user)}")
+            ws = await session.ws_connect(url)
+            sse = SseReader(
+                await session.get(client.make_url(f"/sse/tasks/?token={token_for(user)}"))
+            )
+            await ws_json(ws)
+            await sse.next()
+            streams[user] = (ws, sse)
+        published: dict[str, list[str]] = {user: [] for user in users}
+        broker = client.app[BROKER]
+        for user, step in plan:
+            event = progress_event(user, f"{user}-task", progress=step, current_step=user)
+            published[user].append(str(await broker.publish(event)))
+        # Each user's last event is a sentinel; everything before it is counted.
+        for user in users:
+            ws, sse = streams[user]
+            via_ws = [await ws_json(ws) for _ in published[user]]
+            via_sse = [(await sse.next()).json for _ in published[user]]
+            for received in (via_ws, via_sse):
+                assert [m["id"] for m in received] == published[user]
+                assert {m["current_step"] for m in received} == {user}
+            await ws.send_json({"type": "ping"})
+            assert await ws_json(ws) == {"type": "pong"}  # nothing else was queued
+            await ws.close()
+            sse.response.close()
+
+
+# --- logs -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/sse/tasks/?token=abc.def.ghi", "/sse/tasks/?token=[redacted]"),
+        ("/ws/?task_id=1&token=x&last_event_id=2", "/ws/?task_id=1&token=[redacted]&last_event_id=2"),  # noqa: E501
+        ("/x?TOKEN=a&access_token=b", "/x?TOKEN=[redacted]&access_token=[redacted]"),
+        ("/healthz", "/healthz"),
+    ],
+)  # fmt: skip
+def test_access_log_redaction(path: str, expected: str) -> None:
+    assert redact(path) == expected
