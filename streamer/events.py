@@ -57,6 +57,14 @@ def utc_now_iso() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
+def _require_unicode(name: str, value: str) -> None:
+    """JSON can carry lone surrogates ("\\ud800") that no UTF-8 output can encode."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise EventError(f"{name} must be valid Unicode text (no lone surrogates)") from None
+
+
 def validate_identifier(name: str, value: object) -> str:
     """User and task ids: non-empty strings (numbers become their decimal string)."""
     if isinstance(value, bool):
@@ -69,6 +77,7 @@ def validate_identifier(name: str, value: object) -> str:
         raise EventError(f"{name} must be 1 to {MAX_ID_LENGTH} characters long")
     if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
         raise EventError(f"{name} must not contain control characters")
+    _require_unicode(name, value)
     return value
 
 
@@ -79,6 +88,7 @@ def _optional_text(name: str, value: object) -> str | None:
         raise EventError(f"{name} must be a string")
     if len(value) > MAX_TEXT_LENGTH:
         raise EventError(f"{name} must be at most {MAX_TEXT_LENGTH} characters long")
+    _require_unicode(name, value)
     return value
 
 
@@ -100,11 +110,20 @@ def _progress(value: object) -> float | int | None:
     return value
 
 
+_ISO_8601 = re.compile(
+    r"\d{4}-\d{2}-\d{2}"
+    r"(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,6})?)?(?:Z|[+-]\d{2}:?\d{2})?)?",
+    re.ASCII,
+)
+
+
 def _iso_timestamp(name: str, value: object) -> str | None:
     if value is None:
         return None
-    if not isinstance(value, str):
-        raise EventError(f"{name} must be an ISO 8601 timestamp string")
+    # fromisoformat alone is lenient (any separator character, trailing NUL): the
+    # shape is checked first, the calendar values then.
+    if not isinstance(value, str) or not _ISO_8601.fullmatch(value):
+        raise EventError(f"{name} must be an ISO 8601 timestamp such as 2030-01-31T12:00:00Z")
     try:
         datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
@@ -119,9 +138,10 @@ def _result_data(value: object) -> dict[str, Any]:
         raise EventError("result_data must be a JSON object")
     try:
         encoded = dumps(value)
-    except (TypeError, ValueError) as exc:
-        raise EventError(f"result_data is not JSON-serialisable: {exc}") from None
-    if len(encoded.encode()) > MAX_RESULT_BYTES:
+        size = len(encoded.encode("utf-8"))
+    except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
+        raise EventError(f"result_data is not JSON-serialisable as UTF-8: {exc}") from None
+    if size > MAX_RESULT_BYTES:
         raise EventError(f"result_data must be at most {MAX_RESULT_BYTES} bytes as JSON")
     loaded: dict[str, Any] = json.loads(encoded)
     return loaded

@@ -50,6 +50,6 @@ def verify_token(secret: str, token: str) -> Identity:
     subject = claims["sub"]
     if not isinstance(subject, str) or not subject or len(subject) > 200:
         raise InvalidToken("invalid token: bad subject")
-    if any(ord(ch) < 32 for ch in subject):
+    if any(ord(ch) < 32 for ch in subject) or not subject.isprintable():
         raise InvalidToken("invalid token: bad subject")
     return Identity(user_id=subject, expires_at=float(claims["exp"]))
