@@ -32,6 +32,15 @@ class BrokerUnavailable(RuntimeError):
 
 
 @dataclass(frozen=True)
+class Snapshot:
+    """The user's unfinished tasks (newest first) and the id of their latest event,
+    read together: every event up to `last_event_id` is reflected in `tasks`."""
+
+    tasks: list[TaskState]
+    last_event_id: EventId | None
+
+
+@dataclass(frozen=True)
 class Replay:
     """Events after a resume point; `complete` is False when some may be missing."""
 
@@ -52,8 +61,12 @@ class Broker(ABC):
         """Store the task's new state and append the event, atomically; return its id."""
 
     @abstractmethod
+    async def snapshot(self, user_id: str) -> Snapshot:
+        """The user's unfinished tasks and latest event id, atomically."""
+
     async def active_tasks(self, user_id: str) -> list[TaskState]:
         """The user's unfinished tasks, newest first."""
+        return (await self.snapshot(user_id)).tasks
 
     @abstractmethod
     async def task_state(self, user_id: str, task_id: str) -> TaskState | None:

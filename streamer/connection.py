@@ -19,13 +19,16 @@ def active_tasks_message(tasks: list[TaskState], *, recovered: bool) -> str:
     return dumps({"type": "active_tasks", "tasks": tasks, "recovered": recovered})
 
 
-async def snapshot_message(
-    broker: Broker, user_id: str, task_id: str | None, *, recovered: bool
-) -> str:
-    tasks = await broker.active_tasks(user_id)
-    if task_id is not None:
-        tasks = [task for task in tasks if task["task_id"] == task_id]
-    return active_tasks_message(tasks, recovered=recovered)
+async def current_tasks(broker: Broker, subscription: Subscription) -> list[TaskState]:
+    """The subscriber's unfinished tasks; queued events they already reflect are dropped,
+    so a client never gets an event older than its snapshot from the live stream."""
+    snapshot = await broker.snapshot(subscription.user_id)
+    if snapshot.last_event_id is not None:
+        subscription.skip_through(snapshot.last_event_id)
+    tasks = snapshot.tasks
+    if subscription.task_id is not None:
+        tasks = [task for task in tasks if task["task_id"] == subscription.task_id]
+    return tasks
 
 
 @dataclass(frozen=True)
@@ -46,10 +49,8 @@ async def outgoing_messages(broker: Broker, stream: ClientStream) -> AsyncIterat
     subscription = stream.subscription
     while (item := await subscription.next()) is not None:
         if isinstance(item, Resync):
-            snapshot = await snapshot_message(
-                broker, subscription.user_id, subscription.task_id, recovered=False
-            )
-            yield Outgoing(snapshot, "active_tasks", None)
+            tasks = await current_tasks(broker, subscription)
+            yield Outgoing(active_tasks_message(tasks, recovered=False), "active_tasks", None)
         else:
             yield Outgoing(item.json, item.type, str(item.event_id))
 
@@ -75,7 +76,7 @@ async def open_client_stream(
     expires_at: float | None,
 ) -> AsyncIterator[ClientStream]:
     """Subscribe before reading the snapshot and history, so nothing falls in between;
-    events queued meanwhile that the replay already covers are dropped."""
+    events queued meanwhile that the snapshot or the replay already cover are dropped."""
     subscription = hub.subscribe(user_id, task_id)
     expiry: asyncio.TimerHandle | None = None
     try:
@@ -84,6 +85,9 @@ async def open_client_stream(
             expiry = asyncio.get_running_loop().call_later(
                 delay, subscription.close, CloseReason.EXPIRED
             )
+        # Snapshot first: the replay, read after it, then holds every missed event up
+        # to now, and the live queue only what comes after the replay.
+        tasks = await current_tasks(broker, subscription)
         recovered = True
         replayed: list[Delivery] = []
         if last_event_id is not None:
@@ -92,7 +96,7 @@ async def open_client_stream(
             replayed = [d for d in replay.events if subscription.wants(d)]
             if replay.events:
                 subscription.skip_through(replay.events[-1].event_id)
-        snapshot = await snapshot_message(broker, user_id, task_id, recovered=recovered)
+        snapshot = active_tasks_message(tasks, recovered=recovered)
         yield ClientStream(subscription, snapshot, replayed)
     finally:
         if expiry is not None:

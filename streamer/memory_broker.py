@@ -7,7 +7,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from .broker import Broker, Listener, Replay
+from .broker import Broker, Listener, Replay, Snapshot
 from .events import (
     Delivery,
     EventId,
@@ -92,12 +92,15 @@ class MemoryBroker(Broker):
             self._listener.deliver(delivery)
         return event_id
 
-    async def active_tasks(self, user_id: str) -> list[TaskState]:
+    async def snapshot(self, user_id: str) -> Snapshot:
+        history = self._history(user_id)
+        last_event_id = history.entries[-1][0] if history and history.entries else None
         tasks = self._users.get(user_id)
         if tasks is None:
-            return []
+            return Snapshot([], last_event_id)
         newest_first = sorted(tasks.active.items(), key=lambda item: item[1], reverse=True)
-        return [full_task_state(tasks.states[task_id]) for task_id, _ in newest_first]
+        states = [full_task_state(tasks.states[task_id]) for task_id, _ in newest_first]
+        return Snapshot(states, last_event_id)
 
     async def task_state(self, user_id: str, task_id: str) -> TaskState | None:
         tasks = self._users.get(user_id)

@@ -15,13 +15,14 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
-from .broker import Broker, BrokerUnavailable, Listener, Replay
+from .broker import Broker, BrokerUnavailable, Listener, Replay, Snapshot
 from .events import Delivery, EventId, TaskEvent, TaskState, parse_wire_event
 from .redis_store import (
     CANCEL_SCRIPT,
     EPOCH_KEY,
     EVENTS_CHANNEL,
     PUBLISH_SCRIPT,
+    SNAPSHOT_SCRIPT,
     active_key,
     cancel_call,
     cancel_key,
@@ -30,6 +31,7 @@ from .redis_store import (
     history_key,
     publish_call,
     task_key,
+    task_key_prefix,
 )
 
 log = logging.getLogger(__name__)
@@ -100,6 +102,7 @@ class RedisBroker(Broker):
         self._client = redis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
         self._publish_script = self._client.register_script(PUBLISH_SCRIPT)
         self._cancel_script = self._client.register_script(CANCEL_SCRIPT)
+        self._snapshot_script = self._client.register_script(SNAPSHOT_SCRIPT)
         self._subscriber_task = asyncio.create_task(
             self._subscribe_forever(listener), name="streamer-redis-subscriber"
         )
@@ -219,16 +222,17 @@ class RedisBroker(Broker):
         return event_id
 
     @_unavailable_on_error
-    async def active_tasks(self, user_id: str) -> list[TaskState]:
-        task_ids = await self.client.zrevrange(active_key(user_id), 0, MAX_SNAPSHOT_TASKS - 1)
-        if not task_ids:
-            return []
-        async with self.client.pipeline(transaction=False) as pipe:
-            for task_id in task_ids:
-                pipe.hgetall(task_key(user_id, _require_text(task_id)))
-            raw_states = await pipe.execute()
-        states = (decode_state(cast(_RawHash, raw)) for raw in raw_states)
-        return [state for state in states if state is not None]
+    async def snapshot(self, user_id: str) -> Snapshot:
+        raw_states, raw_last_id, raw_epoch = await self._snapshot_script(
+            keys=[active_key(user_id), history_key(user_id), EPOCH_KEY],
+            args=[MAX_SNAPSHOT_TASKS, task_key_prefix(user_id)],
+        )
+        states = (decode_state(_pairs(raw)) for raw in raw_states)
+        last_event_id = None
+        epoch = _text(raw_epoch)
+        if raw_last_id is not None and epoch is not None:
+            last_event_id = EventId.parse(f"{epoch}-{_require_text(raw_last_id)}")
+        return Snapshot([state for state in states if state is not None], last_event_id)
 
     @_unavailable_on_error
     async def task_state(self, user_id: str, task_id: str) -> TaskState | None:
@@ -290,6 +294,11 @@ def _stream_id(raw: object) -> tuple[int, int] | None:
 
 
 _RawHash = dict[bytes, bytes]
+
+
+def _pairs(flat: list[bytes]) -> _RawHash:
+    """HGETALL's reply inside a script is a flat [field, value, ...] list."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 def _text(raw: object) -> str | None:

@@ -25,7 +25,11 @@ ACTIVE_TASK_TTL_S = 7 * 86400
 
 
 def task_key(user_id: str, task_id: str) -> str:
-    return f"{PREFIX}:task:{{{user_id}}}:{task_id}"
+    return task_key_prefix(user_id) + task_id
+
+
+def task_key_prefix(user_id: str) -> str:
+    return f"{PREFIX}:task:{{{user_id}}}:"
 
 
 def active_key(user_id: str) -> str:
@@ -85,6 +89,20 @@ local event_id = epoch .. '-' .. stream_id
 local with_id = '{"id":"' .. event_id .. '",' .. string.sub(event, 2)
 redis.call('PUBLISH', ARGV[10], user .. '\\n' .. task .. '\\n' .. event_id .. '\\n' .. with_id)
 return event_id
+"""
+
+SNAPSHOT_SCRIPT = """
+-- KEYS: active zset, history stream, epoch; ARGV: max tasks, task key prefix
+-- One atomic read: the unfinished tasks' states and the latest event id, so that
+-- no event up to that id is missing from the states.
+local states = {}
+for i, task in ipairs(redis.call('ZREVRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)) do
+  states[i] = redis.call('HGETALL', ARGV[2] .. task)
+end
+local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+local last_id = false
+if #newest > 0 then last_id = newest[1][1] end
+return {states, last_id, redis.call('GET', KEYS[3])}
 """
 
 CANCEL_SCRIPT = """

@@ -8,6 +8,7 @@ import shutil
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
+import hypothesis
 import pytest
 import redis
 from aiohttp.test_utils import TestClient
@@ -17,6 +18,11 @@ from streamer.auth.tokens import issue_token
 from streamer.config import Config
 
 from .processes import RedisServer, ServerProcess, free_port, start_server_process
+
+# Fuzzing explores the same examples on every run: a failure is reproducible, and a
+# green run cannot turn red by chance.
+hypothesis.settings.register_profile("deterministic", derandomize=True, database=None)
+hypothesis.settings.load_profile("deterministic")
 
 SECRET = "test-secret-" + "x" * 60
 PUBLISH_KEY = "test-publish-key-0123456789"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import hmac
 import json
 import time
 from collections.abc import Callable
@@ -38,6 +40,20 @@ def bad_tokens() -> dict[str, str]:
         "no_exp": jwt.encode({"sub": "victim"}, SECRET, algorithm="HS256"),
         "no_sub": jwt.encode({"exp": now + 3600}, SECRET, algorithm="HS256"),
         "hs512": jwt.encode(claims, SECRET, algorithm="HS512"),
+        # Algorithm confusion: an RS256 header over an HMAC made with the secret.
+        "rs256_confusion": _b64({"alg": "RS256", "typ": "JWT"})
+        + "."
+        + _b64(claims)
+        + "."
+        + base64.urlsafe_b64encode(
+            hmac.new(
+                SECRET.encode(),
+                (_b64({"alg": "RS256", "typ": "JWT"}) + "." + _b64(claims)).encode(),
+                hashlib.sha256,
+            ).digest()
+        )
+        .rstrip(b"=")
+        .decode(),
         "numeric_sub": _b64({"alg": "HS256", "typ": "JWT"}) + "." + _b64({"sub": 1}) + ".x",
     }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable
 
 import pytest
@@ -16,7 +17,7 @@ from streamer.redis_store import EVENTS_CHANNEL
 
 from .clients import ws_json, ws_messages
 from .conftest import PUBLISH_KEY, SECRET
-from .processes import free_port
+from .processes import BIN, free_port
 
 TokenFor = Callable[..., str]
 
@@ -176,3 +177,29 @@ async def test_http_publish_is_off_without_a_key(
     )
     assert response.status == 403
     assert "STREAMER_PUBLISH_KEY" in (await response.json())["message"]
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--redis-url", "redis://127.0.0.1:{port}/0"], 1, "could not publish to Redis"),
+        (["--url", "http://127.0.0.1:{port}", "--publish-key", PUBLISH_KEY], 1, "could not reach"),
+        (["--progress", "150", "--redis-url", "redis://127.0.0.1:1/0"], 2, "progress must be"),
+        (["--status", "DONE", "--redis-url", "redis://127.0.0.1:1/0"], 2, "status of a"),
+        (["--result", "[1]", "--status", "SUCCESS", "--url", "http://x"], 2, "result_data"),
+    ],
+)
+def test_cli_publish_errors_are_clear(
+    args: list[str], code: int, message: str, process_env: dict[str, str]
+) -> None:
+    port = str(free_port())  # nothing listens there
+    result = subprocess.run(
+        [str(BIN / "streamer"), "publish", "--user", "u", "--task", "t"]
+        + [a.replace("{port}", port) for a in args],
+        env={k: v for k, v in process_env.items() if k != "STREAMER_REDIS_URL"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == code
+    assert message in result.stderr and "Traceback" not in result.stderr

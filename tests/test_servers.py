@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 from collections.abc import Callable
@@ -231,5 +232,39 @@ async def test_shutdown_and_reload_close_streams_for_clients_to_resume(
     try:
         assert (await resumed.next())["recovered"] is True
         assert (await resumed.next())["id"] == missed
+    finally:
+        await resumed.close()
+
+
+async def test_worker_killed_mid_stream_loses_nothing_for_resuming_clients(
+    redis_url: str,
+    process_env: dict[str, str],
+    start_process: StartProcess,
+    token_for: TokenFor,
+    user_id: str,
+) -> None:
+    env = {**process_env, "STREAMER_REDIS_URL": redis_url}
+    server = start_process(gunicorn_args(2), env)
+    await asyncio.to_thread(server.wait_healthy)
+    token = token_for(user_id)
+    ws_url = server.base_url.replace("http", "ws") + f"/ws/tasks/?token={token}"
+    ws = await WsStream.open(ws_url)
+    try:
+        await ws.next()
+        seen = await run_cli("publish", "--user", user_id, "--task", "t", env=env)
+        assert (await ws.next())["id"] == seen
+        os.kill(int(ws.worker), signal.SIGKILL)
+        assert await ws_close_code(ws.ws) != 1000  # dropped, not closed politely
+    finally:
+        await ws.close()
+    missed = [
+        await run_cli("publish", "--user", user_id, "--task", "t", "--progress", str(n), env=env)
+        for n in range(3)
+    ]
+    resumed = await WsStream.open(f"{ws_url}&last_event_id={seen}")
+    try:
+        assert resumed.worker != ws.worker  # another (or a respawned) worker
+        assert (await resumed.next())["recovered"] is True
+        assert [(await resumed.next())["id"] for _ in missed] == missed
     finally:
         await resumed.close()

@@ -9,7 +9,9 @@ from typing import Any
 import aiohttp
 from aiohttp.test_utils import TestClient
 
+from streamer.app import create_app
 from streamer.app_keys import BROKER
+from streamer.config import Config
 from streamer.events import completed_event, progress_event
 
 from .clients import SseReader, ws_json, ws_messages
@@ -293,3 +295,25 @@ async def test_resume_from_beyond_the_retained_history_is_reported(
         assert (await ws_json(ws))["recovered"] is True
         replayed = await ws_messages(ws, 100)
         assert len({m["id"] for m in replayed}) == 100
+
+
+async def test_history_expires_after_its_ttl(
+    config: Config, aiohttp_client: Callable[..., Any], token_for: TokenFor, user_id: str
+) -> None:
+    client: TestClient = await aiohttp_client(await create_app(config.replace(history_ttl=1)))
+    seen = await publish_progress(client, user_id, "job", progress=1)
+    await publish_progress(client, user_id, "job", progress=2)
+    broker = client.app[BROKER]
+    assert (await broker.replay(user_id, seen)).complete
+
+    async def expired() -> None:
+        while (await broker.replay(user_id, seen)).complete:
+            await asyncio.sleep(0.1)
+
+    await asyncio.wait_for(expired(), 10)  # one second after the user's last event
+    async with client.ws_connect(
+        f"/ws/tasks/?token={token_for(user_id)}&last_event_id={seen}"
+    ) as ws:
+        snapshot = await ws_json(ws)
+        assert snapshot["recovered"] is False
+        assert [t["progress"] for t in snapshot["tasks"]] == [2]  # task state outlives history
