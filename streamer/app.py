@@ -2,24 +2,29 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import AsyncIterator
 from importlib import resources
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
+from redis.exceptions import RedisError
 
 from .access_log import RedactingAccessLogger
 from .app_keys import BROKER, CONFIG, HUB, METRICS
 from .auth.sessions import setup_sessions
-from .broker import Broker
+from .broker import Broker, BrokerUnavailable
 from .config import Config
 from .handlers import demo, health, publish, session, sse, ws
+from .handlers.common import json_error
 from .hub import CloseReason, Hub
 from .memory_broker import MemoryBroker
 from .metrics import Metrics
 from .redis_broker import RedisBroker
 
 MAX_REQUEST_BODY_BYTES = 256 * 1024
+log = logging.getLogger(__name__)
 
 
 def build_broker(config: Config) -> Broker:
@@ -44,8 +49,20 @@ async def _close_connections(app: web.Application) -> None:
     app[HUB].close_all(CloseReason.SHUTDOWN)
 
 
+@web.middleware
+async def _broker_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Redis failing under a plain request (the session store saving a session,
+    for one) is a 503 the client can retry, not a 500."""
+    try:
+        return await handler(request)
+    except (BrokerUnavailable, RedisError) as exc:
+        log.warning("%s %s: broker unavailable: %s", request.method, request.path, exc)
+        return json_error(503, "broker_unavailable", "the broker is unavailable; try again")
+
+
 def build_app(config: Config) -> web.Application:
     app = web.Application(
+        middlewares=[_broker_errors],
         client_max_size=MAX_REQUEST_BODY_BYTES,
         handler_args={
             "access_log_class": RedactingAccessLogger,

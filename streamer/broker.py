@@ -8,7 +8,6 @@ once, to a single `deliver` callback (the hub).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -23,11 +22,12 @@ class Listener(Protocol):
     def reset(self) -> None:
         """The broker lost its data: every client must resynchronise from a snapshot."""
 
-    def users(self) -> Iterable[str]:
-        """Users with connections in this process (to catch up after a lost subscription)."""
+    def resume_points(self) -> dict[str, EventId | None]:
+        """For each user with connections here, the oldest event id one of them has
+        (None: one has none yet): where to catch up from after a lost subscription."""
 
 
-class BrokerUnavailable(RuntimeError):
+class BrokerUnavailable(Exception):
     """The broker cannot be reached; nothing was published."""
 
 

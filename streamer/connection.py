@@ -10,8 +10,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from .broker import Broker
-from .events import Delivery, TaskState, dumps
+from .broker import Broker, Snapshot
+from .events import Delivery, EventId, TaskState, dumps
 from .hub import CloseReason, Hub, Resync, Subscription
 
 
@@ -19,7 +19,7 @@ def active_tasks_message(tasks: list[TaskState], *, recovered: bool) -> str:
     return dumps({"type": "active_tasks", "tasks": tasks, "recovered": recovered})
 
 
-async def current_tasks(broker: Broker, subscription: Subscription) -> list[TaskState]:
+async def current_tasks(broker: Broker, subscription: Subscription) -> Snapshot:
     """The subscriber's unfinished tasks; queued events they already reflect are dropped,
     so a client never gets an event older than its snapshot from the live stream."""
     snapshot = await broker.snapshot(subscription.user_id)
@@ -28,12 +28,17 @@ async def current_tasks(broker: Broker, subscription: Subscription) -> list[Task
     tasks = snapshot.tasks
     if subscription.task_id is not None:
         tasks = [task for task in tasks if task["task_id"] == subscription.task_id]
-    return tasks
+    return Snapshot(tasks, snapshot.last_event_id)
+
+
+def _optional_id(event_id: EventId | None) -> str | None:
+    return None if event_id is None else str(event_id)
 
 
 @dataclass(frozen=True)
 class Outgoing:
-    """One message for a transport to send; `event_id` is None for snapshots."""
+    """One message for a transport to send; `event_id` is None for a snapshot of a
+    user without history."""
 
     json: str
     type: str
@@ -43,14 +48,16 @@ class Outgoing:
 async def outgoing_messages(broker: Broker, stream: ClientStream) -> AsyncIterator[Outgoing]:
     """Everything a client is sent, in order: snapshot, replay, then live events
     (and a fresh snapshot wherever the broker lost its data)."""
-    yield Outgoing(stream.snapshot, "active_tasks", None)
+    # A snapshot's id is the newest event it reflects: resuming from there is exact.
+    yield Outgoing(stream.snapshot, "active_tasks", stream.snapshot_id)
     for delivery in stream.replayed:
         yield Outgoing(delivery.json, delivery.type, str(delivery.event_id))
     subscription = stream.subscription
     while (item := await subscription.next()) is not None:
         if isinstance(item, Resync):
-            tasks = await current_tasks(broker, subscription)
-            yield Outgoing(active_tasks_message(tasks, recovered=False), "active_tasks", None)
+            snapshot = await current_tasks(broker, subscription)
+            message = active_tasks_message(snapshot.tasks, recovered=False)
+            yield Outgoing(message, "active_tasks", _optional_id(snapshot.last_event_id))
         else:
             yield Outgoing(item.json, item.type, str(item.event_id))
 
@@ -63,6 +70,7 @@ class ClientStream:
     subscription: Subscription
     snapshot: str
     replayed: list[Delivery] = field(default_factory=list)
+    snapshot_id: str | None = None
 
 
 @asynccontextmanager
@@ -87,7 +95,7 @@ async def open_client_stream(
             )
         # Snapshot first: the replay, read after it, then holds every missed event up
         # to now, and the live queue only what comes after the replay.
-        tasks = await current_tasks(broker, subscription)
+        current = await current_tasks(broker, subscription)
         recovered = True
         replayed: list[Delivery] = []
         if last_event_id is not None:
@@ -96,8 +104,10 @@ async def open_client_stream(
             replayed = [d for d in replay.events if subscription.wants(d)]
             if replay.events:
                 subscription.skip_through(replay.events[-1].event_id)
-        snapshot = active_tasks_message(tasks, recovered=recovered)
-        yield ClientStream(subscription, snapshot, replayed)
+        snapshot = active_tasks_message(current.tasks, recovered=recovered)
+        yield ClientStream(
+            subscription, snapshot, replayed, snapshot_id=_optional_id(current.last_event_id)
+        )
     finally:
         if expiry is not None:
             expiry.cancel()

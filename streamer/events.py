@@ -323,6 +323,7 @@ def event_from_payload(payload: object) -> TaskEvent:
     return completed_event(user_id, task_id, **body)
 
 
+_MAX_STREAM_PART = 2**64 - 1
 _EVENT_ID = re.compile(r"^([0-9a-f]{8,32})-([0-9]{1,20})-([0-9]{1,20})$")
 
 
@@ -339,7 +340,10 @@ class EventId:
         match = _EVENT_ID.match(raw.strip()) if len(raw) <= 80 else None
         if match is None:
             return None
-        return cls(match.group(1), int(match.group(2)), int(match.group(3)))
+        ms, seq = int(match.group(2)), int(match.group(3))
+        if ms > _MAX_STREAM_PART or seq > _MAX_STREAM_PART:
+            return None  # not a Redis stream id: unknown
+        return cls(match.group(1), ms, seq)
 
     @property
     def stream_id(self) -> str:

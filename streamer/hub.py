@@ -37,6 +37,11 @@ class Subscription:
         self._last_id: EventId | None = None
         self.close_reason: CloseReason | None = None
 
+    @property
+    def last_id(self) -> EventId | None:
+        """The newest event this connection has been sent or has queued."""
+        return self._last_id
+
     def wants(self, delivery: Delivery) -> bool:
         return self.task_id is None or delivery.task_id == self.task_id
 
@@ -94,6 +99,10 @@ class ConnectionLimitReached(Exception):
     """Refused: the process or the user already has as many streams as allowed."""
 
 
+class HubClosed(Exception):
+    """Refused: the process is shutting down."""
+
+
 class Hub:
     def __init__(
         self, client_buffer: int, *, max_connections: int, max_connections_per_user: int
@@ -103,8 +112,11 @@ class Hub:
         self._max_per_user = max_connections_per_user
         self._by_user: dict[str, set[Subscription]] = {}
         self._count = 0
+        self._closed = False
 
     def subscribe(self, user_id: str, task_id: str | None = None) -> Subscription:
+        if self._closed:
+            raise HubClosed("the server is shutting down; reconnect")
         if self._count >= self._max_connections:
             raise ConnectionLimitReached("this server has too many connections; retry later")
         if len(self._by_user.get(user_id, ())) >= self._max_per_user:
@@ -129,8 +141,12 @@ class Hub:
         for subscription in tuple(self._by_user.get(delivery.user_id, ())):
             subscription.offer(delivery)
 
-    def users(self) -> list[str]:
-        return list(self._by_user)
+    def resume_points(self) -> dict[str, EventId | None]:
+        points: dict[str, EventId | None] = {}
+        for user_id, subscriptions in self._by_user.items():
+            last_ids = [s.last_id for s in subscriptions]
+            points[user_id] = None if None in last_ids else min(i for i in last_ids if i)
+        return points
 
     def reset(self) -> None:
         for subscription in list(self.subscriptions()):
@@ -141,6 +157,9 @@ class Hub:
             yield from subscriptions
 
     def close_all(self, reason: CloseReason) -> None:
+        """End every connection; with SHUTDOWN, refuse new ones from now on."""
+        if reason is CloseReason.SHUTDOWN:
+            self._closed = True
         for subscription in list(self.subscriptions()):
             subscription.close(reason)
 

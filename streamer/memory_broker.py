@@ -29,6 +29,10 @@ class _History:
 class _UserTasks:
     states: dict[str, TaskState] = field(default_factory=dict)
     active: dict[str, float] = field(default_factory=dict)  # task_id -> created
+    finished: dict[str, float] = field(default_factory=dict)  # task_id -> monotonic time
+
+
+SWEEP_INTERVAL_S = 10.0
 
 
 class MemoryBroker(Broker):
@@ -41,6 +45,7 @@ class MemoryBroker(Broker):
         self._users: dict[str, _UserTasks] = {}
         self._cancelled: set[str] = set()
         self._listener: Listener | None = None
+        self._last_sweep = time.monotonic()
 
     async def start(self, listener: Listener) -> None:
         self._listener = listener
@@ -63,14 +68,37 @@ class MemoryBroker(Broker):
             return None
         return history
 
+    def _sweep(self) -> None:
+        """Forget what Redis would have expired: idle histories, old finished tasks."""
+        now = time.monotonic()
+        if now - self._last_sweep < SWEEP_INTERVAL_S:
+            return
+        self._last_sweep = now
+        for user_id in list(self._histories):
+            self._history(user_id)
+        for user_id, tasks in list(self._users.items()):
+            for task_id, finished in list(tasks.finished.items()):
+                if now - finished > self._history_ttl:
+                    del tasks.finished[task_id]
+                    tasks.states.pop(task_id, None)
+            if not tasks.states:
+                del self._users[user_id]
+
     async def publish(self, event: TaskEvent) -> EventId:
+        self._sweep()
         tasks = self._users.setdefault(event.user_id, _UserTasks())
         update = event.state_update()
         tasks.states[event.task_id] = update.apply(tasks.states.get(event.task_id, {}))
         if update.terminal:
             tasks.active.pop(event.task_id, None)
+            tasks.finished[event.task_id] = time.monotonic()
+            self._cancelled.discard(event.task_id)
         else:
-            tasks.active.setdefault(event.task_id, time.time())
+            tasks.finished.pop(event.task_id, None)
+            if event.task_id not in tasks.active:
+                # A new run of this task id: a cancellation of an earlier run does not apply.
+                self._cancelled.discard(event.task_id)
+                tasks.active[event.task_id] = time.time()
 
         event_id = self._next_id()
         delivery = Delivery(
@@ -82,7 +110,8 @@ class MemoryBroker(Broker):
         )
         history = self._history(event.user_id)
         if history is None:
-            history = self._histories[event.user_id] = _History(deque())
+            # A history that expired and starts again: earlier resume points are gaps.
+            history = self._histories[event.user_id] = _History(deque(), max_deleted=event_id)
         if len(history.entries) >= self._history_size:
             history.max_deleted = history.entries.popleft()[0]
         history.entries.append((event_id, delivery))

@@ -19,11 +19,6 @@ class Metrics:
             "Events published through this process",
             registry=self.registry,
         )
-        self.events_received = Counter(
-            "streamer_events_received",
-            "Events received from the broker subscription",
-            registry=self.registry,
-        )
         self.events_sent = Counter(
             "streamer_events_sent",
             "Events sent to clients",

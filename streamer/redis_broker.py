@@ -6,11 +6,11 @@ import asyncio
 import contextlib
 import functools
 import logging
-import time
 from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar, cast
 
 import redis.asyncio as redis
+from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
@@ -58,6 +58,9 @@ def _unavailable_on_error(
 MAX_SNAPSHOT_TASKS = 500
 REDIS_POOL_SIZE = 50
 REDIS_POOL_WAIT_S = 10.0
+POLL_S = 0.2
+IDLE_PING_S = 15.0
+PONG_TIMEOUT_S = 10.0
 RECONNECT_BACKOFF_MIN_S = 0.1
 RECONNECT_BACKOFF_MAX_S = 5.0
 
@@ -69,16 +72,17 @@ class RedisBroker(Broker):
         *,
         history_size: int,
         history_ttl: int,
+        idle_ping_s: float = IDLE_PING_S,
+        pong_timeout_s: float = PONG_TIMEOUT_S,
     ) -> None:
         self._url = url
         self._history_size = history_size
         self._history_ttl = history_ttl
+        self._idle_ping_s = idle_ping_s
+        self._pong_timeout_s = pong_timeout_s
         self._client: redis.Redis | None = None
         self._subscriber_task: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
-        # Per user, the stream id of the last event received: where to catch up
-        # from when the subscription was lost.
-        self._last_seen: dict[str, str] = {}
         # The epoch of the Redis dataset events came from; a new one means Redis
         # lost its data (flushed, or restarted without persistence).
         self._epoch: str | None = None
@@ -122,41 +126,36 @@ class RedisBroker(Broker):
 
     async def _subscribe_forever(self, listener: Listener) -> None:
         backoff = RECONNECT_BACKOFF_MIN_S
-        lost_at_ms: int | None = None
+        was_lost = False
         while True:
             # Errors must surface here, not be retried inside redis-py, so that
             # each reconnect is followed by a catch-up from the history.
             subscriber = redis.Redis.from_url(
-                self._url, socket_connect_timeout=5, retry=Retry(NoBackoff(), 0)
+                self._url,
+                socket_connect_timeout=5,
+                socket_keepalive=True,
+                retry=Retry(NoBackoff(), 0),
             )
             pubsub = subscriber.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(EVENTS_CHANNEL)
-                if lost_at_ms is not None:
+                if was_lost:
                     log.warning("redis subscription restored; catching up")
-                    await self._catch_up(listener, lost_at_ms)
-                    lost_at_ms = None
+                    await self._catch_up(listener)
+                    was_lost = False
                 elif self._epoch is None:
                     self._epoch = await self._read_epoch()
                 self._subscribed.set()
                 backoff = RECONNECT_BACKOFF_MIN_S
-                while True:
-                    message = await pubsub.get_message(timeout=None)
-                    if message is None or message.get("type") != "message":
-                        continue
-                    delivery = decode_message(message["data"])
-                    if delivery is None:
-                        log.warning("ignoring a malformed message on %s", EVENTS_CHANNEL)
-                        continue
-                    self._check_epoch(listener, delivery.event_id.epoch)
-                    self._last_seen[delivery.user_id] = delivery.event_id.stream_id
-                    listener.deliver(delivery)
-            except (RedisError, OSError) as exc:
-                if lost_at_ms is None:
-                    lost_at_ms = int(time.time() * 1000)
-                self._subscribed.clear()
+                await self._listen(pubsub, listener)
+            except (RedisError, OSError, BrokerUnavailable) as exc:
                 log.warning("redis subscription lost (%s); retrying in %.1fs", exc, backoff)
+                was_lost = True
+            except Exception:
+                log.exception("redis subscriber failed; reconnecting in %.1fs", backoff)
+                was_lost = True
             finally:
+                self._subscribed.clear()
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
                 with contextlib.suppress(Exception):
@@ -164,34 +163,61 @@ class RedisBroker(Broker):
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, RECONNECT_BACKOFF_MAX_S)
 
+    async def _listen(self, pubsub: PubSub, listener: Listener) -> None:
+        """Hand messages to the listener until the connection fails.
+
+        A connection that went half-open (a NAT or load balancer dropped it, the
+        host vanished) fails no read: after idle_ping_s of silence a PING must be
+        answered within pong_timeout_s, or the connection counts as lost.
+        """
+        loop = asyncio.get_running_loop()
+        last_heard = loop.time()
+        ping_sent_at: float | None = None
+        while True:
+            message = await pubsub.get_message(timeout=POLL_S)
+            now = loop.time()
+            if message is None:
+                if ping_sent_at is not None and now - ping_sent_at > self._pong_timeout_s:
+                    raise ConnectionError("no answer to PING on the subscriber connection")
+                if ping_sent_at is None and now - last_heard > self._idle_ping_s:
+                    await pubsub.ping()
+                    ping_sent_at = now
+                continue
+            last_heard, ping_sent_at = now, None
+            if message.get("type") != "message":
+                continue
+            delivery = decode_message(message["data"])
+            if delivery is None:
+                log.warning("ignoring a malformed message on %s", EVENTS_CHANNEL)
+                continue
+            self._check_epoch(listener, delivery.event_id.epoch)
+            listener.deliver(delivery)
+
     def _check_epoch(self, listener: Listener, epoch: str | None) -> bool:
         """Tell the listener when the dataset changed under us; True if it did."""
         lost = self._epoch is not None and epoch != self._epoch
         if lost:
             log.warning("redis lost its data (epoch %s -> %s): clients resync", self._epoch, epoch)
-            self._last_seen.clear()
             listener.reset()
         # None (Redis empty, nothing published yet) is remembered too, so the first
         # epoch of the new dataset does not count as a second loss.
         self._epoch = epoch
         return lost
 
-    async def _catch_up(self, listener: Listener, lost_at_ms: int) -> None:
-        """Deliver what local users missed while the subscription was down.
+    async def _catch_up(self, listener: Listener) -> None:
+        """Deliver what local connections missed while the subscription was down.
 
-        Connections drop what they already have (ids are ordered), so reading a
-        little too far back is harmless. If Redis lost its data meanwhile, there is
-        nothing to catch up from: clients get a fresh snapshot instead.
+        Each user's history is read from the oldest id one of their connections has
+        (connections drop what they already have), so no clock is involved. If
+        Redis lost its data meanwhile there is nothing to catch up from: clients
+        get a fresh snapshot instead.
         """
         epoch = await self._read_epoch()
-        if self._check_epoch(listener, epoch):
+        if self._check_epoch(listener, epoch) or epoch is None:
             return
-        users = set(listener.users())
-        self._last_seen = {u: i for u, i in self._last_seen.items() if u in users}
-        for user_id in users:
-            start = self._last_seen.get(user_id, f"{max(lost_at_ms - 1000, 0)}-0")
-            for delivery in await self._read_history(user_id, epoch, f"({start}"):
-                self._last_seen[user_id] = delivery.event_id.stream_id
+        for user_id, oldest in listener.resume_points().items():
+            start = "-" if oldest is None else f"({oldest.stream_id}"
+            for delivery in await self._read_history(user_id, epoch, start):
                 listener.deliver(delivery)
 
     async def _read_epoch(self) -> str | None:
@@ -236,7 +262,10 @@ class RedisBroker(Broker):
 
     @_unavailable_on_error
     async def task_state(self, user_id: str, task_id: str) -> TaskState | None:
-        return decode_state(cast(_RawHash, await self.client.hgetall(task_key(user_id, task_id))))
+        raw = cast(_RawHash, await self.client.hgetall(task_key(user_id, task_id)))
+        if raw.get(b"user_id") != user_id.encode():
+            return None  # unknown, or (defence in depth) someone else's
+        return decode_state(raw)
 
     @_unavailable_on_error
     async def request_cancel(self, user_id: str, task_id: str) -> bool:
@@ -253,13 +282,16 @@ class RedisBroker(Broker):
         if resume_point is None:
             return Replay([], complete=False)
         key = history_key(user_id)
-        # One transaction, range first: a trim between the two reads could
-        # otherwise hide a gap.
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.get(EPOCH_KEY)
-            pipe.xrange(key, min=f"({resume_point.stream_id}", max="+")
-            pipe.exists(key)
-            epoch_raw, entries, exists = await pipe.execute()
+        # The range is read before the trim marker (XINFO): a trim in between can
+        # only make the answer more cautious, never hide a gap.
+        try:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.get(EPOCH_KEY)
+                pipe.xrange(key, min=f"({resume_point.stream_id}", max="+")
+                pipe.exists(key)
+                epoch_raw, entries, exists = await pipe.execute()
+        except ResponseError:  # an id Redis cannot use is an unknown id
+            return Replay([], complete=False)
         if _text(epoch_raw) != resume_point.epoch or not exists:
             return Replay([], complete=False)
         try:

@@ -13,6 +13,7 @@ import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from urllib.parse import quote
 
 from .events import Delivery, EventId, TaskEvent, TaskState, dumps, full_task_state
 
@@ -24,20 +25,26 @@ EPOCH_KEY = f"{PREFIX}:epoch"
 ACTIVE_TASK_TTL_S = 7 * 86400
 
 
+def _user(user_id: str) -> str:
+    """The user id inside keys, escaped so that no (user, task) pair can spell
+    another pair's key (`{a}:b}:c` vs `{a}:b` + `c`)."""
+    return "{" + quote(user_id, safe="") + "}"
+
+
 def task_key(user_id: str, task_id: str) -> str:
     return task_key_prefix(user_id) + task_id
 
 
 def task_key_prefix(user_id: str) -> str:
-    return f"{PREFIX}:task:{{{user_id}}}:"
+    return f"{PREFIX}:task:{_user(user_id)}:"
 
 
 def active_key(user_id: str) -> str:
-    return f"{PREFIX}:active:{{{user_id}}}"
+    return f"{PREFIX}:active:{_user(user_id)}"
 
 
 def history_key(user_id: str) -> str:
-    return f"{PREFIX}:history:{{{user_id}}}"
+    return f"{PREFIX}:history:{_user(user_id)}"
 
 
 def cancel_key(task_id: str) -> str:
@@ -45,7 +52,7 @@ def cancel_key(task_id: str) -> str:
 
 
 PUBLISH_SCRIPT = """
--- KEYS: task hash, active zset, history stream, epoch
+-- KEYS: task hash, active zset, history stream, epoch, cancel flag
 -- ARGV: user, task, event json (no id), terminal, history size, history ttl,
 --       active ttl, candidate epoch, created score, channel, n_values, n_if_absent,
 --       then field/value pairs (values first, then if-absent ones)
@@ -69,8 +76,12 @@ end
 if terminal then
   redis.call('ZREM', active_key, task)
   redis.call('EXPIRE', task_key, ARGV[6])
+  redis.call('DEL', KEYS[5])
 else
-  redis.call('ZADD', active_key, 'NX', ARGV[9], task)
+  if redis.call('ZADD', active_key, 'NX', ARGV[9], task) == 1 then
+    -- A new run of this task id: a cancellation of an earlier run does not apply.
+    redis.call('DEL', KEYS[5])
+  end
   redis.call('EXPIRE', task_key, ARGV[7])
   redis.call('EXPIRE', active_key, ARGV[7])
 end
@@ -83,7 +94,12 @@ if excess > 0 then
     redis.call('XDEL', history_key, entry[1])
   end
 end
+local fresh = redis.call('EXISTS', history_key) == 0
 local stream_id = redis.call('XADD', history_key, '*', 'e', event)
+if fresh then
+  -- A history that expired and starts again: earlier resume points are gaps.
+  redis.call('XSETID', history_key, stream_id, 'ENTRIESADDED', 1, 'MAXDELETEDID', stream_id)
+end
 redis.call('EXPIRE', history_key, ARGV[6])
 local event_id = epoch .. '-' .. stream_id
 local with_id = '{"id":"' .. event_id .. '",' .. string.sub(event, 2)
@@ -133,6 +149,7 @@ def publish_call(event: TaskEvent, *, history_size: int, history_ttl: int) -> Sc
             active_key(event.user_id),
             history_key(event.user_id),
             EPOCH_KEY,
+            cancel_key(event.task_id),
         ],
         args=[
             event.user_id,

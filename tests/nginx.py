@@ -37,6 +37,10 @@ class Nginx:
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
+    def access_log(self) -> Path:
+        return self.directory / "streamer-access.log"
+
+    @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
@@ -47,6 +51,7 @@ class Nginx:
         site = string.Template(TEMPLATE.read_text()).safe_substitute(
             STREAMER_UPSTREAM=f"127.0.0.1:{self.upstream_port}",
             NGINX_PORT=f"127.0.0.1:{self.port}",
+            NGINX_ACCESS_LOG=str(self.access_log),
         )
         (self.directory / "streamer.conf").write_text(site)
         conf = self.directory / "nginx.conf"

@@ -56,6 +56,14 @@ async def test_websocket_and_sse_through_nginx(
     finally:
         await ws.close()
         await sse.close()
+    # nginx's access log has the requests, without the token.
+    log = nginx.access_log.read_text()
+    assert "/ws/tasks/?token=[redacted]" in log and token not in log
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{nginx.base_url}/metrics") as metrics:
+            assert metrics.status == 404  # not exposed through the public proxy
+        async with session.get(f"{nginx.base_url}/healthz") as health:
+            assert health.status == 200
 
 
 async def test_same_origin_browser_upgrade_through_nginx(

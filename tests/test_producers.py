@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import subprocess
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 import redis
@@ -74,7 +76,9 @@ async def test_cancellation_is_seen_by_the_producer(
 def test_one_publish_costs_a_constant_number_of_redis_commands(redis_url: str) -> None:
     """Publishing is one script call, whatever the number of subscribers."""
     with redis.Redis.from_url(redis_url) as admin, Publisher(redis_url) as publisher:
-        publisher.progress("u", "warm-up", progress=1)  # loads the script
+        # Loads the script, and makes "t" an active task with a history, so that both
+        # measurements below take the same path through the script.
+        publisher.progress("u", "t", progress=1)
 
         def evalsha_calls() -> int:
             stats = admin.info("commandstats").get("cmdstat_evalsha", {"calls": 0})
@@ -203,3 +207,33 @@ def test_cli_publish_errors_are_clear(
     )
     assert result.returncode == code
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+async def test_http_publish_reads_a_body_sent_in_pieces(
+    client: TestClient, token_for: TokenFor, user_id: str
+) -> None:
+    body = json.dumps({"user_id": user_id, "task_id": "t", "current_step": "x" * 1500})
+
+    async def chunks() -> AsyncIterator[bytes]:
+        half = len(body) // 2
+        yield body[:half].encode()
+        await asyncio.sleep(0)  # let the first piece go out on its own
+        yield body[half:].encode()
+
+    response = await client.post(
+        "/api/tasks/events", data=chunks(), headers={"X-API-Key": PUBLISH_KEY}
+    )
+    assert response.status == 202, await response.text()
+
+
+async def test_http_publish_with_an_undecodable_key_is_refused(client: TestClient) -> None:
+    assert client.host and client.port
+    request = (
+        b"POST /api/tasks/events HTTP/1.1\r\nHost: x\r\nX-API-Key: \xff\xfe\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
+    )
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(request)
+    status_line = await asyncio.wait_for(reader.readline(), 10)
+    writer.close()
+    assert status_line.startswith(b"HTTP/1.1 401"), status_line

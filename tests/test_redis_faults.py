@@ -14,9 +14,11 @@ from aiohttp.test_utils import TestClient
 from streamer.app import create_app
 from streamer.app_keys import BROKER
 from streamer.config import Config
+from streamer.events import Delivery, EventId
 from streamer.publisher import AsyncPublisher, BrokerUnavailable
+from streamer.redis_broker import RedisBroker
 
-from .clients import SseReader, ws_json, ws_messages
+from .clients import SseReader, ws_close_code, ws_json, ws_messages
 from .conftest import PUBLISH_KEY, SECRET
 from .processes import RedisServer
 
@@ -196,3 +198,69 @@ async def test_redis_restart(
                 assert (await ws_json(late))["id"] == published
     finally:
         server.stop()
+
+
+class _Recorder:
+    """A listener that keeps what the broker hands it."""
+
+    def __init__(self) -> None:
+        self.deliveries: list[str] = []
+
+    def deliver(self, delivery: Delivery) -> None:
+        self.deliveries.append(str(delivery.event_id))
+
+    def reset(self) -> None:
+        raise AssertionError("no data was lost")
+
+    def resume_points(self) -> dict[str, EventId | None]:
+        return {}
+
+
+async def test_a_silent_subscriber_connection_is_replaced(
+    redis_url: str, caplog: pytest.LogCaptureFixture, user_id: str
+) -> None:
+    """A connection that stops answering (half-open) is detected by an unanswered PING."""
+    broker = RedisBroker(
+        redis_url, history_size=10, history_ttl=60, idle_ping_s=0.3, pong_timeout_s=0.5
+    )
+    recorder = _Recorder()
+    await broker.start(recorder)
+    try:
+        assert await broker.ready()
+        with redis.Redis.from_url(redis_url) as admin:
+            admin.execute_command("CLIENT", "PAUSE", "3000", "ALL")  # nobody gets answers
+
+        async def reconnected() -> bool:
+            return "no answer to PING" in caplog.text and await broker.ready()
+
+        await wait_for(reconnected, 15)
+        async with AsyncPublisher(redis_url) as publisher:
+            event_id = await publisher.progress(user_id, "t", progress=1)
+
+        async def delivered() -> bool:
+            return event_id in recorder.deliveries
+
+        await wait_for(delivered, 10)
+    finally:
+        await broker.close()
+
+
+async def test_session_cookie_while_redis_is_down_gets_503(
+    redis_server: RedisServer,
+    redis_url: str,
+    aiohttp_client: Callable[..., object],
+    token_for: TokenFor,
+) -> None:
+    config = Config(secret=SECRET, redis_url=redis_url, cookie_secure=False)
+    client: TestClient = await aiohttp_client(await create_app(config))  # type: ignore[misc]
+    assert (await client.post("/auth/session", json={"token": token_for("u")})).status == 200
+    redis_server.stop()
+    try:
+        assert (await client.get("/sse/tasks/")).status == 503
+        async with client.ws_connect("/ws/tasks/") as ws:
+            assert await ws_close_code(ws) == 1013
+        login = await client.post("/auth/session", json={"token": token_for("u")})
+        assert login.status == 503
+        assert (await login.json())["code"] == "broker_unavailable"
+    finally:
+        redis_server.start()

@@ -313,3 +313,39 @@ async def test_many_users_interleaved_publishing_never_leak(
 )  # fmt: skip
 def test_access_log_redaction(path: str, expected: str) -> None:
     assert redact(path) == expected
+
+
+async def test_a_wildcard_origin_never_covers_the_session_cookie(
+    config: Config, aiohttp_client: AiohttpClient, token_for: TokenFor, user_id: str
+) -> None:
+    client = await make_client(aiohttp_client, config, allowed_origins=("*",), cookie_secure=False)
+    evil = {"Origin": "https://evil.example"}
+    # Login and logout from another site are refused even with `*` ...
+    login = await client.post("/auth/session", json={"token": token_for(user_id)}, headers=evil)
+    assert login.status == 403
+    assert (await client.post("/auth/session", json={"token": token_for(user_id)})).status == 200
+    # ... and so are cookie-carried streams from another site, while tokens work anywhere.
+    assert (await client.get("/sse/tasks/", headers=evil)).status == 403
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await client.ws_connect("/ws/tasks/", headers=evil)
+    assert refused.value.status == 403
+    with_token = await client.get(f"/sse/tasks/?token={token_for(user_id)}", headers=evil)
+    assert with_token.status == 200
+    assert with_token.headers["Access-Control-Allow-Origin"] == "*"
+    assert "Access-Control-Allow-Credentials" not in with_token.headers
+    with_token.close()
+    assert (await client.delete("/auth/session", headers=evil)).status == 403
+
+
+async def test_login_needs_a_json_body(
+    config: Config, aiohttp_client: AiohttpClient, token_for: TokenFor
+) -> None:
+    """An HTML form (text/plain or urlencoded) posted from elsewhere cannot log in."""
+    client = await make_client(aiohttp_client, config, cookie_secure=False)
+    body = f'{{"token": "{token_for("u")}"}}'
+    for content_type in ("text/plain", "application/x-www-form-urlencoded"):
+        response = await client.post(
+            "/auth/session", data=body, headers={"Content-Type": content_type}
+        )
+        assert response.status == 401
+        assert SESSION_COOKIE not in response.cookies

@@ -131,7 +131,7 @@ async def test_websocket_commands(client: TestClient, token_for: TokenFor, user_
 async def test_sse_stream_framing_and_headers(
     client: TestClient, token_for: TokenFor, user_id: str
 ) -> None:
-    await publish_progress(client, user_id, "job", progress=1)
+    first_id = await publish_progress(client, user_id, "job", progress=1)
     response = await client.get(
         "/sse/tasks/", headers={"Authorization": f"Bearer {token_for(user_id)}"}
     )
@@ -141,7 +141,8 @@ async def test_sse_stream_framing_and_headers(
     assert response.headers["X-Accel-Buffering"] == "no"
     reader = SseReader(response)
     first = await reader.next()
-    assert first.event == "active_tasks" and first.retry == 3000 and first.id is None
+    assert first.event == "active_tasks" and first.retry == 3000
+    assert first.id == first_id  # the newest event the snapshot reflects
     assert [t["task_id"] for t in first.json["tasks"]] == ["job"]
 
     event_id = await publish_progress(client, user_id, "job", progress=2)
@@ -317,3 +318,58 @@ async def test_history_expires_after_its_ttl(
         snapshot = await ws_json(ws)
         assert snapshot["recovered"] is False
         assert [t["progress"] for t in snapshot["tasks"]] == [2]  # task state outlives history
+    # A new event starts a new history: resuming from before it is still a gap.
+    await publish_progress(client, user_id, "job", progress=3)
+    assert not (await broker.replay(user_id, seen)).complete
+
+
+async def test_cancellation_applies_to_one_run_of_a_task(
+    client: TestClient, token_for: TokenFor, user_id: str
+) -> None:
+    broker = client.app[BROKER]
+    await publish_progress(client, user_id, "nightly", progress=1)
+    assert await broker.request_cancel(user_id, "nightly")
+    assert await broker.is_cancelled("nightly")
+    await publish_done(client, user_id, "nightly", status="REVOKED")
+    assert not await broker.is_cancelled("nightly")  # that run is over
+    await publish_progress(client, user_id, "nightly", progress=1)  # the next run
+    assert not await broker.is_cancelled("nightly")
+
+
+async def test_ids_cannot_be_combined_into_another_users_task(
+    client: TestClient, token_for: TokenFor
+) -> None:
+    """("x", "y}:z") and ("x}:y", "z") must be two different tasks of two users."""
+    await publish_progress(client, "x}:y", "z", progress=11)
+    await publish_progress(client, "x", "y}:z", progress=22)
+    broker = client.app[BROKER]
+    mine = await broker.task_state("x", "y}:z")
+    theirs = await broker.task_state("x}:y", "z")
+    assert mine is not None and theirs is not None
+    assert (mine["progress"], theirs["progress"]) == (22, 11)
+    assert await broker.task_state("x", "z") is None
+    assert [t["task_id"] for t in await broker.active_tasks("x")] == ["y}:z"]
+
+
+async def test_sse_snapshot_id_is_an_exact_resume_point(
+    client: TestClient, token_for: TokenFor, user_id: str
+) -> None:
+    token = token_for(user_id)
+    fresh = SseReader(await client.get(f"/sse/tasks/?token={token}"))
+    assert (await fresh.next()).id is None  # no history yet: nothing to resume from
+    fresh.response.close()
+    await publish_progress(client, user_id, "job", progress=1)
+    reader = SseReader(await client.get(f"/sse/tasks/?token={token}"))
+    snapshot = await reader.next()
+    reader.response.close()
+    missed = await publish_progress(client, user_id, "job", progress=2)
+    # A browser reconnecting right after the snapshot sends its id as Last-Event-ID.
+    resumed = SseReader(
+        await client.get(
+            "/sse/tasks/",
+            headers={"Authorization": f"Bearer {token}", "Last-Event-ID": str(snapshot.id)},
+        )
+    )
+    assert (await resumed.next()).json["recovered"] is True
+    assert (await resumed.next()).id == missed
+    resumed.response.close()

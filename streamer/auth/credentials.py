@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from aiohttp import web
+from redis.exceptions import RedisError
 
-from .sessions import identity_from_session
+from ..broker import BrokerUnavailable
+from .sessions import SESSION_COOKIE, identity_from_session
 from .tokens import Identity, InvalidToken, verify_token
 
 
@@ -19,12 +21,25 @@ def token_from_request(request: web.Request) -> str | None:
     return request.query.get("token")
 
 
+def uses_session_cookie(request: web.Request) -> bool:
+    """True when the session cookie is what this request's credentials would be."""
+    return SESSION_COOKIE in request.cookies and (
+        "Authorization" not in request.headers and "token" not in request.query
+    )
+
+
 async def authenticate(request: web.Request, secret: str) -> Identity:
-    """Bearer header, then `?token=`, then the session cookie."""
+    """Bearer header, then `?token=`, then the session cookie.
+
+    Raises InvalidToken, or BrokerUnavailable when the session store cannot be read.
+    """
     token = token_from_request(request)
     if token is not None:
         return verify_token(secret, token)
-    identity = await identity_from_session(request)
+    try:
+        identity = await identity_from_session(request)
+    except (RedisError, OSError) as exc:
+        raise BrokerUnavailable(f"the session store is unavailable: {exc}") from exc
     if identity is None:
         raise InvalidToken("no credentials: send a Bearer token, ?token= or a session cookie")
     return identity

@@ -7,13 +7,19 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 
-def origin_allowed(request: web.Request, allowed: tuple[str, ...]) -> bool:
-    """Allow requests without Origin (curl, servers), listed origins, and same-origin."""
+def origin_allowed(
+    request: web.Request, allowed: tuple[str, ...], *, wildcard: bool = True
+) -> bool:
+    """Allow requests without Origin (curl, servers), listed origins, and same-origin.
+
+    `wildcard=False` ignores a configured `*`: requests that ride on the session
+    cookie must come from the service's own or an explicitly listed origin.
+    """
     origin = request.headers.get("Origin")
     if origin is None:
         return True
     origin = origin.strip().rstrip("/").lower()
-    if "*" in allowed or origin in allowed:
+    if (wildcard and "*" in allowed) or origin in allowed:
         return True
     parts = urlsplit(origin)
     host = request.headers.get("Host", "").lower()

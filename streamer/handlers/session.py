@@ -19,7 +19,10 @@ MAX_BODY_BYTES = 8 * 1024
 async def _token_from_body(request: web.Request) -> str | None:
     if not request.can_read_body:
         return None
-    raw = await request.content.read(MAX_BODY_BYTES + 1)
+    # JSON only: an HTML form (text/plain) from another site cannot log anyone in.
+    if request.content_type != "application/json":
+        raise InvalidToken('send the token as application/json: {"token": "..."}')
+    raw = await request.read()
     if len(raw) > MAX_BODY_BYTES:
         raise InvalidToken("the body is too large")
     try:
@@ -35,8 +38,9 @@ async def _token_from_body(request: web.Request) -> str | None:
 async def create_session(request: web.Request) -> web.Response:
     """Log in: the token comes as `Authorization: Bearer` or a JSON body `{"token"}`."""
     config = request.app[CONFIG]
-    # Refusing other sites' pages stops login CSRF (logging a victim in as someone else).
-    if not origin_allowed(request, config.allowed_origins):
+    # Refusing other sites' pages stops login CSRF (logging a victim in as someone else);
+    # a configured `*` does not extend to the cookie.
+    if not origin_allowed(request, config.allowed_origins, wildcard=False):
         return json_error(403, "origin_not_allowed", "this origin may not log in")
     try:
         token = token_from_request(request) or await _token_from_body(request)
@@ -50,7 +54,7 @@ async def create_session(request: web.Request) -> web.Response:
 
 async def delete_session(request: web.Request) -> web.Response:
     """Log out: the cookie is cleared (and, with Redis, the session deleted server-side)."""
-    if not origin_allowed(request, request.app[CONFIG].allowed_origins):
+    if not origin_allowed(request, request.app[CONFIG].allowed_origins, wildcard=False):
         return json_error(403, "origin_not_allowed", "this origin may not log out")
     await end_session(request)
     return web.Response(status=204)

@@ -10,7 +10,7 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
 from ..app_keys import BROKER, CONFIG, HUB, METRICS
-from ..auth.credentials import authenticate
+from ..auth.credentials import authenticate, uses_session_cookie
 from ..auth.origin import cors_headers, origin_allowed
 from ..auth.tokens import InvalidToken
 from ..broker import BrokerUnavailable
@@ -20,7 +20,7 @@ from ..connection import (
     outgoing_messages,
     run_until_first_done,
 )
-from ..hub import ConnectionLimitReached
+from ..hub import ConnectionLimitReached, HubClosed
 from .common import json_error, stream_params, worker_header
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,8 @@ SEND_TIMEOUT_S = 30.0
 
 async def sse_handler(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG]
-    if not origin_allowed(request, config.allowed_origins):
+    cookie = uses_session_cookie(request)
+    if not origin_allowed(request, config.allowed_origins, wildcard=not cookie):
         return json_error(403, "origin_not_allowed", "this origin may not read the stream")
     cors = cors_headers(request, config.allowed_origins)
     try:
@@ -40,6 +41,8 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
         refusal.headers["WWW-Authenticate"] = 'Bearer realm="streamer"'
         refusal.headers.update(cors)
         return refusal
+    except BrokerUnavailable as exc:
+        return json_error(503, "broker_unavailable", f"{exc}; try again")
     params = stream_params(request, last_event_header=True)
 
     metrics = request.app[METRICS]
@@ -64,6 +67,10 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
         metrics.disconnects.labels("connection_limit").inc()
         refusal = json_error(429, "too_many_connections", str(exc))
         refusal.headers.update(cors | {"Retry-After": "5"})
+        return refusal
+    except HubClosed as exc:
+        refusal = json_error(503, "shutting_down", str(exc))
+        refusal.headers.update(cors | {"Retry-After": "1"})
         return refusal
     except BrokerUnavailable as exc:
         if not response.prepared:
@@ -96,8 +103,6 @@ async def _serve(
 
     async def send_events() -> None:
         retry: int | None = retry_ms
-        # active_tasks carries no id: it is not in the history, and leaving the
-        # id out keeps the browser's resume point where it was.
         async for message in outgoing_messages(request.app[BROKER], stream):
             await response.send(message.json, id=message.event_id, event=message.type, retry=retry)
             retry = None

@@ -8,7 +8,7 @@ import logging
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from ..app_keys import BROKER, CONFIG, HUB, METRICS
-from ..auth.credentials import authenticate
+from ..auth.credentials import authenticate, uses_session_cookie
 from ..auth.origin import origin_allowed
 from ..auth.tokens import Identity, InvalidToken
 from ..broker import Broker, BrokerUnavailable
@@ -21,7 +21,7 @@ from ..connection import (
     run_until_first_done,
 )
 from ..events import dumps
-from ..hub import CloseReason, ConnectionLimitReached
+from ..hub import CloseReason, ConnectionLimitReached, HubClosed
 from ..rate_limit import TokenBucket
 from .common import stream_params, worker_header
 
@@ -59,7 +59,8 @@ def error_message(code: str, message: str) -> str:
 
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG]
-    if not origin_allowed(request, config.allowed_origins):
+    cookie = uses_session_cookie(request)
+    if not origin_allowed(request, config.allowed_origins, wildcard=not cookie):
         raise web.HTTPForbidden(text="origin not allowed\n")
     # aiohttp pings every ws_heartbeat_s and drops a peer whose pong does not come.
     ws = web.WebSocketResponse(
@@ -69,14 +70,18 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     if not ws.can_prepare(request).ok:
         raise web.HTTPBadRequest(text="expected a WebSocket upgrade\n")
     params = stream_params(request, last_event_header=False)
+    identity: Identity | None = None
+    refusal = (CLOSE_UNAUTHORIZED, b"unauthorized")
     try:
-        identity: Identity | None = await authenticate(request, config.secret)
+        identity = await authenticate(request, config.secret)
     except InvalidToken as exc:
         log.info("websocket refused: %s", exc)
-        identity = None
+    except BrokerUnavailable as exc:
+        log.warning("websocket refused: %s", exc)
+        refusal = (WSCloseCode.TRY_AGAIN_LATER, b"broker unavailable")
     await ws.prepare(request)
     if identity is None:
-        await ws.close(code=CLOSE_UNAUTHORIZED, message=b"unauthorized")
+        await ws.close(code=refusal[0], message=refusal[1])
         return ws
 
     metrics = request.app[METRICS]
@@ -94,6 +99,8 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     except ConnectionLimitReached as exc:
         metrics.disconnects.labels("connection_limit").inc()
         await ws.close(code=CLOSE_TOO_MANY, message=str(exc).encode()[:120])
+    except HubClosed:
+        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
     except BrokerUnavailable as exc:
         log.warning("websocket closed: %s", exc)
         await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"broker unavailable")

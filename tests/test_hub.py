@@ -1,0 +1,48 @@
+"""The hub on its own: limits, shutdown, resume points."""
+
+from __future__ import annotations
+
+import pytest
+
+from streamer.events import Delivery, EventId
+from streamer.hub import CloseReason, ConnectionLimitReached, Hub, HubClosed
+
+
+def delivery(user: str, ms: int) -> Delivery:
+    return Delivery(user, "t", EventId("abcdef01", ms, 0), "task_progress", "{}")
+
+
+def test_no_new_connections_once_shutting_down() -> None:
+    hub = Hub(10, max_connections=10, max_connections_per_user=10)
+    first = hub.subscribe("u")
+    hub.close_all(CloseReason.SHUTDOWN)
+    assert first.close_reason is CloseReason.SHUTDOWN
+    with pytest.raises(HubClosed):
+        hub.subscribe("u")
+
+
+def test_limits_count_open_subscriptions_only() -> None:
+    hub = Hub(10, max_connections=2, max_connections_per_user=1)
+    a = hub.subscribe("a")
+    with pytest.raises(ConnectionLimitReached):
+        hub.subscribe("a")
+    hub.subscribe("b")
+    with pytest.raises(ConnectionLimitReached):
+        hub.subscribe("c")
+    hub.unsubscribe(a)
+    hub.unsubscribe(a)  # twice is harmless
+    assert len(hub) == 1
+    hub.subscribe("c")
+
+
+def test_resume_points_are_the_oldest_id_per_user() -> None:
+    hub = Hub(10, max_connections=10, max_connections_per_user=10)
+    old, new = hub.subscribe("u"), hub.subscribe("u")
+    assert hub.resume_points() == {"u": None}  # one has nothing yet: all of it
+    old.offer(delivery("u", 5))
+    new.offer(delivery("u", 5))
+    new.offer(delivery("u", 9))
+    assert hub.resume_points() == {"u": EventId("abcdef01", 5, 0)}
+    # Replayed duplicates are dropped per connection.
+    new.offer(delivery("u", 9))
+    assert hub.resume_points() == {"u": EventId("abcdef01", 5, 0)}
