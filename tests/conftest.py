@@ -97,6 +97,8 @@ def process_env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMER_")}
     env["STREAMER_SECRET"] = SECRET
     env["STREAMER_PUBLISH_KEY"] = PUBLISH_KEY
+    # Tests open many streams for one user; the limit itself is tested separately.
+    env["STREAMER_MAX_CONNECTIONS_PER_USER"] = "1000"
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

@@ -61,7 +61,11 @@ class Nginx:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
-        wait_until(self._listening, 10, f"nginx on port {self.port}")
+        try:
+            wait_until(self._listening, 10, f"nginx on port {self.port}")
+        except BaseException:
+            self.stop()
+            raise
 
     def _listening(self) -> bool:
         if self.process is not None and self.process.poll() is not None:

@@ -80,7 +80,11 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        wait_until(self._answers, 10, f"redis-server on port {self.port}")
+        try:
+            wait_until(self._answers, 10, f"redis-server on port {self.port}")
+        except BaseException:
+            self.stop()
+            raise
 
     def _answers(self) -> bool:
         if self.process is not None and self.process.poll() is not None:

@@ -37,7 +37,11 @@ class CurlStream:
             stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
         stream = cls(process)
-        await asyncio.wait_for(stream._read_headers(), WAIT_S)
+        try:
+            await asyncio.wait_for(stream._read_headers(), WAIT_S)
+        except BaseException:
+            await stream.close()
+            raise
         return stream
 
     async def _line(self) -> str:

@@ -29,6 +29,17 @@ def _b64(data: dict[str, object]) -> str:
     return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
 
 
+def _signed(claims: dict[str, object]) -> str:
+    """An HS256 token signed with the right secret, whatever its claims."""
+    signing_input = _b64({"alg": "HS256", "typ": "JWT"}) + "." + _b64(claims)
+    digest = hmac.new(SECRET.encode(), signing_input.encode(), hashlib.sha256).digest()
+    return signing_input + "." + base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def test_signed_helper_makes_valid_tokens() -> None:
+    assert verify_token(SECRET, _signed({"sub": "7", "exp": int(time.time()) + 60})).user_id == "7"
+
+
 def bad_tokens() -> dict[str, str]:
     now = int(time.time())
     claims = {"sub": "victim", "exp": now + 3600}
@@ -54,7 +65,7 @@ def bad_tokens() -> dict[str, str]:
         )
         .rstrip(b"=")
         .decode(),
-        "numeric_sub": _b64({"alg": "HS256", "typ": "JWT"}) + "." + _b64({"sub": 1}) + ".x",
+        "numeric_sub": _signed({"sub": 1, "exp": now + 3600}),
     }
 
 
@@ -103,7 +114,7 @@ async def test_header_wins_over_query(client: TestClient, token_for: TokenFor) -
 async def test_token_expiring_while_connected_ends_both_transports(
     client: TestClient, token_for: TokenFor, user_id: str
 ) -> None:
-    token = token_for(user_id, ttl_s=2)
+    token = token_for(user_id, ttl_s=5)
     async with client.ws_connect(f"/ws/tasks/?token={token}") as ws:
         sse = await client.get(f"/sse/tasks/?token={token}")
         reader = SseReader(sse)

@@ -9,7 +9,7 @@ from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient
 
 from streamer.app_keys import BROKER
-from streamer.events import progress_event
+from streamer.events import EventError, progress_event
 
 from .clients import SseReader, ws_close_code, ws_json
 
@@ -77,38 +77,37 @@ async def test_websocket_endpoint_without_upgrade(client: TestClient) -> None:
     assert response.status == 400
 
 
-@pytest.mark.parametrize("field", ["current_step", "task_id", "task_name", "category"])
+EVIL = 'x\r\nevent: task_completed\r\ndata: {"type":"forged"}\n\nid: 1\rretry: 1'
+
+
+@pytest.mark.parametrize("field", ["current_step", "task_name", "category"])
 async def test_newlines_in_event_fields_cannot_inject_sse_fields(
     client: TestClient, token_for: TokenFor, user_id: str, field: str
 ) -> None:
-    evil = 'x\r\nevent: task_completed\r\ndata: {"type":"forged"}\n\nid: 1\rretry: 1'
-    fields = {"progress": 10, "current_step": "ok", "task_name": "ok", "category": "ok"}
-    task_id = "task"
-    if field == "task_id":
-        task_id = evil
-    else:
-        fields[field] = evil
+    fields: dict[str, object] = {"progress": 10, "current_step": "ok", "task_name": "ok"}
+    fields[field] = EVIL
     response = await client.get(f"/sse/tasks/?token={token_for(user_id)}")
     reader = SseReader(response)
     await reader.next()
     broker = client.app[BROKER]
-    if field == "task_id":
-        # Control characters are refused in ids at publish time.
-        with pytest.raises(ValueError):
-            progress_event(user_id, task_id, **fields)
-        task_id = "plain"
-    else:
-        await broker.publish(progress_event(user_id, task_id, **fields))
+    await broker.publish(progress_event(user_id, "task", **fields))
     await broker.publish(progress_event(user_id, "sentinel", progress=1))
-    events = []
-    while not events or events[-1].json["task_id"] != "sentinel":
-        events.append(await reader.next())
-    # Exactly the published events arrived, each a single data line of JSON.
-    assert [e.event for e in events] == ["task_progress"] * len(events)
+    events = [await reader.next(), await reader.next()]
+    # Exactly the two published events, each a single data line of JSON; SseReader
+    # fails on any field other than id, event, data and retry.
+    assert [e.event for e in events] == ["task_progress", "task_progress"]
+    assert [e.json["task_id"] for e in events] == ["task", "sentinel"]
     assert all(len(e.data) == 1 for e in events)
-    if field != "task_id":
-        assert events[0].json[field] == evil
+    assert events[0].json[field] == EVIL
     response.close()
+
+
+def test_control_characters_are_refused_in_ids() -> None:
+    for bad in (EVIL, "a\nb", "a\rb", "a\x00b", "a\x7fb"):
+        with pytest.raises(EventError):
+            progress_event("user", bad, progress=1)
+        with pytest.raises(EventError):
+            progress_event(bad, "task", progress=1)
 
 
 async def test_bad_last_event_ids_are_answered_with_a_fresh_snapshot(

@@ -43,6 +43,19 @@ def test_resume_points_are_the_oldest_id_per_user() -> None:
     new.offer(delivery("u", 5))
     new.offer(delivery("u", 9))
     assert hub.resume_points() == {"u": EventId("abcdef01", 5, 0)}
-    # Replayed duplicates are dropped per connection.
-    new.offer(delivery("u", 9))
-    assert hub.resume_points() == {"u": EventId("abcdef01", 5, 0)}
+
+
+async def test_a_connection_gets_each_event_once_and_in_order() -> None:
+    hub = Hub(10, max_connections=10, max_connections_per_user=10)
+    subscription = hub.subscribe("u")
+    for ms in (5, 9, 9, 7, 12):  # a duplicate and an older one, as at a replay seam
+        hub.deliver(delivery("u", ms))
+    hub.deliver(delivery("someone-else", 20))
+    received = []
+    for _ in range(3):
+        item = await subscription.next()
+        assert isinstance(item, Delivery)
+        received.append(item.event_id.ms)
+    assert received == [5, 9, 12]
+    subscription.close(CloseReason.SHUTDOWN)
+    assert await subscription.next() is None  # nothing else was queued

@@ -28,8 +28,8 @@ def proxied(
     server.wait_healthy()
     nginx = Nginx(tmp_path / "nginx", server.port)
     nginx.directory.mkdir()
-    nginx.start()
     try:
+        nginx.start()
         yield nginx, env
     finally:
         nginx.stop()

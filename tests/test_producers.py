@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import time
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -12,6 +13,7 @@ import redis
 from aiohttp.test_utils import TestClient
 
 from streamer.app import create_app
+from streamer.auth.tokens import verify_token
 from streamer.config import Config
 from streamer.events import EventError
 from streamer.publisher import AsyncPublisher, BrokerUnavailable, Publisher
@@ -237,3 +239,53 @@ async def test_http_publish_with_an_undecodable_key_is_refused(client: TestClien
     status_line = await asyncio.wait_for(reader.readline(), 10)
     writer.close()
     assert status_line.startswith(b"HTTP/1.1 401"), status_line
+
+
+async def test_numeric_user_ids_reach_the_user_with_that_decimal_string(
+    client: TestClient, token_for: TokenFor
+) -> None:
+    async with client.ws_connect(f"/ws/tasks/?token={token_for('7')}") as ws:
+        await ws_json(ws)
+        accepted = await client.post(
+            "/api/tasks/events",
+            json={"user_id": 7, "task_id": "t", "progress": 1},
+            headers={"X-API-Key": PUBLISH_KEY},
+        )
+        assert accepted.status == 202
+        assert (await ws_json(ws))["id"] == (await accepted.json())["id"]
+
+
+def test_publisher_defaults_to_streamer_redis_url(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STREAMER_REDIS_URL", redis_url)
+    with Publisher() as publisher:
+        event_id = publisher.progress(42, "t", progress=1)
+    with redis.Redis.from_url(redis_url) as admin:
+        assert admin.xlen("streamer:history:{42}") == 1
+    assert event_id
+    monkeypatch.delenv("STREAMER_REDIS_URL")
+    with pytest.raises(ValueError, match="STREAMER_REDIS_URL"):
+        Publisher()
+
+
+def test_streamer_token_prints_a_token_for_the_user(process_env: dict[str, str]) -> None:
+    result = subprocess.run(
+        [str(BIN / "streamer"), "token", "--user", "42", "--ttl", "120"],
+        env=process_env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    identity = verify_token(SECRET, result.stdout.strip())
+    assert identity.user_id == "42"
+    assert 100 < identity.expires_at - time.time() <= 121
+    refused = subprocess.run(
+        [str(BIN / "streamer"), "token", "--user", "42"],
+        env={k: v for k, v in process_env.items() if k != "STREAMER_SECRET"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert refused.returncode == 2 and "STREAMER_SECRET is not set" in refused.stderr

@@ -115,7 +115,7 @@ async def test_session_ends_with_its_token(
     config: Config, aiohttp_client: AiohttpClient, token_for: TokenFor, user_id: str
 ) -> None:
     client = await make_client(aiohttp_client, config, cookie_secure=False)
-    await client.post("/auth/session", json={"token": token_for(user_id, ttl_s=2)})
+    await client.post("/auth/session", json={"token": token_for(user_id, ttl_s=5)})
     async with client.ws_connect("/ws/tasks/") as ws:
         await ws_json(ws)
         assert await ws_close_code(ws) == 4401  # at the token's expiry

@@ -6,10 +6,13 @@ import asyncio
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from streamer.auth.tokens import issue_token
 
 from .clients import ws_close_code
 from .processes import BIN, ServerProcess, free_port
@@ -19,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 GUNICORN_CONF = str(ROOT / "deploy" / "gunicorn.conf.py")
 TokenFor = Callable[..., str]
 StartProcess = Callable[..., ServerProcess]
-MAX_CONNECT_TRIES = 40
+SPREAD_DEADLINE_S = 30.0
 
 
 def gunicorn_args(workers: int, port: int | str = "{port}") -> list[str]:
@@ -39,23 +42,51 @@ def run_to_exit(args: list[str], env: dict[str, str]) -> subprocess.CompletedPro
 async def streams_on_every_worker(
     base_url: str, token: str, workers: int
 ) -> tuple[list[WsStream], list[CurlStream]]:
-    """Open WebSocket and curl SSE streams until each worker serves at least one of each."""
+    """Open WebSocket and curl SSE streams until each worker serves at least one of each.
+
+    Which worker accepts is the kernel's choice and can be skewed, so this keeps
+    connecting (surplus streams are closed) until a deadline.
+    """
     ws_streams: list[WsStream] = []
     sse_streams: list[CurlStream] = []
     ws_url = base_url.replace("http", "ws") + f"/ws/tasks/?token={token}"
-    for _ in range(MAX_CONNECT_TRIES):
-        if len({s.worker for s in ws_streams}) < workers:
-            ws_streams.append(await WsStream.open(ws_url))
-        if len({s.headers["x-streamer-worker"] for s in sse_streams}) < workers:
-            sse_streams.append(await CurlStream.open(f"{base_url}/sse/tasks/", token))
-        if (
-            len({s.worker for s in ws_streams}) == workers
-            and len({s.headers["x-streamer-worker"] for s in sse_streams}) == workers
-        ):
-            return ws_streams, sse_streams
-    raise AssertionError(
-        f"connections did not spread over {workers} workers in {MAX_CONNECT_TRIES} tries"
-    )
+    deadline = time.monotonic() + SPREAD_DEADLINE_S
+
+    def ws_workers() -> set[str]:
+        return {s.worker for s in ws_streams}
+
+    def sse_workers() -> set[str]:
+        return {s.headers["x-streamer-worker"] for s in sse_streams}
+
+    try:
+        while len(ws_workers()) < workers or len(sse_workers()) < workers:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"streams did not reach all {workers} workers")
+            if len(ws_workers()) < workers:
+                stream = await WsStream.open(ws_url)
+                if stream.worker in ws_workers():
+                    await stream.close()
+                else:
+                    ws_streams.append(stream)
+            if len(sse_workers()) < workers:
+                sse = await CurlStream.open(f"{base_url}/sse/tasks/", token)
+                worker = sse.headers.get("x-streamer-worker")
+                if sse.status != 200 or worker is None or worker in sse_workers():
+                    await sse.close()
+                    assert sse.status == 200, f"SSE answered {sse.status}"
+                else:
+                    sse_streams.append(sse)
+    except BaseException:
+        await close_all(ws_streams, sse_streams)
+        raise
+    return ws_streams, sse_streams
+
+
+async def close_all(ws_streams: list[WsStream], sse_streams: list[CurlStream]) -> None:
+    for ws in ws_streams:
+        await ws.close()
+    for sse in sse_streams:
+        await sse.close()
 
 
 async def test_gunicorn_two_workers_share_events_through_redis(
@@ -96,10 +127,7 @@ async def test_gunicorn_two_workers_share_events_through_redis(
             assert (await sse.next_data())["id"] == progress_id
             assert (await sse.next_data())["id"] == done_id
     finally:
-        for ws in ws_streams:
-            await ws.close()
-        for sse in sse_streams:
-            await sse.close()
+        await close_all(ws_streams, sse_streams)
     # The access log shows the requests, never the credentials.
     log = server.log()
     assert "GET /ws/tasks/?token=[redacted]" in log
@@ -254,7 +282,7 @@ async def test_worker_killed_mid_stream_loses_nothing_for_resuming_clients(
         seen = await run_cli("publish", "--user", user_id, "--task", "t", env=env)
         assert (await ws.next())["id"] == seen
         os.kill(int(ws.worker), signal.SIGKILL)
-        assert await ws_close_code(ws.ws) != 1000  # dropped, not closed politely
+        assert await ws_close_code(ws.ws) == 1006  # dropped: no close frame from a dead worker
     finally:
         await ws.close()
     missed = [
@@ -268,3 +296,33 @@ async def test_worker_killed_mid_stream_loses_nothing_for_resuming_clients(
         assert [(await resumed.next())["id"] for _ in missed] == missed
     finally:
         await resumed.close()
+
+
+async def test_streamer_serve_takes_every_setting_as_a_flag(
+    redis_url: str, process_env: dict[str, str], start_process: StartProcess, user_id: str
+) -> None:
+    env = {k: v for k, v in process_env.items() if not k.startswith("STREAMER_")}
+    secret, key = "flag-secret-" + "f" * 40, "flag-publish-key-0123"
+    server = start_process(
+        [
+            "streamer", "serve", "--port", "{port}", "--secret", secret,
+            "--publish-key", key, "--redis-url", redis_url, "--heartbeat-s", "0.5",
+            "--history-size", "10", "--max-connections-per-user", "3",
+        ],
+        env,
+    )  # fmt: skip
+    await asyncio.to_thread(server.wait_healthy)
+    assert f"with broker {redis_url}" in server.log()
+    assert "development mode" not in server.log()
+    token = issue_token(secret, user_id)
+    sse = await CurlStream.open(f"{server.base_url}/sse/tasks/", token)
+    try:
+        assert (await sse.next_data())["type"] == "active_tasks"
+        event_id = await run_cli(
+            "publish", "--user", user_id, "--task", "t", "--url", server.base_url,
+            "--publish-key", key, env=env,
+        )  # fmt: skip
+        assert (await sse.next_data())["id"] == event_id
+    finally:
+        await sse.close()
+    assert server.get("/demo/token")[0] == 404  # a given secret means production mode

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import struct
 from collections.abc import AsyncIterator, Callable
 
 import aiohttp
@@ -46,18 +48,73 @@ async def fast_client_ids(
 
 
 def remaining_ids(slow: RawWebSocket) -> list[str]:
-    """Event ids that reached the slow client's socket before it was cut off."""
+    """Event ids that reached the slow client's socket before it was cut off.
+
+    The server first tries to close with 4008; a peer that reads nothing cannot
+    receive that frame in time, and then the connection is aborted.
+    """
     ids = []
     try:
         while True:
             opcode, payload = slow.receive()
             if opcode == OP_CLOSE:
+                assert struct.unpack("!H", payload[:2])[0] == 4008
                 break
             if opcode == OP_TEXT and (event := json.loads(payload)).get("id"):
                 ids.append(event["id"])
     except (EOFError, ConnectionError, TimeoutError):
-        pass  # the server aborted the connection: what arrived is what counts
+        pass  # aborted: what arrived is what counts
     return ids
+
+
+def stalled_sse(host: str, port: int, token: str) -> socket.socket:
+    """An SSE request whose response is never read past the headers."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(10)
+    sock.connect((host, port))
+    sock.sendall(f"GET /sse/tasks/?token={token} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(1)
+        assert chunk, "closed before the headers"
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return sock
+
+
+def read_to_end(sock: socket.socket) -> None:
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionError:
+        pass  # aborted rather than ended: the stream is over either way
+
+
+async def test_stalled_sse_stream_is_ended_and_the_others_keep_up(
+    client: TestClient, token_for: TokenFor, user_id: str
+) -> None:
+    token = token_for(user_id)
+    hub, broker = client.app[HUB], client.app[BROKER]
+    assert client.host and client.port
+    async with client.ws_connect(f"/ws/tasks/?token={token}") as fast:
+        await ws_json(fast)
+        stalled = await asyncio.to_thread(stalled_sse, client.host, client.port, token)
+        try:
+            sent = 0
+            while len(hub) == 2:
+                assert sent < MAX_EVENTS, "the stalled stream was never ended"
+                event = completed_event(user_id, f"t{sent}", result_data=PAYLOAD)
+                event_id = str(await broker.publish(event))
+                sent += 1
+                assert (await ws_json(fast))["id"] == event_id
+            metrics = await (await client.get("/metrics")).text()
+            assert 'streamer_server_disconnects_total{reason="overflow"} 1.0' in metrics
+            # Whatever was buffered arrives, then the stream ends (EOF or reset):
+            # reading to the end finishes within the bound instead of hanging.
+            await asyncio.wait_for(asyncio.to_thread(read_to_end, stalled), WAIT_S)
+        finally:
+            stalled.close()
 
 
 async def test_slow_client_is_cut_off_others_keep_up_and_it_resumes(

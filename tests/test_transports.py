@@ -296,6 +296,14 @@ async def test_resume_from_beyond_the_retained_history_is_reported(
         assert (await ws_json(ws))["recovered"] is True
         replayed = await ws_messages(ws, 100)
         assert len({m["id"] for m in replayed}) == 100
+    # The same over SSE, resuming with ?last_event_id= (no header).
+    too_old = SseReader(await client.get(f"/sse/tasks/?token={token}&last_event_id={first}"))
+    assert (await too_old.next()).json["recovered"] is False
+    too_old.response.close()
+    in_range = SseReader(await client.get(f"/sse/tasks/?token={token}&last_event_id={second}"))
+    assert (await in_range.next()).json["recovered"] is True
+    assert len({(await in_range.next()).id for _ in range(100)}) == 100
+    in_range.response.close()
 
 
 async def test_history_expires_after_its_ttl(
