@@ -15,22 +15,18 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import aiohttp
 import redis
 
+from bench.service import SECRET, running_service, worker_pids
 from streamer.auth.tokens import issue_token
 from streamer.publisher import AsyncPublisher
-from tests.processes import RedisServer, ServerProcess, free_port, start_server_process
-
-SECRET = "bench-secret-" + "b" * 40
-ROOT = Path(__file__).resolve().parent.parent
+from tests.processes import ServerProcess
 
 
 def rss_kib(pid: int) -> int:
@@ -38,11 +34,6 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
-
-
-def worker_pids(master_pid: int) -> list[int]:
-    children = Path(f"/proc/{master_pid}/task/{master_pid}/children").read_text().split()
-    return [int(pid) for pid in children]
 
 
 class Receiver:
@@ -186,31 +177,9 @@ def main() -> int:
     if not 1 <= args.clients <= 20_000 or not 1 <= args.events <= 100_000:
         parser.error("--clients must be 1..20000 and --events 1..100000")
 
-    with tempfile.TemporaryDirectory() as tmp:
-        redis_server = RedisServer(Path(tmp))
-        redis_server.start()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMER_")}
-        env.update(
-            STREAMER_SECRET=SECRET,
-            STREAMER_REDIS_URL=redis_server.url,
-            STREAMER_CLIENT_BUFFER="10000",
-            STREAMER_MAX_CONNECTIONS_PER_USER="100000",
-        )
-        command = [
-            "gunicorn", "streamer.app:create_app", "-c", str(ROOT / "deploy/gunicorn.conf.py"),
-            "--workers", str(args.workers), "--bind", "127.0.0.1:{port}",
-            "--access-logfile", "/dev/null",
-        ]  # fmt: skip
-        server = start_server_process(command, env, free_port(), Path(tmp))
-        try:
-            server.wait_healthy()
-            result = asyncio.run(run(args, server, redis_server.url))
-        except BaseException:
-            print(server.log()[-3000:], file=sys.stderr)
-            raise
-        finally:
-            server.stop()
-            redis_server.stop()
+    settings = {"STREAMER_CLIENT_BUFFER": "10000", "STREAMER_MAX_CONNECTIONS_PER_USER": "100000"}
+    with running_service(workers=args.workers, settings=settings) as (server, redis_url):
+        result = asyncio.run(run(args, server, redis_url))
     width = max(len(key) for key in result)
     for key, value in result.items():
         print(f"{key:<{width}}  {value}")

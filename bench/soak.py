@@ -22,22 +22,19 @@ import os
 import random
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import redis
 
+from bench.service import SECRET, running_service, worker_pids
 from streamer.auth.tokens import issue_token
 from streamer.events import EventId
 from streamer.publisher import AsyncPublisher
-from tests.processes import RedisServer, ServerProcess, free_port, start_server_process
+from tests.processes import ServerProcess
 
-SECRET = "soak-secret-" + "s" * 40
-ROOT = Path(__file__).resolve().parent.parent
 RECONNECT_PAUSE_S = 0.05
 
 
@@ -120,11 +117,6 @@ async def produce(
             count += 1
             await asyncio.sleep(interval)
     return count
-
-
-def worker_pids(master_pid: int) -> list[int]:
-    path = Path(f"/proc/{master_pid}/task/{master_pid}/children")
-    return [int(pid) for pid in path.read_text().split()]
 
 
 async def inject_faults(
@@ -243,30 +235,13 @@ def main() -> int:
     if not 1 <= args.duration <= 3600 or not 1 <= args.clients <= 2000:
         parser.error("--duration must be 1..3600 s and --clients 1..2000")
 
-    with tempfile.TemporaryDirectory() as tmp:
-        redis_server = RedisServer(Path(tmp))
-        redis_server.start()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMER_")}
-        env.update(
-            STREAMER_SECRET=SECRET,
-            STREAMER_REDIS_URL=redis_server.url,
-            STREAMER_HISTORY_SIZE="100000",
-        )
-        command = [
-            "gunicorn", "streamer.app:create_app", "-c", str(ROOT / "deploy/gunicorn.conf.py"),
-            "--workers", str(args.workers), "--bind", "127.0.0.1:{port}",
-            "--access-logfile", "/dev/null", "--graceful-timeout", "5",
-        ]  # fmt: skip
-        server = start_server_process(command, env, free_port(), Path(tmp))
-        try:
-            server.wait_healthy()
-            result = asyncio.run(soak(args, server, redis_server.url))
-        except BaseException:
-            print(server.log()[-3000:], file=sys.stderr)
-            raise
-        finally:
-            server.stop()
-            redis_server.stop()
+    settings = {"STREAMER_HISTORY_SIZE": "100000"}
+    flags = ("--graceful-timeout", "5")
+    with running_service(workers=args.workers, settings=settings, gunicorn_flags=flags) as (
+        server,
+        redis_url,
+    ):
+        result = asyncio.run(soak(args, server, redis_url))
     print(f"soak {args.duration:g}s, {args.clients} clients, {args.workers} workers:")
     for key, value in result.items():
         print(f"  {key:<24} {value}")

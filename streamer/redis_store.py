@@ -55,7 +55,7 @@ PUBLISH_SCRIPT = """
 -- KEYS: task hash, active zset, history stream, epoch, cancel flag
 -- ARGV: user, task, event json (no id), terminal, history size, history ttl,
 --       active ttl, candidate epoch, created score, channel, n_values, n_if_absent,
---       then field/value pairs (values first, then if-absent ones)
+--       event type, then field/value pairs (values first, then if-absent ones)
 local task_key, active_key, history_key, epoch_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local user, task, event = ARGV[1], ARGV[2], ARGV[3]
 local terminal = ARGV[4] == '1'
@@ -63,7 +63,7 @@ redis.call('SET', epoch_key, ARGV[8], 'NX')
 local epoch = redis.call('GET', epoch_key)
 
 local n_values, n_if_absent = tonumber(ARGV[11]), tonumber(ARGV[12])
-local i = 13
+local i = 14
 redis.call('HSET', task_key, 'user_id', user)
 for _ = 1, n_values do
   redis.call('HSET', task_key, ARGV[i], ARGV[i + 1])
@@ -103,7 +103,8 @@ end
 redis.call('EXPIRE', history_key, ARGV[6])
 local event_id = epoch .. '-' .. stream_id
 local with_id = '{"id":"' .. event_id .. '",' .. string.sub(event, 2)
-redis.call('PUBLISH', ARGV[10], user .. '\\n' .. task .. '\\n' .. event_id .. '\\n' .. with_id)
+local header = user .. '\\n' .. task .. '\\n' .. event_id .. '\\n' .. ARGV[13]
+redis.call('PUBLISH', ARGV[10], header .. '\\n' .. with_id)
 return event_id
 """
 
@@ -164,6 +165,7 @@ def publish_call(event: TaskEvent, *, history_size: int, history_ttl: int) -> Sc
             EVENTS_CHANNEL,
             len(update.values),
             len(update.if_absent),
+            event.type,
             *pairs,
         ],
     )
@@ -184,13 +186,15 @@ def decode_state(raw: Mapping[bytes, bytes]) -> TaskState | None:
 
 
 def decode_message(data: bytes) -> Delivery | None:
-    """Parse `user\\ntask\\nid\\njson` from the events channel; None if malformed."""
+    """Parse `user\\ntask\\nid\\ntype\\njson` from the events channel; None if malformed.
+
+    The header carries what fan-out needs, so the event's JSON is never decoded here.
+    """
     try:
-        user_id, task_id, raw_id, payload = data.decode().split("\n", 3)
-        event_id = EventId.parse(raw_id)
-        event_type = json.loads(payload)["type"]
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError):
+        user_id, task_id, raw_id, event_type, payload = data.decode().split("\n", 4)
+    except (UnicodeDecodeError, ValueError):
         return None
-    if event_id is None or not isinstance(event_type, str):
+    event_id = EventId.parse(raw_id)
+    if event_id is None or not payload.startswith("{"):
         return None
     return Delivery(user_id, task_id, event_id, event_type, payload)

@@ -17,7 +17,13 @@ from streamer.app import create_app
 from streamer.auth.tokens import issue_token
 from streamer.config import Config
 
-from .processes import RedisServer, ServerProcess, free_port, start_server_process
+from .processes import (
+    RedisServer,
+    ServerProcess,
+    free_port,
+    gunicorn_args,
+    start_server_process,
+)
 
 # Fuzzing explores the same examples on every run: a failure is reproducible, and a
 # green run cannot turn red by chance.
@@ -118,3 +124,22 @@ def start_process(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     finally:
         for process in started:
             process.stop()
+
+
+StartGunicorn = Callable[[int], tuple[ServerProcess, dict[str, str]]]
+
+
+@pytest.fixture
+def start_gunicorn(
+    redis_url: str, process_env: dict[str, str], start_process: Callable[..., ServerProcess]
+) -> StartGunicorn:
+    """Start gunicorn with N aiohttp workers on the private Redis, once it is ready;
+    returns it and the environment its producers should use."""
+    env = {**process_env, "STREAMER_REDIS_URL": redis_url}
+
+    def start(workers: int) -> tuple[ServerProcess, dict[str, str]]:
+        server = start_process(gunicorn_args(workers), env)
+        server.wait_healthy()
+        return server, env
+
+    return start

@@ -16,6 +16,15 @@ from pathlib import Path
 import redis
 
 BIN = Path(sys.executable).parent
+GUNICORN_CONF = str(Path(__file__).resolve().parent.parent / "deploy" / "gunicorn.conf.py")
+
+
+def gunicorn_args(workers: int, port: int | str = "{port}") -> list[str]:
+    """The production command line, with `{port}` filled in by start_server_process."""
+    return [
+        "gunicorn", "streamer.app:create_app", "-c", GUNICORN_CONF,
+        "--workers", str(workers), "--bind", f"127.0.0.1:{port}",
+    ]  # fmt: skip
 
 
 def free_port() -> int:

@@ -8,24 +8,18 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from .conftest import StartGunicorn
 from .nginx import Nginx
-from .processes import ServerProcess
 from .streams import CurlStream, WsStream, run_cli
-from .test_servers import gunicorn_args
 
 TokenFor = Callable[..., str]
 
 
 @pytest.fixture
 def proxied(
-    redis_url: str,
-    process_env: dict[str, str],
-    start_process: Callable[..., ServerProcess],
-    tmp_path: Path,
+    start_gunicorn: StartGunicorn, tmp_path: Path
 ) -> Iterator[tuple[Nginx, dict[str, str]]]:
-    env = {**process_env, "STREAMER_REDIS_URL": redis_url}
-    server = start_process(gunicorn_args(2), env)
-    server.wait_healthy()
+    server, env = start_gunicorn(2)
     nginx = Nginx(tmp_path / "nginx", server.port)
     nginx.directory.mkdir()
     try:

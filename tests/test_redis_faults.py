@@ -91,11 +91,7 @@ async def test_redis_down_keeps_connections_and_reports_unavailable(
     user_id: str,
 ) -> None:
     token = token_for(user_id)
-    async with redis_client.ws_connect(f"/ws/tasks/?token={token}") as ws:
-        await ws_json(ws)
-        sse_response = await redis_client.get(f"/sse/tasks/?token={token}")
-        sse = SseReader(sse_response)
-        await sse.next()
+    async with connected_pair(redis_client, token) as (ws, sse):
         redis_server.stop()
         try:
 
@@ -128,7 +124,6 @@ async def test_redis_down_keeps_connections_and_reports_unavailable(
             event_id = await publisher.progress(user_id, "after", progress=1)
         assert (await ws_json(ws))["id"] == event_id
         assert (await sse.next()).id == event_id  # the SSE stream survived the outage too
-        sse_response.close()
 
 
 async def test_flushed_redis_makes_clients_resync(

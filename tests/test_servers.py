@@ -8,28 +8,19 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
 from streamer.auth.tokens import issue_token
 
 from .clients import ws_close_code
-from .processes import BIN, ServerProcess, free_port
+from .conftest import StartGunicorn
+from .processes import BIN, ServerProcess, free_port, gunicorn_args
 from .streams import CurlStream, WsStream, run_cli
 
-ROOT = Path(__file__).resolve().parent.parent
-GUNICORN_CONF = str(ROOT / "deploy" / "gunicorn.conf.py")
 TokenFor = Callable[..., str]
 StartProcess = Callable[..., ServerProcess]
 SPREAD_DEADLINE_S = 30.0
-
-
-def gunicorn_args(workers: int, port: int | str = "{port}") -> list[str]:
-    return [
-        "gunicorn", "streamer.app:create_app", "-c", GUNICORN_CONF,
-        "--workers", str(workers), "--bind", f"127.0.0.1:{port}",
-    ]  # fmt: skip
 
 
 def run_to_exit(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -90,15 +81,9 @@ async def close_all(ws_streams: list[WsStream], sse_streams: list[CurlStream]) -
 
 
 async def test_gunicorn_two_workers_share_events_through_redis(
-    redis_url: str,
-    process_env: dict[str, str],
-    start_process: StartProcess,
-    token_for: TokenFor,
-    user_id: str,
+    redis_url: str, start_gunicorn: StartGunicorn, token_for: TokenFor, user_id: str
 ) -> None:
-    env = {**process_env, "STREAMER_REDIS_URL": redis_url}
-    server = start_process(gunicorn_args(2), env)
-    await asyncio.to_thread(server.wait_healthy)
+    server, env = start_gunicorn(2)
     token = token_for(user_id)
     ws_streams, sse_streams = await streams_on_every_worker(server.base_url, token, 2)
     try:
@@ -215,18 +200,11 @@ def test_streamer_serve_refuses_bad_settings(
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 async def test_shutdown_and_reload_close_streams_for_clients_to_resume(
-    redis_url: str,
-    process_env: dict[str, str],
-    start_process: StartProcess,
-    token_for: TokenFor,
-    user_id: str,
-    signum: int,
+    start_gunicorn: StartGunicorn, token_for: TokenFor, user_id: str, signum: int
 ) -> None:
     """SIGTERM stops gunicorn, SIGHUP replaces its workers: either way WebSockets close
     with 1001 and SSE streams end, and a client resuming with its last id loses nothing."""
-    env = {**process_env, "STREAMER_REDIS_URL": redis_url}
-    server = start_process(gunicorn_args(1), env)
-    await asyncio.to_thread(server.wait_healthy)
+    server, env = start_gunicorn(1)
     token = token_for(user_id)
     ws = await WsStream.open(server.base_url.replace("http", "ws") + f"/ws/tasks/?token={token}")
     sse = await CurlStream.open(f"{server.base_url}/sse/tasks/", token)
@@ -252,8 +230,9 @@ async def test_shutdown_and_reload_close_streams_for_clients_to_resume(
 
     if signum == signal.SIGTERM:
         assert await asyncio.to_thread(server.wait_exit, 30) == 0
-        server = start_process(gunicorn_args(1), env)
-    await asyncio.to_thread(server.wait_healthy)
+        server, env = start_gunicorn(1)
+    else:
+        await asyncio.to_thread(server.wait_healthy)  # the reloaded workers
     resumed = await WsStream.open(
         server.base_url.replace("http", "ws") + f"/ws/tasks/?token={token}&last_event_id={seen}"
     )
@@ -265,15 +244,9 @@ async def test_shutdown_and_reload_close_streams_for_clients_to_resume(
 
 
 async def test_worker_killed_mid_stream_loses_nothing_for_resuming_clients(
-    redis_url: str,
-    process_env: dict[str, str],
-    start_process: StartProcess,
-    token_for: TokenFor,
-    user_id: str,
+    start_gunicorn: StartGunicorn, token_for: TokenFor, user_id: str
 ) -> None:
-    env = {**process_env, "STREAMER_REDIS_URL": redis_url}
-    server = start_process(gunicorn_args(2), env)
-    await asyncio.to_thread(server.wait_healthy)
+    server, env = start_gunicorn(2)
     token = token_for(user_id)
     ws_url = server.base_url.replace("http", "ws") + f"/ws/tasks/?token={token}"
     ws = await WsStream.open(ws_url)
