@@ -51,7 +51,7 @@ async def ws_client(
         ready.set()
         async for message in ws:
             event = json.loads(message.data)
-            if "id" in event:
+            if event["type"] != "active_tasks":
                 receiver.received[event["id"]] = time.perf_counter()
 
 
@@ -65,7 +65,7 @@ async def sse_client(
                 event = json.loads(line[6:])
                 if event["type"] == "active_tasks":
                     ready.set()
-                elif "id" in event:
+                else:
                     receiver.received[event["id"]] = time.perf_counter()
 
 

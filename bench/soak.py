@@ -36,6 +36,13 @@ from streamer.publisher import AsyncPublisher
 from tests.processes import ServerProcess
 
 RECONNECT_PAUSE_S = 0.05
+# How often a connection ends right after its snapshot, before any task event: the
+# client must then resume from the snapshot's id.
+DROP_AFTER_SNAPSHOT = 0.25
+
+
+class DropNow(Exception):
+    """The client hangs up here, as a flaky network would."""
 
 
 def order_key(event_id: str) -> tuple[int, int]:
@@ -51,27 +58,45 @@ class Client:
     base_url: str
     token: str
     received: list[str] = field(default_factory=list)
+    # The last id seen, snapshots included: where the next connection resumes from.
+    resume_point: str | None = None
     connections: int = 0
     resyncs: int = 0
+    drops_after_snapshot: int = 0
+    # Connections on which an id did not go up (a snapshot ahead of an event after it).
+    backward_ids: int = 0
     connected_once: asyncio.Event = field(default_factory=asyncio.Event)
+    drop_after_snapshot: bool = False
+    _connection_ids: list[str] = field(default_factory=list)
 
     @property
     def last_id(self) -> str | None:
         return self.received[-1] if self.received else None
 
     def _on_message(self, message: dict[str, Any]) -> None:
+        event_id = message["id"]
+        ids = self._connection_ids
+        resync = message.get("recovered") is False
+        if ids and order_key(event_id) <= order_key(ids[-1]) and not resync:
+            self.backward_ids += 1
+        ids.append(event_id)
+        self.resume_point = event_id
         if message["type"] == "active_tasks":
             self.connections += 1
             if not message["recovered"]:
                 self.resyncs += 1
             self.connected_once.set()
-        elif "id" in message:
-            self.received.append(message["id"])
+            if self.drop_after_snapshot:
+                self.drops_after_snapshot += 1
+                raise DropNow
+        else:
+            self.received.append(event_id)
 
     async def _stream_once(self, session: aiohttp.ClientSession) -> None:
         params = {"token": self.token}
-        if self.last_id is not None:
-            params["last_event_id"] = self.last_id
+        self._connection_ids = []
+        if self.resume_point is not None:
+            params["last_event_id"] = self.resume_point
         if self.transport == "websocket":
             url = self.base_url.replace("http", "ws") + "/ws/tasks/"
             async with session.ws_connect(url, params=params) as ws:
@@ -93,11 +118,18 @@ class Client:
         rng = random.Random(seed)
         async with aiohttp.ClientSession() as session:
             while not done.is_set():
-                lifetime = rng.uniform(0.3, 3.0) if not stop_churn.is_set() else None
+                churn = not stop_churn.is_set()
+                self.drop_after_snapshot = churn and rng.random() < DROP_AFTER_SNAPSHOT
+                # Short lives too: many end before the first task event arrives.
+                lifetime = rng.choice((rng.uniform(0.01, 0.3), rng.uniform(0.3, 3.0)))
                 with contextlib.suppress(
-                    TimeoutError, aiohttp.ClientError, ConnectionError, asyncio.IncompleteReadError
+                    TimeoutError,
+                    aiohttp.ClientError,
+                    ConnectionError,
+                    asyncio.IncompleteReadError,
+                    DropNow,
                 ):
-                    async with asyncio.timeout(lifetime):
+                    async with asyncio.timeout(lifetime if churn else None):
                         await self._stream_once(session)
                 await asyncio.sleep(RECONNECT_PAUSE_S)
 
@@ -147,7 +179,8 @@ async def inject_faults(
 
 def evaluate(clients: list[Client], published: dict[str, list[str]]) -> dict[str, int]:
     totals = dict(published=0, expected_deliveries=0, delivered=0, lost=0, duplicated=0,
-                  reordered=0, unexpected=0, resyncs=0, reconnects=0)  # fmt: skip
+                  reordered=0, unexpected=0, resyncs=0, reconnects=0, drops_after_snapshot=0,
+                  backward_ids=0)  # fmt: skip
     totals["published"] = sum(len(ids) for ids in published.values())
     for client in clients:
         expected = published[client.user]
@@ -162,6 +195,8 @@ def evaluate(clients: list[Client], published: dict[str, list[str]]) -> dict[str
             1 for a, b in itertools.pairwise(received) if order_key(b) <= order_key(a)
         )
         totals["resyncs"] += client.resyncs
+        totals["drops_after_snapshot"] += client.drops_after_snapshot
+        totals["backward_ids"] += client.backward_ids
         totals["reconnects"] += max(client.connections - 1, 0)
     return totals
 
@@ -246,7 +281,7 @@ def main() -> int:
     for key, value in result.items():
         print(f"  {key:<24} {value}")
     print(json.dumps(result))
-    bad = result["lost"] + result["duplicated"] + result["reordered"] + result["unexpected"]
+    bad = sum(result[k] for k in ("lost", "duplicated", "reordered", "unexpected", "backward_ids"))
     return 0 if bad == 0 and result["published"] > 0 else 1
 
 

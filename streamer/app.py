@@ -72,6 +72,7 @@ def build_app(config: Config) -> web.Application:
     )
     hub = Hub(
         config.client_buffer,
+        client_buffer_bytes=config.client_buffer_bytes,
         max_connections=config.max_connections,
         max_connections_per_user=config.max_connections_per_user,
     )

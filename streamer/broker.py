@@ -27,17 +27,26 @@ class Listener(Protocol):
         (None: one has none yet): where to catch up from after a lost subscription."""
 
 
+# A snapshot is bounded in tasks and in bytes (the states' stored size), so that no
+# reply, and no Redis script run, grows with what producers chose to store.
+MAX_SNAPSHOT_TASKS = 500
+MAX_SNAPSHOT_BYTES = 256 * 1024
+
+
 class BrokerUnavailable(Exception):
     """The broker cannot be reached; nothing was published."""
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    """The user's unfinished tasks (newest first) and the id of their latest event,
-    read together: every event up to `last_event_id` is reflected in `tasks`."""
+    """The user's unfinished tasks (newest first) and their position in their history,
+    read together: every event up to `position` is reflected in `tasks`, and resuming
+    from `position` replays exactly what came after. `truncated`: more tasks exist
+    than a snapshot may carry."""
 
     tasks: list[TaskState]
-    last_event_id: EventId | None
+    position: EventId
+    truncated: bool = False
 
 
 @dataclass(frozen=True)
@@ -61,12 +70,11 @@ class Broker(ABC):
         """Store the task's new state and append the event, atomically; return its id."""
 
     @abstractmethod
-    async def snapshot(self, user_id: str) -> Snapshot:
-        """The user's unfinished tasks and latest event id, atomically."""
+    async def snapshot(self, user_id: str, task_id: str | None = None) -> Snapshot:
+        """The user's unfinished tasks (only `task_id` if given) and position, atomically.
 
-    async def active_tasks(self, user_id: str) -> list[TaskState]:
-        """The user's unfinished tasks, newest first."""
-        return (await self.snapshot(user_id)).tasks
+        A user without history gets a position all the same: a new, empty history.
+        """
 
     @abstractmethod
     async def task_state(self, user_id: str, task_id: str) -> TaskState | None:
@@ -77,7 +85,8 @@ class Broker(ABC):
         """Record a cancellation request; False for unknown, foreign or finished tasks."""
 
     @abstractmethod
-    async def is_cancelled(self, task_id: str) -> bool: ...
+    async def is_cancelled(self, user_id: str, task_id: str) -> bool:
+        """Whether the user asked to cancel their task's current run."""
 
     @abstractmethod
     async def replay(self, user_id: str, after: str) -> Replay:

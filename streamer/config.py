@@ -25,6 +25,8 @@ class Config:
     history_ttl: int = 3600
     heartbeat_s: float = 15.0
     client_buffer: int = 1000
+    client_buffer_bytes: int = 1024 * 1024
+    send_timeout_s: float = 30.0
     max_connections: int = 10_000
     max_connections_per_user: int = 20
     ws_max_message_bytes: int = 64 * 1024
@@ -157,6 +159,14 @@ ENV_VARIABLES: dict[str, tuple[Callable[[str, str], Any], str]] = {
     "history_ttl": (_int_between(1, 30 * 86400), "seconds a user's history is kept"),
     "heartbeat_s": (_seconds(0.1, 3600), "seconds between SSE heartbeat comments"),
     "client_buffer": (_int_between(1, 1_000_000), "events buffered per slow client"),
+    "client_buffer_bytes": (
+        _int_between(64 * 1024, 1024**3),
+        "bytes of events buffered per slow client",
+    ),
+    "send_timeout_s": (
+        _seconds(0.1, 3600),
+        "seconds a write may wait for a client that stopped reading before it is dropped",
+    ),
     "max_connections": (_int_between(1, 1_000_000), "open streams per process"),
     "max_connections_per_user": (_int_between(1, 100_000), "open streams per user and process"),
     "ws_max_message_bytes": (_int_between(256, 16 * 1024 * 1024), "largest client message"),

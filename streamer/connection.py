@@ -11,55 +11,55 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .broker import Broker, Snapshot
-from .events import Delivery, EventId, TaskState, dumps
+from .events import Delivery, EventId, dumps
 from .hub import CloseReason, Hub, Resync, Subscription
 
 
-def active_tasks_message(tasks: list[TaskState], *, recovered: bool) -> str:
-    return dumps({"type": "active_tasks", "tasks": tasks, "recovered": recovered})
+def active_tasks_message(snapshot: Snapshot, *, recovered: bool, position: EventId) -> str:
+    """`active_tasks`, whose `id` is where the client stands once it has it: resuming
+    from there misses nothing and repeats nothing."""
+    return dumps(
+        {
+            "type": "active_tasks",
+            "id": str(position),
+            "tasks": snapshot.tasks,
+            "recovered": recovered,
+            "truncated": snapshot.truncated,
+        }
+    )
 
 
 async def current_tasks(broker: Broker, subscription: Subscription) -> Snapshot:
     """The subscriber's unfinished tasks; queued events they already reflect are dropped,
     so a client never gets an event older than its snapshot from the live stream."""
-    snapshot = await broker.snapshot(subscription.user_id)
-    if snapshot.last_event_id is not None:
-        subscription.skip_through(snapshot.last_event_id)
-    tasks = snapshot.tasks
-    if subscription.task_id is not None:
-        tasks = [task for task in tasks if task["task_id"] == subscription.task_id]
-    return Snapshot(tasks, snapshot.last_event_id)
-
-
-def _optional_id(event_id: EventId | None) -> str | None:
-    return None if event_id is None else str(event_id)
+    snapshot = await broker.snapshot(subscription.user_id, subscription.task_id)
+    subscription.skip_through(snapshot.position)
+    return snapshot
 
 
 @dataclass(frozen=True)
 class Outgoing:
-    """One message for a transport to send; `event_id` is None for a snapshot of a
-    user without history."""
+    """One message for a transport to send, with the id it carries."""
 
     json: str
     type: str
-    event_id: str | None
+    event_id: EventId
 
 
 async def outgoing_messages(broker: Broker, stream: ClientStream) -> AsyncIterator[Outgoing]:
     """Everything a client is sent, in order: snapshot, replay, then live events
     (and a fresh snapshot wherever the broker lost its data)."""
-    # A snapshot's id is the newest event it reflects: resuming from there is exact.
     yield Outgoing(stream.snapshot, "active_tasks", stream.snapshot_id)
     for delivery in stream.replayed:
-        yield Outgoing(delivery.json, delivery.type, str(delivery.event_id))
+        yield Outgoing(delivery.json, delivery.type, delivery.event_id)
     subscription = stream.subscription
     while (item := await subscription.next()) is not None:
         if isinstance(item, Resync):
             snapshot = await current_tasks(broker, subscription)
-            message = active_tasks_message(snapshot.tasks, recovered=False)
-            yield Outgoing(message, "active_tasks", _optional_id(snapshot.last_event_id))
+            message = active_tasks_message(snapshot, recovered=False, position=snapshot.position)
+            yield Outgoing(message, "active_tasks", snapshot.position)
         else:
-            yield Outgoing(item.json, item.type, str(item.event_id))
+            yield Outgoing(item.json, item.type, item.event_id)
 
 
 @dataclass
@@ -69,8 +69,8 @@ class ClientStream:
 
     subscription: Subscription
     snapshot: str
+    snapshot_id: EventId
     replayed: list[Delivery] = field(default_factory=list)
-    snapshot_id: str | None = None
 
 
 @asynccontextmanager
@@ -96,18 +96,22 @@ async def open_client_stream(
         # Snapshot first: the replay, read after it, then holds every missed event up
         # to now, and the live queue only what comes after the replay.
         current = await current_tasks(broker, subscription)
-        recovered = True
+        position, recovered = current.position, True
         replayed: list[Delivery] = []
+        resume_point = EventId.parse(last_event_id) if last_event_id is not None else None
         if last_event_id is not None:
             replay = await broker.replay(user_id, last_event_id)
             recovered = replay.complete
-            replayed = [d for d in replay.events if subscription.wants(d)]
-            if replay.events:
-                subscription.skip_through(replay.events[-1].event_id)
-        snapshot = active_tasks_message(current.tasks, recovered=recovered)
-        yield ClientStream(
-            subscription, snapshot, replayed, snapshot_id=_optional_id(current.last_event_id)
-        )
+            if replay.complete and resume_point is not None:
+                # The replayed events follow the snapshot: it stands at the resume
+                # point, so that ids on the connection only go up and a client that
+                # drops right after the snapshot still gets them next time.
+                position = resume_point
+                replayed = [d for d in replay.events if subscription.wants(d)]
+                if replay.events:
+                    subscription.skip_through(replay.events[-1].event_id)
+        snapshot = active_tasks_message(current, recovered=recovered, position=position)
+        yield ClientStream(subscription, snapshot, position, replayed)
     finally:
         if expiry is not None:
             expiry.cancel()

@@ -23,6 +23,11 @@ EventType = Literal["task_progress", "task_completed"]
 MAX_ID_LENGTH = 200
 MAX_TEXT_LENGTH = 2000
 MAX_RESULT_BYTES = 64 * 1024
+# Deep enough for any real result, shallow enough that no JSON library on any path
+# (ours, Redis's cjson, a browser's) comes near its recursion limit.
+MAX_JSON_DEPTH = 32
+# Counts stay exact in JavaScript clients (Number.MAX_SAFE_INTEGER).
+MAX_COUNT = 2**53 - 1
 
 TASK_STATE_FIELDS = (
     "task_id",
@@ -95,8 +100,8 @@ def _optional_text(name: str, value: object) -> str | None:
 def _optional_count(name: str, value: object) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise EventError(f"{name} must be a non-negative integer")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+        raise EventError(f"{name} must be an integer from 0 to {MAX_COUNT}")
     return value
 
 
@@ -131,11 +136,30 @@ def _iso_timestamp(name: str, value: object) -> str | None:
     return value
 
 
+def json_depth_exceeds(value: object, limit: int) -> bool:
+    """True when containers nest deeper than `limit` (iterative: no recursion limit)."""
+    pending: list[tuple[object, int]] = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list | tuple):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        pending.extend((child, depth + 1) for child in children)
+    return False
+
+
 def _result_data(value: object) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
         raise EventError("result_data must be a JSON object")
+    if json_depth_exceeds(value, MAX_JSON_DEPTH):
+        raise EventError(f"result_data must not nest deeper than {MAX_JSON_DEPTH} levels")
     try:
         encoded = dumps(value)
         size = len(encoded.encode("utf-8"))
@@ -369,13 +393,23 @@ class Delivery:
     json: str
 
 
+class UndecodableEvent(ValueError):
+    """A stored event that cannot be read back; it is skipped, never retried."""
+
+
 def parse_wire_event(user_id: str, event_id: EventId, event_json: str) -> Delivery:
     """Build a Delivery from the stored event (without id) of a history entry."""
-    decoded = json.loads(event_json)
+    try:
+        decoded = json.loads(event_json)
+        task_id, event_type = decoded["task_id"], decoded["type"]
+    except (ValueError, RecursionError, KeyError, TypeError) as exc:
+        raise UndecodableEvent(f"event {event_id} of user {user_id!r}: {exc!r:.200}") from None
+    if not isinstance(task_id, str) or not isinstance(event_type, str):
+        raise UndecodableEvent(f"event {event_id} of user {user_id!r}: no task_id or type")
     return Delivery(
         user_id=user_id,
-        task_id=str(decoded["task_id"]),
+        task_id=task_id,
         event_id=event_id,
-        type=str(decoded["type"]),
+        type=event_type,
         json=with_id(event_json, str(event_id)),
     )

@@ -14,6 +14,7 @@ class CloseReason(enum.Enum):
     """Why the server ends a connection; transports map each to their own signal."""
 
     OVERFLOW = "overflow"  # the client did not keep up with its buffer
+    STALLED = "stalled"  # a write waited longer than the send timeout
     SHUTDOWN = "shutdown"  # the process is stopping or reloading
     EXPIRED = "expired"  # the access token expired
 
@@ -28,10 +29,12 @@ RESYNC = Resync()
 class Subscription:
     """One connection's bounded buffer of events to send, in publish order."""
 
-    def __init__(self, user_id: str, task_id: str | None, limit: int) -> None:
+    def __init__(self, user_id: str, task_id: str | None, limit: int, limit_bytes: int) -> None:
         self.user_id = user_id
         self.task_id = task_id
         self._limit = limit
+        self._limit_bytes = limit_bytes
+        self._buffered_bytes = 0
         self._buffer: deque[Delivery | Resync] = deque()
         self._wakeup = asyncio.Event()
         self._last_id: EventId | None = None
@@ -51,11 +54,13 @@ class Subscription:
             return
         if self._last_id is not None and delivery.event_id <= self._last_id:
             return
-        if len(self._buffer) >= self._limit:
+        size = len(delivery.json)
+        if len(self._buffer) >= self._limit or self._buffered_bytes + size > self._limit_bytes:
             self.close(CloseReason.OVERFLOW)
             return
         self._last_id = delivery.event_id
         self._buffer.append(delivery)
+        self._buffered_bytes += size
         self._wakeup.set()
 
     def skip_through(self, event_id: EventId) -> None:
@@ -64,6 +69,9 @@ class Subscription:
             self._last_id = event_id
         self._buffer = deque(
             item for item in self._buffer if isinstance(item, Resync) or item.event_id > event_id
+        )
+        self._buffered_bytes = sum(
+            len(item.json) for item in self._buffer if not isinstance(item, Resync)
         )
 
     def resync(self) -> None:
@@ -76,6 +84,7 @@ class Subscription:
         if self.close_reason is None:
             self.close_reason = reason
             self._buffer.clear()
+            self._buffered_bytes = 0
             self._wakeup.set()
 
     async def next(self) -> Delivery | Resync | None:
@@ -84,7 +93,10 @@ class Subscription:
             if self.close_reason is not None:
                 return None
             if self._buffer:
-                return self._buffer.popleft()
+                item = self._buffer.popleft()
+                if not isinstance(item, Resync):
+                    self._buffered_bytes -= len(item.json)
+                return item
             self._wakeup.clear()
             await self._wakeup.wait()
 
@@ -105,9 +117,15 @@ class HubClosed(Exception):
 
 class Hub:
     def __init__(
-        self, client_buffer: int, *, max_connections: int, max_connections_per_user: int
+        self,
+        client_buffer: int,
+        *,
+        client_buffer_bytes: int,
+        max_connections: int,
+        max_connections_per_user: int,
     ) -> None:
         self._client_buffer = client_buffer
+        self._client_buffer_bytes = client_buffer_bytes
         self._max_connections = max_connections
         self._max_per_user = max_connections_per_user
         self._by_user: dict[str, set[Subscription]] = {}
@@ -124,7 +142,9 @@ class Hub:
                 f"too many connections for this user (at most {self._max_per_user})"
             )
         self._count += 1
-        subscription = Subscription(user_id, task_id, self._client_buffer)
+        subscription = Subscription(
+            user_id, task_id, self._client_buffer, self._client_buffer_bytes
+        )
         self._by_user.setdefault(user_id, set()).add(subscription)
         return subscription
 

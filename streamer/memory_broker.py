@@ -7,12 +7,20 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from .broker import Broker, Listener, Replay, Snapshot
+from .broker import (
+    MAX_SNAPSHOT_BYTES,
+    MAX_SNAPSHOT_TASKS,
+    Broker,
+    Listener,
+    Replay,
+    Snapshot,
+)
 from .events import (
     Delivery,
     EventId,
     TaskEvent,
     TaskState,
+    dumps,
     full_task_state,
     with_id,
 )
@@ -20,7 +28,11 @@ from .events import (
 
 @dataclass
 class _History:
+    """A user's retained events; `position` is the last id it gave out (an event's,
+    or that of an empty history started for a snapshot)."""
+
     entries: deque[tuple[EventId, Delivery]]
+    position: EventId
     last_write: float = 0.0
     max_deleted: EventId | None = None
 
@@ -43,7 +55,7 @@ class MemoryBroker(Broker):
         self._last_id = EventId(self._epoch, 0, 0)
         self._histories: dict[str, _History] = {}
         self._users: dict[str, _UserTasks] = {}
-        self._cancelled: set[str] = set()
+        self._cancelled: set[tuple[str, str]] = set()  # (user, task)
         self._listener: Listener | None = None
         self._last_sweep = time.monotonic()
 
@@ -88,16 +100,21 @@ class MemoryBroker(Broker):
         self._sweep()
         tasks = self._users.setdefault(event.user_id, _UserTasks())
         update = event.state_update()
-        tasks.states[event.task_id] = update.apply(tasks.states.get(event.task_id, {}))
+        flag = (event.user_id, event.task_id)
+        was_active = event.task_id in tasks.active
+        previous = tasks.states.get(event.task_id, {})
+        if not was_active and previous.get("completed_at") is not None:
+            previous = {}  # a new run of a finished task id starts from a clean state
+        tasks.states[event.task_id] = update.apply(previous)
         if update.terminal:
             tasks.active.pop(event.task_id, None)
             tasks.finished[event.task_id] = time.monotonic()
-            self._cancelled.discard(event.task_id)
+            self._cancelled.discard(flag)
         else:
             tasks.finished.pop(event.task_id, None)
-            if event.task_id not in tasks.active:
+            if not was_active:
                 # A new run of this task id: a cancellation of an earlier run does not apply.
-                self._cancelled.discard(event.task_id)
+                self._cancelled.discard(flag)
                 tasks.active[event.task_id] = time.time()
 
         event_id = self._next_id()
@@ -111,25 +128,41 @@ class MemoryBroker(Broker):
         history = self._history(event.user_id)
         if history is None:
             # A history that expired and starts again: earlier resume points are gaps.
-            history = self._histories[event.user_id] = _History(deque(), max_deleted=event_id)
+            history = self._new_history(event.user_id, event_id)
         if len(history.entries) >= self._history_size:
             history.max_deleted = history.entries.popleft()[0]
         history.entries.append((event_id, delivery))
+        history.position = event_id
         history.last_write = time.monotonic()
 
         if self._listener is not None:
             self._listener.deliver(delivery)
         return event_id
 
-    async def snapshot(self, user_id: str) -> Snapshot:
+    def _new_history(self, user_id: str, start: EventId) -> _History:
+        """An empty history whose earlier positions (before `start`) are gaps."""
+        history = _History(deque(), position=start, last_write=time.monotonic(), max_deleted=start)
+        self._histories[user_id] = history
+        return history
+
+    async def snapshot(self, user_id: str, task_id: str | None = None) -> Snapshot:
         history = self._history(user_id)
-        last_event_id = history.entries[-1][0] if history and history.entries else None
+        if history is None:
+            history = self._new_history(user_id, self._next_id())
         tasks = self._users.get(user_id)
         if tasks is None:
-            return Snapshot([], last_event_id)
+            return Snapshot([], history.position)
         newest_first = sorted(tasks.active.items(), key=lambda item: item[1], reverse=True)
-        states = [full_task_state(tasks.states[task_id]) for task_id, _ in newest_first]
-        return Snapshot(states, last_event_id)
+        ids = [task for task, _ in newest_first if task_id is None or task == task_id]
+        states = [full_task_state(tasks.states[task]) for task in ids[:MAX_SNAPSHOT_TASKS]]
+        truncated = len(ids) > MAX_SNAPSHOT_TASKS
+        size = 0
+        for count, state in enumerate(states):
+            size += len(dumps(state))
+            if size > MAX_SNAPSHOT_BYTES:
+                states, truncated = states[:count], True
+                break
+        return Snapshot(states, history.position, truncated=truncated)
 
     async def task_state(self, user_id: str, task_id: str) -> TaskState | None:
         tasks = self._users.get(user_id)
@@ -141,18 +174,18 @@ class MemoryBroker(Broker):
         tasks = self._users.get(user_id)
         if tasks is None or task_id not in tasks.active:
             return False
-        self._cancelled.add(task_id)
+        self._cancelled.add((user_id, task_id))
         return True
 
-    async def is_cancelled(self, task_id: str) -> bool:
-        return task_id in self._cancelled
+    async def is_cancelled(self, user_id: str, task_id: str) -> bool:
+        return (user_id, task_id) in self._cancelled
 
     async def replay(self, user_id: str, after: str) -> Replay:
         resume_point = EventId.parse(after)
         history = self._history(user_id)
         if resume_point is None or resume_point.epoch != self._epoch or history is None:
             return Replay([], complete=False)
-        if resume_point > self._last_id:
+        if resume_point > history.position:
             return Replay([], complete=False)
         if history.max_deleted is not None and history.max_deleted > resume_point:
             return Replay([], complete=False)

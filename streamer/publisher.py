@@ -4,7 +4,7 @@ from streamer.publisher import Publisher
 
 with Publisher() as publisher:          # STREAMER_REDIS_URL
     publisher.progress(user_id, task_id, progress=40, current_step="resizing")
-    if publisher.is_cancelled(task_id):
+    if publisher.is_cancelled(user_id, task_id):
         ...
     publisher.completed(user_id, task_id, result_data={"url": "..."})
 """
@@ -43,6 +43,17 @@ def _settings(redis_url: str | None, environ: Mapping[str, str]) -> tuple[str, d
     return url, limits
 
 
+_NO_TASK = object()
+
+
+def _cancel_key(user_id: object, task_id: object) -> str:
+    if task_id is _NO_TASK:
+        # The one-argument form of earlier versions could see another user's cancel.
+        raise TypeError("is_cancelled() needs the user id too: is_cancelled(user_id, task_id)")
+    user, task = validate_identifier("user_id", user_id), validate_identifier("task_id", task_id)
+    return cancel_key(user, task)
+
+
 def _event_id(raw: bytes) -> str:
     event_id = EventId.parse(raw.decode())
     if event_id is None:
@@ -71,8 +82,9 @@ class Publisher:
         except (RedisError, OSError) as exc:
             raise BrokerUnavailable(f"could not publish to Redis: {exc}") from exc
 
-    def is_cancelled(self, task_id: object) -> bool:
-        key = cancel_key(validate_identifier("task_id", task_id))
+    def is_cancelled(self, user_id: object, task_id: object = _NO_TASK) -> bool:
+        """Whether `user_id` asked to cancel the current run of their task `task_id`."""
+        key = _cancel_key(user_id, task_id)
         try:
             return bool(self._client.exists(key))
         except (RedisError, OSError) as exc:
@@ -114,8 +126,9 @@ class AsyncPublisher:
         except (RedisError, OSError) as exc:
             raise BrokerUnavailable(f"could not publish to Redis: {exc}") from exc
 
-    async def is_cancelled(self, task_id: object) -> bool:
-        key = cancel_key(validate_identifier("task_id", task_id))
+    async def is_cancelled(self, user_id: object, task_id: object = _NO_TASK) -> bool:
+        """Whether `user_id` asked to cancel the current run of their task `task_id`."""
+        key = _cancel_key(user_id, task_id)
         try:
             return bool(await self._client.exists(key))
         except (RedisError, OSError) as exc:

@@ -22,3 +22,8 @@ class TokenBucket:
             self._tokens -= 1
             return True
         return False
+
+    def charge(self, tokens: float) -> None:
+        """Take more for what turned out to cost more; the balance may go below zero,
+        and commands are refused until it has refilled."""
+        self._tokens -= tokens

@@ -16,22 +16,21 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
 from .broker import Broker, BrokerUnavailable, Listener, Replay, Snapshot
-from .events import Delivery, EventId, TaskEvent, TaskState, parse_wire_event
+from .events import Delivery, EventId, TaskEvent, TaskState, UndecodableEvent, parse_wire_event
 from .redis_store import (
     CANCEL_SCRIPT,
     EPOCH_KEY,
     EVENTS_CHANNEL,
     PUBLISH_SCRIPT,
     SNAPSHOT_SCRIPT,
-    active_key,
     cancel_call,
     cancel_key,
     decode_message,
     decode_state,
     history_key,
     publish_call,
+    snapshot_call,
     task_key,
-    task_key_prefix,
 )
 
 log = logging.getLogger(__name__)
@@ -55,7 +54,6 @@ def _unavailable_on_error(
     return wrapper
 
 
-MAX_SNAPSHOT_TASKS = 500
 REDIS_POOL_SIZE = 50
 REDIS_POOL_WAIT_S = 10.0
 POLL_S = 0.2
@@ -74,8 +72,10 @@ class RedisBroker(Broker):
         history_ttl: int,
         idle_ping_s: float = IDLE_PING_S,
         pong_timeout_s: float = PONG_TIMEOUT_S,
+        on_undecodable: Callable[[], None] = lambda: None,
     ) -> None:
         self._url = url
+        self._on_undecodable = on_undecodable
         self._history_size = history_size
         self._history_ttl = history_ttl
         self._idle_ping_s = idle_ping_s
@@ -191,7 +191,10 @@ class RedisBroker(Broker):
                 log.warning("ignoring a malformed message on %s", EVENTS_CHANNEL)
                 continue
             self._check_epoch(listener, delivery.event_id.epoch)
-            listener.deliver(delivery)
+            try:
+                listener.deliver(delivery)
+            except Exception:  # one event never takes the subscription down
+                log.exception("delivering %s failed", delivery.event_id)
 
     def _check_epoch(self, listener: Listener, epoch: str | None) -> bool:
         """Tell the listener when the dataset changed under us; True if it did."""
@@ -218,7 +221,11 @@ class RedisBroker(Broker):
         for user_id, oldest in listener.resume_points().items():
             start = "-" if oldest is None else f"({oldest.stream_id}"
             for delivery in await self._read_history(user_id, epoch, start):
-                listener.deliver(delivery)
+                try:
+                    listener.deliver(delivery)
+                except Exception:  # one user's data never stalls the others
+                    log.exception("catch-up of user %r failed at %s", user_id, delivery.event_id)
+                    break
 
     async def _read_epoch(self) -> str | None:
         return _text(await self.client.get(EPOCH_KEY))
@@ -229,13 +236,19 @@ class RedisBroker(Broker):
         entries = await self.client.xrange(history_key(user_id), min=start, max="+")
         return self._to_deliveries(user_id, epoch, entries)
 
-    @staticmethod
-    def _to_deliveries(user_id: str, epoch: str, entries: Any) -> list[Delivery]:
+    def _to_deliveries(self, user_id: str, epoch: str, entries: Any) -> list[Delivery]:
+        """History entries as deliveries; one that cannot be read is one bad entry:
+        logged, counted and skipped, never a reason to fail or retry the whole read."""
         deliveries = []
         for stream_id, fields in entries or ():
             ms, seq = _require_text(stream_id).split("-")
             event_id = EventId(epoch, int(ms), int(seq))
-            deliveries.append(parse_wire_event(user_id, event_id, _require_text(fields[b"e"])))
+            try:
+                raw = fields.get(b"e", b"").decode()
+                deliveries.append(parse_wire_event(user_id, event_id, raw))
+            except (UndecodableEvent, UnicodeDecodeError) as exc:
+                log.warning("skipping an undecodable history entry: %s", exc)
+                self._on_undecodable()
         return deliveries
 
     @_unavailable_on_error
@@ -248,17 +261,17 @@ class RedisBroker(Broker):
         return event_id
 
     @_unavailable_on_error
-    async def snapshot(self, user_id: str) -> Snapshot:
-        raw_states, raw_last_id, raw_epoch = await self._snapshot_script(
-            keys=[active_key(user_id), history_key(user_id), EPOCH_KEY],
-            args=[MAX_SNAPSHOT_TASKS, task_key_prefix(user_id)],
+    async def snapshot(self, user_id: str, task_id: str | None = None) -> Snapshot:
+        call = snapshot_call(user_id, task_id, history_ttl=self._history_ttl)
+        raw_states, raw_position, raw_epoch, truncated = await self._snapshot_script(
+            keys=call.keys, args=call.args
         )
         states = (decode_state(_pairs(raw)) for raw in raw_states)
-        last_event_id = None
-        epoch = _text(raw_epoch)
-        if raw_last_id is not None and epoch is not None:
-            last_event_id = EventId.parse(f"{epoch}-{_require_text(raw_last_id)}")
-        return Snapshot([state for state in states if state is not None], last_event_id)
+        position = EventId.parse(f"{_require_text(raw_epoch)}-{_require_text(raw_position)}")
+        if position is None:
+            raise BrokerUnavailable(f"Redis returned a malformed position: {raw_position!r}")
+        tasks = [state for state in states if state is not None]
+        return Snapshot(tasks, position, truncated=bool(truncated))
 
     @_unavailable_on_error
     async def task_state(self, user_id: str, task_id: str) -> TaskState | None:
@@ -273,8 +286,8 @@ class RedisBroker(Broker):
         return bool(await self._cancel_script(keys=call.keys, args=call.args))
 
     @_unavailable_on_error
-    async def is_cancelled(self, task_id: str) -> bool:
-        return bool(await self.client.exists(cancel_key(task_id)))
+    async def is_cancelled(self, user_id: str, task_id: str) -> bool:
+        return bool(await self.client.exists(cancel_key(user_id, task_id)))
 
     @_unavailable_on_error
     async def replay(self, user_id: str, after: str) -> Replay:

@@ -9,13 +9,18 @@ channel that every process subscribes to once.
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote
 
+from .broker import MAX_SNAPSHOT_BYTES, MAX_SNAPSHOT_TASKS
 from .events import Delivery, EventId, TaskEvent, TaskState, dumps, full_task_state
+
+log = logging.getLogger(__name__)
 
 PREFIX = "streamer"
 EVENTS_CHANNEL = f"{PREFIX}:events"
@@ -47,8 +52,9 @@ def history_key(user_id: str) -> str:
     return f"{PREFIX}:history:{_user(user_id)}"
 
 
-def cancel_key(task_id: str) -> str:
-    return f"{PREFIX}:cancel:{task_id}"
+def cancel_key(user_id: str, task_id: str) -> str:
+    """Per user and task: one user's cancel never reaches another user's task of that id."""
+    return f"{PREFIX}:cancel:{_user(user_id)}:{task_id}"
 
 
 PUBLISH_SCRIPT = """
@@ -62,6 +68,11 @@ local terminal = ARGV[4] == '1'
 redis.call('SET', epoch_key, ARGV[8], 'NX')
 local epoch = redis.call('GET', epoch_key)
 
+local was_active = redis.call('ZSCORE', active_key, task) ~= false
+if not was_active and redis.call('HEXISTS', task_key, 'completed_at') == 1 then
+  -- A new run of a finished task id starts from a clean state.
+  redis.call('DEL', task_key)
+end
 local n_values, n_if_absent = tonumber(ARGV[11]), tonumber(ARGV[12])
 local i = 14
 redis.call('HSET', task_key, 'user_id', user)
@@ -78,8 +89,9 @@ if terminal then
   redis.call('EXPIRE', task_key, ARGV[6])
   redis.call('DEL', KEYS[5])
 else
-  if redis.call('ZADD', active_key, 'NX', ARGV[9], task) == 1 then
+  if not was_active then
     -- A new run of this task id: a cancellation of an earlier run does not apply.
+    redis.call('ZADD', active_key, ARGV[9], task)
     redis.call('DEL', KEYS[5])
   end
   redis.call('EXPIRE', task_key, ARGV[7])
@@ -109,17 +121,48 @@ return event_id
 """
 
 SNAPSHOT_SCRIPT = """
--- KEYS: active zset, history stream, epoch; ARGV: max tasks, task key prefix
--- One atomic read: the unfinished tasks' states and the latest event id, so that
--- no event up to that id is missing from the states.
-local states = {}
-for i, task in ipairs(redis.call('ZREVRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)) do
-  states[i] = redis.call('HGETALL', ARGV[2] .. task)
+-- KEYS: active zset, history stream, epoch
+-- ARGV: max tasks, task key prefix, candidate epoch, history ttl, max bytes,
+--       only this task id ('' for all)
+-- One atomic read: the unfinished tasks' states and the user's position in their
+-- history (every event up to it is reflected in the states). A user without
+-- history gets one: an empty stream whose last id is the position, so that resuming
+-- from it replays exactly what came after, or reports the gap if the stream expired.
+redis.call('SET', KEYS[3], ARGV[3], 'NX')
+local epoch = redis.call('GET', KEYS[3])
+local max_tasks, max_bytes = tonumber(ARGV[1]), tonumber(ARGV[5])
+local ids = {}
+if ARGV[6] ~= '' then
+  if redis.call('ZSCORE', KEYS[1], ARGV[6]) then ids[1] = ARGV[6] end
+else
+  ids = redis.call('ZREVRANGE', KEYS[1], 0, max_tasks)  -- one more tells truncation
 end
+local states, bytes, truncated = {}, 0, 0
+for n, task in ipairs(ids) do
+  if n > max_tasks then truncated = 1; break end
+  local state = redis.call('HGETALL', ARGV[2] .. task)
+  local size = 0
+  for _, part in ipairs(state) do size = size + #part end
+  if bytes + size > max_bytes then truncated = 1; break end
+  bytes = bytes + size
+  states[#states + 1] = state
+end
+
+local position
 local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
-local last_id = false
-if #newest > 0 then last_id = newest[1][1] end
-return {states, last_id, redis.call('GET', KEYS[3])}
+if #newest > 0 then
+  position = newest[1][1]
+elseif redis.call('EXISTS', KEYS[2]) == 1 then
+  local info = redis.call('XINFO', 'STREAM', KEYS[2])
+  for k = 1, #info, 2 do
+    if info[k] == 'last-generated-id' then position = info[k + 1] end
+  end
+else
+  position = redis.call('XADD', KEYS[2], '*', 'e', '')
+  redis.call('XDEL', KEYS[2], position)
+  redis.call('EXPIRE', KEYS[2], ARGV[4])
+end
+return {states, position, epoch, truncated}
 """
 
 CANCEL_SCRIPT = """
@@ -150,7 +193,7 @@ def publish_call(event: TaskEvent, *, history_size: int, history_ttl: int) -> Sc
             active_key(event.user_id),
             history_key(event.user_id),
             EPOCH_KEY,
-            cancel_key(event.task_id),
+            cancel_key(event.user_id, event.task_id),
         ],
         args=[
             event.user_id,
@@ -173,15 +216,38 @@ def publish_call(event: TaskEvent, *, history_size: int, history_ttl: int) -> Sc
 
 def cancel_call(user_id: str, task_id: str) -> ScriptCall:
     return ScriptCall(
-        keys=[task_key(user_id, task_id), active_key(user_id), cancel_key(task_id)],
+        keys=[task_key(user_id, task_id), active_key(user_id), cancel_key(user_id, task_id)],
         args=[user_id, task_id, ACTIVE_TASK_TTL_S],
     )
 
 
+def snapshot_call(user_id: str, task_id: str | None, *, history_ttl: int) -> ScriptCall:
+    return ScriptCall(
+        keys=[active_key(user_id), history_key(user_id), EPOCH_KEY],
+        args=[
+            MAX_SNAPSHOT_TASKS,
+            task_key_prefix(user_id),
+            secrets.token_hex(4),
+            history_ttl,
+            MAX_SNAPSHOT_BYTES,
+            task_id or "",
+        ],
+    )
+
+
 def decode_state(raw: Mapping[bytes, bytes]) -> TaskState | None:
+    """A stored task state; a field that cannot be decoded is left out (and logged),
+    so one bad value never fails a whole snapshot."""
     if not raw:
         return None
-    stored = {key.decode(): json.loads(value) for key, value in raw.items() if key != b"user_id"}
+    stored: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == b"user_id":
+            continue
+        try:
+            stored[key.decode()] = json.loads(value)
+        except (ValueError, RecursionError):
+            log.warning("ignoring an undecodable task field %r", key[:50])
     return full_task_state(stored)
 
 

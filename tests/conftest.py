@@ -98,6 +98,14 @@ async def client(
 
 
 @pytest.fixture
+async def redis_client(redis_url: str, aiohttp_client: Callable[..., object]) -> TestClient:  # type: ignore[type-arg]
+    """The app on the private Redis only (for what only Redis does: faults, data loss)."""
+    config = Config(secret=SECRET, publish_key=PUBLISH_KEY, redis_url=redis_url, heartbeat_s=0.5)
+    test_client: TestClient = await aiohttp_client(await create_app(config))  # type: ignore[misc]
+    return test_client
+
+
+@pytest.fixture
 def process_env(tmp_path: Path) -> dict[str, str]:
     """Environment for server subprocesses: this interpreter's scripts first on PATH."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMER_")}

@@ -176,7 +176,7 @@ async def test_users_never_see_each_others_tasks(client: TestClient, token_for: 
         assert await ws_json(alice_ws) == {
             "type": "task_cancelled", "task_id": "bob-task", "success": False,
         }  # fmt: skip
-        assert not await broker.is_cancelled("bob-task")
+        assert not await broker.is_cancelled(bob, "bob-task")
 
         # Alice asking for Bob's task by filter sees nothing of it either.
         async with client.ws_connect(

@@ -190,7 +190,7 @@ async def test_cancel_button_sends_cancel_task(
     await browser.evaluate(f"{row_js('t-cancel')}.querySelector('button').click()")
 
     deadline = time.monotonic() + 10
-    while not publisher.is_cancelled("t-cancel"):
+    while not publisher.is_cancelled(user_id, "t-cancel"):
         assert time.monotonic() < deadline, "cancel_task never reached the server"
         await asyncio.sleep(0.05)
     await browser.wait_for(

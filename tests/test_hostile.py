@@ -690,7 +690,7 @@ async def test_line_breaks_in_estimated_completion_are_refused(
     assert response.status == 422
     assert (await response.json())["code"] == "invalid_event"
     # Nothing was stored: the user has no tasks.
-    assert await client.app[BROKER].active_tasks(user_id) == []
+    assert (await client.app[BROKER].snapshot(user_id)).tasks == []
 
 
 # --- Lone UTF-16 surrogates ------------------------------------------------------------
@@ -784,6 +784,6 @@ async def test_lone_surrogate_in_a_published_event_is_refused(
         # The live connection got nothing and still answers.
         await live.send_json({"type": "ping"})
         assert await ws_json(live) == {"type": "pong"}
-    assert await client.app[BROKER].active_tasks(user_id) == []
+    assert (await client.app[BROKER].snapshot(user_id)).tasks == []
     await assert_still_serving(client, token)
     assert server_errors() == []

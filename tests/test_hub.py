@@ -13,7 +13,7 @@ def delivery(user: str, ms: int) -> Delivery:
 
 
 def test_no_new_connections_once_shutting_down() -> None:
-    hub = Hub(10, max_connections=10, max_connections_per_user=10)
+    hub = Hub(10, client_buffer_bytes=1 << 20, max_connections=10, max_connections_per_user=10)
     first = hub.subscribe("u")
     hub.close_all(CloseReason.SHUTDOWN)
     assert first.close_reason is CloseReason.SHUTDOWN
@@ -22,7 +22,7 @@ def test_no_new_connections_once_shutting_down() -> None:
 
 
 def test_limits_count_open_subscriptions_only() -> None:
-    hub = Hub(10, max_connections=2, max_connections_per_user=1)
+    hub = Hub(10, client_buffer_bytes=1 << 20, max_connections=2, max_connections_per_user=1)
     a = hub.subscribe("a")
     with pytest.raises(ConnectionLimitReached):
         hub.subscribe("a")
@@ -36,7 +36,7 @@ def test_limits_count_open_subscriptions_only() -> None:
 
 
 def test_resume_points_are_the_oldest_id_per_user() -> None:
-    hub = Hub(10, max_connections=10, max_connections_per_user=10)
+    hub = Hub(10, client_buffer_bytes=1 << 20, max_connections=10, max_connections_per_user=10)
     old, new = hub.subscribe("u"), hub.subscribe("u")
     assert hub.resume_points() == {"u": None}  # one has nothing yet: all of it
     old.offer(delivery("u", 5))
@@ -46,7 +46,7 @@ def test_resume_points_are_the_oldest_id_per_user() -> None:
 
 
 async def test_a_connection_gets_each_event_once_and_in_order() -> None:
-    hub = Hub(10, max_connections=10, max_connections_per_user=10)
+    hub = Hub(10, client_buffer_bytes=1 << 20, max_connections=10, max_connections_per_user=10)
     subscription = hub.subscribe("u")
     for ms in (5, 9, 9, 7, 12):  # a duplicate and an older one, as at a replay seam
         hub.deliver(delivery("u", ms))

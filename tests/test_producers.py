@@ -26,13 +26,6 @@ from .processes import BIN, free_port
 TokenFor = Callable[..., str]
 
 
-@pytest.fixture
-async def redis_client(redis_url: str, aiohttp_client: Callable[..., object]) -> TestClient:  # type: ignore[type-arg]
-    app = await create_app(Config(secret=SECRET, publish_key=PUBLISH_KEY, redis_url=redis_url))
-    test_client: TestClient = await aiohttp_client(app)  # type: ignore[misc]
-    return test_client
-
-
 async def test_sync_and_async_publishers_reach_clients(
     redis_client: TestClient, redis_url: str, token_for: TokenFor, user_id: str
 ) -> None:
@@ -43,7 +36,7 @@ async def test_sync_and_async_publishers_reach_clients(
                 user_id, "job", progress=10, current_step="start", processed_items=1,
                 total_items=10, status="STARTED",
             )  # fmt: skip
-            assert not publisher.is_cancelled("job")
+            assert not publisher.is_cancelled(user_id, "job")
         async with AsyncPublisher(redis_url) as async_publisher:
             second = await async_publisher.progress(user_id, "job", progress=50)
             third = await async_publisher.completed(
@@ -70,9 +63,9 @@ async def test_cancellation_is_seen_by_the_producer(
             await ws_json(ws)
             await ws.send_json({"type": "cancel_task", "task_id": "long-job"})
             assert (await ws_json(ws))["success"] is True
-        assert publisher.is_cancelled("long-job")
+        assert publisher.is_cancelled(user_id, "long-job")
         async with AsyncPublisher(redis_url) as async_publisher:
-            assert await async_publisher.is_cancelled("long-job")
+            assert await async_publisher.is_cancelled(user_id, "long-job")
 
 
 def test_one_publish_costs_a_constant_number_of_redis_commands(redis_url: str) -> None:
@@ -124,7 +117,7 @@ def test_publisher_reports_an_unreachable_redis() -> None:
         with pytest.raises(BrokerUnavailable):
             publisher.progress("u", "t", progress=1)
         with pytest.raises(BrokerUnavailable):
-            publisher.is_cancelled("t")
+            publisher.is_cancelled("u", "t")
 
 
 async def test_http_publish_endpoint(client: TestClient, token_for: TokenFor, user_id: str) -> None:

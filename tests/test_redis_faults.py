@@ -25,13 +25,6 @@ from .processes import RedisServer
 TokenFor = Callable[..., str]
 
 
-@pytest.fixture
-async def redis_client(redis_url: str, aiohttp_client: Callable[..., object]) -> TestClient:
-    config = Config(secret=SECRET, publish_key=PUBLISH_KEY, redis_url=redis_url, heartbeat_s=0.5)
-    test_client: TestClient = await aiohttp_client(await create_app(config))  # type: ignore[misc]
-    return test_client
-
-
 async def wait_for(condition: Callable[[], object], timeout: float = 10) -> None:
     async def poll() -> None:
         while not await condition():  # type: ignore[misc]
@@ -109,7 +102,7 @@ async def test_redis_down_keeps_connections_and_reports_unavailable(
             )
             assert refused.status == 503
             with pytest.raises(BrokerUnavailable):
-                await redis_client.app[BROKER].active_tasks(user_id)
+                await redis_client.app[BROKER].snapshot(user_id)
             new_sse = await redis_client.get(f"/sse/tasks/?token={token}")
             assert new_sse.status == 503
             assert not ws.closed

@@ -1,6 +1,9 @@
-"""The bounded soak run (bench/soak.py): clients reconnecting at random while Redis
+"""The bounded soak runs (bench/soak.py): clients reconnecting at random (a quarter of
+their connections ending right after the snapshot, before any task event) while Redis
 subscriber connections and gunicorn workers are killed. Nothing may be lost,
-duplicated or reordered. Its duration is SOAK_SECONDS (60 by default, as in CI)."""
+duplicated or reordered, and ids on a connection only go up. Each run lasts
+SOAK_SECONDS (60 by default, as in CI): the usual setting, and a harsher one with
+more clients, users, producers and workers and faster faults."""
 
 from __future__ import annotations
 
@@ -14,15 +17,28 @@ from pathlib import Path
 import pytest
 
 DURATION_S = float(os.environ.get("SOAK_SECONDS", "60"))
-# Publishing, the bounded drain (60 s at most), start-up and shutdown.
-BOUND_S = DURATION_S + 180
+# Publishing, the bounded drain (at most 120 s), start-up and shutdown.
+BOUND_S = DURATION_S + 240
 
 
-@pytest.mark.timeout(BOUND_S + 60)
-def test_soak_loses_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+SETTINGS = {
+    "usual": [
+        *("--worker-kill-every", str(DURATION_S / 4), "--redis-kill-every", str(DURATION_S / 10)),
+    ],
+    "harsh": [
+        *("--clients", "200", "--users", "20", "--producers", "8", "--workers", "3"),
+        *("--worker-kill-every", "7", "--redis-kill-every", "2", "--seed", "7"),
+        *("--timeout", "120"),
+    ],
+}
+
+
+@pytest.mark.timeout(BOUND_S + 120)
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_soak_loses_nothing(setting: str, capsys: pytest.CaptureFixture[str]) -> None:
     command = [
         *(sys.executable, "-m", "bench.soak", "--duration", str(DURATION_S)),
-        *("--worker-kill-every", str(DURATION_S / 4), "--redis-kill-every", str(DURATION_S / 10)),
+        *SETTINGS[setting],
     ]
     # Its own process group: whatever happens here, its gunicorn and Redis go with it.
     soak = subprocess.Popen(
@@ -40,10 +56,13 @@ def test_soak_loses_nothing(capsys: pytest.CaptureFixture[str]) -> None:
             os.killpg(soak.pid, signal.SIGKILL)
             soak.wait()
     with capsys.disabled():  # the figures belong in the CI log
-        print("\n" + "\n".join(stdout.splitlines()[:-1]))
+        print(f"\n{setting} soak: {' '.join(command[1:])}")
+        print("\n".join(stdout.splitlines()[:-1]))
     assert soak.returncode == 0, stderr[-3000:] + stdout
     figures = json.loads(stdout.splitlines()[-1])
     assert figures["published"] > 0 and figures["delivered"] == figures["expected_deliveries"]
     assert figures["lost"] == figures["duplicated"] == figures["reordered"] == 0
+    assert figures["unexpected"] == figures["backward_ids"] == 0
+    assert figures["drops_after_snapshot"] > 0
     assert figures["worker_kills"] >= 1 and figures["redis_subscriber_kills"] >= 1
     assert figures["reconnects"] > 0

@@ -110,11 +110,11 @@ async def test_websocket_commands(client: TestClient, token_for: TokenFor, user_
 
         await ws.send_json({"type": "cancel_task", "task_id": "job"})
         assert await ws_json(ws) == {"type": "task_cancelled", "task_id": "job", "success": True}
-        assert await client.app[BROKER].is_cancelled("job")
+        assert await client.app[BROKER].is_cancelled(user_id, "job")
 
         await ws.send_json({"type": "cancel_task", "task_id": "nope"})
         assert await ws_json(ws) == {"type": "task_cancelled", "task_id": "nope", "success": False}
-        assert not await client.app[BROKER].is_cancelled("nope")
+        assert not await client.app[BROKER].is_cancelled(user_id, "nope")
 
         await publish_done(client, user_id, "job", status="REVOKED")
         completed = await ws_json(ws)
@@ -337,11 +337,11 @@ async def test_cancellation_applies_to_one_run_of_a_task(
     broker = client.app[BROKER]
     await publish_progress(client, user_id, "nightly", progress=1)
     assert await broker.request_cancel(user_id, "nightly")
-    assert await broker.is_cancelled("nightly")
+    assert await broker.is_cancelled(user_id, "nightly")
     await publish_done(client, user_id, "nightly", status="REVOKED")
-    assert not await broker.is_cancelled("nightly")  # that run is over
+    assert not await broker.is_cancelled(user_id, "nightly")  # that run is over
     await publish_progress(client, user_id, "nightly", progress=1)  # the next run
-    assert not await broker.is_cancelled("nightly")
+    assert not await broker.is_cancelled(user_id, "nightly")
 
 
 async def test_ids_cannot_be_combined_into_another_users_task(
@@ -356,7 +356,7 @@ async def test_ids_cannot_be_combined_into_another_users_task(
     assert mine is not None and theirs is not None
     assert (mine["progress"], theirs["progress"]) == (22, 11)
     assert await broker.task_state("x", "z") is None
-    assert [t["task_id"] for t in await broker.active_tasks("x")] == ["y}:z"]
+    assert [t["task_id"] for t in (await broker.snapshot("x")).tasks] == ["y}:z"]
 
 
 async def test_sse_snapshot_id_is_an_exact_resume_point(
@@ -364,9 +364,17 @@ async def test_sse_snapshot_id_is_an_exact_resume_point(
 ) -> None:
     token = token_for(user_id)
     fresh = SseReader(await client.get(f"/sse/tasks/?token={token}"))
-    assert (await fresh.next()).id is None  # no history yet: nothing to resume from
+    first_snapshot = await fresh.next()
     fresh.response.close()
-    await publish_progress(client, user_id, "job", progress=1)
+    # No history yet, and still a resume point: what is published next is replayed.
+    assert first_snapshot.id is not None and first_snapshot.json["id"] == first_snapshot.id
+    first = await publish_progress(client, user_id, "job", progress=1)
+    from_first = SseReader(
+        await client.get(f"/sse/tasks/?token={token}&last_event_id={first_snapshot.id}")
+    )
+    assert (await from_first.next()).json["recovered"] is True
+    assert (await from_first.next()).id == first
+    from_first.response.close()
     reader = SseReader(await client.get(f"/sse/tasks/?token={token}"))
     snapshot = await reader.next()
     reader.response.close()

@@ -51,7 +51,7 @@ async def start_demo_job(request: web.Request) -> web.Response:
 
 async def _run_demo_job(broker: Broker, task_id: str) -> None:
     for step in range(DEMO_STEPS):
-        if await broker.is_cancelled(task_id):
+        if await broker.is_cancelled(DEMO_USER, task_id):
             await broker.publish(completed_event(DEMO_USER, task_id, status="REVOKED"))
             return
         await broker.publish(

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from ..app_keys import BROKER, CONFIG, METRICS
 from ..broker import BrokerUnavailable
-from ..events import EventError, event_from_payload
+from ..events import MAX_JSON_DEPTH, EventError, event_from_payload
 from .common import json_error
 
 MAX_BODY_BYTES = 128 * 1024
@@ -33,7 +33,10 @@ async def publish_handler(request: web.Request) -> web.Response:
         return json_error(413, "too_large", f"the body must be at most {MAX_BODY_BYTES} bytes")
     try:
         payload = json.loads(body)
-    except (ValueError, RecursionError):
+    except RecursionError:
+        too_deep = f"JSON values must not nest deeper than {MAX_JSON_DEPTH} levels"
+        return json_error(422, "invalid_event", too_deep)
+    except ValueError:
         return json_error(400, "invalid_json", "the body must be one JSON object")
     try:
         event = event_from_payload(payload)

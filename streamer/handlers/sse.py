@@ -25,8 +25,6 @@ from .common import json_error, stream_params, worker_header
 
 log = logging.getLogger(__name__)
 
-SEND_TIMEOUT_S = 30.0
-
 
 async def sse_handler(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG]
@@ -48,7 +46,7 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
     metrics = request.app[METRICS]
     response = EventSourceResponse(
         ping_interval=config.heartbeat_s,
-        send_timeout=SEND_TIMEOUT_S,
+        send_timeout=config.send_timeout_s,
         headers=worker_header() | cors,
     )
     metrics.connections.labels("sse").inc()
@@ -104,7 +102,9 @@ async def _serve(
     async def send_events() -> None:
         retry: int | None = retry_ms
         async for message in outgoing_messages(request.app[BROKER], stream):
-            await response.send(message.json, id=message.event_id, event=message.type, retry=retry)
+            await response.send(
+                message.json, id=str(message.event_id), event=message.type, retry=retry
+            )
             retry = None
             metrics.events_sent.labels("sse").inc()
 

@@ -11,7 +11,7 @@ from ..app_keys import BROKER, CONFIG, HUB, METRICS
 from ..auth.credentials import authenticate, uses_session_cookie
 from ..auth.origin import origin_allowed
 from ..auth.tokens import Identity, InvalidToken
-from ..broker import Broker, BrokerUnavailable
+from ..broker import Broker, BrokerUnavailable, Snapshot
 from ..commands import Command, CommandError, parse_command
 from ..connection import (
     ClientStream,
@@ -20,7 +20,7 @@ from ..connection import (
     outgoing_messages,
     run_until_first_done,
 )
-from ..events import dumps
+from ..events import EventId, dumps
 from ..hub import CloseReason, ConnectionLimitReached, HubClosed
 from ..rate_limit import TokenBucket
 from .common import stream_params, worker_header
@@ -32,6 +32,7 @@ CLOSE_TOO_SLOW = 4008
 CLOSE_TOO_MANY = 4029
 CLOSE_CODES = {
     CloseReason.OVERFLOW: (CLOSE_TOO_SLOW, b"too slow: resume from your last event id"),
+    CloseReason.STALLED: (CLOSE_TOO_SLOW, b"too slow: resume from your last event id"),
     CloseReason.SHUTDOWN: (WSCloseCode.GOING_AWAY, b"server shutting down"),
     CloseReason.EXPIRED: (CLOSE_UNAUTHORIZED, b"token expired"),
 }
@@ -39,18 +40,42 @@ CLOSE_TIMEOUT_S = 2.0
 # A client that keeps sending past its rate after this many refusals in a row is
 # dropped; before that each refused command gets an error reply.
 MAX_REFUSED_COMMANDS = 50
+# A reply costs one command, plus one more per this many bytes (a large snapshot).
+REPLY_BYTES_PER_COMMAND = 16 * 1024
 
 
 class _Socket:
-    """Serialises sends: events and command replies come from two tasks."""
+    """Serialises sends (events and command replies come from two tasks) and knows
+    where the client stands: the id of the last event or snapshot sent."""
 
-    def __init__(self, ws: web.WebSocketResponse) -> None:
+    def __init__(self, ws: web.WebSocketResponse, stream: ClientStream, timeout_s: float) -> None:
         self.ws = ws
+        self.position: EventId = stream.snapshot_id
+        self._subscription = stream.subscription
+        self._timeout_s = timeout_s
         self._lock = asyncio.Lock()
 
-    async def send(self, text: str) -> None:
+    async def send(self, text: str, position: EventId | None = None) -> None:
         async with self._lock:
-            await self.ws.send_str(text)
+            await self._send(text)
+            if position is not None:
+                self.position = position
+
+    async def send_snapshot(self, snapshot: Snapshot) -> int:
+        """`active_tasks` at the position the client stands at; returns its size."""
+        async with self._lock:
+            text = active_tasks_message(snapshot, recovered=True, position=self.position)
+            await self._send(text)
+            return len(text)
+
+    async def _send(self, text: str) -> None:
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await self.ws.send_str(text)
+        except TimeoutError:
+            # The peer stopped reading and the socket's buffers are full.
+            self._subscription.close(CloseReason.STALLED)
+            raise
 
 
 def error_message(code: str, message: str) -> str:
@@ -95,7 +120,8 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
             last_event_id=params.last_event_id,
             expires_at=identity.expires_at,
         ) as stream:
-            await _serve(request, _Socket(ws), stream, identity.user_id)
+            socket = _Socket(ws, stream, config.send_timeout_s)
+            await _serve(request, socket, stream, identity.user_id)
     except ConnectionLimitReached as exc:
         metrics.disconnects.labels("connection_limit").inc()
         await ws.close(code=CLOSE_TOO_MANY, message=str(exc).encode()[:120])
@@ -116,7 +142,7 @@ async def _serve(request: web.Request, socket: _Socket, stream: ClientStream, us
 
     async def send_events() -> None:
         async for message in outgoing_messages(broker, stream):
-            await socket.send(message.json)
+            await socket.send(message.json, message.event_id)
             metrics.events_sent.labels("websocket").inc()
 
     config = request.app[CONFIG]
@@ -138,7 +164,12 @@ async def _serve(request: web.Request, socket: _Socket, stream: ClientStream, us
                 continue
             refused_in_a_row = 0
             if message.type == WSMsgType.TEXT:
-                await socket.send(await _answer(broker, user_id, message.data))
+                reply = await _answer(broker, user_id, message.data)
+                if isinstance(reply, Snapshot):
+                    size = await socket.send_snapshot(reply)
+                    bucket.charge(size // REPLY_BYTES_PER_COMMAND)
+                else:
+                    await socket.send(reply)
             else:
                 await socket.send(
                     error_message("unsupported_frame", "send commands as JSON text frames")
@@ -159,7 +190,7 @@ async def _serve(request: web.Request, socket: _Socket, stream: ClientStream, us
         await socket.ws.close()
 
 
-async def _answer(broker: Broker, user_id: str, text: str) -> str:
+async def _answer(broker: Broker, user_id: str, text: str) -> str | Snapshot:
     try:
         command = parse_command(text)
     except CommandError as exc:
@@ -170,11 +201,11 @@ async def _answer(broker: Broker, user_id: str, text: str) -> str:
         return error_message("broker_unavailable", "the broker is unavailable; try again")
 
 
-async def _run(broker: Broker, user_id: str, command: Command) -> str:
+async def _run(broker: Broker, user_id: str, command: Command) -> str | Snapshot:
     if command.type == "ping":
         return dumps({"type": "pong"})
     if command.type == "get_active_tasks":
-        return active_tasks_message(await broker.active_tasks(user_id), recovered=True)
+        return await broker.snapshot(user_id)
     assert command.task_id is not None
     if command.type == "get_task_status":
         state = await broker.task_state(user_id, command.task_id)
