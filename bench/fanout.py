@@ -18,22 +18,14 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import aiohttp
 import redis
 
-from bench.service import SECRET, running_service, worker_pids
+from bench.service import SECRET, running_service
 from streamer.auth.tokens import issue_token
 from streamer.publisher import AsyncPublisher
-from tests.processes import ServerProcess
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+from tests.processes import ServerProcess, rss_kib, worker_pids
 
 
 class Receiver:

@@ -45,7 +45,3 @@ def running_service(
         finally:
             redis_server.stop()
 
-
-def worker_pids(master_pid: int) -> list[int]:
-    path = Path(f"/proc/{master_pid}/task/{master_pid}/children")
-    return [int(pid) for pid in path.read_text().split()]

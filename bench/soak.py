@@ -29,11 +29,11 @@ from typing import Any
 import aiohttp
 import redis
 
-from bench.service import SECRET, running_service, worker_pids
+from bench.service import SECRET, running_service
 from streamer.auth.tokens import issue_token
 from streamer.events import EventId
 from streamer.publisher import AsyncPublisher
-from tests.processes import ServerProcess
+from tests.processes import ServerProcess, worker_pids
 
 RECONNECT_PAUSE_S = 0.05
 # How often a connection ends right after its snapshot, before any task event: the

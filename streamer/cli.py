@@ -18,6 +18,7 @@ from .auth.tokens import DEFAULT_TTL_S, issue_token
 from .broker import BrokerUnavailable
 from .config import ENV_VARIABLES, Config, ConfigError
 from .events import (
+    MAX_JSON_DEPTH,
     TERMINAL_STATUSES,
     EventError,
     TaskEvent,
@@ -139,6 +140,10 @@ def _event_from_args(args: argparse.Namespace) -> TaskEvent:
         if args.result is not None:
             try:
                 result = json.loads(args.result)
+            except RecursionError:
+                raise EventError(
+                    f"--result must not nest deeper than {MAX_JSON_DEPTH} levels"
+                ) from None
             except ValueError:
                 raise EventError("--result must be a JSON object") from None
         return completed_event(

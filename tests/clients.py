@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+from aiohttp.test_utils import TestClient
+
+from streamer.events import EventId
 
 WAIT_S = 10.0
 
@@ -114,3 +119,82 @@ async def ws_close_code(ws: aiohttp.ClientWebSocketResponse, timeout: float = WA
                 raise AssertionError(f"websocket error: {message.data!r}")
 
     return await asyncio.wait_for(read(), timeout)
+
+
+# --- Either transport ------------------------------------------------------------------
+
+TRANSPORTS = ["websocket", "sse"]
+
+
+@dataclass
+class Received:
+    type: str
+    id: str
+    message: dict[str, Any]
+
+
+class Stream:
+    """One connection of either transport; every message comes with the id it carries
+    (on SSE the `id:` field, which must equal the JSON's `id`)."""
+
+    def __init__(self, next_message: Callable[[], Any]) -> None:
+        self._next = next_message
+        self.ids: list[str] = []
+
+    async def next(self) -> Received:
+        received: Received = await self._next()
+        assert received.id, f"{received.type} carries no id: {received.message}"
+        self.ids.append(received.id)
+        return received
+
+
+@asynccontextmanager
+async def open_stream(
+    client: TestClient | aiohttp.ClientSession,  # type: ignore[type-arg]
+    transport: str,
+    token: str,
+    last_event_id: str | None = None,
+    task_id: str | None = None,
+) -> AsyncIterator[Stream]:
+    """A stream of the in-process test app, or of a real server through a session
+    made with `base_url`."""
+    params = {"token": token}
+    if task_id is not None:
+        params["task_id"] = task_id
+    if last_event_id is not None:
+        params["last_event_id"] = last_event_id
+    if transport == "websocket":
+        async with client.ws_connect("/ws/tasks/", params=params) as ws:
+
+            async def next_ws() -> Received:
+                message = await ws_json(ws)
+                return Received(message["type"], message.get("id", ""), message)
+
+            yield Stream(next_ws)
+        return
+    response = await client.get("/sse/tasks/", params=params)
+    assert response.status == 200
+    reader = SseReader(response)
+
+    async def next_sse() -> Received:
+        event = await reader.next()
+        message = event.json
+        assert event.event == message["type"]
+        assert event.id == message.get("id"), "the SSE id: field and the JSON id differ"
+        return Received(message["type"], event.id or "", message)
+
+    try:
+        yield Stream(next_sse)
+    finally:
+        response.close()
+
+
+def order(event_id: str) -> tuple[int, int]:
+    parsed = EventId.parse(event_id)
+    assert parsed is not None, event_id
+    return parsed.ms, parsed.seq
+
+
+def assert_strictly_increasing(ids: list[str]) -> None:
+    keys = [order(i) for i in ids]
+    assert keys == sorted(set(keys)), f"ids on one connection must strictly increase: {ids}"

@@ -54,6 +54,20 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
 
 
+def worker_pids(master_pid: int) -> list[int]:
+    """The gunicorn master's children: its workers."""
+    path = Path(f"/proc/{master_pid}/task/{master_pid}/children")
+    return [int(pid) for pid in path.read_text().split()]
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of a process, in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
 class RedisServer:
     """A private redis-server on a free port (never the shared one on 6379)."""
 

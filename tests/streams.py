@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from .clients import ws_json
 
 BIN = Path(sys.executable).parent
 WAIT_S = 15.0
+SPREAD_DEADLINE_S = 30.0
 
 
 @dataclass
@@ -114,3 +116,53 @@ async def run_cli(*args: str, env: dict[str, str]) -> str:
     if process.returncode != 0:
         raise AssertionError(f"streamer {' '.join(args)} failed: {stderr.decode()}")
     return stdout.decode().strip()
+
+
+async def streams_on_every_worker(
+    base_url: str, token: str, workers: int
+) -> tuple[list[WsStream], list[CurlStream]]:
+    """Open WebSocket and curl SSE streams until each worker serves at least one of each.
+
+    Which worker accepts is the kernel's choice and can be skewed, so this keeps
+    connecting (surplus streams are closed) until a deadline.
+    """
+    ws_streams: list[WsStream] = []
+    sse_streams: list[CurlStream] = []
+    ws_url = base_url.replace("http", "ws") + f"/ws/tasks/?token={token}"
+    deadline = time.monotonic() + SPREAD_DEADLINE_S
+
+    def ws_workers() -> set[str]:
+        return {s.worker for s in ws_streams}
+
+    def sse_workers() -> set[str]:
+        return {s.headers["x-streamer-worker"] for s in sse_streams}
+
+    try:
+        while len(ws_workers()) < workers or len(sse_workers()) < workers:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"streams did not reach all {workers} workers")
+            if len(ws_workers()) < workers:
+                stream = await WsStream.open(ws_url)
+                if stream.worker in ws_workers():
+                    await stream.close()
+                else:
+                    ws_streams.append(stream)
+            if len(sse_workers()) < workers:
+                sse = await CurlStream.open(f"{base_url}/sse/tasks/", token)
+                worker = sse.headers.get("x-streamer-worker")
+                if sse.status != 200 or worker is None or worker in sse_workers():
+                    await sse.close()
+                    assert sse.status == 200, f"SSE answered {sse.status}"
+                else:
+                    sse_streams.append(sse)
+    except BaseException:
+        await close_all(ws_streams, sse_streams)
+        raise
+    return ws_streams, sse_streams
+
+
+async def close_all(ws_streams: list[WsStream], sse_streams: list[CurlStream]) -> None:
+    for ws in ws_streams:
+        await ws.close()
+    for sse in sse_streams:
+        await sse.close()

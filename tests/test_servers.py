@@ -6,7 +6,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Callable
 
 import pytest
@@ -16,11 +15,10 @@ from streamer.auth.tokens import issue_token
 from .clients import ws_close_code
 from .conftest import StartGunicorn
 from .processes import BIN, ServerProcess, free_port, gunicorn_args
-from .streams import CurlStream, WsStream, run_cli
+from .streams import CurlStream, WsStream, close_all, run_cli, streams_on_every_worker
 
 TokenFor = Callable[..., str]
 StartProcess = Callable[..., ServerProcess]
-SPREAD_DEADLINE_S = 30.0
 
 
 def run_to_exit(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -28,56 +26,6 @@ def run_to_exit(args: list[str], env: dict[str, str]) -> subprocess.CompletedPro
     return subprocess.run(
         [str(BIN / args[0]), *args[1:]], env=env, capture_output=True, text=True, timeout=30
     )
-
-
-async def streams_on_every_worker(
-    base_url: str, token: str, workers: int
-) -> tuple[list[WsStream], list[CurlStream]]:
-    """Open WebSocket and curl SSE streams until each worker serves at least one of each.
-
-    Which worker accepts is the kernel's choice and can be skewed, so this keeps
-    connecting (surplus streams are closed) until a deadline.
-    """
-    ws_streams: list[WsStream] = []
-    sse_streams: list[CurlStream] = []
-    ws_url = base_url.replace("http", "ws") + f"/ws/tasks/?token={token}"
-    deadline = time.monotonic() + SPREAD_DEADLINE_S
-
-    def ws_workers() -> set[str]:
-        return {s.worker for s in ws_streams}
-
-    def sse_workers() -> set[str]:
-        return {s.headers["x-streamer-worker"] for s in sse_streams}
-
-    try:
-        while len(ws_workers()) < workers or len(sse_workers()) < workers:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"streams did not reach all {workers} workers")
-            if len(ws_workers()) < workers:
-                stream = await WsStream.open(ws_url)
-                if stream.worker in ws_workers():
-                    await stream.close()
-                else:
-                    ws_streams.append(stream)
-            if len(sse_workers()) < workers:
-                sse = await CurlStream.open(f"{base_url}/sse/tasks/", token)
-                worker = sse.headers.get("x-streamer-worker")
-                if sse.status != 200 or worker is None or worker in sse_workers():
-                    await sse.close()
-                    assert sse.status == 200, f"SSE answered {sse.status}"
-                else:
-                    sse_streams.append(sse)
-    except BaseException:
-        await close_all(ws_streams, sse_streams)
-        raise
-    return ws_streams, sse_streams
-
-
-async def close_all(ws_streams: list[WsStream], sse_streams: list[CurlStream]) -> None:
-    for ws in ws_streams:
-        await ws.close()
-    for sse in sse_streams:
-        await sse.close()
 
 
 async def test_gunicorn_two_workers_share_events_through_redis(

@@ -20,7 +20,7 @@ from ..connection import (
     outgoing_messages,
     run_until_first_done,
 )
-from ..hub import ConnectionLimitReached, HubClosed
+from ..hub import CloseReason, ConnectionLimitReached, HubClosed
 from .common import json_error, stream_params, worker_header
 
 log = logging.getLogger(__name__)
@@ -102,9 +102,13 @@ async def _serve(
     async def send_events() -> None:
         retry: int | None = retry_ms
         async for message in outgoing_messages(request.app[BROKER], stream):
-            await response.send(
-                message.json, id=str(message.event_id), event=message.type, retry=retry
-            )
+            try:
+                await response.send(
+                    message.json, id=str(message.event_id), event=message.type, retry=retry
+                )
+            except TimeoutError:  # aiohttp-sse's send timeout: the peer stopped reading
+                subscription.close(CloseReason.STALLED)
+                raise
             retry = None
             metrics.events_sent.labels("sse").inc()
 
@@ -115,8 +119,14 @@ async def _serve(
         metrics.disconnects.labels(reason.value).inc()
     with contextlib.suppress(Exception):
         response.stop_streaming()
+    transport = request.transport
+    if transport is not None and (
+        reason is CloseReason.STALLED or transport.get_write_buffer_size() > 0
+    ):
+        transport.abort()  # backed up: the end of the stream would never get through
+        return
     try:
         await asyncio.wait_for(response.write_eof(), timeout=2)
     except (TimeoutError, ConnectionError, RuntimeError):
-        if request.transport is not None:
-            request.transport.abort()
+        if transport is not None:
+            transport.abort()

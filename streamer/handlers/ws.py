@@ -177,17 +177,30 @@ async def _serve(request: web.Request, socket: _Socket, stream: ClientStream, us
 
     await run_until_first_done(send_events(), answer_commands(), subscription.wait_closed())
     reason = subscription.close_reason
-    if reason is not None and not socket.ws.closed:
+    if reason is not None:
         metrics.disconnects.labels(reason.value).inc()
-        code, text = CLOSE_CODES[reason]
-        try:
-            await asyncio.wait_for(socket.ws.close(code=code, message=text), CLOSE_TIMEOUT_S)
-        except (TimeoutError, ConnectionError):
-            # A peer that stopped reading never acknowledges the close.
-            if request.transport is not None:
-                request.transport.abort()
+        await _close(request, socket.ws, reason)
     elif not socket.ws.closed:
         await socket.ws.close()
+
+
+async def _close(request: web.Request, ws: web.WebSocketResponse, reason: CloseReason) -> None:
+    """Close with the reason's code. A peer whose writes are backed up gets its
+    connection aborted instead: no close frame, and no graceful close, would ever get
+    through (and aiohttp's drain waiter, shared by all writes, may already be cancelled)."""
+    transport = request.transport
+    if transport is not None and (
+        reason is CloseReason.STALLED or transport.get_write_buffer_size() > 0
+    ):
+        transport.abort()
+        return
+    if not ws.closed:
+        code, text = CLOSE_CODES[reason]
+        try:
+            await asyncio.wait_for(ws.close(code=code, message=text), CLOSE_TIMEOUT_S)
+        except (TimeoutError, ConnectionError):
+            if transport is not None:
+                transport.abort()
 
 
 async def _answer(broker: Broker, user_id: str, text: str) -> str | Snapshot:
