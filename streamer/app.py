@@ -83,7 +83,11 @@ def build_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_broker_ctx)
     app.cleanup_ctx.append(
         setup_sessions(
-            app, secret=config.secret, redis_url=config.redis_url, secure=config.cookie_secure
+            app,
+            secret=config.secret,
+            redis_url=config.redis_url,
+            secure=config.cookie_secure,
+            max_sessions_per_user=config.max_sessions_per_user,
         )
     )
     app.cleanup_ctx.append(demo.demo_jobs_ctx)

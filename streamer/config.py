@@ -36,6 +36,7 @@ class Config:
     cookie_secure: bool = True
     sse_retry_ms: int = 3000
     demo_mode: bool = False
+    max_sessions_per_user: int = 10
 
     def __post_init__(self) -> None:
         if len(self.secret) < MIN_SECRET_LENGTH:
@@ -174,4 +175,5 @@ ENV_VARIABLES: dict[str, tuple[Callable[[str, str], Any], str]] = {
     "ws_heartbeat_s": (_seconds(0.1, 3600), "seconds between WebSocket pings; dead peers dropped"),
     "max_header_bytes": (_int_between(1024, 1024 * 1024), "longest request line or header"),
     "cookie_secure": (_boolean, "send the session cookie over HTTPS only"),
+    "max_sessions_per_user": (_int_between(1, 1000), "live sessions per user (with Redis)"),
 }

@@ -10,6 +10,9 @@ import jwt
 ALGORITHMS = ("HS256",)
 DEFAULT_TTL_S = 3600
 MAX_TOKEN_LENGTH = 4096
+# The end of year 9999: later (or non-numeric) times are not dates a token can carry.
+MAX_TIMESTAMP = 253_402_300_799
+TIME_CLAIMS = ("exp", "iat", "nbf")
 
 
 class InvalidToken(Exception):
@@ -47,9 +50,20 @@ def verify_token(secret: str, token: str) -> Identity:
         raise InvalidToken("token expired") from None
     except jwt.InvalidTokenError as exc:
         raise InvalidToken(f"invalid token: {exc}") from None
+    for name in TIME_CLAIMS:
+        if name in claims and not _is_timestamp(claims[name]):
+            raise InvalidToken(f"invalid token: {name} is not a time")
     subject = claims["sub"]
     if not isinstance(subject, str) or not subject or len(subject) > 200:
         raise InvalidToken("invalid token: bad subject")
     if any(ord(ch) < 32 for ch in subject) or not subject.isprintable():
         raise InvalidToken("invalid token: bad subject")
     return Identity(user_id=subject, expires_at=float(claims["exp"]))
+
+
+def _is_timestamp(value: object) -> bool:
+    """A JSON number of seconds since 1970 that a float holds; PyJWT also takes strings
+    and integers of any size, which would overflow (a 500) where the time is used."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return 0 <= value <= MAX_TIMESTAMP
