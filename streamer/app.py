@@ -27,13 +27,14 @@ MAX_REQUEST_BODY_BYTES = 256 * 1024
 log = logging.getLogger(__name__)
 
 
-def build_broker(config: Config) -> Broker:
+def build_broker(config: Config, metrics: Metrics) -> Broker:
     if config.redis_url is None:
         return MemoryBroker(history_size=config.history_size, history_ttl=config.history_ttl)
     return RedisBroker(
         config.redis_url,
         history_size=config.history_size,
         history_ttl=config.history_ttl,
+        on_undecodable=metrics.undecodable_entries.inc,
     )
 
 
@@ -78,8 +79,9 @@ def build_app(config: Config) -> web.Application:
     )
     app[CONFIG] = config
     app[HUB] = hub
-    app[BROKER] = build_broker(config)
-    app[METRICS] = Metrics()
+    metrics = Metrics()
+    app[METRICS] = metrics
+    app[BROKER] = build_broker(config, metrics)
     app.cleanup_ctx.append(_broker_ctx)
     app.cleanup_ctx.append(
         setup_sessions(

@@ -25,6 +25,11 @@ class Metrics:
             ["transport"],
             registry=self.registry,
         )
+        self.undecodable_entries = Counter(
+            "streamer_undecodable_entries",
+            "History entries skipped because they could not be decoded",
+            registry=self.registry,
+        )
         self.disconnects = Counter(
             "streamer_server_disconnects",
             "Connections ended by the server",

@@ -124,6 +124,13 @@ async def test_an_undecodable_history_entry_stalls_nobody(
     wait_until(lambda: server.log().count("skipping an undecodable history entry") >= 2, 10,
                "both workers to log the skipped entry")  # fmt: skip
     assert all(server.get("/readyz")[0] == 200 for _ in range(6))
+    # Counted, on whichever worker answers (each skipped it once).
+    for _ in range(4):
+        metrics = server.get("/metrics")[1].decode()
+        [line] = [
+            x for x in metrics.splitlines() if x.startswith("streamer_undecodable_entries_total")
+        ]
+        assert float(line.split()[1]) >= 1
 
 
 @pytest.mark.parametrize("transport", ["websocket", "sse"])
