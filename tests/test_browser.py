@@ -234,6 +234,37 @@ async def test_page_resumes_after_server_restart(
 
 
 @pytest.mark.parametrize("transport", ["websocket", "sse"])
+async def test_page_that_dropped_before_any_event_resumes_from_its_snapshot(
+    transport: str,
+    server: ServerProcess,
+    server_env: dict[str, str],
+    start_process: Callable[..., ServerProcess],
+    publisher: Publisher,
+    browser: Browser,
+    token_for: Callable[..., str],
+    user_id: str,
+) -> None:
+    """A user with no history: the page gets only its snapshot, then loses the server.
+    A task that starts and finishes meanwhile is in no later snapshot: the page shows
+    it only if streamer.js resumed from the snapshot's id."""
+    await open_page(browser, page_url(server, token_for(user_id), transport))
+    resume_point = await browser.evaluate("window.taskStream.lastEventId")
+    assert isinstance(resume_point, str) and resume_point, "the snapshot carried no id"
+
+    server.stop()
+    await browser.wait_for(
+        "document.body.dataset.connection !== 'open'", what="the page to notice the restart"
+    )
+    publisher.progress(user_id, "quick", progress=50, task_name="quick job")
+    publisher.completed(user_id, "quick", result_data={"n": 2})
+    restarted = start_process(["streamer", "serve", "--port", "{port}"], server_env, server.port)
+    restarted.wait_healthy()
+
+    await wait_status(browser, "quick", "SUCCESS")
+    assert (await rows(browser))["quick"]["progress"] == 100
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
 async def test_page_reports_a_refused_token(
     transport: str, server: ServerProcess, browser: Browser
 ) -> None:

@@ -10,8 +10,10 @@
  *   });
  *   stream.start();
  *
- * One connection per page carries every task of the user. Task events carry an opaque `id`;
- * the stream remembers the last one and resumes from it after a reconnect, so nothing is missed.
+ * One connection per page carries every task of the user. Every message that carries an opaque
+ * `id` (task events, and every `active_tasks` snapshot) moves the resume point: the stream
+ * resumes from the last one after a reconnect, so nothing is missed, even by a connection that
+ * dropped before its first task event.
  */
 (function (global) {
   "use strict";
@@ -44,7 +46,7 @@
       this.onStatus = opts.onStatus || (() => {});
       /** The transport in use: "websocket" or "sse" ("auto" starts with WebSocket). */
       this.transport = transport === "sse" ? "sse" : "websocket";
-      /** The id of the last task event received: the resume point. */
+      /** The id of the last event or snapshot received: the resume point. */
       this.lastEventId = null;
       this._running = false;
       this._attempt = 0; // reconnects since the last connection that delivered a message
