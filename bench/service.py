@@ -44,4 +44,3 @@ def running_service(
                 server.stop()
         finally:
             redis_server.stop()
-
