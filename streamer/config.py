@@ -34,6 +34,9 @@ class Config:
     cookie_secure: bool = True
     sse_retry_ms: int = 3000
     demo_mode: bool = False
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 10.0
+    keepalive_s: float = 15.0
 
     def __post_init__(self) -> None:
         if len(self.secret) < MIN_SECRET_LENGTH:
@@ -164,4 +167,7 @@ ENV_VARIABLES: dict[str, tuple[Callable[[str, str], Any], str]] = {
     "ws_heartbeat_s": (_seconds(0.1, 3600), "seconds between WebSocket pings; dead peers dropped"),
     "max_header_bytes": (_int_between(1024, 1024 * 1024), "longest request line or header"),
     "cookie_secure": (_boolean, "send the session cookie over HTTPS only"),
+    "header_timeout_s": (_seconds(0.1, 3600), "seconds a client has to send a request's headers"),
+    "body_timeout_s": (_seconds(0.1, 3600), "seconds a client has to send a request body"),
+    "keepalive_s": (_seconds(0.1, 3600), "seconds an idle keep-alive connection stays open"),
 }
