@@ -81,7 +81,9 @@ async def test_session_from_json_body_and_refusals(
     for body in ({}, {"token": 5}, {"token": "garbage"}, ["x"]):
         assert (await client.post("/auth/session", json=body)).status == 401
     assert (await client.post("/auth/session", data=b"{not json")).status == 401
-    assert (await client.post("/auth/session", data=b"{" + b" " * 20_000 + b"}")).status == 401
+    too_large = await client.post("/auth/session", data=b"{" + b" " * 20_000 + b"}")
+    assert too_large.status == 413
+    assert (await too_large.json())["code"] == "too_large"
     foreign = await client.post(
         "/auth/session",
         json={"token": token_for(user_id)},
