@@ -310,6 +310,8 @@ async def test_many_users_interleaved_publishing_never_leak(
         ("/sse/tasks/?token=abc.def.ghi", "/sse/tasks/?token=[redacted]"),
         ("/ws/?task_id=1&token=x&last_event_id=2", "/ws/?task_id=1&token=[redacted]&last_event_id=2"),  # noqa: E501
         ("/x?TOKEN=a&access_token=b", "/x?TOKEN=[redacted]&access_token=[redacted]"),
+        ("/x?tok%65n=a&%74oken=b&a=token=c", "/x?tok%65n=[redacted]&%74oken=[redacted]&a=token=c"),
+        ("/x?a=1#token=b", "/x?a=1#token=[redacted]"),
         ("/healthz", "/healthz"),
     ],
 )  # fmt: skip
