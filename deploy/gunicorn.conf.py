@@ -12,13 +12,16 @@ from streamer.config import Config, ConfigError
 
 bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:8080")
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-worker_class = "aiohttp.GunicornWebWorker"
+# aiohttp's worker with streamer's HTTP timeouts (streamer.worker.StreamerUVLoopWorker
+# with `pip install .[uvloop]`).
+worker_class = "streamer.worker.StreamerWorker"
 # Long-lived streams: the worker timeout only concerns the worker's heartbeat
 # to the arbiter, which aiohttp's worker sends from its event loop.
 timeout = 30
 # On SIGTERM / reload, WebSockets close with 1001 and SSE streams end within this.
 graceful_timeout = 20
-keepalive = 75
+# Keep-alive, request header and body timeouts come from STREAMER_KEEPALIVE_S,
+# STREAMER_HEADER_TIMEOUT_S and STREAMER_BODY_TIMEOUT_S; gunicorn's keepalive is unused.
 accesslog = "-"
 errorlog = "-"
 

@@ -4,16 +4,29 @@ no header other than the User-Agent is logged."""
 from __future__ import annotations
 
 import re
+from urllib.parse import unquote_plus
 
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
-_TOKEN_IN_QUERY = re.compile(r"([?&](?:token|access_token)=)[^&#]*", re.IGNORECASE)
+_SECRET_PARAMETERS = frozenset({"token", "access_token"})
+_PARAMETER_SEPARATORS = re.compile(r"([&#])")
 
 
 def redact(path_qs: str) -> str:
-    return _TOKEN_IN_QUERY.sub(r"\1[redacted]", path_qs)
+    """`path_qs` with the values of token parameters replaced; names are compared
+    decoded, as the query parser sees them (`?tok%65n=` is a token too)."""
+    path, question_mark, query = path_qs.partition("?")
+    if not question_mark:
+        return path_qs
+    # Separators kept; a fragment (never sent by browsers) is treated like the query.
+    pieces = _PARAMETER_SEPARATORS.split(query)
+    for index, parameter in enumerate(pieces):
+        name, equals, _ = parameter.partition("=")
+        if equals and unquote_plus(name).strip().lower() in _SECRET_PARAMETERS:
+            pieces[index] = f"{name}=[redacted]"
+    return f"{path}?{''.join(pieces)}"
 
 
 class RedactingAccessLogger(AbstractAccessLogger):

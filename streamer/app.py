@@ -1,4 +1,4 @@
-"""The application factory: `gunicorn 'streamer.app:create_app' -k aiohttp.GunicornWebWorker`."""
+"""The application factory: `gunicorn 'streamer.app:create_app' -c deploy/gunicorn.conf.py`."""
 
 from __future__ import annotations
 

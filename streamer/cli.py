@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
@@ -97,9 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
     from .app import create_app
+    from .http_server import serve
 
     overrides = {name: getattr(args, name) for name in ENV_VARIABLES}
     demo = bool(args.demo)
@@ -129,7 +129,7 @@ def _serve(args: argparse.Namespace) -> int:
         f"streamer: serving on http://{args.host}:{args.port}/ with broker {broker}",
         file=sys.stderr,
     )
-    web.run_app(create_app(config), host=args.host, port=args.port, print=None)
+    asyncio.run(serve(create_app(config), host=args.host, port=args.port))
     return 0
 
 

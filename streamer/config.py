@@ -37,6 +37,9 @@ class Config:
     sse_retry_ms: int = 3000
     demo_mode: bool = False
     max_sessions_per_user: int = 10
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 10.0
+    keepalive_s: float = 15.0
 
     def __post_init__(self) -> None:
         if len(self.secret) < MIN_SECRET_LENGTH:
@@ -176,4 +179,7 @@ ENV_VARIABLES: dict[str, tuple[Callable[[str, str], Any], str]] = {
     "max_header_bytes": (_int_between(1024, 1024 * 1024), "longest request line or header"),
     "cookie_secure": (_boolean, "send the session cookie over HTTPS only"),
     "max_sessions_per_user": (_int_between(1, 1000), "live sessions per user (with Redis)"),
+    "header_timeout_s": (_seconds(0.1, 3600), "seconds a client has to send a request's headers"),
+    "body_timeout_s": (_seconds(0.1, 3600), "seconds a client has to send a request body"),
+    "keepalive_s": (_seconds(0.1, 3600), "seconds an idle keep-alive connection stays open"),
 }

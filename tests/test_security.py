@@ -81,7 +81,9 @@ async def test_session_from_json_body_and_refusals(
     for body in ({}, {"token": 5}, {"token": "garbage"}, ["x"]):
         assert (await client.post("/auth/session", json=body)).status == 401
     assert (await client.post("/auth/session", data=b"{not json")).status == 401
-    assert (await client.post("/auth/session", data=b"{" + b" " * 20_000 + b"}")).status == 401
+    too_large = await client.post("/auth/session", data=b"{" + b" " * 20_000 + b"}")
+    assert too_large.status == 413
+    assert (await too_large.json())["code"] == "too_large"
     foreign = await client.post(
         "/auth/session",
         json={"token": token_for(user_id)},
@@ -308,6 +310,8 @@ async def test_many_users_interleaved_publishing_never_leak(
         ("/sse/tasks/?token=abc.def.ghi", "/sse/tasks/?token=[redacted]"),
         ("/ws/?task_id=1&token=x&last_event_id=2", "/ws/?task_id=1&token=[redacted]&last_event_id=2"),  # noqa: E501
         ("/x?TOKEN=a&access_token=b", "/x?TOKEN=[redacted]&access_token=[redacted]"),
+        ("/x?tok%65n=a&%74oken=b&a=token=c", "/x?tok%65n=[redacted]&%74oken=[redacted]&a=token=c"),
+        ("/x?a=1#token=b", "/x?a=1#token=[redacted]"),
         ("/healthz", "/healthz"),
     ],
 )  # fmt: skip

@@ -10,6 +10,7 @@ from aiohttp import web
 from ..app_keys import BROKER, CONFIG, METRICS
 from ..broker import BrokerUnavailable
 from ..events import MAX_JSON_DEPTH, EventError, event_from_payload
+from ..request_body import read_body
 from .common import json_error
 
 MAX_BODY_BYTES = 128 * 1024
@@ -25,12 +26,7 @@ async def publish_handler(request: web.Request) -> web.Response:
     given = request.headers.get("X-API-Key", "").encode("utf-8", "surrogateescape")
     if not hmac.compare_digest(given, config.publish_key.encode()):
         return json_error(401, "unauthorized", "missing or wrong X-API-Key")
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        return json_error(413, "too_large", f"the body must be at most {MAX_BODY_BYTES} bytes")
-    # The whole body, however it was chunked; aiohttp stops at client_max_size (413).
-    body = await request.read()
-    if len(body) > MAX_BODY_BYTES:
-        return json_error(413, "too_large", f"the body must be at most {MAX_BODY_BYTES} bytes")
+    body = await read_body(request, limit=MAX_BODY_BYTES, timeout_s=config.body_timeout_s)
     try:
         payload = json.loads(body)
     except RecursionError:

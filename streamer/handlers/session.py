@@ -11,25 +11,21 @@ from ..auth.credentials import token_from_request
 from ..auth.origin import origin_allowed
 from ..auth.sessions import end_session, start_session
 from ..auth.tokens import InvalidToken, verify_token
+from ..request_body import read_body
 from .common import json_error
 
 MAX_BODY_BYTES = 8 * 1024
 
 
-async def _token_from_body(request: web.Request) -> str | None:
-    if not request.can_read_body:
-        return None
+def _token_from_body(request: web.Request, body: bytes) -> str:
     # JSON only: an HTML form (text/plain) from another site cannot log anyone in.
     if request.content_type != "application/json":
         raise InvalidToken('send the token as application/json: {"token": "..."}')
-    raw = await request.read()
-    if len(raw) > MAX_BODY_BYTES:
-        raise InvalidToken("the body is too large")
     try:
-        body = json.loads(raw)
+        payload = json.loads(body)
     except (ValueError, RecursionError):
         raise InvalidToken('the body must be JSON: {"token": "..."}') from None
-    token = body.get("token") if isinstance(body, dict) else None
+    token = payload.get("token") if isinstance(payload, dict) else None
     if not isinstance(token, str):
         raise InvalidToken('the body must be JSON: {"token": "..."}')
     return token
@@ -42,8 +38,13 @@ async def create_session(request: web.Request) -> web.Response:
     # a configured `*` does not extend to the cookie.
     if not origin_allowed(request, config.allowed_origins, wildcard=False):
         return json_error(403, "origin_not_allowed", "this origin may not log in")
+    body = None
+    if request.body_exists:
+        body = await read_body(request, limit=MAX_BODY_BYTES, timeout_s=config.body_timeout_s)
     try:
-        token = token_from_request(request) or await _token_from_body(request)
+        token = token_from_request(request)
+        if token is None and body is not None:
+            token = _token_from_body(request, body)
         if token is None:
             raise InvalidToken("send the token as Authorization: Bearer or in the JSON body")
         identity = await start_session(request, verify_token(config.secret, token))
