@@ -31,8 +31,8 @@ import redis
 
 from bench.service import SECRET, running_service
 from streamer.auth.tokens import issue_token
-from streamer.events import EventId
 from streamer.publisher import AsyncPublisher
+from streamer.wire import EventId
 from tests.processes import ServerProcess, worker_pids
 
 RECONNECT_PAUSE_S = 0.05

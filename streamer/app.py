@@ -2,39 +2,41 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from importlib import resources
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
-from redis.exceptions import RedisError
 
 from .access_log import RedactingAccessLogger
 from .app_keys import BROKER, CONFIG, HUB, METRICS
-from .auth.sessions import setup_sessions
-from .broker import Broker, BrokerUnavailable
+from .auth.sessions import SessionStoreUnavailable, setup_sessions
+from .broker.base import Broker, BrokerUnavailable
+from .broker.memory import MemoryBroker
+from .broker.redis import RedisBroker
 from .config import Config
 from .handlers import demo, health, publish, session, sse, ws
 from .handlers.common import json_error
-from .hub import CloseReason, Hub
-from .memory_broker import MemoryBroker
+from .hub import Hub
 from .metrics import Metrics
-from .redis_broker import RedisBroker
+from .reasons import Reason
 
 MAX_REQUEST_BODY_BYTES = 256 * 1024
 log = logging.getLogger(__name__)
 
 
-def build_broker(config: Config, metrics: Metrics) -> Broker:
+def build_broker(config: Config, on_undecodable: Callable[[], None]) -> Broker:
     if config.redis_url is None:
         return MemoryBroker(history_size=config.history_size, history_ttl=config.history_ttl)
     return RedisBroker(
         config.redis_url,
         history_size=config.history_size,
         history_ttl=config.history_ttl,
-        on_undecodable=metrics.undecodable_entries.inc,
+        on_undecodable=on_undecodable,
     )
 
 
@@ -45,9 +47,24 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
     await broker.close()
 
 
+async def _heartbeat_ctx(app: web.Application) -> AsyncIterator[None]:
+    """One timer for every SSE stream's heartbeat comment."""
+
+    async def beat(hub: Hub, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            hub.heartbeat()
+
+    task = asyncio.create_task(beat(app[HUB], app[CONFIG].heartbeat_s))
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 async def _close_connections(app: web.Application) -> None:
     # WebSockets close with 1001 and SSE streams end; clients resume elsewhere.
-    app[HUB].close_all(CloseReason.SHUTDOWN)
+    app[HUB].close_all(Reason.SHUTDOWN)
 
 
 @web.middleware
@@ -56,7 +73,7 @@ async def _broker_errors(request: web.Request, handler: Handler) -> web.StreamRe
     for one) is a 503 the client can retry, not a 500."""
     try:
         return await handler(request)
-    except (BrokerUnavailable, RedisError) as exc:
+    except (BrokerUnavailable, SessionStoreUnavailable) as exc:
         log.warning("%s %s: broker unavailable: %s", request.method, request.path, exc)
         return json_error(503, "broker_unavailable", "the broker is unavailable; try again")
 
@@ -71,18 +88,19 @@ def build_app(config: Config) -> web.Application:
             "max_field_size": config.max_header_bytes,
         },
     )
+    broker = build_broker(config, on_undecodable=lambda: app[METRICS].undecodable_entries.inc())
     hub = Hub(
-        config.client_buffer,
-        client_buffer_bytes=config.client_buffer_bytes,
+        subscribe=broker.subscribe,
+        unsubscribe=broker.unsubscribe,
         max_connections=config.max_connections,
         max_connections_per_user=config.max_connections_per_user,
     )
     app[CONFIG] = config
+    app[BROKER] = broker
     app[HUB] = hub
-    metrics = Metrics()
-    app[METRICS] = metrics
-    app[BROKER] = build_broker(config, metrics)
+    app[METRICS] = Metrics(hub)
     app.cleanup_ctx.append(_broker_ctx)
+    app.cleanup_ctx.append(_heartbeat_ctx)
     app.cleanup_ctx.append(
         setup_sessions(
             app,

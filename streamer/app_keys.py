@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .broker import Broker
+from .broker.base import Broker
 from .config import Config
 from .hub import Hub
 from .metrics import Metrics

@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from .auth.tokens import DEFAULT_TTL_S, issue_token
-from .broker import BrokerUnavailable
+from .broker.base import BrokerUnavailable
 from .config import ENV_VARIABLES, Config, ConfigError
 from .events import (
     MAX_JSON_DEPTH,

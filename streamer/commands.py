@@ -1,4 +1,4 @@
-"""Client-to-server WebSocket commands: parsing and validation."""
+"""Client-to-server commands: parsing, validation and what each one does."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass
 from typing import Literal
 
+from . import wire
+from .broker.base import Broker, BrokerUnavailable, Snapshot
 from .events import EventError, validate_identifier
 
 CommandType = Literal["get_task_status", "get_active_tasks", "cancel_task", "ping"]
@@ -47,3 +49,31 @@ def parse_command(text: str) -> Command:
         except EventError as exc:
             raise CommandError("invalid_task_id", str(exc)) from None
     return Command(type=kind, task_id=task_id)  # type: ignore[arg-type]
+
+
+# A reply: a message, or a snapshot for the transport to send at the client's position.
+Reply = str | Snapshot
+
+
+async def answer(broker: Broker, user_id: str, text: str) -> Reply:
+    """The reply to one command frame; bad input and broker outages are `error`s."""
+    try:
+        command = parse_command(text)
+    except CommandError as exc:
+        return wire.error(exc.code, exc.message)
+    try:
+        return await execute(broker, user_id, command)
+    except BrokerUnavailable:
+        return wire.error("broker_unavailable", "the broker is unavailable; try again")
+
+
+async def execute(broker: Broker, user_id: str, command: Command) -> Reply:
+    if command.type == "ping":
+        return wire.PONG
+    if command.type == "get_active_tasks":
+        return await broker.snapshot(user_id)
+    assert command.task_id is not None
+    if command.type == "get_task_status":
+        return wire.task_status(command.task_id, await broker.task_state(user_id, command.task_id))
+    success = await broker.request_cancel(user_id, command.task_id)
+    return wire.task_cancelled(command.task_id, success)

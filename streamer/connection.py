@@ -1,134 +1,317 @@
-"""What both transports do for one client: subscribe, snapshot, replay, then live events."""
+"""One client's stream: what both transports do between the hub and the socket.
+
+Events are written through: the hub hands a connection an event's pre-encoded frame and
+the connection writes it straight to its socket when nothing is queued and the socket
+is not backed up. Otherwise the frame waits in a bounded outbox, and everything queued
+leaves in one write once the socket drains. No task per event, no lock per send: the
+only task of a connection is its request handler (plus, while a backed-up socket
+drains, a short-lived flusher).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .broker import Broker, Snapshot
-from .events import Delivery, EventId, dumps
-from .hub import CloseReason, Hub, Resync, Subscription
+from .broker.base import Broker, Snapshot
+from .reasons import Reason
+from .wire import Delivery, EventId, Transport, active_tasks, encode
 
-
-def active_tasks_message(snapshot: Snapshot, *, recovered: bool, position: EventId) -> str:
-    """`active_tasks`, whose `id` is where the client stands once it has it: resuming
-    from there misses nothing and repeats nothing."""
-    return dumps(
-        {
-            "type": "active_tasks",
-            "id": str(position),
-            "tasks": snapshot.tasks,
-            "recovered": recovered,
-            "truncated": snapshot.truncated,
-        }
-    )
-
-
-async def current_tasks(broker: Broker, subscription: Subscription) -> Snapshot:
-    """The subscriber's unfinished tasks; queued events they already reflect are dropped,
-    so a client never gets an event older than its snapshot from the live stream."""
-    snapshot = await broker.snapshot(subscription.user_id, subscription.task_id)
-    subscription.skip_through(snapshot.position)
-    return snapshot
+if TYPE_CHECKING:
+    from .hub import Hub
 
 
 @dataclass(frozen=True)
-class Outgoing:
-    """One message for a transport to send, with the id it carries."""
+class Limits:
+    """How much a client that does not keep up may cost before it is cut off."""
 
-    json: str
-    type: str
-    event_id: EventId
+    max_events: int
+    max_bytes: int
+    send_timeout_s: float
 
 
-async def outgoing_messages(broker: Broker, stream: ClientStream) -> AsyncIterator[Outgoing]:
-    """Everything a client is sent, in order: snapshot, replay, then live events
-    (and a fresh snapshot wherever the broker lost its data)."""
-    yield Outgoing(stream.snapshot, "active_tasks", stream.snapshot_id)
-    for delivery in stream.replayed:
-        yield Outgoing(delivery.json, delivery.type, delivery.event_id)
-    subscription = stream.subscription
-    while (item := await subscription.next()) is not None:
-        if isinstance(item, Resync):
-            snapshot = await current_tasks(broker, subscription)
-            message = active_tasks_message(snapshot, recovered=False, position=snapshot.position)
-            yield Outgoing(message, "active_tasks", snapshot.position)
+class Connection:
+    __slots__ = (
+        "_close_transport",
+        "_drain",
+        "_expiry",
+        "_flusher",
+        "_high_water",
+        "_last_key",
+        "_limits",
+        "_live",
+        "_out",
+        "_pending",
+        "_pending_bytes",
+        "_resync_task",
+        "_snapshot",
+        "close_reason",
+        "closing",
+        "done",
+        "last_id",
+        "sent",
+        "task_id",
+        "transport",
+        "user_id",
+    )
+
+    def __init__(
+        self,
+        *,
+        user_id: str,
+        task_id: str | None,
+        transport: Transport,
+        out: asyncio.Transport,
+        drain: Callable[[], Awaitable[None]],
+        close_transport: Callable[[Reason, bool], asyncio.Future[object] | None],
+        snapshot: Callable[[], Awaitable[Snapshot]],
+        limits: Limits,
+    ) -> None:
+        self.user_id = user_id
+        self.task_id = task_id
+        self.transport: Transport = transport
+        self._out = out
+        self._high_water = max(out.get_write_buffer_limits()[1], 1)
+        self._drain = drain
+        self._close_transport = close_transport
+        self._snapshot = snapshot
+        self._limits = limits
+        self._live = False
+        # (id key, frame) of what waits: events before the snapshot is sent, and
+        # anything while the socket is backed up.
+        self._pending: list[tuple[int, bytes]] | None = None
+        self._pending_bytes = 0
+        self._last_key = -1
+        self._flusher: asyncio.Task[None] | None = None
+        self._resync_task: asyncio.Task[None] | None = None
+        self._expiry: asyncio.TimerHandle | None = None
+        self.last_id: EventId | None = None  # the newest id sent or queued: the position
+        self.sent = 0  # events written
+        self.close_reason: Reason | None = None
+        self.closing: asyncio.Future[object] | None = None  # a close the transport runs
+        self.done: asyncio.Future[Reason] = asyncio.get_running_loop().create_future()
+
+    # --- what the hub calls --------------------------------------------------------------
+
+    def offer(self, delivery: Delivery) -> None:
+        """An event of this connection's user, in publish order; duplicates (the
+        replay/live seam) and other tasks' events under a filter are dropped here."""
+        if self.task_id is not None and delivery.task_id != self.task_id:
+            return
+        key = delivery.event_id.key
+        if key <= self._last_key or self.close_reason is not None:
+            return
+        self._last_key = key
+        self.last_id = delivery.event_id
+        frame = delivery.frame(self.transport)
+        if self._live and self._pending is None and not self._backed_up():
+            if self._out.is_closing():
+                self.lost()
+                return
+            self._out.write(frame)
+            self.sent += 1
         else:
-            yield Outgoing(item.json, item.type, item.event_id)
+            self._queue(key, frame)
+
+    def write_idle(self, data: bytes) -> None:
+        """Write what only matters when nothing else is being sent (a heartbeat)."""
+        if self._out.is_closing():
+            self.lost()
+        elif self._live and self._pending is None and not self._backed_up():
+            self._out.write(data)
+
+    def check(self) -> None:
+        """Notice a client that went away while nothing was sent to it."""
+        if self._out.is_closing():
+            self.lost()
+
+    def lost(self) -> None:
+        """The client went away: the handler, waiting on `done`, ends the stream."""
+        if self.close_reason is None:
+            self.close_reason = Reason.CLIENT_CLOSED
+            self._pending, self._pending_bytes = None, 0
+        if not self.done.done():
+            self.done.set_result(self.close_reason)
+
+    def resync(self) -> None:
+        """The broker lost its data: send a fresh snapshot with `recovered: false`."""
+        if self.close_reason is None and self._resync_task is None:
+            self._live = False  # events wait behind the new snapshot
+            self._resync_task = asyncio.ensure_future(self._resync())
+
+    def close(self, reason: Reason) -> None:
+        """End the stream from the server's side, with the transport's signal for it."""
+        if self.close_reason is not None:
+            return
+        self.close_reason = reason
+        self._pending, self._pending_bytes = None, 0
+        backed_up = reason is Reason.STALLED or self._backed_up()
+        self.closing = self._close_transport(reason, backed_up)
+        if not self.done.done():
+            self.done.set_result(reason)
+
+    def discard(self) -> None:
+        """The connection is gone: nothing more is sent, timers and helpers stop."""
+        if self.close_reason is None:
+            self.close_reason = Reason.CLIENT_CLOSED
+        self._pending = None
+        for handle in (self._expiry, self._flusher, self._resync_task):
+            if handle is not None:
+                handle.cancel()
+        if not self.done.done():
+            self.done.set_result(self.close_reason)
+
+    # --- what the transport handler calls ------------------------------------------------
+
+    def expire_at(self, deadline: float) -> None:
+        delay = max(deadline - time.time(), 0)
+        self._expiry = asyncio.get_running_loop().call_later(delay, self.close, Reason.EXPIRED)
+
+    def skip_through(self, event_id: EventId) -> None:
+        """Everything up to `event_id` is covered (by a snapshot or a replay)."""
+        if event_id.key > self._last_key:
+            self._last_key = event_id.key
+            self.last_id = event_id
+        if self._pending is not None:
+            kept = [(k, f) for k, f in self._pending if k > event_id.key]
+            self._pending = kept or None
+            self._pending_bytes = sum(len(f) for _, f in kept)
+
+    def go_live(self, first: list[bytes]) -> None:
+        """Send `first` (snapshot, replay), then what waited, in one write; from now on
+        events are written through."""
+        if self.close_reason is not None:
+            return
+        frames = [*first, *(f for _, f in self._pending or ())]
+        self.sent += len(frames)
+        self._pending, self._pending_bytes = None, 0
+        self._live = True
+        self._out.write(b"".join(frames))
+
+    def send(self, data: bytes) -> None:
+        """A command reply, in order with the events around it."""
+        if self.close_reason is not None:
+            return
+        if self._live and self._pending is None and not self._backed_up():
+            self._out.write(data)
+        else:
+            self._queue(self._last_key, data)
+
+    # --- inside ----------------------------------------------------------------------------
+
+    def _backed_up(self) -> bool:
+        """Above the socket's high-water mark: asyncio has paused writing."""
+        return self._out.get_write_buffer_size() >= self._high_water
+
+    def _queue(self, key: int, frame: bytes) -> None:
+        pending = self._pending
+        if pending is None:
+            pending = self._pending = []
+        limits = self._limits
+        if len(pending) >= limits.max_events or self._pending_bytes + len(frame) > limits.max_bytes:
+            self.close(Reason.OVERFLOW)
+            return
+        pending.append((key, frame))
+        self._pending_bytes += len(frame)
+        if self._live and self._flusher is None:
+            self._flusher = asyncio.ensure_future(self._flush_when_drained())
+
+    async def _flush_when_drained(self) -> None:
+        try:
+            while self._pending is not None and self.close_reason is None:
+                if self._backed_up():
+                    # Waited on through a task of its own: a timeout must not cancel the
+                    # protocol's drain waiter, which every write of this socket shares.
+                    drained = asyncio.ensure_future(self._drain())
+                    drained.add_done_callback(_retrieve)
+                    done, _ = await asyncio.wait({drained}, timeout=self._limits.send_timeout_s)
+                    if not done:
+                        self.close(Reason.STALLED)
+                        return
+                    if drained.exception() is not None:
+                        return  # the client went away; the handler ends the stream
+                    continue
+                pending = self._pending
+                self._pending, self._pending_bytes = None, 0
+                self.sent += len(pending)
+                self._out.write(b"".join(f for _, f in pending))
+        finally:
+            self._flusher = None
+
+    async def _resync(self) -> None:
+        try:
+            snapshot = await self._snapshot()
+        except Exception:
+            self._resync_task = None
+            self.close(Reason.BROKER_UNAVAILABLE)
+            return
+        self._resync_task = None
+        self.skip_through(snapshot.position)
+        message = active_tasks(
+            snapshot.tasks,
+            position=snapshot.position,
+            recovered=False,
+            truncated=snapshot.truncated,
+        )
+        self.go_live([encode(message, self.transport, snapshot.position, "active_tasks")])
 
 
-@dataclass
-class ClientStream:
-    """A subscribed client: send `snapshot`, then `replayed`, then `subscription.next()`
-    until it returns None."""
-
-    subscription: Subscription
-    snapshot: str
-    snapshot_id: EventId
-    replayed: list[Delivery] = field(default_factory=list)
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 @asynccontextmanager
-async def open_client_stream(
-    hub: Hub,
-    broker: Broker,
-    *,
-    user_id: str,
-    task_id: str | None,
-    last_event_id: str | None,
-    expires_at: float | None,
-) -> AsyncIterator[ClientStream]:
-    """Subscribe before reading the snapshot and history, so nothing falls in between;
-    events queued meanwhile that the snapshot or the replay already cover are dropped."""
-    subscription = hub.subscribe(user_id, task_id)
-    expiry: asyncio.TimerHandle | None = None
+async def attached(
+    hub: Hub, connection: Connection, *, expires_at: float | None
+) -> AsyncIterator[Connection]:
+    """The connection counted in at the hub, its user's events flowing to this process
+    (before anything is read, so nothing falls in between), until the block ends.
+
+    Raises Refused when the hub does not take it.
+    """
+    await hub.attach(connection)
     try:
         if expires_at is not None:
-            delay = max(expires_at - time.time(), 0)
-            expiry = asyncio.get_running_loop().call_later(
-                delay, subscription.close, CloseReason.EXPIRED
-            )
-        # Snapshot first: the replay, read after it, then holds every missed event up
-        # to now, and the live queue only what comes after the replay.
-        current = await current_tasks(broker, subscription)
-        position, recovered = current.position, True
-        replayed: list[Delivery] = []
-        resume_point = EventId.parse(last_event_id) if last_event_id is not None else None
-        if last_event_id is not None:
-            replay = await broker.replay(user_id, last_event_id)
-            recovered = replay.complete
-            if replay.complete and resume_point is not None:
-                # The replayed events follow the snapshot: it stands at the resume
-                # point, so that ids on the connection only go up and a client that
-                # drops right after the snapshot still gets them next time.
-                position = resume_point
-                replayed = [d for d in replay.events if subscription.wants(d)]
-                if replay.events:
-                    subscription.skip_through(replay.events[-1].event_id)
-        snapshot = active_tasks_message(current, recovered=recovered, position=position)
-        yield ClientStream(subscription, snapshot, position, replayed)
+            connection.expire_at(expires_at)
+        yield connection
     finally:
-        if expiry is not None:
-            expiry.cancel()
-        hub.unsubscribe(subscription)
+        hub.detach(connection, connection.close_reason or Reason.CLIENT_CLOSED)
 
 
-async def run_until_first_done(*coroutines: Coroutine[Any, Any, object]) -> None:
-    """Run side by side; when one finishes, cancel the others and wait for them."""
-    tasks = [asyncio.create_task(coroutine) for coroutine in coroutines]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            # A peer that went away shows up as one of these; anything else is a bug.
-            with contextlib.suppress(
-                asyncio.CancelledError, ConnectionError, RuntimeError, TimeoutError
-            ):
-                await task
+async def opening_frames(
+    broker: Broker,
+    connection: Connection,
+    *,
+    last_event_id: str | None,
+    encode_snapshot: Callable[[str, EventId], bytes],
+) -> list[bytes]:
+    """The snapshot, then the replay after `last_event_id`: what a client gets first.
+    Events that arrive meanwhile wait in the connection, those covered are dropped."""
+    user_id, task_id = connection.user_id, connection.task_id
+    # Snapshot first: the replay, read after it, then holds every missed event up to
+    # now, and what waits in the connection only what came after the replay.
+    snapshot = await broker.snapshot(user_id, task_id)
+    connection.skip_through(snapshot.position)
+    position, recovered = snapshot.position, True
+    replayed: list[Delivery] = []
+    if last_event_id is not None:
+        replay = await broker.replay(user_id, last_event_id)
+        resume_point = EventId.parse(last_event_id)
+        recovered = replay.complete
+        if replay.complete and resume_point is not None:
+            # The replayed events follow the snapshot: it stands at the resume point,
+            # so that ids on the connection only go up and a client that drops right
+            # after the snapshot still gets them next time.
+            position = resume_point
+            replayed = [d for d in replay.events if task_id is None or d.task_id == task_id]
+            if replay.events:
+                connection.skip_through(replay.events[-1].event_id)
+    message = active_tasks(
+        snapshot.tasks, position=position, recovered=recovered, truncated=snapshot.truncated
+    )
+    return [encode_snapshot(message, position), *(d.frame(connection.transport) for d in replayed)]

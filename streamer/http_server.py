@@ -201,6 +201,8 @@ def guarded_runner(app: web.Application, **kwargs: Any) -> GuardedAppRunner:
         keepalive_timeout=config.keepalive_s,
         lingering_time=LINGERING_S,
         read_bufsize=READ_CHUNK_BYTES,
+        # A stream's handler ends as soon as its client goes away.
+        handler_cancellation=True,
         **kwargs,
     )
 

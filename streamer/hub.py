@@ -1,187 +1,153 @@
-"""The per-process hub: live connections by user, and in-memory fan-out to them."""
+"""The per-process hub: live connections by user, the broker routing kept to the users
+that have one here, and in-memory fan-out to them."""
 
 from __future__ import annotations
 
 import asyncio
-import enum
-from collections import deque
-from collections.abc import Iterator
+import collections
+from collections.abc import Awaitable, Callable, Iterator
 
-from .events import Delivery, EventId
-
-
-class CloseReason(enum.Enum):
-    """Why the server ends a connection; transports map each to their own signal."""
-
-    OVERFLOW = "overflow"  # the client did not keep up with its buffer
-    STALLED = "stalled"  # a write waited longer than the send timeout
-    SHUTDOWN = "shutdown"  # the process is stopping or reloading
-    EXPIRED = "expired"  # the access token expired
+from .connection import Connection
+from .reasons import Reason, Refused
+from .wire import SSE_HEARTBEAT, Delivery, EventId
 
 
-class Resync:
-    """In a subscription's buffer: send a fresh snapshot with `recovered: false` here."""
+class _User:
+    """A user's connections here, and their subscription at the broker."""
 
+    __slots__ = ("connections", "routed")
 
-RESYNC = Resync()
-
-
-class Subscription:
-    """One connection's bounded buffer of events to send, in publish order."""
-
-    def __init__(self, user_id: str, task_id: str | None, limit: int, limit_bytes: int) -> None:
-        self.user_id = user_id
-        self.task_id = task_id
-        self._limit = limit
-        self._limit_bytes = limit_bytes
-        self._buffered_bytes = 0
-        self._buffer: deque[Delivery | Resync] = deque()
-        self._wakeup = asyncio.Event()
-        self._last_id: EventId | None = None
-        self.close_reason: CloseReason | None = None
-
-    @property
-    def last_id(self) -> EventId | None:
-        """The newest event this connection has been sent or has queued."""
-        return self._last_id
-
-    def wants(self, delivery: Delivery) -> bool:
-        return self.task_id is None or delivery.task_id == self.task_id
-
-    def offer(self, delivery: Delivery) -> None:
-        """Queue an event unless already sent or queued (replay/live seam)."""
-        if self.close_reason is not None or not self.wants(delivery):
-            return
-        if self._last_id is not None and delivery.event_id <= self._last_id:
-            return
-        size = len(delivery.json)
-        if len(self._buffer) >= self._limit or self._buffered_bytes + size > self._limit_bytes:
-            self.close(CloseReason.OVERFLOW)
-            return
-        self._last_id = delivery.event_id
-        self._buffer.append(delivery)
-        self._buffered_bytes += size
-        self._wakeup.set()
-
-    def skip_through(self, event_id: EventId) -> None:
-        """Drop queued events up to `event_id`: they were already sent by a replay."""
-        if self._last_id is None or event_id > self._last_id:
-            self._last_id = event_id
-        self._buffer = deque(
-            item for item in self._buffer if isinstance(item, Resync) or item.event_id > event_id
-        )
-        self._buffered_bytes = sum(
-            len(item.json) for item in self._buffer if not isinstance(item, Resync)
-        )
-
-    def resync(self) -> None:
-        """The broker lost its data: the client must start again from a snapshot."""
-        if self.close_reason is None and not (self._buffer and self._buffer[-1] is RESYNC):
-            self._buffer.append(RESYNC)
-            self._wakeup.set()
-
-    def close(self, reason: CloseReason) -> None:
-        if self.close_reason is None:
-            self.close_reason = reason
-            self._buffer.clear()
-            self._buffered_bytes = 0
-            self._wakeup.set()
-
-    async def next(self) -> Delivery | Resync | None:
-        """The next event (or resync point) to send; None once the subscription is closed."""
-        while True:
-            if self.close_reason is not None:
-                return None
-            if self._buffer:
-                item = self._buffer.popleft()
-                if not isinstance(item, Resync):
-                    self._buffered_bytes -= len(item.json)
-                return item
-            self._wakeup.clear()
-            await self._wakeup.wait()
-
-    async def wait_closed(self) -> CloseReason:
-        while self.close_reason is None:
-            self._wakeup.clear()
-            await self._wakeup.wait()
-        return self.close_reason
-
-
-class ConnectionLimitReached(Exception):
-    """Refused: the process or the user already has as many streams as allowed."""
-
-
-class HubClosed(Exception):
-    """Refused: the process is shutting down."""
+    def __init__(self, routed: asyncio.Future[None]) -> None:
+        self.connections: set[Connection] = set()
+        self.routed = routed
 
 
 class Hub:
     def __init__(
         self,
-        client_buffer: int,
         *,
-        client_buffer_bytes: int,
+        subscribe: Callable[[str], Awaitable[None]],
+        unsubscribe: Callable[[str], None],
         max_connections: int,
         max_connections_per_user: int,
     ) -> None:
-        self._client_buffer = client_buffer
-        self._client_buffer_bytes = client_buffer_bytes
+        self._subscribe = subscribe
+        self._unsubscribe = unsubscribe
         self._max_connections = max_connections
         self._max_per_user = max_connections_per_user
-        self._by_user: dict[str, set[Subscription]] = {}
+        self._users: dict[str, _User] = {}
         self._count = 0
         self._closed = False
+        # Counted here rather than per event: what the metrics read when scraped.
+        self.ended: collections.Counter[Reason] = collections.Counter()
+        self.sent_by_ended: collections.Counter[str] = collections.Counter()
 
-    def subscribe(self, user_id: str, task_id: str | None = None) -> Subscription:
+    async def attach(self, connection: Connection) -> None:
+        """Count the connection in and wait until its user's events flow to this process.
+
+        Raises Refused when the process is shutting down, a limit is reached or the
+        broker cannot route the user's events here.
+        """
         if self._closed:
-            raise HubClosed("the server is shutting down; reconnect")
+            raise Refused(Reason.SHUTTING_DOWN, "the server is shutting down; reconnect")
         if self._count >= self._max_connections:
-            raise ConnectionLimitReached("this server has too many connections; retry later")
-        if len(self._by_user.get(user_id, ())) >= self._max_per_user:
-            raise ConnectionLimitReached(
-                f"too many connections for this user (at most {self._max_per_user})"
+            raise Refused(
+                Reason.TOO_MANY_CONNECTIONS, "this server has too many connections; retry later"
             )
+        user_id = connection.user_id
+        user = self._users.get(user_id)
+        if user is not None and len(user.connections) >= self._max_per_user:
+            raise Refused(
+                Reason.TOO_MANY_CONNECTIONS,
+                f"too many connections for this user (at most {self._max_per_user})",
+            )
+        if user is None:
+            user = _User(asyncio.ensure_future(self._subscribe(user_id)))
+            user.routed.add_done_callback(_retrieve)
+            self._users[user_id] = user
+        user.connections.add(connection)
         self._count += 1
-        subscription = Subscription(
-            user_id, task_id, self._client_buffer, self._client_buffer_bytes
-        )
-        self._by_user.setdefault(user_id, set()).add(subscription)
-        return subscription
+        try:
+            await asyncio.shield(user.routed)
+        except Exception as exc:
+            self.detach(connection, None)
+            raise Refused(Reason.BROKER_UNAVAILABLE, f"{exc}; try again") from None
 
-    def unsubscribe(self, subscription: Subscription) -> None:
-        subscriptions = self._by_user.get(subscription.user_id)
-        if subscriptions is None or subscription not in subscriptions:
+    def detach(self, connection: Connection, reason: Reason | None) -> None:
+        """The connection is over (`reason`: why, when it ended after it started)."""
+        user = self._users.get(connection.user_id)
+        if user is None or connection not in user.connections:
             return
+        user.connections.discard(connection)
         self._count -= 1
-        subscriptions.discard(subscription)
-        if not subscriptions:
-            del self._by_user[subscription.user_id]
+        connection.discard()
+        if reason is not None:
+            self.ended[reason] += 1
+            self.sent_by_ended[connection.transport] += connection.sent
+        if not user.connections:
+            del self._users[connection.user_id]
+            if _failed(user.routed):
+                return  # never routed
+            self._unsubscribe(connection.user_id)
 
     def deliver(self, delivery: Delivery) -> None:
-        for subscription in tuple(self._by_user.get(delivery.user_id, ())):
-            subscription.offer(delivery)
+        user = self._users.get(delivery.user_id)
+        if user is not None:
+            for connection in user.connections:
+                connection.offer(delivery)
 
     def resume_points(self) -> dict[str, EventId | None]:
         points: dict[str, EventId | None] = {}
-        for user_id, subscriptions in self._by_user.items():
-            last_ids = [s.last_id for s in subscriptions]
+        for user_id, user in self._users.items():
+            last_ids = [c.last_id for c in user.connections]
             points[user_id] = None if None in last_ids else min(i for i in last_ids if i)
         return points
 
+    def users(self) -> list[str]:
+        return list(self._users)
+
     def reset(self) -> None:
-        for subscription in list(self.subscriptions()):
-            subscription.resync()
+        """The broker lost its data: every client starts again from a snapshot."""
+        for connection in list(self.connections()):
+            connection.resync()
 
-    def subscriptions(self) -> Iterator[Subscription]:
-        for subscriptions in self._by_user.values():
-            yield from subscriptions
+    def heartbeat(self) -> None:
+        """A comment on every SSE stream (proxies and clients see it is alive), and a
+        look at every connection: one whose client went away quietly is ended."""
+        for connection in list(self.connections()):
+            if connection.transport == "sse":
+                connection.write_idle(SSE_HEARTBEAT)
+            else:
+                connection.check()
 
-    def close_all(self, reason: CloseReason) -> None:
+    def connections(self) -> Iterator[Connection]:
+        for user in self._users.values():
+            yield from user.connections
+
+    def close_all(self, reason: Reason) -> None:
         """End every connection; with SHUTDOWN, refuse new ones from now on."""
-        if reason is CloseReason.SHUTDOWN:
+        if reason is Reason.SHUTDOWN:
             self._closed = True
-        for subscription in list(self.subscriptions()):
-            subscription.close(reason)
+        for connection in list(self.connections()):
+            connection.close(reason)
+
+    def sent(self, transport: str) -> int:
+        """Events written to clients of a transport, ended connections included."""
+        live = sum(c.sent for c in self.connections() if c.transport == transport)
+        return self.sent_by_ended[transport] + live
+
+    def open_count(self, transport: str) -> int:
+        return sum(1 for c in self.connections() if c.transport == transport)
 
     def __len__(self) -> int:
         return self._count
+
+
+def _failed(future: asyncio.Future[None]) -> bool:
+    return future.done() and (future.cancelled() or future.exception() is not None)
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    """Mark a failed subscription's exception as seen: the connections report it."""
+    if not future.cancelled():
+        future.exception()

@@ -20,10 +20,16 @@ import redis
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from .broker import BrokerUnavailable
+from .broker.base import BrokerUnavailable
+from .broker.redis_schema import (
+    PUBLISH_SCRIPT,
+    ScriptCall,
+    cancel_key,
+    event_id_reply,
+    publish_call,
+)
 from .config import ENV_VARIABLES, ConfigError
-from .events import EventId, TaskEvent, completed_event, progress_event, validate_identifier
-from .redis_store import PUBLISH_SCRIPT, ScriptCall, cancel_key, publish_call
+from .events import TaskEvent, completed_event, progress_event, validate_identifier
 
 __all__ = ["AsyncPublisher", "BrokerUnavailable", "Publisher"]
 
@@ -54,13 +60,6 @@ def _cancel_key(user_id: object, task_id: object) -> str:
     return cancel_key(user, task)
 
 
-def _event_id(raw: bytes) -> str:
-    event_id = EventId.parse(raw.decode())
-    if event_id is None:
-        raise BrokerUnavailable(f"Redis returned a malformed event id: {raw!r}")
-    return str(event_id)
-
-
 class Publisher:
     """Synchronous publisher (one Redis connection pool); safe to share between threads."""
 
@@ -78,7 +77,7 @@ class Publisher:
     def publish(self, event: TaskEvent) -> str:
         call: ScriptCall = publish_call(event, **self._limits)
         try:
-            return _event_id(self._script(keys=call.keys, args=call.args))
+            return str(event_id_reply(self._script(keys=call.keys, args=call.args)))
         except (RedisError, OSError) as exc:
             raise BrokerUnavailable(f"could not publish to Redis: {exc}") from exc
 
@@ -122,7 +121,7 @@ class AsyncPublisher:
     async def publish(self, event: TaskEvent) -> str:
         call = publish_call(event, **self._limits)
         try:
-            return _event_id(await self._script(keys=call.keys, args=call.args))
+            return str(event_id_reply(await self._script(keys=call.keys, args=call.args)))
         except (RedisError, OSError) as exc:
             raise BrokerUnavailable(f"could not publish to Redis: {exc}") from exc
 

@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 from aiohttp.test_utils import TestClient
 
-from streamer.events import EventId
+from streamer.wire import EventId
 
 WAIT_S = 10.0
 

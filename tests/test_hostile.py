@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.test_utils import TestClient
-from aiohttp_sse import EventSourceResponse
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -34,8 +33,8 @@ from streamer.events import (
     TaskEvent,
     completed_event,
     progress_event,
-    with_id,
 )
+from streamer.wire import Delivery, EventId, with_id
 
 from .clients import WAIT_S, SseReader, ws_json
 from .conftest import PUBLISH_KEY
@@ -221,17 +220,17 @@ hostile_text = st.one_of(
 )
 
 
-async def sse_bytes(data: str, *, event_id: str, event: str) -> bytes:
-    """The bytes the server's EventSourceResponse.send writes for one message."""
-    response = EventSourceResponse()
-    written: list[bytes] = []
-
-    async def capture(chunk: bytes | bytearray | memoryview) -> None:
-        written.append(bytes(chunk))
-
-    response.write = capture  # type: ignore[method-assign,assignment]
-    await response.send(data, id=event_id, event=event)
-    return b"".join(written)
+def sse_bytes(event: TaskEvent) -> tuple[bytes, str]:
+    """The body bytes the server writes for one event on every SSE stream (its
+    pre-encoded chunk, with the HTTP/1.1 chunk framing taken off), and its JSON."""
+    event_id = EventId.parse(EVENT_ID)
+    assert event_id is not None
+    delivery = Delivery(
+        "user-1", event.task_id, event_id, event.type, with_id(event.to_json(), event_id)
+    )
+    size, _, rest = delivery.sse_chunk.partition(b"\r\n")
+    assert rest.endswith(b"\r\n") and len(rest) == int(size, 16) + 2
+    return rest[:-2], delivery.json.decode()
 
 
 def parse_sse(raw: bytes) -> list[list[tuple[str, str]]]:
@@ -256,8 +255,8 @@ def parse_sse(raw: bytes) -> list[list[tuple[str, str]]]:
 
 
 async def assert_one_clean_sse_block(event: TaskEvent) -> dict[str, Any]:
-    wire = with_id(event.to_json(), EVENT_ID)
-    blocks = parse_sse(await sse_bytes(wire, event_id=EVENT_ID, event=event.type))
+    body, wire = sse_bytes(event)
+    blocks = parse_sse(body)
     assert len(blocks) == 1
     assert blocks[0] == [("id", EVENT_ID), ("event", event.type), ("data", wire)]
     decoded: dict[str, Any] = json.loads(blocks[0][2][1])

@@ -1,61 +1,244 @@
-"""The hub on its own: limits, shutdown, resume points."""
+"""The hub and the per-connection write path on real sockets: limits, routing counts,
+order and duplicates, write-through, coalescing under back-pressure, bounded buffers."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
 import pytest
 
-from streamer.events import Delivery, EventId
-from streamer.hub import CloseReason, ConnectionLimitReached, Hub, HubClosed
+from streamer.broker.base import Snapshot
+from streamer.connection import Connection, Limits
+from streamer.hub import Hub
+from streamer.reasons import Reason, Refused
+from streamer.wire import Delivery, EventId
+
+EPOCH = "abcdef01"
 
 
-def delivery(user: str, ms: int) -> Delivery:
-    return Delivery(user, "t", EventId("abcdef01", ms, 0), "task_progress", "{}")
+def delivery(user: str, ms: int, size: int = 10) -> Delivery:
+    return Delivery(user, "t", EventId(EPOCH, ms, 0), "task_progress", b"{" + b"x" * size + b"}")
 
 
-def test_no_new_connections_once_shutting_down() -> None:
-    hub = Hub(10, client_buffer_bytes=1 << 20, max_connections=10, max_connections_per_user=10)
-    first = hub.subscribe("u")
-    hub.close_all(CloseReason.SHUTDOWN)
-    assert first.close_reason is CloseReason.SHUTDOWN
-    with pytest.raises(HubClosed):
-        hub.subscribe("u")
+@dataclass
+class Routing:
+    """What the hub asked the broker to route."""
+
+    subscribed: list[str] = field(default_factory=list)
+    unsubscribed: list[str] = field(default_factory=list)
+
+    async def subscribe(self, user_id: str) -> None:
+        self.subscribed.append(user_id)
+
+    def unsubscribe(self, user_id: str) -> None:
+        self.unsubscribed.append(user_id)
 
 
-def test_limits_count_open_subscriptions_only() -> None:
-    hub = Hub(10, client_buffer_bytes=1 << 20, max_connections=2, max_connections_per_user=1)
-    a = hub.subscribe("a")
-    with pytest.raises(ConnectionLimitReached):
-        hub.subscribe("a")
-    hub.subscribe("b")
-    with pytest.raises(ConnectionLimitReached):
-        hub.subscribe("c")
-    hub.unsubscribe(a)
-    hub.unsubscribe(a)  # twice is harmless
-    assert len(hub) == 1
-    hub.subscribe("c")
+def make_hub(routing: Routing, *, max_connections: int = 10, per_user: int = 10) -> Hub:
+    return Hub(
+        subscribe=routing.subscribe,
+        unsubscribe=routing.unsubscribe,
+        max_connections=max_connections,
+        max_connections_per_user=per_user,
+    )
 
 
-def test_resume_points_are_the_oldest_id_per_user() -> None:
-    hub = Hub(10, client_buffer_bytes=1 << 20, max_connections=10, max_connections_per_user=10)
-    old, new = hub.subscribe("u"), hub.subscribe("u")
-    assert hub.resume_points() == {"u": None}  # one has nothing yet: all of it
-    old.offer(delivery("u", 5))
-    new.offer(delivery("u", 5))
-    new.offer(delivery("u", 9))
-    assert hub.resume_points() == {"u": EventId("abcdef01", 5, 0)}
+@dataclass
+class Peer:
+    """The client end of a connection's socket."""
+
+    sock: socket.socket
+    closed_with: list[Reason] = field(default_factory=list)
+
+    async def read(self, at_least: int) -> bytes:
+        data = b""
+        while len(data) < at_least:
+            chunk = await asyncio.wait_for(
+                asyncio.get_running_loop().sock_recv(self.sock, 65536), 5
+            )
+            assert chunk, "the server end closed"
+            data += chunk
+        return data
 
 
-async def test_a_connection_gets_each_event_once_and_in_order() -> None:
-    hub = Hub(10, client_buffer_bytes=1 << 20, max_connections=10, max_connections_per_user=10)
-    subscription = hub.subscribe("u")
-    for ms in (5, 9, 9, 7, 12):  # a duplicate and an older one, as at a replay seam
-        hub.deliver(delivery("u", ms))
-    hub.deliver(delivery("someone-else", 20))
-    received = []
-    for _ in range(3):
-        item = await subscription.next()
-        assert isinstance(item, Delivery)
-        received.append(item.event_id.ms)
-    assert received == [5, 9, 12]
-    subscription.close(CloseReason.SHUTDOWN)
-    assert await subscription.next() is None  # nothing else was queued
+async def no_snapshot() -> Snapshot:
+    raise AssertionError("no resync in these tests")
+
+
+@asynccontextmanager
+async def socket_connection(
+    user: str, *, limits: Limits | None = None, task_id: str | None = None
+) -> AsyncIterator[tuple[Connection, Peer, asyncio.Transport]]:
+    """A Connection writing to a real socket; the test holds the other end."""
+    server_end, client_end = socket.socketpair()
+    client_end.setblocking(False)
+    _, writer = await asyncio.open_connection(sock=server_end)
+    transport = writer.transport
+    peer = Peer(client_end)
+
+    def close_transport(reason: Reason, backed_up: bool) -> None:
+        peer.closed_with.append(reason)
+
+    connection = Connection(
+        user_id=user,
+        task_id=task_id,
+        transport="websocket",
+        out=transport,  # type: ignore[arg-type]
+        drain=writer.drain,
+        close_transport=close_transport,  # type: ignore[arg-type]
+        snapshot=no_snapshot,
+        limits=limits or Limits(max_events=100, max_bytes=1 << 20, send_timeout_s=5),
+    )
+    try:
+        yield connection, peer, transport  # type: ignore[misc]
+    finally:
+        connection.discard()
+        writer.close()
+        client_end.close()
+
+
+async def test_no_new_connections_once_shutting_down() -> None:
+    hub = make_hub(Routing())
+    async with socket_connection("u") as (first, _, _), socket_connection("u") as (second, _, _):
+        await hub.attach(first)
+        hub.close_all(Reason.SHUTDOWN)
+        assert first.close_reason is Reason.SHUTDOWN
+        with pytest.raises(Refused) as refused:
+            await hub.attach(second)
+        assert refused.value.reason is Reason.SHUTTING_DOWN
+
+
+async def test_limits_count_open_connections_only() -> None:
+    hub = make_hub(Routing(), max_connections=2, per_user=1)
+    async with (
+        socket_connection("a") as (a, _, _),
+        socket_connection("a") as (a2, _, _),
+        socket_connection("b") as (b, _, _),
+        socket_connection("c") as (c, _, _),
+    ):
+        await hub.attach(a)
+        with pytest.raises(Refused, match="too many connections for this user"):
+            await hub.attach(a2)
+        await hub.attach(b)
+        with pytest.raises(Refused, match="too many connections"):
+            await hub.attach(c)
+        hub.detach(a, Reason.CLIENT_CLOSED)
+        hub.detach(a, Reason.CLIENT_CLOSED)  # twice is harmless
+        assert len(hub) == 1
+        await hub.attach(c)
+
+
+async def test_a_users_events_are_routed_here_while_one_of_their_connections_is() -> None:
+    routing = Routing()
+    hub = make_hub(routing)
+    async with socket_connection("u") as (one, _, _), socket_connection("u") as (two, _, _):
+        await hub.attach(one)
+        await hub.attach(two)
+        assert routing.subscribed == ["u"]  # once per user, not per connection
+        hub.detach(one, Reason.CLIENT_CLOSED)
+        assert routing.unsubscribed == []
+        hub.detach(two, Reason.CLIENT_CLOSED)
+        assert routing.unsubscribed == ["u"]
+
+
+async def test_resume_points_are_the_oldest_id_per_user() -> None:
+    hub = make_hub(Routing())
+    async with socket_connection("u") as (old, _, _), socket_connection("u") as (new, _, _):
+        await hub.attach(old)
+        await hub.attach(new)
+        assert hub.resume_points() == {"u": None}  # one has nothing yet: all of it
+        old.offer(delivery("u", 5))
+        new.offer(delivery("u", 5))
+        new.offer(delivery("u", 9))
+        assert hub.resume_points() == {"u": EventId(EPOCH, 5, 0)}
+
+
+async def test_each_event_once_in_order_and_written_through() -> None:
+    hub = make_hub(Routing())
+    async with socket_connection("u") as (connection, peer, _):
+        await hub.attach(connection)
+        connection.go_live([b"<snapshot>"])
+        assert await peer.read(len(b"<snapshot>")) == b"<snapshot>"
+        sent = []
+        for ms in (5, 9, 9, 7, 12):  # a duplicate and an older one, as at a replay seam
+            hub.deliver(delivery("u", ms))
+            sent.append(ms)
+        hub.deliver(delivery("someone-else", 20))
+        frames = [delivery("u", ms).ws_frame for ms in (5, 9, 12)]
+        # Written through: on the socket already, without the event loop turning.
+        assert await peer.read(sum(map(len, frames))) == b"".join(frames)
+        assert connection.sent == 4  # the snapshot and three events
+
+
+async def test_events_wait_for_the_snapshot_and_skip_what_it_covers() -> None:
+    hub = make_hub(Routing())
+    async with socket_connection("u") as (connection, peer, _):
+        await hub.attach(connection)
+        for ms in (3, 6, 8):  # arrive while the snapshot is being read
+            hub.deliver(delivery("u", ms))
+        connection.skip_through(EventId(EPOCH, 6, 0))  # the snapshot reflects up to 6
+        connection.go_live([b"S"])
+        expected = b"S" + delivery("u", 8).ws_frame
+        assert await peer.read(len(expected)) == expected
+
+
+async def test_events_queued_behind_a_backed_up_socket_leave_in_one_write() -> None:
+    hub = make_hub(Routing())
+    limits = Limits(max_events=10_000, max_bytes=64 << 20, send_timeout_s=10)
+    async with socket_connection("u", limits=limits) as (connection, peer, transport):
+        await hub.attach(connection)
+        connection.go_live([b"S"])
+        writes: list[int] = []
+        write = transport.write
+
+        def counting_write(data: bytes | bytearray | memoryview) -> None:
+            writes.append(len(data))
+            write(data)
+
+        transport.write = counting_write  # type: ignore[method-assign]
+        # The client reads nothing: the socket fills up, then asyncio's buffer passes
+        # its high-water mark and writing pauses.
+        big = [delivery("u", ms, size=64 * 1024) for ms in range(1, 1000)]
+        sent_big = 0
+        while transport.get_write_buffer_size() < transport.get_write_buffer_limits()[1]:
+            hub.deliver(big[sent_big])
+            sent_big += 1
+        written_through = len(writes)
+        assert written_through == sent_big
+        queued = [delivery("u", 1000 + n, size=100) for n in range(50)]
+        for event in queued:
+            hub.deliver(event)
+        assert len(writes) == written_through, "nothing is written while the socket is backed up"
+
+        expected = b"S" + b"".join(e.ws_frame for e in big[:sent_big] + queued)
+        assert await peer.read(len(expected)) == expected  # reading lets the socket drain
+        assert writes[written_through:] == [sum(len(e.ws_frame) for e in queued)], (
+            "the 50 queued events left in one write"
+        )
+        assert connection.sent == 1 + sent_big + 50
+
+
+async def test_a_client_over_its_byte_budget_is_cut_off() -> None:
+    hub = make_hub(Routing())
+    budget = 300 * 1024
+    limits = Limits(max_events=1000, max_bytes=budget, send_timeout_s=10)
+    async with socket_connection("u", limits=limits) as (connection, peer, transport):
+        await hub.attach(connection)
+        connection.go_live([b"S"])
+        offered = 0
+        while connection.close_reason is None:
+            offered += 1
+            assert offered < 10_000, "never cut off"
+            hub.deliver(delivery("u", offered, size=64 * 1024))
+        assert connection.close_reason is Reason.OVERFLOW
+        assert peer.closed_with == [Reason.OVERFLOW]
+        # What the client was not reading: the kernel's socket buffers, asyncio's up to
+        # its high-water mark, then at most the budget; then it was cut off.
+        kernel = transport.get_extra_info("socket").getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        kernel += peer.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        high_water = transport.get_write_buffer_limits()[1]
+        assert offered * 64 * 1024 <= kernel + high_water + budget + 2 * 65 * 1024

@@ -14,10 +14,10 @@ from aiohttp.test_utils import TestClient
 
 from streamer.app import create_app
 from streamer.auth.tokens import verify_token
+from streamer.broker.redis_schema import user_channel
 from streamer.config import Config
 from streamer.events import EventError
 from streamer.publisher import AsyncPublisher, BrokerUnavailable, Publisher
-from streamer.redis_store import EVENTS_CHANNEL
 
 from .clients import ws_json, ws_messages
 from .conftest import PUBLISH_KEY, SECRET
@@ -91,7 +91,7 @@ def test_one_publish_costs_a_constant_number_of_redis_commands(redis_url: str) -
         assert evalsha_calls() - scripts_before == 1  # one round trip
         subscribers = [admin.pubsub() for _ in range(20)]
         for pubsub in subscribers:
-            pubsub.subscribe(EVENTS_CHANNEL)
+            pubsub.subscribe(user_channel("u"))
         try:
             assert calls_for_one_publish() == alone
         finally:

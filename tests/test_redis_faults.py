@@ -13,10 +13,10 @@ from aiohttp.test_utils import TestClient
 
 from streamer.app import create_app
 from streamer.app_keys import BROKER
+from streamer.broker.redis import RedisBroker
 from streamer.config import Config
-from streamer.events import Delivery, EventId
 from streamer.publisher import AsyncPublisher, BrokerUnavailable
-from streamer.redis_broker import RedisBroker
+from streamer.wire import Delivery, EventId
 
 from .clients import SseReader, ws_close_code, ws_json, ws_messages
 from .conftest import PUBLISH_KEY, SECRET
@@ -216,6 +216,7 @@ async def test_a_silent_subscriber_connection_is_replaced(
     await broker.start(recorder)
     try:
         assert await broker.ready()
+        await broker.subscribe(user_id)
         with redis.Redis.from_url(redis_url) as admin:
             admin.execute_command("CLIENT", "PAUSE", "3000", "ALL")  # nobody gets answers
 

@@ -14,7 +14,7 @@ from streamer.auth.tokens import issue_token
 
 from .clients import ws_close_code
 from .conftest import StartGunicorn
-from .processes import BIN, ServerProcess, free_port, gunicorn_args
+from .processes import BIN, ServerProcess, free_port, gunicorn_args, wait_until
 from .streams import CurlStream, WsStream, close_all, run_cli, streams_on_every_worker
 
 TokenFor = Callable[..., str]
@@ -247,3 +247,40 @@ async def test_streamer_serve_takes_every_setting_as_a_flag(
     finally:
         await sse.close()
     assert server.get("/demo/token")[0] == 404  # a given secret means production mode
+
+
+@pytest.mark.parametrize("worker", ["streamer.worker.StreamerWorker", "aiohttp.GunicornWebWorker"])
+async def test_streams_whose_clients_left_are_forgotten(
+    worker: str,
+    redis_url: str,
+    process_env: dict[str, str],
+    start_process: StartProcess,
+    token_for: TokenFor,
+    user_id: str,
+) -> None:
+    """Clients that hang up are no longer counted: with streamer's worker at once (their
+    handler is cancelled), with aiohttp's own within a heartbeat (the hub's heartbeat
+    finds them). 15 streams opened and dropped one after the other fit in a limit of 3
+    per user."""
+    env = {
+        **process_env,
+        "STREAMER_REDIS_URL": redis_url,
+        "STREAMER_MAX_CONNECTIONS_PER_USER": "3",
+        "STREAMER_HEARTBEAT_S": "0.2",
+    }
+    server = start_process([*gunicorn_args(1), "-k", worker], env)
+    server.wait_healthy()
+    token = token_for(user_id)
+
+    def none_open() -> bool:
+        metrics = server.get("/metrics")[1].decode()
+        return 'streamer_connections{transport="sse"} 0.0' in metrics
+
+    for _ in range(15):
+        sse = await CurlStream.open(f"{server.base_url}/sse/tasks/", token)
+        try:
+            assert sse.status == 200, "a stream of a client that left still counts"
+            assert (await sse.next_data())["type"] == "active_tasks"
+        finally:
+            await sse.close()
+        await asyncio.to_thread(wait_until, none_open, 5, "the hub to forget the stream")

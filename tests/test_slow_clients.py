@@ -109,7 +109,7 @@ async def test_stalled_sse_stream_is_ended_and_the_others_keep_up(
                 sent += 1
                 assert (await ws_json(fast))["id"] == event_id
             metrics = await (await client.get("/metrics")).text()
-            assert 'streamer_server_disconnects_total{reason="overflow"} 1.0' in metrics
+            assert 'streamer_disconnects_total{reason="overflow"} 1.0' in metrics
             # Whatever was buffered arrives, then the stream ends (EOF or reset):
             # reading to the end finishes within the bound instead of hanging.
             await asyncio.wait_for(asyncio.to_thread(read_to_end, stalled), WAIT_S)
@@ -162,7 +162,7 @@ async def test_slow_client_is_cut_off_others_keep_up_and_it_resumes(
                     slow_read.append(json.loads(payload)["id"])
             # It was cut off, and the server said why where it could.
             metrics = await (await client.get("/metrics")).text()
-            assert 'streamer_server_disconnects_total{reason="overflow"} 1.0' in metrics
+            assert 'streamer_disconnects_total{reason="overflow"} 1.0' in metrics
             slow_read += await asyncio.to_thread(remaining_ids, slow)
         finally:
             slow.close()

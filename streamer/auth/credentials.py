@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from aiohttp import web
-from redis.exceptions import RedisError
 
-from ..broker import BrokerUnavailable
 from .sessions import SESSION_COOKIE, identity_from_session
 from .tokens import Identity, InvalidToken, verify_token
 
@@ -31,15 +29,12 @@ def uses_session_cookie(request: web.Request) -> bool:
 async def authenticate(request: web.Request, secret: str) -> Identity:
     """Bearer header, then `?token=`, then the session cookie.
 
-    Raises InvalidToken, or BrokerUnavailable when the session store cannot be read.
+    Raises InvalidToken, or SessionStoreUnavailable when the session store cannot be read.
     """
     token = token_from_request(request)
     if token is not None:
         return verify_token(secret, token)
-    try:
-        identity = await identity_from_session(request)
-    except (RedisError, OSError) as exc:
-        raise BrokerUnavailable(f"the session store is unavailable: {exc}") from exc
+    identity = await identity_from_session(request)
     if identity is None:
         raise InvalidToken("no credentials: send a Bearer token, ?token= or a session cookie")
     return identity

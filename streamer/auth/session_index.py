@@ -46,7 +46,7 @@ return redis.call('ZCARD', index)
 
 
 def index_key(user_id: str) -> str:
-    """Escaped like the keys of redis_store: the user id alone inside the hash tag."""
+    """Escaped like the keys of broker/redis_schema: the user id alone inside the hash tag."""
     return INDEX_PREFIX + "{" + quote(user_id, safe="") + "}"
 
 

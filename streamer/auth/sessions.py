@@ -9,11 +9,12 @@ STREAMER_SECRET changes, and, with Redis, when its user has started
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 import redis.asyncio as redis
@@ -27,6 +28,7 @@ from aiohttp_session import (
 )
 from aiohttp_session.cookie_storage import EncryptedCookieStorage
 from aiohttp_session.redis_storage import RedisStorage
+from redis.exceptions import RedisError
 
 from .session_index import SessionIndex
 from .tokens import Identity, InvalidToken
@@ -40,7 +42,7 @@ SESSION_KEY_PREFIX = f"{SESSION_COOKIE}_"
 @dataclass(frozen=True)
 class SessionRules:
     signing_key_id: str
-    index: SessionIndex | None  # None without Redis: nothing is kept server-side
+    store: IndexedRedisStorage | None  # None without Redis: nothing is kept server-side
 
 
 SESSION_RULES = web.AppKey("session_rules", SessionRules)
@@ -67,6 +69,19 @@ def signing_key_id(secret: str) -> str:
     return hmac.new(secret.encode(), b"streamer signing key id", hashlib.sha256).hexdigest()[:16]
 
 
+class SessionStoreUnavailable(Exception):
+    """The session store (Redis) cannot be reached: try again later."""
+
+
+@contextlib.contextmanager
+def _store_errors() -> Iterator[None]:
+    """The one place where the session store's own errors become SessionStoreUnavailable."""
+    try:
+        yield
+    except (RedisError, OSError) as exc:
+        raise SessionStoreUnavailable(f"the session store is unavailable: {exc}") from exc
+
+
 class IndexedRedisStorage(RedisStorage):
     """RedisStorage that lists each new session in its user's index once stored."""
 
@@ -74,15 +89,24 @@ class IndexedRedisStorage(RedisStorage):
         super().__init__(client, **options)  # type: ignore[arg-type]
         self._index = index
 
+    async def load_session(self, request: web.Request) -> Session:
+        with _store_errors():
+            return await super().load_session(request)
+
     async def save_session(
         self, request: web.Request, response: web.StreamResponse, session: Session
     ) -> None:
-        await super().save_session(request, response, session)
-        user_id = session.get("user_id")
-        # Only start_session makes new, non-empty sessions, with their id and lifetime set.
-        session_id, lifetime_s = session.identity, session.max_age
-        if session.new and isinstance(user_id, str) and session_id and lifetime_s:
-            await self._index.add(user_id, str(session_id), lifetime_s)
+        with _store_errors():
+            await super().save_session(request, response, session)
+            user_id = session.get("user_id")
+            # Only start_session makes new, non-empty sessions, with their id and lifetime.
+            session_id, lifetime_s = session.identity, session.max_age
+            if session.new and isinstance(user_id, str) and session_id and lifetime_s:
+                await self._index.add(user_id, str(session_id), lifetime_s)
+
+    async def forget(self, user_id: str, session_id: str) -> None:
+        with _store_errors():
+            await self._index.remove(user_id, session_id)
 
 
 def setup_sessions(
@@ -101,17 +125,17 @@ def setup_sessions(
     """
     storage: AbstractStorage
     client: redis.Redis | None = None
-    index: SessionIndex | None = None
+    store: IndexedRedisStorage | None = None
     if redis_url is not None:
         # redis-py connects lazily: nothing is opened until the first session request.
         client = redis.Redis.from_url(redis_url, socket_connect_timeout=5)
         index = SessionIndex(
             client, key_prefix=SESSION_KEY_PREFIX, max_per_user=max_sessions_per_user
         )
-        storage = IndexedRedisStorage(client, index, **_cookie_options(secure))
+        storage = store = IndexedRedisStorage(client, index, **_cookie_options(secure))
     else:
         storage = EncryptedCookieStorage(cookie_key(secret), **_cookie_options(secure))  # type: ignore[arg-type]
-    app[SESSION_RULES] = SessionRules(signing_key_id(secret), index)
+    app[SESSION_RULES] = SessionRules(signing_key_id(secret), store)
     app.middlewares.append(session_middleware(storage))
 
     async def close_store(app: web.Application) -> AsyncIterator[None]:
@@ -162,8 +186,8 @@ async def end_session(request: web.Request) -> None:
     rules = request.app[SESSION_RULES]
     user_id = session.get("user_id")
     expires_at = session.get("expires_at")
-    if rules.index is not None and isinstance(user_id, str) and session.identity is not None:
-        await rules.index.remove(user_id, str(session.identity))
+    if rules.store is not None and isinstance(user_id, str) and session.identity is not None:
+        await rules.store.forget(user_id, str(session.identity))
     if isinstance(expires_at, int | float):
         # What is stored in place of the session lives no longer than the session would.
         session.max_age = max(int(expires_at - time.time()), 1)

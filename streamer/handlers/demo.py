@@ -11,7 +11,7 @@ from aiohttp import web
 
 from ..app_keys import BROKER, CONFIG
 from ..auth.tokens import issue_token
-from ..broker import Broker
+from ..broker.base import Broker
 from ..events import completed_event, progress_event
 
 DEMO_USER = "demo"

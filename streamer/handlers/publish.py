@@ -8,7 +8,7 @@ import json
 from aiohttp import web
 
 from ..app_keys import BROKER, CONFIG, METRICS
-from ..broker import BrokerUnavailable
+from ..broker.base import BrokerUnavailable
 from ..events import MAX_JSON_DEPTH, EventError, event_from_payload
 from ..request_body import read_body
 from .common import json_error

@@ -1,82 +1,123 @@
-"""GET /sse/tasks/: the Server-Sent Events transport (aiohttp-sse)."""
+"""GET /sse/tasks/: the Server-Sent Events transport.
+
+A chunked `text/event-stream` response. Events are written as pre-encoded chunks
+(see `streamer.wire`), the same bytes for every client; the heartbeat comment comes
+from one timer of the hub for every stream, so a stream costs no task of its own
+beyond its request handler.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import logging
 
 from aiohttp import web
-from aiohttp_sse import EventSourceResponse
 
-from ..app_keys import BROKER, CONFIG, HUB, METRICS
-from ..auth.credentials import authenticate, uses_session_cookie
-from ..auth.origin import cors_headers, origin_allowed
-from ..auth.tokens import InvalidToken
-from ..broker import BrokerUnavailable
-from ..connection import (
-    ClientStream,
-    open_client_stream,
-    outgoing_messages,
-    run_until_first_done,
-)
-from ..hub import CloseReason, ConnectionLimitReached, HubClosed
-from .common import json_error, stream_params, worker_header
+from .. import wire
+from ..app_keys import BROKER, CONFIG, HUB
+from ..auth.origin import cors_headers
+from ..broker.base import BrokerUnavailable
+from ..connection import Connection, Limits, attached, opening_frames
+from ..reasons import Reason, Refused
+from .admission import admit
+from .common import json_error, worker_header
 
 log = logging.getLogger(__name__)
+
+# How each refusal reaches an SSE client: a status, and a Retry-After where retrying helps.
+REFUSALS: dict[Reason, tuple[int, str | None]] = {
+    Reason.ORIGIN_NOT_ALLOWED: (403, None),
+    Reason.INVALID_TASK_ID: (400, None),
+    Reason.UNAUTHORIZED: (401, None),
+    Reason.TOO_MANY_CONNECTIONS: (429, "5"),
+    Reason.BROKER_UNAVAILABLE: (503, "1"),
+    Reason.SHUTTING_DOWN: (503, "1"),
+}
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # nginx: pass each event on at once
+}
+END_TIMEOUT_S = 2.0
 
 
 async def sse_handler(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG]
-    cookie = uses_session_cookie(request)
-    if not origin_allowed(request, config.allowed_origins, wildcard=not cookie):
-        return json_error(403, "origin_not_allowed", "this origin may not read the stream")
     cors = cors_headers(request, config.allowed_origins)
+    broker = request.app[BROKER]
     try:
-        identity = await authenticate(request, config.secret)
-    except InvalidToken as exc:
-        refusal = json_error(401, "unauthorized", str(exc))
-        refusal.headers["WWW-Authenticate"] = 'Bearer realm="streamer"'
-        refusal.headers.update(cors)
-        return refusal
-    except BrokerUnavailable as exc:
-        return json_error(503, "broker_unavailable", f"{exc}; try again")
-    params = stream_params(request, last_event_header=True)
-
-    metrics = request.app[METRICS]
-    response = EventSourceResponse(
-        ping_interval=config.heartbeat_s,
-        send_timeout=config.send_timeout_s,
-        headers=worker_header() | cors,
-    )
-    metrics.connections.labels("sse").inc()
-    try:
-        async with open_client_stream(
-            request.app[HUB],
-            request.app[BROKER],
-            user_id=identity.user_id,
-            task_id=params.task_id,
-            last_event_id=params.last_event_id,
-            expires_at=identity.expires_at,
-        ) as stream:
+        admission = await admit(request, last_event_header=True)
+        user_id = admission.identity.user_id
+        transport = request.transport
+        assert transport is not None
+        connection = Connection(
+            user_id=user_id,
+            task_id=admission.task_id,
+            transport="sse",
+            out=transport,
+            drain=request.writer.drain,
+            close_transport=_close_transport,
+            snapshot=functools.partial(broker.snapshot, user_id, admission.task_id),
+            limits=Limits(config.client_buffer, config.client_buffer_bytes, config.send_timeout_s),
+        )
+        async with attached(request.app[HUB], connection, expires_at=admission.identity.expires_at):
+            try:
+                frames = await opening_frames(
+                    broker,
+                    connection,
+                    last_event_id=admission.last_event_id,
+                    encode_snapshot=functools.partial(_snapshot_chunk, config.sse_retry_ms),
+                )
+            except BrokerUnavailable as exc:
+                raise Refused(Reason.BROKER_UNAVAILABLE, f"{exc}; try again") from None
+            response = web.StreamResponse(headers=SSE_HEADERS | worker_header() | cors)
+            response.enable_chunked_encoding()
             await response.prepare(request)
-            await _serve(response, stream, config.sse_retry_ms, request)
-    except ConnectionLimitReached as exc:
-        metrics.disconnects.labels("connection_limit").inc()
-        refusal = json_error(429, "too_many_connections", str(exc))
-        refusal.headers.update(cors | {"Retry-After": "5"})
-        return refusal
-    except HubClosed as exc:
-        refusal = json_error(503, "shutting_down", str(exc))
-        refusal.headers.update(cors | {"Retry-After": "1"})
-        return refusal
-    except BrokerUnavailable as exc:
-        if not response.prepared:
-            return json_error(503, "broker_unavailable", f"{exc}; try again")
-        log.warning("sse stream ended: %s", exc)  # the client reconnects and resumes
-    finally:
-        metrics.connections.labels("sse").dec()
+            connection.go_live(frames)
+            reason = await connection.done
+            await _end(request, response, reason)
+            return response
+    except Refused as refusal:
+        return _refusal(refusal, cors)
+
+
+def _snapshot_chunk(retry_ms: int, message: str, position: wire.EventId) -> bytes:
+    return wire.sse_chunk(
+        message.encode(), event_id=str(position), event="active_tasks", retry_ms=retry_ms
+    )
+
+
+def _refusal(refusal: Refused, cors: dict[str, str]) -> web.Response:
+    status, retry_after = REFUSALS[refusal.reason]
+    response = json_error(status, refusal.reason.value, refusal.message)
+    response.headers.update(cors)
+    if retry_after is not None:
+        response.headers["Retry-After"] = retry_after
+    if refusal.reason is Reason.UNAUTHORIZED:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="streamer"'
     return response
+
+
+def _close_transport(reason: Reason, backed_up: bool) -> None:
+    """The handler ends the stream (it is waiting on the connection for that)."""
+    return None
+
+
+async def _end(request: web.Request, response: web.StreamResponse, reason: Reason) -> None:
+    """End the stream; a socket whose writes are backed up is aborted instead, since the
+    end of the stream would never get through."""
+    transport = request.transport
+    response.force_close()  # the client reconnects (and resumes) on a new connection
+    if transport is None:
+        return
+    if reason is Reason.STALLED or transport.get_write_buffer_size() > 0:
+        transport.abort()
+        return
+    try:
+        await asyncio.wait_for(response.write_eof(), END_TIMEOUT_S)
+    except (TimeoutError, ConnectionError, RuntimeError):
+        transport.abort()
 
 
 async def sse_preflight(request: web.Request) -> web.Response:
@@ -91,42 +132,3 @@ async def sse_preflight(request: web.Request) -> web.Response:
         "Access-Control-Max-Age": "600",
     }
     return web.Response(status=204, headers=cors)
-
-
-async def _serve(
-    response: EventSourceResponse, stream: ClientStream, retry_ms: int, request: web.Request
-) -> None:
-    metrics = request.app[METRICS]
-    subscription = stream.subscription
-
-    async def send_events() -> None:
-        retry: int | None = retry_ms
-        async for message in outgoing_messages(request.app[BROKER], stream):
-            try:
-                await response.send(
-                    message.json, id=str(message.event_id), event=message.type, retry=retry
-                )
-            except TimeoutError:  # aiohttp-sse's send timeout: the peer stopped reading
-                subscription.close(CloseReason.STALLED)
-                raise
-            retry = None
-            metrics.events_sent.labels("sse").inc()
-
-    # response.wait() ends when the client goes away (a heartbeat write fails).
-    await run_until_first_done(send_events(), response.wait(), subscription.wait_closed())
-    reason = subscription.close_reason
-    if reason is not None:
-        metrics.disconnects.labels(reason.value).inc()
-    with contextlib.suppress(Exception):
-        response.stop_streaming()
-    transport = request.transport
-    if transport is not None and (
-        reason is CloseReason.STALLED or transport.get_write_buffer_size() > 0
-    ):
-        transport.abort()  # backed up: the end of the stream would never get through
-        return
-    try:
-        await asyncio.wait_for(response.write_eof(), timeout=2)
-    except (TimeoutError, ConnectionError, RuntimeError):
-        if transport is not None:
-            transport.abort()

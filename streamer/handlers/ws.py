@@ -3,40 +3,42 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from ..app_keys import BROKER, CONFIG, HUB, METRICS
-from ..auth.credentials import authenticate, uses_session_cookie
-from ..auth.origin import origin_allowed
-from ..auth.tokens import Identity, InvalidToken
-from ..broker import Broker, BrokerUnavailable, Snapshot
-from ..commands import Command, CommandError, parse_command
-from ..connection import (
-    ClientStream,
-    active_tasks_message,
-    open_client_stream,
-    outgoing_messages,
-    run_until_first_done,
-)
-from ..events import EventId, dumps
-from ..hub import CloseReason, ConnectionLimitReached, HubClosed
+from .. import wire
+from ..app_keys import BROKER, CONFIG, HUB
+from ..broker.base import BrokerUnavailable, Snapshot
+from ..commands import answer
+from ..connection import Connection, Limits, attached, opening_frames
 from ..rate_limit import TokenBucket
-from .common import stream_params, worker_header
+from ..reasons import Reason, Refused
+from .admission import admit
+from .common import json_error, worker_header
 
 log = logging.getLogger(__name__)
 
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_TOO_SLOW = 4008
 CLOSE_TOO_MANY = 4029
-CLOSE_CODES = {
-    CloseReason.OVERFLOW: (CLOSE_TOO_SLOW, b"too slow: resume from your last event id"),
-    CloseReason.STALLED: (CLOSE_TOO_SLOW, b"too slow: resume from your last event id"),
-    CloseReason.SHUTDOWN: (WSCloseCode.GOING_AWAY, b"server shutting down"),
-    CloseReason.EXPIRED: (CLOSE_UNAUTHORIZED, b"token expired"),
+
+# How each reason reaches a WebSocket client: an HTTP status before the upgrade, or a
+# close code after it (browsers can read the code, not the status of a failed upgrade).
+REFUSED_BEFORE_UPGRADE = {Reason.ORIGIN_NOT_ALLOWED: 403, Reason.INVALID_TASK_ID: 400}
+CLOSE_CODES: dict[Reason, tuple[int, bytes]] = {
+    Reason.UNAUTHORIZED: (CLOSE_UNAUTHORIZED, b"unauthorized"),
+    Reason.BROKER_UNAVAILABLE: (WSCloseCode.TRY_AGAIN_LATER, b"broker unavailable"),
+    Reason.TOO_MANY_CONNECTIONS: (CLOSE_TOO_MANY, b"too many connections"),
+    Reason.SHUTTING_DOWN: (WSCloseCode.GOING_AWAY, b"server shutting down"),
+    Reason.OVERFLOW: (CLOSE_TOO_SLOW, b"too slow: resume from your last event id"),
+    Reason.STALLED: (CLOSE_TOO_SLOW, b"too slow: resume from your last event id"),
+    Reason.SHUTDOWN: (WSCloseCode.GOING_AWAY, b"server shutting down"),
+    Reason.EXPIRED: (CLOSE_UNAUTHORIZED, b"token expired"),
+    Reason.RATE_LIMIT: (CLOSE_TOO_MANY, b"too many commands"),
 }
-CLOSE_TIMEOUT_S = 2.0
 # A client that keeps sending past its rate after this many refusals in a row is
 # dropped; before that each refused command gets an error reply.
 MAX_REFUSED_COMMANDS = 50
@@ -44,184 +46,117 @@ MAX_REFUSED_COMMANDS = 50
 REPLY_BYTES_PER_COMMAND = 16 * 1024
 
 
-class _Socket:
-    """Serialises sends (events and command replies come from two tasks) and knows
-    where the client stands: the id of the last event or snapshot sent."""
-
-    def __init__(self, ws: web.WebSocketResponse, stream: ClientStream, timeout_s: float) -> None:
-        self.ws = ws
-        self.position: EventId = stream.snapshot_id
-        self._subscription = stream.subscription
-        self._timeout_s = timeout_s
-        self._lock = asyncio.Lock()
-
-    async def send(self, text: str, position: EventId | None = None) -> None:
-        async with self._lock:
-            await self._send(text)
-            if position is not None:
-                self.position = position
-
-    async def send_snapshot(self, snapshot: Snapshot) -> int:
-        """`active_tasks` at the position the client stands at; returns its size."""
-        async with self._lock:
-            text = active_tasks_message(snapshot, recovered=True, position=self.position)
-            await self._send(text)
-            return len(text)
-
-    async def _send(self, text: str) -> None:
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                await self.ws.send_str(text)
-        except TimeoutError:
-            # The peer stopped reading and the socket's buffers are full.
-            self._subscription.close(CloseReason.STALLED)
-            raise
-
-
-def error_message(code: str, message: str) -> str:
-    return dumps({"type": "error", "code": code, "message": message})
-
-
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG]
-    cookie = uses_session_cookie(request)
-    if not origin_allowed(request, config.allowed_origins, wildcard=not cookie):
-        raise web.HTTPForbidden(text="origin not allowed\n")
     # aiohttp pings every ws_heartbeat_s and drops a peer whose pong does not come.
+    # No permessage-deflate: every client gets the same pre-encoded frame bytes.
     ws = web.WebSocketResponse(
-        max_msg_size=config.ws_max_message_bytes, heartbeat=config.ws_heartbeat_s
+        max_msg_size=config.ws_max_message_bytes, heartbeat=config.ws_heartbeat_s, compress=False
     )
     ws.headers.update(worker_header())
     if not ws.can_prepare(request).ok:
         raise web.HTTPBadRequest(text="expected a WebSocket upgrade\n")
-    params = stream_params(request, last_event_header=False)
-    identity: Identity | None = None
-    refusal = (CLOSE_UNAUTHORIZED, b"unauthorized")
     try:
-        identity = await authenticate(request, config.secret)
-    except InvalidToken as exc:
-        log.info("websocket refused: %s", exc)
-    except BrokerUnavailable as exc:
-        log.warning("websocket refused: %s", exc)
-        refusal = (WSCloseCode.TRY_AGAIN_LATER, b"broker unavailable")
+        admission = await admit(request, last_event_header=False)
+    except Refused as refusal:
+        status = REFUSED_BEFORE_UPGRADE.get(refusal.reason)
+        if status is not None:
+            return json_error(status, refusal.reason.value, refusal.message)
+        log.info("websocket refused: %s", refusal.message)
+        return await _refuse(request, ws, refusal.reason)
     await ws.prepare(request)
-    if identity is None:
-        await ws.close(code=refusal[0], message=refusal[1])
-        return ws
-
-    metrics = request.app[METRICS]
-    metrics.connections.labels("websocket").inc()
+    transport = request.transport
+    assert transport is not None
+    broker, user_id = request.app[BROKER], admission.identity.user_id
+    connection = Connection(
+        user_id=user_id,
+        task_id=admission.task_id,
+        transport="websocket",
+        out=transport,
+        drain=request.writer.drain,
+        close_transport=functools.partial(_close, ws, transport),
+        snapshot=functools.partial(broker.snapshot, user_id, admission.task_id),
+        limits=Limits(config.client_buffer, config.client_buffer_bytes, config.send_timeout_s),
+    )
     try:
-        async with open_client_stream(
-            request.app[HUB],
-            request.app[BROKER],
-            user_id=identity.user_id,
-            task_id=params.task_id,
-            last_event_id=params.last_event_id,
-            expires_at=identity.expires_at,
-        ) as stream:
-            socket = _Socket(ws, stream, config.send_timeout_s)
-            await _serve(request, socket, stream, identity.user_id)
-    except ConnectionLimitReached as exc:
-        metrics.disconnects.labels("connection_limit").inc()
-        await ws.close(code=CLOSE_TOO_MANY, message=str(exc).encode()[:120])
-    except HubClosed:
-        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+        async with attached(request.app[HUB], connection, expires_at=admission.identity.expires_at):
+            frames = await opening_frames(
+                broker,
+                connection,
+                last_event_id=admission.last_event_id,
+                encode_snapshot=lambda message, _: wire.ws_text_frame(message.encode()),
+            )
+            connection.go_live(frames)
+            await _answer_commands(request, ws, connection)
+    except Refused as refusal:
+        code, text = CLOSE_CODES[refusal.reason]
+        await ws.close(code=code, message=text)
     except BrokerUnavailable as exc:
         log.warning("websocket closed: %s", exc)
-        await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"broker unavailable")
-    finally:
-        metrics.connections.labels("websocket").dec()
+        connection.close(Reason.BROKER_UNAVAILABLE)
+    if connection.closing is not None:
+        with contextlib.suppress(Exception):
+            await connection.closing
     return ws
 
 
-async def _serve(request: web.Request, socket: _Socket, stream: ClientStream, user_id: str) -> None:
-    broker = request.app[BROKER]
-    metrics = request.app[METRICS]
-    subscription = stream.subscription
-
-    async def send_events() -> None:
-        async for message in outgoing_messages(broker, stream):
-            await socket.send(message.json, message.event_id)
-            metrics.events_sent.labels("websocket").inc()
-
-    config = request.app[CONFIG]
-    bucket = TokenBucket(config.commands_per_s, burst=max(2 * config.commands_per_s, 1))
-
-    async def answer_commands() -> None:
-        refused_in_a_row = 0
-        async for message in socket.ws:
-            if message.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
-                continue  # CLOSE / ERROR end the iteration; aiohttp answers pings itself.
-            if not bucket.take():
-                refused_in_a_row += 1
-                if refused_in_a_row > MAX_REFUSED_COMMANDS:
-                    metrics.disconnects.labels("rate_limit").inc()
-                    await socket.ws.close(code=CLOSE_TOO_MANY, message=b"too many commands")
-                    return
-                limit = f"at most {config.commands_per_s:g} commands per second"
-                await socket.send(error_message("rate_limited", limit))
-                continue
-            refused_in_a_row = 0
-            if message.type == WSMsgType.TEXT:
-                reply = await _answer(broker, user_id, message.data)
-                if isinstance(reply, Snapshot):
-                    size = await socket.send_snapshot(reply)
-                    bucket.charge(size // REPLY_BYTES_PER_COMMAND)
-                else:
-                    await socket.send(reply)
-            else:
-                await socket.send(
-                    error_message("unsupported_frame", "send commands as JSON text frames")
-                )
-
-    await run_until_first_done(send_events(), answer_commands(), subscription.wait_closed())
-    reason = subscription.close_reason
-    if reason is not None:
-        metrics.disconnects.labels(reason.value).inc()
-        await _close(request, socket.ws, reason)
-    elif not socket.ws.closed:
-        await socket.ws.close()
+async def _refuse(
+    request: web.Request, ws: web.WebSocketResponse, reason: Reason
+) -> web.WebSocketResponse:
+    await ws.prepare(request)
+    code, text = CLOSE_CODES[reason]
+    await ws.close(code=code, message=text)
+    return ws
 
 
-async def _close(request: web.Request, ws: web.WebSocketResponse, reason: CloseReason) -> None:
-    """Close with the reason's code. A peer whose writes are backed up gets its
-    connection aborted instead: no close frame, and no graceful close, would ever get
-    through (and aiohttp's drain waiter, shared by all writes, may already be cancelled)."""
-    transport = request.transport
-    if transport is not None and (
-        reason is CloseReason.STALLED or transport.get_write_buffer_size() > 0
-    ):
+def _close(
+    ws: web.WebSocketResponse, transport: asyncio.Transport, reason: Reason, backed_up: bool
+) -> asyncio.Future[object] | None:
+    """Close with the reason's code (the closing handshake runs beside the handler, which
+    sees the close in its receive loop); a socket whose writes are backed up is aborted
+    instead: no close frame, and no graceful close, would get through."""
+    if backed_up:
         transport.abort()
-        return
-    if not ws.closed:
-        code, text = CLOSE_CODES[reason]
-        try:
-            await asyncio.wait_for(ws.close(code=code, message=text), CLOSE_TIMEOUT_S)
-        except (TimeoutError, ConnectionError):
-            if transport is not None:
-                transport.abort()
+        return None
+    code, text = CLOSE_CODES[reason]
+    return asyncio.ensure_future(ws.close(code=code, message=text))
 
 
-async def _answer(broker: Broker, user_id: str, text: str) -> str | Snapshot:
-    try:
-        command = parse_command(text)
-    except CommandError as exc:
-        return error_message(exc.code, exc.message)
-    try:
-        return await _run(broker, user_id, command)
-    except BrokerUnavailable:
-        return error_message("broker_unavailable", "the broker is unavailable; try again")
+async def _answer_commands(
+    request: web.Request, ws: web.WebSocketResponse, connection: Connection
+) -> None:
+    config = request.app[CONFIG]
+    broker = request.app[BROKER]
+    bucket: TokenBucket | None = None  # made on the first command: idle clients cost nothing
+    refused_in_a_row = 0
+    async for message in ws:
+        if message.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+            continue  # CLOSE / ERROR end the iteration; aiohttp answers pings itself.
+        if bucket is None:
+            bucket = TokenBucket(config.commands_per_s, burst=max(2 * config.commands_per_s, 1))
+        if not bucket.take():
+            refused_in_a_row += 1
+            if refused_in_a_row > MAX_REFUSED_COMMANDS:
+                connection.close(Reason.RATE_LIMIT)
+                return
+            limit = f"at most {config.commands_per_s:g} commands per second"
+            connection.send(_frame(wire.error("rate_limited", limit)))
+            continue
+        refused_in_a_row = 0
+        if message.type == WSMsgType.BINARY:
+            reply: str | Snapshot = wire.error(
+                "unsupported_frame", "send commands as JSON text frames"
+            )
+        else:
+            reply = await answer(broker, connection.user_id, message.data)
+        if isinstance(reply, Snapshot):
+            assert connection.last_id is not None  # set by the opening snapshot
+            reply = wire.active_tasks(
+                reply.tasks, position=connection.last_id, recovered=True, truncated=reply.truncated
+            )
+            bucket.charge(len(reply) // REPLY_BYTES_PER_COMMAND)
+        connection.send(_frame(reply))
 
 
-async def _run(broker: Broker, user_id: str, command: Command) -> str | Snapshot:
-    if command.type == "ping":
-        return dumps({"type": "pong"})
-    if command.type == "get_active_tasks":
-        return await broker.snapshot(user_id)
-    assert command.task_id is not None
-    if command.type == "get_task_status":
-        state = await broker.task_state(user_id, command.task_id)
-        return dumps({"type": "task_status", "task_id": command.task_id, "status": state})
-    success = await broker.request_cancel(user_id, command.task_id)
-    return dumps({"type": "task_cancelled", "task_id": command.task_id, "success": success})
+def _frame(message: str) -> bytes:
+    return wire.ws_text_frame(message.encode())

@@ -9,9 +9,9 @@ import aiohttp
 import pytest
 import redis
 
+from streamer.broker.redis_schema import EPOCH_KEY, history_key
 from streamer.events import MAX_JSON_DEPTH, EventError
 from streamer.publisher import AsyncPublisher, Publisher
-from streamer.redis_store import EPOCH_KEY, history_key
 
 from ..clients import open_stream
 from ..conftest import PUBLISH_KEY

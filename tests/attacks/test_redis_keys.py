@@ -7,8 +7,8 @@ from collections.abc import Callable
 import aiohttp
 import redis
 
+from streamer.broker.redis_schema import EPOCH_KEY
 from streamer.publisher import Publisher
-from streamer.redis_store import EPOCH_KEY
 
 from ..clients import open_stream
 from ..processes import ServerProcess

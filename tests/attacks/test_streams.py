@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from streamer.broker import MAX_SNAPSHOT_BYTES, MAX_SNAPSHOT_TASKS
+from streamer.broker.base import MAX_SNAPSHOT_BYTES, MAX_SNAPSHOT_TASKS
 from streamer.publisher import AsyncPublisher, Publisher
 
 from ..clients import TRANSPORTS, assert_strictly_increasing, open_stream

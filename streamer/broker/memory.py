@@ -7,23 +7,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from .broker import (
-    MAX_SNAPSHOT_BYTES,
-    MAX_SNAPSHOT_TASKS,
-    Broker,
-    Listener,
-    Replay,
-    Snapshot,
-)
-from .events import (
-    Delivery,
-    EventId,
-    TaskEvent,
-    TaskState,
-    dumps,
-    full_task_state,
-    with_id,
-)
+from ..events import TaskEvent, TaskState, dumps, full_task_state
+from ..wire import Delivery, EventId, with_id
+from .base import MAX_SNAPSHOT_BYTES, MAX_SNAPSHOT_TASKS, Broker, Listener, Replay, Snapshot
 
 
 @dataclass
@@ -123,7 +109,7 @@ class MemoryBroker(Broker):
             task_id=event.task_id,
             event_id=event_id,
             type=event.type,
-            json=with_id(event.to_json(), str(event_id)),
+            json=with_id(event.to_json(), event_id),
         )
         history = self._history(event.user_id)
         if history is None:

@@ -1,8 +1,10 @@
-"""The broker interface: where events are stored, replayed and fanned out from.
+"""What the rest of the service needs from a broker: two small interfaces.
 
-Two implementations: `MemoryBroker` (embedded, one process) and `RedisBroker`.
-Both hold exactly one subscription per process and hand each event, serialised
-once, to a single `deliver` callback (the hub).
+`Broker` carries events: publish, route a user's events to this process (subscribe /
+unsubscribe), snapshot and replay. `TaskStore` answers the commands: a task's state and
+cancellation. Two implementations hold both: `MemoryBroker` (embedded, one process) and
+`RedisBroker`. Each process holds exactly one subscription and hands every event,
+encoded once, to one listener (the hub).
 """
 
 from __future__ import annotations
@@ -11,7 +13,13 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Protocol
 
-from .events import Delivery, EventId, TaskEvent, TaskState
+from ..events import TaskEvent, TaskState
+from ..wire import Delivery, EventId
+
+# A snapshot is bounded in tasks and in bytes (the states' stored size), so that no
+# reply, and no Redis script run, grows with what producers chose to store.
+MAX_SNAPSHOT_TASKS = 500
+MAX_SNAPSHOT_BYTES = 256 * 1024
 
 
 class Listener(Protocol):
@@ -27,14 +35,8 @@ class Listener(Protocol):
         (None: one has none yet): where to catch up from after a lost subscription."""
 
 
-# A snapshot is bounded in tasks and in bytes (the states' stored size), so that no
-# reply, and no Redis script run, grows with what producers chose to store.
-MAX_SNAPSHOT_TASKS = 500
-MAX_SNAPSHOT_BYTES = 256 * 1024
-
-
 class BrokerUnavailable(Exception):
-    """The broker cannot be reached; nothing was published."""
+    """The broker cannot be reached; nothing was published or read."""
 
 
 @dataclass(frozen=True)
@@ -57,25 +59,7 @@ class Replay:
     complete: bool
 
 
-class Broker(ABC):
-    @abstractmethod
-    async def start(self, listener: Listener) -> None:
-        """Open the process's one subscription; each event goes to the listener."""
-
-    @abstractmethod
-    async def close(self) -> None: ...
-
-    @abstractmethod
-    async def publish(self, event: TaskEvent) -> EventId:
-        """Store the task's new state and append the event, atomically; return its id."""
-
-    @abstractmethod
-    async def snapshot(self, user_id: str, task_id: str | None = None) -> Snapshot:
-        """The user's unfinished tasks (only `task_id` if given) and position, atomically.
-
-        A user without history gets a position all the same: a new, empty history.
-        """
-
+class TaskStore(ABC):
     @abstractmethod
     async def task_state(self, user_id: str, task_id: str) -> TaskState | None:
         """The task's state, or None when it is unknown or belongs to someone else."""
@@ -87,6 +71,33 @@ class Broker(ABC):
     @abstractmethod
     async def is_cancelled(self, user_id: str, task_id: str) -> bool:
         """Whether the user asked to cancel their task's current run."""
+
+
+class Broker(TaskStore):
+    @abstractmethod
+    async def start(self, listener: Listener) -> None:
+        """Open the process's one subscription; each event goes to the listener."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    @abstractmethod
+    async def publish(self, event: TaskEvent) -> EventId:
+        """Store the task's new state and append the event, atomically; return its id."""
+
+    async def subscribe(self, user_id: str) -> None:
+        """Route the user's events to this process; returns once they flow. Called for
+        a user's first connection here (the hub counts them)."""
+
+    def unsubscribe(self, user_id: str) -> None:
+        """This process no longer needs the user's events (their last connection left)."""
+
+    @abstractmethod
+    async def snapshot(self, user_id: str, task_id: str | None = None) -> Snapshot:
+        """The user's unfinished tasks (only `task_id` if given) and position, atomically.
+
+        A user without history gets a position all the same: a new, empty history.
+        """
 
     @abstractmethod
     async def replay(self, user_id: str, after: str) -> Replay:

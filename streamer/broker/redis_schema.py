@@ -1,9 +1,10 @@
-"""Redis key layout and the atomic publish script, shared by the broker and the publishers.
+"""Redis key layout, the Lua scripts and their replies, shared by the broker and the
+publishers.
 
-Publishing one event is one EVALSHA, whatever the number of subscribers: the
-script updates the task's state hash and the user's active set, appends the
-event to the user's history stream, and PUBLISHes it on the single events
-channel that every process subscribes to once.
+Publishing one event is one EVALSHA, whatever the number of subscribers: the script
+updates the task's state hash and the user's active set, appends the event to the
+user's history stream, and PUBLISHes it on the user's channel, to which each process
+with a client of that user is subscribed (on its one subscriber connection).
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from .broker import MAX_SNAPSHOT_BYTES, MAX_SNAPSHOT_TASKS
-from .events import Delivery, EventId, TaskEvent, TaskState, dumps, full_task_state
+from ..events import TaskEvent, TaskState, dumps, full_task_state
+from ..wire import Delivery, EventId
+from .base import MAX_SNAPSHOT_BYTES, MAX_SNAPSHOT_TASKS, BrokerUnavailable
 
 log = logging.getLogger(__name__)
 
 PREFIX = "streamer"
-EVENTS_CHANNEL = f"{PREFIX}:events"
 EPOCH_KEY = f"{PREFIX}:epoch"
 # Unfinished tasks are kept this long after their last event, so a producer that
 # died does not leave a task in everyone's snapshot forever.
@@ -34,6 +35,11 @@ def _user(user_id: str) -> str:
     """The user id inside keys, escaped so that no (user, task) pair can spell
     another pair's key (`{a}:b}:c` vs `{a}:b` + `c`)."""
     return "{" + quote(user_id, safe="") + "}"
+
+
+def user_channel(user_id: str) -> str:
+    """Where the user's events are published; hash-tagged like the user's keys."""
+    return f"{PREFIX}:u:{_user(user_id)}"
 
 
 def task_key(user_id: str, task_id: str) -> str:
@@ -205,7 +211,7 @@ def publish_call(event: TaskEvent, *, history_size: int, history_ttl: int) -> Sc
             max(ACTIVE_TASK_TTL_S, history_ttl),
             secrets.token_hex(4),
             time.time(),
-            EVENTS_CHANNEL,
+            user_channel(event.user_id),
             len(update.values),
             len(update.if_absent),
             event.type,
@@ -235,6 +241,19 @@ def snapshot_call(user_id: str, task_id: str | None, *, history_ttl: int) -> Scr
     )
 
 
+class MalformedReply(BrokerUnavailable):
+    """Redis answered something the scripts never return."""
+
+
+def event_id_reply(raw: object) -> EventId:
+    """The publish script's reply: the new event's id."""
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    event_id = EventId.parse(text) if isinstance(text, str) else None
+    if event_id is None:
+        raise MalformedReply(f"Redis returned a malformed event id: {raw!r}")
+    return event_id
+
+
 def decode_state(raw: Mapping[bytes, bytes]) -> TaskState | None:
     """A stored task state; a field that cannot be decoded is left out (and logged),
     so one bad value never fails a whole snapshot."""
@@ -252,15 +271,16 @@ def decode_state(raw: Mapping[bytes, bytes]) -> TaskState | None:
 
 
 def decode_message(data: bytes) -> Delivery | None:
-    """Parse `user\\ntask\\nid\\ntype\\njson` from the events channel; None if malformed.
+    """Parse `user\ntask\nid\ntype\njson` from a user's channel; None if malformed.
 
     The header carries what fan-out needs, so the event's JSON is never decoded here.
     """
     try:
-        user_id, task_id, raw_id, event_type, payload = data.decode().split("\n", 4)
+        user, task, raw_id, event_type, payload = data.split(b"\n", 4)
+        user_id, task_id, kind = user.decode(), task.decode(), event_type.decode()
+        event_id = EventId.parse(raw_id.decode())
     except (UnicodeDecodeError, ValueError):
         return None
-    event_id = EventId.parse(raw_id)
-    if event_id is None or not payload.startswith("{"):
+    if event_id is None or not payload.startswith(b"{"):
         return None
-    return Delivery(user_id, task_id, event_id, event_type, payload)
+    return Delivery(user_id, task_id, event_id, kind, payload)

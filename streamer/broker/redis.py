@@ -1,4 +1,5 @@
-"""The Redis broker: one subscriber connection per process, history in Redis streams."""
+"""The Redis broker: state, history and publishing in Redis, and the process's one
+subscriber connection (`redis_subscriber`), routed to the users with connections here."""
 
 from __future__ import annotations
 
@@ -10,28 +11,28 @@ from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar, cast
 
 import redis.asyncio as redis
-from redis.asyncio.client import PubSub
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
-from .broker import Broker, BrokerUnavailable, Listener, Replay, Snapshot
-from .events import Delivery, EventId, TaskEvent, TaskState, UndecodableEvent, parse_wire_event
-from .redis_store import (
+from ..events import TaskEvent, TaskState
+from ..wire import Delivery, EventId, UndecodableEvent, stored_event
+from .base import Broker, BrokerUnavailable, Listener, Replay, Snapshot
+from .redis_schema import (
     CANCEL_SCRIPT,
     EPOCH_KEY,
-    EVENTS_CHANNEL,
     PUBLISH_SCRIPT,
     SNAPSHOT_SCRIPT,
     cancel_call,
     cancel_key,
     decode_message,
     decode_state,
+    event_id_reply,
     history_key,
     publish_call,
     snapshot_call,
     task_key,
+    user_channel,
 )
+from .redis_subscriber import Subscriber
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +57,8 @@ def _unavailable_on_error(
 
 REDIS_POOL_SIZE = 50
 REDIS_POOL_WAIT_S = 10.0
-POLL_S = 0.2
 IDLE_PING_S = 15.0
 PONG_TIMEOUT_S = 10.0
-RECONNECT_BACKOFF_MIN_S = 0.1
-RECONNECT_BACKOFF_MAX_S = 5.0
 
 
 class RedisBroker(Broker):
@@ -81,8 +79,9 @@ class RedisBroker(Broker):
         self._idle_ping_s = idle_ping_s
         self._pong_timeout_s = pong_timeout_s
         self._client: redis.Redis | None = None
+        self._subscriber: Subscriber | None = None
         self._subscriber_task: asyncio.Task[None] | None = None
-        self._subscribed = asyncio.Event()
+        self._listener: Listener | None = None
         # The epoch of the Redis dataset events came from; a new one means Redis
         # lost its data (flushed, or restarted without persistence).
         self._epoch: str | None = None
@@ -92,6 +91,12 @@ class RedisBroker(Broker):
         if self._client is None:
             raise RuntimeError("RedisBroker.start() has not been called")
         return self._client
+
+    @property
+    def subscriber(self) -> Subscriber:
+        if self._subscriber is None:
+            raise RuntimeError("RedisBroker.start() has not been called")
+        return self._subscriber
 
     async def start(self, listener: Listener) -> None:
         # A burst of (re)connecting clients all read their snapshot at once: they
@@ -107,14 +112,24 @@ class RedisBroker(Broker):
         self._publish_script = self._client.register_script(PUBLISH_SCRIPT)
         self._cancel_script = self._client.register_script(CANCEL_SCRIPT)
         self._snapshot_script = self._client.register_script(SNAPSHOT_SCRIPT)
-        self._subscriber_task = asyncio.create_task(
-            self._subscribe_forever(listener), name="streamer-redis-subscriber"
+        self._listener = listener
+        with contextlib.suppress(RedisError, OSError):
+            self._epoch = await self._read_epoch()
+        self._subscriber = Subscriber(
+            self._url,
+            on_message=self._on_message,
+            on_restored=self._catch_up,
+            idle_ping_s=self._idle_ping_s,
+            pong_timeout_s=self._pong_timeout_s,
         )
-        # Wait briefly for the first subscription so that early events are not
-        # missed, but do not refuse to start while Redis is down: the
-        # subscriber keeps retrying and /readyz reports not ready meanwhile.
+        self._subscriber_task = asyncio.create_task(
+            self._subscriber.run(), name="streamer-redis-subscriber"
+        )
+        # Wait briefly for the subscriber so that /readyz is right from the start, but
+        # do not refuse to start while Redis is down: the subscriber keeps retrying
+        # and /readyz reports not ready meanwhile.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._subscribed.wait(), timeout=5)
+            await asyncio.wait_for(self._subscriber.ready.wait(), timeout=5)
 
     async def close(self) -> None:
         if self._subscriber_task is not None:
@@ -124,77 +139,24 @@ class RedisBroker(Broker):
         if self._client is not None:
             await self._client.aclose()
 
-    async def _subscribe_forever(self, listener: Listener) -> None:
-        backoff = RECONNECT_BACKOFF_MIN_S
-        was_lost = False
-        while True:
-            # Errors must surface here, not be retried inside redis-py, so that
-            # each reconnect is followed by a catch-up from the history.
-            subscriber = redis.Redis.from_url(
-                self._url,
-                socket_connect_timeout=5,
-                socket_keepalive=True,
-                retry=Retry(NoBackoff(), 0),
-            )
-            pubsub = subscriber.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(EVENTS_CHANNEL)
-                if was_lost:
-                    log.warning("redis subscription restored; catching up")
-                    await self._catch_up(listener)
-                    was_lost = False
-                elif self._epoch is None:
-                    self._epoch = await self._read_epoch()
-                self._subscribed.set()
-                backoff = RECONNECT_BACKOFF_MIN_S
-                await self._listen(pubsub, listener)
-            except (RedisError, OSError, BrokerUnavailable) as exc:
-                log.warning("redis subscription lost (%s); retrying in %.1fs", exc, backoff)
-                was_lost = True
-            except Exception:
-                log.exception("redis subscriber failed; reconnecting in %.1fs", backoff)
-                was_lost = True
-            finally:
-                self._subscribed.clear()
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-                with contextlib.suppress(Exception):
-                    await subscriber.aclose()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, RECONNECT_BACKOFF_MAX_S)
+    async def subscribe(self, user_id: str) -> None:
+        await self.subscriber.subscribe(user_channel(user_id))
 
-    async def _listen(self, pubsub: PubSub, listener: Listener) -> None:
-        """Hand messages to the listener until the connection fails.
+    def unsubscribe(self, user_id: str) -> None:
+        self.subscriber.unsubscribe(user_channel(user_id))
 
-        A connection that went half-open (a NAT or load balancer dropped it, the
-        host vanished) fails no read: after idle_ping_s of silence a PING must be
-        answered within pong_timeout_s, or the connection counts as lost.
-        """
-        loop = asyncio.get_running_loop()
-        last_heard = loop.time()
-        ping_sent_at: float | None = None
-        while True:
-            message = await pubsub.get_message(timeout=POLL_S)
-            now = loop.time()
-            if message is None:
-                if ping_sent_at is not None and now - ping_sent_at > self._pong_timeout_s:
-                    raise ConnectionError("no answer to PING on the subscriber connection")
-                if ping_sent_at is None and now - last_heard > self._idle_ping_s:
-                    await pubsub.ping()
-                    ping_sent_at = now
-                continue
-            last_heard, ping_sent_at = now, None
-            if message.get("type") != "message":
-                continue
-            delivery = decode_message(message["data"])
-            if delivery is None:
-                log.warning("ignoring a malformed message on %s", EVENTS_CHANNEL)
-                continue
-            self._check_epoch(listener, delivery.event_id.epoch)
-            try:
-                listener.deliver(delivery)
-            except Exception:  # one event never takes the subscription down
-                log.exception("delivering %s failed", delivery.event_id)
+    def _on_message(self, data: bytes) -> None:
+        listener = self._listener
+        assert listener is not None
+        delivery = decode_message(data)
+        if delivery is None:
+            log.warning("ignoring a malformed message on a user's channel")
+            return
+        self._check_epoch(listener, delivery.event_id.epoch)
+        try:
+            listener.deliver(delivery)
+        except Exception:  # one event never takes the subscription down
+            log.exception("delivering %s failed", delivery.event_id)
 
     def _check_epoch(self, listener: Listener, epoch: str | None) -> bool:
         """Tell the listener when the dataset changed under us; True if it did."""
@@ -207,7 +169,7 @@ class RedisBroker(Broker):
         self._epoch = epoch
         return lost
 
-    async def _catch_up(self, listener: Listener) -> None:
+    async def _catch_up(self) -> None:
         """Deliver what local connections missed while the subscription was down.
 
         Each user's history is read from the oldest id one of their connections has
@@ -215,6 +177,8 @@ class RedisBroker(Broker):
         Redis lost its data meanwhile there is nothing to catch up from: clients
         get a fresh snapshot instead.
         """
+        listener = self._listener
+        assert listener is not None
         epoch = await self._read_epoch()
         if self._check_epoch(listener, epoch) or epoch is None:
             return
@@ -245,7 +209,7 @@ class RedisBroker(Broker):
             event_id = EventId(epoch, int(ms), int(seq))
             try:
                 raw = fields.get(b"e", b"").decode()
-                deliveries.append(parse_wire_event(user_id, event_id, raw))
+                deliveries.append(stored_event(user_id, event_id, raw))
             except (UndecodableEvent, UnicodeDecodeError) as exc:
                 log.warning("skipping an undecodable history entry: %s", exc)
                 self._on_undecodable()
@@ -254,11 +218,7 @@ class RedisBroker(Broker):
     @_unavailable_on_error
     async def publish(self, event: TaskEvent) -> EventId:
         call = publish_call(event, history_size=self._history_size, history_ttl=self._history_ttl)
-        raw = await self._publish_script(keys=call.keys, args=call.args)
-        event_id = EventId.parse(_require_text(raw))
-        if event_id is None:
-            raise BrokerUnavailable(f"Redis returned a malformed event id: {raw!r}")
-        return event_id
+        return event_id_reply(await self._publish_script(keys=call.keys, args=call.args))
 
     @_unavailable_on_error
     async def snapshot(self, user_id: str, task_id: str | None = None) -> Snapshot:
@@ -321,7 +281,7 @@ class RedisBroker(Broker):
         return Replay(self._to_deliveries(user_id, resume_point.epoch, entries), complete=True)
 
     async def ready(self) -> bool:
-        if not self._subscribed.is_set():
+        if not self.subscriber.ready.is_set():
             return False
         try:
             return bool(await asyncio.wait_for(self.client.ping(), timeout=2))

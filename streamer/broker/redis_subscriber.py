@@ -1,0 +1,277 @@
+"""The process's one Redis subscriber connection, subscribed to the channels of the
+users that have a connection here (and nothing else).
+
+Routing by user: a process receives only the events of its own users, so Redis sends
+each event once per process that needs it, not once per process. Channels are
+subscribed and unsubscribed as users come and go (the hub counts their connections),
+in batches when many come at once, on the same one connection. `subscribe()` returns
+once Redis confirmed the subscription, so that a client never misses an event
+published between its connect and its snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+import redis.asyncio as redis
+from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from .base import BrokerUnavailable
+
+log = logging.getLogger(__name__)
+
+# Always subscribed, so that the connection is in subscriber mode (and answers PING
+# as such) even while no user has a connection here.
+CONTROL_CHANNEL = "streamer:control"
+POLL_S = 0.2
+COMMAND_BATCH = 1000
+RECONNECT_BACKOFF_MIN_S = 0.1
+RECONNECT_BACKOFF_MAX_S = 5.0
+# How long a new client waits for its user's subscription (the connection may be
+# reconnecting) before it is told to come back later.
+SUBSCRIBE_TIMEOUT_S = 10.0
+
+
+class Subscriber:
+    def __init__(
+        self,
+        url: str,
+        *,
+        on_message: Callable[[bytes], None],
+        on_restored: Callable[[], Awaitable[None]],
+        idle_ping_s: float,
+        pong_timeout_s: float,
+    ) -> None:
+        self._url = url
+        self._on_message = on_message
+        self._on_restored = on_restored
+        self._idle_ping_s = idle_ping_s
+        self._pong_timeout_s = pong_timeout_s
+        self.wanted: set[str] = set()
+        # On the current connection: the last command sent per channel (True:
+        # SUBSCRIBE), how many are still unconfirmed, and what is confirmed.
+        self._requested: dict[str, bool] = {}
+        self._unconfirmed: dict[str, int] = {}
+        self._active: set[str] = set()
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._pubsub: PubSub | None = None
+        self._sync_scheduled = False
+        self._syncing: asyncio.Future[None] | None = None
+        self._reconnected = False
+        self.ready = asyncio.Event()  # connected, every wanted channel subscribed
+        self.restarts = 0
+        self.messages = 0  # events received, of every user
+
+    # --- what the broker calls -----------------------------------------------------------
+
+    async def subscribe(self, channel: str) -> None:
+        self.wanted.add(channel)
+        if channel in self._active:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(channel, []).append(waiter)
+        self._schedule_sync()
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), SUBSCRIBE_TIMEOUT_S)
+        except TimeoutError:
+            raise BrokerUnavailable("Redis did not confirm the subscription in time") from None
+        finally:
+            waiters = self._waiters.get(channel)
+            if waiters is not None and waiter in waiters:
+                waiters.remove(waiter)
+                if not waiters:
+                    del self._waiters[channel]
+
+    def unsubscribe(self, channel: str) -> None:
+        self.wanted.discard(channel)
+        self._schedule_sync()
+
+    async def run(self) -> None:
+        """Stay subscribed until cancelled, reconnecting with backoff."""
+        backoff = RECONNECT_BACKOFF_MIN_S
+        while True:
+            # Errors must surface here, not be retried inside redis-py, so that each
+            # reconnect is followed by a catch-up from the history.
+            client = redis.Redis.from_url(
+                self._url,
+                socket_connect_timeout=5,
+                socket_keepalive=True,
+                retry=Retry(NoBackoff(), 0),
+            )
+            pubsub = client.pubsub()
+            try:
+                await self._connect(pubsub)
+                backoff = RECONNECT_BACKOFF_MIN_S
+                await self._listen(pubsub)
+            except (RedisError, OSError, BrokerUnavailable) as exc:
+                log.warning("redis subscription lost (%s); retrying in %.1fs", exc, backoff)
+            except Exception:
+                log.exception("redis subscriber failed; reconnecting in %.1fs", backoff)
+            finally:
+                self._disconnected()
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                with contextlib.suppress(Exception):
+                    await client.aclose()
+            self.restarts += 1
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, RECONNECT_BACKOFF_MAX_S)
+
+    # --- inside ----------------------------------------------------------------------------
+
+    async def _connect(self, pubsub: PubSub) -> None:
+        """Subscribe to the control channel and every wanted channel, wait for Redis to
+        confirm them all, catch up on what was missed, then go ready. Events that
+        arrive meanwhile are handed on after the catch-up, in order behind it."""
+        self._pubsub = pubsub
+        self._reconnected = False
+        self._schedule_sync()
+        if self._syncing is not None:
+            await asyncio.shield(self._syncing)  # the commands are sent
+        if pubsub.connection is None:
+            raise ConnectionError("the subscriber connection did not open")
+        # redis-py reconnects a pub/sub connection by itself on the next command and
+        # subscribes again: what was published in between would be lost unseen.
+        pubsub.connection.register_connect_callback(self._on_reconnect)
+        early: list[bytes] = []
+        while not self._all_confirmed():
+            self._check_connection()
+            message = await pubsub.get_message(timeout=self._pong_timeout_s)
+            if message is None:
+                raise ConnectionError("Redis did not confirm the subscriptions")
+            self._handle(message, early)
+        if self.restarts:
+            log.warning("redis subscription restored; catching up")
+            await self._on_restored()
+        for data in early:
+            self._on_message(data)
+        self.ready.set()
+
+    def _all_confirmed(self) -> bool:
+        return CONTROL_CHANNEL in self._active and not self._unconfirmed
+
+    async def _listen(self, pubsub: PubSub) -> None:
+        """Hand messages on until the connection fails.
+
+        A connection that went half-open (a NAT or load balancer dropped it, the host
+        vanished) fails no read: after idle_ping_s of silence a PING must be answered
+        within pong_timeout_s, or the connection counts as lost.
+        """
+        loop = asyncio.get_running_loop()
+        last_heard = loop.time()
+        ping_sent_at: float | None = None
+        while True:
+            self._check_connection()
+            message = await pubsub.get_message(timeout=POLL_S)
+            now = loop.time()
+            if message is None:
+                if ping_sent_at is not None and now - ping_sent_at > self._pong_timeout_s:
+                    raise ConnectionError("no answer to PING on the subscriber connection")
+                if ping_sent_at is None and now - last_heard > self._idle_ping_s:
+                    await pubsub.ping()
+                    ping_sent_at = now
+                continue
+            last_heard, ping_sent_at = now, None
+            self._handle(message)
+
+    def _on_reconnect(self, connection: object) -> None:
+        self._reconnected = True
+
+    def _check_connection(self) -> None:
+        if self._reconnected:
+            raise ConnectionError("the subscriber connection was lost and reopened")
+
+    def _handle(self, message: dict[str, object], held: list[bytes] | None = None) -> None:
+        """An event goes on (or into `held`); a confirmation updates the subscriptions."""
+        kind = message.get("type")
+        if kind == "message":
+            self.messages += 1
+            data = message["data"]
+            if isinstance(data, bytes):
+                if held is None:
+                    self._on_message(data)
+                else:
+                    held.append(data)
+            return
+        channel = message.get("channel")
+        if isinstance(channel, bytes):
+            channel = channel.decode()
+        if kind in ("subscribe", "unsubscribe") and isinstance(channel, str):
+            self._confirmed(channel)
+
+    def _confirmed(self, channel: str) -> None:
+        left = self._unconfirmed.get(channel, 0) - 1
+        if left > 0:
+            self._unconfirmed[channel] = left
+            return
+        self._unconfirmed.pop(channel, None)
+        if self._requested.get(channel):
+            self._active.add(channel)
+            for waiter in self._waiters.pop(channel, ()):
+                if not waiter.done():
+                    waiter.set_result(None)
+        else:
+            self._active.discard(channel)
+            self._requested.pop(channel, None)
+
+    def _schedule_sync(self) -> None:
+        """Send what changed, once per turn of the event loop: one SUBSCRIBE (or
+        UNSUBSCRIBE) for every user who came (or left) meanwhile. One sync runs at a
+        time, so that commands reach Redis in the order they were decided."""
+        if self._pubsub is None:
+            return
+        self._sync_scheduled = True
+        if self._syncing is None:
+            self._syncing = asyncio.ensure_future(self._sync_while_needed())
+            self._syncing.add_done_callback(_log_failure)
+
+    async def _sync_while_needed(self) -> None:
+        try:
+            await asyncio.sleep(0)  # let this turn's other changes come in first
+            while self._sync_scheduled:
+                await self._sync()
+        finally:
+            self._syncing = None
+
+    async def _sync(self) -> None:
+        self._sync_scheduled = False
+        pubsub = self._pubsub
+        if pubsub is None:
+            return
+        wanted = self.wanted | {CONTROL_CHANNEL}
+        to_subscribe = [c for c in wanted if not self._requested.get(c)]
+        to_unsubscribe = [c for c, on in self._requested.items() if on and c not in wanted]
+        for channel in to_subscribe:
+            self._requested[channel] = True
+        for channel in to_unsubscribe:
+            self._requested[channel] = False
+        for channel in (*to_subscribe, *to_unsubscribe):
+            self._active.discard(channel)
+            self._unconfirmed[channel] = self._unconfirmed.get(channel, 0) + 1
+        try:
+            for start in range(0, len(to_subscribe), COMMAND_BATCH):
+                await pubsub.subscribe(*to_subscribe[start : start + COMMAND_BATCH])
+            for start in range(0, len(to_unsubscribe), COMMAND_BATCH):
+                await pubsub.unsubscribe(*to_unsubscribe[start : start + COMMAND_BATCH])
+        except (RedisError, OSError) as exc:
+            # The connection is failing: the listener notices, reconnects and
+            # subscribes to everything wanted then.
+            log.warning("subscribing failed: %s", exc)
+
+    def _disconnected(self) -> None:
+        self.ready.clear()
+        self._pubsub = None
+        self._requested.clear()
+        self._unconfirmed.clear()
+        self._active.clear()
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("subscription update failed", exc_info=task.exception())

@@ -1,0 +1,68 @@
+"""Who may open a stream, and with what: one check for every transport.
+
+Origin, request parameters and credentials, in that order; any refusal is one
+`Refused` with its reason, which each transport turns into its own signal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from ..app_keys import CONFIG
+from ..auth.credentials import authenticate, uses_session_cookie
+from ..auth.origin import origin_allowed
+from ..auth.sessions import SessionStoreUnavailable
+from ..auth.tokens import Identity, InvalidToken
+from ..events import EventError, validate_identifier
+from ..reasons import Reason, Refused
+
+MAX_EVENT_ID_LENGTH = 200
+
+
+@dataclass(frozen=True)
+class Admission:
+    identity: Identity
+    task_id: str | None
+    last_event_id: str | None
+
+
+def check_origin(request: web.Request) -> None:
+    """Cross-site pages may not read streams; those that ride on the session cookie must
+    come from the service's own or a listed origin, even when `*` is configured."""
+    allowed = request.app[CONFIG].allowed_origins
+    if not origin_allowed(request, allowed, wildcard=not uses_session_cookie(request)):
+        raise Refused(Reason.ORIGIN_NOT_ALLOWED, "this origin may not read the stream")
+
+
+def stream_params(
+    request: web.Request, *, last_event_header: bool
+) -> tuple[str | None, str | None]:
+    """`?task_id=` narrows to one task; `?last_event_id=` (or the SSE header) resumes."""
+    task_id = request.query.get("task_id")
+    if task_id is not None:
+        try:
+            task_id = validate_identifier("task_id", task_id)
+        except EventError as exc:
+            raise Refused(Reason.INVALID_TASK_ID, str(exc)) from None
+    last_event_id = request.headers.get("Last-Event-ID") if last_event_header else None
+    if last_event_id is None:
+        last_event_id = request.query.get("last_event_id")
+    if last_event_id is not None:
+        # An unusable id is not an error: the client gets recovered=false and a snapshot.
+        last_event_id = last_event_id.strip()[:MAX_EVENT_ID_LENGTH] or None
+    return task_id, last_event_id
+
+
+async def admit(request: web.Request, *, last_event_header: bool) -> Admission:
+    """Raises Refused (origin, parameters, credentials, session store)."""
+    check_origin(request)
+    task_id, last_event_id = stream_params(request, last_event_header=last_event_header)
+    try:
+        identity = await authenticate(request, request.app[CONFIG].secret)
+    except InvalidToken as exc:
+        raise Refused(Reason.UNAUTHORIZED, str(exc)) from None
+    except SessionStoreUnavailable as exc:
+        raise Refused(Reason.BROKER_UNAVAILABLE, f"{exc}; try again") from None
+    return Admission(identity, task_id, last_event_id)

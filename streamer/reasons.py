@@ -1,0 +1,36 @@
+"""Why a stream was refused or ended: one list for every transport, also the metrics label.
+
+Each transport maps these to its own signals with one table (`handlers/ws.py`,
+`handlers/sse.py`).
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Reason(enum.Enum):
+    # Refused before the stream starts.
+    ORIGIN_NOT_ALLOWED = "origin_not_allowed"
+    UNAUTHORIZED = "unauthorized"
+    INVALID_TASK_ID = "invalid_task_id"
+    TOO_MANY_CONNECTIONS = "too_many_connections"
+    BROKER_UNAVAILABLE = "broker_unavailable"
+    SHUTTING_DOWN = "shutting_down"
+    # Ended by the server.
+    OVERFLOW = "overflow"  # the client did not keep up with its buffer
+    STALLED = "stalled"  # a write waited longer than the send timeout
+    SHUTDOWN = "shutdown"  # the process is stopping or reloading
+    EXPIRED = "expired"  # the access token expired
+    RATE_LIMIT = "rate_limit"  # the client kept sending commands past its rate
+    # Ended by the client.
+    CLIENT_CLOSED = "client_closed"
+
+
+class Refused(Exception):
+    """A stream is not admitted; `message` is for the client."""
+
+    def __init__(self, reason: Reason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message

@@ -1,0 +1,219 @@
+"""Everything that goes on the wire: event ids, deliveries with their pre-encoded frames,
+and every server-to-client message.
+
+An event is encoded once, when it arrives: its WebSocket text frame (server frames are
+unmasked, so without compression the bytes are the same for every client) and its SSE
+block (`id:`, `event:`, `data:`, framed as one HTTP/1.1 chunk), built on first use and
+shared by every connection that gets it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from typing import Any, Literal
+
+from .events import dumps
+
+Transport = Literal["websocket", "sse"]
+
+_MAX_STREAM_PART = 2**64 - 1
+_EVENT_ID = re.compile(r"^([0-9a-f]{8,32})-([0-9]{1,20})-([0-9]{1,20})$")
+
+
+class EventId:
+    """`<epoch>-<ms>-<seq>`: a position in one user's history. The epoch changes when
+    the broker lost its data; ids compare by position only."""
+
+    __slots__ = ("epoch", "key", "ms", "seq")
+
+    def __init__(self, epoch: str, ms: int, seq: int) -> None:
+        self.epoch = epoch
+        self.ms = ms
+        self.seq = seq
+        self.key = (ms << 64) | seq  # one int: cheap to compare per connection per event
+
+    @classmethod
+    def parse(cls, raw: str) -> EventId | None:
+        match = _EVENT_ID.match(raw.strip()) if len(raw) <= 80 else None
+        if match is None:
+            return None
+        ms, seq = int(match.group(2)), int(match.group(3))
+        if ms > _MAX_STREAM_PART or seq > _MAX_STREAM_PART:
+            return None  # not a Redis stream id: unknown
+        return cls(match.group(1), ms, seq)
+
+    @property
+    def stream_id(self) -> str:
+        return f"{self.ms}-{self.seq}"
+
+    def __str__(self) -> str:
+        return f"{self.epoch}-{self.ms}-{self.seq}"
+
+    def __repr__(self) -> str:
+        return f"EventId({self})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, EventId) and self.key == other.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __lt__(self, other: EventId) -> bool:
+        return self.key < other.key
+
+    def __le__(self, other: EventId) -> bool:
+        return self.key <= other.key
+
+    def __gt__(self, other: EventId) -> bool:
+        return self.key > other.key
+
+    def __ge__(self, other: EventId) -> bool:
+        return self.key >= other.key
+
+
+# --- frames ------------------------------------------------------------------------------
+
+
+def ws_text_frame(payload: bytes) -> bytes:
+    """One unmasked, uncompressed, final RFC 6455 text frame."""
+    length = len(payload)
+    if length < 126:
+        return bytes((0x81, length)) + payload
+    if length < 1 << 16:
+        return struct.pack("!BBH", 0x81, 126, length) + payload
+    return struct.pack("!BBQ", 0x81, 127, length) + payload
+
+
+def ws_close_frame(code: int, reason: bytes) -> bytes:
+    payload = struct.pack("!H", code) + reason[:123]
+    return bytes((0x88, len(payload))) + payload
+
+
+def sse_chunk(
+    data: bytes,
+    *,
+    event_id: str | None = None,
+    event: str | None = None,
+    retry_ms: int | None = None,
+) -> bytes:
+    """One SSE event as one HTTP/1.1 chunk. `data` is one line (our JSON escapes line
+    breaks), `event_id` and `event` are ids and type names: no line breaks either."""
+    block = b""
+    if event_id is not None:
+        block += b"id: " + event_id.encode() + b"\n"
+    if event is not None:
+        block += b"event: " + event.encode() + b"\n"
+    if retry_ms is not None:
+        block += b"retry: %d\n" % retry_ms
+    block += b"data: " + data + b"\n\n"
+    return chunk(block)
+
+
+def chunk(body: bytes) -> bytes:
+    """HTTP/1.1 chunked transfer coding of one piece of a response body."""
+    return b"%x\r\n%b\r\n" % (len(body), body)
+
+
+SSE_HEARTBEAT = chunk(b": ping\n\n")
+END_OF_CHUNKED_BODY = b"0\r\n\r\n"
+
+
+def encode(message: str, transport: Transport, event_id: EventId, event: str) -> bytes:
+    """A message with an id (a snapshot) for one transport."""
+    data = message.encode()
+    if transport == "websocket":
+        return ws_text_frame(data)
+    return sse_chunk(data, event_id=str(event_id), event=event)
+
+
+# --- deliveries --------------------------------------------------------------------------
+
+
+class Delivery:
+    """An event ready to send: its JSON (with `id`) once, and each transport's frame
+    built on first use, shared by every connection that gets it."""
+
+    __slots__ = ("_sse", "_ws", "event_id", "json", "task_id", "type", "user_id")
+
+    def __init__(
+        self, user_id: str, task_id: str, event_id: EventId, type: str, json: bytes
+    ) -> None:
+        self.user_id = user_id
+        self.task_id = task_id
+        self.event_id = event_id
+        self.type = type
+        self.json = json
+        self._ws: bytes | None = None
+        self._sse: bytes | None = None
+
+    @property
+    def ws_frame(self) -> bytes:
+        if self._ws is None:
+            self._ws = ws_text_frame(self.json)
+        return self._ws
+
+    @property
+    def sse_chunk(self) -> bytes:
+        if self._sse is None:
+            self._sse = sse_chunk(self.json, event_id=str(self.event_id), event=self.type)
+        return self._sse
+
+    def frame(self, transport: Transport) -> bytes:
+        return self.ws_frame if transport == "websocket" else self.sse_chunk
+
+
+def with_id(event_json: str, event_id: EventId) -> bytes:
+    """The stored event JSON (without id) with `"id"` first, without decoding it."""
+    return ('{"id":"' + str(event_id) + '",' + event_json[1:]).encode()
+
+
+class UndecodableEvent(ValueError):
+    """A stored event that cannot be read back; it is skipped, never retried."""
+
+
+def stored_event(user_id: str, event_id: EventId, event_json: str) -> Delivery:
+    """A Delivery from the stored event (without id) of a history entry."""
+    try:
+        decoded = json.loads(event_json)
+        task_id, event_type = decoded["task_id"], decoded["type"]
+    except (ValueError, RecursionError, KeyError, TypeError) as exc:
+        raise UndecodableEvent(f"event {event_id} of user {user_id!r}: {exc!r:.200}") from None
+    if not isinstance(task_id, str) or not isinstance(event_type, str):
+        raise UndecodableEvent(f"event {event_id} of user {user_id!r}: no task_id or type")
+    return Delivery(user_id, task_id, event_id, event_type, with_id(event_json, event_id))
+
+
+# --- server-to-client messages -----------------------------------------------------------
+
+
+def active_tasks(
+    tasks: list[dict[str, Any]], *, position: EventId, recovered: bool, truncated: bool
+) -> str:
+    """`active_tasks`, whose `id` is where the client stands once it has it: resuming
+    from there misses nothing and repeats nothing."""
+    return dumps(
+        {
+            "type": "active_tasks",
+            "id": str(position),
+            "tasks": tasks,
+            "recovered": recovered,
+            "truncated": truncated,
+        }
+    )
+
+
+def task_status(task_id: str, state: dict[str, Any] | None) -> str:
+    return dumps({"type": "task_status", "task_id": task_id, "status": state})
+
+
+def task_cancelled(task_id: str, success: bool) -> str:
+    return dumps({"type": "task_cancelled", "task_id": task_id, "success": success})
+
+
+def error(code: str, message: str) -> str:
+    return dumps({"type": "error", "code": code, "message": message})
+
+
+PONG = dumps({"type": "pong"})

@@ -1,0 +1,134 @@
+"""Routing by user: a process receives only the events of users it has a connection
+for, on its one subscriber connection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+import aiohttp
+import redis
+import redis.asyncio
+
+from streamer.broker.redis import RedisBroker
+from streamer.broker.redis_schema import user_channel
+from streamer.publisher import AsyncPublisher, Publisher
+from streamer.wire import Delivery, EventId
+
+from .conftest import StartGunicorn
+
+TokenFor = Callable[..., str]
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.users: list[str] = []
+
+    def deliver(self, delivery: Delivery) -> None:
+        self.users.append(delivery.user_id)
+
+    def reset(self) -> None:
+        raise AssertionError("no data loss here")
+
+    def resume_points(self) -> dict[str, EventId | None]:
+        return {}
+
+
+async def test_a_process_receives_no_event_of_users_it_has_no_client_for(redis_url: str) -> None:
+    broker = RedisBroker(redis_url, history_size=10, history_ttl=60)
+    recorder = Recorder()
+    await broker.start(recorder)
+    try:
+        await broker.subscribe("here")
+        async with AsyncPublisher(redis_url) as publisher:
+            for n in range(20):
+                await publisher.progress("elsewhere", "t", progress=n)
+            await publisher.progress("here", "t", progress=1)
+        deadline = asyncio.get_running_loop().time() + 10
+        while "here" not in recorder.users:
+            assert asyncio.get_running_loop().time() < deadline, "the subscribed user's event"
+            await asyncio.sleep(0.02)
+        assert broker.subscriber.messages == 1  # not 21: nothing of "elsewhere" came
+        assert recorder.users == ["here"]
+
+        # Once the last connection of a user is gone, their events stop coming too.
+        broker.unsubscribe("here")
+        async with redis.asyncio.Redis.from_url(redis_url) as admin:
+            while (await admin.pubsub_numsub(user_channel("here")))[0][1] != 0:
+                assert asyncio.get_running_loop().time() < deadline + 10, "UNSUBSCRIBE"
+                await asyncio.sleep(0.02)
+        async with AsyncPublisher(redis_url) as publisher:
+            await publisher.progress("here", "t", progress=2)
+            await broker.subscribe("other")
+            await publisher.progress("other", "t", progress=1)
+        while recorder.users[-1] != "other":
+            assert asyncio.get_running_loop().time() < deadline + 10
+            await asyncio.sleep(0.02)
+        assert broker.subscriber.messages == 2 and recorder.users == ["here", "other"]
+    finally:
+        await broker.close()
+
+
+def redis_output_bytes(admin: redis.Redis) -> int:
+    return int(admin.info("stats")["total_net_output_bytes"])
+
+
+async def test_redis_sends_each_event_to_the_processes_that_need_it(
+    start_gunicorn: StartGunicorn, redis_url: str, token_for: TokenFor
+) -> None:
+    """4 workers, 1000 users with one SSE client each, spread over the workers by the
+    kernel: Redis sends about one copy of an event per process that has its user, not
+    one per process, and each process holds one subscriber connection."""
+    workers, users = 4, [f"routed-{n}" for n in range(1000)]
+    server, _ = start_gunicorn(workers)
+    admin = redis.Redis.from_url(redis_url)
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        streams: list[aiohttp.ClientResponse] = []
+        try:
+            semaphore = asyncio.Semaphore(100)
+
+            async def open_stream(user: str) -> aiohttp.ClientResponse:
+                async with semaphore:
+                    url = f"{server.base_url}/sse/tasks/?token={token_for(user)}"
+                    response = await session.get(url)
+                    assert response.status == 200
+                    while b"active_tasks" not in await response.content.readline():
+                        pass
+                    return response
+
+            streams = list(await asyncio.gather(*(open_stream(u) for u in users)))
+            served_by = {r.headers["X-Streamer-Worker"] for r in streams}
+            assert len(served_by) == workers, "the kernel put every stream on too few workers"
+            pubsub_clients = admin.client_list(_type="pubsub")
+            assert len(pubsub_clients) == workers  # one subscriber connection per process
+
+            # The size of one event as a subscriber gets it, and the publisher's share.
+            probe = admin.pubsub()
+            probe.subscribe(user_channel("probe-user"))
+            probe.get_message(timeout=5)
+            with Publisher(redis_url) as publisher:
+                publisher.progress("probe-user", "t", progress=50, current_step="probe")
+                message = probe.get_message(timeout=5)
+                assert message is not None and message["type"] == "message"
+                probe.close()
+                channel = user_channel("probe-user").encode()
+                one_copy = len(message["data"]) + len(channel) + 40  # RESP framing, about
+                before = redis_output_bytes(admin)
+                for n in range(200):
+                    publisher.progress(f"nobody-{n}", "t", progress=50, current_step="probe")
+                publisher_share = (redis_output_bytes(admin) - before) / 200
+
+                before = redis_output_bytes(admin)
+                for user in users:
+                    publisher.progress(user, "t", progress=50, current_step="probe")
+                per_event = (redis_output_bytes(admin) - before) / len(users) - publisher_share
+            # Users and channel names differ in length by a few bytes: "about" one copy.
+            assert 0.8 * one_copy <= per_event <= 1.3 * one_copy, (per_event, one_copy)
+            assert per_event < workers * one_copy / 2
+        finally:
+            for stream in streams:
+                with contextlib.suppress(Exception):
+                    stream.close()
+            admin.close()
