@@ -18,6 +18,15 @@ setup(
     ],
     extras_require={
         "uvloop": ["uvloop>=0.19"],
+        # bench/: the reference server and the load generator (the versions measured with).
+        "bench": [
+            "starlette==1.10.0",
+            "sse-starlette==3.7.0",
+            "uvicorn[standard]==0.54.0",
+            "uvloop==0.23.0",
+            "websockets==17.4",
+            "httptools==0.9.0",
+        ],
         "test": [
             "pytest>=8",
             "pytest-aiohttp>=1.1",

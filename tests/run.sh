@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up everything the test suite drives and runs it:
-#   a virtualenv with the package and its test extras, and the real programs the
+#   a virtualenv with the package and its test and bench extras, and the real programs the
 #   tests start (redis-server, curl, nginx, chromium), installed with apt-get when
 #   missing; then lint (ruff), types (mypy) and pytest. Extra arguments go to pytest.
 set -euo pipefail
@@ -24,7 +24,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,bench]"
 
 .venv/bin/ruff check streamer tests bench deploy
 .venv/bin/ruff format --check streamer tests bench deploy

@@ -1,0 +1,53 @@
+"""The benchmark scenarios: S1, S1max, S2, S3 over WebSocket, and the same with -sse."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    transport: str  # "ws" or "sse"
+    clients: int
+    users: int  # clients are spread evenly over the users
+    events: int  # measured events, spread round-robin over the users; 0: idle clients
+    rate: float | None  # events per second; None: as fast as the publisher can
+
+    def user_of_client(self, client: int) -> str:
+        return str(client % self.users)
+
+    def user_of_event(self, seq: int) -> str:
+        return str(seq % self.users)
+
+    def events_for_user(self, user: str) -> int:
+        whole, rest = divmod(self.events, self.users)
+        return whole + (1 if int(user) < rest else 0)
+
+    @property
+    def expected_deliveries(self) -> int:
+        return sum(self.events_for_user(self.user_of_client(c)) for c in range(self.clients))
+
+
+FULL = {
+    "S1": Scenario("S1", "ws", clients=1000, users=100, events=2000, rate=1000.0),
+    "S1max": Scenario("S1max", "ws", clients=1000, users=100, events=2000, rate=None),
+    "S2": Scenario("S2", "ws", clients=1000, users=1, events=500, rate=None),
+    "S3": Scenario("S3", "ws", clients=5000, users=500, events=0, rate=None),
+}
+QUICK = {
+    "S1": replace(FULL["S1"], clients=50, users=5, events=100),
+    "S1max": replace(FULL["S1max"], clients=50, users=5, events=100),
+    "S2": replace(FULL["S2"], clients=50, events=100),
+    "S3": replace(FULL["S3"], clients=200, users=20),
+}
+NAMES = [*FULL, *(f"{name}-sse" for name in FULL)]
+
+
+def scenario(name: str, *, quick: bool = False) -> Scenario:
+    """`S2` or `S2-sse`; `quick` gives the tiny smoke-test version."""
+    base_name, _, suffix = name.partition("-")
+    table = QUICK if quick else FULL
+    if base_name not in table or suffix not in ("", "sse"):
+        raise ValueError(f"unknown scenario {name!r}; one of {', '.join(NAMES)}")
+    return replace(table[base_name], name=name, transport=suffix or "ws")

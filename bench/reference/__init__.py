@@ -1,0 +1,1 @@
+"""The reference server the benchmarks compare streamer with (see app.py)."""

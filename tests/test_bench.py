@@ -1,0 +1,73 @@
+"""The benchmark suite's smoke test: `bench.compare --quick` runs tiny versions of a
+WebSocket and an SSE scenario against the reference server and streamer (real uvicorn,
+real gunicorn, a private redis-server) and prints its table with their ratio."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIOS = ("S1", "S2-sse")
+SERVERS = ("reference", "streamer")
+BOUND_S = 60
+
+
+def run_compare(output: Path) -> subprocess.CompletedProcess[str]:
+    command = [
+        *(sys.executable, "-m", "bench.compare", *SCENARIOS, "--quick"),
+        *("--output", str(output), "--timeout", "30"),
+    ]
+    # Its own process group; SIGTERM first, so that it stops its servers and Redis.
+    compare = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = compare.communicate(timeout=BOUND_S)
+    except subprocess.TimeoutExpired:
+        compare.send_signal(signal.SIGTERM)
+        try:
+            stdout, stderr = compare.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(compare.pid, signal.SIGKILL)
+            stdout, stderr = compare.communicate()
+        pytest.fail(f"bench.compare took longer than {BOUND_S}s:\n{stderr[-3000:]}{stdout}")
+    return subprocess.CompletedProcess(command, compare.returncode, stdout, stderr)
+
+
+@pytest.mark.timeout(BOUND_S + 40)
+def test_compare_quick_prints_the_table(tmp_path: Path) -> None:
+    output = tmp_path / "results.jsonl"
+    compare = run_compare(output)
+    assert compare.returncode == 0, compare.stderr[-3000:] + compare.stdout
+
+    rows = {tuple(line.split()[:2]): line.split() for line in compare.stdout.splitlines()}
+    for scenario in SCENARIOS:
+        for server in SERVERS:
+            row = rows[scenario, server]
+            connected, clients = row[2].split("/")
+            assert connected == clients != "0", row
+            assert row[-2] == "0", f"lost deliveries: {row}"
+        ratio = rows[scenario, "streamer/reference"]
+        assert len(ratio) > 2 and all(cell.startswith("x") for cell in ratio[2:]), ratio
+
+    results = [json.loads(line) for line in output.read_text().splitlines()]
+    assert {(r["scenario"], r["server"]) for r in results} == {
+        (scenario, server) for scenario in SCENARIOS for server in SERVERS
+    }
+    for result in results:
+        assert result["connected"] == result["clients"] == result["probed"], result
+        assert result["delivered"] == result["expected"] > 0 and result["lost"] == 0, result
+        assert result["duplicates"] == result["misrouted"] == 0, result
+        assert result["p99_ms"] is not None and result["deliveries_per_cpu_s"] > 0, result
