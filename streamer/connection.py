@@ -36,6 +36,7 @@ class Limits:
 
 class Connection:
     __slots__ = (
+        "_batch",
         "_close_transport",
         "_drain",
         "_expiry",
@@ -84,6 +85,7 @@ class Connection:
         # (id key, frame) of what waits: events before the snapshot is sent, and
         # anything while the socket is backed up.
         self._pending: list[tuple[int, bytes]] | None = None
+        self._batch: list[tuple[int, bytes]] | None = None  # arrived together, written together
         self._pending_bytes = 0
         self._last_key = -1
         self._flusher: asyncio.Task[None] | None = None
@@ -97,25 +99,45 @@ class Connection:
 
     # --- what the hub calls --------------------------------------------------------------
 
-    def offer(self, delivery: Delivery) -> None:
+    def offer(self, delivery: Delivery) -> bool:
         """An event of this connection's user, in publish order; duplicates (the
-        replay/live seam) and other tasks' events under a filter are dropped here."""
+        replay/live seam) and other tasks' events under a filter are dropped here.
+
+        A live connection collects what arrives together and `write_batch()` sends it
+        in one write; True when this event started such a batch.
+        """
         if self.task_id is not None and delivery.task_id != self.task_id:
-            return
+            return False
         key = delivery.event_id.key
         if key <= self._last_key or self.close_reason is not None:
-            return
+            return False
         self._last_key = key
         self.last_id = delivery.event_id
         frame = delivery.frame(self.transport)
-        if self._live and self._pending is None and not self._backed_up():
-            if self._out.is_closing():
-                self.lost()
-                return
-            self._out.write(frame)
-            self.sent += 1
-        else:
+        if not self._live or self._pending is not None:
             self._queue(key, frame)
+            return False
+        batch = self._batch
+        if batch is None:
+            self._batch = [(key, frame)]
+            return True
+        batch.append((key, frame))
+        return False
+
+    def write_batch(self) -> None:
+        """Write what `offer` collected: one write, whatever the number of events, or
+        into the outbox when the socket is backed up."""
+        batch, self._batch = self._batch, None
+        if batch is None or self.close_reason is not None:
+            return
+        if self._out.is_closing():
+            self.lost()
+        elif self._pending is not None or self._backed_up():
+            for key, frame in batch:
+                self._queue(key, frame)
+        else:
+            self._out.write(batch[0][1] if len(batch) == 1 else b"".join(f for _, f in batch))
+            self.sent += len(batch)
 
     def write_idle(self, data: bytes) -> None:
         """Write what only matters when nothing else is being sent (a heartbeat)."""

@@ -38,6 +38,8 @@ class Hub:
         self._users: dict[str, _User] = {}
         self._count = 0
         self._closed = False
+        self._started: list[Connection] = []  # connections with events to write this turn
+        self._write_scheduled = False
         # Counted here rather than per event: what the metrics read when scraped.
         self.ended: collections.Counter[Reason] = collections.Counter()
         self.sent_by_ended: collections.Counter[str] = collections.Counter()
@@ -91,10 +93,25 @@ class Hub:
             self._unsubscribe(connection.user_id)
 
     def deliver(self, delivery: Delivery) -> None:
+        """Hand an event to its user's connections. They write at the end of this turn
+        of the event loop: events that arrive together (a burst read from Redis at once)
+        leave in one write per connection, a lone event as soon as it came."""
         user = self._users.get(delivery.user_id)
-        if user is not None:
-            for connection in user.connections:
-                connection.offer(delivery)
+        if user is None:
+            return
+        started = self._started
+        for connection in user.connections:
+            if connection.offer(delivery):
+                started.append(connection)
+        if started and not self._write_scheduled:
+            self._write_scheduled = True
+            asyncio.get_running_loop().call_soon(self._write_batches)
+
+    def _write_batches(self) -> None:
+        started, self._started = self._started, []
+        self._write_scheduled = False
+        for connection in started:
+            connection.write_batch()
 
     def resume_points(self) -> dict[str, EventId | None]:
         points: dict[str, EventId | None] = {}

@@ -65,6 +65,19 @@ class Peer:
         return data
 
 
+def count_writes(transport: asyncio.Transport) -> list[int]:
+    """The sizes of the transport's writes from now on."""
+    writes: list[int] = []
+    write = transport.write
+
+    def counting_write(data: bytes | bytearray | memoryview) -> None:
+        writes.append(len(data))
+        write(data)
+
+    transport.write = counting_write  # type: ignore[method-assign]
+    return writes
+
+
 async def no_snapshot() -> Snapshot:
     raise AssertionError("no resync in these tests")
 
@@ -157,7 +170,7 @@ async def test_resume_points_are_the_oldest_id_per_user() -> None:
         assert hub.resume_points() == {"u": EventId(EPOCH, 5, 0)}
 
 
-async def test_each_event_once_in_order_and_written_through() -> None:
+async def test_each_event_once_and_in_order() -> None:
     hub = make_hub(Routing())
     async with socket_connection("u") as (connection, peer, _):
         await hub.attach(connection)
@@ -169,9 +182,30 @@ async def test_each_event_once_in_order_and_written_through() -> None:
             sent.append(ms)
         hub.deliver(delivery("someone-else", 20))
         frames = [delivery("u", ms).ws_frame for ms in (5, 9, 12)]
-        # Written through: on the socket already, without the event loop turning.
+        await asyncio.sleep(0)  # the end of this turn of the event loop: written
         assert await peer.read(sum(map(len, frames))) == b"".join(frames)
         assert connection.sent == 4  # the snapshot and three events
+
+
+async def test_events_that_arrive_together_leave_in_one_write() -> None:
+    hub = make_hub(Routing())
+    async with socket_connection("u") as (connection, peer, transport):
+        await hub.attach(connection)
+        connection.go_live([b"S"])
+        await peer.read(1)
+        writes = count_writes(transport)
+        burst = [delivery("u", ms) for ms in range(1, 21)]
+        for event in burst:  # a burst read from Redis in one go
+            hub.deliver(event)
+        assert writes == []
+        await asyncio.sleep(0)
+        assert writes == [sum(len(e.ws_frame) for e in burst)]
+        hub.deliver(lone := delivery("u", 30))
+        await asyncio.sleep(0)
+        assert writes[1:] == [len(lone.ws_frame)]
+        assert await peer.read(writes[0] + writes[1]) == b"".join(
+            e.ws_frame for e in [*burst, lone]
+        )
 
 
 async def test_events_wait_for_the_snapshot_and_skip_what_it_covers() -> None:
@@ -192,14 +226,7 @@ async def test_events_queued_behind_a_backed_up_socket_leave_in_one_write() -> N
     async with socket_connection("u", limits=limits) as (connection, peer, transport):
         await hub.attach(connection)
         connection.go_live([b"S"])
-        writes: list[int] = []
-        write = transport.write
-
-        def counting_write(data: bytes | bytearray | memoryview) -> None:
-            writes.append(len(data))
-            write(data)
-
-        transport.write = counting_write  # type: ignore[method-assign]
+        writes = count_writes(transport)
         # The client reads nothing: the socket fills up, then asyncio's buffer passes
         # its high-water mark and writing pauses.
         big = [delivery("u", ms, size=64 * 1024) for ms in range(1, 1000)]
@@ -207,11 +234,13 @@ async def test_events_queued_behind_a_backed_up_socket_leave_in_one_write() -> N
         while transport.get_write_buffer_size() < transport.get_write_buffer_limits()[1]:
             hub.deliver(big[sent_big])
             sent_big += 1
+            await asyncio.sleep(0)
         written_through = len(writes)
         assert written_through == sent_big
         queued = [delivery("u", 1000 + n, size=100) for n in range(50)]
         for event in queued:
             hub.deliver(event)
+            await asyncio.sleep(0)
         assert len(writes) == written_through, "nothing is written while the socket is backed up"
 
         expected = b"S" + b"".join(e.ws_frame for e in big[:sent_big] + queued)
@@ -234,6 +263,7 @@ async def test_a_client_over_its_byte_budget_is_cut_off() -> None:
             offered += 1
             assert offered < 10_000, "never cut off"
             hub.deliver(delivery("u", offered, size=64 * 1024))
+            await asyncio.sleep(0)
         assert connection.close_reason is Reason.OVERFLOW
         assert peer.closed_with == [Reason.OVERFLOW]
         # What the client was not reading: the kernel's socket buffers, asyncio's up to

@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 # Always subscribed, so that the connection is in subscriber mode (and answers PING
 # as such) even while no user has a connection here.
 CONTROL_CHANNEL = "streamer:control"
-POLL_S = 0.2
 COMMAND_BATCH = 1000
 RECONNECT_BACKOFF_MIN_S = 0.1
 RECONNECT_BACKOFF_MAX_S = 5.0
@@ -64,6 +63,7 @@ class Subscriber:
         self._sync_scheduled = False
         self._syncing: asyncio.Future[None] | None = None
         self._reconnected = False
+        self._last_heard = 0.0
         self.ready = asyncio.Event()  # connected, every wanted channel subscribed
         self.restarts = 0
         self.messages = 0  # events received, of every user
@@ -131,6 +131,7 @@ class Subscriber:
         arrive meanwhile are handed on after the catch-up, in order behind it."""
         self._pubsub = pubsub
         self._reconnected = False
+        self._last_heard = 0.0
         self._schedule_sync()
         if self._syncing is not None:
             await asyncio.shield(self._syncing)  # the commands are sent
@@ -159,26 +160,53 @@ class Subscriber:
     async def _listen(self, pubsub: PubSub) -> None:
         """Hand messages on until the connection fails.
 
-        A connection that went half-open (a NAT or load balancer dropped it, the host
-        vanished) fails no read: after idle_ping_s of silence a PING must be answered
-        within pong_timeout_s, or the connection counts as lost.
+        Reads block without a timeout (a timeout per read costs more than the event it
+        reads); a watchdog beside it finds a connection that went half-open (a NAT or
+        load balancer dropped it, the host vanished), which fails no read: after
+        idle_ping_s of silence a PING must be answered within pong_timeout_s, or the
+        read is cancelled and the connection counts as lost.
         """
         loop = asyncio.get_running_loop()
-        last_heard = loop.time()
-        ping_sent_at: float | None = None
+        self._last_heard = loop.time()
+        listener = asyncio.current_task()
+        assert listener is not None
+        silent = asyncio.Event()
+        watchdog = asyncio.ensure_future(self._watch(pubsub, listener, silent))
+        try:
+            while True:
+                self._check_connection()
+                message = await pubsub.get_message(timeout=None)
+                self._last_heard = loop.time()
+                if message is not None:
+                    self._handle(message)
+        except asyncio.CancelledError:
+            if not silent.is_set():
+                raise
+            listener.uncancel()  # the watchdog's cancel, not our owner's
+            raise ConnectionError("no answer to PING on the subscriber connection") from None
+        finally:
+            watchdog.cancel()
+
+    async def _watch(
+        self, pubsub: PubSub, listener: asyncio.Task[None], silent: asyncio.Event
+    ) -> None:
+        """Ping a silent connection; cancel the listener's read when the answer does not
+        come (a reconnect and a catch-up follow)."""
+        loop = asyncio.get_running_loop()
         while True:
-            self._check_connection()
-            message = await pubsub.get_message(timeout=POLL_S)
-            now = loop.time()
-            if message is None:
-                if ping_sent_at is not None and now - ping_sent_at > self._pong_timeout_s:
-                    raise ConnectionError("no answer to PING on the subscriber connection")
-                if ping_sent_at is None and now - last_heard > self._idle_ping_s:
-                    await pubsub.ping()
-                    ping_sent_at = now
+            silent_for = loop.time() - self._last_heard
+            if silent_for < self._idle_ping_s:
+                await asyncio.sleep(self._idle_ping_s - silent_for)
                 continue
-            last_heard, ping_sent_at = now, None
-            self._handle(message)
+            pinged_at = loop.time()
+            with contextlib.suppress(RedisError, OSError):
+                await pubsub.ping()  # a broken connection: the listener sees it itself
+            await asyncio.sleep(self._pong_timeout_s)
+            if self._last_heard < pinged_at:
+                self.ready.clear()
+                silent.set()
+                listener.cancel()
+                return
 
     def _on_reconnect(self, connection: object) -> None:
         self._reconnected = True
