@@ -15,10 +15,11 @@ from aiohttp.typedefs import Handler
 from .access_log import RedactingAccessLogger
 from .app_keys import BROKER, CONFIG, HUB, METRICS
 from .auth.sessions import SessionStoreUnavailable, setup_sessions
-from .broker.base import Broker, BrokerUnavailable
+from .broker.base import Broker
 from .broker.memory import MemoryBroker
 from .broker.redis import RedisBroker
 from .config import Config
+from .connection import Limits
 from .handlers import demo, health, publish, session, sse, ws
 from .handlers.common import json_error
 from .hub import Hub
@@ -47,19 +48,16 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
     await broker.close()
 
 
-async def _heartbeat_ctx(app: web.Application) -> AsyncIterator[None]:
-    """One timer for every SSE stream's heartbeat comment."""
-
-    async def beat(hub: Hub, interval_s: float) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
-            hub.heartbeat()
-
-    task = asyncio.create_task(beat(app[HUB], app[CONFIG].heartbeat_s))
+async def _clock_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The hub's one clock: expiries, SSE heartbeats and WebSocket pings."""
+    config = app[CONFIG]
+    clock = asyncio.create_task(
+        app[HUB].keep_time(heartbeat_s=config.heartbeat_s, ping_s=config.ws_heartbeat_s)
+    )
     yield
-    task.cancel()
+    clock.cancel()
     with contextlib.suppress(asyncio.CancelledError):
-        await task
+        await clock
 
 
 async def _close_connections(app: web.Application) -> None:
@@ -68,19 +66,19 @@ async def _close_connections(app: web.Application) -> None:
 
 
 @web.middleware
-async def _broker_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Redis failing under a plain request (the session store saving a session,
-    for one) is a 503 the client can retry, not a 500."""
+async def _store_unavailable(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Redis failing under the session store (saving a session, for one) is a 503 the
+    client can retry, not a 500."""
     try:
         return await handler(request)
-    except (BrokerUnavailable, SessionStoreUnavailable) as exc:
+    except SessionStoreUnavailable as exc:
         log.warning("%s %s: broker unavailable: %s", request.method, request.path, exc)
         return json_error(503, "broker_unavailable", "the broker is unavailable; try again")
 
 
 def build_app(config: Config) -> web.Application:
+    # No middleware on the streams: its frames would live as long as each stream.
     app = web.Application(
-        middlewares=[_broker_errors],
         client_max_size=MAX_REQUEST_BODY_BYTES,
         handler_args={
             "access_log_class": RedactingAccessLogger,
@@ -94,22 +92,22 @@ def build_app(config: Config) -> web.Application:
         unsubscribe=broker.unsubscribe,
         max_connections=config.max_connections,
         max_connections_per_user=config.max_connections_per_user,
+        limits=Limits(config.client_buffer, config.client_buffer_bytes, config.send_timeout_s),
     )
     app[CONFIG] = config
     app[BROKER] = broker
     app[HUB] = hub
     app[METRICS] = Metrics(hub)
     app.cleanup_ctx.append(_broker_ctx)
-    app.cleanup_ctx.append(_heartbeat_ctx)
-    app.cleanup_ctx.append(
-        setup_sessions(
-            app,
-            secret=config.secret,
-            redis_url=config.redis_url,
-            secure=config.cookie_secure,
-            max_sessions_per_user=config.max_sessions_per_user,
-        )
+    app.cleanup_ctx.append(_clock_ctx)
+    close_sessions, sessions = setup_sessions(
+        app,
+        secret=config.secret,
+        redis_url=config.redis_url,
+        secure=config.cookie_secure,
+        max_sessions_per_user=config.max_sessions_per_user,
     )
+    app.cleanup_ctx.append(close_sessions)
     app.cleanup_ctx.append(demo.demo_jobs_ctx)
     app.on_shutdown.append(_close_connections)
 
@@ -119,14 +117,19 @@ def build_app(config: Config) -> web.Application:
     app.router.add_get("/ws/tasks/", ws.websocket_handler)
     app.router.add_get("/sse/tasks/", sse.sse_handler)
     app.router.add_route("OPTIONS", "/sse/tasks/", sse.sse_preflight)
-    app.router.add_post("/auth/session", session.create_session)
-    app.router.add_delete("/auth/session", session.delete_session)
     app.router.add_post("/api/tasks/events", publish.publish_handler)
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
     app.router.add_get("/metrics", health.metrics)
     app.router.add_get("/demo/token", demo.demo_token)
     app.router.add_post("/demo/jobs", demo.start_demo_job)
+
+    auth = web.Application(
+        middlewares=[_store_unavailable, sessions], client_max_size=MAX_REQUEST_BODY_BYTES
+    )
+    auth.router.add_post("/session", session.create_session)
+    auth.router.add_delete("/session", session.delete_session)
+    app.add_subapp("/auth", auth)
     return app
 
 

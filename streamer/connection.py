@@ -11,18 +11,16 @@ drains, a short-lived flusher).
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .broker.base import Broker, Snapshot
+from .broker.base import Broker
 from .reasons import Reason
 from .wire import Delivery, EventId, Transport, active_tasks, encode
 
 if TYPE_CHECKING:
-    from .hub import Hub
+    pass
 
 
 @dataclass(frozen=True)
@@ -37,9 +35,10 @@ class Limits:
 class Connection:
     __slots__ = (
         "_batch",
+        "_broker",
         "_close_transport",
+        "_done",
         "_drain",
-        "_expiry",
         "_flusher",
         "_high_water",
         "_last_key",
@@ -49,10 +48,10 @@ class Connection:
         "_pending",
         "_pending_bytes",
         "_resync_task",
-        "_snapshot",
         "close_reason",
         "closing",
-        "done",
+        "expires_at",
+        "heard",
         "last_id",
         "sent",
         "task_id",
@@ -69,8 +68,9 @@ class Connection:
         out: asyncio.Transport,
         drain: Callable[[], Awaitable[None]],
         close_transport: Callable[[Reason, bool], asyncio.Future[object] | None],
-        snapshot: Callable[[], Awaitable[Snapshot]],
+        broker: Broker,
         limits: Limits,
+        expires_at: float | None = None,
     ) -> None:
         self.user_id = user_id
         self.task_id = task_id
@@ -79,7 +79,7 @@ class Connection:
         self._high_water = max(out.get_write_buffer_limits()[1], 1)
         self._drain = drain
         self._close_transport = close_transport
-        self._snapshot = snapshot
+        self._broker = broker  # for a fresh snapshot when the broker lost its data
         self._limits = limits
         self._live = False
         # (id key, frame) of what waits: events before the snapshot is sent, and
@@ -90,12 +90,13 @@ class Connection:
         self._last_key = -1
         self._flusher: asyncio.Task[None] | None = None
         self._resync_task: asyncio.Task[None] | None = None
-        self._expiry: asyncio.TimerHandle | None = None
+        self._done: asyncio.Future[Reason] | None = None
+        self.expires_at = expires_at  # when its credentials end (the hub keeps the time)
+        self.heard = True  # from the client since the last ping round (WebSocket)
         self.last_id: EventId | None = None  # the newest id sent or queued: the position
         self.sent = 0  # events written
         self.close_reason: Reason | None = None
         self.closing: asyncio.Future[object] | None = None  # a close the transport runs
-        self.done: asyncio.Future[Reason] = asyncio.get_running_loop().create_future()
 
     # --- what the hub calls --------------------------------------------------------------
 
@@ -139,12 +140,15 @@ class Connection:
             self._out.write(batch[0][1] if len(batch) == 1 else b"".join(f for _, f in batch))
             self.sent += len(batch)
 
-    def write_idle(self, data: bytes) -> None:
-        """Write what only matters when nothing else is being sent (a heartbeat)."""
+    def write_idle(self, data: bytes) -> bool:
+        """Write what only matters when nothing else is being sent (a heartbeat or a
+        ping); True when it was written."""
         if self._out.is_closing():
             self.lost()
         elif self._live and self._pending is None and not self._backed_up():
             self._out.write(data)
+            return True
+        return False
 
     def check(self) -> None:
         """Notice a client that went away while nothing was sent to it."""
@@ -152,12 +156,24 @@ class Connection:
             self.lost()
 
     def lost(self) -> None:
-        """The client went away: the handler, waiting on `done`, ends the stream."""
+        """The client went away: the handler, waiting in `ended()`, ends the stream."""
         if self.close_reason is None:
             self.close_reason = Reason.CLIENT_CLOSED
             self._pending, self._pending_bytes = None, 0
-        if not self.done.done():
-            self.done.set_result(self.close_reason)
+        self._resolve_done()
+
+    async def ended(self) -> Reason:
+        """Wait until the connection ends; why it did."""
+        if self.close_reason is not None:
+            return self.close_reason
+        if self._done is None:
+            self._done = asyncio.get_running_loop().create_future()
+        return await self._done
+
+    def _resolve_done(self) -> None:
+        if self._done is not None and not self._done.done():
+            assert self.close_reason is not None
+            self._done.set_result(self.close_reason)
 
     def resync(self) -> None:
         """The broker lost its data: send a fresh snapshot with `recovered: false`."""
@@ -171,27 +187,21 @@ class Connection:
             return
         self.close_reason = reason
         self._pending, self._pending_bytes = None, 0
-        backed_up = reason is Reason.STALLED or self._backed_up()
+        backed_up = reason in (Reason.STALLED, Reason.UNRESPONSIVE) or self._backed_up()
         self.closing = self._close_transport(reason, backed_up)
-        if not self.done.done():
-            self.done.set_result(reason)
+        self._resolve_done()
 
     def discard(self) -> None:
         """The connection is gone: nothing more is sent, timers and helpers stop."""
         if self.close_reason is None:
             self.close_reason = Reason.CLIENT_CLOSED
         self._pending = None
-        for handle in (self._expiry, self._flusher, self._resync_task):
-            if handle is not None:
-                handle.cancel()
-        if not self.done.done():
-            self.done.set_result(self.close_reason)
+        for task in (self._flusher, self._resync_task):
+            if task is not None:
+                task.cancel()
+        self._resolve_done()
 
     # --- what the transport handler calls ------------------------------------------------
-
-    def expire_at(self, deadline: float) -> None:
-        delay = max(deadline - time.time(), 0)
-        self._expiry = asyncio.get_running_loop().call_later(delay, self.close, Reason.EXPIRED)
 
     def skip_through(self, event_id: EventId) -> None:
         """Everything up to `event_id` is covered (by a snapshot or a replay)."""
@@ -266,7 +276,7 @@ class Connection:
 
     async def _resync(self) -> None:
         try:
-            snapshot = await self._snapshot()
+            snapshot = await self._broker.snapshot(self.user_id, self.task_id)
         except Exception:
             self._resync_task = None
             self.close(Reason.BROKER_UNAVAILABLE)
@@ -285,24 +295,6 @@ class Connection:
 def _retrieve(future: asyncio.Future[None]) -> None:
     if not future.cancelled():
         future.exception()
-
-
-@asynccontextmanager
-async def attached(
-    hub: Hub, connection: Connection, *, expires_at: float | None
-) -> AsyncIterator[Connection]:
-    """The connection counted in at the hub, its user's events flowing to this process
-    (before anything is read, so nothing falls in between), until the block ends.
-
-    Raises Refused when the hub does not take it.
-    """
-    await hub.attach(connection)
-    try:
-        if expires_at is not None:
-            connection.expire_at(expires_at)
-        yield connection
-    finally:
-        hub.detach(connection, connection.close_reason or Reason.CLIENT_CLOSED)
 
 
 async def opening_frames(

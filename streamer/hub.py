@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import heapq
+import itertools
+import time
 from collections.abc import Awaitable, Callable, Iterator
 
-from .connection import Connection
+from .connection import Connection, Limits
 from .reasons import Reason, Refused
-from .wire import SSE_HEARTBEAT, Delivery, EventId
+from .wire import SSE_HEARTBEAT, WS_PING, Delivery, EventId
 
 
 class _User:
@@ -30,7 +33,9 @@ class Hub:
         unsubscribe: Callable[[str], None],
         max_connections: int,
         max_connections_per_user: int,
+        limits: Limits,
     ) -> None:
+        self.limits = limits  # what each connection may cost; one object for all
         self._subscribe = subscribe
         self._unsubscribe = unsubscribe
         self._max_connections = max_connections
@@ -40,6 +45,10 @@ class Hub:
         self._closed = False
         self._started: list[Connection] = []  # connections with events to write this turn
         self._write_scheduled = False
+        # (expires_at, sequence, connection): the next credentials to end, first.
+        self._expiries: list[tuple[float, int, Connection]] = []
+        self._expiry_sequence = itertools.count()
+        self._ended_in_expiries = 0
         # Counted here rather than per event: what the metrics read when scraped.
         self.ended: collections.Counter[Reason] = collections.Counter()
         self.sent_by_ended: collections.Counter[str] = collections.Counter()
@@ -69,6 +78,9 @@ class Hub:
             self._users[user_id] = user
         user.connections.add(connection)
         self._count += 1
+        if connection.expires_at is not None:
+            entry = (connection.expires_at, next(self._expiry_sequence), connection)
+            heapq.heappush(self._expiries, entry)
         try:
             await asyncio.shield(user.routed)
         except Exception as exc:
@@ -83,6 +95,8 @@ class Hub:
         user.connections.discard(connection)
         self._count -= 1
         connection.discard()
+        if connection.expires_at is not None:
+            self._forget_expiry()
         if reason is not None:
             self.ended[reason] += 1
             self.sent_by_ended[connection.transport] += connection.sent
@@ -91,6 +105,15 @@ class Hub:
             if _failed(user.routed):
                 return  # never routed
             self._unsubscribe(connection.user_id)
+
+    def _forget_expiry(self) -> None:
+        """Entries of connections that ended stay in the heap (closing them is a no-op)
+        until they are half of it; then it is rebuilt: amortised O(1) per connection."""
+        self._ended_in_expiries += 1
+        if self._ended_in_expiries > max(1000, len(self._expiries) // 2):
+            self._expiries = [e for e in self._expiries if e[2].close_reason is None]
+            heapq.heapify(self._expiries)
+            self._ended_in_expiries = 0
 
     def deliver(self, delivery: Delivery) -> None:
         """Hand an event to its user's connections. They write at the end of this turn
@@ -128,6 +151,31 @@ class Hub:
         for connection in list(self.connections()):
             connection.resync()
 
+    async def keep_time(self, *, heartbeat_s: float, ping_s: float) -> None:
+        """One task for every connection's clock: credentials that expire end their
+        streams, SSE streams get a heartbeat comment every heartbeat_s, and WebSocket
+        clients a ping every ping_s (one that did not answer the previous one is dropped).
+        No timer per connection."""
+        loop = asyncio.get_running_loop()
+        tick = min(1.0, heartbeat_s, ping_s)
+        next_heartbeat, next_ping = loop.time() + heartbeat_s, loop.time() + ping_s
+        while True:
+            await asyncio.sleep(tick)
+            self.expire(time.time())
+            now = loop.time()
+            if now >= next_heartbeat:
+                self.heartbeat()
+                next_heartbeat = now + heartbeat_s
+            if now >= next_ping:
+                self.ping()
+                next_ping = now + ping_s
+
+    def expire(self, now: float) -> None:
+        expiries = self._expiries
+        while expiries and expiries[0][0] <= now:
+            _, _, connection = heapq.heappop(expiries)
+            connection.close(Reason.EXPIRED)
+
     def heartbeat(self) -> None:
         """A comment on every SSE stream (proxies and clients see it is alive), and a
         look at every connection: one whose client went away quietly is ended."""
@@ -136,6 +184,18 @@ class Hub:
                 connection.write_idle(SSE_HEARTBEAT)
             else:
                 connection.check()
+
+    def ping(self) -> None:
+        """Ping every WebSocket client; drop those that did not answer the last ping."""
+        for connection in list(self.connections()):
+            if connection.transport != "websocket":
+                continue
+            if not connection.heard:
+                connection.close(Reason.UNRESPONSIVE)
+                continue
+            connection.heard = False
+            if not connection.write_idle(WS_PING):
+                connection.heard = True  # busy writing: its own deadline applies
 
     def connections(self) -> Iterator[Connection]:
         for user in self._users.values():

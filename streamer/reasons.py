@@ -20,6 +20,7 @@ class Reason(enum.Enum):
     # Ended by the server.
     OVERFLOW = "overflow"  # the client did not keep up with its buffer
     STALLED = "stalled"  # a write waited longer than the send timeout
+    UNRESPONSIVE = "unresponsive"  # no answer to the last WebSocket ping
     SHUTDOWN = "shutdown"  # the process is stopping or reloading
     EXPIRED = "expired"  # the access token expired
     RATE_LIMIT = "rate_limit"  # the client kept sending commands past its rate

@@ -86,6 +86,13 @@ def ws_text_frame(payload: bytes) -> bytes:
     return struct.pack("!BBQ", 0x81, 127, length) + payload
 
 
+WS_PING = b"\x89\x00"  # a final ping frame, no payload
+
+
+def ws_pong_frame(payload: bytes) -> bytes:
+    return bytes((0x8A, len(payload))) + payload[:125]
+
+
 def ws_close_frame(code: int, reason: bytes) -> bytes:
     payload = struct.pack("!H", code) + reason[:123]
     return bytes((0x88, len(payload))) + payload

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from streamer.broker.base import Snapshot
 from streamer.connection import Connection, Limits
 from streamer.hub import Hub
 from streamer.reasons import Reason, Refused
@@ -44,6 +43,7 @@ def make_hub(routing: Routing, *, max_connections: int = 10, per_user: int = 10)
         unsubscribe=routing.unsubscribe,
         max_connections=max_connections,
         max_connections_per_user=per_user,
+        limits=Limits(max_events=100, max_bytes=1 << 20, send_timeout_s=5),
     )
 
 
@@ -78,10 +78,6 @@ def count_writes(transport: asyncio.Transport) -> list[int]:
     return writes
 
 
-async def no_snapshot() -> Snapshot:
-    raise AssertionError("no resync in these tests")
-
-
 @asynccontextmanager
 async def socket_connection(
     user: str, *, limits: Limits | None = None, task_id: str | None = None
@@ -103,7 +99,7 @@ async def socket_connection(
         out=transport,  # type: ignore[arg-type]
         drain=writer.drain,
         close_transport=close_transport,  # type: ignore[arg-type]
-        snapshot=no_snapshot,
+        broker=None,  # type: ignore[arg-type]  # no resync in these tests
         limits=limits or Limits(max_events=100, max_bytes=1 << 20, send_timeout_s=5),
     )
     try:

@@ -235,20 +235,36 @@ async def test_dead_websocket_peers_are_dropped(
 ) -> None:
     client = await make_client(aiohttp_client, config, ws_heartbeat_s=0.3)
     assert client.host and client.port
-    silent = await asyncio.to_thread(
-        RawWebSocket, client.host, client.port, f"/ws/tasks/?token={token_for('u')}"
-    )
-    try:
-        assert len(client.app[HUB]) == 1
+    async with client.ws_connect(f"/ws/tasks/?token={token_for('u')}") as alive:
+        await ws_json(alive)
+        # A client that reads answers pings (aiohttp's client does so while receiving).
+        replies: asyncio.Queue[dict[str, object]] = asyncio.Queue()
 
-        async def dropped() -> None:
-            while len(client.app[HUB]) == 1:
-                await asyncio.sleep(0.05)
+        async def read() -> None:
+            while True:
+                await replies.put(await ws_json(alive, timeout=30))
 
-        # It answers no ping, so the server gives up on it.
-        await asyncio.wait_for(dropped(), 10)
-    finally:
-        silent.close()
+        reader = asyncio.create_task(read())
+        silent = await asyncio.to_thread(
+            RawWebSocket, client.host, client.port, f"/ws/tasks/?token={token_for('u')}"
+        )
+        try:
+            assert len(client.app[HUB]) == 2
+
+            async def dropped() -> None:
+                while len(client.app[HUB]) == 2:
+                    await asyncio.sleep(0.05)
+
+            # It answers no ping, so the server gives up on it.
+            await asyncio.wait_for(dropped(), 10)
+            # The other one answered every ping round meanwhile and is still served.
+            await asyncio.sleep(1.0)  # three more ping rounds
+            assert len(client.app[HUB]) == 1
+            await alive.send_json({"type": "ping"})
+            assert await asyncio.wait_for(replies.get(), 5) == {"type": "pong"}
+        finally:
+            silent.close()
+            reader.cancel()
 
 
 async def test_oversized_headers_are_refused_and_the_server_keeps_serving(

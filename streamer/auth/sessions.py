@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as redis
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from aiohttp_session import (
     AbstractStorage,
     Session,
@@ -42,6 +43,7 @@ SESSION_KEY_PREFIX = f"{SESSION_COOKIE}_"
 @dataclass(frozen=True)
 class SessionRules:
     signing_key_id: str
+    storage: AbstractStorage
     store: IndexedRedisStorage | None  # None without Redis: nothing is kept server-side
 
 
@@ -116,8 +118,9 @@ def setup_sessions(
     redis_url: str | None,
     secure: bool,
     max_sessions_per_user: int,
-) -> Callable[[web.Application], AsyncIterator[None]]:
-    """Install the session middleware; returns the cleanup context that closes its store.
+) -> tuple[Callable[[web.Application], AsyncIterator[None]], Middleware]:
+    """The session store for `app`: returns the cleanup context that closes it, and the
+    middleware for the routes that log in and out (streams read sessions without it).
 
     With Redis, sessions live server-side (ending one revokes it everywhere) and each
     user keeps at most `max_sessions_per_user`; without, they live in an encrypted
@@ -135,19 +138,21 @@ def setup_sessions(
         storage = store = IndexedRedisStorage(client, index, **_cookie_options(secure))
     else:
         storage = EncryptedCookieStorage(cookie_key(secret), **_cookie_options(secure))  # type: ignore[arg-type]
-    app[SESSION_RULES] = SessionRules(signing_key_id(secret), store)
-    app.middlewares.append(session_middleware(storage))
+    app[SESSION_RULES] = SessionRules(signing_key_id(secret), storage, store)
 
     async def close_store(app: web.Application) -> AsyncIterator[None]:
         yield
         if client is not None:
             await client.aclose()
 
-    return close_store
+    return close_store, session_middleware(storage)
 
 
 async def identity_from_session(request: web.Request) -> Identity | None:
-    session = await get_session(request)
+    """The identity of the request's session cookie, read from the store directly:
+    streams do not go through the session middleware (nothing of it stays alive for
+    the length of a stream)."""
+    session = await request.config_dict[SESSION_RULES].storage.load_session(request)
     user_id = session.get("user_id")
     expires_at = session.get("expires_at")
     key_id = session.get("signing_key_id")
@@ -156,7 +161,7 @@ async def identity_from_session(request: web.Request) -> Identity | None:
     if expires_at <= time.time():
         return None
     # Made under another STREAMER_SECRET: rotating the secret ends sessions as well.
-    expected = request.app[SESSION_RULES].signing_key_id
+    expected = request.config_dict[SESSION_RULES].signing_key_id
     if not isinstance(key_id, str) or not hmac.compare_digest(key_id, expected):
         return None
     return Identity(user_id=user_id, expires_at=float(expires_at))
@@ -175,7 +180,7 @@ async def start_session(request: web.Request, identity: Identity) -> Identity:
     session.max_age = lifetime_s
     session["user_id"] = identity.user_id
     session["expires_at"] = expires_at
-    session["signing_key_id"] = request.app[SESSION_RULES].signing_key_id
+    session["signing_key_id"] = request.config_dict[SESSION_RULES].signing_key_id
     return Identity(identity.user_id, expires_at)
 
 
@@ -183,7 +188,7 @@ async def end_session(request: web.Request) -> None:
     session = await get_session(request)
     if session.new:
         return  # nothing to end; invalidating would store an empty session
-    rules = request.app[SESSION_RULES]
+    rules = request.config_dict[SESSION_RULES]
     user_id = session.get("user_id")
     expires_at = session.get("expires_at")
     if rules.store is not None and isinstance(user_id, str) and session.identity is not None:

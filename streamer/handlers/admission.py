@@ -6,17 +6,21 @@ Origin, request parameters and credentials, in that order; any refusal is one
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
 
-from ..app_keys import CONFIG
+from ..app_keys import BROKER, CONFIG, HUB
 from ..auth.credentials import authenticate, uses_session_cookie
 from ..auth.origin import origin_allowed
 from ..auth.sessions import SessionStoreUnavailable
 from ..auth.tokens import Identity, InvalidToken
+from ..connection import Connection
 from ..events import EventError, validate_identifier
 from ..reasons import Reason, Refused
+from ..wire import Transport
 
 MAX_EVENT_ID_LENGTH = 200
 
@@ -66,3 +70,25 @@ async def admit(request: web.Request, *, last_event_header: bool) -> Admission:
     except SessionStoreUnavailable as exc:
         raise Refused(Reason.BROKER_UNAVAILABLE, f"{exc}; try again") from None
     return Admission(identity, task_id, last_event_id)
+
+
+def connection_for(
+    request: web.Request,
+    admission: Admission,
+    transport: Transport,
+    close_transport: Callable[[Reason, bool], asyncio.Future[object] | None],
+) -> Connection:
+    """The hub's connection object for an admitted stream, writing to its socket."""
+    out = request.transport
+    assert out is not None
+    return Connection(
+        user_id=admission.identity.user_id,
+        task_id=admission.task_id,
+        transport=transport,
+        out=out,
+        drain=request.writer.drain,
+        close_transport=close_transport,
+        broker=request.app[BROKER],
+        limits=request.app[HUB].limits,
+        expires_at=admission.identity.expires_at,
+    )

@@ -33,7 +33,7 @@ def _token_from_body(request: web.Request, body: bytes) -> str:
 
 async def create_session(request: web.Request) -> web.Response:
     """Log in: the token comes as `Authorization: Bearer` or a JSON body `{"token"}`."""
-    config = request.app[CONFIG]
+    config = request.config_dict[CONFIG]
     # Refusing other sites' pages stops login CSRF (logging a victim in as someone else);
     # a configured `*` does not extend to the cookie.
     if not origin_allowed(request, config.allowed_origins, wildcard=False):
@@ -55,7 +55,7 @@ async def create_session(request: web.Request) -> web.Response:
 
 async def delete_session(request: web.Request) -> web.Response:
     """Log out: the cookie is cleared (and, with Redis, the session deleted server-side)."""
-    if not origin_allowed(request, request.app[CONFIG].allowed_origins, wildcard=False):
+    if not origin_allowed(request, request.config_dict[CONFIG].allowed_origins, wildcard=False):
         return json_error(403, "origin_not_allowed", "this origin may not log out")
     await end_session(request)
     return web.Response(status=204)

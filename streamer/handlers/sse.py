@@ -18,9 +18,9 @@ from .. import wire
 from ..app_keys import BROKER, CONFIG, HUB
 from ..auth.origin import cors_headers
 from ..broker.base import BrokerUnavailable
-from ..connection import Connection, Limits, attached, opening_frames
+from ..connection import opening_frames
 from ..reasons import Reason, Refused
-from .admission import admit
+from .admission import admit, connection_for
 from .common import json_error, worker_header
 
 log = logging.getLogger(__name__)
@@ -45,41 +45,39 @@ END_TIMEOUT_S = 2.0
 async def sse_handler(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG]
     cors = cors_headers(request, config.allowed_origins)
-    broker = request.app[BROKER]
     try:
         admission = await admit(request, last_event_header=True)
-        user_id = admission.identity.user_id
-        transport = request.transport
-        assert transport is not None
-        connection = Connection(
-            user_id=user_id,
-            task_id=admission.task_id,
-            transport="sse",
-            out=transport,
-            drain=request.writer.drain,
-            close_transport=_close_transport,
-            snapshot=functools.partial(broker.snapshot, user_id, admission.task_id),
-            limits=Limits(config.client_buffer, config.client_buffer_bytes, config.send_timeout_s),
-        )
-        async with attached(request.app[HUB], connection, expires_at=admission.identity.expires_at):
-            try:
-                frames = await opening_frames(
-                    broker,
-                    connection,
-                    last_event_id=admission.last_event_id,
-                    encode_snapshot=functools.partial(_snapshot_chunk, config.sse_retry_ms),
-                )
-            except BrokerUnavailable as exc:
-                raise Refused(Reason.BROKER_UNAVAILABLE, f"{exc}; try again") from None
-            response = web.StreamResponse(headers=SSE_HEADERS | worker_header() | cors)
-            response.enable_chunked_encoding()
-            await response.prepare(request)
-            connection.go_live(frames)
-            reason = await connection.done
-            await _end(request, response, reason)
-            return response
     except Refused as refusal:
         return _refusal(refusal, cors)
+    connection = connection_for(request, admission, "sse", _close_transport)
+    last_event_id = admission.last_event_id
+    del admission  # nothing of it is needed for the length of the stream
+    hub = request.app[HUB]
+    try:
+        await hub.attach(connection)
+        try:
+            opening = await opening_frames(
+                request.app[BROKER],
+                connection,
+                last_event_id=last_event_id,
+                encode_snapshot=functools.partial(_snapshot_chunk, config.sse_retry_ms),
+            )
+        except BrokerUnavailable as exc:
+            raise Refused(Reason.BROKER_UNAVAILABLE, f"{exc}; try again") from None
+    except Refused as refusal:
+        hub.detach(connection, None)
+        return _refusal(refusal, cors)
+    try:
+        response = web.StreamResponse(headers=SSE_HEADERS | worker_header() | cors)
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        connection.go_live(opening)
+        del opening  # written: not kept for the length of the stream
+        reason = await connection.ended()
+        await _end(request, response, reason)
+        return response
+    finally:
+        hub.detach(connection, connection.close_reason or Reason.CLIENT_CLOSED)
 
 
 def _snapshot_chunk(retry_ms: int, message: str, position: wire.EventId) -> bytes:

@@ -13,10 +13,10 @@ from .. import wire
 from ..app_keys import BROKER, CONFIG, HUB
 from ..broker.base import BrokerUnavailable, Snapshot
 from ..commands import answer
-from ..connection import Connection, Limits, attached, opening_frames
+from ..connection import Connection, opening_frames
 from ..rate_limit import TokenBucket
 from ..reasons import Reason, Refused
-from .admission import admit
+from .admission import admit, connection_for
 from .common import json_error, worker_header
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ CLOSE_CODES: dict[Reason, tuple[int, bytes]] = {
     Reason.SHUTDOWN: (WSCloseCode.GOING_AWAY, b"server shutting down"),
     Reason.EXPIRED: (CLOSE_UNAUTHORIZED, b"token expired"),
     Reason.RATE_LIMIT: (CLOSE_TOO_MANY, b"too many commands"),
+    Reason.UNRESPONSIVE: (WSCloseCode.ABNORMAL_CLOSURE, b"no answer to ping"),
 }
 # A client that keeps sending past its rate after this many refusals in a row is
 # dropped; before that each refused command gets an error reply.
@@ -48,10 +49,11 @@ REPLY_BYTES_PER_COMMAND = 16 * 1024
 
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG]
-    # aiohttp pings every ws_heartbeat_s and drops a peer whose pong does not come.
-    # No permessage-deflate: every client gets the same pre-encoded frame bytes.
+    # No permessage-deflate: every client gets the same pre-encoded frame bytes. Pings
+    # come from the hub's clock for every client at once (no timer per connection), so
+    # pings and pongs are handled here rather than by aiohttp.
     ws = web.WebSocketResponse(
-        max_msg_size=config.ws_max_message_bytes, heartbeat=config.ws_heartbeat_s, compress=False
+        max_msg_size=config.ws_max_message_bytes, compress=False, autoping=False
     )
     ws.headers.update(worker_header())
     if not ws.can_prepare(request).ok:
@@ -67,37 +69,41 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     await ws.prepare(request)
     transport = request.transport
     assert transport is not None
-    broker, user_id = request.app[BROKER], admission.identity.user_id
-    connection = Connection(
-        user_id=user_id,
-        task_id=admission.task_id,
-        transport="websocket",
-        out=transport,
-        drain=request.writer.drain,
-        close_transport=functools.partial(_close, ws, transport),
-        snapshot=functools.partial(broker.snapshot, user_id, admission.task_id),
-        limits=Limits(config.client_buffer, config.client_buffer_bytes, config.send_timeout_s),
+    connection = connection_for(
+        request, admission, "websocket", functools.partial(_close, ws, transport)
     )
+    last_event_id = admission.last_event_id
+    del admission  # nothing of it is needed for the length of the stream
+    hub = request.app[HUB]
     try:
-        async with attached(request.app[HUB], connection, expires_at=admission.identity.expires_at):
-            frames = await opening_frames(
-                broker,
-                connection,
-                last_event_id=admission.last_event_id,
-                encode_snapshot=lambda message, _: wire.ws_text_frame(message.encode()),
-            )
-            connection.go_live(frames)
-            await _answer_commands(request, ws, connection)
+        await hub.attach(connection)
     except Refused as refusal:
         code, text = CLOSE_CODES[refusal.reason]
         await ws.close(code=code, message=text)
+        return ws
+    try:
+        connection.go_live(
+            await opening_frames(
+                request.app[BROKER],
+                connection,
+                last_event_id=last_event_id,
+                encode_snapshot=_snapshot_frame,
+            )
+        )
+        await _answer_commands(request, ws, connection)
     except BrokerUnavailable as exc:
         log.warning("websocket closed: %s", exc)
         connection.close(Reason.BROKER_UNAVAILABLE)
+    finally:
+        hub.detach(connection, connection.close_reason or Reason.CLIENT_CLOSED)
     if connection.closing is not None:
         with contextlib.suppress(Exception):
             await connection.closing
     return ws
+
+
+def _snapshot_frame(message: str, position: wire.EventId) -> bytes:
+    return wire.ws_text_frame(message.encode())
 
 
 async def _refuse(
@@ -130,8 +136,12 @@ async def _answer_commands(
     bucket: TokenBucket | None = None  # made on the first command: idle clients cost nothing
     refused_in_a_row = 0
     async for message in ws:
+        connection.heard = True
+        if message.type is WSMsgType.PING:
+            connection.send(wire.ws_pong_frame(message.data))
+            continue
         if message.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
-            continue  # CLOSE / ERROR end the iteration; aiohttp answers pings itself.
+            continue  # a pong; CLOSE and ERROR end the iteration
         if bucket is None:
             bucket = TokenBucket(config.commands_per_s, burst=max(2 * config.commands_per_s, 1))
         if not bucket.take():
