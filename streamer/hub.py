@@ -51,6 +51,7 @@ class Hub:
         self._ended_in_expiries = 0
         # Counted here rather than per event: what the metrics read when scraped.
         self.ended: collections.Counter[Reason] = collections.Counter()
+        self.refused: collections.Counter[Reason] = collections.Counter()
         self.sent_by_ended: collections.Counter[str] = collections.Counter()
 
     async def attach(self, connection: Connection) -> None:
@@ -59,19 +60,13 @@ class Hub:
         Raises Refused when the process is shutting down, a limit is reached or the
         broker cannot route the user's events here.
         """
-        if self._closed:
-            raise Refused(Reason.SHUTTING_DOWN, "the server is shutting down; reconnect")
-        if self._count >= self._max_connections:
-            raise Refused(
-                Reason.TOO_MANY_CONNECTIONS, "this server has too many connections; retry later"
-            )
+        try:
+            self._check_limits(connection.user_id)
+        except Refused as refusal:
+            self.refused[refusal.reason] += 1
+            raise
         user_id = connection.user_id
         user = self._users.get(user_id)
-        if user is not None and len(user.connections) >= self._max_per_user:
-            raise Refused(
-                Reason.TOO_MANY_CONNECTIONS,
-                f"too many connections for this user (at most {self._max_per_user})",
-            )
         if user is None:
             user = _User(asyncio.ensure_future(self._subscribe(user_id)))
             user.routed.add_done_callback(_retrieve)
@@ -85,7 +80,22 @@ class Hub:
             await asyncio.shield(user.routed)
         except Exception as exc:
             self.detach(connection, None)
+            self.refused[Reason.BROKER_UNAVAILABLE] += 1
             raise Refused(Reason.BROKER_UNAVAILABLE, f"{exc}; try again") from None
+
+    def _check_limits(self, user_id: str) -> None:
+        if self._closed:
+            raise Refused(Reason.SHUTTING_DOWN, "the server is shutting down; reconnect")
+        if self._count >= self._max_connections:
+            raise Refused(
+                Reason.TOO_MANY_CONNECTIONS, "this server has too many connections; retry later"
+            )
+        user = self._users.get(user_id)
+        if user is not None and len(user.connections) >= self._max_per_user:
+            raise Refused(
+                Reason.TOO_MANY_CONNECTIONS,
+                f"too many connections for this user (at most {self._max_per_user})",
+            )
 
     def detach(self, connection: Connection, reason: Reason | None) -> None:
         """The connection is over (`reason`: why, when it ended after it started)."""

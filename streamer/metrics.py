@@ -30,12 +30,6 @@ class Metrics:
             "History entries skipped because they could not be decoded",
             registry=self.registry,
         )
-        self.refusals = Counter(
-            "streamer_refusals",
-            "Streams refused before they started",
-            ["reason"],
-            registry=self.registry,
-        )
         self.registry.register(_HubCollector(hub))
 
     def render(self) -> bytes:
@@ -62,4 +56,9 @@ class _HubCollector(Collector):
         )
         for reason, count in hub.ended.items():
             ended.add_metric([reason.value], count)
-        yield from (connections, sent, ended)
+        refused = CounterMetricFamily(
+            "streamer_refusals", "Streams refused before they started, by reason", labels=["reason"]
+        )
+        for reason, count in hub.refused.items():
+            refused.add_metric([reason.value], count)
+        yield from (connections, sent, ended, refused)

@@ -196,6 +196,10 @@ async def test_connection_limits(
             assert (await ws_json(first))["task_id"] == "t"
             assert (await ws_json(second))["task_id"] == "t"
         bob_sse.close()
+    assert (await client.get("/sse/tasks/?token=nonsense")).status == 401
+    metrics = await (await client.get("/metrics")).text()
+    assert 'streamer_refusals_total{reason="too_many_connections"} 3.0' in metrics
+    assert 'streamer_refusals_total{reason="unauthorized"} 1.0' in metrics
 
 
 async def test_command_rate_limit(

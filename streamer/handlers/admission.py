@@ -60,7 +60,16 @@ def stream_params(
 
 
 async def admit(request: web.Request, *, last_event_header: bool) -> Admission:
-    """Raises Refused (origin, parameters, credentials, session store)."""
+    """Raises Refused (origin, parameters, credentials, session store); each refusal
+    is counted by its reason."""
+    try:
+        return await _admit(request, last_event_header=last_event_header)
+    except Refused as refusal:
+        request.app[HUB].refused[refusal.reason] += 1
+        raise
+
+
+async def _admit(request: web.Request, *, last_event_header: bool) -> Admission:
     check_origin(request)
     task_id, last_event_id = stream_params(request, last_event_header=last_event_header)
     try:
