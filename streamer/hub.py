@@ -7,8 +7,9 @@ import asyncio
 import collections
 import heapq
 import itertools
+import math
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 
 from .connection import Connection, Limits
 from .reasons import Reason, Refused
@@ -165,20 +166,18 @@ class Hub:
         """One task for every connection's clock: credentials that expire end their
         streams, SSE streams get a heartbeat comment every heartbeat_s, and WebSocket
         clients a ping every ping_s (one that did not answer the previous one is dropped).
-        No timer per connection."""
+        No timer per connection; each round is spread over its interval, a slice of the
+        connections per tick, so that no tick writes to all of them at once."""
         loop = asyncio.get_running_loop()
-        tick = min(1.0, heartbeat_s, ping_s)
-        next_heartbeat, next_ping = loop.time() + heartbeat_s, loop.time() + ping_s
+        tick = min(0.1, heartbeat_s, ping_s)
+        heartbeats = _Round(heartbeat_s, tick, self.heartbeat)
+        pings = _Round(ping_s, tick, self.ping)
         while True:
             await asyncio.sleep(tick)
             self.expire(time.time())
             now = loop.time()
-            if now >= next_heartbeat:
-                self.heartbeat()
-                next_heartbeat = now + heartbeat_s
-            if now >= next_ping:
-                self.ping()
-                next_ping = now + ping_s
+            heartbeats.advance(now, self.connections)
+            pings.advance(now, self.connections)
 
     def expire(self, now: float) -> None:
         expiries = self._expiries
@@ -186,18 +185,20 @@ class Hub:
             _, _, connection = heapq.heappop(expiries)
             connection.close(Reason.EXPIRED)
 
-    def heartbeat(self) -> None:
-        """A comment on every SSE stream (proxies and clients see it is alive), and a
-        look at every connection: one whose client went away quietly is ended."""
-        for connection in list(self.connections()):
+    @staticmethod
+    def heartbeat(connections: Iterable[Connection]) -> None:
+        """A comment on SSE streams (proxies and clients see they are alive), and a look
+        at the others: one whose client went away quietly is ended."""
+        for connection in connections:
             if connection.transport == "sse":
                 connection.write_idle(SSE_HEARTBEAT)
             else:
                 connection.check()
 
-    def ping(self) -> None:
-        """Ping every WebSocket client; drop those that did not answer the last ping."""
-        for connection in list(self.connections()):
+    @staticmethod
+    def ping(connections: Iterable[Connection]) -> None:
+        """Ping WebSocket clients; drop those that did not answer their last ping."""
+        for connection in connections:
             if connection.transport != "websocket":
                 continue
             if not connection.heard:
@@ -238,3 +239,26 @@ def _retrieve(future: asyncio.Future[None]) -> None:
     """Mark a failed subscription's exception as seen: the connections report it."""
     if not future.cancelled():
         future.exception()
+
+
+class _Round:
+    """Visit every connection once per `interval`, a slice per tick."""
+
+    def __init__(
+        self, interval: float, tick: float, visit: Callable[[Iterable[Connection]], None]
+    ) -> None:
+        self._interval = interval
+        self._tick = tick
+        self._visit = visit
+        self._queue: collections.deque[Connection] = collections.deque()
+        self._per_tick = 0
+        self._started = 0.0
+
+    def advance(self, now: float, connections: Callable[[], Iterable[Connection]]) -> None:
+        if not self._queue and now - self._started >= self._interval:
+            self._queue = collections.deque(connections())
+            self._started = now
+            self._per_tick = math.ceil(len(self._queue) * self._tick / self._interval)
+        count = min(self._per_tick, len(self._queue))
+        batch = [self._queue.popleft() for _ in range(count)]
+        self._visit(c for c in batch if c.close_reason is None)  # skip those that ended

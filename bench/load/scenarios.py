@@ -1,4 +1,4 @@
-"""The benchmark scenarios: S1, S1max, S2, S3 over WebSocket, and the same with -sse."""
+"""The benchmark scenarios: S1, S1max, S2, S3, S4 over WebSocket, and the same with -sse."""
 
 from __future__ import annotations
 
@@ -34,12 +34,15 @@ FULL = {
     "S1max": Scenario("S1max", "ws", clients=1000, users=100, events=2000, rate=None),
     "S2": Scenario("S2", "ws", clients=1000, users=1, events=500, rate=None),
     "S3": Scenario("S3", "ws", clients=5000, users=500, events=0, rate=None),
+    # 10,000 connections on one worker, 2000 deliveries/s among them.
+    "S4": Scenario("S4", "ws", clients=10_000, users=1000, events=4000, rate=200.0),
 }
 QUICK = {
     "S1": replace(FULL["S1"], clients=50, users=5, events=100),
     "S1max": replace(FULL["S1max"], clients=50, users=5, events=100),
     "S2": replace(FULL["S2"], clients=50, events=100),
     "S3": replace(FULL["S3"], clients=200, users=20),
+    "S4": replace(FULL["S4"], clients=300, users=30, events=60, rate=30.0),
 }
 NAMES = [*FULL, *(f"{name}-sse" for name in FULL)]
 
