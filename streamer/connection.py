@@ -23,6 +23,12 @@ if TYPE_CHECKING:
     pass
 
 
+# How often a backed-up socket is looked at again while it drains (its drain waiter
+# normally wakes the flusher first), and the pause after a drain wait that ended early.
+DRAIN_CHECK_S = 1.0
+DRAIN_RETRY_S = 0.05
+
+
 @dataclass(frozen=True)
 class Limits:
     """How much a client that does not keep up may cost before it is cut off."""
@@ -253,26 +259,44 @@ class Connection:
             self._flusher = asyncio.ensure_future(self._flush_when_drained())
 
     async def _flush_when_drained(self) -> None:
+        """Write what waited, in one write, once the socket has drained; end the stream
+        when it has not drained within the send timeout. Never leaves while something
+        waits and the stream is open."""
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None
         try:
             while self._pending is not None and self.close_reason is None:
+                if self._out.is_closing():
+                    self.lost()
+                    return
                 if self._backed_up():
-                    # Waited on through a task of its own: a timeout must not cancel the
-                    # protocol's drain waiter, which every write of this socket shares.
-                    drained = asyncio.ensure_future(self._drain())
-                    drained.add_done_callback(_retrieve)
-                    done, _ = await asyncio.wait({drained}, timeout=self._limits.send_timeout_s)
-                    if not done:
+                    if deadline is None:
+                        deadline = loop.time() + self._limits.send_timeout_s
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
                         self.close(Reason.STALLED)
                         return
-                    if drained.exception() is not None:
-                        return  # the client went away; the handler ends the stream
+                    await self._wait_for_drain(within_s=min(remaining, DRAIN_CHECK_S))
                     continue
+                deadline = None
                 pending = self._pending
                 self._pending, self._pending_bytes = None, 0
                 self.sent += len(pending)
                 self._out.write(b"".join(f for _, f in pending))
         finally:
             self._flusher = None
+
+    async def _wait_for_drain(self, *, within_s: float) -> None:
+        """Until the socket drains, or `within_s`. The protocol's drain waiter is shared by
+        every write of the socket and stays cancelled once someone cancelled a wait on
+        it: it is awaited through a task of its own (a timeout here cancels nothing), and
+        when it ends at once without the socket having drained, a short pause follows
+        instead, so that this never spins."""
+        drained = asyncio.ensure_future(self._drain())
+        drained.add_done_callback(_retrieve)
+        done, _ = await asyncio.wait({drained}, timeout=within_s)
+        if done and self._backed_up():
+            await asyncio.sleep(min(within_s, DRAIN_RETRY_S))
 
     async def _resync(self) -> None:
         try:

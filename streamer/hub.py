@@ -170,8 +170,8 @@ class Hub:
         connections per tick, so that no tick writes to all of them at once."""
         loop = asyncio.get_running_loop()
         tick = min(0.1, heartbeat_s, ping_s)
-        heartbeats = _Round(heartbeat_s, tick, self.heartbeat)
-        pings = _Round(ping_s, tick, self.ping)
+        heartbeats = _Round(heartbeat_s, tick, self.heartbeat, start=loop.time())
+        pings = _Round(ping_s, tick, self.ping, start=loop.time())
         while True:
             await asyncio.sleep(tick)
             self.expire(time.time())
@@ -245,14 +245,19 @@ class _Round:
     """Visit every connection once per `interval`, a slice per tick."""
 
     def __init__(
-        self, interval: float, tick: float, visit: Callable[[Iterable[Connection]], None]
+        self,
+        interval: float,
+        tick: float,
+        visit: Callable[[Iterable[Connection]], None],
+        *,
+        start: float,
     ) -> None:
         self._interval = interval
         self._tick = tick
         self._visit = visit
         self._queue: collections.deque[Connection] = collections.deque()
         self._per_tick = 0
-        self._started = 0.0
+        self._started = start  # the first round begins one interval from now
 
     def advance(self, now: float, connections: Callable[[], Iterable[Connection]]) -> None:
         if not self._queue and now - self._started >= self._interval:

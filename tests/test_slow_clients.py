@@ -16,7 +16,7 @@ from streamer.app_keys import BROKER, HUB
 from streamer.events import completed_event
 
 from .clients import SseReader, ws_json, ws_messages
-from .raw_ws import OP_CLOSE, OP_TEXT, RawWebSocket
+from .raw_ws import OP_CLOSE, OP_PING, OP_TEXT, RawWebSocket
 
 TokenFor = Callable[..., str]
 PAYLOAD = {"blob": "x" * 16 * 1024}
@@ -178,3 +178,54 @@ async def test_slow_client_is_cut_off_others_keep_up_and_it_resumes(
     ) as resumed:
         assert (await ws_json(resumed))["recovered"] is True
         assert [m["id"] for m in await ws_messages(resumed, len(missed))] == missed
+
+
+async def test_queued_events_leave_once_a_slow_client_catches_up(
+    client: TestClient,  # type: ignore[type-arg]
+    token_for: TokenFor,
+    user_id: str,
+) -> None:
+    """A client that reads slowly gets every event once it catches up, the last one
+    included, even when nothing is published after it and when a wait for the socket
+    to drain was cancelled meanwhile (aiohttp shares one drain waiter per socket, and a
+    cancelled wait leaves it cancelled)."""
+    assert client.host and client.port
+    slow = await asyncio.to_thread(
+        RawWebSocket, client.host, client.port, f"/ws/tasks/?token={token_for(user_id)}",
+        receive_buffer=4096,
+    )  # fmt: skip
+    try:
+        assert (await asyncio.to_thread(slow.receive))[0] == OP_TEXT  # its snapshot
+        [connection] = client.app[HUB].connections()
+        transport = connection._out  # the server's end of the slow client's socket
+        broker = client.app[BROKER]
+        published: list[str] = []
+        big = {"blob": "x" * 60_000}
+        while transport.get_write_buffer_size() < transport.get_write_buffer_limits()[1]:
+            event = completed_event(user_id, f"t{len(published)}", result_data=big)
+            published.append(str(await broker.publish(event)))
+            await asyncio.sleep(0)  # the turn of the event loop at whose end it is written
+            assert len(published) < 500, "the socket never backed up"
+        protocol = transport.get_protocol()
+        waiting = asyncio.ensure_future(protocol._drain_helper())  # type: ignore[attr-defined]
+        await asyncio.sleep(0)
+        waiting.cancel()  # someone else's wait for the socket to drain gives up
+        await asyncio.gather(waiting, return_exceptions=True)
+        last = completed_event(user_id, "last", result_data={"n": 1})
+        published.append(str(await broker.publish(last)))  # queued; nothing follows it
+        await asyncio.sleep(0)
+
+        def read_all() -> list[str]:
+            ids: list[str] = []
+            while len(ids) < len(published):
+                opcode, payload = slow.receive()
+                if opcode == OP_PING:
+                    continue  # the hub's ping round came by
+                assert opcode == OP_TEXT, opcode
+                ids.append(json.loads(payload)["id"])
+            return ids
+
+        received = await asyncio.wait_for(asyncio.to_thread(read_all), 20)
+        assert received == published
+    finally:
+        slow.close()
