@@ -8,7 +8,8 @@ import string
 import subprocess
 from pathlib import Path
 
-from .processes import free_port, terminate, wait_until
+from .processes import free_port, terminate
+from .waiting import eventually_sync
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "deploy" / "nginx.conf.template"
 
@@ -62,7 +63,7 @@ class Nginx:
             stderr=subprocess.PIPE,
         )
         try:
-            wait_until(self._listening, 10, f"nginx on port {self.port}")
+            eventually_sync(self._listening, what=f"nginx on port {self.port}", timeout=10)
         except BaseException:
             self.stop()
             raise

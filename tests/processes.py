@@ -7,13 +7,14 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import redis
+
+from .waiting import eventually_sync
 
 BIN = Path(sys.executable).parent
 GUNICORN_CONF = str(Path(__file__).resolve().parent.parent / "deploy" / "gunicorn.conf.py")
@@ -46,12 +47,9 @@ def terminate(process: subprocess.Popen[bytes], grace_s: float = 10) -> None:
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+    """The benchmark suite's name for `eventually_sync` (bench/ imports it from here);
+    tests use tests.waiting."""
+    eventually_sync(condition, what=what, timeout=timeout)
 
 
 def worker_pids(master_pid: int) -> list[int]:
@@ -104,7 +102,7 @@ class RedisServer:
             stderr=subprocess.DEVNULL,
         )
         try:
-            wait_until(self._answers, 10, f"redis-server on port {self.port}")
+            eventually_sync(self._answers, what=f"redis-server on port {self.port}", timeout=10)
         except BaseException:
             self.stop()
             raise
@@ -159,7 +157,7 @@ class ServerProcess:
             except OSError:
                 return False
 
-        wait_until(healthy, timeout, f"server on port {self.port}")
+        eventually_sync(healthy, what=f"server on port {self.port}", timeout=timeout)
 
     def signal(self, signum: int) -> None:
         self.process.send_signal(signum)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 
@@ -21,16 +20,9 @@ from streamer.wire import Delivery, EventId
 from .clients import SseReader, ws_close_code, ws_json, ws_messages
 from .conftest import PUBLISH_KEY, SECRET
 from .processes import RedisServer
+from .waiting import eventually
 
 TokenFor = Callable[..., str]
-
-
-async def wait_for(condition: Callable[[], object], timeout: float = 10) -> None:
-    async def poll() -> None:
-        while not await condition():  # type: ignore[misc]
-            await asyncio.sleep(0.05)
-
-    await asyncio.wait_for(poll(), timeout)
 
 
 @contextlib.asynccontextmanager
@@ -61,11 +53,11 @@ async def test_killed_subscriber_reconnects_and_catches_up(
             for step in range(60):
                 published.append(await publisher.progress(user_id, "job", progress=step))
                 if step in (10, 30, 45):
-
-                    async def subscribed() -> bool:
-                        return len(admin.client_list(_type="pubsub")) == 1
-
-                    await wait_for(subscribed)  # the previous kill was recovered from
+                    # The previous kill was recovered from.
+                    await eventually(
+                        lambda: len(admin.client_list(_type="pubsub")) == 1,
+                        what="the subscriber connection to be back",
+                    )
                     assert admin.client_kill_filter(_type="pubsub") == 1
         received_ws = [m["id"] for m in await ws_messages(ws, len(published))]
         received_sse = [(await sse.next()).id for _ in published]
@@ -91,7 +83,7 @@ async def test_redis_down_keeps_connections_and_reports_unavailable(
             async def not_ready() -> bool:
                 return (await redis_client.get("/readyz")).status == 503
 
-            await wait_for(not_ready)
+            await eventually(not_ready, what="/readyz to report Redis down")
             await ws.send_json({"type": "get_task_status", "task_id": "x"})
             error = await ws_json(ws)
             assert error["type"] == "error" and error["code"] == "broker_unavailable"
@@ -112,7 +104,7 @@ async def test_redis_down_keeps_connections_and_reports_unavailable(
         async def ready() -> bool:
             return (await redis_client.get("/readyz")).status == 200
 
-        await wait_for(ready)
+        await eventually(ready, what="/readyz to report Redis back")
         async with AsyncPublisher(redis_url) as publisher:
             event_id = await publisher.progress(user_id, "after", progress=1)
         assert (await ws_json(ws))["id"] == event_id
@@ -223,14 +215,13 @@ async def test_a_silent_subscriber_connection_is_replaced(
         async def reconnected() -> bool:
             return "no answer to PING" in caplog.text and await broker.ready()
 
-        await wait_for(reconnected, 15)
+        await eventually(reconnected, what="the silent connection to be replaced", timeout=15)
         async with AsyncPublisher(redis_url) as publisher:
             event_id = await publisher.progress(user_id, "t", progress=1)
 
-        async def delivered() -> bool:
-            return event_id in recorder.deliveries
-
-        await wait_for(delivered, 10)
+        await eventually(
+            lambda: event_id in recorder.deliveries, what="the event after the reconnect"
+        )
         assert recorder.resets == 0  # a replaced connection is not a data loss
     finally:
         await broker.close()

@@ -17,6 +17,7 @@ from streamer.publisher import AsyncPublisher, Publisher
 from streamer.wire import Delivery, EventId
 
 from .conftest import StartGunicorn
+from .waiting import eventually
 
 TokenFor = Callable[..., str]
 
@@ -45,26 +46,23 @@ async def test_a_process_receives_no_event_of_users_it_has_no_client_for(redis_u
             for n in range(20):
                 await publisher.progress("elsewhere", "t", progress=n)
             await publisher.progress("here", "t", progress=1)
-        deadline = asyncio.get_running_loop().time() + 10
-        while "here" not in recorder.users:
-            assert asyncio.get_running_loop().time() < deadline, "the subscribed user's event"
-            await asyncio.sleep(0.02)
+        await eventually(lambda: "here" in recorder.users, what="the subscribed user's event")
         assert broker.subscriber.messages == 1  # not 21: nothing of "elsewhere" came
         assert recorder.users == ["here"]
 
         # Once the last connection of a user is gone, their events stop coming too.
         broker.unsubscribe("here")
         async with redis.asyncio.Redis.from_url(redis_url) as admin:
-            while (await admin.pubsub_numsub(user_channel("here")))[0][1] != 0:
-                assert asyncio.get_running_loop().time() < deadline + 10, "UNSUBSCRIBE"
-                await asyncio.sleep(0.02)
+
+            async def unsubscribed() -> bool:
+                return bool((await admin.pubsub_numsub(user_channel("here")))[0][1] == 0)
+
+            await eventually(unsubscribed, what="Redis to confirm the UNSUBSCRIBE")
         async with AsyncPublisher(redis_url) as publisher:
             await publisher.progress("here", "t", progress=2)
             await broker.subscribe("other")
             await publisher.progress("other", "t", progress=1)
-        while recorder.users[-1] != "other":
-            assert asyncio.get_running_loop().time() < deadline + 10
-            await asyncio.sleep(0.02)
+        await eventually(lambda: recorder.users[-1] == "other", what="the other user's event")
         assert broker.subscriber.messages == 2 and recorder.users == ["here", "other"]
     finally:
         await broker.close()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +20,7 @@ from streamer.events import progress_event
 
 from .clients import SseReader, ws_close_code, ws_json
 from .raw_ws import RawWebSocket
+from .waiting import eventually
 
 TokenFor = Callable[..., str]
 AiohttpClient = Callable[..., Any]
@@ -216,13 +216,14 @@ async def test_command_rate_limit(
         assert any(r.get("code") == "rate_limited" for r in replies[4:])
 
         # The bucket refills: a ping is answered again within a bounded time.
-        deadline = time.monotonic() + 5
-        while True:
+        async def answered() -> bool:
             await ws.send_json({"type": "ping"})
-            if (await ws_json(ws))["type"] == "pong":
-                break
-            assert time.monotonic() < deadline, "the rate limit never let a command through"
-            await asyncio.sleep(0.2)  # pacing the retries, not waiting for a condition
+            return bool((await ws_json(ws))["type"] == "pong")
+
+        # The interval paces the retries: each one costs a token.
+        await eventually(
+            answered, what="the rate limit to let a command through", timeout=5, interval=0.2
+        )
 
         # A client that keeps flooding is dropped; others are not affected.
         async with client.ws_connect(f"/ws/tasks/?token={token_for('other')}") as other:
@@ -255,12 +256,10 @@ async def test_dead_websocket_peers_are_dropped(
         try:
             assert len(client.app[HUB]) == 2
 
-            async def dropped() -> None:
-                while len(client.app[HUB]) == 2:
-                    await asyncio.sleep(0.05)
-
             # It answers no ping, so the server gives up on it.
-            await asyncio.wait_for(dropped(), 10)
+            await eventually(
+                lambda: len(client.app[HUB]) != 2, what="the silent peer to be dropped", timeout=10
+            )
             # The other one answered every ping round meanwhile and is still served.
             await asyncio.sleep(1.0)  # three more ping rounds
             assert len(client.app[HUB]) == 1

@@ -14,8 +14,9 @@ from streamer.auth.tokens import issue_token
 
 from .clients import ws_close_code
 from .conftest import StartGunicorn
-from .processes import BIN, ServerProcess, free_port, gunicorn_args, wait_until
+from .processes import BIN, ServerProcess, free_port, gunicorn_args
 from .streams import CurlStream, WsStream, close_all, run_cli, streams_on_every_worker
+from .waiting import eventually_sync
 
 TokenFor = Callable[..., str]
 StartProcess = Callable[..., ServerProcess]
@@ -283,4 +284,6 @@ async def test_streams_whose_clients_left_are_forgotten(
             assert (await sse.next_data())["type"] == "active_tasks"
         finally:
             await sse.close()
-        await asyncio.to_thread(wait_until, none_open, 5, "the hub to forget the stream")
+        await asyncio.to_thread(
+            eventually_sync, none_open, what="the hub to forget the stream", timeout=5
+        )

@@ -15,6 +15,7 @@ from streamer.config import Config
 from streamer.events import completed_event, progress_event
 
 from .clients import SseReader, ws_json, ws_messages
+from .waiting import eventually
 
 TokenFor = Callable[..., str]
 
@@ -315,11 +316,11 @@ async def test_history_expires_after_its_ttl(
     broker = client.app[BROKER]
     assert (await broker.replay(user_id, seen)).complete
 
-    async def expired() -> None:
-        while (await broker.replay(user_id, seen)).complete:
-            await asyncio.sleep(0.1)
+    async def expired() -> bool:
+        return not (await broker.replay(user_id, seen)).complete
 
-    await asyncio.wait_for(expired(), 10)  # one second after the user's last event
+    # One second after the user's last event.
+    await eventually(expired, what="the user's history to expire", timeout=10)
     async with client.ws_connect(
         f"/ws/tasks/?token={token_for(user_id)}&last_event_id={seen}"
     ) as ws:

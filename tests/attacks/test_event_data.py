@@ -15,8 +15,9 @@ from streamer.publisher import AsyncPublisher, Publisher
 
 from ..clients import open_stream
 from ..conftest import PUBLISH_KEY
-from ..processes import ServerProcess, wait_until
+from ..processes import ServerProcess
 from ..streams import close_all, run_cli, streams_on_every_worker
+from ..waiting import eventually
 from .conftest import Serve
 
 TokenFor = Callable[..., str]
@@ -121,8 +122,11 @@ async def test_an_undecodable_history_entry_stalls_nobody(
             assert (await sse.next_data())["id"] == for_victim
     finally:
         await close_all(victim_ws + other_ws, victim_sse + other_sse)
-    wait_until(lambda: server.log().count("skipping an undecodable history entry") >= 2, 10,
-               "both workers to log the skipped entry")  # fmt: skip
+    await eventually(
+        lambda: server.log().count("skipping an undecodable history entry") >= 2,
+        what="both workers to log the skipped entry",
+        timeout=10,
+    )
     assert all(server.get("/readyz")[0] == 200 for _ in range(6))
     # Counted, on whichever worker answers (each skipped it once).
     for _ in range(4):

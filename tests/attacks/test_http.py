@@ -19,8 +19,9 @@ import pytest
 
 from ..clients import SseReader
 from ..conftest import PUBLISH_KEY, StartGunicorn
-from ..processes import ServerProcess, wait_until
+from ..processes import ServerProcess
 from ..streams import WsStream, run_cli
+from ..waiting import eventually_sync
 
 TokenFor = Callable[..., str]
 
@@ -309,7 +310,9 @@ def test_token_in_a_refused_request_is_neither_echoed_nor_logged(
         response = read_until_closed(sock, within=SLACK_S)
     assert status_of(response) == 400, response
     # The access log line comes after the answer, and after any error log line.
-    wait_until(lambda: '"UNKNOWN / HTTP/1.0" 400' in server.log(), WAIT_S, "the access log")
+    eventually_sync(
+        lambda: '"UNKNOWN / HTTP/1.0" 400' in server.log(), what="the access log", timeout=WAIT_S
+    )
     assert_no_part_of(token, response.decode(errors="replace"), "the answer")
     assert_no_part_of(token, server.log(), "the server log")
 
@@ -323,5 +326,7 @@ def test_percent_encoded_token_parameter_is_redacted_in_the_access_log(
     login = urllib.request.Request(f"{server.base_url}/auth/session?tok%65n={token}", method="POST")
     with urllib.request.urlopen(login, timeout=WAIT_S) as response:
         assert json.loads(response.read())["user_id"] == user_id
-    wait_until(lambda: "POST /auth/session" in server.log(), WAIT_S, "the access log")
+    eventually_sync(
+        lambda: "POST /auth/session" in server.log(), what="the access log", timeout=WAIT_S
+    )
     assert_no_part_of(token, server.log(), "the server log")

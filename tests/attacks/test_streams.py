@@ -18,8 +18,9 @@ from streamer.broker.base import MAX_SNAPSHOT_BYTES, MAX_SNAPSHOT_TASKS
 from streamer.publisher import AsyncPublisher, Publisher
 
 from ..clients import TRANSPORTS, assert_strictly_increasing, open_stream
-from ..processes import ServerProcess, rss_kib, wait_until, worker_pids
+from ..processes import ServerProcess, rss_kib, worker_pids
 from ..raw_ws import RawWebSocket
+from ..waiting import eventually_sync
 from .conftest import Serve
 
 TokenFor = Callable[..., str]
@@ -86,10 +87,10 @@ def test_a_client_whose_writes_do_not_drain_is_dropped(
     with stalled_client(server, transport, token_for(user_id)) as client_port:
         # Far more than the kernel's socket buffers on both ends hold.
         publish_big_events(redis_url, user_id, 250)
-        wait_until(
+        eventually_sync(
             lambda: not server_side_established(server.port, client_port),
-            20,
-            "the server to drop the stalled client",
+            what="the server to drop the stalled client",
+            timeout=20,
         )
 
 
@@ -108,10 +109,10 @@ def test_stalled_clients_hold_bounded_memory(
         before = rss_kib(worker)
         for user in users:
             publish_big_events(redis_url, user, 200)  # 12 MiB each, 96 MiB in all
-        wait_until(
+        eventually_sync(
             lambda: not any(server_side_established(server.port, p) for p in ports),
-            30,
-            "the server to drop every stalled client",
+            what="the server to drop every stalled client",
+            timeout=30,
         )
         grown_mib = (rss_kib(worker) - before) / 1024
     assert grown_mib < 48, f"the worker grew by {grown_mib:.0f} MiB"
