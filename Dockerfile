@@ -8,7 +8,7 @@ WORKDIR /app
 COPY setup.py pyproject.toml README.md ./
 COPY streamer ./streamer
 COPY deploy ./deploy
-RUN pip install ".[uvloop]" && useradd --system --uid 10001 streamer
+RUN pip install . && useradd --system --uid 10001 streamer
 
 USER streamer
 EXPOSE 8080

@@ -12,9 +12,9 @@ from streamer.config import Config, ConfigError
 
 bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:8080")
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-# aiohttp's worker with streamer's HTTP timeouts (streamer.worker.StreamerUVLoopWorker
-# with `pip install .[uvloop]`).
-worker_class = "streamer.worker.StreamerWorker"
+# aiohttp's uvloop worker with streamer's HTTP timeouts (streamer.worker.StreamerWorker
+# is the same on asyncio's own event loop).
+worker_class = "streamer.worker.StreamerUVLoopWorker"
 # Long-lived streams: the worker timeout only concerns the worker's heartbeat
 # to the arbiter, which aiohttp's worker sends from its event loop.
 timeout = 30

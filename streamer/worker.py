@@ -39,4 +39,4 @@ class StreamerWorker(GunicornWebWorker):
 
 
 class StreamerUVLoopWorker(StreamerWorker, GunicornUVLoopWebWorker):
-    """The same on uvloop (`pip install .[uvloop]`); uvloop is imported when a worker starts."""
+    """The same on uvloop (the default in deploy/gunicorn.conf.py)."""
