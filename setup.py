@@ -12,7 +12,7 @@ setup(
         "aiohttp-sse>=2.2,<4",
         "aiohttp-session[secure]>=2.12,<3",
         "gunicorn>=22",
-        "redis>=5.0,<9",
+        "redis>=5.3,<9",
         "PyJWT>=2.8,<3",
         "prometheus-client>=0.20",
     ],

@@ -1,24 +1,34 @@
 """Redis key layout, the Lua scripts and their replies, shared by the broker and the
 publishers.
 
-Publishing one event is one EVALSHA, whatever the number of subscribers: the script
-updates the task's state hash and the user's active set, appends the event to the
-user's history stream, and PUBLISHes it on the user's channel, to which each process
-with a client of that user is subscribed (on its one subscriber connection).
+Publishing is one EVALSHA for a batch of events (one or many), whatever the number of
+subscribers: for each event the script updates the task's state hash and the user's
+active set, appends the event to the user's history stream, and PUBLISHes it on the
+user's channel, to which each process with a client of that user is subscribed (on its
+one subscriber connection).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import re
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote
 
-from ..events import TaskEvent, TaskState, dumps, full_task_state
+from ..events import (
+    TASK_STATE_FIELDS,
+    EventError,
+    TaskEvent,
+    TaskState,
+    dumps,
+    full_task_state,
+)
 from ..wire import Delivery, EventId
 from .base import MAX_SNAPSHOT_BYTES, MAX_SNAPSHOT_TASKS, BrokerUnavailable
 
@@ -31,6 +41,7 @@ EPOCH_KEY = f"{PREFIX}:epoch"
 ACTIVE_TASK_TTL_S = 7 * 86400
 
 
+@functools.lru_cache(maxsize=4096)  # publishing builds a user's keys for every batch
 def _user(user_id: str) -> str:
     """The user id inside keys, escaped so that no (user, task) pair can spell
     another pair's key (`{a}:b}:c` vs `{a}:b` + `c`)."""
@@ -60,70 +71,212 @@ def history_key(user_id: str) -> str:
 
 def cancel_key(user_id: str, task_id: str) -> str:
     """Per user and task: one user's cancel never reaches another user's task of that id."""
-    return f"{PREFIX}:cancel:{_user(user_id)}:{task_id}"
+    return cancel_key_prefix(user_id) + task_id
+
+
+def cancel_key_prefix(user_id: str) -> str:
+    return f"{PREFIX}:cancel:{_user(user_id)}:"
 
 
 PUBLISH_SCRIPT = """
--- KEYS: task hash, active zset, history stream, epoch, cancel flag
--- ARGV: user, task, event json (no id), terminal, history size, history ttl,
---       active ttl, candidate epoch, created score, channel, n_values, n_if_absent,
---       event type, then field/value pairs (values first, then if-absent ones)
-local task_key, active_key, history_key, epoch_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local user, task, event = ARGV[1], ARGV[2], ARGV[3]
-local terminal = ARGV[4] == '1'
-redis.call('SET', epoch_key, ARGV[8], 'NX')
-local epoch = redis.call('GET', epoch_key)
+-- Publishes a batch of events in order. Each event's state update, history entry and
+-- PUBLISH belong to the same script run, so each event is atomic; what only the
+-- batch's end result needs is written once per task and user, after the last event:
+-- a task's hash (its values merged in event order), trimming, TTLs.
+-- KEYS: epoch
+-- ARGV: history size, history ttl, active ttl, candidate epoch, now (created score),
+--       the batch: pieces separated by NUL (no piece contains one):
+--         number of users, then per user: id, task key prefix, active key,
+--           history key, cancel key prefix, channel
+--         number of layouts (the names an event's values go with), then per layout:
+--           type, then three lists of names, each preceded by its length: the event's
+--           fields, values set after them, values set only where the state has none
+--         number of events, then per event: user number, layout number, task id,
+--           task id as JSON, then one JSON value per name of its layout
+-- Returns {epoch, the events' stream ids separated by spaces, error or ''}: on an
+-- error the ids are those of the events before the one that failed, and nothing
+-- after it was published.
+local history_size = math.max(tonumber(ARGV[1]), 1)
+local history_ttl, active_ttl, created = ARGV[2], ARGV[3], tonumber(ARGV[5])
+local data, pos = ARGV[6], 1
+local call, concat, format = redis.call, table.concat, string.format
+local find, sub = string.find, string.sub
 
-local was_active = redis.call('ZSCORE', active_key, task) ~= false
-if not was_active and redis.call('HEXISTS', task_key, 'completed_at') == 1 then
-  -- A new run of a finished task id starts from a clean state.
-  redis.call('DEL', task_key)
-end
-local n_values, n_if_absent = tonumber(ARGV[11]), tonumber(ARGV[12])
-local i = 14
-redis.call('HSET', task_key, 'user_id', user)
-for _ = 1, n_values do
-  redis.call('HSET', task_key, ARGV[i], ARGV[i + 1])
-  i = i + 2
-end
-for _ = 1, n_if_absent do
-  redis.call('HSETNX', task_key, ARGV[i], ARGV[i + 1])
-  i = i + 2
-end
-if terminal then
-  redis.call('ZREM', active_key, task)
-  redis.call('EXPIRE', task_key, ARGV[6])
-  redis.call('DEL', KEYS[5])
-else
-  if not was_active then
-    -- A new run of this task id: a cancellation of an earlier run does not apply.
-    redis.call('ZADD', active_key, ARGV[9], task)
-    redis.call('DEL', KEYS[5])
+local function piece()
+  local stop = find(data, '\\0', pos, true)
+  if stop == nil then
+    stop = #data + 1
   end
-  redis.call('EXPIRE', task_key, ARGV[7])
-  redis.call('EXPIRE', active_key, ARGV[7])
+  local text = sub(data, pos, stop - 1)
+  pos = stop + 1
+  return text
 end
 
--- Trim with XDEL rather than MAXLEN: XDEL records max-deleted-entry-id, which
--- tells a resuming client whether anything after its last id was dropped.
-local excess = redis.call('XLEN', history_key) - tonumber(ARGV[5]) + 1
-if excess > 0 then
-  for _, entry in ipairs(redis.call('XRANGE', history_key, '-', '+', 'COUNT', excess)) do
-    redis.call('XDEL', history_key, entry[1])
+local function names()
+  local list = {}
+  for k = 1, tonumber(piece()) do
+    list[k] = piece()
+  end
+  return list
+end
+
+call('SET', KEYS[1], ARGV[4], 'NX')
+local epoch = call('GET', KEYS[1])
+
+local users = {}
+for n = 1, tonumber(piece()) do
+  users[n] = {id = piece(), task_prefix = piece(), active = piece(), history = piece(),
+              cancel_prefix = piece(), channel = piece(), stream_ids = {}}
+end
+local layouts = {}
+for n = 1, tonumber(piece()) do
+  local kind = piece()
+  local layout = {kind = kind, terminal = kind == 'task_completed', fields = names(),
+                  stamps = names(), if_absent = names(), keys = {}}
+  for k, name in ipairs(layout.fields) do
+    layout.keys[k] = ',"' .. name .. '":'
+  end
+  layouts[n] = layout
+end
+
+-- Per task key: whether it is active, whether it is finished, whether its hash is
+-- to be replaced, the values to set and the values to set if absent.
+local tasks = {}
+local function task_state(user, task, task_key)
+  local state = tasks[task_key]
+  if state == nil then
+    local active = call('ZSCORE', user.active, task) ~= false
+    state = {active = active, reset = false, values = {user_id = user.id}, if_absent = {},
+             finished = not active and call('HEXISTS', task_key, 'completed_at') == 1}
+    tasks[task_key] = state
+  end
+  return state
+end
+
+local stream_ids = {}
+local function publish(n)
+  local user = users[tonumber(piece())]
+  local layout = layouts[tonumber(piece())]
+  local task, task_json = piece(), piece()
+  local task_key = user.task_prefix .. task
+  local state = task_state(user, task, task_key)
+  if not state.active and state.finished then
+    -- A new run of a finished task id starts from a clean state.
+    state.reset, state.values, state.if_absent = true, {user_id = user.id}, {}
+  end
+  local values, if_absent = state.values, state.if_absent
+  values.task_id = task_json
+  local body = {'{"type":"', layout.kind, '","task_id":', task_json}
+  for k, name in ipairs(layout.fields) do
+    local value = piece()
+    body[#body + 1] = layout.keys[k]
+    body[#body + 1] = value
+    if value ~= 'null' then
+      values[name] = value
+    end
+  end
+  for _, name in ipairs(layout.stamps) do
+    values[name] = piece()
+  end
+  for _, name in ipairs(layout.if_absent) do
+    local value = piece()
+    if values[name] == nil and if_absent[name] == nil then
+      if_absent[name] = value
+    end
+  end
+
+  local terminal = layout.terminal
+  if terminal then
+    call('ZREM', user.active, task)
+    call('DEL', user.cancel_prefix .. task)
+    state.active, state.finished, state.ttl = false, true, history_ttl
+  else
+    if not state.active then
+      -- A new run of this task id: a cancellation of an earlier run does not apply.
+      call('ZADD', user.active, format('%.6f', created + n * 1e-6), task)
+      call('DEL', user.cancel_prefix .. task)
+    end
+    state.active, state.finished, state.ttl = true, false, active_ttl
+    user.active_used = true
+  end
+
+  if user.length == nil then
+    user.length = call('XLEN', user.history)
+    user.fresh = user.length == 0 and call('EXISTS', user.history) == 0
+  end
+  local fields = concat(body)
+  local stream_id = call('XADD', user.history, '*', 'e', fields .. '}')
+  if user.fresh then
+    -- A history that expired and starts again: earlier resume points are gaps.
+    call('XSETID', user.history, stream_id, 'ENTRIESADDED', 1, 'MAXDELETEDID', stream_id)
+    user.fresh = false
+  end
+  user.length = user.length + 1
+  local event_id = epoch .. '-' .. stream_id
+  call('PUBLISH', user.channel, concat({user.id, task, event_id, layout.kind, ''}, '\\n')
+    .. '{"id":"' .. event_id .. '",' .. sub(fields, 2) .. '}')
+  stream_ids[n] = stream_id
+end
+
+local failure = ''
+for n = 1, tonumber(piece()) do
+  local ok, err = pcall(publish, n)
+  if not ok then
+    failure = type(err) == 'table' and tostring(err.err) or tostring(err)
+    break
   end
 end
-local fresh = redis.call('EXISTS', history_key) == 0
-local stream_id = redis.call('XADD', history_key, '*', 'e', event)
-if fresh then
-  -- A history that expired and starts again: earlier resume points are gaps.
-  redis.call('XSETID', history_key, stream_id, 'ENTRIESADDED', 1, 'MAXDELETEDID', stream_id)
+
+for task_key, state in pairs(tasks) do
+  if state.ttl ~= nil then
+    if state.reset then
+      call('DEL', task_key)
+    end
+    local hash, missing = {}, {}
+    for name, value in pairs(state.values) do
+      hash[#hash + 1] = name
+      hash[#hash + 1] = value
+    end
+    for name, value in pairs(state.if_absent) do
+      if state.values[name] == nil then
+        missing[#missing + 1] = name
+      end
+    end
+    if #missing > 0 then
+      local stored = state.reset and {} or call('HMGET', task_key, unpack(missing))
+      for k, name in ipairs(missing) do
+        if not stored[k] then
+          hash[#hash + 1] = name
+          hash[#hash + 1] = state.if_absent[name]
+        end
+      end
+    end
+    call('HSET', task_key, unpack(hash))
+    call('EXPIRE', task_key, state.ttl)
+  end
 end
-redis.call('EXPIRE', history_key, ARGV[6])
-local event_id = epoch .. '-' .. stream_id
-local with_id = '{"id":"' .. event_id .. '",' .. string.sub(event, 2)
-local header = user .. '\\n' .. task .. '\\n' .. event_id .. '\\n' .. ARGV[13]
-redis.call('PUBLISH', ARGV[10], header .. '\\n' .. with_id)
-return event_id
+for _, user in ipairs(users) do
+  if user.length ~= nil then
+    -- Trim with XDEL rather than MAXLEN: XDEL records max-deleted-entry-id, which
+    -- tells a resuming client whether anything after its last id was dropped.
+    local excess = user.length - history_size
+    if excess > 0 then
+      local oldest = call('XRANGE', user.history, '-', '+', 'COUNT', excess)
+      for first = 1, #oldest, 1000 do  -- unpack() takes a bounded number of values
+        local ids = {}
+        for k = first, math.min(first + 999, #oldest) do
+          ids[#ids + 1] = oldest[k][1]
+        end
+        call('XDEL', user.history, unpack(ids))
+      end
+    end
+    call('EXPIRE', user.history, history_ttl)
+    if user.active_used then
+      call('EXPIRE', user.active, active_ttl)
+    end
+  end
+end
+return {epoch, concat(stream_ids, ' '), failure}
 """
 
 SNAPSHOT_SCRIPT = """
@@ -186,36 +339,94 @@ class ScriptCall:
     args: list[str | int | float]
 
 
-def publish_call(event: TaskEvent, *, history_size: int, history_ttl: int) -> ScriptCall:
-    update = event.state_update()
-    pairs: list[str | int | float] = []
-    for key, value in update.values.items():
-        pairs += [key, dumps(value)]
-    for key, value in update.if_absent.items():
-        pairs += [key, dumps(value)]
+# An event's type, and the names of its fields, of its stamps and of its if-absent stamps.
+Layout = tuple[str, tuple[str, ...], tuple[str, ...], tuple[str, ...]]
+
+
+class EncodedEvent(NamedTuple):
+    """An event as the publish script reads it: its layout (type and the names its
+    values go with) and `text`, its pieces after the user and layout numbers."""
+
+    user_id: str
+    layout: Layout
+    text: str
+
+
+_EVENT_TYPES = frozenset({"task_progress", "task_completed"})
+_FIELD_NAMES = frozenset(TASK_STATE_FIELDS)
+
+
+def encode_event(event: TaskEvent) -> EncodedEvent:
+    """Each value is JSON-encoded once: the script builds the event's JSON and its state
+    update (see `TaskEvent.state_update`) from the same pieces."""
+    if not isinstance(event, TaskEvent):
+        raise TypeError(f"expected a TaskEvent, got {type(event).__name__}")
+    fields = event.fields
+    stamps, if_absent = event.state_stamps()
+    task_id = event.task_id
+    pieces = [task_id, dumps(task_id)]
+    pieces += map(dumps, fields.values())
+    pieces += map(dumps, stamps.values())
+    pieces += map(dumps, if_absent.values())
+    text = "\0".join(pieces)
+    layout = (event.type, tuple(fields), tuple(stamps), tuple(if_absent))
+    # Validated events pass these checks; an event built by hand must not be able to
+    # shift the pieces of the other events in its batch, nor break the event's JSON.
+    if (
+        text.count("\0") != len(pieces) - 1
+        or "\0" in event.user_id
+        or event.type not in _EVENT_TYPES
+        or not _FIELD_NAMES.issuperset(fields)
+    ):
+        raise EventError("malformed event: build events with progress_event or completed_event")
+    return EncodedEvent(event.user_id, layout, text)
+
+
+@functools.lru_cache(maxsize=256)
+def _layout_pieces(layout: Layout) -> tuple[str, ...]:
+    kind, *groups = layout
+    pieces = [kind]
+    for names in groups:
+        pieces += (str(len(names)), *names)
+    return tuple(pieces)
+
+
+def publish_call(
+    events: Sequence[EncodedEvent], *, history_size: int, history_ttl: int
+) -> ScriptCall:
+    """One script call publishing `events` in order."""
+    users: dict[str, str] = {}
+    layouts: dict[Layout, str] = {}
+    head: list[str] = []
+    shapes: list[str] = []
+    body: list[str] = []
+    for user_id, layout, text in events:
+        user = users.get(user_id)
+        if user is None:
+            user = users[user_id] = str(len(users) + 1)
+            head += (
+                user_id,
+                task_key_prefix(user_id),
+                active_key(user_id),
+                history_key(user_id),
+                cancel_key_prefix(user_id),
+                user_channel(user_id),
+            )
+        shape = layouts.get(layout)
+        if shape is None:
+            shape = layouts[layout] = str(len(layouts) + 1)
+            shapes += _layout_pieces(layout)
+        body += (user, shape, text)
+    batch = "\0".join([str(len(users)), *head, str(len(layouts)), *shapes, str(len(events)), *body])
     return ScriptCall(
-        keys=[
-            task_key(event.user_id, event.task_id),
-            active_key(event.user_id),
-            history_key(event.user_id),
-            EPOCH_KEY,
-            cancel_key(event.user_id, event.task_id),
-        ],
+        keys=[EPOCH_KEY],
         args=[
-            event.user_id,
-            event.task_id,
-            event.to_json(),
-            "1" if update.terminal else "0",
             history_size,
             history_ttl,
             max(ACTIVE_TASK_TTL_S, history_ttl),
             secrets.token_hex(4),
             time.time(),
-            user_channel(event.user_id),
-            len(update.values),
-            len(update.if_absent),
-            event.type,
-            *pairs,
+            batch,
         ],
     )
 
@@ -245,13 +456,29 @@ class MalformedReply(BrokerUnavailable):
     """Redis answered something the scripts never return."""
 
 
-def event_id_reply(raw: object) -> EventId:
-    """The publish script's reply: the new event's id."""
-    text = raw.decode() if isinstance(raw, bytes) else raw
-    event_id = EventId.parse(text) if isinstance(text, str) else None
-    if event_id is None:
-        raise MalformedReply(f"Redis returned a malformed event id: {raw!r}")
-    return event_id
+_STREAM_IDS = re.compile(rb"(?:[0-9]{1,20}-[0-9]{1,20}(?: [0-9]{1,20}-[0-9]{1,20})*)?")
+_EPOCH = re.compile(rb"[0-9a-f]{8,32}")
+
+
+@dataclass(frozen=True)
+class PublishReply:
+    """The publish script's reply: the ids of the events published, in order; `error`
+    (if any) is why the next one failed, and nothing after it was published."""
+
+    epoch: str
+    stream_ids: list[str]
+    error: str | None
+
+
+def publish_reply(raw: object, events: int) -> PublishReply:
+    if isinstance(raw, list) and len(raw) == 3 and all(isinstance(p, bytes) for p in raw):
+        epoch, ids, error = raw
+        if _EPOCH.fullmatch(epoch) and _STREAM_IDS.fullmatch(ids):
+            stream_ids = ids.decode().split()
+            complete = len(stream_ids) == events and not error
+            if complete or (len(stream_ids) < events and error):
+                return PublishReply(epoch.decode(), stream_ids, error.decode() or None)
+    raise MalformedReply(f"Redis returned a malformed reply to a publish: {raw!r:.200}")
 
 
 def decode_state(raw: Mapping[bytes, bytes]) -> TaskState | None:
