@@ -1,6 +1,6 @@
 """Publishing throughput: events per second through the Python publishers.
 
-    python -m bench.publish [--seconds 2] [--users 100] [--only NAME ...]
+    python -m bench.publish [--seconds 2] [--users 100] [--only NAME ...] [--uvloop]
 
 Starts a private redis-server (pinned to CPU 1; this process then runs on CPU 0) and
 runs each scenario for about --seconds: `AsyncPublisher.progress` from 1 and 8
@@ -25,8 +25,10 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import redis
+import uvloop
 
 from bench.servers import SERVER_CPU, private_redis
 from streamer.events import TaskEvent, progress_event
@@ -208,15 +210,17 @@ async def async_many(
         return await measured_async(f"async many {batch}{'+build' if build else ''}", admin, run)
 
 
-def scenarios(url: str, scenario: Scenario, admin: redis.Redis) -> dict[str, Callable[[], Result]]:
+def scenarios(
+    url: str, scenario: Scenario, admin: redis.Redis, run_async: Callable[[Any], Result]
+) -> dict[str, Callable[[], Result]]:
     runs: dict[str, Callable[[], Result]] = {
-        "async-1": lambda: asyncio.run(async_progress(url, scenario, admin, 1)),
-        "async-8": lambda: asyncio.run(async_progress(url, scenario, admin, 8)),
+        "async-1": lambda: run_async(async_progress(url, scenario, admin, 1)),
+        "async-8": lambda: run_async(async_progress(url, scenario, admin, 8)),
         "sync": lambda: sync_progress(url, scenario, admin),
     }
     for batch in BATCHES:
         runs[f"many-sync-{batch}"] = lambda b=batch: sync_many(url, scenario, admin, b, False)
-        runs[f"many-async-{batch}"] = lambda b=batch: asyncio.run(
+        runs[f"many-async-{batch}"] = lambda b=batch: run_async(
             async_many(url, scenario, admin, b, False)
         )
     runs["many-sync-1000+build"] = lambda: sync_many(url, scenario, admin, 1000, True)
@@ -231,12 +235,14 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=2.0, help="per scenario")
     parser.add_argument("--users", type=int, default=100)
     parser.add_argument("--only", nargs="*", help="scenario names (default: all)")
+    parser.add_argument("--uvloop", action="store_true", help="run the asyncio ones on uvloop")
     args = parser.parse_args()
+    run_async: Callable[[Any], Result] = uvloop.run if args.uvloop else asyncio.run
     with tempfile.TemporaryDirectory() as directory, private_redis(Path(directory)) as url:
         os.sched_setaffinity(0, {SERVER_CPU})
         scenario = Scenario(args.users, args.seconds)
         with redis.Redis.from_url(url) as admin:
-            runs = scenarios(url, scenario, admin)
+            runs = scenarios(url, scenario, admin, run_async)
             unknown = set(args.only or ()) - set(runs)
             if unknown:
                 parser.error(f"unknown scenario(s) {sorted(unknown)}; known: {list(runs)}")

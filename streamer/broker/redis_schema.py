@@ -88,11 +88,12 @@ PUBLISH_SCRIPT = """
 --       the batch: pieces separated by NUL (no piece contains one):
 --         number of users, then per user: id, task key prefix, active key,
 --           history key, cancel key prefix, channel
+--         number of tasks, then per task: user number, task id, task id as JSON
 --         number of layouts (the names an event's values go with), then per layout:
 --           type, then three lists of names, each preceded by its length: the event's
 --           fields, values set after them, values set only where the state has none
---         number of events, then per event: user number, layout number, task id,
---           task id as JSON, then one JSON value per name of its layout
+--         number of events, then per event: task number, layout number, then one
+--           JSON value per name of its layout
 -- Returns {epoch, the events' stream ids separated by spaces, error or ''}: on an
 -- error the ids are those of the events before the one that failed, and nothing
 -- after it was published.
@@ -126,7 +127,17 @@ local epoch = call('GET', KEYS[1])
 local users = {}
 for n = 1, tonumber(piece()) do
   users[n] = {id = piece(), task_prefix = piece(), active = piece(), history = piece(),
-              cancel_prefix = piece(), channel = piece(), stream_ids = {}}
+              cancel_prefix = piece(), channel = piece()}
+end
+-- Per task: its user, id and keys; once it has an event, whether it is active,
+-- whether it is finished, whether its hash is to be replaced, the values to set and
+-- the values to set if absent.
+local tasks = {}
+for n = 1, tonumber(piece()) do
+  local user = users[tonumber(piece())]
+  local id = piece()
+  tasks[n] = {user = user, id = id, json = piece(), key = user.task_prefix .. id,
+              cancel = user.cancel_prefix .. id}
 end
 local layouts = {}
 for n = 1, tonumber(piece()) do
@@ -139,34 +150,28 @@ for n = 1, tonumber(piece()) do
   layouts[n] = layout
 end
 
--- Per task key: whether it is active, whether it is finished, whether its hash is
--- to be replaced, the values to set and the values to set if absent.
-local tasks = {}
-local function task_state(user, task, task_key)
-  local state = tasks[task_key]
-  if state == nil then
-    local active = call('ZSCORE', user.active, task) ~= false
-    state = {active = active, reset = false, values = {user_id = user.id}, if_absent = {},
-             finished = not active and call('HEXISTS', task_key, 'completed_at') == 1}
-    tasks[task_key] = state
-  end
-  return state
+local function start(task)
+  local user = task.user
+  task.active = call('ZSCORE', user.active, task.id) ~= false
+  task.finished = not task.active and call('HEXISTS', task.key, 'completed_at') == 1
+  task.reset, task.values, task.if_absent = false, {user_id = user.id}, {}
 end
 
 local stream_ids = {}
 local function publish(n)
-  local user = users[tonumber(piece())]
+  local task = tasks[tonumber(piece())]
   local layout = layouts[tonumber(piece())]
-  local task, task_json = piece(), piece()
-  local task_key = user.task_prefix .. task
-  local state = task_state(user, task, task_key)
-  if not state.active and state.finished then
-    -- A new run of a finished task id starts from a clean state.
-    state.reset, state.values, state.if_absent = true, {user_id = user.id}, {}
+  local user = task.user
+  if task.values == nil then
+    start(task)
   end
-  local values, if_absent = state.values, state.if_absent
-  values.task_id = task_json
-  local body = {'{"type":"', layout.kind, '","task_id":', task_json}
+  if not task.active and task.finished then
+    -- A new run of a finished task id starts from a clean state.
+    task.reset, task.values, task.if_absent = true, {user_id = user.id}, {}
+  end
+  local values, if_absent = task.values, task.if_absent
+  values.task_id = task.json
+  local body = {'{"type":"', layout.kind, '","task_id":', task.json}
   for k, name in ipairs(layout.fields) do
     local value = piece()
     body[#body + 1] = layout.keys[k]
@@ -185,18 +190,17 @@ local function publish(n)
     end
   end
 
-  local terminal = layout.terminal
-  if terminal then
-    call('ZREM', user.active, task)
-    call('DEL', user.cancel_prefix .. task)
-    state.active, state.finished, state.ttl = false, true, history_ttl
+  if layout.terminal then
+    call('ZREM', user.active, task.id)
+    call('DEL', task.cancel)
+    task.active, task.finished, task.ttl = false, true, history_ttl
   else
-    if not state.active then
+    if not task.active then
       -- A new run of this task id: a cancellation of an earlier run does not apply.
-      call('ZADD', user.active, format('%.6f', created + n * 1e-6), task)
-      call('DEL', user.cancel_prefix .. task)
+      call('ZADD', user.active, format('%.6f', created + n * 1e-6), task.id)
+      call('DEL', task.cancel)
     end
-    state.active, state.finished, state.ttl = true, false, active_ttl
+    task.active, task.finished, task.ttl = true, false, active_ttl
     user.active_used = true
   end
 
@@ -213,7 +217,7 @@ local function publish(n)
   end
   user.length = user.length + 1
   local event_id = epoch .. '-' .. stream_id
-  call('PUBLISH', user.channel, concat({user.id, task, event_id, layout.kind, ''}, '\\n')
+  call('PUBLISH', user.channel, concat({user.id, task.id, event_id, layout.kind, ''}, '\\n')
     .. '{"id":"' .. event_id .. '",' .. sub(fields, 2) .. '}')
   stream_ids[n] = stream_id
 end
@@ -227,32 +231,32 @@ for n = 1, tonumber(piece()) do
   end
 end
 
-for task_key, state in pairs(tasks) do
-  if state.ttl ~= nil then
-    if state.reset then
-      call('DEL', task_key)
+for _, task in ipairs(tasks) do
+  if task.ttl ~= nil then
+    if task.reset then
+      call('DEL', task.key)
     end
     local hash, missing = {}, {}
-    for name, value in pairs(state.values) do
+    for name, value in pairs(task.values) do
       hash[#hash + 1] = name
       hash[#hash + 1] = value
     end
-    for name, value in pairs(state.if_absent) do
-      if state.values[name] == nil then
+    for name in pairs(task.if_absent) do
+      if task.values[name] == nil then
         missing[#missing + 1] = name
       end
     end
     if #missing > 0 then
-      local stored = state.reset and {} or call('HMGET', task_key, unpack(missing))
+      local stored = task.reset and {} or call('HMGET', task.key, unpack(missing))
       for k, name in ipairs(missing) do
         if not stored[k] then
           hash[#hash + 1] = name
-          hash[#hash + 1] = state.if_absent[name]
+          hash[#hash + 1] = task.if_absent[name]
         end
       end
     end
-    call('HSET', task_key, unpack(hash))
-    call('EXPIRE', task_key, state.ttl)
+    call('HSET', task.key, unpack(hash))
+    call('EXPIRE', task.key, task.ttl)
   end
 end
 for _, user in ipairs(users) do
@@ -345,9 +349,10 @@ Layout = tuple[str, tuple[str, ...], tuple[str, ...], tuple[str, ...]]
 
 class EncodedEvent(NamedTuple):
     """An event as the publish script reads it: its layout (type and the names its
-    values go with) and `text`, its pieces after the user and layout numbers."""
+    values go with) and `text`, its values."""
 
     user_id: str
+    task_id: str
     layout: Layout
     text: str
 
@@ -363,23 +368,33 @@ def encode_event(event: TaskEvent) -> EncodedEvent:
         raise TypeError(f"expected a TaskEvent, got {type(event).__name__}")
     fields = event.fields
     stamps, if_absent = event.state_stamps()
-    task_id = event.task_id
-    pieces = [task_id, dumps(task_id)]
-    pieces += map(dumps, fields.values())
+    pieces = list(map(dumps, fields.values()))
     pieces += map(dumps, stamps.values())
     pieces += map(dumps, if_absent.values())
-    text = "\0".join(pieces)
-    layout = (event.type, tuple(fields), tuple(stamps), tuple(if_absent))
-    # Validated events pass these checks; an event built by hand must not be able to
-    # shift the pieces of the other events in its batch, nor break the event's JSON.
+    # JSON text never holds a NUL (it is escaped), ids of validated events neither: an
+    # event built by hand must not shift the pieces of the other events in its batch,
+    # nor break the event's JSON with a name of its own.
     if (
-        text.count("\0") != len(pieces) - 1
+        not pieces
+        or "\0" in event.task_id
         or "\0" in event.user_id
         or event.type not in _EVENT_TYPES
         or not _FIELD_NAMES.issuperset(fields)
     ):
         raise EventError("malformed event: build events with progress_event or completed_event")
-    return EncodedEvent(event.user_id, layout, text)
+    layout = (event.type, tuple(fields), tuple(stamps), tuple(if_absent))
+    return EncodedEvent(event.user_id, event.task_id, layout, "\0".join(pieces))
+
+
+def _user_pieces(user_id: str) -> tuple[str, ...]:
+    return (
+        user_id,
+        task_key_prefix(user_id),
+        active_key(user_id),
+        history_key(user_id),
+        cancel_key_prefix(user_id),
+        user_channel(user_id),
+    )
 
 
 @functools.lru_cache(maxsize=256)
@@ -396,28 +411,32 @@ def publish_call(
 ) -> ScriptCall:
     """One script call publishing `events` in order."""
     users: dict[str, str] = {}
+    tasks: dict[tuple[str, str], str] = {}
     layouts: dict[Layout, str] = {}
-    head: list[str] = []
-    shapes: list[str] = []
+    user_pieces: list[str] = []
+    task_pieces: list[str] = []
+    layout_pieces: list[str] = []
     body: list[str] = []
-    for user_id, layout, text in events:
-        user = users.get(user_id)
-        if user is None:
-            user = users[user_id] = str(len(users) + 1)
-            head += (
-                user_id,
-                task_key_prefix(user_id),
-                active_key(user_id),
-                history_key(user_id),
-                cancel_key_prefix(user_id),
-                user_channel(user_id),
-            )
+    for user_id, task_id, layout, text in events:
+        task = tasks.get((user_id, task_id))
+        if task is None:
+            user = users.get(user_id)
+            if user is None:
+                user = users[user_id] = str(len(users) + 1)
+                user_pieces += _user_pieces(user_id)
+            task = tasks[user_id, task_id] = str(len(tasks) + 1)
+            task_pieces += (user, task_id, dumps(task_id))
         shape = layouts.get(layout)
         if shape is None:
             shape = layouts[layout] = str(len(layouts) + 1)
-            shapes += _layout_pieces(layout)
-        body += (user, shape, text)
-    batch = "\0".join([str(len(users)), *head, str(len(layouts)), *shapes, str(len(events)), *body])
+            layout_pieces += _layout_pieces(layout)
+        body += (task, shape, text)
+    batch = "\0".join(
+        [
+            str(len(users)), *user_pieces, str(len(tasks)), *task_pieces,
+            str(len(layouts)), *layout_pieces, str(len(events)), *body,
+        ]
+    )  # fmt: skip
     return ScriptCall(
         keys=[EPOCH_KEY],
         args=[
