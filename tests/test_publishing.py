@@ -30,6 +30,7 @@ from streamer.publisher import AsyncPublisher, BrokerUnavailable, Publisher
 from streamer.wire import Delivery, EventId
 
 from .clients import ws_json, ws_messages
+from .processes import RedisServer
 
 TokenFor = Callable[..., str]
 
@@ -409,3 +410,16 @@ async def test_publishing_survives_a_script_cache_flush_and_a_dropped_connection
             third = await publisher.progress("u", "t", progress=4)  # a new connection
         assert event_id(first) < event_id(second) < event_id(third)
         assert stored_state(admin, "u", "t")["progress"] == "4"
+
+
+async def test_a_publisher_left_open_carries_on_after_redis_restarts(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    async with AsyncPublisher(redis_url) as publisher:
+        await publisher.progress("u", "t", progress=1)
+        redis_server.stop()
+        redis_server.start()  # the same port, an empty dataset
+        await asyncio.sleep(redis_publishing.STALE_CHECK_AFTER_S + 0.1)
+        await publisher.progress("u", "t", progress=2)  # the first call after it succeeds
+    with redis.Redis.from_url(redis_url) as admin:
+        assert stored_state(admin, "u", "t")["progress"] == "2"

@@ -104,6 +104,9 @@ def publish_sync(
     return Published(epoch, stream_ids)
 
 
+STALE_CHECK_AFTER_S = 1.0
+
+
 class HeldScript:
     """A script run on a connection of its own, one call at a time, bounded as a whole by
     the client's socket timeout: the pool's checkout and the timeouts per socket
@@ -117,11 +120,10 @@ class HeldScript:
         self._script = script
         self._sha = hashlib.sha1(script.encode()).hexdigest()
         self._connection: AbstractConnection | None = None
+        self._last_used = 0.0
 
     async def __call__(self, *, keys: Sequence[str], args: Sequence[str | int | float]) -> object:
-        if self._connection is None:
-            self._connection = self._connection_class(**self._settings)
-        connection = self._connection
+        connection = await self._usable_connection()
         try:
             async with asyncio.timeout(self._timeout):
                 try:
@@ -134,6 +136,22 @@ class HeldScript:
             # A failed, timed out or cancelled call may leave part of a reply unread.
             await self.close()
             raise
+
+    async def _usable_connection(self) -> AbstractConnection:
+        """The held connection; after a pause, checked first as the pool checks the ones it
+        hands out, so that a restarted Redis costs no failed call."""
+        now = asyncio.get_running_loop().time()
+        idle, self._last_used = now - self._last_used, now
+        if self._connection is not None and idle > STALE_CHECK_AFTER_S:
+            try:
+                stale = await self._connection.can_read()
+            except (RedisError, OSError):
+                stale = True
+            if stale:
+                await self.close()
+        if self._connection is None:
+            self._connection = self._connection_class(**self._settings)
+        return self._connection
 
     async def _evalsha(
         self, connection: AbstractConnection, keys: Sequence[str], args: Sequence[str | int | float]
