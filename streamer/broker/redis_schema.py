@@ -94,9 +94,9 @@ PUBLISH_SCRIPT = """
 --           fields, values set after them, values set only where the state has none
 --         number of events, then per event: task number, layout number, then one
 --           JSON value per name of its layout
--- Returns {epoch, the events' stream ids separated by spaces, error or ''}: on an
--- error the ids are those of the events before the one that failed, and nothing
--- after it was published.
+-- Returns the epoch, the events' stream ids separated by spaces, and an error or
+-- nothing, on three lines: on an error the ids are those of the events before the
+-- one that failed, and nothing after it was published.
 local history_size = math.max(tonumber(ARGV[1]), 1)
 local history_ttl, active_ttl, created = ARGV[2], ARGV[3], tonumber(ARGV[5])
 local data, pos = ARGV[6], 1
@@ -121,8 +121,11 @@ local function names()
   return list
 end
 
-call('SET', KEYS[1], ARGV[4], 'NX')
 local epoch = call('GET', KEYS[1])
+if not epoch then
+  epoch = ARGV[4]
+  call('SET', KEYS[1], epoch)
+end
 
 local users = {}
 for n = 1, tonumber(piece()) do
@@ -280,7 +283,7 @@ for _, user in ipairs(users) do
     end
   end
 end
-return {epoch, concat(stream_ids, ' '), failure}
+return epoch .. '\\n' .. concat(stream_ids, ' ') .. '\\n' .. failure
 """
 
 SNAPSHOT_SCRIPT = """
@@ -490,8 +493,8 @@ class PublishReply:
 
 
 def publish_reply(raw: object, events: int) -> PublishReply:
-    if isinstance(raw, list) and len(raw) == 3 and all(isinstance(p, bytes) for p in raw):
-        epoch, ids, error = raw
+    if isinstance(raw, bytes) and raw.count(b"\n") >= 2:
+        epoch, ids, error = raw.split(b"\n", 2)
         if _EPOCH.fullmatch(epoch) and _STREAM_IDS.fullmatch(ids):
             stream_ids = ids.decode().split()
             complete = len(stream_ids) == events and not error
