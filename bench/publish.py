@@ -210,6 +210,19 @@ async def async_many(
         return await measured_async(f"async many {batch}{'+build' if build else ''}", admin, run)
 
 
+def round_trips(admin: redis.Redis, count: int = 500) -> str:
+    """The machine's floor: a PING and a script that does nothing, one after the other."""
+    noop = admin.register_script("return 1")
+    noop()
+    timings = []
+    for call in (admin.ping, noop):
+        started = time.perf_counter()
+        for _ in range(count):
+            call()
+        timings.append((time.perf_counter() - started) / count * 1e6)
+    return f"round trips (sync client): PING {timings[0]:.0f} us, empty script {timings[1]:.0f} us"
+
+
 def scenarios(
     url: str, scenario: Scenario, admin: redis.Redis, run_async: Callable[[Any], Result]
 ) -> dict[str, Callable[[], Result]]:
@@ -246,6 +259,7 @@ def main() -> int:
             unknown = set(args.only or ()) - set(runs)
             if unknown:
                 parser.error(f"unknown scenario(s) {sorted(unknown)}; known: {list(runs)}")
+            print(round_trips(admin))
             print(Result.HEADER)
             for name, run in runs.items():
                 if args.only and name not in args.only:

@@ -234,16 +234,14 @@ class TaskEvent:
         """What the event stores beyond its own fields: values set (after the fields, so
         they win), and values set only where the state has none yet."""
         now = self.published_at
-        if self.terminal:
-            if self.status == "SUCCESS":
-                return {"completed_at": now, "progress": 100}, {
-                    "created_at": now,
-                    "started_at": now,
-                }
-            return {"completed_at": now}, {"created_at": now, "started_at": now}
-        if self.status in RUNNING_STATUSES:
-            return {}, {"created_at": now, "started_at": now}
-        return {}, {"created_at": now}
+        if_absent = {"created_at": now}
+        if self.terminal or self.status in RUNNING_STATUSES:
+            if_absent["started_at"] = now
+        if not self.terminal:
+            return {}, if_absent
+        if self.status == "SUCCESS":
+            return {"completed_at": now, "progress": 100}, if_absent
+        return {"completed_at": now}, if_absent
 
 
 @dataclass(frozen=True)

@@ -217,9 +217,11 @@ class RedisBroker(Broker):
                 self._on_undecodable()
         return deliveries
 
+    @_unavailable_on_error
     async def publish(self, event: TaskEvent) -> EventId:
         return (await self._publishing.publish([encode_event(event)])).event_ids()[0]
 
+    @_unavailable_on_error
     async def publish_many(self, events: Iterable[TaskEvent]) -> list[EventId]:
         return (await self._publishing.publish(encode(events))).event_ids()
 

@@ -374,9 +374,9 @@ def encode_event(event: TaskEvent) -> EncodedEvent:
     pieces = list(map(dumps, fields.values()))
     pieces += map(dumps, stamps.values())
     pieces += map(dumps, if_absent.values())
-    # JSON text never holds a NUL (it is escaped), ids of validated events neither: an
-    # event built by hand must not shift the pieces of the other events in its batch,
-    # nor break the event's JSON with a name of its own.
+    # JSON text never holds a NUL (it is escaped), nor do the ids of validated events:
+    # an event built by hand must not shift the pieces of the other events of its batch,
+    # nor break its own JSON with a field name of its own.
     if (
         not pieces
         or "\0" in event.task_id
