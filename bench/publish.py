@@ -237,9 +237,7 @@ def scenarios(
             async_many(url, scenario, admin, b, False)
         )
     runs["many-sync-1000+build"] = lambda: sync_many(url, scenario, admin, 1000, True)
-    runs["many-async-1000+build"] = lambda: asyncio.run(
-        async_many(url, scenario, admin, 1000, True)
-    )
+    runs["many-async-1000+build"] = lambda: run_async(async_many(url, scenario, admin, 1000, True))
     return runs
 
 

@@ -423,3 +423,15 @@ async def test_a_publisher_left_open_carries_on_after_redis_restarts(
         await publisher.progress("u", "t", progress=2)  # the first call after it succeeds
     with redis.Redis.from_url(redis_url) as admin:
         assert stored_state(admin, "u", "t")["progress"] == "2"
+
+
+async def test_publishing_goes_to_the_database_of_the_url(redis_url: str) -> None:
+    url = redis_url.rsplit("/", 1)[0] + "/3"
+    async with AsyncPublisher(url) as publisher:
+        await publisher.progress("u", "t", progress=1)
+    with Publisher(url) as sync_publisher:
+        sync_publisher.progress("u", "t", progress=2)
+    with redis.Redis.from_url(url) as admin, redis.Redis.from_url(redis_url) as default:
+        assert admin.xlen(history_key("u")) == 2
+        assert not default.exists(history_key("u"))
+        admin.flushdb()

@@ -157,13 +157,24 @@ class HeldScript:
     async def _evalsha(
         self, connection: AbstractConnection, keys: Sequence[str], args: Sequence[str | int | float]
     ) -> object:
-        await connection.send_command("EVALSHA", self._sha, len(keys), *keys, *args)
+        command = ["EVALSHA", self._sha, len(keys), *keys, *args]
+        await connection.send_packed_command(_resp_command(command), check_health=True)
         return await connection.read_response()
 
     async def close(self) -> None:
         connection, self._connection = self._connection, None
         if connection is not None:
             await connection.disconnect(nowait=True)
+
+
+def _resp_command(parts: Sequence[str | int | float]) -> bytes:
+    """A command in the Redis protocol (redis-py's general encoder costs more than the
+    encoding of a small batch)."""
+    encoded = [part.encode() if isinstance(part, str) else repr(part).encode() for part in parts]
+    chunks = [b"*%d\r\n" % len(encoded)]
+    for part in encoded:
+        chunks += (b"$%d\r\n" % len(part), part, b"\r\n")
+    return b"".join(chunks)
 
 
 async def run_chunk(

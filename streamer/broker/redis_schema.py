@@ -389,6 +389,7 @@ def encode_event(event: TaskEvent) -> EncodedEvent:
     return EncodedEvent(event.user_id, event.task_id, layout, "\0".join(pieces))
 
 
+@functools.lru_cache(maxsize=4096)  # the same users come back batch after batch
 def _user_pieces(user_id: str) -> tuple[str, ...]:
     return (
         user_id,
@@ -482,8 +483,7 @@ _STREAM_IDS = re.compile(rb"(?:[0-9]{1,20}-[0-9]{1,20}(?: [0-9]{1,20}-[0-9]{1,20
 _EPOCH = re.compile(rb"[0-9a-f]{8,32}")
 
 
-@dataclass(frozen=True)
-class PublishReply:
+class PublishReply(NamedTuple):
     """The publish script's reply: the ids of the events published, in order; `error`
     (if any) is why the next one failed, and nothing after it was published."""
 
