@@ -25,7 +25,13 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from .broker.base import BrokerUnavailable
-from .broker.redis_publishing import HistoryLimits, PublishQueue, encode, publish_sync
+from .broker.redis_publishing import (
+    HistoryLimits,
+    PooledScript,
+    PublishQueue,
+    encode,
+    publish_sync,
+)
 from .broker.redis_schema import PUBLISH_SCRIPT, cancel_key, encode_event
 from .config import ENV_VARIABLES, ConfigError
 from .events import TaskEvent, completed_event, progress_event, validate_identifier
@@ -65,7 +71,7 @@ class Publisher:
     def __init__(self, redis_url: str | None = None) -> None:
         url, self._limits = _settings(redis_url, os.environ)
         self._client = redis.Redis.from_url(url, socket_connect_timeout=5)
-        self._script = self._client.register_script(PUBLISH_SCRIPT)
+        self._script = PooledScript(self._client, PUBLISH_SCRIPT)
 
     def progress(self, user_id: object, task_id: object, **fields: Any) -> str:
         return self.publish(progress_event(user_id, task_id, **fields))

@@ -416,13 +416,18 @@ async def test_a_publisher_left_open_carries_on_after_redis_restarts(
     redis_server: RedisServer, redis_url: str
 ) -> None:
     async with AsyncPublisher(redis_url) as publisher:
-        await publisher.progress("u", "t", progress=1)
-        redis_server.stop()
-        redis_server.start()  # the same port, an empty dataset
-        await asyncio.sleep(redis_publishing.STALE_CHECK_AFTER_S + 0.1)
-        await publisher.progress("u", "t", progress=2)  # the first call after it succeeds
+        with Publisher(redis_url) as sync_publisher:
+            await publisher.progress("u", "t", progress=1)
+            sync_publisher.progress("u", "s", progress=1)
+            redis_server.stop()
+            redis_server.start()  # the same port, an empty dataset
+            await asyncio.sleep(redis_publishing.STALE_CHECK_AFTER_S + 0.1)
+            # The first calls after it succeed.
+            await publisher.progress("u", "t", progress=2)
+            sync_publisher.progress("u", "s", progress=2)
     with redis.Redis.from_url(redis_url) as admin:
         assert stored_state(admin, "u", "t")["progress"] == "2"
+        assert stored_state(admin, "u", "s")["progress"] == "2"
 
 
 async def test_publishing_goes_to_the_database_of_the_url(redis_url: str) -> None:
