@@ -25,14 +25,10 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from .broker.base import BrokerUnavailable
-from .broker.redis_publishing import (
-    HistoryLimits,
-    PooledScript,
-    PublishQueue,
-    encode,
-    publish_sync,
-)
-from .broker.redis_schema import PUBLISH_SCRIPT, cancel_key, encode_event
+from .broker.redis_publish_script import PUBLISH_SCRIPT, encode_event
+from .broker.redis_publishing import HistoryLimits, PublishQueue, encode, publish_sync
+from .broker.redis_schema import cancel_key
+from .broker.redis_script_runners import PooledScript
 from .config import ENV_VARIABLES, ConfigError
 from .events import TaskEvent, completed_event, progress_event, validate_identifier
 

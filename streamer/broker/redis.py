@@ -16,6 +16,7 @@ from redis.exceptions import RedisError, ResponseError
 from ..events import TaskEvent, TaskState
 from ..wire import Delivery, EventId, UndecodableEvent, stored_event
 from .base import Broker, BrokerUnavailable, Listener, Replay, Snapshot
+from .redis_publish_script import encode_event
 from .redis_publishing import HistoryLimits, PublishQueue, encode
 from .redis_schema import (
     CANCEL_SCRIPT,
@@ -25,7 +26,6 @@ from .redis_schema import (
     cancel_key,
     decode_message,
     decode_state,
-    encode_event,
     history_key,
     snapshot_call,
     task_key,

@@ -1,30 +1,28 @@
 """Publishing to Redis, the one way `Publisher`, `AsyncPublisher` and `RedisBroker` do it.
 
 Events are encoded (and checked) before anything is sent, then go through the publish
-script in chunks, in order, one script call per chunk (`redis_schema`). Asynchronous
-callers share a queue: the calls made in one turn of the event loop leave together in
-the next, and calls made while a batch is in flight leave together when it is back.
-A lone call therefore leaves at once, and no timer ever holds one back.
+script (`redis_publish_script`) in chunks, in order, one script call per chunk.
+Asynchronous callers share a queue per lane (a lane per group of users): the calls made
+in one turn of the event loop leave together in the next, and the calls made while the
+lane's batch is in flight leave together when it is back. A lone call therefore leaves
+at once, and no timer ever holds one back.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-import redis
 import redis.asyncio as aioredis
-from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from ..events import TaskEvent
 from ..wire import EventId
 from .base import BrokerUnavailable
-from .redis_schema import (
+from .redis_publish_script import (
     PUBLISH_SCRIPT,
     EncodedEvent,
     PublishReply,
@@ -32,6 +30,7 @@ from .redis_schema import (
     publish_call,
     publish_reply,
 )
+from .redis_script_runners import HeldScript, PooledScript
 
 # A script call blocks Redis while it runs, about 12 microseconds an event on a shared
 # 2-core machine: a chunk keeps that stall around 10 ms and bounds one command's size.
@@ -84,40 +83,6 @@ def chunks(events: Sequence[EncodedEvent]) -> Iterator[Sequence[EncodedEvent]]:
         yield events[start:]
 
 
-class PooledScript:
-    """A script run on a connection of a synchronous client's pool (which makes it safe
-    between threads and checks connections it hands out), without the client's command
-    machinery, which costs more than a small batch's encoding."""
-
-    def __init__(self, client: redis.Redis, script: str) -> None:
-        self._pool = client.connection_pool
-        self._script = script
-        self._sha = hashlib.sha1(script.encode()).hexdigest()
-
-    def __call__(self, *, keys: Sequence[str], args: Sequence[str | int | float]) -> object:
-        # redis-py's synchronous connections carry no type annotations.
-        connection: Any = self._pool.get_connection()
-        try:
-            try:
-                return self._evalsha(connection, keys, args)
-            except NoScriptError:
-                connection.send_command("SCRIPT", "LOAD", self._script)
-                connection.read_response()
-                return self._evalsha(connection, keys, args)
-        except BaseException:
-            connection.disconnect()  # part of a reply may be left unread
-            raise
-        finally:
-            self._pool.release(connection)
-
-    def _evalsha(
-        self, connection: Any, keys: Sequence[str], args: Sequence[str | int | float]
-    ) -> object:
-        command = ["EVALSHA", self._sha, len(keys), *keys, *args]
-        connection.send_packed_command([_resp_command(command)])
-        return connection.read_response()
-
-
 def publish_sync(
     script: PooledScript, events: Sequence[EncodedEvent], limits: HistoryLimits
 ) -> Published:
@@ -135,78 +100,6 @@ def publish_sync(
         if reply.error is not None:
             raise _failure(reply.error, len(stream_ids), len(events))
     return Published(epoch, stream_ids)
-
-
-STALE_CHECK_AFTER_S = 1.0
-
-
-class HeldScript:
-    """A script run on a connection of its own, one call at a time, bounded as a whole by
-    the client's socket timeout: the pool's checkout and the timeouts per socket
-    operation cost more than the encoding of a small batch."""
-
-    def __init__(self, client: aioredis.Redis, script: str) -> None:
-        pool = client.connection_pool
-        self._settings = {**pool.connection_kwargs, "socket_timeout": None}
-        self._connection_class: type[AbstractConnection] = pool.connection_class
-        self._timeout: float | None = pool.connection_kwargs.get("socket_timeout")
-        self._script = script
-        self._sha = hashlib.sha1(script.encode()).hexdigest()
-        self._connection: AbstractConnection | None = None
-        self._last_used = 0.0
-
-    async def __call__(self, *, keys: Sequence[str], args: Sequence[str | int | float]) -> object:
-        connection = await self._usable_connection()
-        try:
-            async with asyncio.timeout(self._timeout):
-                try:
-                    return await self._evalsha(connection, keys, args)
-                except NoScriptError:
-                    await connection.send_command("SCRIPT", "LOAD", self._script)
-                    await connection.read_response()
-                    return await self._evalsha(connection, keys, args)
-        except BaseException:
-            # A failed, timed out or cancelled call may leave part of a reply unread.
-            await self.close()
-            raise
-
-    async def _usable_connection(self) -> AbstractConnection:
-        """The held connection; after a pause, checked first as the pool checks the ones it
-        hands out, so that a restarted Redis costs no failed call."""
-        now = asyncio.get_running_loop().time()
-        idle, self._last_used = now - self._last_used, now
-        if self._connection is not None and idle > STALE_CHECK_AFTER_S:
-            try:
-                stale = await self._connection.can_read()
-            except (RedisError, OSError):
-                stale = True
-            if stale:
-                await self.close()
-        if self._connection is None:
-            self._connection = self._connection_class(**self._settings)
-        return self._connection
-
-    async def _evalsha(
-        self, connection: AbstractConnection, keys: Sequence[str], args: Sequence[str | int | float]
-    ) -> object:
-        command = ["EVALSHA", self._sha, len(keys), *keys, *args]
-        await connection.send_packed_command(_resp_command(command), check_health=True)
-        return await connection.read_response()
-
-    async def close(self) -> None:
-        connection, self._connection = self._connection, None
-        if connection is not None:
-            await connection.disconnect(nowait=True)
-
-
-def _resp_command(parts: Sequence[str | int | float]) -> bytes:
-    """A command in the Redis protocol (redis-py's general encoder costs more than the
-    encoding of a small batch)."""
-    encoded = [part.encode() if isinstance(part, str) else repr(part).encode() for part in parts]
-    chunks = [b"*%d\r\n" % len(encoded)]
-    for part in encoded:
-        chunks += (b"$%d\r\n" % len(part), part, b"\r\n")
-    return b"".join(chunks)
 
 
 async def run_chunk(
@@ -274,7 +167,7 @@ class _Lane:
 
     async def close(self) -> None:
         while self._sender is not None:
-            await asyncio.shield(self._sender)
+            await asyncio.wait([self._sender])  # its callers get its outcome, not close()
         await self._script.close()
 
     async def _send_queued(self) -> None:
