@@ -62,7 +62,7 @@ _ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=
 def dumps(value: Any) -> str:
     """Compact one-line JSON; newlines inside strings are escaped, so SSE framing is safe.
 
-    The same text as `json.dumps` with these settings; strings and whole numbers, most of
+    The same text as `json.dumps` with these settings; strings, numbers and None, most of
     what events carry, skip the encoder (publishing encodes every field of every event).
     """
     kind = type(value)
@@ -70,6 +70,10 @@ def dumps(value: Any) -> str:
         return encode_basestring(value)
     if kind is int:
         return int.__repr__(value)
+    if value is None:
+        return "null"
+    if kind is float and math.isfinite(value):
+        return float.__repr__(value)
     return _ENCODE(value)
 
 
