@@ -8,7 +8,6 @@ import contextlib
 import dataclasses
 import json
 from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -60,7 +59,7 @@ def stored_state(admin: redis.Redis, user: str, task: str) -> dict[str, Any]:
     return {k.decode(): v.decode() for k, v in raw.items()}
 
 
-@asynccontextmanager
+@contextlib.asynccontextmanager
 async def channel_listener(
     redis_url: str, users: Iterable[str]
 ) -> AsyncIterator[Callable[[int], Any]]:
