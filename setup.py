@@ -13,7 +13,7 @@ setup(
         "gunicorn>=22",
         # hiredis parses what the subscriber reads; uvloop runs the workers (both measured
         # faster per delivery: see the README's benchmarks).
-        "redis[hiredis]>=5.0,<9",
+        "redis[hiredis]>=5.3,<9",
         "uvloop>=0.19; sys_platform != 'win32'",
         "PyJWT>=2.8,<3",
         "prometheus-client>=0.20",

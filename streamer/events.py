@@ -6,12 +6,15 @@ Everything a producer sends is validated here, once, whichever way it arrives
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from json.encoder import encode_basestring
 from typing import Any, Literal
 
 PROGRESS_STATUSES = frozenset({"PENDING", "STARTED", "PROGRESS", "RETRY"})
@@ -53,13 +56,38 @@ class EventError(ValueError):
     """A published event is malformed; the message says which field and why."""
 
 
+_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+
+
 def dumps(value: Any) -> str:
-    """Compact one-line JSON; newlines inside strings are escaped, so SSE framing is safe."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    """Compact one-line JSON; newlines inside strings are escaped, so SSE framing is safe.
+
+    The same text as `json.dumps` with these settings; strings, numbers and None, most of
+    what events carry, skip the encoder (publishing encodes every field of every event).
+    """
+    kind = type(value)
+    if kind is str:
+        return encode_basestring(value)
+    if kind is int:
+        return int.__repr__(value)
+    if value is None:
+        return "null"
+    if kind is float and math.isfinite(value):
+        return float.__repr__(value)
+    return _ENCODE(value)
 
 
 def utc_now_iso() -> str:
-    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    """`datetime.now(UTC).isoformat()` with a Z: microseconds, none when zero."""
+    seconds, nanoseconds = divmod(time.time_ns(), 1_000_000_000)
+    microseconds = nanoseconds // 1000
+    whole = _whole_second(seconds)
+    return f"{whole}.{microseconds:06d}Z" if microseconds else f"{whole}Z"
+
+
+@functools.lru_cache(maxsize=1)  # every event stamps one: the date part changes once a second
+def _whole_second(seconds: int) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def _require_unicode(name: str, value: str) -> None:
@@ -68,6 +96,9 @@ def _require_unicode(name: str, value: str) -> None:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise EventError(f"{name} must be valid Unicode text (no lone surrogates)") from None
+
+
+_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")
 
 
 def validate_identifier(name: str, value: object) -> str:
@@ -80,7 +111,7 @@ def validate_identifier(name: str, value: object) -> str:
         raise EventError(f"{name} must be a string")
     if not value or len(value) > MAX_ID_LENGTH:
         raise EventError(f"{name} must be 1 to {MAX_ID_LENGTH} characters long")
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+    if _CONTROL_CHARACTER.search(value):
         raise EventError(f"{name} must not contain control characters")
     _require_unicode(name, value)
     return value
@@ -195,18 +226,26 @@ class TaskEvent:
         return dumps({"type": self.type, "task_id": self.task_id, **self.fields})
 
     def state_update(self) -> StateUpdate:
-        """How this event changes the stored task state."""
+        """How this event changes the stored task state: its task id and its fields that
+        are not None, then its stamps (`state_stamps`)."""
         values: dict[str, Any] = {"task_id": self.task_id}
         values.update({k: v for k, v in self.fields.items() if v is not None})
-        if_absent = {"created_at": self.published_at}
-        if self.terminal:
-            values["completed_at"] = self.published_at
-            if self.status == "SUCCESS":
-                values["progress"] = 100
-            if_absent["started_at"] = self.published_at
-        elif self.status in RUNNING_STATUSES:
-            if_absent["started_at"] = self.published_at
+        stamps, if_absent = self.state_stamps()
+        values.update(stamps)
         return StateUpdate(values=values, if_absent=if_absent, terminal=self.terminal)
+
+    def state_stamps(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """What the event stores beyond its own fields: values set (after the fields, so
+        they win), and values set only where the state has none yet."""
+        now = self.published_at
+        if_absent = {"created_at": now}
+        if self.terminal or self.status in RUNNING_STATUSES:
+            if_absent["started_at"] = now
+        if not self.terminal:
+            return {}, if_absent
+        if self.status == "SUCCESS":
+            return {"completed_at": now, "progress": 100}, if_absent
+        return {"completed_at": now}, if_absent
 
 
 @dataclass(frozen=True)

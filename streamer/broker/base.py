@@ -10,6 +10,7 @@ encoded once, to one listener (the hub).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -84,6 +85,10 @@ class Broker(TaskStore):
     @abstractmethod
     async def publish(self, event: TaskEvent) -> EventId:
         """Store the task's new state and append the event, atomically; return its id."""
+
+    async def publish_many(self, events: Iterable[TaskEvent]) -> list[EventId]:
+        """Publish events in order, each as `publish` does; return their ids."""
+        return [await self.publish(event) for event in events]
 
     async def subscribe(self, user_id: str) -> None:
         """Route the user's events to this process; returns once they flow. Called for

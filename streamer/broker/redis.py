@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, ParamSpec, TypeVar, cast
 
 import redis.asyncio as redis
@@ -16,18 +16,17 @@ from redis.exceptions import RedisError, ResponseError
 from ..events import TaskEvent, TaskState
 from ..wire import Delivery, EventId, UndecodableEvent, stored_event
 from .base import Broker, BrokerUnavailable, Listener, Replay, Snapshot
+from .redis_publish_script import encode_event
+from .redis_publishing import HistoryLimits, PublishQueue, encode
 from .redis_schema import (
     CANCEL_SCRIPT,
     EPOCH_KEY,
-    PUBLISH_SCRIPT,
     SNAPSHOT_SCRIPT,
     cancel_call,
     cancel_key,
     decode_message,
     decode_state,
-    event_id_reply,
     history_key,
-    publish_call,
     snapshot_call,
     task_key,
     user_channel,
@@ -109,7 +108,9 @@ class RedisBroker(Broker):
             health_check_interval=30,
         )
         self._client = redis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
-        self._publish_script = self._client.register_script(PUBLISH_SCRIPT)
+        self._publishing = PublishQueue(
+            self._client, HistoryLimits(size=self._history_size, ttl=self._history_ttl)
+        )
         self._cancel_script = self._client.register_script(CANCEL_SCRIPT)
         self._snapshot_script = self._client.register_script(SNAPSHOT_SCRIPT)
         self._listener = listener
@@ -137,6 +138,7 @@ class RedisBroker(Broker):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._subscriber_task
         if self._client is not None:
+            await self._publishing.close()
             await self._client.aclose()
 
     async def subscribe(self, user_id: str) -> None:
@@ -217,8 +219,11 @@ class RedisBroker(Broker):
 
     @_unavailable_on_error
     async def publish(self, event: TaskEvent) -> EventId:
-        call = publish_call(event, history_size=self._history_size, history_ttl=self._history_ttl)
-        return event_id_reply(await self._publish_script(keys=call.keys, args=call.args))
+        return (await self._publishing.publish([encode_event(event)])).event_ids()[0]
+
+    @_unavailable_on_error
+    async def publish_many(self, events: Iterable[TaskEvent]) -> list[EventId]:
+        return (await self._publishing.publish(encode(events))).event_ids()
 
     @_unavailable_on_error
     async def snapshot(self, user_id: str, task_id: str | None = None) -> Snapshot:

@@ -1,10 +1,9 @@
 """Redis key layout, the Lua scripts and their replies, shared by the broker and the
 publishers.
 
-Publishing one event is one EVALSHA, whatever the number of subscribers: the script
-updates the task's state hash and the user's active set, appends the event to the
-user's history stream, and PUBLISHes it on the user's channel, to which each process
-with a client of that user is subscribed (on its one subscriber connection).
+Events are published by the script in `redis_publish_script`, which writes these keys
+and PUBLISHes each event on its user's channel, to which each process with a client of
+that user is subscribed (on its one subscriber connection).
 """
 
 from __future__ import annotations
@@ -12,13 +11,15 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from ..events import TaskEvent, TaskState, dumps, full_task_state
+from ..events import (
+    TaskState,
+    full_task_state,
+)
 from ..wire import Delivery, EventId
 from .base import MAX_SNAPSHOT_BYTES, MAX_SNAPSHOT_TASKS, BrokerUnavailable
 
@@ -60,71 +61,12 @@ def history_key(user_id: str) -> str:
 
 def cancel_key(user_id: str, task_id: str) -> str:
     """Per user and task: one user's cancel never reaches another user's task of that id."""
-    return f"{PREFIX}:cancel:{_user(user_id)}:{task_id}"
+    return cancel_key_prefix(user_id) + task_id
 
 
-PUBLISH_SCRIPT = """
--- KEYS: task hash, active zset, history stream, epoch, cancel flag
--- ARGV: user, task, event json (no id), terminal, history size, history ttl,
---       active ttl, candidate epoch, created score, channel, n_values, n_if_absent,
---       event type, then field/value pairs (values first, then if-absent ones)
-local task_key, active_key, history_key, epoch_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local user, task, event = ARGV[1], ARGV[2], ARGV[3]
-local terminal = ARGV[4] == '1'
-redis.call('SET', epoch_key, ARGV[8], 'NX')
-local epoch = redis.call('GET', epoch_key)
+def cancel_key_prefix(user_id: str) -> str:
+    return f"{PREFIX}:cancel:{_user(user_id)}:"
 
-local was_active = redis.call('ZSCORE', active_key, task) ~= false
-if not was_active and redis.call('HEXISTS', task_key, 'completed_at') == 1 then
-  -- A new run of a finished task id starts from a clean state.
-  redis.call('DEL', task_key)
-end
-local n_values, n_if_absent = tonumber(ARGV[11]), tonumber(ARGV[12])
-local i = 14
-redis.call('HSET', task_key, 'user_id', user)
-for _ = 1, n_values do
-  redis.call('HSET', task_key, ARGV[i], ARGV[i + 1])
-  i = i + 2
-end
-for _ = 1, n_if_absent do
-  redis.call('HSETNX', task_key, ARGV[i], ARGV[i + 1])
-  i = i + 2
-end
-if terminal then
-  redis.call('ZREM', active_key, task)
-  redis.call('EXPIRE', task_key, ARGV[6])
-  redis.call('DEL', KEYS[5])
-else
-  if not was_active then
-    -- A new run of this task id: a cancellation of an earlier run does not apply.
-    redis.call('ZADD', active_key, ARGV[9], task)
-    redis.call('DEL', KEYS[5])
-  end
-  redis.call('EXPIRE', task_key, ARGV[7])
-  redis.call('EXPIRE', active_key, ARGV[7])
-end
-
--- Trim with XDEL rather than MAXLEN: XDEL records max-deleted-entry-id, which
--- tells a resuming client whether anything after its last id was dropped.
-local excess = redis.call('XLEN', history_key) - tonumber(ARGV[5]) + 1
-if excess > 0 then
-  for _, entry in ipairs(redis.call('XRANGE', history_key, '-', '+', 'COUNT', excess)) do
-    redis.call('XDEL', history_key, entry[1])
-  end
-end
-local fresh = redis.call('EXISTS', history_key) == 0
-local stream_id = redis.call('XADD', history_key, '*', 'e', event)
-if fresh then
-  -- A history that expired and starts again: earlier resume points are gaps.
-  redis.call('XSETID', history_key, stream_id, 'ENTRIESADDED', 1, 'MAXDELETEDID', stream_id)
-end
-redis.call('EXPIRE', history_key, ARGV[6])
-local event_id = epoch .. '-' .. stream_id
-local with_id = '{"id":"' .. event_id .. '",' .. string.sub(event, 2)
-local header = user .. '\\n' .. task .. '\\n' .. event_id .. '\\n' .. ARGV[13]
-redis.call('PUBLISH', ARGV[10], header .. '\\n' .. with_id)
-return event_id
-"""
 
 SNAPSHOT_SCRIPT = """
 -- KEYS: active zset, history stream, epoch
@@ -186,40 +128,6 @@ class ScriptCall:
     args: list[str | int | float]
 
 
-def publish_call(event: TaskEvent, *, history_size: int, history_ttl: int) -> ScriptCall:
-    update = event.state_update()
-    pairs: list[str | int | float] = []
-    for key, value in update.values.items():
-        pairs += [key, dumps(value)]
-    for key, value in update.if_absent.items():
-        pairs += [key, dumps(value)]
-    return ScriptCall(
-        keys=[
-            task_key(event.user_id, event.task_id),
-            active_key(event.user_id),
-            history_key(event.user_id),
-            EPOCH_KEY,
-            cancel_key(event.user_id, event.task_id),
-        ],
-        args=[
-            event.user_id,
-            event.task_id,
-            event.to_json(),
-            "1" if update.terminal else "0",
-            history_size,
-            history_ttl,
-            max(ACTIVE_TASK_TTL_S, history_ttl),
-            secrets.token_hex(4),
-            time.time(),
-            user_channel(event.user_id),
-            len(update.values),
-            len(update.if_absent),
-            event.type,
-            *pairs,
-        ],
-    )
-
-
 def cancel_call(user_id: str, task_id: str) -> ScriptCall:
     return ScriptCall(
         keys=[task_key(user_id, task_id), active_key(user_id), cancel_key(user_id, task_id)],
@@ -243,15 +151,6 @@ def snapshot_call(user_id: str, task_id: str | None, *, history_ttl: int) -> Scr
 
 class MalformedReply(BrokerUnavailable):
     """Redis answered something the scripts never return."""
-
-
-def event_id_reply(raw: object) -> EventId:
-    """The publish script's reply: the new event's id."""
-    text = raw.decode() if isinstance(raw, bytes) else raw
-    event_id = EventId.parse(text) if isinstance(text, str) else None
-    if event_id is None:
-        raise MalformedReply(f"Redis returned a malformed event id: {raw!r}")
-    return event_id
 
 
 def decode_state(raw: Mapping[bytes, bytes]) -> TaskState | None:

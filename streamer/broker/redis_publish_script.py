@@ -1,0 +1,367 @@
+"""The publish script: one EVALSHA publishes a batch of events (one or many), whatever
+the number of subscribers. For each event it updates the task's state hash and the
+user's active set, appends the event to the user's history stream and PUBLISHes it on
+the user's channel (`redis_schema` has the keys); and here, how events are encoded for
+it and how its reply is read.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import secrets
+import time
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from ..events import TASK_STATE_FIELDS, EventError, TaskEvent, dumps
+from .redis_schema import (
+    ACTIVE_TASK_TTL_S,
+    EPOCH_KEY,
+    MalformedReply,
+    ScriptCall,
+    active_key,
+    cancel_key_prefix,
+    history_key,
+    task_key_prefix,
+    user_channel,
+)
+
+PUBLISH_SCRIPT = """
+-- Publishes a batch of events in order. Each event's state update, history entry and
+-- PUBLISH belong to the same script run, so each event is atomic; what only the
+-- batch's end result needs is written once per task and user, after the last event:
+-- a task's hash (its values merged in event order), trimming, TTLs.
+-- KEYS: epoch
+-- ARGV: history size, history ttl, active ttl, candidate epoch, now (created score),
+--       the batch: pieces separated by NUL (no piece contains one):
+--         number of users, then per user: id, task key prefix, active key,
+--           history key, cancel key prefix, channel
+--         number of tasks, then per task: user number, task id, task id as JSON
+--         number of layouts (the names an event's values go with), then per layout:
+--           type, then three lists of names, each preceded by its length: the event's
+--           fields, values set after them, values set only where the state has none
+--         number of events, then per event: task number, layout number, then one
+--           JSON value per name of its layout
+-- Returns the epoch, the events' stream ids separated by spaces, and an error or
+-- nothing, on three lines: on an error the ids are those of the events before the
+-- one that failed, and nothing after it was published.
+local history_size = math.max(tonumber(ARGV[1]), 1)
+local history_ttl, active_ttl, created = ARGV[2], ARGV[3], tonumber(ARGV[5])
+local data, pos = ARGV[6], 1
+local call, concat, format = redis.call, table.concat, string.format
+local find, sub = string.find, string.sub
+
+local function piece()
+  local stop = find(data, '\\0', pos, true)
+  if stop == nil then
+    stop = #data + 1
+  end
+  local text = sub(data, pos, stop - 1)
+  pos = stop + 1
+  return text
+end
+
+local function names()
+  local list = {}
+  for k = 1, tonumber(piece()) do
+    list[k] = piece()
+  end
+  return list
+end
+
+local epoch = call('GET', KEYS[1])
+if not epoch then
+  epoch = ARGV[4]
+  call('SET', KEYS[1], epoch)
+end
+
+local users = {}
+for n = 1, tonumber(piece()) do
+  users[n] = {id = piece(), task_prefix = piece(), active = piece(), history = piece(),
+              cancel_prefix = piece(), channel = piece()}
+end
+-- Per task: its user, id and keys; once it has an event, whether it is active,
+-- whether it is finished, whether its hash is to be replaced, the values to set and
+-- the values to set if absent.
+local tasks = {}
+for n = 1, tonumber(piece()) do
+  local user = users[tonumber(piece())]
+  local id = piece()
+  tasks[n] = {user = user, id = id, json = piece(), key = user.task_prefix .. id,
+              cancel = user.cancel_prefix .. id}
+end
+local layouts = {}
+for n = 1, tonumber(piece()) do
+  local kind = piece()
+  local layout = {kind = kind, terminal = kind == 'task_completed', fields = names(),
+                  stamps = names(), if_absent = names(), keys = {}}
+  for k, name in ipairs(layout.fields) do
+    layout.keys[k] = ',"' .. name .. '":'
+  end
+  layouts[n] = layout
+end
+
+local function start(task)
+  local user = task.user
+  task.active = call('ZSCORE', user.active, task.id) ~= false
+  task.finished = not task.active and call('HEXISTS', task.key, 'completed_at') == 1
+  task.reset, task.values, task.if_absent = false, {user_id = user.id}, {}
+end
+
+local stream_ids = {}
+local function publish(n)
+  local task = tasks[tonumber(piece())]
+  local layout = layouts[tonumber(piece())]
+  local user = task.user
+  if task.values == nil then
+    start(task)
+  end
+  if not task.active and task.finished then
+    -- A new run of a finished task id starts from a clean state.
+    task.reset, task.values, task.if_absent = true, {user_id = user.id}, {}
+  end
+  local values, if_absent = task.values, task.if_absent
+  values.task_id = task.json
+  local body = {'{"type":"', layout.kind, '","task_id":', task.json}
+  for k, name in ipairs(layout.fields) do
+    local value = piece()
+    body[#body + 1] = layout.keys[k]
+    body[#body + 1] = value
+    if value ~= 'null' then
+      values[name] = value
+    end
+  end
+  for _, name in ipairs(layout.stamps) do
+    values[name] = piece()
+  end
+  for _, name in ipairs(layout.if_absent) do
+    local value = piece()
+    if values[name] == nil and if_absent[name] == nil then
+      if_absent[name] = value
+    end
+  end
+
+  if layout.terminal then
+    call('ZREM', user.active, task.id)
+    call('DEL', task.cancel)
+    task.active, task.finished, task.ttl = false, true, history_ttl
+  else
+    if not task.active then
+      -- A new run of this task id: a cancellation of an earlier run does not apply.
+      call('ZADD', user.active, format('%.6f', created + n * 1e-6), task.id)
+      call('DEL', task.cancel)
+    end
+    task.active, task.finished, task.ttl = true, false, active_ttl
+    user.active_used = true
+  end
+
+  if user.length == nil then
+    user.length = call('XLEN', user.history)
+    user.fresh = user.length == 0 and call('EXISTS', user.history) == 0
+  end
+  local fields = concat(body)
+  local stream_id = call('XADD', user.history, '*', 'e', fields .. '}')
+  if user.fresh then
+    -- A history that expired and starts again: earlier resume points are gaps.
+    call('XSETID', user.history, stream_id, 'ENTRIESADDED', 1, 'MAXDELETEDID', stream_id)
+    user.fresh = false
+  end
+  user.length = user.length + 1
+  local event_id = epoch .. '-' .. stream_id
+  call('PUBLISH', user.channel, concat({user.id, task.id, event_id, layout.kind, ''}, '\\n')
+    .. '{"id":"' .. event_id .. '",' .. sub(fields, 2) .. '}')
+  stream_ids[n] = stream_id
+end
+
+local failure = ''
+for n = 1, tonumber(piece()) do
+  local ok, err = pcall(publish, n)
+  if not ok then
+    failure = type(err) == 'table' and tostring(err.err) or tostring(err)
+    break
+  end
+end
+
+for _, task in ipairs(tasks) do
+  if task.ttl ~= nil then
+    if task.reset then
+      call('DEL', task.key)
+    end
+    local hash, missing = {}, {}
+    for name, value in pairs(task.values) do
+      hash[#hash + 1] = name
+      hash[#hash + 1] = value
+    end
+    for name in pairs(task.if_absent) do
+      if task.values[name] == nil then
+        missing[#missing + 1] = name
+      end
+    end
+    if #missing > 0 then
+      local stored = task.reset and {} or call('HMGET', task.key, unpack(missing))
+      for k, name in ipairs(missing) do
+        if not stored[k] then
+          hash[#hash + 1] = name
+          hash[#hash + 1] = task.if_absent[name]
+        end
+      end
+    end
+    call('HSET', task.key, unpack(hash))
+    call('EXPIRE', task.key, task.ttl)
+  end
+end
+for _, user in ipairs(users) do
+  if user.length ~= nil then
+    -- Trim with XDEL rather than MAXLEN: XDEL records max-deleted-entry-id, which
+    -- tells a resuming client whether anything after its last id was dropped.
+    local excess = user.length - history_size
+    if excess > 0 then
+      local oldest = call('XRANGE', user.history, '-', '+', 'COUNT', excess)
+      for first = 1, #oldest, 1000 do  -- unpack() takes a bounded number of values
+        local ids = {}
+        for k = first, math.min(first + 999, #oldest) do
+          ids[#ids + 1] = oldest[k][1]
+        end
+        call('XDEL', user.history, unpack(ids))
+      end
+    end
+    call('EXPIRE', user.history, history_ttl)
+    if user.active_used then
+      call('EXPIRE', user.active, active_ttl)
+    end
+  end
+end
+return epoch .. '\\n' .. concat(stream_ids, ' ') .. '\\n' .. failure
+"""
+
+# An event's type, and the names of its fields, of its stamps and of its if-absent stamps.
+Layout = tuple[str, tuple[str, ...], tuple[str, ...], tuple[str, ...]]
+
+
+class EncodedEvent(NamedTuple):
+    """An event as the publish script reads it: its layout (type and the names its
+    values go with) and `text`, its values."""
+
+    user_id: str
+    task_id: str
+    layout: Layout
+    text: str
+
+
+_EVENT_TYPES = frozenset({"task_progress", "task_completed"})
+_FIELD_NAMES = frozenset(TASK_STATE_FIELDS)
+
+
+def encode_event(event: TaskEvent) -> EncodedEvent:
+    """Each value is JSON-encoded once: the script builds the event's JSON and its state
+    update (see `TaskEvent.state_update`) from the same pieces."""
+    if not isinstance(event, TaskEvent):
+        raise TypeError(f"expected a TaskEvent, got {type(event).__name__}")
+    fields = event.fields
+    stamps, if_absent = event.state_stamps()
+    pieces = list(map(dumps, fields.values()))
+    pieces += map(dumps, stamps.values())
+    pieces += map(dumps, if_absent.values())
+    # JSON text never holds a NUL (it is escaped), nor do the ids of validated events:
+    # an event built by hand must not shift the pieces of the other events of its batch,
+    # nor break its own JSON with a field name of its own.
+    if (
+        not pieces
+        or "\0" in event.task_id
+        or "\0" in event.user_id
+        or event.type not in _EVENT_TYPES
+        or not _FIELD_NAMES.issuperset(fields)
+    ):
+        raise EventError("malformed event: build events with progress_event or completed_event")
+    layout = (event.type, tuple(fields), tuple(stamps), tuple(if_absent))
+    return EncodedEvent(event.user_id, event.task_id, layout, "\0".join(pieces))
+
+
+@functools.lru_cache(maxsize=4096)  # the same users come back batch after batch
+def _user_pieces(user_id: str) -> tuple[str, ...]:
+    return (
+        user_id,
+        task_key_prefix(user_id),
+        active_key(user_id),
+        history_key(user_id),
+        cancel_key_prefix(user_id),
+        user_channel(user_id),
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _layout_pieces(layout: Layout) -> tuple[str, ...]:
+    kind, *groups = layout
+    pieces = [kind]
+    for names in groups:
+        pieces += (str(len(names)), *names)
+    return tuple(pieces)
+
+
+def publish_call(
+    events: Sequence[EncodedEvent], *, history_size: int, history_ttl: int
+) -> ScriptCall:
+    """One script call publishing `events` in order."""
+    users: dict[str, str] = {}
+    tasks: dict[tuple[str, str], str] = {}
+    layouts: dict[Layout, str] = {}
+    user_pieces: list[str] = []
+    task_pieces: list[str] = []
+    layout_pieces: list[str] = []
+    body: list[str] = []
+    for user_id, task_id, layout, text in events:
+        task = tasks.get((user_id, task_id))
+        if task is None:
+            user = users.get(user_id)
+            if user is None:
+                user = users[user_id] = str(len(users) + 1)
+                user_pieces += _user_pieces(user_id)
+            task = tasks[user_id, task_id] = str(len(tasks) + 1)
+            task_pieces += (user, task_id, dumps(task_id))
+        shape = layouts.get(layout)
+        if shape is None:
+            shape = layouts[layout] = str(len(layouts) + 1)
+            layout_pieces += _layout_pieces(layout)
+        body += (task, shape, text)
+    batch = "\0".join(
+        [
+            str(len(users)), *user_pieces, str(len(tasks)), *task_pieces,
+            str(len(layouts)), *layout_pieces, str(len(events)), *body,
+        ]
+    )  # fmt: skip
+    return ScriptCall(
+        keys=[EPOCH_KEY],
+        args=[
+            history_size,
+            history_ttl,
+            max(ACTIVE_TASK_TTL_S, history_ttl),
+            secrets.token_hex(4),
+            time.time(),
+            batch,
+        ],
+    )
+
+
+_STREAM_IDS = re.compile(rb"(?:[0-9]{1,20}-[0-9]{1,20}(?: [0-9]{1,20}-[0-9]{1,20})*)?")
+_EPOCH = re.compile(rb"[0-9a-f]{8,32}")
+
+
+class PublishReply(NamedTuple):
+    """The publish script's reply: the ids of the events published, in order; `error`
+    (if any) is why the next one failed, and nothing after it was published."""
+
+    epoch: str
+    stream_ids: list[str]
+    error: str | None
+
+
+def publish_reply(raw: object, events: int) -> PublishReply:
+    if isinstance(raw, bytes) and raw.count(b"\n") >= 2:
+        epoch, ids, error = raw.split(b"\n", 2)
+        if _EPOCH.fullmatch(epoch) and _STREAM_IDS.fullmatch(ids):
+            stream_ids = ids.decode().split()
+            complete = len(stream_ids) == events and not error
+            if complete or (len(stream_ids) < events and error):
+                return PublishReply(epoch.decode(), stream_ids, error.decode() or None)
+    raise MalformedReply(f"Redis returned a malformed reply to a publish: {raw!r:.200}")

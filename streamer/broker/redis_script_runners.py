@@ -1,0 +1,122 @@
+"""Running a script on a connection directly, the way publishing does: redis-py's
+command machinery (pool checkout, argument encoding, retries, timeouts per socket
+operation) costs more than the encoding of a small batch of events.
+
+A failed call is not retried: the script may have run before the connection failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import NoScriptError, RedisError
+
+Argument = str | int | float
+
+
+def resp_command(parts: Sequence[Argument]) -> bytes:
+    """A command in the Redis protocol, encoded as redis-py encodes it."""
+    encoded = [part.encode() if isinstance(part, str) else repr(part).encode() for part in parts]
+    chunks = [b"*%d\r\n" % len(encoded)]
+    for part in encoded:
+        chunks += (b"$%d\r\n" % len(part), part, b"\r\n")
+    return b"".join(chunks)
+
+
+class PooledScript:
+    """A script run on a connection of a synchronous client's pool: safe between threads,
+    and the pool checks each connection it hands out."""
+
+    def __init__(self, client: redis.Redis, script: str) -> None:
+        self._pool = client.connection_pool
+        self._script = script
+        self._sha = hashlib.sha1(script.encode()).hexdigest()
+
+    def __call__(self, *, keys: Sequence[str], args: Sequence[Argument]) -> object:
+        # redis-py's synchronous connections carry no type annotations.
+        connection: Any = self._pool.get_connection()
+        try:
+            try:
+                return self._evalsha(connection, keys, args)
+            except NoScriptError:
+                connection.send_command("SCRIPT", "LOAD", self._script)
+                connection.read_response()
+                return self._evalsha(connection, keys, args)
+        except BaseException:
+            connection.disconnect()  # part of a reply may be left unread
+            raise
+        finally:
+            self._pool.release(connection)
+
+    def _evalsha(self, connection: Any, keys: Sequence[str], args: Sequence[Argument]) -> object:
+        command = ["EVALSHA", self._sha, len(keys), *keys, *args]
+        connection.send_packed_command([resp_command(command)])
+        return connection.read_response()
+
+
+# A held connection unused for longer is checked before use (Redis may have restarted).
+STALE_CHECK_AFTER_S = 1.0
+
+
+class HeldScript:
+    """A script run on an asyncio connection of its own, one call at a time, each call
+    bounded as a whole by the client's socket timeout."""
+
+    def __init__(self, client: aioredis.Redis, script: str) -> None:
+        pool = client.connection_pool
+        self._settings = {**pool.connection_kwargs, "socket_timeout": None}
+        self._connection_class: type[AbstractConnection] = pool.connection_class
+        self._timeout: float | None = pool.connection_kwargs.get("socket_timeout")
+        self._script = script
+        self._sha = hashlib.sha1(script.encode()).hexdigest()
+        self._connection: AbstractConnection | None = None
+        self._last_used = 0.0
+
+    async def __call__(self, *, keys: Sequence[str], args: Sequence[Argument]) -> object:
+        connection = await self._usable_connection()
+        try:
+            async with asyncio.timeout(self._timeout):
+                try:
+                    return await self._evalsha(connection, keys, args)
+                except NoScriptError:
+                    await connection.send_command("SCRIPT", "LOAD", self._script)
+                    await connection.read_response()
+                    return await self._evalsha(connection, keys, args)
+        except BaseException:
+            # A failed, timed out or cancelled call may leave part of a reply unread.
+            await self.close()
+            raise
+
+    async def _usable_connection(self) -> AbstractConnection:
+        """The held connection; after a pause, checked first as the pool checks the ones it
+        hands out, so that a restarted Redis costs no failed call."""
+        now = asyncio.get_running_loop().time()
+        idle, self._last_used = now - self._last_used, now
+        if self._connection is not None and idle > STALE_CHECK_AFTER_S:
+            try:
+                stale = await self._connection.can_read()
+            except (RedisError, OSError):
+                stale = True
+            if stale:
+                await self.close()
+        if self._connection is None:
+            self._connection = self._connection_class(**self._settings)
+        return self._connection
+
+    async def _evalsha(
+        self, connection: AbstractConnection, keys: Sequence[str], args: Sequence[Argument]
+    ) -> object:
+        command = ["EVALSHA", self._sha, len(keys), *keys, *args]
+        await connection.send_packed_command(resp_command(command), check_health=True)
+        return await connection.read_response()
+
+    async def close(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await connection.disconnect(nowait=True)

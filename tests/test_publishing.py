@@ -1,0 +1,442 @@
+"""Publishing many events: auto-batched concurrent calls and `publish_many`, checked
+against Redis itself (states, histories, trimming) and against what subscribers get."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+from aiohttp.test_utils import TestClient
+
+from streamer.broker import redis_publishing, redis_script_runners
+from streamer.broker.memory import MemoryBroker
+from streamer.broker.redis import RedisBroker
+from streamer.broker.redis_schema import (
+    active_key,
+    decode_message,
+    history_key,
+    task_key,
+    user_channel,
+)
+from streamer.events import EventError, TaskEvent, completed_event, progress_event
+from streamer.publisher import AsyncPublisher, BrokerUnavailable, Publisher
+from streamer.wire import Delivery, EventId
+
+from .clients import ws_json, ws_messages
+from .processes import RedisServer
+
+TokenFor = Callable[..., str]
+
+
+def script_calls(admin: redis.Redis) -> int:
+    stats = admin.info("commandstats").get("cmdstat_evalsha", {"calls": 0})
+    return int(stats["calls"])
+
+
+def event_id(raw: str) -> EventId:
+    parsed = EventId.parse(raw)
+    assert parsed is not None, raw
+    return parsed
+
+
+def history_ids(admin: redis.Redis, user: str) -> list[str]:
+    return [sid.decode() for sid, _ in admin.xrange(history_key(user))]
+
+
+def stream_id(raw: str) -> str:
+    return event_id(raw).stream_id
+
+
+def stored_state(admin: redis.Redis, user: str, task: str) -> dict[str, Any]:
+    raw = admin.hgetall(task_key(user, task))
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+@contextlib.asynccontextmanager
+async def channel_listener(
+    redis_url: str, users: Iterable[str]
+) -> AsyncIterator[Callable[[int], Any]]:
+    """Subscribes to the users' channels; yields `received(n)`, which waits for n
+    deliveries in all and returns them in arrival order."""
+    client = aioredis.Redis.from_url(redis_url)
+    pubsub = client.pubsub()
+    await pubsub.subscribe(*(user_channel(user) for user in users))
+    deliveries: list[Delivery] = []
+
+    async def received(count: int) -> list[Delivery]:
+        async def read() -> None:
+            while len(deliveries) < count:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+                if message is not None:
+                    delivery = decode_message(message["data"])
+                    assert delivery is not None, message
+                    deliveries.append(delivery)
+
+        await asyncio.wait_for(read(), 20)
+        await asyncio.sleep(0.05)  # nothing more than expected arrives
+        while (message := await pubsub.get_message(ignore_subscribe_messages=True)) is not None:
+            deliveries.append(decode_message(message["data"]))  # type: ignore[arg-type]
+        return deliveries
+
+    try:
+        yield received
+    finally:
+        await pubsub.aclose()
+        await client.aclose()
+
+
+# --- auto-batching -----------------------------------------------------------------------
+
+
+async def test_concurrent_async_publishes_are_batched_stored_and_delivered_once(
+    redis_url: str,
+) -> None:
+    tasks, steps = 40, 25
+    users = [f"user-{n}" for n in range(6)]
+    published: dict[int, list[str]] = {}
+    with redis.Redis.from_url(redis_url) as admin:
+        async with channel_listener(redis_url, users) as received:
+            async with AsyncPublisher(redis_url) as publisher:
+                await publisher.progress("warm-up", "t", progress=1)  # loads the script
+                calls_before = script_calls(admin)
+
+                async def producer(number: int) -> None:
+                    ids = published.setdefault(number, [])
+                    user, task = users[number % len(users)], f"task-{number}"
+                    for step in range(1, steps + 1):
+                        progress = 100 * step // steps
+                        ids.append(
+                            await publisher.progress(
+                                user, task, progress=progress, processed_items=step
+                            )
+                        )
+
+                await asyncio.gather(*(producer(n) for n in range(tasks)))
+                calls = script_calls(admin) - calls_before
+            deliveries = await received(tasks * steps)
+
+        total = tasks * steps
+        assert calls <= total // 5, f"{calls} script calls for {total} concurrent events"
+        every_id = {(number % len(users), raw) for number, ids in published.items() for raw in ids}
+        assert len(every_id) == total  # ids are positions in each user's own history
+        for ids in published.values():
+            assert [event_id(raw) for raw in ids] == sorted(event_id(raw) for raw in ids)
+            assert len(ids) == steps
+
+        for user in users:
+            stored = history_ids(admin, user)
+            mine = {
+                stream_id(raw)
+                for number, ids in published.items()
+                if users[number % len(users)] == user
+                for raw in ids
+            }
+            assert set(stored) == mine and len(stored) == len(mine)
+            got = [d.event_id.stream_id for d in deliveries if d.user_id == user]
+            assert got == stored  # each event once, in the order of the user's history
+        for number in range(tasks):
+            state = stored_state(admin, users[number % len(users)], f"task-{number}")
+            assert state["processed_items"] == str(steps) and state["progress"] == "100"
+            assert state["status"] == '"PROGRESS"'
+
+
+async def test_concurrent_calls_of_one_turn_share_one_script_call_and_a_lone_call_goes_alone(
+    redis_url: str,
+) -> None:
+    with redis.Redis.from_url(redis_url) as admin:
+        async with AsyncPublisher(redis_url) as publisher:
+            await publisher.progress("u", "t", progress=1)
+
+            before = script_calls(admin)
+            ids = await asyncio.gather(
+                *(publisher.progress("u", f"t{n}", progress=n) for n in range(10))
+            )
+            assert script_calls(admin) - before == 1
+            assert [event_id(raw) for raw in ids] == sorted(event_id(raw) for raw in ids)
+
+            before = script_calls(admin)
+            commands_before = admin.info("stats")["total_commands_processed"]
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            await publisher.progress("u", "t", progress=2)
+            elapsed = loop.time() - started
+            assert script_calls(admin) - before == 1
+            # INFO, the script, and the commands it ran: nothing else from the publisher.
+            commands = admin.info("stats")["total_commands_processed"] - commands_before
+            assert commands < 20
+            assert elapsed < 1
+
+
+async def test_a_cancelled_call_that_has_not_left_publishes_nothing(redis_url: str) -> None:
+    async with AsyncPublisher(redis_url) as publisher:
+        call = asyncio.ensure_future(publisher.progress("u", "gone", progress=1))
+        await asyncio.sleep(0)  # queued, not sent yet
+        call.cancel()
+        kept = await publisher.progress("u", "kept", progress=1)
+    with redis.Redis.from_url(redis_url) as admin:
+        assert history_ids(admin, "u") == [stream_id(kept)]
+        assert not admin.exists(task_key("u", "gone"))
+
+
+# --- publish_many ------------------------------------------------------------------------
+
+
+def lifecycle(user: str) -> list[TaskEvent]:
+    """Every kind of transition: pending then running, optional fields, a failure, a
+    success, a new run of a finished task, a revoked task."""
+    return [
+        progress_event(user, "a", status="PENDING", task_name="export", category="reports"),
+        progress_event(user, "b", progress=5, current_step="start", total_items=3),
+        progress_event(user, "a", status="STARTED", progress=0),
+        progress_event(user, "b", progress=33.5, processed_items=1, total_items=3),
+        progress_event(user, "a", progress=50, estimated_completion="2030-01-31T12:00:00Z"),
+        completed_event(user, "b", status="FAILURE", error_message="disk full"),
+        progress_event(user, "b", status="RETRY", progress=1),  # a new run of b
+        completed_event(user, "a", result_data={"rows": 3, "nested": {"ok": True}}),
+        progress_event(user, "c", progress=10),
+        completed_event(user, "c", status="REVOKED"),
+        progress_event(user, "a", progress=1),  # a new run of a
+    ]
+
+
+def for_user(events: list[TaskEvent], user: str) -> list[TaskEvent]:
+    """The same events (same timestamps) for another user."""
+    return [dataclasses.replace(event, user_id=user) for event in events]
+
+
+def user_data(admin: redis.Redis, user: str) -> dict[str, Any]:
+    """Everything stored for a user, ids and expiry times aside."""
+    tasks = {}
+    for task in ("a", "b", "c"):
+        state = stored_state(admin, user, task)
+        state.pop("user_id")
+        tasks[task] = state
+        assert admin.ttl(task_key(user, task)) > 0
+    entries = [fields[b"e"].decode() for _, fields in admin.xrange(history_key(user))]
+    active = sorted(member.decode() for member in admin.zrange(active_key(user), 0, -1))
+    return {"tasks": tasks, "history": entries, "active": active}
+
+
+async def test_publish_many_stores_what_publishing_one_by_one_stores(redis_url: str) -> None:
+    events = lifecycle("single")
+    with Publisher(redis_url) as publisher:
+        one_by_one = [publisher.publish(event) for event in events]
+        batched = publisher.publish_many(for_user(events, "sync-batch"))
+    async with AsyncPublisher(redis_url) as async_publisher:
+        async_batched = await async_publisher.publish_many(for_user(events, "async-batch"))
+
+    with redis.Redis.from_url(redis_url) as admin:
+        expected = user_data(admin, "single")
+        assert expected["active"] == ["a", "b"]
+        assert len(expected["history"]) == len(events)
+        for user, ids in (("sync-batch", batched), ("async-batch", async_batched)):
+            assert user_data(admin, user) == expected
+            assert [stream_id(raw) for raw in ids] == history_ids(admin, user)
+            assert [event_id(raw) for raw in ids] == sorted(event_id(raw) for raw in ids)
+        assert [stream_id(raw) for raw in one_by_one] == history_ids(admin, "single")
+        # The new run of "a" started from a clean state.
+        assert "result_data" not in expected["tasks"]["a"]
+        assert json.loads(expected["tasks"]["b"]["status"]) == "RETRY"
+
+
+async def test_publish_many_states_match_the_event_model(redis_url: str) -> None:
+    """The script's state updates are those of `TaskEvent.state_update`, which the
+    embedded broker applies: the same events leave the same states in both."""
+    memory = MemoryBroker(history_size=100, history_ttl=3600)
+    broker = RedisBroker(redis_url, history_size=100, history_ttl=3600)
+
+    class Ignore:
+        def deliver(self, delivery: Delivery) -> None: ...
+        def reset(self) -> None: ...
+        def resume_points(self) -> dict[str, EventId | None]:
+            return {}
+
+    await broker.start(Ignore())
+    try:
+        events = lifecycle("model")
+        for event in events:
+            await memory.publish(event)
+        ids = await broker.publish_many(events)
+        assert ids == sorted(ids) and all(isinstance(i, EventId) for i in ids)
+        for task in ("a", "b", "c"):
+            assert await broker.task_state("model", task) == await memory.task_state("model", task)
+        assert [t["task_id"] for t in (await broker.snapshot("model")).tasks] == ["a", "b"]
+    finally:
+        await broker.close()
+
+
+async def test_publish_many_reaches_every_subscriber_in_order(
+    redis_client: TestClient, redis_url: str, token_for: TokenFor, user_id: str
+) -> None:
+    events = [progress_event(user_id, "job", progress=n, processed_items=n) for n in range(30)]
+    events.append(completed_event(user_id, "job", result_data={"n": 30}))
+    async with (
+        redis_client.ws_connect(f"/ws/tasks/?token={token_for(user_id)}") as first,
+        redis_client.ws_connect(f"/ws/tasks/?token={token_for(user_id)}") as second,
+        AsyncPublisher(redis_url) as publisher,
+    ):
+        await ws_json(first)
+        await ws_json(second)
+        ids = await publisher.publish_many(events)
+        for ws in (first, second):
+            got = await ws_messages(ws, len(events))
+            assert [message["id"] for message in got] == ids
+            assert [message.get("progress") for message in got[:-1]] == list(range(30))
+            assert got[-1]["type"] == "task_completed" and got[-1]["result_data"] == {"n": 30}
+
+
+def test_publish_many_trims_the_history_exactly(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STREAMER_HISTORY_SIZE", "5")
+    with Publisher(redis_url) as publisher, redis.Redis.from_url(redis_url) as admin:
+        ids = publisher.publish_many(
+            [progress_event("u", "t", progress=n) for n in range(23)]
+        )  # one batch, more than the history holds
+        info = admin.xinfo_stream(history_key("u"))
+        assert history_ids(admin, "u") == [stream_id(raw) for raw in ids[-5:]]
+        assert info["max-deleted-entry-id"].decode() == stream_id(ids[-6])
+        assert info["entries-added"] == 23
+
+        more = publisher.publish_many([progress_event("u", "t", progress=n) for n in range(3)])
+        info = admin.xinfo_stream(history_key("u"))
+        assert history_ids(admin, "u") == [stream_id(raw) for raw in (ids + more)[-5:]]
+        assert info["max-deleted-entry-id"].decode() == stream_id(ids[-3])
+
+        singles = [publisher.progress("v", "t", progress=n) for n in range(8)]
+        info = admin.xinfo_stream(history_key("v"))
+        assert history_ids(admin, "v") == [stream_id(raw) for raw in singles[-5:]]
+        assert info["max-deleted-entry-id"].decode() == stream_id(singles[-6])
+
+
+async def test_publish_many_sends_nothing_when_one_event_is_malformed(redis_url: str) -> None:
+    good = progress_event("u", "t", progress=1)
+    malformed = [
+        dataclasses.replace(good, type="task_bogus"),  # type: ignore[arg-type]
+        dataclasses.replace(good, task_id="t\x00shifted"),
+        dataclasses.replace(good, fields={"status": "PROGRESS", "bogus": 1}),
+        {"user_id": "u", "task_id": "t"},
+    ]
+    with Publisher(redis_url) as publisher, redis.Redis.from_url(redis_url) as admin:
+        with pytest.raises(EventError, match="progress"):
+            publisher.publish_many([good, progress_event("u", "t", progress=101)])
+        for bad in malformed:
+            with pytest.raises((EventError, TypeError)):
+                publisher.publish_many([good, bad, good])  # type: ignore[list-item]
+            async with AsyncPublisher(redis_url) as async_publisher:
+                with pytest.raises((EventError, TypeError)):
+                    await async_publisher.publish_many([good, bad])  # type: ignore[list-item]
+        assert admin.dbsize() == 0  # not even the epoch: no script ran
+        assert publisher.publish_many([]) == []
+
+
+async def test_a_batch_larger_than_a_chunk_goes_in_several_script_calls_in_order(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(redis_publishing, "MAX_CHUNK_EVENTS", 7)
+    users = ["x", "y", "z"]
+    events = [
+        progress_event(users[n % 3], f"t{n % 4}", progress=n, processed_items=n) for n in range(50)
+    ]
+    with redis.Redis.from_url(redis_url) as admin:
+        with Publisher(redis_url) as publisher:
+            publisher.progress("warm-up", "t", progress=1)
+            before = script_calls(admin)
+            ids = publisher.publish_many(events)
+            assert script_calls(admin) - before == 8  # ceil(50 / 7)
+        async with channel_listener(redis_url, users) as received:
+            async with AsyncPublisher(redis_url) as async_publisher:
+                before = script_calls(admin)
+                async_ids = await async_publisher.publish_many(events)
+                assert script_calls(admin) - before == 8
+            deliveries = await received(len(events))
+        for batch in (ids, async_ids):
+            for user in users:
+                mine = [
+                    event_id(raw) for raw, e in zip(batch, events, strict=True) if e.user_id == user
+                ]
+                assert mine == sorted(set(mine))
+        assert [d.event_id for d in deliveries] == [event_id(raw) for raw in async_ids]
+        assert stored_state(admin, "y", "t1")["processed_items"] == "49"  # the last one wins
+
+
+async def test_a_refused_event_fails_its_caller_alone(redis_url: str) -> None:
+    """Redis refuses an event (its user's history key was overwritten): the events
+    before it are published, the ones after it are not, and concurrent callers of
+    other users are not affected."""
+    with redis.Redis.from_url(redis_url) as admin:
+        admin.set(history_key("broken"), "not a stream")
+        with Publisher(redis_url) as publisher:
+            batch = [
+                progress_event("fine", "t", progress=1),
+                progress_event("broken", "t", progress=1),
+                progress_event("fine", "t", progress=2),
+            ]
+            with pytest.raises(BrokerUnavailable, match="event 2 of 3"):
+                publisher.publish_many(batch)
+            assert admin.xlen(history_key("fine")) == 1
+        async with AsyncPublisher(redis_url) as async_publisher:
+            results = await asyncio.gather(
+                *(
+                    async_publisher.progress(user, "t", progress=3)
+                    for user in ("fine", "broken", "also-fine")
+                ),
+                return_exceptions=True,
+            )
+        assert isinstance(results[1], BrokerUnavailable), results
+        assert isinstance(results[0], str) and isinstance(results[2], str), results
+        assert admin.xlen(history_key("fine")) == 2
+        assert admin.xlen(history_key("also-fine")) == 1
+
+
+async def test_publishing_survives_a_script_cache_flush_and_a_dropped_connection(
+    redis_url: str,
+) -> None:
+    with redis.Redis.from_url(redis_url) as admin:
+        async with AsyncPublisher(redis_url) as publisher:
+            first = await publisher.progress("u", "t", progress=1)
+            admin.script_flush()
+            second = await publisher.progress("u", "t", progress=2)
+            admin.client_kill_filter(_type="normal", skipme=True)
+            with contextlib.suppress(BrokerUnavailable):  # unless the connection was checked
+                await publisher.progress("u", "t", progress=3)
+            third = await publisher.progress("u", "t", progress=4)  # a new connection
+        assert event_id(first) < event_id(second) < event_id(third)
+        assert stored_state(admin, "u", "t")["progress"] == "4"
+
+
+async def test_a_publisher_left_open_carries_on_after_redis_restarts(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    async with AsyncPublisher(redis_url) as publisher:
+        with Publisher(redis_url) as sync_publisher:
+            await publisher.progress("u", "t", progress=1)
+            sync_publisher.progress("u", "s", progress=1)
+            redis_server.stop()
+            redis_server.start()  # the same port, an empty dataset
+            await asyncio.sleep(redis_script_runners.STALE_CHECK_AFTER_S + 0.1)
+            # The first calls after it succeed.
+            await publisher.progress("u", "t", progress=2)
+            sync_publisher.progress("u", "s", progress=2)
+    with redis.Redis.from_url(redis_url) as admin:
+        assert stored_state(admin, "u", "t")["progress"] == "2"
+        assert stored_state(admin, "u", "s")["progress"] == "2"
+
+
+async def test_publishing_goes_to_the_database_of_the_url(redis_url: str) -> None:
+    url = redis_url.rsplit("/", 1)[0] + "/3"
+    async with AsyncPublisher(url) as publisher:
+        await publisher.progress("u", "t", progress=1)
+    with Publisher(url) as sync_publisher:
+        sync_publisher.progress("u", "t", progress=2)
+    with redis.Redis.from_url(url) as admin, redis.Redis.from_url(redis_url) as default:
+        assert admin.xlen(history_key("u")) == 2
+        assert not default.exists(history_key("u"))
+        admin.flushdb()
