@@ -221,9 +221,12 @@ class TaskEvent:
     def terminal(self) -> bool:
         return self.type == "task_completed"
 
-    def to_json(self) -> str:
-        """The wire message without its id (the broker assigns the id)."""
-        return dumps({"type": self.type, "task_id": self.task_id, **self.fields})
+    def to_json(self, state: TaskState) -> str:
+        """The wire message without its id (the broker assigns the id): the event's type
+        and the task's full state after it (`state`, as `full_task_state` gives it), so
+        that a client that replaces its copy of the task with the event is always right,
+        even when the producer published one field."""
+        return event_json(self.type, self.task_id, state)
 
     def state_update(self) -> StateUpdate:
         """How this event changes the stored task state: its task id and its fields that
@@ -260,6 +263,17 @@ class StateUpdate:
         for key, value in self.if_absent.items():
             merged.setdefault(key, value)
         return merged
+
+
+# The state fields an event carries after its type and task id, in this order (the
+# Redis publish script builds the same text).
+EVENT_STATE_FIELDS = TASK_STATE_FIELDS[1:]
+
+
+def event_json(event_type: str, task_id: str, state: Mapping[str, Any]) -> str:
+    body = {"type": event_type, "task_id": task_id}
+    body.update((name, state[name]) for name in EVENT_STATE_FIELDS)
+    return dumps(body)
 
 
 def full_task_state(stored: Mapping[str, Any]) -> TaskState:

@@ -27,13 +27,13 @@ from streamer.broker.redis import RedisBroker
 from streamer.events import (
     MAX_TEXT_LENGTH,
     TASK_STATE_FIELDS,
-    TaskEvent,
     TaskState,
     completed_event,
     progress_event,
 )
 from streamer.wire import Delivery, EventId
 
+from .model import expected_messages
 from .waiting import eventually
 
 
@@ -129,12 +129,6 @@ def task_ids(tasks: list[TaskState]) -> list[str]:
     return [task["task_id"] for task in tasks]
 
 
-def wire_json(event: TaskEvent, event_id: EventId) -> dict[str, Any]:
-    """What a client must receive for `event`: its JSON with the id it was given."""
-    decoded: dict[str, Any] = {"id": str(event_id), **json.loads(event.to_json())}
-    return decoded
-
-
 def assert_strictly_increasing(ids: list[EventId]) -> None:
     assert all(a < b for a, b in pairwise(ids)), ids
 
@@ -177,9 +171,11 @@ async def test_a_subscribed_users_events_reach_the_listener_in_order(
     received = [d for d in subject.listener.deliveries if d.user_id == user_id]
     assert [d.event_id for d in received] == published  # each once, in publish order
     assert [(d.task_id, d.type) for d in received] == [(e.task_id, e.type) for e in events]
-    assert [json.loads(d.json) for d in received] == [
-        wire_json(event, event_id) for event, event_id in zip(events, published, strict=True)
-    ]
+    assert [json.loads(d.json) for d in received] == expected_messages(
+        list(zip(events, published, strict=True))
+    )
+    # Every event carries the task's full state: b's failure still says progress 20.
+    assert json.loads(received[-1].json)["progress"] == 20
 
 
 async def test_events_of_users_not_subscribed_here(
@@ -328,9 +324,7 @@ async def test_replay_after_a_snapshot_position_is_complete_and_exact(
     assert replay.complete
     assert [d.event_id for d in replay.events] == [event_id for _, event_id in mine]
     assert all(d.user_id == user_id for d in replay.events)
-    assert [json.loads(d.json) for d in replay.events] == [
-        wire_json(event, event_id) for event, event_id in mine
-    ]
+    assert [json.loads(d.json) for d in replay.events] == expected_messages(mine)
     # Replayed, an event is what the listener was handed live, byte for byte.
     await eventually(
         lambda: len(subject.listener.ids_for(user_id)) >= len(mine) + 1,

@@ -63,27 +63,45 @@ async def test_websocket_snapshot_then_live_events(
             category="images",
         )
         event = await ws_json(ws)
+        # The full state: what this event set, and what the task had before it.
         assert event == {
             "id": progress_id,
             "type": "task_progress",
             "task_id": "new",
+            "task_name": "second",
+            "category": "images",
             "status": "PROGRESS",
             "progress": 60,
             "current_step": "resizing",
             "processed_items": 6,
             "total_items": 10,
-            "category": "images",
+            "created_at": new["created_at"],
+            "started_at": new["started_at"],
+            "completed_at": None,
             "estimated_completion": "2030-01-01T00:00:00Z",
+            "result_data": {},
+            "error_message": None,
         }
         done_id = await publish_done(
             client, user_id, "new", status="FAILURE", error_message="disk full"
         )
         event = await ws_json(ws)
+        assert event["completed_at"] is not None
         assert event == {
             "id": done_id,
             "type": "task_completed",
             "task_id": "new",
+            "task_name": "second",
+            "category": "images",
             "status": "FAILURE",
+            "progress": 60,
+            "current_step": "resizing",
+            "processed_items": 6,
+            "total_items": 10,
+            "created_at": new["created_at"],
+            "started_at": new["started_at"],
+            "completed_at": event["completed_at"],
+            "estimated_completion": "2030-01-01T00:00:00Z",
             "result_data": {},
             "error_message": "disk full",
         }
@@ -390,3 +408,29 @@ async def test_sse_snapshot_id_is_an_exact_resume_point(
     assert (await resumed.next()).json["recovered"] is True
     assert (await resumed.next()).id == missed
     resumed.response.close()
+
+
+async def test_every_event_carries_the_full_task_state(
+    client: TestClient, token_for: TokenFor, user_id: str
+) -> None:
+    """A producer that publishes only `current_step` does not make clients show
+    `progress: null`: each event carries the task's full state, on both transports and
+    in a replay."""
+    token = token_for(user_id)
+    first = await publish_progress(client, user_id, "job", progress=40, current_step="a")
+    async with client.ws_connect(f"/ws/tasks/?token={token}&last_event_id={first}") as ws:
+        assert (await ws_json(ws))["type"] == "active_tasks"
+        reader = SseReader(await client.get(f"/sse/tasks/?token={token}&last_event_id={first}"))
+        assert (await reader.next()).json["type"] == "active_tasks"
+        second = str(
+            await client.app[BROKER].publish(progress_event(user_id, "job", current_step="b"))
+        )
+        for event in (await ws_json(ws), (await reader.next()).json):
+            assert event["id"] == second
+            assert (event["progress"], event["current_step"]) == (40, "b")
+        reader.response.close()
+    replay = SseReader(await client.get(f"/sse/tasks/?token={token}&last_event_id={first}"))
+    assert (await replay.next()).json["recovered"] is True
+    replayed = (await replay.next()).json
+    assert (replayed["id"], replayed["progress"], replayed["current_step"]) == (second, 40, "b")
+    replay.response.close()

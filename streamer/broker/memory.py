@@ -109,7 +109,7 @@ class MemoryBroker(Broker):
             task_id=event.task_id,
             event_id=event_id,
             type=event.type,
-            json=with_id(event.to_json(), event_id),
+            json=with_id(event.to_json(full_task_state(tasks.states[event.task_id])), event_id),
         )
         history = self._history(event.user_id)
         if history is None:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from ..events import TASK_STATE_FIELDS, EventError, TaskEvent, dumps
+from ..events import EVENT_STATE_FIELDS, TASK_STATE_FIELDS, EventError, TaskEvent, dumps
 from .redis_schema import (
     ACTIVE_TASK_TTL_S,
     EPOCH_KEY,
@@ -94,12 +94,8 @@ end
 local layouts = {}
 for n = 1, tonumber(piece()) do
   local kind = piece()
-  local layout = {kind = kind, terminal = kind == 'task_completed', fields = names(),
-                  stamps = names(), if_absent = names(), keys = {}}
-  for k, name in ipairs(layout.fields) do
-    layout.keys[k] = ',"' .. name .. '":'
-  end
-  layouts[n] = layout
+  layouts[n] = {kind = kind, terminal = kind == 'task_completed', fields = names(),
+                stamps = names(), if_absent = names()}
 end
 
 local function start(task)
@@ -107,6 +103,38 @@ local function start(task)
   task.active = call('ZSCORE', user.active, task.id) ~= false
   task.finished = not task.active and call('HEXISTS', task.key, 'completed_at') == 1
   task.reset, task.values, task.if_absent = false, {user_id = user.id}, {}
+  -- What is stored, for the full state every event carries (not needed when this
+  -- event starts a new run of a finished task: that one starts clean).
+  task.stored = {}
+  if not task.finished then
+    local flat = call('HGETALL', task.key)
+    for k = 1, #flat, 2 do
+      task.stored[flat[k]] = flat[k + 1]
+    end
+  end
+end
+
+-- The event's JSON (without its id): its type, then the task's full state after it,
+-- field by field as `events.event_json` writes it: what this batch set, else what is
+-- stored, else what is set only where the state has none.
+local STATE_FIELDS = {__STATE_FIELDS__}
+local function event_body(kind, task)
+  local body = {'{"type":"', kind, '","task_id":', task.json}
+  local values, stored, if_absent = task.values, task.stored, task.if_absent
+  for _, name in ipairs(STATE_FIELDS) do
+    local value = values[name]
+    if value == nil and not task.reset then
+      value = stored[name]
+    end
+    if value == nil then
+      value = if_absent[name]
+    end
+    if value == nil then
+      value = name == 'result_data' and '{}' or 'null'
+    end
+    body[#body + 1] = ',"' .. name .. '":' .. value
+  end
+  return concat(body)
 end
 
 local stream_ids = {}
@@ -123,11 +151,8 @@ local function publish(n)
   end
   local values, if_absent = task.values, task.if_absent
   values.task_id = task.json
-  local body = {'{"type":"', layout.kind, '","task_id":', task.json}
-  for k, name in ipairs(layout.fields) do
+  for _, name in ipairs(layout.fields) do
     local value = piece()
-    body[#body + 1] = layout.keys[k]
-    body[#body + 1] = value
     if value ~= 'null' then
       values[name] = value
     end
@@ -160,7 +185,7 @@ local function publish(n)
     user.length = call('XLEN', user.history)
     user.fresh = user.length == 0 and call('EXISTS', user.history) == 0
   end
-  local fields = concat(body)
+  local fields = event_body(layout.kind, task)
   local stream_id = call('XADD', user.history, '*', 'e', fields .. '}')
   if user.fresh then
     -- A history that expired and starts again: earlier resume points are gaps.
@@ -234,6 +259,10 @@ for _, user in ipairs(users) do
 end
 return epoch .. '\\n' .. concat(stream_ids, ' ') .. '\\n' .. failure
 """
+
+PUBLISH_SCRIPT = PUBLISH_SCRIPT.replace(
+    "__STATE_FIELDS__", ", ".join(f"'{name}'" for name in EVENT_STATE_FIELDS)
+)
 
 # An event's type, and the names of its fields, of its stamps and of its if-absent stamps.
 Layout = tuple[str, tuple[str, ...], tuple[str, ...], tuple[str, ...]]

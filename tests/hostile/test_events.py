@@ -17,6 +17,7 @@ from streamer.events import EventError, TaskEvent, completed_event, progress_eve
 
 from ..clients import SseReader, ws_json
 from ..conftest import PUBLISH_KEY
+from ..model import expected_messages
 from .conftest import ServerErrors, TokenFor, assert_still_serving
 
 # --- Line-break injection into every string field, end to end --------------------------
@@ -92,13 +93,8 @@ async def test_injection_into_every_string_field_round_trips_over_sse_and_websoc
         async with client.ws_connect(f"/ws/tasks/?token={token}") as ws:
             assert (await ws_json(ws))["type"] == "active_tasks"
             broker = client.app[BROKER]
-            expected = []
-            for event in events:
-                event_id = await broker.publish(event)
-                expected.append(
-                    {"id": str(event_id), "type": event.type, "task_id": event.task_id}
-                    | dict(event.fields)
-                )
+            published = [(event, await broker.publish(event)) for event in events]
+            expected = expected_messages(published)
             sentinel_id = await broker.publish(progress_event(user_id, "sentinel", progress=1))
 
             received = await read_until_sentinel(reader)
