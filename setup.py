@@ -20,6 +20,8 @@ setup(
     ],
     extras_require={
         "uvloop": [],  # kept for installs that name it: uvloop is a dependency now
+        # streamer.integrations.django: the STREAMER_AUTH_URL view and the token helper.
+        "django": ["Django>=4.2"],
         # bench/: the reference server and the load generator (the versions measured with).
         "bench": [
             "starlette==1.10.0",
@@ -36,6 +38,9 @@ setup(
             "hypothesis>=6.100",
             "ruff>=0.6",
             "mypy>=1.10",
+            # tests/integrations: a real Django app behind delegated authentication.
+            "Django>=4.2",
+            "djangorestframework>=3.15",
         ],
     },
     entry_points={"console_scripts": ["streamer=streamer.cli:main"]},

@@ -13,7 +13,8 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from .access_log import RedactingAccessLogger
-from .app_keys import BROKER, CONFIG, HUB, METRICS
+from .app_keys import BROKER, CONFIG, DELEGATED_AUTH, HUB, METRICS
+from .auth.delegated import DelegatedAuth
 from .auth.sessions import SessionStoreUnavailable, setup_sessions
 from .broker.base import Broker
 from .broker.memory import MemoryBroker
@@ -60,6 +61,13 @@ async def _clock_ctx(app: web.Application) -> AsyncIterator[None]:
         await clock
 
 
+async def _delegated_auth_ctx(app: web.Application) -> AsyncIterator[None]:
+    auth = app[DELEGATED_AUTH]
+    await auth.open()
+    yield
+    await auth.close()
+
+
 async def _close_connections(app: web.Application) -> None:
     # WebSockets close with 1001 and SSE streams end; clients resume elsewhere.
     app[HUB].close_all(Reason.SHUTDOWN)
@@ -100,6 +108,11 @@ def build_app(config: Config) -> web.Application:
     app[METRICS] = Metrics(hub)
     app.cleanup_ctx.append(_broker_ctx)
     app.cleanup_ctx.append(_clock_ctx)
+    if config.auth_url is not None:
+        app[DELEGATED_AUTH] = DelegatedAuth(
+            config.auth_url, timeout_s=config.auth_timeout_s, cache_s=config.auth_cache_s
+        )
+        app.cleanup_ctx.append(_delegated_auth_ctx)
     close_sessions, sessions = setup_sessions(
         app,
         secret=config.secret,

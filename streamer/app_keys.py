@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from .auth.delegated import DelegatedAuth
 from .broker.base import Broker
 from .config import Config
 from .hub import Hub
@@ -13,3 +14,4 @@ CONFIG = web.AppKey("config", Config)
 HUB = web.AppKey("hub", Hub)
 BROKER = web.AppKey("broker", Broker)
 METRICS = web.AppKey("metrics", Metrics)
+DELEGATED_AUTH = web.AppKey("delegated_auth", DelegatedAuth)  # only with STREAMER_AUTH_URL

@@ -40,6 +40,10 @@ class Config:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 10.0
     keepalive_s: float = 15.0
+    auth_url: str | None = None
+    auth_timeout_s: float = 3.0
+    auth_cache_s: float = 30.0
+    ws_refuse_at_handshake: bool = False
 
     def __post_init__(self) -> None:
         if len(self.secret) < MIN_SECRET_LENGTH:
@@ -99,6 +103,19 @@ def _redis_url(name: str, raw: str) -> str:
         parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError as exc:
         raise ConfigError(f"{name} has a bad port: {raw!r}") from exc
+    return raw
+
+
+def _http_url(name: str, raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{name} must be an http:// or https:// URL, got {raw!r}")
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        raise ConfigError(f"{name} has a bad port: {raw!r}") from exc
+    if any(ord(ch) < 33 for ch in raw):
+        raise ConfigError(f"{name} must not contain spaces or control characters")
     return raw
 
 
@@ -182,4 +199,14 @@ ENV_VARIABLES: dict[str, tuple[Callable[[str, str], Any], str]] = {
     "header_timeout_s": (_seconds(0.1, 3600), "seconds a client has to send a request's headers"),
     "body_timeout_s": (_seconds(0.1, 3600), "seconds a client has to send a request body"),
     "keepalive_s": (_seconds(0.1, 3600), "seconds an idle keep-alive connection stays open"),
+    "auth_url": (
+        _http_url,
+        "URL that checks credentials streamer cannot verify itself (delegated auth)",
+    ),
+    "auth_timeout_s": (_seconds(0.1, 60), "seconds to wait for the delegated auth service"),
+    "auth_cache_s": (_seconds(0, 3600), "seconds a delegated auth answer is kept; 0: not kept"),
+    "ws_refuse_at_handshake": (
+        _boolean,
+        "refuse bad WebSocket credentials with HTTP 403 before the upgrade (not 4401 after)",
+    ),
 }

@@ -16,6 +16,7 @@ class Reason(enum.Enum):
     INVALID_TASK_ID = "invalid_task_id"
     TOO_MANY_CONNECTIONS = "too_many_connections"
     BROKER_UNAVAILABLE = "broker_unavailable"
+    AUTH_UNAVAILABLE = "auth_unavailable"  # the delegated auth service gave no answer
     SHUTTING_DOWN = "shutting_down"
     # Ended by the server.
     OVERFLOW = "overflow"  # the client did not keep up with its buffer

@@ -4,37 +4,58 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from .delegated import DelegatedAuth
 from .sessions import SESSION_COOKIE, identity_from_session
-from .tokens import Identity, InvalidToken, verify_token
+from .tokens import MAX_TOKEN_LENGTH, Identity, InvalidToken, verify_token
+
+# "Token" is how Django REST framework clients send theirs; it is only read when such
+# tokens can be checked (delegated authentication).
+DELEGATED_SCHEMES = ("bearer", "token")
 
 
-def token_from_request(request: web.Request) -> str | None:
+def token_from_request(request: web.Request, *, delegated: bool = False) -> str | None:
     """`Authorization: Bearer <token>` first, then `?token=` (browsers cannot set headers)."""
     header = request.headers.get("Authorization")
     if header is not None:
         scheme, _, value = header.partition(" ")
-        if scheme.lower() != "bearer" or not value.strip():
+        schemes = DELEGATED_SCHEMES if delegated else ("bearer",)
+        if scheme.lower() not in schemes or not value.strip():
             raise InvalidToken("Authorization header must be 'Bearer <token>'")
         return value.strip()
     return request.query.get("token")
 
 
-def uses_session_cookie(request: web.Request) -> bool:
-    """True when the session cookie is what this request's credentials would be."""
-    return SESSION_COOKIE in request.cookies and (
-        "Authorization" not in request.headers and "token" not in request.query
-    )
+def uses_cookie_credentials(request: web.Request, *, delegated: bool = False) -> bool:
+    """True when a cookie is what this request's credentials would be: the session
+    cookie, or with delegated authentication any cookie of the application."""
+    if "Authorization" in request.headers or "token" in request.query:
+        return False
+    if delegated:
+        return bool(request.headers.get("Cookie"))
+    return SESSION_COOKIE in request.cookies
 
 
-async def authenticate(request: web.Request, secret: str) -> Identity:
-    """Bearer header, then `?token=`, then the session cookie.
+async def authenticate(
+    request: web.Request, secret: str, delegated: DelegatedAuth | None = None
+) -> Identity:
+    """Bearer header, then `?token=`, then the session cookie; with delegated
+    authentication, what streamer cannot verify itself is asked of the auth service.
 
-    Raises InvalidToken, or SessionStoreUnavailable when the session store cannot be read.
+    Raises InvalidToken, SessionStoreUnavailable when the session store cannot be read,
+    or AuthUnavailable when the auth service cannot say.
     """
-    token = token_from_request(request)
+    token = token_from_request(request, delegated=delegated is not None)
+    cookie = request.headers.get("Cookie") or None
     if token is not None:
-        return verify_token(secret, token)
+        try:
+            return verify_token(secret, token)
+        except InvalidToken:
+            if delegated is None or len(token) > MAX_TOKEN_LENGTH:
+                raise
+        return await delegated.check(token, cookie)
     identity = await identity_from_session(request)
-    if identity is None:
-        raise InvalidToken("no credentials: send a Bearer token, ?token= or a session cookie")
-    return identity
+    if identity is not None:
+        return identity
+    if delegated is not None and cookie is not None:
+        return await delegated.check(None, cookie)
+    raise InvalidToken("no credentials: send a Bearer token, ?token= or a session cookie")

@@ -7,13 +7,15 @@ Origin, request parameters and credentials, in that order; any refusal is one
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
 
-from ..app_keys import BROKER, CONFIG, HUB
-from ..auth.credentials import authenticate, uses_session_cookie
+from ..app_keys import BROKER, CONFIG, DELEGATED_AUTH, HUB
+from ..auth.credentials import authenticate, uses_cookie_credentials
+from ..auth.delegated import AuthUnavailable
 from ..auth.origin import origin_allowed
 from ..auth.sessions import SessionStoreUnavailable
 from ..auth.tokens import Identity, InvalidToken
@@ -33,10 +35,12 @@ class Admission:
 
 
 def check_origin(request: web.Request) -> None:
-    """Cross-site pages may not read streams; those that ride on the session cookie must
-    come from the service's own or a listed origin, even when `*` is configured."""
+    """Cross-site pages may not read streams; those that ride on a cookie must come from
+    the service's own or a listed origin, even when `*` is configured."""
     allowed = request.app[CONFIG].allowed_origins
-    if not origin_allowed(request, allowed, wildcard=not uses_session_cookie(request)):
+    delegated = DELEGATED_AUTH in request.app
+    cookie = uses_cookie_credentials(request, delegated=delegated)
+    if not origin_allowed(request, allowed, wildcard=not cookie):
         raise Refused(Reason.ORIGIN_NOT_ALLOWED, "this origin may not read the stream")
 
 
@@ -73,9 +77,13 @@ async def _admit(request: web.Request, *, last_event_header: bool) -> Admission:
     check_origin(request)
     task_id, last_event_id = stream_params(request, last_event_header=last_event_header)
     try:
-        identity = await authenticate(request, request.app[CONFIG].secret)
+        identity = await authenticate(
+            request, request.app[CONFIG].secret, request.app.get(DELEGATED_AUTH)
+        )
     except InvalidToken as exc:
         raise Refused(Reason.UNAUTHORIZED, str(exc)) from None
+    except AuthUnavailable as exc:
+        raise Refused(Reason.AUTH_UNAVAILABLE, f"{exc}; try again") from None
     except SessionStoreUnavailable as exc:
         raise Refused(Reason.BROKER_UNAVAILABLE, f"{exc}; try again") from None
     return Admission(identity, task_id, last_event_id)
@@ -90,6 +98,7 @@ def connection_for(
     """The hub's connection object for an admitted stream, writing to its socket."""
     out = request.transport
     assert out is not None
+    expires_at = admission.identity.expires_at
     return Connection(
         user_id=admission.identity.user_id,
         task_id=admission.task_id,
@@ -99,5 +108,5 @@ def connection_for(
         close_transport=close_transport,
         broker=request.app[BROKER],
         limits=request.app[HUB].limits,
-        expires_at=admission.identity.expires_at,
+        expires_at=expires_at if math.isfinite(expires_at) else None,
     )

@@ -32,6 +32,7 @@ REFUSALS: dict[Reason, tuple[int, str | None]] = {
     Reason.UNAUTHORIZED: (401, None),
     Reason.TOO_MANY_CONNECTIONS: (429, "5"),
     Reason.BROKER_UNAVAILABLE: (503, "1"),
+    Reason.AUTH_UNAVAILABLE: (503, "1"),
     Reason.SHUTTING_DOWN: (503, "1"),
 }
 SSE_HEADERS = {

@@ -31,6 +31,7 @@ REFUSED_BEFORE_UPGRADE = {Reason.ORIGIN_NOT_ALLOWED: 403, Reason.INVALID_TASK_ID
 CLOSE_CODES: dict[Reason, tuple[int, bytes]] = {
     Reason.UNAUTHORIZED: (CLOSE_UNAUTHORIZED, b"unauthorized"),
     Reason.BROKER_UNAVAILABLE: (WSCloseCode.TRY_AGAIN_LATER, b"broker unavailable"),
+    Reason.AUTH_UNAVAILABLE: (WSCloseCode.TRY_AGAIN_LATER, b"auth service unavailable"),
     Reason.TOO_MANY_CONNECTIONS: (CLOSE_TOO_MANY, b"too many connections"),
     Reason.SHUTTING_DOWN: (WSCloseCode.GOING_AWAY, b"server shutting down"),
     Reason.OVERFLOW: (CLOSE_TOO_SLOW, b"too slow: resume from your last event id"),
@@ -62,6 +63,8 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         admission = await admit(request, last_event_header=False)
     except Refused as refusal:
         status = REFUSED_BEFORE_UPGRADE.get(refusal.reason)
+        if refusal.reason is Reason.UNAUTHORIZED and config.ws_refuse_at_handshake:
+            status = 403  # what Channels clients expect; browsers cannot read it
         if status is not None:
             return json_error(status, refusal.reason.value, refusal.message)
         log.info("websocket refused: %s", refusal.message)

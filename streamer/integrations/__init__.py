@@ -1,0 +1,1 @@
+"""Optional integrations with the frameworks producers and logins live in."""
