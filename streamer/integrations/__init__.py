@@ -1,0 +1,1 @@
+"""Integrations with job frameworks; each module imports its framework, the core never does."""
