@@ -5,6 +5,8 @@ Redis (Celery on database 1, streamer on 0)."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -12,7 +14,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+from celery import Celery
 from celery.result import AsyncResult
+
+from streamer.integrations.celery import ProgressTask
 
 from ..clients import Stream, open_stream
 from ..conftest import StartGunicorn
@@ -25,9 +30,39 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 TokenFor = Callable[..., str]
 EVENT_TYPES = ("task_progress", "task_completed")
 
+IMPORT_THE_CORE = """
+import importlib, pkgutil, sys, streamer
+for module in pkgutil.walk_packages(streamer.__path__, "streamer."):
+    if module.name != "streamer.__main__" and not module.name.startswith("streamer.integrations."):
+        importlib.import_module(module.name)
+loaded = sorted(name for name in sys.modules if name.split(".")[0] in ("celery", "kombu"))
+assert not loaded, loaded
+"""
+
+
+def test_the_core_package_never_imports_celery() -> None:
+    """Celery is an optional extra: only streamer.integrations.celery imports it."""
+    subprocess.run([sys.executable, "-c", IMPORT_THE_CORE], check=True, timeout=60)
+
 
 def celery_url(redis_url: str) -> str:
     return redis_url.rsplit("/", 1)[0] + "/1"
+
+
+def test_the_user_is_the_user_id_argument_by_keyword_or_by_position() -> None:
+    app = Celery("users", set_as_current=False)
+
+    @app.task(base=ProgressTask, bind=True)
+    def job(self: ProgressTask, user_id: str, size: int = 1) -> None: ...
+
+    @app.task(base=ProgressTask, bind=True, streamer_user_kwarg="owner")
+    def owned(self: ProgressTask, path: str, owner: str) -> None: ...
+
+    assert job.streamer_user_id((), {"user_id": "7", "size": 2}) == "7"
+    assert job.streamer_user_id(("7", 2), {}) == "7"
+    assert job.streamer_user_id((), {"size": 2}) is None
+    assert owned.streamer_user_id(("a.csv",), {"owner": "ann"}) == "ann"
+    assert owned.streamer_user_id(("a.csv", "ann"), {}) == "ann"
 
 
 @pytest.fixture
