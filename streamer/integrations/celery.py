@@ -25,13 +25,16 @@ PROGRESS with an estimated completion time from the rate of progress so far.
 
 Cancellation: `update_progress` checks whether the user cancelled the task; if so it
 publishes REVOKED, stores REVOKED as the task's Celery state and raises `TaskCancelled`,
-which ends the task (let it propagate). Tasks that never call `update_progress` can be
-revoked instead: with `app.conf.streamer_revoke_on_cancel = True` (or
-STREAMER_CELERY_REVOKE=true in the worker's environment, or the task attribute
-`streamer_revoke_on_cancel = True`), each worker polls the cancel flags of the
-ProgressTasks it is running (every `streamer_revoke_interval` seconds, default 1) and
-revokes a cancelled one with `app.control.revoke(task_id, terminate=True)`; REVOKED is
-published once Celery has terminated it. Terminating needs a pool that can terminate a
+which ends the task (let it propagate). A run that starts after a cancel (a retry that
+was waiting for its countdown) ends the same way before the task's code runs.
+
+Tasks that never call `update_progress` can be revoked instead: with
+`app.conf.streamer_revoke_on_cancel = True` (or STREAMER_CELERY_REVOKE=true in the
+worker's environment, or the task attribute `streamer_revoke_on_cancel = True`), each
+worker polls the cancel flags of the ProgressTasks it is running (every
+`streamer_revoke_interval` seconds, default 1) and revokes a cancelled one with
+`app.control.revoke(task_id, terminate=True)`; REVOKED is published once Celery has
+terminated it. Terminating needs a pool that can terminate a
 running task (prefork, the default), not `--pool=solo` or `threads`.
 
 The service is not involved in revoking: it records the cancel flag in Redis as it does
@@ -168,6 +171,8 @@ class ProgressTask(Task):
                 self.streamer_user_kwarg,
             )
             return
+        if self._cancelled(user_id, task_id):  # while waiting for a retry, say
+            self._end_cancelled(user_id, task_id)
         self._publish(
             progress_event(
                 user_id,
@@ -379,7 +384,8 @@ def _publish_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
     if not isinstance(sender, ProgressTask) or _watcher is None or request is None:
         return
     user_id = _watcher.revoked(request.id)
-    if user_id is not None:
+    # The flag is gone when the task saw the cancel by itself and published REVOKED.
+    if user_id is not None and sender._cancelled(user_id, request.id):
         sender._publish(completed_event(user_id, request.id, status="REVOKED"))
 
 

@@ -45,10 +45,10 @@ def broken(self: ProgressTask, message: str, *, user_id: str) -> None:
 
 
 @app.task(base=ProgressTask, bind=True, max_retries=3)
-def flaky(self: ProgressTask, *, user_id: str) -> dict[str, Any]:
+def flaky(self: ProgressTask, *, user_id: str, countdown: float = 0.1) -> dict[str, Any]:
     """Fails its first run, succeeds when retried."""
     if self.request.retries == 0:
-        raise self.retry(exc=ConnectionError("the upstream timed out"), countdown=0.1)
+        raise self.retry(exc=ConnectionError("the upstream timed out"), countdown=countdown)
     return {"attempts": self.request.retries + 1}
 
 

@@ -210,6 +210,22 @@ async def test_cancel_ends_a_task_that_checks_between_steps_as_revoked(
 
 
 @pytest.mark.usefixtures("celery_worker")
+async def test_a_task_cancelled_while_waiting_for_its_retry_does_not_run_again(
+    session: aiohttp.ClientSession, token_for: TokenFor, user_id: str
+) -> None:
+    async with session.ws_connect("/ws/tasks/", params={"token": token_for(user_id)}) as ws:
+        assert (await ws.receive_json(timeout=10))["type"] == "active_tasks"
+        # The retry waits 3 s: the cancel, sent when RETRY arrives, is there long before.
+        result = flaky.apply_async((), {"user_id": user_id, "countdown": 3})
+        await _read_until(ws, lambda m: m.get("status") == "RETRY")
+        await ws.send_json({"type": "cancel_task", "task_id": result.id})
+        events = await _read_until(ws, lambda m: m["type"] == "task_completed")
+    assert events[0] == {"type": "task_cancelled", "task_id": result.id, "success": True}
+    assert [e["status"] for e in events[1:]] == ["REVOKED"]  # no second STARTED
+    await eventually(lambda: _is(result, "REVOKED"), what="REVOKED stored in Celery")
+
+
+@pytest.mark.usefixtures("celery_worker")
 async def test_cancel_revokes_a_task_that_never_checks(
     session: aiohttp.ClientSession, token_for: TokenFor, user_id: str
 ) -> None:
