@@ -31,7 +31,10 @@ setup(
             "websockets==17.4",
             "httptools==0.9.0",
         ],
+        # streamer.integrations.celery: the ProgressTask base class for Celery tasks.
+        "celery": ["celery[redis]>=5.4"],
         "test": [
+            "celery[redis]>=5.4",
             "pytest>=8",
             "pytest-aiohttp>=1.1",
             "pytest-timeout>=2.3",

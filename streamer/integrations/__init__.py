@@ -1,1 +1,2 @@
-"""Optional integrations with the frameworks producers and logins live in."""
+"""Optional integrations with Django and Celery; each module imports its framework, the core
+never does."""

@@ -1,0 +1,1 @@
+"""Tests of the integrations with Django and Celery, against real processes."""

@@ -1,0 +1,395 @@
+"""Celery tasks that report their progress to streamer (`pip install streamer[celery]`).
+
+    from celery import Celery
+    from streamer.integrations.celery import ProgressTask
+
+    app = Celery("jobs", broker=..., backend=...)
+    app.conf.streamer_redis_url = "redis://localhost:6379/0"  # or STREAMER_REDIS_URL
+
+    @app.task(base=ProgressTask, bind=True)
+    def import_rows(self, path, *, user_id):
+        rows = read(path)
+        for done, row in enumerate(rows, 1):
+            save(row)
+            self.update_progress(100 * done / len(rows), current_step=f"row {done}",
+                                 processed_items=done, total_items=len(rows))
+        return {"rows": len(rows)}
+
+    import_rows.delay("data.csv", user_id=request.user.id)
+
+The task's user is its `user_id` argument (`streamer_user_kwarg` names another one), the
+streamer task id is the Celery task id, and `task_name` is the task's name. Celery's own
+hooks publish the rest: STARTED before the task runs, SUCCESS (with the returned dict as
+`result_data`), FAILURE (with the error message), RETRY. `update_progress` publishes
+PROGRESS with an estimated completion time from the rate of progress so far.
+
+Cancellation: `update_progress` checks whether the user cancelled the task; if so it
+publishes REVOKED, stores REVOKED as the task's Celery state and raises `TaskCancelled`,
+which ends the task (let it propagate). A run that starts after a cancel (a retry that
+was waiting for its countdown) ends the same way before the task's code runs.
+
+Tasks that never call `update_progress` can be revoked instead: with
+`app.conf.streamer_revoke_on_cancel = True` (or STREAMER_CELERY_REVOKE=true in the
+worker's environment, or the task attribute `streamer_revoke_on_cancel = True`), each
+worker polls the cancel flags of the ProgressTasks it is running (every
+`streamer_revoke_interval` seconds, default 1) and revokes a cancelled one with
+`app.control.revoke(task_id, terminate=True)`; REVOKED is published once Celery has
+terminated it. Terminating needs a pool that can terminate a
+running task (prefork, the default), not `--pool=solo` or `threads`.
+
+The service is not involved in revoking: it records the cancel flag in Redis as it does
+for any producer, and the workers, which know their Celery app, act on it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from celery import Celery, Task
+from celery.exceptions import Ignore
+from celery.signals import task_revoked, worker_ready, worker_shutdown
+from celery.worker import state as worker_state
+
+from ..events import MAX_TEXT_LENGTH, EventError, TaskEvent, completed_event, progress_event
+from ..publisher import BrokerUnavailable, Publisher
+
+__all__ = ["ProgressTask", "TaskCancelled", "publisher_for"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REVOKE_INTERVAL_S = 1.0
+
+
+class TaskCancelled(Ignore):
+    """Raised by `ProgressTask.update_progress` when the user cancelled the task.
+
+    An `Ignore`: Celery neither retries it (even with `autoretry_for`) nor stores a
+    result over the REVOKED state already stored; catching it keeps the task running.
+    """
+
+
+# --- One publisher per worker process, made when first needed -----------------------------
+
+_publishers_lock = threading.Lock()
+_publishers: dict[tuple[int, str | None], Publisher] = {}
+
+
+def publisher_for(app: Celery) -> Publisher:
+    """This process's publisher for `app`: Redis from `app.conf.streamer_redis_url`, else
+    STREAMER_REDIS_URL. Made on first use, so a prefork child never shares its parent's
+    connections."""
+    url = app.conf.get("streamer_redis_url") or None
+    pid = os.getpid()
+    with _publishers_lock:
+        publisher = _publishers.get((pid, url))
+        if publisher is None:
+            # Entries of another pid were inherited through fork: not ours to use or close.
+            for key in [key for key in _publishers if key[0] != pid]:
+                del _publishers[key]
+            publisher = _publishers[(pid, url)] = Publisher(url)
+        return publisher
+
+
+def _truncate(text: str) -> str:
+    return text if len(text) <= MAX_TEXT_LENGTH else text[: MAX_TEXT_LENGTH - 1] + "…"
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+
+
+def _flag(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{name} must be true or false, got {raw!r}")
+
+
+class ProgressTask(Task):
+    """A Celery task base class that publishes the task's progress to streamer."""
+
+    #: The task argument that holds the user id (by keyword, or by position in the
+    #: task's signature).
+    streamer_user_kwarg: ClassVar[str] = "user_id"
+    #: Published as the task's `category`.
+    streamer_category: ClassVar[str | None] = None
+    #: Revoke the task when the user cancels it; None: the app's
+    #: `streamer_revoke_on_cancel`, else STREAMER_CELERY_REVOKE, else False.
+    streamer_revoke_on_cancel: ClassVar[bool | None] = None
+
+    # --- What the task calls -------------------------------------------------------------
+
+    def update_progress(
+        self,
+        progress: float,
+        current_step: str | None = None,
+        processed_items: int | None = None,
+        total_items: int | None = None,
+    ) -> str | None:
+        """Publish PROGRESS (0..100) and return the event id; None outside a task or
+        without a user. Raises `TaskCancelled` when the user cancelled the task."""
+        request = self.request
+        user_id = self.streamer_user_id(request.args or (), request.kwargs or {})
+        if request.id is None or user_id is None:
+            return None
+        started_at = getattr(request, "streamer_started_at", None)
+        event = progress_event(
+            user_id,
+            request.id,
+            status="PROGRESS",
+            progress=progress,
+            current_step=current_step,
+            processed_items=processed_items,
+            total_items=total_items,
+            task_name=self.name,
+            category=self.streamer_category,
+            estimated_completion=self._estimated_completion(progress, started_at),
+        )
+        if self._cancelled(user_id, request.id):
+            self._end_cancelled(user_id, request.id)
+        return self._publish(event)
+
+    # --- Celery's hooks --------------------------------------------------------------------
+
+    def before_start(self, task_id: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+        self.request.streamer_started_at = time.time()
+        user_id = self.streamer_user_id(args, kwargs)
+        if user_id is None:
+            log.warning(
+                "task %s[%s] has no %r argument: its progress is not published",
+                self.name,
+                task_id,
+                self.streamer_user_kwarg,
+            )
+            return
+        if self._cancelled(user_id, task_id):  # while waiting for a retry, say
+            self._end_cancelled(user_id, task_id)
+        self._publish(
+            progress_event(
+                user_id,
+                task_id,
+                status="STARTED",
+                progress=0,
+                task_name=self.name,
+                category=self.streamer_category,
+            )
+        )
+
+    def on_success(
+        self, retval: Any, task_id: str, args: Sequence[Any], kwargs: Mapping[str, Any]
+    ) -> None:
+        user_id = self.streamer_user_id(args, kwargs)
+        if user_id is None:
+            return
+        result = (
+            retval if isinstance(retval, dict) else {} if retval is None else {"result": retval}
+        )
+        try:
+            event = completed_event(user_id, task_id, status="SUCCESS", result_data=result)
+        except EventError as exc:
+            log.warning("task %s[%s]: result not published (%s)", self.name, task_id, exc)
+            event = completed_event(user_id, task_id, status="SUCCESS")
+        self._publish(event)
+
+    def on_failure(
+        self,
+        exc: BaseException,
+        task_id: str,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+        einfo: Any,
+    ) -> None:
+        user_id = self.streamer_user_id(args, kwargs)
+        if user_id is None:
+            return
+        message = _truncate(str(exc) or type(exc).__name__)
+        self._publish(completed_event(user_id, task_id, status="FAILURE", error_message=message))
+
+    def on_retry(
+        self,
+        exc: BaseException,
+        task_id: str,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+        einfo: Any,
+    ) -> None:
+        user_id = self.streamer_user_id(args, kwargs)
+        if user_id is None:
+            return
+        step = _truncate(f"retrying after: {str(exc) or type(exc).__name__}")
+        self._publish(progress_event(user_id, task_id, status="RETRY", current_step=step))
+
+    # --- Helpers -------------------------------------------------------------------------
+
+    def streamer_user_id(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> object | None:
+        """The user of one call: the `streamer_user_kwarg` argument, by keyword or by
+        its position in the task's signature; None when the call has none."""
+        name = self.streamer_user_kwarg
+        if name in kwargs:
+            user: object | None = kwargs[name]
+            return user
+        if not args:
+            return None
+        try:
+            bound = inspect.signature(self.run).bind_partial(*args)
+        except (TypeError, ValueError):
+            return None
+        found: object | None = bound.arguments.get(name)
+        return found
+
+    def streamer_revokes(self) -> bool:
+        """Whether a cancel request revokes this task (see the module's docstring)."""
+        if self.streamer_revoke_on_cancel is not None:
+            return self.streamer_revoke_on_cancel
+        setting = self.app.conf.get("streamer_revoke_on_cancel")
+        if setting is not None:
+            return bool(setting)
+        return _flag("STREAMER_CELERY_REVOKE", os.environ.get("STREAMER_CELERY_REVOKE", ""))
+
+    @staticmethod
+    def _estimated_completion(progress: object, started_at: float | None) -> str | None:
+        if started_at is None or isinstance(progress, bool):
+            return None
+        if not isinstance(progress, int | float) or not 0 < progress <= 100:
+            return None
+        now = time.time()
+        return _iso(started_at + (now - started_at) * 100 / progress)
+
+    def _publish(self, event: TaskEvent) -> str | None:
+        """Progress reports never fail the job: an unreachable Redis is logged."""
+        try:
+            return publisher_for(self.app).publish(event)
+        except BrokerUnavailable as exc:
+            log.warning("task %s[%s]: progress not published: %s", self.name, event.task_id, exc)
+            return None
+
+    def _cancelled(self, user_id: object, task_id: str) -> bool:
+        try:
+            return publisher_for(self.app).is_cancelled(user_id, task_id)
+        except BrokerUnavailable as exc:
+            log.warning("task %s[%s]: cancel flag not read: %s", self.name, task_id, exc)
+            return False
+
+    def _end_cancelled(self, user_id: object, task_id: str) -> None:
+        self._publish(completed_event(user_id, task_id, status="REVOKED"))
+        if not self.ignore_result:
+            backend: Any = self.backend  # a property Celery's source declares None
+            backend.mark_as_revoked(task_id, "cancelled by the user", request=self.request)
+        log.info("task %s[%s] cancelled by the user", self.name, task_id)
+        raise TaskCancelled(f"task {task_id} cancelled by the user")
+
+
+# --- Revoking tasks that never check (in the worker's main process) --------------------------
+
+
+class _RevokeWatcher:
+    """Polls the cancel flags of the ProgressTasks this worker runs; revokes cancelled ones."""
+
+    def __init__(self, app: Celery, hostname: str, interval: float) -> None:
+        self.app = app
+        self.hostname = hostname
+        self.interval = interval
+        # Task id -> (user id, when revoke was asked): REVOKED is published when Celery
+        # reports the task revoked, not before (it may have finished meanwhile).
+        self.revoking: dict[str, tuple[object, float]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="streamer-revoke", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(self.interval + 5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.check()
+            except Exception:  # keep watching: one bad round must not end revoking
+                log.exception("checking cancel requests failed")
+
+    def _running(self) -> list[Any]:
+        for _ in range(10):
+            try:
+                return list(worker_state.active_requests)
+            except RuntimeError:  # the set changed while copied: copy again
+                continue
+        return []
+
+    def check(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for task_id, (_, asked) in list(self.revoking.items()):
+                if now - asked > 60:  # finished before it could be revoked
+                    del self.revoking[task_id]
+        for request in self._running():
+            task = request.task
+            if not isinstance(task, ProgressTask) or not task.streamer_revokes():
+                continue
+            with self._lock:
+                if request.id in self.revoking:
+                    continue
+            user_id = task.streamer_user_id(request.args or (), request.kwargs or {})
+            if user_id is None or not task._cancelled(user_id, request.id):
+                continue
+            with self._lock:
+                self.revoking[request.id] = (user_id, now)
+            log.info("revoking task %s[%s]: cancelled by the user", task.name, request.id)
+            self.app.control.revoke(request.id, destination=[self.hostname], terminate=True)
+
+    def revoked(self, task_id: str) -> object | None:
+        """The user of a task this watcher had revoked; None for other tasks."""
+        with self._lock:
+            entry = self.revoking.pop(task_id, None)
+        return None if entry is None else entry[0]
+
+
+_watcher: _RevokeWatcher | None = None
+
+
+def _start_watcher(sender: Any = None, **_: Any) -> None:
+    global _watcher
+    app = getattr(sender, "app", None)
+    if app is None or _watcher is not None:
+        return
+    tasks = [task for task in app.tasks.values() if isinstance(task, ProgressTask)]
+    if not any(task.streamer_revokes() for task in tasks):
+        return
+    interval = float(app.conf.get("streamer_revoke_interval") or DEFAULT_REVOKE_INTERVAL_S)
+    _watcher = _RevokeWatcher(app, sender.hostname, interval)
+    _watcher.start()
+    log.info("revoking cancelled tasks (checked every %ss)", interval)
+
+
+def _stop_watcher(**_: Any) -> None:
+    global _watcher
+    if _watcher is not None:
+        _watcher.stop()
+        _watcher = None
+
+
+def _publish_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
+    if not isinstance(sender, ProgressTask) or _watcher is None or request is None:
+        return
+    user_id = _watcher.revoked(request.id)
+    # The flag is gone when the task saw the cancel by itself and published REVOKED.
+    if user_id is not None and sender._cancelled(user_id, request.id):
+        sender._publish(completed_event(user_id, request.id, status="REVOKED"))
+
+
+# Celery's Signal.connect is untyped.
+worker_ready.connect(_start_watcher)  # type: ignore[no-untyped-call]
+worker_shutdown.connect(_stop_watcher)  # type: ignore[no-untyped-call]
+task_revoked.connect(_publish_revoked)  # type: ignore[no-untyped-call]

@@ -1,0 +1,70 @@
+"""A Celery app whose tasks report their progress to streamer (the integration tests run
+it in a real worker; the README quotes it).
+
+    celery -A tests.integrations.celery_app worker
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from celery import Celery
+
+from streamer.integrations.celery import ProgressTask
+
+app = Celery(
+    "streamer_example",
+    broker=os.environ.get("CELERY_BROKER_URL", "redis://localhost:6379/1"),
+    backend=os.environ.get("CELERY_RESULT_BACKEND", "redis://localhost:6379/1"),
+)
+# Where streamer's Redis is (left out: STREAMER_REDIS_URL). Revoking cancelled tasks
+# that never check is set with STREAMER_CELERY_REVOKE=true in the worker's environment.
+app.conf.streamer_redis_url = os.environ.get("STREAMER_REDIS_URL")
+app.conf.streamer_revoke_interval = 0.2
+
+
+@app.task(base=ProgressTask, bind=True)
+def resize_images(self: ProgressTask, count: int, *, user_id: str) -> dict[str, Any]:
+    for done in range(1, count + 1):
+        time.sleep(0.05)  # the work
+        self.update_progress(
+            100 * done / count,
+            current_step=f"image {done} of {count}",
+            processed_items=done,
+            total_items=count,
+        )
+    return {"images": count}
+
+
+@app.task(base=ProgressTask, bind=True)
+def broken(self: ProgressTask, message: str, *, user_id: str) -> None:
+    self.update_progress(10, current_step="starting")
+    raise ValueError(message)
+
+
+@app.task(base=ProgressTask, bind=True, max_retries=3)
+def flaky(self: ProgressTask, *, user_id: str, countdown: float = 0.1) -> dict[str, Any]:
+    """Fails its first run, succeeds when retried."""
+    if self.request.retries == 0:
+        raise self.retry(exc=ConnectionError("the upstream timed out"), countdown=countdown)
+    return {"attempts": self.request.retries + 1}
+
+
+# Cancelled between steps by update_progress (never revoked: it checks by itself).
+@app.task(base=ProgressTask, bind=True, streamer_revoke_on_cancel=False)
+def long_export(self: ProgressTask, steps: int, *, user_id: str) -> dict[str, Any]:
+    for done in range(1, steps + 1):
+        time.sleep(0.05)
+        self.update_progress(100 * done / steps, current_step=f"page {done}")
+    return {"pages": steps}
+
+
+@app.task(base=ProgressTask, bind=True)
+def silent_job(self: ProgressTask, seconds: float, *, user_id: str) -> dict[str, Any]:
+    """Never reports progress: only revoking can stop it."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+    return {"slept": seconds}

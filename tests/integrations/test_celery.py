@@ -1,0 +1,263 @@
+"""The Celery integration, end to end: a real Celery worker runs ProgressTasks, a real
+streamer server (gunicorn) serves them to WebSocket and SSE clients, all on the private
+Redis (Celery on database 1, streamer on 0)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from celery import Celery
+from celery.result import AsyncResult
+
+from streamer.integrations.celery import ProgressTask
+
+from ..clients import Stream, open_stream
+from ..conftest import StartGunicorn
+from ..processes import ServerProcess
+from ..waiting import eventually, eventually_sync
+from . import celery_app
+from .celery_app import broken, flaky, long_export, resize_images, silent_job
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+TokenFor = Callable[..., str]
+EVENT_TYPES = ("task_progress", "task_completed")
+
+IMPORT_THE_CORE = """
+import importlib, pkgutil, sys, streamer
+for module in pkgutil.walk_packages(streamer.__path__, "streamer."):
+    if module.name != "streamer.__main__" and not module.name.startswith("streamer.integrations."):
+        importlib.import_module(module.name)
+loaded = sorted(name for name in sys.modules if name.split(".")[0] in ("celery", "kombu"))
+assert not loaded, loaded
+"""
+
+
+def test_the_core_package_never_imports_celery() -> None:
+    """Celery is an optional extra: only streamer.integrations.celery imports it."""
+    subprocess.run([sys.executable, "-c", IMPORT_THE_CORE], check=True, timeout=60)
+
+
+def celery_url(redis_url: str) -> str:
+    return redis_url.rsplit("/", 1)[0] + "/1"
+
+
+def test_the_user_is_the_user_id_argument_by_keyword_or_by_position() -> None:
+    app = Celery("users", set_as_current=False)
+
+    @app.task(base=ProgressTask, bind=True)
+    def job(self: ProgressTask, user_id: str, size: int = 1) -> None: ...
+
+    @app.task(base=ProgressTask, bind=True, streamer_user_kwarg="owner")
+    def owned(self: ProgressTask, path: str, owner: str) -> None: ...
+
+    assert job.streamer_user_id((), {"user_id": "7", "size": 2}) == "7"
+    assert job.streamer_user_id(("7", 2), {}) == "7"
+    assert job.streamer_user_id((), {"size": 2}) is None
+    assert owned.streamer_user_id(("a.csv",), {"owner": "ann"}) == "ann"
+    assert owned.streamer_user_id(("a.csv", "ann"), {}) == "ann"
+
+
+@pytest.fixture
+def streamer_server(start_gunicorn: StartGunicorn) -> tuple[ServerProcess, dict[str, str]]:
+    return start_gunicorn(1)
+
+
+@pytest.fixture
+def celery_worker(
+    streamer_server: tuple[ServerProcess, dict[str, str]],
+    redis_url: str,
+    start_process: Callable[..., ServerProcess],
+) -> Iterator[ServerProcess]:
+    """`celery worker` (prefork, 2 processes) with revoking on; stopped at teardown,
+    with its pool, whatever the test did."""
+    _, env = streamer_server
+    url = celery_url(redis_url)
+    env = {
+        **env,
+        "CELERY_BROKER_URL": url,
+        "CELERY_RESULT_BACKEND": url,
+        "STREAMER_CELERY_REVOKE": "true",
+        "PYTHONPATH": str(ROOT),
+    }
+    celery_app.app.conf.update(broker_url=url, result_backend=url)
+    worker = start_process(
+        [
+            "celery", "-A", "tests.integrations.celery_app", "worker", "--pool=prefork",
+            "-c", "2", "--without-heartbeat", "--without-gossip", "--without-mingle",
+            "-l", "info", "-n", "streamer-test@%h",
+        ],
+        env,
+    )  # fmt: skip
+
+    def ready() -> bool:
+        if worker.process.poll() is not None:
+            raise RuntimeError(f"the Celery worker exited:\n{worker.log()}")
+        return " ready." in worker.log()
+
+    eventually_sync(ready, what="the Celery worker", timeout=30)
+    yield worker
+
+
+@pytest.fixture
+async def session(
+    streamer_server: tuple[ServerProcess, dict[str, str]],
+) -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(base_url=streamer_server[0].base_url) as session:
+        yield session
+
+
+async def task_events(stream: Stream, task_id: str) -> list[dict[str, Any]]:
+    """The task's events on `stream`, up to and including its task_completed."""
+    events: list[dict[str, Any]] = []
+    while not events or events[-1]["type"] != "task_completed":
+        received = await stream.next()
+        if received.type in EVENT_TYPES and received.message["task_id"] == task_id:
+            events.append(received.message)
+    return events
+
+
+async def state_of(result: AsyncResult) -> str:
+    state: str = await asyncio.to_thread(lambda: result.state)
+    return state
+
+
+@pytest.mark.usefixtures("celery_worker")
+async def test_websocket_and_sse_clients_see_a_task_start_progress_and_succeed(
+    session: aiohttp.ClientSession, token_for: TokenFor, user_id: str
+) -> None:
+    token = token_for(user_id)
+    async with (
+        open_stream(session, "websocket", token) as ws,
+        open_stream(session, "sse", token) as sse,
+    ):
+        for stream in (ws, sse):
+            assert (await stream.next()).type == "active_tasks"
+        result = resize_images.apply_async((4,), {"user_id": user_id})
+        for stream in (ws, sse):
+            events = await task_events(stream, result.id)
+            assert [e["status"] for e in events] == ["STARTED"] + ["PROGRESS"] * 4 + ["SUCCESS"]
+            assert [e["progress"] for e in events] == [0, 25, 50, 75, 100, 100]
+            assert {e["task_name"] for e in events} == {resize_images.name}
+            assert events[2]["current_step"] == "image 2 of 4"
+            assert events[2]["processed_items"] == 2 and events[2]["total_items"] == 4
+            started_at = datetime.fromisoformat(events[0]["started_at"])
+            for event in events[1:5]:
+                eta = datetime.fromisoformat(event["estimated_completion"])
+                assert eta >= started_at
+            assert events[-1]["result_data"] == {"images": 4}
+            assert events[-1]["error_message"] is None
+    assert await asyncio.to_thread(result.get, timeout=10) == {"images": 4}
+
+
+@pytest.mark.usefixtures("celery_worker")
+async def test_a_failing_task_ends_failure_with_its_message(
+    session: aiohttp.ClientSession, token_for: TokenFor, user_id: str
+) -> None:
+    async with open_stream(session, "websocket", token_for(user_id)) as ws:
+        await ws.next()
+        result = broken.apply_async(("the disk is full",), {"user_id": user_id})
+        events = await task_events(ws, result.id)
+    assert [e["status"] for e in events] == ["STARTED", "PROGRESS", "FAILURE"]
+    assert events[-1]["type"] == "task_completed"
+    assert events[-1]["error_message"] == "the disk is full"
+    assert events[-1]["progress"] == 10  # where it failed
+    await eventually(lambda: state_of(result), what="FAILURE stored")
+    assert await state_of(result) == "FAILURE"
+
+
+@pytest.mark.usefixtures("celery_worker")
+async def test_a_retried_task_reports_retry_then_its_new_run(
+    session: aiohttp.ClientSession, token_for: TokenFor, user_id: str
+) -> None:
+    async with open_stream(session, "sse", token_for(user_id)) as sse:
+        await sse.next()
+        result = flaky.apply_async((), {"user_id": user_id})
+        events = await task_events(sse, result.id)
+    assert [e["status"] for e in events] == ["STARTED", "RETRY", "STARTED", "SUCCESS"]
+    assert "the upstream timed out" in events[1]["current_step"]
+    assert events[-1]["result_data"] == {"attempts": 2}
+
+
+@pytest.mark.usefixtures("celery_worker")
+async def test_cancel_ends_a_task_that_checks_between_steps_as_revoked(
+    session: aiohttp.ClientSession, token_for: TokenFor, user_id: str
+) -> None:
+    async with session.ws_connect("/ws/tasks/", params={"token": token_for(user_id)}) as ws:
+        assert (await ws.receive_json(timeout=10))["type"] == "active_tasks"
+        result = long_export.apply_async((400,), {"user_id": user_id})  # 20 s uncancelled
+        events = await _read_until(ws, lambda m: m.get("status") == "PROGRESS")
+        await ws.send_json({"type": "cancel_task", "task_id": result.id})
+        events += await _read_until(ws, lambda m: m["type"] == "task_completed")
+        answers = [m for m in events if m["type"] == "task_cancelled"]
+        assert answers == [{"type": "task_cancelled", "task_id": result.id, "success": True}]
+        completed = events[-1]
+        assert completed["task_id"] == result.id and completed["status"] == "REVOKED"
+        assert completed["progress"] < 100
+        await eventually(lambda: _is(result, "REVOKED"), what="REVOKED stored in Celery")
+
+        # The task is over: cancelling it again is refused.
+        await ws.send_json({"type": "cancel_task", "task_id": result.id})
+        answer = await _read_until(ws, lambda m: m["type"] == "task_cancelled")
+        assert answer[-1]["success"] is False
+
+
+@pytest.mark.usefixtures("celery_worker")
+async def test_a_task_cancelled_while_waiting_for_its_retry_does_not_run_again(
+    session: aiohttp.ClientSession, token_for: TokenFor, user_id: str
+) -> None:
+    async with session.ws_connect("/ws/tasks/", params={"token": token_for(user_id)}) as ws:
+        assert (await ws.receive_json(timeout=10))["type"] == "active_tasks"
+        # The retry waits 3 s: the cancel, sent when RETRY arrives, is there long before.
+        result = flaky.apply_async((), {"user_id": user_id, "countdown": 3})
+        await _read_until(ws, lambda m: m.get("status") == "RETRY")
+        await ws.send_json({"type": "cancel_task", "task_id": result.id})
+        events = await _read_until(ws, lambda m: m["type"] == "task_completed")
+    assert events[0] == {"type": "task_cancelled", "task_id": result.id, "success": True}
+    assert [e["status"] for e in events[1:]] == ["REVOKED"]  # no second STARTED
+    await eventually(lambda: _is(result, "REVOKED"), what="REVOKED stored in Celery")
+
+
+@pytest.mark.usefixtures("celery_worker")
+async def test_cancel_revokes_a_task_that_never_checks(
+    session: aiohttp.ClientSession, token_for: TokenFor, user_id: str
+) -> None:
+    async with session.ws_connect("/ws/tasks/", params={"token": token_for(user_id)}) as ws:
+        assert (await ws.receive_json(timeout=10))["type"] == "active_tasks"
+        result = silent_job.apply_async((60,), {"user_id": user_id})
+        await _read_until(ws, lambda m: m.get("status") == "STARTED")
+        await ws.send_json({"type": "cancel_task", "task_id": result.id})
+        events = await _read_until(ws, lambda m: m["type"] == "task_completed")
+        assert events[0] == {"type": "task_cancelled", "task_id": result.id, "success": True}
+        assert events[-1]["task_id"] == result.id and events[-1]["status"] == "REVOKED"
+        await eventually(lambda: _is(result, "REVOKED"), what="REVOKED stored in Celery")
+
+        # The worker replaced the terminated process and goes on.
+        after = resize_images.apply_async((1,), {"user_id": user_id})
+        assert await asyncio.to_thread(after.get, timeout=15) == {"images": 1}
+
+        # Nothing reported the terminated run as failed meanwhile.
+        await ws.send_json({"type": "get_task_status", "task_id": result.id})
+        status = await _read_until(ws, lambda m: m["type"] == "task_status")
+        assert status[-1]["status"]["status"] == "REVOKED"
+
+
+async def _is(result: AsyncResult, state: str) -> bool:
+    return await state_of(result) == state
+
+
+async def _read_until(
+    ws: aiohttp.ClientWebSocketResponse, done: Callable[[dict[str, Any]], bool]
+) -> list[dict[str, Any]]:
+    """WebSocket messages up to and including the first for which `done` holds."""
+    messages: list[dict[str, Any]] = []
+    while not messages or not done(messages[-1]):
+        messages.append(await ws.receive_json(timeout=15))
+    return messages
