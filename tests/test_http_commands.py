@@ -8,6 +8,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -28,6 +29,7 @@ from streamer.rate_limit import BucketsByKey
 
 from .clients import ws_json
 from .conftest import SECRET, StartGunicorn
+from .nginx import Nginx
 from .processes import RedisServer
 from .waiting import eventually
 
@@ -502,3 +504,37 @@ async def test_buckets_are_kept_per_process(
     for user in ("a", "b", "c"):
         assert (await client.get("/api/tasks/", headers=bearer(token_for(user)))).status == 200
     assert len(client.app[COMMAND_BUCKETS]) == 3
+
+
+async def test_the_own_origin_behind_nginx(
+    start_gunicorn: StartGunicorn,
+    redis_url: str,
+    tmp_path: Path,
+    token_for: TokenFor,
+    user_id: str,
+) -> None:
+    """Behind the shipped nginx the service's own origin is the proxy's (Host is passed
+    on with its port): a cookie POST from there is accepted, one without Origin is not."""
+    server, _ = start_gunicorn(1)
+    nginx = Nginx(tmp_path / "nginx", server.port)
+    nginx.directory.mkdir()
+    nginx.start()
+    try:
+        async with AsyncPublisher(redis_url) as publisher:
+            await publisher.progress(user_id, "t", progress=1)
+        async with aiohttp.ClientSession(base_url=nginx.base_url) as http:
+            async with http.post("/auth/session", headers=bearer(token_for(user_id))) as login:
+                assert login.status == 200
+                # Secure: a client jar would not send it back over http; the header does.
+                cookie = {"Cookie": f"{SESSION_COOKIE}={login.cookies[SESSION_COOKIE].value}"}
+            async with http.post("/api/tasks/t/cancel", headers=cookie) as no_origin:
+                assert no_origin.status == 403
+            upstream = {"Origin": server.base_url}  # gunicorn's own address: not the page's
+            async with http.post("/api/tasks/t/cancel", headers=cookie | upstream) as other:
+                assert other.status == 403
+            own = cookie | {"Origin": nginx.base_url}
+            async with http.post("/api/tasks/t/cancel", headers=own) as accepted:
+                assert accepted.status == 200
+                assert (await accepted.json())["success"] is True
+    finally:
+        nginx.stop()
