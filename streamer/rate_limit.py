@@ -7,6 +7,11 @@ import time
 from collections import OrderedDict
 
 
+def command_burst(rate: float) -> float:
+    """How many commands a client may send at once: twice its rate per second."""
+    return max(2 * rate, 1)
+
+
 class TokenBucket:
     """`rate` tokens per second, holding at most `burst`; each command takes one."""
 

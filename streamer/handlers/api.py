@@ -33,7 +33,7 @@ from ..commands import (
     run,
 )
 from ..config import Config
-from ..rate_limit import BucketsByKey
+from ..rate_limit import BucketsByKey, command_burst
 from ..reasons import Refused
 from .admission import check_origin
 from .common import json_error
@@ -53,7 +53,7 @@ MAX_BUCKETS = 10_000
 def setup(app: web.Application, config: Config) -> None:
     """Add the routes, and the per-user command buckets, to the application."""
     app[COMMAND_BUCKETS] = BucketsByKey(
-        config.commands_per_s, burst=max(2 * config.commands_per_s, 1), max_size=MAX_BUCKETS
+        config.commands_per_s, burst=command_burst(config.commands_per_s), max_size=MAX_BUCKETS
     )
     app.router.add_get(ACTIVE_TASKS_PATH, active_tasks)
     app.router.add_get(TASK_PATH, task_status)

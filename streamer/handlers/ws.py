@@ -14,7 +14,7 @@ from ..app_keys import BROKER, CONFIG, HUB
 from ..broker.base import BrokerUnavailable, Snapshot
 from ..commands import answer, reply_cost
 from ..connection import Connection, opening_frames
-from ..rate_limit import TokenBucket
+from ..rate_limit import TokenBucket, command_burst
 from ..reasons import Reason, Refused
 from .admission import admit, connection_for
 from .common import json_error, worker_header
@@ -141,7 +141,7 @@ async def _answer_commands(
         if message.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
             continue  # a pong; CLOSE and ERROR end the iteration
         if bucket is None:
-            bucket = TokenBucket(config.commands_per_s, burst=max(2 * config.commands_per_s, 1))
+            bucket = TokenBucket(config.commands_per_s, burst=command_burst(config.commands_per_s))
         if not bucket.take():
             refused_in_a_row += 1
             if refused_in_a_row > MAX_REFUSED_COMMANDS:
