@@ -1,4 +1,9 @@
-"""Client-to-server commands: parsing, validation and what each one does."""
+"""Client commands: parsing, validation and what each one does.
+
+One implementation for both ways in: WebSocket text frames (`answer`) and the HTTP
+endpoints under /api/tasks/ (`handlers/api.py`), which build the same `Command` with
+`make_command` and run it with `execute`.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,10 @@ from .events import EventError, validate_identifier
 CommandType = Literal["get_task_status", "get_active_tasks", "cancel_task", "ping"]
 _NEEDS_TASK_ID = frozenset({"get_task_status", "cancel_task"})
 _KNOWN = frozenset({"get_task_status", "get_active_tasks", "cancel_task", "ping"})
+
+# A reply costs one command, plus one more per this many bytes (a large snapshot).
+REPLY_BYTES_PER_COMMAND = 16 * 1024
+BROKER_UNAVAILABLE_MESSAGE = "the broker is unavailable; try again"
 
 
 @dataclass(frozen=True)
@@ -40,15 +49,19 @@ def parse_command(text: str) -> Command:
         raise CommandError("invalid_message", "message needs a string field 'type'")
     if kind not in _KNOWN:
         raise CommandError("unknown_type", f"unknown message type {kind[:50]!r}")
-    task_id: str | None = None
-    if kind in _NEEDS_TASK_ID:
-        if "task_id" not in message:
-            raise CommandError("missing_task_id", f"{kind} needs a 'task_id'")
-        try:
-            task_id = validate_identifier("task_id", message["task_id"])
-        except EventError as exc:
-            raise CommandError("invalid_task_id", str(exc)) from None
-    return Command(type=kind, task_id=task_id)  # type: ignore[arg-type]
+    if kind in _NEEDS_TASK_ID and "task_id" not in message:
+        raise CommandError("missing_task_id", f"{kind} needs a 'task_id'")
+    return make_command(kind, message.get("task_id"))  # type: ignore[arg-type]
+
+
+def make_command(kind: CommandType, task_id: object = None) -> Command:
+    """A command of a known type; its task id is validated as every task id is."""
+    if kind not in _NEEDS_TASK_ID:
+        return Command(type=kind)
+    try:
+        return Command(type=kind, task_id=validate_identifier("task_id", task_id))
+    except EventError as exc:
+        raise CommandError("invalid_task_id", str(exc)) from None
 
 
 # A reply: a message, or a snapshot for the transport to send at the client's position.
@@ -64,16 +77,37 @@ async def answer(broker: Broker, user_id: str, text: str) -> Reply:
     try:
         return await execute(broker, user_id, command)
     except BrokerUnavailable:
-        return wire.error("broker_unavailable", "the broker is unavailable; try again")
+        return wire.error("broker_unavailable", BROKER_UNAVAILABLE_MESSAGE)
 
 
 async def execute(broker: Broker, user_id: str, command: Command) -> Reply:
+    """Run a command for the user; raises BrokerUnavailable."""
+    return (await run(broker, user_id, command)).reply
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A command's reply, and whether its task was found: False when it is unknown or
+    another user's (the two are never told apart)."""
+
+    reply: Reply
+    found: bool = True
+
+
+async def run(broker: Broker, user_id: str, command: Command) -> Outcome:
+    """Run a command for the user; raises BrokerUnavailable."""
     if command.type == "ping":
-        return wire.PONG
+        return Outcome(wire.PONG)
     if command.type == "get_active_tasks":
-        return await broker.snapshot(user_id)
+        return Outcome(await broker.snapshot(user_id))
     assert command.task_id is not None
     if command.type == "get_task_status":
-        return wire.task_status(command.task_id, await broker.task_state(user_id, command.task_id))
+        state = await broker.task_state(user_id, command.task_id)
+        return Outcome(wire.task_status(command.task_id, state), found=state is not None)
     success = await broker.request_cancel(user_id, command.task_id)
-    return wire.task_cancelled(command.task_id, success)
+    return Outcome(wire.task_cancelled(command.task_id, success))
+
+
+def reply_cost(reply: str) -> int:
+    """Commands a reply costs beyond the one that asked for it: one per 16 KiB."""
+    return len(reply) // REPLY_BYTES_PER_COMMAND

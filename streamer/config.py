@@ -191,7 +191,10 @@ ENV_VARIABLES: dict[str, tuple[Callable[[str, str], Any], str]] = {
     "max_connections": (_int_between(1, 1_000_000), "open streams per process"),
     "max_connections_per_user": (_int_between(1, 100_000), "open streams per user and process"),
     "ws_max_message_bytes": (_int_between(256, 16 * 1024 * 1024), "largest client message"),
-    "commands_per_s": (_number(float, "a number", 0.1, 10_000), "commands/s per WebSocket"),
+    "commands_per_s": (
+        _number(float, "a number", 0.1, 10_000),
+        "commands/s per WebSocket, and per user over HTTP",
+    ),
     "ws_heartbeat_s": (_seconds(0.1, 3600), "seconds between WebSocket pings; dead peers dropped"),
     "max_header_bytes": (_int_between(1024, 1024 * 1024), "longest request line or header"),
     "cookie_secure": (_boolean, "send the session cookie over HTTPS only"),

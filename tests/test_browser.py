@@ -136,8 +136,8 @@ async def test_page_renders_active_tasks(
     assert "downloading" in old["text"]
     # Text, not markup: the task name did not become an element.
     assert await browser.evaluate("document.querySelectorAll('#tasks img').length") == 0
-    # Cancelling needs the WebSocket ("auto" gets one here).
-    assert new["cancel_shown"] is (transport != "sse")
+    # Cancelling works on every transport (over HTTP on SSE).
+    assert new["cancel_shown"]
     assert await browser.evaluate("document.getElementById('user-id').textContent") == user_id
     expected = "sse" if transport == "sse" else "websocket"
     assert expected in await browser.evaluate("document.getElementById('status').textContent")
@@ -176,7 +176,9 @@ async def test_page_shows_live_progress_and_completion(
     assert "Error: disk <full>" in (await rows(browser))["t2"]["text"]
 
 
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
 async def test_cancel_button_sends_cancel_task(
+    transport: str,
     server: ServerProcess,
     publisher: Publisher,
     browser: Browser,
@@ -184,7 +186,7 @@ async def test_cancel_button_sends_cancel_task(
     user_id: str,
 ) -> None:
     publisher.progress(user_id, "t-cancel", progress=30, task_name="long job")
-    await open_page(browser, page_url(server, token_for(user_id), "websocket"))
+    await open_page(browser, page_url(server, token_for(user_id), transport))
 
     await browser.evaluate(f"{row_js('t-cancel')}.querySelector('button').click()")
 
@@ -195,6 +197,98 @@ async def test_cancel_button_sends_cancel_task(
         "document.getElementById('status').textContent.includes('cancel requested')",
         what="the page to confirm the cancel request",
     )
+
+
+API_REQUESTS_JS = """
+performance.getEntriesByType("resource")
+  .map((entry) => new URL(entry.name).pathname)
+  .filter((path) => path.startsWith("/api/tasks/"))
+"""
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
+async def test_commands_answer_alike_on_every_transport(
+    transport: str,
+    server: ServerProcess,
+    publisher: Publisher,
+    browser: Browser,
+    token_for: Callable[..., str],
+    user_id: str,
+) -> None:
+    """getTaskStatus, cancelTask and getActiveTasks resolve to the WebSocket's replies;
+    on SSE they go over HTTP (/api/tasks/...)."""
+    publisher.progress(user_id, "t-run", progress=30, task_name="long job")
+    publisher.progress(user_id, "t-done", progress=10)
+    publisher.completed(user_id, "t-done", result_data={"n": 1})
+    publisher.progress("someone-else", "theirs", progress=5)
+    await open_page(browser, page_url(server, token_for(user_id), transport))
+    assert await browser.evaluate("window.taskStream.transport") == transport
+
+    async def call(js: str) -> Any:
+        return await browser.evaluate(f"window.taskStream.{js}")
+
+    status = await call('getTaskStatus("t-run")')
+    assert (status["type"], status["task_id"]) == ("task_status", "t-run")
+    assert (status["status"]["progress"], status["status"]["task_name"]) == (30, "long job")
+    done = await call('getTaskStatus("t-done")')
+    assert (done["status"]["status"], done["status"]["result_data"]) == ("SUCCESS", {"n": 1})
+    for task_id in ("theirs", "never-ran"):  # another user's task looks unknown
+        unknown = await call(f"getTaskStatus({json.dumps(task_id)})")
+        assert unknown == {"type": "task_status", "task_id": task_id, "status": None}
+
+    active = await call("getActiveTasks()")
+    assert active["type"] == "active_tasks" and active["truncated"] is False
+    assert [task["task_id"] for task in active["tasks"]] == ["t-run"]
+
+    cancelled = await call('cancelTask("t-run")')
+    assert cancelled == {"type": "task_cancelled", "task_id": "t-run", "success": True}
+    assert publisher.is_cancelled(user_id, "t-run")
+    for task_id in ("t-done", "theirs"):
+        refused = await call(f"cancelTask({json.dumps(task_id)})")
+        assert refused == {"type": "task_cancelled", "task_id": task_id, "success": False}
+    assert not publisher.is_cancelled("someone-else", "theirs")
+
+    invalid = await call(
+        'getTaskStatus("a\\u0000b").then(() => null, (e) => ({name: e.name, code: e.code}))'
+    )
+    assert invalid == {"name": "CommandError", "code": "invalid_task_id"}
+
+    requests = await browser.evaluate(API_REQUESTS_JS)
+    if transport == "sse":
+        assert "/api/tasks/t-run" in requests and "/api/tasks/t-run/cancel" in requests
+        assert "/api/tasks/" in requests
+    else:
+        assert requests == []  # everything went over the open WebSocket
+
+
+async def test_commands_over_http_with_the_session_cookie(
+    server_env: dict[str, str],
+    start_process: Callable[..., ServerProcess],
+    publisher: Publisher,
+    browser: Browser,
+    token_for: Callable[..., str],
+    user_id: str,
+) -> None:
+    """A page that logged in (a session cookie, no token) cancels over HTTP: the
+    browser's Origin on the POST is the service's own, so it is accepted."""
+    # The page is served over plain http: the cookie must not be Secure-only.
+    server = start_process(
+        ["streamer", "serve", "--port", "{port}"], {**server_env, "STREAMER_COOKIE_SECURE": "false"}
+    )
+    server.wait_healthy()
+    publisher.progress(user_id, "t-run", progress=30)
+    await open_page(browser, page_url(server, token_for(user_id), "sse"))
+    login = f"""
+    fetch("/auth/session", {{
+      method: "POST", headers: {{Authorization: "Bearer {token_for(user_id)}"}}
+    }}).then((response) => response.status)
+    """
+    assert await browser.evaluate(login) == 200
+    reply = await browser.evaluate(
+        'new Streamer.TaskStream({url: location.origin, transport: "sse"}).cancelTask("t-run")'
+    )
+    assert reply == {"type": "task_cancelled", "task_id": "t-run", "success": True}
+    assert publisher.is_cancelled(user_id, "t-run")
 
 
 @pytest.mark.parametrize("transport", ["websocket", "sse"])

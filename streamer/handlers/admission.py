@@ -34,14 +34,15 @@ class Admission:
     last_event_id: str | None
 
 
-def check_origin(request: web.Request) -> None:
-    """Cross-site pages may not read streams; those that ride on a cookie must come from
-    the service's own or a listed origin, even when `*` is configured."""
+def check_origin(request: web.Request, what: str = "read the stream") -> None:
+    """Cross-site pages may not read streams (or use the task API); requests that ride
+    on a cookie must come from the service's own or a listed origin, even when `*` is
+    configured."""
     allowed = request.app[CONFIG].allowed_origins
     delegated = DELEGATED_AUTH in request.app
     cookie = uses_cookie_credentials(request, delegated=delegated)
     if not origin_allowed(request, allowed, wildcard=not cookie):
-        raise Refused(Reason.ORIGIN_NOT_ALLOWED, "this origin may not read the stream")
+        raise Refused(Reason.ORIGIN_NOT_ALLOWED, f"this origin may not {what}")
 
 
 def stream_params(

@@ -12,9 +12,9 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from .. import wire
 from ..app_keys import BROKER, CONFIG, HUB
 from ..broker.base import BrokerUnavailable, Snapshot
-from ..commands import answer
+from ..commands import answer, reply_cost
 from ..connection import Connection, opening_frames
-from ..rate_limit import TokenBucket
+from ..rate_limit import TokenBucket, command_burst
 from ..reasons import Reason, Refused
 from .admission import admit, connection_for
 from .common import json_error, worker_header
@@ -44,8 +44,6 @@ CLOSE_CODES: dict[Reason, tuple[int, bytes]] = {
 # A client that keeps sending past its rate after this many refusals in a row is
 # dropped; before that each refused command gets an error reply.
 MAX_REFUSED_COMMANDS = 50
-# A reply costs one command, plus one more per this many bytes (a large snapshot).
-REPLY_BYTES_PER_COMMAND = 16 * 1024
 
 
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
@@ -146,7 +144,7 @@ async def _answer_commands(
         if message.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
             continue  # a pong; CLOSE and ERROR end the iteration
         if bucket is None:
-            bucket = TokenBucket(config.commands_per_s, burst=max(2 * config.commands_per_s, 1))
+            bucket = TokenBucket(config.commands_per_s, burst=command_burst(config.commands_per_s))
         if not bucket.take():
             refused_in_a_row += 1
             if refused_in_a_row > MAX_REFUSED_COMMANDS:
@@ -167,7 +165,7 @@ async def _answer_commands(
             reply = wire.active_tasks(
                 reply.tasks, position=connection.last_id, recovered=True, truncated=reply.truncated
             )
-            bucket.charge(len(reply) // REPLY_BYTES_PER_COMMAND)
+            bucket.charge(reply_cost(reply))
         connection.send(_frame(reply))
 
 

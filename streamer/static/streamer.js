@@ -14,6 +14,17 @@
  * `id` (task events, and every `active_tasks` snapshot) moves the resume point: the stream
  * resumes from the last one after a reconnect, so nothing is missed, even by a connection that
  * dropped before its first task event.
+ *
+ * Commands return Promises of the same replies on every transport: over the open WebSocket
+ * they are sent on it, otherwise (SSE, or a WebSocket that is reconnecting) they go to the
+ * HTTP endpoints /api/tasks/..., with the same credentials.
+ *
+ *   const reply = await stream.getTaskStatus("report-7");  // {type: "task_status", task_id, status}
+ *   const done = await stream.cancelTask("report-7");      // {type: "task_cancelled", task_id, success}
+ *   const all = await stream.getActiveTasks();             // {type: "active_tasks", tasks, ...}
+ *
+ * A refused command rejects with a Streamer.CommandError carrying the server's `code`
+ * ("rate_limited", "broker_unavailable", "unauthorized", "invalid_task_id", ...).
  */
 (function (global) {
   "use strict";
@@ -24,6 +35,18 @@
   const WEBSOCKET_FAILURES_BEFORE_SSE = 2;
   const SSE_EVENTS = ["active_tasks", "task_progress", "task_completed"];
   const TERMINAL = new Set(["SUCCESS", "FAILURE", "REVOKED"]);
+  const COMMAND_TIMEOUT_MS = 15000;
+
+  /** A command the server refused (or that got no answer); `code` says why. */
+  class CommandError extends Error {
+    constructor(code, message, status) {
+      super(message || code);
+      this.name = "CommandError";
+      this.code = code;
+      /** The HTTP status when the command went over HTTP, else null. */
+      this.status = status === undefined ? null : status;
+    }
+  }
 
   /**
    * One live connection (WebSocket or SSE) that reconnects with backoff and resumes.
@@ -54,6 +77,7 @@
       this._socket = null;
       this._source = null;
       this._timer = null;
+      this._pending = []; // commands sent on the WebSocket, awaiting their replies in order
     }
 
     start() {
@@ -76,6 +100,122 @@
       if (socket === null || socket.readyState !== WebSocket.OPEN) return false;
       socket.send(JSON.stringify(command));
       return true;
+    }
+
+    /**
+     * The task's state: resolves to {type: "task_status", task_id, status}, where status is
+     * null when the task is unknown or not the user's (the two look the same).
+     */
+    getTaskStatus(taskId) {
+      taskId = String(taskId);
+      if (this._webSocketOpen()) {
+        return this._command({ type: "get_task_status", task_id: taskId }, "task_status");
+      }
+      return this._http("GET", `/api/tasks/${encodeURIComponent(taskId)}`).catch((error) => {
+        // Unknown and not the user's: a 404 over HTTP, `status: null` on the WebSocket.
+        if (error.status === 404) return { type: "task_status", task_id: taskId, status: null };
+        throw error;
+      });
+    }
+
+    /**
+     * Ask the producer to stop the task: resolves to {type: "task_cancelled", task_id, success};
+     * success is true only when the request was recorded for a running task of the user.
+     */
+    cancelTask(taskId) {
+      taskId = String(taskId);
+      if (this._webSocketOpen()) {
+        return this._command({ type: "cancel_task", task_id: taskId }, "task_cancelled");
+      }
+      return this._http("POST", `/api/tasks/${encodeURIComponent(taskId)}/cancel`);
+    }
+
+    /**
+     * The user's unfinished tasks: resolves to an `active_tasks` message (tasks newest first,
+     * `truncated` when there are more than a snapshot carries). Over HTTP its `id` is the
+     * snapshot's own position and does not move this stream's resume point.
+     */
+    getActiveTasks() {
+      if (this._webSocketOpen()) {
+        return this._command({ type: "get_active_tasks" }, "active_tasks");
+      }
+      return this._http("GET", "/api/tasks/");
+    }
+
+    _webSocketOpen() {
+      return this._socket !== null && this._socket.readyState === WebSocket.OPEN;
+    }
+
+    /** Send a command on the WebSocket; the server answers commands in order. */
+    _command(command, replyType) {
+      return new Promise((resolve, reject) => {
+        const entry = { replyType, taskId: command.task_id, resolve, reject, timer: null };
+        entry.timer = setTimeout(() => {
+          this._pending = this._pending.filter((other) => other !== entry);
+          reject(new CommandError("timeout", `no reply to ${command.type}`));
+        }, COMMAND_TIMEOUT_MS);
+        this._pending.push(entry);
+        this._socket.send(JSON.stringify(command));
+      });
+    }
+
+    /** Settle the oldest pending command with this message, if it is its reply. */
+    _settle(message) {
+      const entry = this._pending[0];
+      if (entry === undefined) return;
+      if (message.type === "error") {
+        this._pending.shift();
+        clearTimeout(entry.timer);
+        entry.reject(new CommandError(message.code, message.message));
+        return;
+      }
+      if (message.type !== entry.replyType) return; // an event, or another kind of reply
+      if (entry.taskId !== undefined && message.task_id !== entry.taskId) return;
+      this._pending.shift();
+      clearTimeout(entry.timer);
+      entry.resolve(message);
+    }
+
+    _failPending(text) {
+      const pending = this._pending;
+      this._pending = [];
+      for (const entry of pending) {
+        clearTimeout(entry.timer);
+        entry.reject(new CommandError("connection_closed", text));
+      }
+    }
+
+    /** A command over HTTP: the token as a Bearer header, else the session cookie. */
+    async _http(method, path) {
+      const headers = { Accept: "application/json" };
+      if (this.token) headers.Authorization = `Bearer ${this.token}`;
+      let response;
+      try {
+        response = await fetch(new URL(path, this.url).toString(), {
+          method,
+          headers,
+          // Cookies go along to a listed origin only when there is no token to send.
+          credentials: this.token ? "same-origin" : "include",
+          cache: "no-store",
+        });
+      } catch (error) {
+        throw new CommandError("network_error", `${method} ${path} failed: ${error.message}`);
+      }
+      let body = null;
+      try {
+        body = await response.json();
+      } catch (error) {
+        body = null;
+      }
+      if (!response.ok) {
+        const code = body && typeof body.code === "string" ? body.code : `http_${response.status}`;
+        const text = body && typeof body.message === "string" ? body.message : response.statusText;
+        throw new CommandError(code, text, response.status);
+      }
+      if (body === null || typeof body !== "object") {
+        throw new CommandError("invalid_reply", `${method} ${path}: not a JSON object`);
+      }
+      return body;
     }
 
     _connect() {
@@ -117,6 +257,7 @@
       socket.onclose = (event) => {
         if (this._socket !== socket) return; // stopped or replaced
         this._socket = null;
+        this._failPending(`the WebSocket closed (code ${event.code})`);
         if (!this._running) return;
         if (event.code === CLOSE_UNAUTHORIZED) {
           this._running = false;
@@ -181,6 +322,7 @@
       if (message === null || typeof message !== "object") return;
       this._attempt = 0;
       if (typeof message.id === "string" && message.id) this.lastEventId = message.id;
+      this._settle(message);
       this.onEvent(message);
     }
 
@@ -200,6 +342,7 @@
       const source = this._source;
       this._socket = null;
       this._source = null;
+      this._failPending("the connection was closed");
       if (socket !== null) socket.close(1000);
       if (source !== null) source.close();
     }
@@ -381,5 +524,5 @@
     return "";
   }
 
-  global.Streamer = { TaskStream, TaskBoard };
+  global.Streamer = { TaskStream, TaskBoard, CommandError };
 })(window);
