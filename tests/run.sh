@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Sets up everything the test suite drives and runs it:
-#   a virtualenv with the package and its test and bench extras, and the real programs the
-#   tests start (redis-server, curl, nginx, chromium), installed with apt-get when
-#   missing; then lint (ruff), types (mypy) and pytest. Extra arguments go to pytest.
+#   a virtualenv with the package and its test and bench extras, React for one browser
+#   test, and the real programs the tests start (redis-server, curl, nginx, chromium, npm),
+#   installed with apt-get when missing; then lint (ruff), types (mypy) and pytest. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +12,7 @@ command -v redis-server >/dev/null || missing+=(redis-server)
 command -v curl >/dev/null || missing+=(curl)
 command -v nginx >/dev/null || missing+=(nginx)
 command -v chromium >/dev/null || missing+=(chromium)
+command -v npm >/dev/null || missing+=(nodejs npm)
 if ((${#missing[@]})); then
   echo "installing system packages: ${missing[*]}"
   SUDO=""
@@ -25,6 +26,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,bench]"
+
+# React, for the browser test of the migration guide's hook (docs/examples/).
+npm ci --prefix tests/react --no-audit --no-fund --loglevel=error
 
 .venv/bin/ruff check streamer tests bench deploy
 .venv/bin/ruff format --check streamer tests bench deploy

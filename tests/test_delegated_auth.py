@@ -191,3 +191,14 @@ async def test_refusal_at_the_handshake_without_delegated_auth(
 def test_bad_delegated_auth_settings_stop_start_up(name: str, value: str) -> None:
     with pytest.raises(ConfigError, match=name):
         Config.from_env({"STREAMER_SECRET": SECRET, name: value})
+
+
+async def test_the_task_api_takes_delegated_credentials_too(with_auth_service: Any) -> None:
+    client, _ = await with_auth_service(_answer(200, {"user_id": "7"}))
+    async with client.get("/api/tasks/", headers={"Authorization": "Token drf"}) as response:
+        assert response.status == 200
+        assert (await response.json())["type"] == "active_tasks"
+    down, _ = await with_auth_service(_answer(500, {}))
+    async with down.get("/api/tasks/?token=opaque") as response:
+        assert response.status == 503
+        assert (await response.json())["code"] == "auth_unavailable"
