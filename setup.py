@@ -17,6 +17,7 @@ setup(
         "uvloop>=0.19; sys_platform != 'win32'",
         "PyJWT>=2.8,<3",
         "prometheus-client>=0.20",
+        "rich>=13",  # `streamer watch`
     ],
     extras_require={
         "uvloop": [],  # kept for installs that name it: uvloop is a dependency now
@@ -44,6 +45,7 @@ setup(
             # tests/integrations: a real Django app behind delegated authentication.
             "Django>=4.2",
             "djangorestframework>=3.15",
+            "pexpect>=4.9",  # `streamer watch` in a real pseudo-terminal
         ],
     },
     entry_points={"console_scripts": ["streamer=streamer.cli:main"]},

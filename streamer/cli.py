@@ -1,4 +1,4 @@
-"""The `streamer` command: serve, publish, token."""
+"""The `streamer` command: serve, publish, token, watch."""
 
 from __future__ import annotations
 
@@ -78,6 +78,16 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--user", required=True)
     token.add_argument("--ttl", type=int, default=DEFAULT_TTL_S, help="seconds (default 3600)")
     token.add_argument("--secret", help="STREAMER_SECRET")
+
+    watch = commands.add_parser("watch", help="a user's tasks live in the terminal")
+    watch.add_argument("--url", default=DEFAULT_URL, help=f"the service ({DEFAULT_URL})")
+    who = watch.add_mutually_exclusive_group(required=True)
+    who.add_argument("--token", help="an access token")
+    who.add_argument("--user", help="sign a token for this user with STREAMER_SECRET")
+    watch.add_argument("--secret", help="STREAMER_SECRET, with --user")
+    watch.add_argument("--task-id", help="only this task")
+    watch.add_argument("--transport", choices=["auto", "websocket", "sse"], default="auto")
+    watch.add_argument("--json", action="store_true", help="print each message as JSON")
     return parser
 
 
@@ -88,6 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "publish":
             return _publish(args)
+        if args.command == "watch":
+            return _watch(args)
         return _token(args)
     except (ConfigError, EventError, ValueError) as exc:
         print(f"streamer: error: {exc}", file=sys.stderr)
@@ -214,6 +226,24 @@ def _token(args: argparse.Namespace) -> int:
         raise ConfigError("--ttl must be a positive number of seconds")
     print(issue_token(secret, validate_identifier("--user", args.user), ttl_s=args.ttl))
     return 0
+
+
+def _watch(args: argparse.Namespace) -> int:
+    from .watch import Watch, watch
+
+    token = args.token
+    if token is None:
+        secret = args.secret or os.environ.get("STREAMER_SECRET")
+        if not secret:
+            raise ConfigError("--user signs a token with STREAMER_SECRET: set it (or --secret)")
+        Config(secret=secret)
+        token = issue_token(secret, validate_identifier("--user", args.user))
+    task_id = validate_identifier("--task-id", args.task_id) if args.task_id else None
+    stream = Watch(args.url, token, transport=args.transport, task_id=task_id)
+    try:
+        return asyncio.run(watch(stream, as_json=args.json))
+    except KeyboardInterrupt:
+        return 0
 
 
 if __name__ == "__main__":

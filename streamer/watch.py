@@ -1,0 +1,237 @@
+"""`streamer watch`: a user's tasks live in the terminal.
+
+One stream (WebSocket, or SSE when the upgrade fails twice, as in the browser) that
+resumes from the last id it saw after every drop, so nothing is shown twice or missed.
+Progress bars per task with `rich`; completions and errors as lines; `--json` prints
+each message as one line of JSON instead, for scripts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import urlencode, urlsplit
+
+import aiohttp
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn
+
+FIRST_DELAY_S = 0.5
+MAX_DELAY_S = 10.0
+WEBSOCKET_FAILURES_BEFORE_SSE = 2
+CLOSE_UNAUTHORIZED = 4401
+# Longer than the server's heartbeat and ping intervals: silence this long is a dead stream.
+READ_TIMEOUT_S = 75.0
+
+Message = dict[str, Any]
+Transport = Literal["auto", "websocket", "sse"]
+
+
+class Unauthorized(Exception):
+    """The server refused the token: reconnecting would not help."""
+
+
+class StreamFailed(Exception):
+    """The stream could not be opened or ended; `opened` says whether it had opened."""
+
+    def __init__(self, message: str, *, opened: bool) -> None:
+        super().__init__(message)
+        self.opened = opened
+
+
+@dataclass
+class Watch:
+    url: str
+    token: str
+    transport: Transport = "auto"
+    task_id: str | None = None
+    last_event_id: str | None = None
+    failed_websockets: int = 0
+    attempt: int = 0
+    _using: str = field(default="websocket")
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"--url must be an http:// or https:// URL, got {self.url!r}")
+        self.url = self.url.rstrip("/")
+        self._using = "sse" if self.transport == "sse" else "websocket"
+
+    async def run(self, show: Callable[[Message], None], say: Callable[[str], None]) -> None:
+        """Show every message until interrupted; raises Unauthorized when refused."""
+        async with aiohttp.ClientSession() as session:
+            while True:
+                try:
+                    async for message in self._messages(session):
+                        self.attempt = 0
+                        if message.get("id"):
+                            self.last_event_id = str(message["id"])
+                        show(message)
+                    say("stream ended; reconnecting")
+                except StreamFailed as exc:
+                    say(f"{exc}; reconnecting")
+                    if self._using == "websocket" and not exc.opened:
+                        self.failed_websockets += 1
+                        if (
+                            self.transport == "auto"
+                            and self.failed_websockets >= WEBSOCKET_FAILURES_BEFORE_SSE
+                        ):
+                            self._using = "sse"
+                            say("WebSocket unavailable: using Server-Sent Events")
+                delay = min(FIRST_DELAY_S * 2**self.attempt, MAX_DELAY_S)
+                self.attempt += 1
+                await asyncio.sleep(delay)
+
+    def _query(self) -> str:
+        params = {"token": self.token}
+        if self.task_id is not None:
+            params["task_id"] = self.task_id
+        if self.last_event_id is not None:
+            params["last_event_id"] = self.last_event_id
+        return "?" + urlencode(params)
+
+    def _messages(self, session: aiohttp.ClientSession) -> AsyncIterator[Message]:
+        if self._using == "websocket":
+            return self._websocket(session)
+        return self._sse(session)
+
+    async def _websocket(self, session: aiohttp.ClientSession) -> AsyncIterator[Message]:
+        url = self.url.replace("http", "ws", 1) + "/ws/tasks/" + self._query()
+        try:
+            ws = await session.ws_connect(url, heartbeat=None, autoping=True)
+        except aiohttp.WSServerHandshakeError as exc:
+            if exc.status in (401, 403):
+                raise Unauthorized(f"refused ({exc.status})") from None
+            raise StreamFailed(f"WebSocket upgrade failed ({exc.status})", opened=False) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise StreamFailed(f"cannot connect: {exc}", opened=False) from None
+        async with ws:
+            while True:
+                try:
+                    frame = await ws.receive(timeout=READ_TIMEOUT_S)
+                except TimeoutError:
+                    raise StreamFailed("no message or ping for too long", opened=True) from None
+                if frame.type == aiohttp.WSMsgType.TEXT:
+                    yield json.loads(frame.data)
+                    continue
+                if ws.close_code == CLOSE_UNAUTHORIZED:
+                    reason = frame.extra if isinstance(frame.extra, str) and frame.extra else None
+                    raise Unauthorized(f"refused: {reason or 'unauthorized'}")
+                raise StreamFailed(f"WebSocket closed ({ws.close_code})", opened=True)
+
+    async def _sse(self, session: aiohttp.ClientSession) -> AsyncIterator[Message]:
+        timeout = aiohttp.ClientTimeout(total=None, sock_read=READ_TIMEOUT_S)
+        url = self.url + "/sse/tasks/" + self._query()
+        try:
+            response = await session.get(url, timeout=timeout)
+        except (aiohttp.ClientError, OSError) as exc:
+            raise StreamFailed(f"cannot connect: {exc}", opened=False) from None
+        async with response:
+            if response.status == 401:
+                raise Unauthorized("refused (401)")
+            if response.status != 200:
+                raise StreamFailed(f"SSE answered {response.status}", opened=False)
+            data: list[str] = []
+            event_id: str | None = None
+            try:
+                async for raw in response.content:
+                    line = raw.decode().rstrip("\r\n")
+                    if line.startswith("data:"):
+                        data.append(line[5:].removeprefix(" "))
+                    elif line.startswith("id:"):
+                        event_id = line[3:].strip() or None
+                    elif line == "" and data:
+                        if event_id is not None:
+                            self.last_event_id = event_id
+                        yield json.loads("\n".join(data))
+                        data, event_id = [], None
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise StreamFailed(f"stream broke: {exc!r}", opened=True) from None
+
+
+class ProgressView:
+    """Bars for unfinished tasks; a line for each completion."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[step]}"),
+            console=console,
+            auto_refresh=False,
+        )
+        self.bars: dict[str, TaskID] = {}
+
+    def __enter__(self) -> ProgressView:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def show(self, message: Message) -> None:
+        kind = message.get("type")
+        if kind == "active_tasks":
+            if message.get("recovered") is False:
+                self.say("some events could not be replayed: showing the current state")
+            for task in message.get("tasks", []):
+                self._bar(task)
+        elif kind == "task_progress":
+            self._bar(message)
+        elif kind == "task_completed":
+            self._complete(message)
+        self.progress.refresh()
+
+    def say(self, text: str) -> None:
+        self.progress.console.print(text, markup=False, highlight=False)
+
+    def _bar(self, task: Message) -> None:
+        task_id = str(task.get("task_id"))
+        description = f"{task.get('task_name') or task_id} [{task.get('status')}]"
+        completed = round(float(task.get("progress") or 0))
+        step = str(task.get("current_step") or "")
+        bar = self.bars.get(task_id)
+        if bar is None:
+            self.bars[task_id] = self.progress.add_task(
+                description, total=100, completed=completed, step=step
+            )
+        else:
+            self.progress.update(bar, description=description, completed=completed, step=step)
+
+    def _complete(self, message: Message) -> None:
+        task_id = str(message.get("task_id"))
+        bar = self.bars.pop(task_id, None)
+        if bar is not None:
+            self.progress.remove_task(bar)
+        name = message.get("task_name") or task_id
+        status = message.get("status")
+        if status == "SUCCESS":
+            self.say(f"done    {name} SUCCESS {json.dumps(message.get('result_data'))}")
+        else:
+            self.say(f"ended   {name} {status}: {message.get('error_message') or ''}".rstrip())
+
+
+async def watch(stream: Watch, *, as_json: bool) -> int:
+    """Run until interrupted (0) or refused (3)."""
+    errors = Console(stderr=True)
+    try:
+        if as_json:
+
+            def print_json(message: Message) -> None:
+                sys.stdout.write(json.dumps(message, separators=(",", ":")) + "\n")
+                sys.stdout.flush()
+
+            await stream.run(print_json, lambda text: errors.print(text, markup=False))
+        else:
+            with ProgressView(Console()) as view:
+                await stream.run(view.show, view.say)
+    except Unauthorized as exc:
+        errors.print(f"streamer: {exc}: get a new token", markup=False)
+        return 3
+    return 0
