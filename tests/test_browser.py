@@ -410,3 +410,47 @@ async def test_page_without_token_asks_for_one(
         "document.body.dataset.connection === 'open'", what="the page to connect"
     )
     assert list(await rows(browser)) == ["t1"]
+
+
+async def test_a_finished_task_shows_its_final_count(
+    server: ServerProcess,
+    publisher: Publisher,
+    browser: Browser,
+    token_for: Callable[..., str],
+    user_id: str,
+) -> None:
+    await open_page(browser, page_url(server, token_for(user_id), "websocket"))
+    publisher.progress(user_id, "t-count", progress=90, processed_items=9, total_items=10)
+    await browser.wait_for(f"{row_js('t-count')}?.textContent.includes('9/10 items')", what="9/10")
+    publisher.completed(user_id, "t-count", status="SUCCESS", result_data={"rows": 10})
+    await wait_status(browser, "t-count", "SUCCESS")
+    assert "10/10 items" in (await rows(browser))["t-count"]["text"]
+
+
+async def test_the_status_line_follows_a_cancelled_task_to_its_end(
+    server: ServerProcess,
+    publisher: Publisher,
+    browser: Browser,
+    token_for: Callable[..., str],
+    user_id: str,
+) -> None:
+    publisher.progress(user_id, "t-stop", progress=30, task_name="long job")
+    await open_page(browser, page_url(server, token_for(user_id), "websocket"))
+    await browser.evaluate(f"{row_js('t-stop')}.querySelector('button').click()")
+    status = "document.getElementById('status').textContent"
+    await browser.wait_for(f"{status} === 'cancel requested for t-stop'", what="the request")
+    publisher.completed(user_id, "t-stop", status="REVOKED")
+    await browser.wait_for(f"{status} === 't-stop cancelled'", what="the end of the task")
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
+async def test_the_page_shows_its_transport(
+    server: ServerProcess,
+    browser: Browser,
+    token_for: Callable[..., str],
+    user_id: str,
+    transport: str,
+) -> None:
+    await open_page(browser, page_url(server, token_for(user_id), transport))
+    assert await browser.evaluate("document.getElementById('transport').textContent") == transport
+    assert await browser.evaluate("document.body.dataset.transport") == transport

@@ -412,7 +412,13 @@
           break;
         case "task_completed": {
           const done = { ...message };
-          if (done.status === "SUCCESS") done.progress = 100;
+          if (done.status === "SUCCESS") {
+            // Done means all of it, even when the last progress report came before the end.
+            done.progress = 100;
+            if (done.total_items !== null && done.total_items !== undefined) {
+              done.processed_items = done.total_items;
+            }
+          }
           this._merge(done);
           break;
         }
