@@ -27,8 +27,8 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,bench]"
 
-# React, for the browser test of the migration guide's hook (docs/examples/).
-npm ci --prefix tests/react --no-audit --no-fund --loglevel=error
+# React and TypeScript, for the browser test of the guide's hook and the streamer.js types.
+npm ci --prefix tests/js --no-audit --no-fund --loglevel=error
 
 .venv/bin/ruff check streamer tests bench deploy
 .venv/bin/ruff format --check streamer tests bench deploy

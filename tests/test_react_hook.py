@@ -20,7 +20,7 @@ from .processes import ServerProcess
 from .waiting import eventually
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGE = ROOT / "tests" / "react"
+PAGE = ROOT / "tests" / "js"
 REACT = PAGE / "node_modules"
 HOOK = ROOT / "docs" / "examples" / "useTaskStream.js"
 
@@ -40,7 +40,7 @@ async def page_server(
 ) -> TestServer:
     """The React app's own origin (as a front end served apart from the stream)."""
     if not (REACT / "react" / "umd").is_dir():
-        pytest.fail("React is not installed: `npm ci --prefix tests/react`", pytrace=False)
+        pytest.fail("React is not installed: `npm ci --prefix tests/js`", pytrace=False)
     files = {
         "/react.js": REACT / "react" / "umd" / "react.development.js",
         "/react-dom.js": REACT / "react-dom" / "umd" / "react-dom.development.js",

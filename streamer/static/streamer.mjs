@@ -1,0 +1,11 @@
+// streamer.js as an ES module, for bundlers and <script type="module">:
+//
+//   import { TaskStream, TaskBoard } from "https://stream.example.com/static/streamer.mjs";
+//
+// It runs the same code as /static/streamer.js (which also sets window.Streamer); types
+// are in streamer.d.ts next to it.
+import "./streamer.js";
+
+const Streamer = window.Streamer;
+export const { TaskStream, TaskBoard, CommandError } = Streamer;
+export default Streamer;
