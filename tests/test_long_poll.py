@@ -1,0 +1,208 @@
+"""GET /poll/tasks/: long polling, on both brokers, in process and against real servers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient
+
+from streamer.app import create_app
+from streamer.app_keys import HUB
+from streamer.config import Config
+
+from .clients import assert_strictly_increasing
+from .test_transports import publish_progress
+from .waiting import eventually
+
+TokenFor = Callable[..., str]
+POLL_TIMEOUT_S = 2.0
+ALLOWED_ORIGIN = "https://app.example.com"
+
+
+@pytest.fixture
+async def client(
+    config: Config, aiohttp_client: Callable[..., object]
+) -> AsyncIterator[TestClient]:  # type: ignore[type-arg]
+    """The app (memory and Redis) with a short poll timeout and one listed origin."""
+    config = config.replace(poll_timeout_s=POLL_TIMEOUT_S, allowed_origins=(ALLOWED_ORIGIN,))
+    test_client = await aiohttp_client(await create_app(config))  # type: ignore[misc]
+    yield test_client
+
+
+async def poll(
+    client: TestClient | aiohttp.ClientSession,  # type: ignore[type-arg]
+    token: str,
+    *,
+    last_event_id: str | None = None,
+    task_id: str | None = None,
+    path: str = "/poll/tasks/",
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, Any], Any]:
+    params = {"token": token}
+    if last_event_id is not None:
+        params["last_event_id"] = last_event_id
+    if task_id is not None:
+        params["task_id"] = task_id
+    async with client.get(path, params=params, headers=headers) as response:
+        body = await response.json()
+        return response.status, body, response.headers
+
+
+async def test_a_fresh_poll_gets_the_snapshot_first(
+    client: TestClient,  # type: ignore[type-arg]
+    token_for: TokenFor,
+    user_id: str,
+) -> None:
+    await publish_progress(client, user_id, "a", progress=5)
+    started = time.monotonic()
+    status, body, headers = await poll(client, token_for(user_id))
+    assert time.monotonic() - started < POLL_TIMEOUT_S / 2  # not held: the snapshot is there
+    assert status == 200
+    assert headers["Content-Type"].startswith("application/json")
+    assert headers["Cache-Control"] == "no-store"
+    assert set(body) == {"events", "last_event_id"}
+    [snapshot] = body["events"]
+    assert snapshot["type"] == "active_tasks" and snapshot["recovered"] is True
+    assert [t["task_id"] for t in snapshot["tasks"]] == ["a"]
+    assert snapshot["id"] == body["last_event_id"]
+
+
+async def test_a_held_poll_is_answered_as_soon_as_an_event_comes(
+    client: TestClient,  # type: ignore[type-arg]
+    token_for: TokenFor,
+    user_id: str,
+) -> None:
+    token = token_for(user_id)
+    _, first, _ = await poll(client, token)
+    held = asyncio.ensure_future(poll(client, token, last_event_id=first["last_event_id"]))
+    hub = client.app[HUB]
+    await eventually(lambda: hub.open_count("poll") == 1, what="the poll held by the hub")
+    assert not held.done()
+    published = time.monotonic()
+    event_id = await publish_progress(client, user_id, "a", progress=42)
+    status, body, _ = await asyncio.wait_for(held, POLL_TIMEOUT_S * 2)
+    elapsed = time.monotonic() - published
+    assert status == 200
+    assert elapsed < 0.5, f"the held poll took {elapsed:.3f}s to answer the event"
+    assert [e["id"] for e in body["events"]] == [event_id]
+    assert body["events"][0]["progress"] == 42 and body["events"][0]["type"] == "task_progress"
+    assert body["last_event_id"] == event_id
+    await eventually(lambda: hub.open_count("poll") == 0, what="the poll detached")
+
+
+async def test_a_poll_without_events_times_out_empty_with_the_same_id(
+    client: TestClient,  # type: ignore[type-arg]
+    token_for: TokenFor,
+    user_id: str,
+) -> None:
+    token = token_for(user_id)
+    _, first, _ = await poll(client, token)
+    started = time.monotonic()
+    status, body, headers = await poll(client, token, last_event_id=first["last_event_id"])
+    elapsed = time.monotonic() - started
+    assert status == 200 and headers["Cache-Control"] == "no-store"
+    assert body == {"events": [], "last_event_id": first["last_event_id"]}
+    assert POLL_TIMEOUT_S * 0.9 <= elapsed < POLL_TIMEOUT_S * 3
+
+
+async def test_resume_gets_exactly_the_events_after_the_id_in_order(
+    client: TestClient,  # type: ignore[type-arg]
+    token_for: TokenFor,
+    user_id: str,
+) -> None:
+    token = token_for(user_id)
+    _, first, _ = await poll(client, token)
+    published = [await publish_progress(client, user_id, "a", progress=p) for p in range(1, 6)]
+
+    _, body, _ = await poll(client, token, last_event_id=first["last_event_id"])
+    assert [e["id"] for e in body["events"]] == published  # no snapshot on a served resume
+    assert [e["progress"] for e in body["events"]] == [1, 2, 3, 4, 5]
+    assert body["last_event_id"] == published[-1]
+
+    _, body, _ = await poll(client, token, last_event_id=published[2])
+    assert [e["id"] for e in body["events"]] == published[3:]
+    assert body["last_event_id"] == published[-1]
+    assert_strictly_increasing([first["last_event_id"], *published])
+
+
+async def test_task_id_narrows_the_poll(
+    client: TestClient,  # type: ignore[type-arg]
+    token_for: TokenFor,
+    user_id: str,
+) -> None:
+    token = token_for(user_id)
+    await publish_progress(client, user_id, "a", progress=1)
+    await publish_progress(client, user_id, "b", progress=1)
+    _, first, _ = await poll(client, token, task_id="a")
+    [snapshot] = first["events"]
+    assert [t["task_id"] for t in snapshot["tasks"]] == ["a"]
+    await publish_progress(client, user_id, "b", progress=2)
+    mine = await publish_progress(client, user_id, "a", progress=2)
+    await publish_progress(client, user_id, "b", progress=3)
+    _, body, _ = await poll(client, token, task_id="a", last_event_id=first["last_event_id"])
+    assert [(e["id"], e["task_id"]) for e in body["events"]] == [(mine, "a")]
+
+    held = asyncio.ensure_future(poll(client, token, task_id="a", last_event_id=mine))
+    hub = client.app[HUB]
+    await eventually(lambda: hub.open_count("poll") == 1, what="the poll held by the hub")
+    await publish_progress(client, user_id, "b", progress=4)  # not for this poll
+    last = await publish_progress(client, user_id, "a", progress=3)
+    _, body, _ = await asyncio.wait_for(held, POLL_TIMEOUT_S * 2)
+    assert [(e["id"], e["task_id"]) for e in body["events"]] == [(last, "a")]
+
+
+async def test_refusals_unusable_ids_and_cors(
+    client: TestClient,  # type: ignore[type-arg]
+    token_for: TokenFor,
+    user_id: str,
+) -> None:
+    token = token_for(user_id)
+    status, body, headers = await poll(client, "not-a-token")
+    assert status == 401 and body["code"] == "unauthorized"
+    assert headers["WWW-Authenticate"].startswith("Bearer")
+    assert headers["Cache-Control"] == "no-store"
+
+    status, body, _ = await poll(client, token, headers={"Origin": "https://evil.example"})
+    assert status == 403 and body["code"] == "origin_not_allowed"
+
+    status, body, _ = await poll(client, token, task_id="x" * 1000)
+    assert status == 400 and body["code"] == "invalid_task_id"
+
+    status, body, headers = await poll(client, token, headers={"Origin": ALLOWED_ORIGIN})
+    assert status == 200 and body["events"][0]["type"] == "active_tasks"
+    assert headers["Access-Control-Allow-Origin"] == ALLOWED_ORIGIN
+
+    async with client.options(
+        "/poll/tasks/",
+        headers={"Origin": ALLOWED_ORIGIN, "Access-Control-Request-Method": "GET"},
+    ) as preflight:
+        assert preflight.status == 204
+        assert "Authorization" in preflight.headers["Access-Control-Allow-Headers"]
+
+    await publish_progress(client, user_id, "a", progress=9)
+    for unusable in ("nonsense", "0123456789abcdef-1-0"):
+        status, body, _ = await poll(client, token, last_event_id=unusable)
+        assert status == 200
+        [snapshot] = body["events"]
+        assert snapshot["type"] == "active_tasks" and snapshot["recovered"] is False
+        assert [t["task_id"] for t in snapshot["tasks"]] == ["a"]
+        assert body["last_event_id"] == snapshot["id"]
+
+
+async def test_a_poll_the_client_abandons_is_detached(
+    client: TestClient,  # type: ignore[type-arg]
+    token_for: TokenFor,
+    user_id: str,
+) -> None:
+    token = token_for(user_id)
+    _, first, _ = await poll(client, token)
+    held = asyncio.ensure_future(poll(client, token, last_event_id=first["last_event_id"]))
+    hub = client.app[HUB]
+    await eventually(lambda: hub.open_count("poll") == 1, what="the poll held by the hub")
+    held.cancel()
+    await eventually(lambda: hub.open_count("poll") == 0, what="the abandoned poll detached")
