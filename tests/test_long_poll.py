@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import random
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -14,8 +17,12 @@ from aiohttp.test_utils import TestClient
 from streamer.app import create_app
 from streamer.app_keys import HUB
 from streamer.config import Config
+from streamer.handlers.common import WORKER_HEADER
+from streamer.publisher import AsyncPublisher
 
 from .clients import assert_strictly_increasing
+from .conftest import StartGunicorn
+from .nginx import Nginx
 from .test_transports import publish_progress
 from .waiting import eventually
 
@@ -206,3 +213,185 @@ async def test_a_poll_the_client_abandons_is_detached(
     await eventually(lambda: hub.open_count("poll") == 1, what="the poll held by the hub")
     held.cancel()
     await eventually(lambda: hub.open_count("poll") == 0, what="the abandoned poll detached")
+
+
+# --- real gunicorn with two workers and Redis ------------------------------------------
+
+REAL_POLL_TIMEOUT_S = 1.0
+
+
+@pytest.fixture
+def process_env(process_env: dict[str, str]) -> dict[str, str]:
+    """Server processes hold polls for a short time."""
+    return {**process_env, "STREAMER_POLL_TIMEOUT_S": str(REAL_POLL_TIMEOUT_S)}
+
+
+async def test_resume_across_100_random_disconnects_loses_nothing(
+    start_gunicorn: StartGunicorn, token_for: TokenFor, user_id: str
+) -> None:
+    """A producer publishes in bursts while the client polls and abandons 100 polls at
+    random points (held, or already answered but not read); every poll that is read
+    resumes from the last id it got. The events read: exactly those published, once
+    each, in order, whichever of the two workers answered."""
+    server, env = start_gunicorn(2)
+    rng = random.Random(9)
+    token = token_for(user_id)
+    published: list[str] = []
+    received: list[str] = []
+    workers: set[str] = set()
+    aborted = 0
+    producing = True
+
+    async def produce() -> None:
+        async with AsyncPublisher(env["STREAMER_REDIS_URL"]) as publisher:
+            n = 0
+            while producing:
+                for _ in range(rng.randint(1, 4)):
+                    n += 1
+                    published.append(await publisher.progress(user_id, "job", progress=n % 100))
+                await asyncio.sleep(rng.uniform(0, 0.08))  # the producer's own pace
+
+    async def read(last_event_id: str | None) -> tuple[dict[str, Any], str]:
+        params = {"token": token} | ({"last_event_id": last_event_id} if last_event_id else {})
+        async with session.get(f"{server.base_url}/poll/tasks/", params=params) as response:
+            assert response.status == 200, await response.text()
+            body: dict[str, Any] = await response.json()
+            return body, response.headers[WORKER_HEADER]
+
+    def take(body: dict[str, Any]) -> str:
+        for message in body["events"]:
+            if message["type"] == "active_tasks":
+                assert message["recovered"] is True, "a resume within the history"
+                assert not received, "a snapshot only on the first answer"
+            else:
+                received.append(message["id"])
+        last: str = body["last_event_id"]
+        return last
+
+    async with aiohttp.ClientSession() as session:
+        body, worker = await read(None)
+        last_event_id = take(body)
+        producer = asyncio.ensure_future(produce())
+        try:
+            async with asyncio.timeout(120):
+                while aborted < 100:
+                    request = asyncio.ensure_future(read(last_event_id))
+                    if rng.random() < 0.6:
+                        # Abandon it at a random point: while held, or answered unread.
+                        done, _ = await asyncio.wait({request}, timeout=rng.uniform(0, 0.15))
+                        if not done or rng.random() < 0.5:
+                            request.cancel()
+                            with contextlib.suppress(asyncio.CancelledError):
+                                await request
+                            aborted += 1
+                            continue
+                    body, worker = await request
+                    workers.add(worker)
+                    last_event_id = take(body)
+                producing = False
+                await producer
+                while last_event_id != published[-1]:
+                    body, worker = await read(last_event_id)
+                    last_event_id = take(body)
+        finally:
+            producing = False
+            await producer
+    assert aborted == 100
+    assert len(published) > 100
+    lost = set(published) - set(received)
+    duplicated = len(received) - len(set(received))
+    assert (len(lost), duplicated) == (0, 0), f"lost {len(lost)}, duplicated {duplicated}"
+    assert received == published  # in order
+    assert len(workers) == 2, "polls were answered by both workers"
+
+
+# --- through a proxy that buffers responses (buffering on, compressing) ----------------
+
+BUFFERING_SITE = """
+upstream streamer {
+    server ${STREAMER_UPSTREAM};
+}
+server {
+    listen ${NGINX_PORT};
+    access_log ${NGINX_ACCESS_LOG};
+    location / {
+        proxy_pass http://streamer;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Host $http_host;
+        proxy_buffering on;
+        proxy_ignore_headers X-Accel-Buffering;
+        proxy_buffer_size 64k;
+        proxy_buffers 16 256k;
+        proxy_busy_buffers_size 512k;
+        proxy_read_timeout 1h;
+        # Compressing proxies hold a stream's bytes until a compressed block is full.
+        gzip on;
+        gzip_proxied any;
+        gzip_min_length 0;
+        gzip_types text/event-stream application/json;
+        gzip_buffers 16 64k;
+    }
+}
+"""
+
+
+async def test_long_poll_gets_through_a_buffering_proxy_where_sse_does_not(
+    start_gunicorn: StartGunicorn, tmp_path: Path, token_for: TokenFor, user_id: str
+) -> None:
+    server, env = start_gunicorn(2)
+    nginx = Nginx(tmp_path / "nginx", server.port, template=BUFFERING_SITE)
+    nginx.directory.mkdir()
+    nginx.start()
+    token = token_for(user_id)
+    url = f"{nginx.base_url}/poll/tasks/"
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            AsyncPublisher(env["STREAMER_REDIS_URL"]) as publisher,
+        ):
+            # SSE through this proxy: its response is held in nginx's buffers.
+            sse_events: list[str] = []
+
+            async def read_sse() -> None:
+                async with session.get(
+                    f"{nginx.base_url}/sse/tasks/", params={"token": token}
+                ) as response:
+                    async for line in response.content:
+                        if line.startswith(b"id: "):
+                            sse_events.append(line[4:].decode().strip())
+
+            sse = asyncio.ensure_future(read_sse())
+            _, body, _ = await poll(session, token, path=url)
+            assert body["events"][0]["type"] == "active_tasks"
+            last_event_id = body["last_event_id"]
+            for progress in (10, 20, 30):
+                held = asyncio.ensure_future(
+                    poll(session, token, path=url, last_event_id=last_event_id)
+                )
+                done, _ = await asyncio.wait({held}, timeout=REAL_POLL_TIMEOUT_S / 4)
+                assert not done or (await held)[1]["events"] == []
+                if done:  # answered empty before the event: poll again
+                    held = asyncio.ensure_future(
+                        poll(session, token, path=url, last_event_id=last_event_id)
+                    )
+                event_id = await publisher.progress(user_id, "t", progress=progress)
+                status, body, headers = await asyncio.wait_for(held, 5)
+                if not body["events"]:  # the poll timed out just before: the next has it
+                    status, body, headers = await poll(
+                        session, token, path=url, last_event_id=last_event_id
+                    )
+                # A complete response, through the buffering proxy, with the event.
+                assert status == 200 and headers["Cache-Control"] == "no-store"
+                assert [e["id"] for e in body["events"]] == [event_id]
+                assert body["last_event_id"] == event_id
+                last_event_id = event_id
+            # Meanwhile the SSE stream delivered nothing, not even its snapshot: give
+            # it a few more seconds to show it.
+            done, _ = await asyncio.wait({sse}, timeout=3)
+            assert not done and sse_events == [], f"SSE got through: {sse_events}"
+            sse.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sse
+    finally:
+        nginx.stop()
