@@ -18,15 +18,25 @@ from streamer.app import create_app
 from streamer.app_keys import HUB
 from streamer.config import Config
 from streamer.handlers.common import WORKER_HEADER
-from streamer.publisher import AsyncPublisher
+from streamer.publisher import AsyncPublisher, Publisher
 
+from . import test_browser
+from .browser import Browser
 from .clients import assert_strictly_increasing
 from .conftest import StartGunicorn
 from .nginx import Nginx
+from .processes import ServerProcess
+from .test_browser import open_page, page_url, row_js, rows, wait_status
 from .test_transports import publish_progress
 from .waiting import eventually
 
 TokenFor = Callable[..., str]
+# The browser tests' fixtures: Chromium, and `streamer serve` on Redis with a publisher.
+chromium = test_browser.chromium
+browser = test_browser.browser
+server_env = test_browser.server_env
+server = test_browser.server
+publisher = test_browser.publisher
 POLL_TIMEOUT_S = 2.0
 ALLOWED_ORIGIN = "https://app.example.com"
 
@@ -395,3 +405,44 @@ async def test_long_poll_gets_through_a_buffering_proxy_where_sse_does_not(
                 await sse
     finally:
         nginx.stop()
+
+
+# --- in Chromium: the demo page on ?transport=poll --------------------------------------
+
+
+async def test_demo_page_over_long_polling(
+    server: ServerProcess,
+    publisher: Publisher,
+    browser: Browser,
+    token_for: TokenFor,
+    user_id: str,
+) -> None:
+    """streamer.js's poll loop: snapshot, live progress and completion, through a server
+    that holds each poll for a second at most (so the page polls again and again)."""
+    publisher.progress(user_id, "t1", progress=10, current_step="starting", task_name="export")
+    await open_page(browser, page_url(server, token_for(user_id), "poll"))
+    assert list(await rows(browser)) == ["t1"]
+    assert "poll" in await browser.evaluate("document.getElementById('status').textContent")
+
+    await browser.wait_for(
+        f"{row_js('t1')}.querySelector('progress').value === 10", what="t1 at 10%"
+    )
+    publisher.progress(user_id, "t1", progress=75, current_step="uploading")
+    await browser.wait_for(
+        f"{row_js('t1')}.querySelector('progress').value === 75", what="t1 at 75%"
+    )
+    # Past the server's poll timeout: the page keeps polling, and nothing is missed.
+    await browser.wait_for(
+        "new Promise((done) => setTimeout(() => done(true), 1500))", what="1.5 s of polling"
+    )
+    publisher.progress(user_id, "t2", progress=5, current_step="queued", task_name="report")
+    publisher.completed(user_id, "t1", result_data={"url": "https://example.com/out.csv"})
+    await wait_status(browser, "t1", "SUCCESS")
+    await wait_status(browser, "t2", "PROGRESS")
+    shown = await rows(browser)
+    assert list(shown) == ["t2", "t1"]
+    assert shown["t1"]["progress"] == 100 and "uploading" in shown["t1"]["text"]
+    assert "https://example.com/out.csv" in shown["t1"]["text"]
+    assert await browser.evaluate("document.getElementById('status').textContent") == (
+        "connected (poll)"
+    )
