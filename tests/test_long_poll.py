@@ -19,6 +19,7 @@ from streamer.app_keys import HUB
 from streamer.config import Config
 from streamer.handlers.common import WORKER_HEADER
 from streamer.publisher import AsyncPublisher, Publisher
+from streamer.reasons import Reason
 
 from . import test_browser
 from .browser import Browser
@@ -223,6 +224,23 @@ async def test_a_poll_the_client_abandons_is_detached(
     await eventually(lambda: hub.open_count("poll") == 1, what="the poll held by the hub")
     held.cancel()
     await eventually(lambda: hub.open_count("poll") == 0, what="the abandoned poll detached")
+
+
+async def test_shutdown_answers_held_polls(
+    client: TestClient,  # type: ignore[type-arg]
+    token_for: TokenFor,
+    user_id: str,
+) -> None:
+    token = token_for(user_id)
+    _, first, _ = await poll(client, token)
+    held = asyncio.ensure_future(poll(client, token, last_event_id=first["last_event_id"]))
+    hub = client.app[HUB]
+    await eventually(lambda: hub.open_count("poll") == 1, what="the poll held by the hub")
+    hub.close_all(Reason.SHUTDOWN)
+    status, body, _ = await asyncio.wait_for(held, POLL_TIMEOUT_S / 2)
+    assert status == 200 and body == {"events": [], "last_event_id": first["last_event_id"]}
+    status, body, headers = await poll(client, token, last_event_id=first["last_event_id"])
+    assert status == 503 and body["code"] == "shutting_down" and headers["Retry-After"]
 
 
 # --- real gunicorn with two workers and Redis ------------------------------------------
