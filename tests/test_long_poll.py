@@ -14,10 +14,12 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
+from streamer import wire
 from streamer.app import create_app
 from streamer.app_keys import HUB
 from streamer.config import Config
 from streamer.handlers.common import WORKER_HEADER
+from streamer.hub import Hub
 from streamer.publisher import AsyncPublisher, Publisher
 from streamer.reasons import Reason
 
@@ -71,6 +73,11 @@ async def poll(
         return response.status, body, response.headers
 
 
+def held_polls(hub: Hub) -> int:
+    """Polls past their snapshot and replay, waiting for live events."""
+    return sum(1 for c in hub.connections() if c.transport == "poll" and c.live)
+
+
 async def test_a_fresh_poll_gets_the_snapshot_first(
     client: TestClient,  # type: ignore[type-arg]
     token_for: TokenFor,
@@ -99,7 +106,7 @@ async def test_a_held_poll_is_answered_as_soon_as_an_event_comes(
     _, first, _ = await poll(client, token)
     held = asyncio.ensure_future(poll(client, token, last_event_id=first["last_event_id"]))
     hub = client.app[HUB]
-    await eventually(lambda: hub.open_count("poll") == 1, what="the poll held by the hub")
+    await eventually(lambda: held_polls(hub) == 1, what="the poll held by the hub")
     assert not held.done()
     published = time.monotonic()
     event_id = await publish_progress(client, user_id, "a", progress=42)
@@ -167,7 +174,7 @@ async def test_task_id_narrows_the_poll(
 
     held = asyncio.ensure_future(poll(client, token, task_id="a", last_event_id=mine))
     hub = client.app[HUB]
-    await eventually(lambda: hub.open_count("poll") == 1, what="the poll held by the hub")
+    await eventually(lambda: held_polls(hub) == 1, what="the poll held by the hub")
     await publish_progress(client, user_id, "b", progress=4)  # not for this poll
     last = await publish_progress(client, user_id, "a", progress=3)
     _, body, _ = await asyncio.wait_for(held, POLL_TIMEOUT_S * 2)
@@ -221,9 +228,38 @@ async def test_a_poll_the_client_abandons_is_detached(
     _, first, _ = await poll(client, token)
     held = asyncio.ensure_future(poll(client, token, last_event_id=first["last_event_id"]))
     hub = client.app[HUB]
-    await eventually(lambda: hub.open_count("poll") == 1, what="the poll held by the hub")
+    await eventually(lambda: held_polls(hub) == 1, what="the poll held by the hub")
     held.cancel()
     await eventually(lambda: hub.open_count("poll") == 0, what="the abandoned poll detached")
+
+
+async def test_an_event_is_encoded_once_for_a_hundred_held_polls(
+    client: TestClient,  # type: ignore[type-arg]
+    token_for: TokenFor,
+    user_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    builds: list[bytes] = []
+    real = wire.poll_item
+
+    def counting(data: bytes, event_id: str) -> bytes:
+        builds.append(data)
+        return real(data, event_id)
+
+    monkeypatch.setattr(wire, "poll_item", counting)
+    token = token_for(user_id)
+    _, first, _ = await poll(client, token)
+    held = [
+        asyncio.ensure_future(poll(client, token, last_event_id=first["last_event_id"]))
+        for _ in range(100)
+    ]
+    hub = client.app[HUB]
+    await eventually(lambda: held_polls(hub) == 100, what="100 polls held")
+    event_id = await publish_progress(client, user_id, "t", progress=7)
+    answers = await asyncio.wait_for(asyncio.gather(*held), POLL_TIMEOUT_S * 2)
+    assert [[e["id"] for e in body["events"]] for _, body, _ in answers] == [[event_id]] * 100
+    for_the_event = [b for b in builds if event_id.encode() in b]
+    assert len(for_the_event) == 1, f"encoded {len(for_the_event)} times"
 
 
 async def test_shutdown_answers_held_polls(
@@ -235,7 +271,7 @@ async def test_shutdown_answers_held_polls(
     _, first, _ = await poll(client, token)
     held = asyncio.ensure_future(poll(client, token, last_event_id=first["last_event_id"]))
     hub = client.app[HUB]
-    await eventually(lambda: hub.open_count("poll") == 1, what="the poll held by the hub")
+    await eventually(lambda: held_polls(hub) == 1, what="the poll held by the hub")
     hub.close_all(Reason.SHUTDOWN)
     status, body, _ = await asyncio.wait_for(held, POLL_TIMEOUT_S / 2)
     assert status == 200 and body == {"events": [], "last_event_id": first["last_event_id"]}
