@@ -63,7 +63,7 @@ async def poll(
     path: str = "/poll/tasks/",
     headers: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, Any], Any]:
-    params = {"token": token}
+    params = {"token": token} if token else {}
     if last_event_id is not None:
         params["last_event_id"] = last_event_id
     if task_id is not None:
@@ -191,6 +191,9 @@ async def test_refusals_unusable_ids_and_cors(
     assert status == 401 and body["code"] == "unauthorized"
     assert headers["WWW-Authenticate"].startswith("Bearer")
     assert headers["Cache-Control"] == "no-store"
+
+    status, body, _ = await poll(client, "", headers={"Authorization": f"Bearer {token}"})
+    assert status == 200 and body["events"][0]["type"] == "active_tasks"
 
     status, body, _ = await poll(client, token, headers={"Origin": "https://evil.example"})
     assert status == 403 and body["code"] == "origin_not_allowed"
