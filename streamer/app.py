@@ -21,7 +21,7 @@ from .broker.memory import MemoryBroker
 from .broker.redis import RedisBroker
 from .config import Config
 from .connection import Limits
-from .handlers import api, demo, health, publish, session, sse, ws
+from .handlers import api, demo, health, poll, publish, session, sse, ws
 from .handlers.common import json_error
 from .hub import Hub
 from .metrics import Metrics
@@ -130,6 +130,8 @@ def build_app(config: Config) -> web.Application:
     app.router.add_get("/ws/tasks/", ws.websocket_handler)
     app.router.add_get("/sse/tasks/", sse.sse_handler)
     app.router.add_route("OPTIONS", "/sse/tasks/", sse.sse_preflight)
+    app.router.add_get("/poll/tasks/", poll.poll_handler)
+    app.router.add_route("OPTIONS", "/poll/tasks/", poll.poll_preflight)
     app.router.add_post("/api/tasks/events", publish.publish_handler)
     api.setup(app, config)  # the commands over HTTP: /api/tasks/...
     app.router.add_get("/healthz", health.healthz)

@@ -35,6 +35,7 @@ class Config:
     max_header_bytes: int = 8190
     cookie_secure: bool = True
     sse_retry_ms: int = 3000
+    poll_timeout_s: float = 25.0
     demo_mode: bool = False
     max_sessions_per_user: int = 10
     header_timeout_s: float = 10.0
@@ -196,6 +197,10 @@ ENV_VARIABLES: dict[str, tuple[Callable[[str, str], Any], str]] = {
         "commands/s per WebSocket, and per user over HTTP",
     ),
     "ws_heartbeat_s": (_seconds(0.1, 3600), "seconds between WebSocket pings; dead peers dropped"),
+    "poll_timeout_s": (
+        _seconds(0.05, 300),
+        "seconds a long poll is held when no event comes (then answered empty)",
+    ),
     "max_header_bytes": (_int_between(1024, 1024 * 1024), "longest request line or header"),
     "cookie_secure": (_boolean, "send the session cookie over HTTPS only"),
     "max_sessions_per_user": (_int_between(1, 1000), "live sessions per user (with Redis)"),

@@ -104,6 +104,11 @@ class Connection:
         self.close_reason: Reason | None = None
         self.closing: asyncio.Future[object] | None = None  # a close the transport runs
 
+    @property
+    def live(self) -> bool:
+        """Past its snapshot and replay: events are written as they come."""
+        return self._live
+
     # --- what the hub calls --------------------------------------------------------------
 
     def offer(self, delivery: Delivery) -> bool:

@@ -14,7 +14,7 @@ from prometheus_client.registry import Collector
 
 from .hub import Hub
 
-TRANSPORTS = ("websocket", "sse")
+TRANSPORTS = ("websocket", "sse", "poll")
 
 
 class Metrics:

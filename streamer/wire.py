@@ -3,7 +3,8 @@ and every server-to-client message.
 
 An event is encoded once, when it arrives: its WebSocket text frame (server frames are
 unmasked, so without compression the bytes are the same for every client) and its SSE
-block (`id:`, `event:`, `data:`, framed as one HTTP/1.1 chunk), built on first use and
+block (`id:`, `event:`, `data:`, framed as one HTTP/1.1 chunk), and its long-poll item
+(the id and the event JSON on one line, see `poll_item`), each built on first use and
 shared by every connection that gets it.
 """
 
@@ -16,7 +17,7 @@ from typing import Any, Literal
 
 from .events import dumps
 
-Transport = Literal["websocket", "sse"]
+Transport = Literal["websocket", "sse", "poll"]
 
 _MAX_STREAM_PART = 2**64 - 1
 _EVENT_ID = re.compile(r"^([0-9a-f]{8,32})-([0-9]{1,20})-([0-9]{1,20})$")
@@ -127,11 +128,39 @@ SSE_HEARTBEAT = chunk(b": ping\n\n")
 END_OF_CHUNKED_BODY = b"0\r\n\r\n"
 
 
+def poll_item(data: bytes, event_id: str) -> bytes:
+    """A message as a long-poll connection collects it: `<id> <json>\n`. Ids and our
+    JSON have no spaces or line breaks in the way: the answer's body is assembled from
+    such lines (`poll_body`) without decoding any event."""
+    return event_id.encode() + b" " + data + b"\n"
+
+
+def poll_body(collected: bytes, last_event_id: str | None) -> tuple[bytes, str | None]:
+    """The JSON answer of a long poll from collected `poll_item` lines, and its
+    `last_event_id`: the id of the last message in it, or `last_event_id` if none."""
+    items: list[bytes] = []
+    for line in collected.split(b"\n"):
+        if line:
+            event_id, _, data = line.partition(b" ")
+            items.append(data)
+            last_event_id = event_id.decode()
+    body = (
+        b'{"events":['
+        + b",".join(items)
+        + b'],"last_event_id":'
+        + json.dumps(last_event_id).encode()
+        + b"}"
+    )
+    return body, last_event_id
+
+
 def encode(message: str, transport: Transport, event_id: EventId, event: str) -> bytes:
     """A message with an id (a snapshot) for one transport."""
     data = message.encode()
     if transport == "websocket":
         return ws_text_frame(data)
+    if transport == "poll":
+        return poll_item(data, str(event_id))
     return sse_chunk(data, event_id=str(event_id), event=event)
 
 
@@ -142,7 +171,7 @@ class Delivery:
     """An event ready to send: its JSON (with `id`) once, and each transport's frame
     built on first use, shared by every connection that gets it."""
 
-    __slots__ = ("_sse", "_ws", "event_id", "json", "task_id", "type", "user_id")
+    __slots__ = ("_poll", "_sse", "_ws", "event_id", "json", "task_id", "type", "user_id")
 
     def __init__(
         self, user_id: str, task_id: str, event_id: EventId, type: str, json: bytes
@@ -154,6 +183,7 @@ class Delivery:
         self.json = json
         self._ws: bytes | None = None
         self._sse: bytes | None = None
+        self._poll: bytes | None = None
 
     @property
     def ws_frame(self) -> bytes:
@@ -167,8 +197,16 @@ class Delivery:
             self._sse = sse_chunk(self.json, event_id=str(self.event_id), event=self.type)
         return self._sse
 
+    @property
+    def poll_item(self) -> bytes:
+        if self._poll is None:
+            self._poll = poll_item(self.json, str(self.event_id))
+        return self._poll
+
     def frame(self, transport: Transport) -> bytes:
-        return self.ws_frame if transport == "websocket" else self.sse_chunk
+        if transport == "websocket":
+            return self.ws_frame
+        return self.sse_chunk if transport == "sse" else self.poll_item
 
 
 def with_id(event_json: str, event_id: EventId) -> bytes:

@@ -31,8 +31,9 @@ http {{
 
 
 class Nginx:
-    def __init__(self, directory: Path, upstream_port: int) -> None:
+    def __init__(self, directory: Path, upstream_port: int, template: str | None = None) -> None:
         self.directory = directory
+        self.template = template  # the site's configuration; None: the shipped one
         self.port = free_port()
         self.upstream_port = upstream_port
         self.process: subprocess.Popen[bytes] | None = None
@@ -49,7 +50,8 @@ class Nginx:
         binary = shutil.which("nginx") or "/usr/sbin/nginx"
         if not Path(binary).exists():
             raise AssertionError("nginx is not installed: .ci/run installs it")
-        site = string.Template(TEMPLATE.read_text()).safe_substitute(
+        template = TEMPLATE.read_text() if self.template is None else self.template
+        site = string.Template(template).safe_substitute(
             STREAMER_UPSTREAM=f"127.0.0.1:{self.upstream_port}",
             NGINX_PORT=f"127.0.0.1:{self.port}",
             NGINX_ACCESS_LOG=str(self.access_log),

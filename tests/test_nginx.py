@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -72,3 +73,26 @@ async def test_same_origin_browser_upgrade_through_nginx(
         with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
             await session.ws_connect(url, headers={"Origin": "https://evil.example"})
         assert refused.value.status == 403
+
+
+async def test_long_poll_through_nginx(
+    proxied: tuple[Nginx, dict[str, str]], token_for: TokenFor, user_id: str
+) -> None:
+    """The shipped configuration passes long polls: the snapshot, then a held poll
+    answered by the next event."""
+    nginx, env = proxied
+    headers = {"Authorization": f"Bearer {token_for(user_id)}"}
+    url = f"{nginx.base_url}/poll/tasks/"
+    async with aiohttp.ClientSession(headers=headers) as session:
+        async with session.get(url) as response:
+            first = await response.json()
+        assert response.status == 200 and first["events"][0]["type"] == "active_tasks"
+        held = asyncio.ensure_future(
+            session.get(url, params={"last_event_id": first["last_event_id"]})
+        )
+        event_id = await run_cli("publish", "--user", user_id, "--task", "t", env=env)
+        async with await asyncio.wait_for(held, 30) as response:
+            body = await response.json()
+        assert response.status == 200 and response.headers["Cache-Control"] == "no-store"
+        assert [e["id"] for e in body["events"]] == [event_id]
+        assert body["last_event_id"] == event_id

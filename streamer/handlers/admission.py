@@ -95,9 +95,12 @@ def connection_for(
     admission: Admission,
     transport: Transport,
     close_transport: Callable[[Reason, bool], asyncio.Future[object] | None],
+    out: asyncio.Transport | None = None,
 ) -> Connection:
-    """The hub's connection object for an admitted stream, writing to its socket."""
-    out = request.transport
+    """The hub's connection object for an admitted stream, writing to its socket (or
+    to `out`)."""
+    if out is None:
+        out = request.transport
     assert out is not None
     expires_at = admission.identity.expires_at
     return Connection(

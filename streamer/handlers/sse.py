@@ -49,7 +49,7 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
     try:
         admission = await admit(request, last_event_header=True)
     except Refused as refusal:
-        return _refusal(refusal, cors)
+        return refusal_response(refusal, cors)
     connection = connection_for(request, admission, "sse", _close_transport)
     last_event_id = admission.last_event_id
     del admission  # nothing of it is needed for the length of the stream
@@ -67,7 +67,7 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
             raise Refused(Reason.BROKER_UNAVAILABLE, f"{exc}; try again") from None
     except Refused as refusal:
         hub.detach(connection, None)
-        return _refusal(refusal, cors)
+        return refusal_response(refusal, cors)
     try:
         response = web.StreamResponse(headers=SSE_HEADERS | worker_header() | cors)
         response.enable_chunked_encoding()
@@ -87,7 +87,7 @@ def _snapshot_chunk(retry_ms: int, message: str, position: wire.EventId) -> byte
     )
 
 
-def _refusal(refusal: Refused, cors: dict[str, str]) -> web.Response:
+def refusal_response(refusal: Refused, cors: dict[str, str]) -> web.Response:
     status, retry_after = REFUSALS[refusal.reason]
     response = json_error(status, refusal.reason.value, refusal.message)
     response.headers.update(cors)

@@ -1,5 +1,6 @@
 /*
- * streamer.js: live task progress from a streamer server, over WebSocket or Server-Sent Events.
+ * streamer.js: live task progress from a streamer server, over WebSocket or Server-Sent Events
+ * (or long polling, for proxies that buffer even SSE: transport "poll").
  * Plain browser JavaScript, no build step, no dependencies; exposes window.Streamer.
  *
  *   const board = new Streamer.TaskBoard(document.getElementById("tasks"));
@@ -58,8 +59,8 @@
     constructor(options) {
       const opts = options || {};
       const transport = opts.transport || "auto";
-      if (!["auto", "websocket", "sse"].includes(transport)) {
-        throw new Error(`transport must be "auto", "websocket" or "sse", got ${transport}`);
+      if (!["auto", "websocket", "sse", "poll"].includes(transport)) {
+        throw new Error(`transport must be "auto", "websocket", "sse" or "poll", got ${transport}`);
       }
       this.url = opts.url || global.location.origin;
       this.token = opts.token || null;
@@ -67,8 +68,8 @@
       this.requestedTransport = transport;
       this.onEvent = opts.onEvent || (() => {});
       this.onStatus = opts.onStatus || (() => {});
-      /** The transport in use: "websocket" or "sse" ("auto" starts with WebSocket). */
-      this.transport = transport === "sse" ? "sse" : "websocket";
+      /** The transport in use: "websocket", "sse" or "poll" ("auto" starts with WebSocket). */
+      this.transport = transport === "sse" || transport === "poll" ? transport : "websocket";
       /** The id of the last event or snapshot received: the resume point. */
       this.lastEventId = null;
       this._running = false;
@@ -76,6 +77,7 @@
       this._failedOpens = 0; // WebSockets in a row that never opened
       this._socket = null;
       this._source = null;
+      this._poll = null; // the AbortController of the long-poll loop
       this._timer = null;
       this._pending = []; // commands sent on the WebSocket, awaiting their replies in order
     }
@@ -224,6 +226,8 @@
       this._status(`connecting (${this.transport})`, "connecting");
       if (this.transport === "websocket") {
         this._openWebSocket();
+      } else if (this.transport === "poll") {
+        this._startPolling();
       } else {
         this._openEventSource();
       }
@@ -312,6 +316,67 @@
       };
     }
 
+    /**
+     * Long polling: one GET /poll/tasks/ after another, each resuming from the last id. The
+     * server holds a poll until events come (or its timeout: then an empty answer).
+     */
+    _startPolling() {
+      const controller = new AbortController();
+      this._poll = controller;
+      this._pollLoop(controller);
+    }
+
+    async _pollLoop(controller) {
+      let connected = false;
+      while (this._running && this._poll === controller) {
+        const url = new URL("/poll/tasks/", this.url);
+        if (this.taskId) url.searchParams.set("task_id", this.taskId);
+        if (this.lastEventId) url.searchParams.set("last_event_id", this.lastEventId);
+        const headers = { Accept: "application/json" };
+        if (this.token) headers.Authorization = `Bearer ${this.token}`;
+        let response;
+        let body;
+        try {
+          response = await fetch(url.toString(), {
+            headers,
+            credentials: this.token ? "same-origin" : "include",
+            cache: "no-store",
+            signal: controller.signal,
+          });
+          body = response.ok ? await response.json() : null;
+        } catch (error) {
+          if (this._poll !== controller) return; // stopped or replaced
+          this._reconnect(`the poll failed: ${error.message}`);
+          return;
+        }
+        if (this._poll !== controller || !this._running) return;
+        if (response.status === 401) {
+          this._running = false;
+          this._disconnect();
+          this._status("not authorised: get a new token", "unauthorized");
+          return;
+        }
+        if (!response.ok || body === null || !Array.isArray(body.events)) {
+          this._reconnect(`the poll failed (HTTP ${response.status})`);
+          return;
+        }
+        if (!connected) {
+          connected = true;
+          this._status("connected (poll)", "connected");
+        }
+        for (const message of body.events) {
+          if (this._poll !== controller) return;
+          if (message === null || typeof message !== "object") continue;
+          this._attempt = 0;
+          if (typeof message.id === "string" && message.id) this.lastEventId = message.id;
+          this.onEvent(message);
+        }
+        if (typeof body.last_event_id === "string" && body.last_event_id) {
+          this.lastEventId = body.last_event_id;
+        }
+      }
+    }
+
     _receive(data) {
       let message;
       try {
@@ -340,11 +405,14 @@
     _disconnect() {
       const socket = this._socket;
       const source = this._source;
+      const poll = this._poll;
       this._socket = null;
       this._source = null;
+      this._poll = null;
       this._failPending("the connection was closed");
       if (socket !== null) socket.close(1000);
       if (source !== null) source.close();
+      if (poll !== null) poll.abort();
     }
 
     _status(text, state) {
