@@ -72,7 +72,7 @@ export type ServerMessage =
 
 export type StreamState = "connecting" | "connected" | "reconnecting" | "unauthorized" | "stopped";
 
-export type Transport = "auto" | "websocket" | "sse";
+export type Transport = "auto" | "websocket" | "sse" | "poll";
 
 export interface TaskStreamOptions {
   /** The service's origin; default: the page's. */
@@ -81,7 +81,7 @@ export interface TaskStreamOptions {
   token?: string | null;
   /** Only this task. */
   taskId?: string | null;
-  /** "auto" (default) starts on WebSocket and falls back to SSE. */
+  /** "auto" (default) starts on WebSocket and falls back to SSE; "poll": long polling. */
   transport?: Transport;
   onEvent?: (message: ServerMessage) => void;
   onStatus?: (text: string, state: StreamState) => void;
