@@ -25,6 +25,12 @@
  *
  * A refused command rejects with a Streamer.CommandError carrying the server's `code`
  * ("rate_limited", "broker_unavailable", "unauthorized", "invalid_task_id", ...).
+ *
+ * Tokens that expire: pass `getToken`, a function returning a fresh token (or a Promise of
+ * one). It is called shortly before the current token's `exp` (read from the JWT payload) and
+ * when the server refuses the token; the stream reconnects with the new token and resumes from
+ * the last id. At most one attempt per refusal: when getToken gives nothing (null, undefined,
+ * throws) or its token is refused too, the stream stops with state "unauthorized".
  */
 (function (global) {
   "use strict";
@@ -36,6 +42,7 @@
   const SSE_EVENTS = ["active_tasks", "task_progress", "task_completed"];
   const TERMINAL = new Set(["SUCCESS", "FAILURE", "REVOKED"]);
   const COMMAND_TIMEOUT_MS = 15000;
+  const REFRESH_BEFORE_EXP_MS = 30000; // at most this long before `exp` (half the lifetime if less)
 
   /** A command the server refused (or that got no answer); `code` says why. */
   class CommandError extends Error {
@@ -78,11 +85,15 @@
       this._source = null;
       this._timer = null;
       this._pending = []; // commands sent on the WebSocket, awaiting their replies in order
+      this.getToken = typeof opts.getToken === "function" ? opts.getToken : null;
+      this._refreshTimer = null;
+      this._refreshedSinceMessage = false; // a refused token was replaced: no second try
     }
 
     start() {
       if (this._running) return;
       this._running = true;
+      this._scheduleTokenRefresh();
       this._connect();
     }
 
@@ -90,6 +101,8 @@
       this._running = false;
       clearTimeout(this._timer);
       this._timer = null;
+      clearTimeout(this._refreshTimer);
+      this._refreshTimer = null;
       this._disconnect();
       this._status("stopped", "stopped");
     }
@@ -185,8 +198,21 @@
       }
     }
 
-    /** A command over HTTP: the token as a Bearer header, else the session cookie. */
+    /** A command over HTTP with the current token; on a 401, once more with a fresh one. */
     async _http(method, path) {
+      try {
+        return await this._httpOnce(method, path);
+      } catch (error) {
+        if (error.status !== 401 || this.getToken === null) throw error;
+        const token = await this._freshToken();
+        if (token === null || token === this.token) throw error;
+        this._useToken(token);
+        return this._httpOnce(method, path);
+      }
+    }
+
+    /** A command over HTTP: the token as a Bearer header, else the session cookie. */
+    async _httpOnce(method, path) {
       const headers = { Accept: "application/json" };
       if (this.token) headers.Authorization = `Bearer ${this.token}`;
       let response;
@@ -260,9 +286,7 @@
         this._failPending(`the WebSocket closed (code ${event.code})`);
         if (!this._running) return;
         if (event.code === CLOSE_UNAUTHORIZED) {
-          this._running = false;
-          const reason = event.reason || "unauthorized";
-          this._status(`not authorised (${reason}): get a new token`, "unauthorized");
+          this._refused(`not authorised (${event.reason || "unauthorized"})`);
         } else if (!opened) {
           this._webSocketFailed("the WebSocket did not open");
         } else {
@@ -303,8 +327,7 @@
         refusedAsUnauthorized(url).then((unauthorized) => {
           if (!this._running || this._source !== null || this._timer !== null) return;
           if (unauthorized) {
-            this._running = false;
-            this._status("not authorised: get a new token", "unauthorized");
+            this._refused("not authorised");
           } else {
             this._reconnect("the event stream failed");
           }
@@ -321,6 +344,7 @@
       }
       if (message === null || typeof message !== "object") return;
       this._attempt = 0;
+      this._refreshedSinceMessage = false;
       if (typeof message.id === "string" && message.id) this.lastEventId = message.id;
       this._settle(message);
       this.onEvent(message);
@@ -349,6 +373,91 @@
 
     _status(text, state) {
       this.onStatus(text, state);
+    }
+
+    /** The server refused the token: one try with a fresh one from getToken, else stop. */
+    async _refused(text) {
+      this._disconnect();
+      let token = null;
+      if (this.getToken !== null && !this._refreshedSinceMessage) {
+        this._refreshedSinceMessage = true;
+        this._status(`${text}: getting a new token`, "connecting");
+        token = await this._freshToken();
+      }
+      if (!this._running) return;
+      if (token === null) {
+        this._running = false;
+        clearTimeout(this._refreshTimer);
+        this._refreshTimer = null;
+        this._status(`${text}: get a new token`, "unauthorized");
+        return;
+      }
+      this._useToken(token);
+      this._connect();
+    }
+
+    /** getToken's answer, or null when it gave nothing or failed. */
+    async _freshToken() {
+      try {
+        const token = await this.getToken();
+        return typeof token === "string" && token ? token : null;
+      } catch (error) {
+        return null;
+      }
+    }
+
+    _useToken(token) {
+      this.token = token;
+      this._scheduleTokenRefresh();
+    }
+
+    /** With getToken and a JWT: fetch a new token shortly before this one expires. */
+    _scheduleTokenRefresh() {
+      clearTimeout(this._refreshTimer);
+      this._refreshTimer = null;
+      if (this.getToken === null || !this._running) return;
+      const expiresAt = tokenExpiry(this.token);
+      if (expiresAt === null) return; // not a JWT: refreshed only when refused
+      const left = expiresAt - Date.now();
+      const delay = Math.max(0, left - Math.min(REFRESH_BEFORE_EXP_MS, left / 2));
+      const token = this.token;
+      this._refreshTimer = setTimeout(() => this._refreshToken(token), delay);
+    }
+
+    /** Replace a token about to expire; the connection is reopened with it and resumes. */
+    async _refreshToken(expiring) {
+      this._refreshTimer = null;
+      const token = await this._freshToken();
+      // Nothing new: the server ends the connection at `exp` and the refusal decides.
+      if (!this._running || this.token !== expiring || token === null || token === expiring) {
+        return;
+      }
+      this._useToken(token);
+      if (this._timer !== null) return; // reconnecting: the next attempt takes the new token
+      this._disconnect();
+      this._connect();
+    }
+  }
+
+  /** The `exp` of a JWT in milliseconds, or null when the token is not a JWT with one. */
+  function tokenExpiry(token) {
+    const payload = jwtPayload(token);
+    return payload !== null && typeof payload.exp === "number" ? payload.exp * 1000 : null;
+  }
+
+  /** The decoded payload of a JWT (base64url JSON), or null. Not verified: display only. */
+  function jwtPayload(token) {
+    if (typeof token !== "string") return null;
+    const parts = token.split(".");
+    if (parts.length !== 3) return null;
+    try {
+      const base64 = parts[1].replace(/-/g, "+").replace(/_/g, "/");
+      const padded = base64 + "=".repeat((4 - (base64.length % 4)) % 4);
+      const bytes = Uint8Array.from(atob(padded), (ch) => ch.charCodeAt(0));
+      const payload = JSON.parse(new TextDecoder().decode(bytes));
+      return payload !== null && typeof payload === "object" ? payload : null;
+    } catch (error) {
+      return null;
     }
   }
 
