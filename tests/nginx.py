@@ -6,6 +6,7 @@ import shutil
 import socket
 import string
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 from .processes import free_port, terminate
@@ -31,8 +32,16 @@ http {{
 
 
 class Nginx:
-    def __init__(self, directory: Path, upstream_port: int) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        upstream_port: int,
+        edit: Callable[[str], str] | None = None,
+    ) -> None:
+        """`edit` rewrites the rendered site configuration (a proxy that differs from
+        the shipped one)."""
         self.directory = directory
+        self.edit = edit
         self.port = free_port()
         self.upstream_port = upstream_port
         self.process: subprocess.Popen[bytes] | None = None
@@ -54,6 +63,8 @@ class Nginx:
             NGINX_PORT=f"127.0.0.1:{self.port}",
             NGINX_ACCESS_LOG=str(self.access_log),
         )
+        if self.edit is not None:
+            site = self.edit(site)
         (self.directory / "streamer.conf").write_text(site)
         conf = self.directory / "nginx.conf"
         conf.write_text(MAIN_CONF.format(dir=self.directory))

@@ -39,6 +39,10 @@
   const MAX_DELAY_MS = 10000;
   const CLOSE_UNAUTHORIZED = 4401;
   const WEBSOCKET_FAILURES_BEFORE_SSE = 2;
+  // A connection counts as working once it stayed open this long: only then does the backoff
+  // start over, and a WebSocket cut off sooner (a proxy's idle timeout) counts as a failure.
+  const STABLE_AFTER_MS = 5000;
+  const CLOSE_ABNORMAL = 1006;
   const SSE_EVENTS = ["active_tasks", "task_progress", "task_completed"];
   const TERMINAL = new Set(["SUCCESS", "FAILURE", "REVOKED"]);
   const COMMAND_TIMEOUT_MS = 15000;
@@ -79,8 +83,9 @@
       /** The id of the last event or snapshot received: the resume point. */
       this.lastEventId = null;
       this._running = false;
-      this._attempt = 0; // reconnects since the last connection that delivered a message
-      this._failedOpens = 0; // WebSockets in a row that never opened
+      this._attempt = 0; // reconnects since the last connection that stayed up (STABLE_AFTER_MS)
+      this._failedOpens = 0; // WebSockets in a row that never opened or were cut off at once
+      this._stableTimer = null;
       this._socket = null;
       this._source = null;
       this._timer = null;
@@ -273,22 +278,36 @@
         return;
       }
       let opened = false;
+      let received = false;
+      let openedAt = 0;
       this._socket = socket;
       socket.onopen = () => {
         opened = true;
-        this._failedOpens = 0;
+        openedAt = Date.now();
+        this._markStableLater();
         this._status("connected (websocket)", "connected");
       };
-      socket.onmessage = (event) => this._receive(event.data);
+      socket.onmessage = (event) => {
+        received = true;
+        this._receive(event.data);
+      };
       socket.onclose = (event) => {
         if (this._socket !== socket) return; // stopped or replaced
         this._socket = null;
+        this._cancelStable();
+        // Opened, but closed before its first message, or cut off (no close frame) soon after:
+        // a path that lets the upgrade through but not the connection.
+        const cutOff =
+          !received ||
+          (event.code === CLOSE_ABNORMAL && Date.now() - openedAt < STABLE_AFTER_MS);
         this._failPending(`the WebSocket closed (code ${event.code})`);
         if (!this._running) return;
         if (event.code === CLOSE_UNAUTHORIZED) {
           this._refused(`not authorised (${event.reason || "unauthorized"})`);
         } else if (!opened) {
           this._webSocketFailed("the WebSocket did not open");
+        } else if (cutOff) {
+          this._webSocketFailed(`the WebSocket was cut off (code ${event.code})`);
         } else {
           this._reconnect(`connection closed (code ${event.code})`);
         }
@@ -310,7 +329,10 @@
       const url = this._endpoint("/sse/tasks/", "http");
       const source = new EventSource(url);
       this._source = source;
-      source.onopen = () => this._status("connected (sse)", "connected");
+      source.onopen = () => {
+        this._markStableLater();
+        this._status("connected (sse)", "connected");
+      };
       for (const name of SSE_EVENTS) {
         source.addEventListener(name, (event) => this._receive(event.data));
       }
@@ -343,7 +365,6 @@
         return; // not ours: ignore
       }
       if (message === null || typeof message !== "object") return;
-      this._attempt = 0;
       this._refreshedSinceMessage = false;
       if (typeof message.id === "string" && message.id) this.lastEventId = message.id;
       this._settle(message);
@@ -361,7 +382,23 @@
       this._timer = setTimeout(() => this._connect(), delay);
     }
 
+    /** The backoff starts over once the connection has stayed up for a while. */
+    _markStableLater() {
+      this._cancelStable();
+      this._stableTimer = setTimeout(() => {
+        this._stableTimer = null;
+        this._attempt = 0;
+        this._failedOpens = 0;
+      }, STABLE_AFTER_MS);
+    }
+
+    _cancelStable() {
+      clearTimeout(this._stableTimer);
+      this._stableTimer = null;
+    }
+
     _disconnect() {
+      this._cancelStable();
       const socket = this._socket;
       const source = this._source;
       this._socket = null;
