@@ -31,6 +31,11 @@
  * when the server refuses the token; the stream reconnects with the new token and resumes from
  * the last id. At most one attempt per refusal: when getToken gives nothing (null, undefined,
  * throws) or its token is refused too, the stream stops with state "unauthorized".
+ *
+ * One connection per browser: with `shareConnection` (the default) the tabs of one user elect
+ * a leader with the Web Locks API; only it connects, and it relays events and states to the
+ * others over a BroadcastChannel. When it closes, another tab takes over and resumes from the
+ * last id it saw. Commands from the other tabs go over HTTP. `shareConnection: false` opts out.
  */
 (function (global) {
   "use strict";
@@ -43,6 +48,7 @@
   // start over, and a WebSocket cut off sooner (a proxy's idle timeout) counts as a failure.
   const STABLE_AFTER_MS = 5000;
   const CLOSE_ABNORMAL = 1006;
+  const SEEN_IDS_KEPT = 1000; // relayed event ids remembered, to drop one relayed twice
   const SSE_EVENTS = ["active_tasks", "task_progress", "task_completed"];
   const TERMINAL = new Set(["SUCCESS", "FAILURE", "REVOKED"]);
   const COMMAND_TIMEOUT_MS = 15000;
@@ -93,12 +99,27 @@
       this.getToken = typeof opts.getToken === "function" ? opts.getToken : null;
       this._refreshTimer = null;
       this._refreshedSinceMessage = false; // a refused token was replaced: no second try
+      /** Share one connection among this browser's tabs (Web Locks + BroadcastChannel). */
+      this.shareConnection = opts.shareConnection !== false && canShareConnections();
+      /** True in the tab that holds the connection (always, without sharing). */
+      this.leader = !this.shareConnection;
+      this._channel = null;
+      this._tabId = Math.random().toString(36).slice(2);
+      this._lockAbort = null;
+      this._releaseLock = null;
+      this._shared = null; // the leader's view of the unfinished tasks, for tabs that join
+      this._lastStatus = undefined; // the leader's, for tabs that join
+      this._seenIds = [];
     }
 
     start() {
       if (this._running) return;
       this._running = true;
       this._scheduleTokenRefresh();
+      if (this.shareConnection) {
+        this._joinTabs();
+        return;
+      }
       this._connect();
     }
 
@@ -109,6 +130,7 @@
       clearTimeout(this._refreshTimer);
       this._refreshTimer = null;
       this._disconnect();
+      this._leaveTabs();
       this._status("stopped", "stopped");
     }
 
@@ -251,7 +273,7 @@
 
     _connect() {
       this._timer = null;
-      if (!this._running) return;
+      if (!this._running || !this.leader) return;
       this._status(`connecting (${this.transport})`, "connecting");
       if (this.transport === "websocket") {
         this._openWebSocket();
@@ -368,6 +390,10 @@
       this._refreshedSinceMessage = false;
       if (typeof message.id === "string" && message.id) this.lastEventId = message.id;
       this._settle(message);
+      if (this._channel !== null && SSE_EVENTS.includes(message.type)) {
+        this._track(message);
+        this._post({ kind: "event", message });
+      }
       this.onEvent(message);
     }
 
@@ -409,7 +435,132 @@
     }
 
     _status(text, state) {
+      this._lastStatus = { text, state };
+      if (this._channel !== null && this.leader) {
+        this._post({ kind: "status", text, state, transport: this.transport });
+      }
       this.onStatus(text, state);
+    }
+
+    /** Sharing: wait for the tabs' lock (then lead) and follow the leader meanwhile. */
+    _joinTabs() {
+      const name = this._shareName();
+      this._channel = new BroadcastChannel(name);
+      this._channel.onmessage = (event) => this._fromTab(event.data);
+      this.leader = false;
+      this.onStatus("connecting (shared with other tabs)", "connecting");
+      this._post({ kind: "hello", from: this._tabId });
+      const abort = new AbortController();
+      this._lockAbort = abort;
+      const held = () =>
+        new Promise((release) => {
+          this._lockAbort = null;
+          if (!this._running) {
+            release();
+            return;
+          }
+          this._releaseLock = release;
+          this._lead();
+        });
+      global.navigator.locks.request(name, { signal: abort.signal }, held).catch(() => {});
+    }
+
+    /** This tab holds the lock: it connects, resuming from the last id it saw. */
+    _lead() {
+      this.leader = true;
+      this._shared = { tasks: new Map(), truncated: false, ready: false };
+      this._connect();
+    }
+
+    _leaveTabs() {
+      const channel = this._channel;
+      this._channel = null;
+      if (this._lockAbort !== null) this._lockAbort.abort();
+      if (this._releaseLock !== null) this._releaseLock();
+      this._lockAbort = this._releaseLock = null;
+      this._shared = null;
+      this.leader = !this.shareConnection;
+      if (channel !== null) channel.close();
+    }
+
+    _shareName() {
+      const payload = jwtPayload(this.token);
+      const who = payload !== null && payload.sub ? `sub:${payload.sub}` : this.token || "session";
+      const origin = new URL(this.url, global.location.href).origin;
+      return `streamer ${origin} ${who} ${this.taskId || ""}`;
+    }
+
+    _post(data) {
+      try {
+        this._channel.postMessage(data);
+      } catch (error) {
+        // closed meanwhile: nothing to tell
+      }
+    }
+
+    /** A message from another tab of this browser. */
+    _fromTab(data) {
+      if (data === null || typeof data !== "object" || !this._running) return;
+      if (data.kind === "hello") {
+        // A tab that just joined: give it the current state, as a fresh connection would.
+        if (!this.leader) return;
+        const last = this._lastStatus;
+        if (last !== undefined) {
+          this._post({ kind: "status", to: data.from, transport: this.transport, ...last });
+        }
+        if (this._shared !== null && this._shared.ready) {
+          this._post({ kind: "event", to: data.from, message: this._snapshot() });
+        }
+        return;
+      }
+      if (this.leader) return;
+      if (data.to !== undefined && data.to !== this._tabId) return;
+      if (data.kind === "status") {
+        if (typeof data.transport === "string") this.transport = data.transport;
+        this.onStatus(data.text, data.state);
+        if (data.state === "unauthorized") {
+          // The leader's token (the same user's) was refused: no tab retries it.
+          this._running = false;
+          this._leaveTabs();
+        }
+      } else if (data.kind === "event") {
+        const message = data.message;
+        if (message.type !== "active_tasks" && typeof message.id === "string") {
+          if (this._seenIds.includes(message.id)) return; // relayed twice (a new leader)
+          this._seenIds.push(message.id);
+          if (this._seenIds.length > SEEN_IDS_KEPT) this._seenIds.shift();
+        }
+        if (typeof message.id === "string" && message.id) this.lastEventId = message.id;
+        this.onEvent(message);
+      }
+    }
+
+    /** The leader keeps the unfinished tasks (events carry a task's full state). */
+    _track(message) {
+      const shared = this._shared;
+      if (shared === null) return;
+      if (message.type === "active_tasks") {
+        shared.tasks = new Map((message.tasks || []).map((task) => [task.task_id, task]));
+        shared.truncated = Boolean(message.truncated);
+        shared.ready = true;
+      } else if (message.type === "task_completed") {
+        shared.tasks.delete(message.task_id);
+      } else {
+        const task = { ...message };
+        delete task.type;
+        delete task.id;
+        if (shared.tasks.has(task.task_id)) {
+          shared.tasks.set(task.task_id, task);
+        } else {
+          shared.tasks = new Map([[task.task_id, task], ...shared.tasks]); // newest first
+        }
+      }
+    }
+
+    _snapshot() {
+      const tasks = Array.from(this._shared.tasks.values());
+      const truncated = this._shared.truncated;
+      return { type: "active_tasks", tasks, truncated, recovered: true, id: this.lastEventId };
     }
 
     /** The server refused the token: one try with a fresh one from getToken, else stop. */
@@ -427,6 +578,7 @@
         clearTimeout(this._refreshTimer);
         this._refreshTimer = null;
         this._status(`${text}: get a new token`, "unauthorized");
+        this._leaveTabs(); // after telling the other tabs, which stop too
         return;
       }
       this._useToken(token);
@@ -496,6 +648,11 @@
     } catch (error) {
       return null;
     }
+  }
+
+  function canShareConnections() {
+    const locks = global.navigator && global.navigator.locks;
+    return typeof BroadcastChannel === "function" && !!locks && typeof locks.request === "function";
   }
 
   /** Did the SSE endpoint answer 401? Reads only the status, then hangs up. */
