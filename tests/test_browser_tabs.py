@@ -164,3 +164,23 @@ async def test_share_connection_false_opens_one_connection_per_tab(
         await tab.wait_for("window.opened === true", what="the snapshot")
         assert await tab.evaluate("window.taskStream.leader") is True
     await eventually(lambda: open_connections(server) == 2, what="two connections")
+
+
+async def test_a_refused_token_stops_every_tab_without_a_loop(
+    browser: Browser, server: ServerProcess
+) -> None:
+    url = f"{server.base_url}/?{urlencode({'token': 'not-a-token', 'transport': 'websocket'})}"
+    await browser.navigate(url)
+    tabs = [browser] + [await browser.new_tab(url) for _ in range(3)]
+    await all_show(tabs, "document.body?.dataset.connection", "unauthorized", "the refusal")
+    refused = 'streamer_refusals_total{reason="unauthorized"}'
+
+    def refusals() -> str:
+        lines = server.get("/metrics")[1].decode().splitlines()
+        return next(line for line in lines if line.startswith(refused))
+
+    first = refusals()
+    assert float(first.split()[-1]) <= len(tabs)  # at most one per tab, often one in all
+    await browser.evaluate("window.windowEnds = performance.now() + 3000")
+    await browser.wait_for("performance.now() >= window.windowEnds", what="3 s to pass")
+    assert refusals() == first, "a tab kept reconnecting"

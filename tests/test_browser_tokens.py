@@ -169,6 +169,10 @@ async def test_a_short_lived_token_is_refreshed_before_it_expires(
     assert "unauthorized" not in await browser.evaluate("window.states")
     # Refreshed before `exp`: the server never had to refuse an expired token.
     assert refusals(server) == 0
+    # Commands (over HTTP on SSE) carry the current token: the first one expired long ago.
+    active = await browser.evaluate("window.taskStream.getActiveTasks()")
+    assert active["type"] == "active_tasks"
+    assert [task["task_id"] for task in active["tasks"]] == ["t"]
 
 
 @pytest.mark.parametrize("transport", ["websocket", "sse"])
@@ -185,6 +189,16 @@ async def test_a_refused_token_is_replaced_once_and_the_stream_resumes(
         "window.seen?.some((m) => m.type === 'active_tasks')", what="the snapshot"
     )
     assert await browser.evaluate("window.tokenCalls") == 1
+    # A command over HTTP refused with 401 is sent once more, with a token from getToken.
+    command = """
+    new Streamer.TaskStream({
+      url: params.get("streamer"), token: "refused-too", transport: "sse",
+      getToken: () => { window.tokenCalls += 1; return window.taskStream.token; },
+    }).getTaskStatus("unknown")
+    """
+    reply = await browser.evaluate(command)
+    assert reply == {"type": "task_status", "task_id": "unknown", "status": None}
+    assert await browser.evaluate("window.tokenCalls") == 2
     # On SSE the refusal is counted twice: the EventSource, and the status check that
     # tells a refused token from a network error.
     assert refusals(server) == (1 if transport == "websocket" else 2)
