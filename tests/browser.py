@@ -3,6 +3,8 @@
     async with Browser(find_chromium()) as browser:
         await browser.navigate(url)
         await browser.wait_for("document.body.dataset.connection === 'open'", what="the stream")
+        tab = await browser.new_tab(url)  # another page of the same browser, driven alike
+        await tab.close()
 
 Chromium runs in its own process group with a throw-away profile; both are gone after `close()`,
 whatever happened in between.
@@ -23,6 +25,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
+from urllib.parse import quote
 
 import aiohttp
 
@@ -65,7 +68,9 @@ class CdpError(RuntimeError):
 
 
 class Browser:
-    """One headless Chromium with one page; `evaluate()` runs JavaScript in it."""
+    """One headless Chromium with one page; `evaluate()` runs JavaScript in it.
+    `new_tab()` opens another page of the same browser (same profile: storage, Web Locks and
+    BroadcastChannel are shared), returned as a Browser that drives only that page."""
 
     def __init__(self, executable: str) -> None:
         self.executable = executable
@@ -77,6 +82,10 @@ class Browser:
         self._reader: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._ids = itertools.count(1)
+        self._port: int | None = None
+        self._target_id: str | None = None
+        self._owner: Browser | None = None  # set on tabs: the Browser that runs Chromium
+        self._tabs: list[Browser] = []
 
     async def __aenter__(self) -> Self:
         try:
@@ -97,16 +106,62 @@ class Browser:
     async def start(self) -> None:
         profile = self._launch()
         port = await self._devtools_port(profile / "DevToolsActivePort")
+        self._port = port
         self._http = aiohttp.ClientSession()
         async with self._http.get(f"http://127.0.0.1:{port}/json/list") as response:
             targets: list[dict[str, Any]] = await response.json()
         page = next((t for t in targets if t.get("type") == "page"), None)
         if page is None:
             raise CdpError(f"Chromium has no page target: {targets}")
+        await self._attach(page)
+
+    async def _attach(self, page: dict[str, Any]) -> None:
+        assert self._http is not None
+        self._target_id = page["id"]
         self._ws = await self._http.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0)
         self._reader = asyncio.create_task(self._read(self._ws))
         await self.call("Runtime.enable")
         await self.call("Log.enable")
+
+    async def new_tab(self, url: str = "about:blank") -> Browser:
+        """Open another page of this browser at `url`; `close()` on it closes only the page."""
+        owner = self._owner or self
+        assert owner._http is not None, "the browser is not running"
+        address = f"http://127.0.0.1:{owner._port}/json/new?{quote(url, safe='')}"
+        async with owner._http.put(address) as response:
+            page: dict[str, Any] = await response.json()
+        tab = Browser(self.executable)
+        tab._owner, tab._http, tab._port = owner, owner._http, owner._port
+        owner._tabs.append(tab)
+        try:
+            await tab._attach(page)
+        except BaseException:
+            await tab.close()
+            raise
+        return tab
+
+    async def close_page(self) -> None:
+        """Close this page only (its scripts end as when a user closes the tab); Chromium
+        keeps running with its other pages."""
+        await self._detach()
+        owner = self._owner or self
+        if self._target_id is not None and owner._http is not None and not owner._http.closed:
+            with contextlib.suppress(aiohttp.ClientError):
+                async with owner._http.get(
+                    f"http://127.0.0.1:{owner._port}/json/close/{self._target_id}"
+                ) as response:
+                    await response.read()
+        self._target_id = None
+
+    async def _detach(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
+        if self._ws is not None:
+            with contextlib.suppress(Exception):
+                await self._ws.close()
+        self._reader = self._ws = None
 
     def _launch(self) -> Path:
         """Start Chromium with a fresh profile; returns the profile directory."""
@@ -230,15 +285,15 @@ class Browser:
             await asyncio.sleep(0.05)
 
     async def close(self) -> None:
-        """Stop Chromium and remove its profile; safe to call more than once."""
+        """Stop Chromium and remove its profile; safe to call more than once. On a tab from
+        `new_tab()`: close that page only."""
+        if self._owner is not None:
+            await self.close_page()
+            return
         try:
-            if self._reader is not None:
-                self._reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await self._reader
-            if self._ws is not None:
-                with contextlib.suppress(Exception):
-                    await self._ws.close()
+            for tab in self._tabs:
+                await tab._detach()
+            await self._detach()
             if self._http is not None:
                 await self._http.close()
         finally:

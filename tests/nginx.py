@@ -6,6 +6,7 @@ import shutil
 import socket
 import string
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 from .processes import free_port, terminate
@@ -31,9 +32,18 @@ http {{
 
 
 class Nginx:
-    def __init__(self, directory: Path, upstream_port: int, template: str | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        upstream_port: int,
+        template: str | None = None,
+        edit: Callable[[str], str] | None = None,
+    ) -> None:
+        """`template` replaces the shipped site configuration; `edit` rewrites the
+        rendered one (a proxy that differs from the shipped one)."""
         self.directory = directory
-        self.template = template  # the site's configuration; None: the shipped one
+        self.template = template
+        self.edit = edit
         self.port = free_port()
         self.upstream_port = upstream_port
         self.process: subprocess.Popen[bytes] | None = None
@@ -56,6 +66,8 @@ class Nginx:
             NGINX_PORT=f"127.0.0.1:{self.port}",
             NGINX_ACCESS_LOG=str(self.access_log),
         )
+        if self.edit is not None:
+            site = self.edit(site)
         (self.directory / "streamer.conf").write_text(site)
         conf = self.directory / "nginx.conf"
         conf.write_text(MAIN_CONF.format(dir=self.directory))

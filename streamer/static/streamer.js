@@ -26,6 +26,17 @@
  *
  * A refused command rejects with a Streamer.CommandError carrying the server's `code`
  * ("rate_limited", "broker_unavailable", "unauthorized", "invalid_task_id", ...).
+ *
+ * Tokens that expire: pass `getToken`, a function returning a fresh token (or a Promise of
+ * one). It is called shortly before the current token's `exp` (read from the JWT payload) and
+ * when the server refuses the token; the stream reconnects with the new token and resumes from
+ * the last id. At most one attempt per refusal: when getToken gives nothing (null, undefined,
+ * throws) or its token is refused too, the stream stops with state "unauthorized".
+ *
+ * One connection per browser: with `shareConnection` (the default) the tabs of one user elect
+ * a leader with the Web Locks API; only it connects, and it relays events and states to the
+ * others over a BroadcastChannel. When it closes, another tab takes over and resumes from the
+ * last id it saw. Commands from the other tabs go over HTTP. `shareConnection: false` opts out.
  */
 (function (global) {
   "use strict";
@@ -34,9 +45,15 @@
   const MAX_DELAY_MS = 10000;
   const CLOSE_UNAUTHORIZED = 4401;
   const WEBSOCKET_FAILURES_BEFORE_SSE = 2;
+  // A connection counts as working once it stayed open this long: only then does the backoff
+  // start over, and a WebSocket cut off sooner (a proxy's idle timeout) counts as a failure.
+  const STABLE_AFTER_MS = 5000;
+  const CLOSE_ABNORMAL = 1006;
+  const SEEN_IDS_KEPT = 1000; // relayed event ids remembered, to drop one relayed twice
   const SSE_EVENTS = ["active_tasks", "task_progress", "task_completed"];
   const TERMINAL = new Set(["SUCCESS", "FAILURE", "REVOKED"]);
   const COMMAND_TIMEOUT_MS = 15000;
+  const REFRESH_BEFORE_EXP_MS = 30000; // at most this long before `exp` (half the lifetime if less)
 
   /** A command the server refused (or that got no answer); `code` says why. */
   class CommandError extends Error {
@@ -73,18 +90,38 @@
       /** The id of the last event or snapshot received: the resume point. */
       this.lastEventId = null;
       this._running = false;
-      this._attempt = 0; // reconnects since the last connection that delivered a message
-      this._failedOpens = 0; // WebSockets in a row that never opened
+      this._attempt = 0; // reconnects since the last connection that stayed up (STABLE_AFTER_MS)
+      this._failedOpens = 0; // WebSockets in a row that never opened or were cut off at once
+      this._stableTimer = null;
       this._socket = null;
       this._source = null;
       this._poll = null; // the AbortController of the long-poll loop
       this._timer = null;
       this._pending = []; // commands sent on the WebSocket, awaiting their replies in order
+      this.getToken = typeof opts.getToken === "function" ? opts.getToken : null;
+      this._refreshTimer = null;
+      this._refreshedSinceMessage = false; // a refused token was replaced: no second try
+      /** Share one connection among this browser's tabs (Web Locks + BroadcastChannel). */
+      this.shareConnection = opts.shareConnection !== false && canShareConnections();
+      /** True in the tab that holds the connection (always, without sharing). */
+      this.leader = !this.shareConnection;
+      this._channel = null;
+      this._tabId = Math.random().toString(36).slice(2);
+      this._lockAbort = null;
+      this._releaseLock = null;
+      this._shared = null; // the leader's view of the unfinished tasks, for tabs that join
+      this._lastStatus = undefined; // the leader's, for tabs that join
+      this._seenIds = [];
     }
 
     start() {
       if (this._running) return;
       this._running = true;
+      this._scheduleTokenRefresh();
+      if (this.shareConnection) {
+        this._joinTabs();
+        return;
+      }
       this._connect();
     }
 
@@ -92,7 +129,10 @@
       this._running = false;
       clearTimeout(this._timer);
       this._timer = null;
+      clearTimeout(this._refreshTimer);
+      this._refreshTimer = null;
       this._disconnect();
+      this._leaveTabs();
       this._status("stopped", "stopped");
     }
 
@@ -187,8 +227,21 @@
       }
     }
 
-    /** A command over HTTP: the token as a Bearer header, else the session cookie. */
+    /** A command over HTTP with the current token; on a 401, once more with a fresh one. */
     async _http(method, path) {
+      try {
+        return await this._httpOnce(method, path);
+      } catch (error) {
+        if (error.status !== 401 || this.getToken === null) throw error;
+        const token = await this._freshToken();
+        if (token === null || token === this.token) throw error;
+        this._useToken(token);
+        return this._httpOnce(method, path);
+      }
+    }
+
+    /** A command over HTTP: the token as a Bearer header, else the session cookie. */
+    async _httpOnce(method, path) {
       const headers = { Accept: "application/json" };
       if (this.token) headers.Authorization = `Bearer ${this.token}`;
       let response;
@@ -222,7 +275,7 @@
 
     _connect() {
       this._timer = null;
-      if (!this._running) return;
+      if (!this._running || !this.leader) return;
       this._status(`connecting (${this.transport})`, "connecting");
       if (this.transport === "websocket") {
         this._openWebSocket();
@@ -251,24 +304,36 @@
         return;
       }
       let opened = false;
+      let received = false;
+      let openedAt = 0;
       this._socket = socket;
       socket.onopen = () => {
         opened = true;
-        this._failedOpens = 0;
+        openedAt = Date.now();
+        this._markStableLater();
         this._status("connected (websocket)", "connected");
       };
-      socket.onmessage = (event) => this._receive(event.data);
+      socket.onmessage = (event) => {
+        received = true;
+        this._receive(event.data);
+      };
       socket.onclose = (event) => {
         if (this._socket !== socket) return; // stopped or replaced
         this._socket = null;
+        this._cancelStable();
+        // Opened, but closed before its first message, or cut off (no close frame) soon after:
+        // a path that lets the upgrade through but not the connection.
+        const cutOff =
+          !received ||
+          (event.code === CLOSE_ABNORMAL && Date.now() - openedAt < STABLE_AFTER_MS);
         this._failPending(`the WebSocket closed (code ${event.code})`);
         if (!this._running) return;
         if (event.code === CLOSE_UNAUTHORIZED) {
-          this._running = false;
-          const reason = event.reason || "unauthorized";
-          this._status(`not authorised (${reason}): get a new token`, "unauthorized");
+          this._refused(`not authorised (${event.reason || "unauthorized"})`);
         } else if (!opened) {
           this._webSocketFailed("the WebSocket did not open");
+        } else if (cutOff) {
+          this._webSocketFailed(`the WebSocket was cut off (code ${event.code})`);
         } else {
           this._reconnect(`connection closed (code ${event.code})`);
         }
@@ -290,7 +355,10 @@
       const url = this._endpoint("/sse/tasks/", "http");
       const source = new EventSource(url);
       this._source = source;
-      source.onopen = () => this._status("connected (sse)", "connected");
+      source.onopen = () => {
+        this._markStableLater();
+        this._status("connected (sse)", "connected");
+      };
       for (const name of SSE_EVENTS) {
         source.addEventListener(name, (event) => this._receive(event.data));
       }
@@ -307,8 +375,7 @@
         refusedAsUnauthorized(url).then((unauthorized) => {
           if (!this._running || this._source !== null || this._timer !== null) return;
           if (unauthorized) {
-            this._running = false;
-            this._status("not authorised: get a new token", "unauthorized");
+            this._refused("not authorised");
           } else {
             this._reconnect("the event stream failed");
           }
@@ -385,9 +452,13 @@
         return; // not ours: ignore
       }
       if (message === null || typeof message !== "object") return;
-      this._attempt = 0;
+      this._refreshedSinceMessage = false;
       if (typeof message.id === "string" && message.id) this.lastEventId = message.id;
       this._settle(message);
+      if (this._channel !== null && SSE_EVENTS.includes(message.type)) {
+        this._track(message);
+        this._post({ kind: "event", message });
+      }
       this.onEvent(message);
     }
 
@@ -402,7 +473,23 @@
       this._timer = setTimeout(() => this._connect(), delay);
     }
 
+    /** The backoff starts over once the connection has stayed up for a while. */
+    _markStableLater() {
+      this._cancelStable();
+      this._stableTimer = setTimeout(() => {
+        this._stableTimer = null;
+        this._attempt = 0;
+        this._failedOpens = 0;
+      }, STABLE_AFTER_MS);
+    }
+
+    _cancelStable() {
+      clearTimeout(this._stableTimer);
+      this._stableTimer = null;
+    }
+
     _disconnect() {
+      this._cancelStable();
       const socket = this._socket;
       const source = this._source;
       const poll = this._poll;
@@ -416,8 +503,224 @@
     }
 
     _status(text, state) {
+      this._lastStatus = { text, state };
+      if (this._channel !== null && this.leader) {
+        this._post({ kind: "status", text, state, transport: this.transport });
+      }
       this.onStatus(text, state);
     }
+
+    /** Sharing: wait for the tabs' lock (then lead) and follow the leader meanwhile. */
+    _joinTabs() {
+      const name = this._shareName();
+      this._channel = new BroadcastChannel(name);
+      this._channel.onmessage = (event) => this._fromTab(event.data);
+      this.leader = false;
+      this.onStatus("connecting (shared with other tabs)", "connecting");
+      this._post({ kind: "hello", from: this._tabId });
+      const abort = new AbortController();
+      this._lockAbort = abort;
+      const held = () =>
+        new Promise((release) => {
+          this._lockAbort = null;
+          if (!this._running) {
+            release();
+            return;
+          }
+          this._releaseLock = release;
+          this._lead();
+        });
+      global.navigator.locks.request(name, { signal: abort.signal }, held).catch(() => {});
+    }
+
+    /** This tab holds the lock: it connects, resuming from the last id it saw. */
+    _lead() {
+      this.leader = true;
+      this._shared = { tasks: new Map(), truncated: false, ready: false };
+      this._connect();
+    }
+
+    _leaveTabs() {
+      const channel = this._channel;
+      this._channel = null;
+      if (this._lockAbort !== null) this._lockAbort.abort();
+      if (this._releaseLock !== null) this._releaseLock();
+      this._lockAbort = this._releaseLock = null;
+      this._shared = null;
+      this.leader = !this.shareConnection;
+      if (channel !== null) channel.close();
+    }
+
+    _shareName() {
+      const payload = jwtPayload(this.token);
+      const who = payload !== null && payload.sub ? `sub:${payload.sub}` : this.token || "session";
+      const origin = new URL(this.url, global.location.href).origin;
+      return `streamer ${origin} ${who} ${this.taskId || ""}`;
+    }
+
+    _post(data) {
+      try {
+        this._channel.postMessage(data);
+      } catch (error) {
+        // closed meanwhile: nothing to tell
+      }
+    }
+
+    /** A message from another tab of this browser. */
+    _fromTab(data) {
+      if (data === null || typeof data !== "object" || !this._running) return;
+      if (data.kind === "hello") {
+        // A tab that just joined: give it the current state, as a fresh connection would.
+        if (!this.leader) return;
+        const last = this._lastStatus;
+        if (last !== undefined) {
+          this._post({ kind: "status", to: data.from, transport: this.transport, ...last });
+        }
+        if (this._shared !== null && this._shared.ready) {
+          this._post({ kind: "event", to: data.from, message: this._snapshot() });
+        }
+        return;
+      }
+      if (this.leader) return;
+      if (data.to !== undefined && data.to !== this._tabId) return;
+      if (data.kind === "status") {
+        if (typeof data.transport === "string") this.transport = data.transport;
+        this.onStatus(data.text, data.state);
+        if (data.state === "unauthorized") {
+          // The leader's token (the same user's) was refused: no tab retries it.
+          this._running = false;
+          this._leaveTabs();
+        }
+      } else if (data.kind === "event") {
+        const message = data.message;
+        if (message.type !== "active_tasks" && typeof message.id === "string") {
+          if (this._seenIds.includes(message.id)) return; // relayed twice (a new leader)
+          this._seenIds.push(message.id);
+          if (this._seenIds.length > SEEN_IDS_KEPT) this._seenIds.shift();
+        }
+        if (typeof message.id === "string" && message.id) this.lastEventId = message.id;
+        this.onEvent(message);
+      }
+    }
+
+    /** The leader keeps the unfinished tasks (events carry a task's full state). */
+    _track(message) {
+      const shared = this._shared;
+      if (shared === null) return;
+      if (message.type === "active_tasks") {
+        shared.tasks = new Map((message.tasks || []).map((task) => [task.task_id, task]));
+        shared.truncated = Boolean(message.truncated);
+        shared.ready = true;
+      } else if (message.type === "task_completed") {
+        shared.tasks.delete(message.task_id);
+      } else {
+        const task = { ...message };
+        delete task.type;
+        delete task.id;
+        if (shared.tasks.has(task.task_id)) {
+          shared.tasks.set(task.task_id, task);
+        } else {
+          shared.tasks = new Map([[task.task_id, task], ...shared.tasks]); // newest first
+        }
+      }
+    }
+
+    _snapshot() {
+      const tasks = Array.from(this._shared.tasks.values());
+      const truncated = this._shared.truncated;
+      return { type: "active_tasks", tasks, truncated, recovered: true, id: this.lastEventId };
+    }
+
+    /** The server refused the token: one try with a fresh one from getToken, else stop. */
+    async _refused(text) {
+      this._disconnect();
+      let token = null;
+      if (this.getToken !== null && !this._refreshedSinceMessage) {
+        this._refreshedSinceMessage = true;
+        this._status(`${text}: getting a new token`, "connecting");
+        token = await this._freshToken();
+      }
+      if (!this._running) return;
+      if (token === null) {
+        this._running = false;
+        clearTimeout(this._refreshTimer);
+        this._refreshTimer = null;
+        this._status(`${text}: get a new token`, "unauthorized");
+        this._leaveTabs(); // after telling the other tabs, which stop too
+        return;
+      }
+      this._useToken(token);
+      this._connect();
+    }
+
+    /** getToken's answer, or null when it gave nothing or failed. */
+    async _freshToken() {
+      try {
+        const token = await this.getToken();
+        return typeof token === "string" && token ? token : null;
+      } catch (error) {
+        return null;
+      }
+    }
+
+    _useToken(token) {
+      this.token = token;
+      this._scheduleTokenRefresh();
+    }
+
+    /** With getToken and a JWT: fetch a new token shortly before this one expires. */
+    _scheduleTokenRefresh() {
+      clearTimeout(this._refreshTimer);
+      this._refreshTimer = null;
+      if (this.getToken === null || !this._running) return;
+      const expiresAt = tokenExpiry(this.token);
+      if (expiresAt === null) return; // not a JWT: refreshed only when refused
+      const left = expiresAt - Date.now();
+      const delay = Math.max(0, left - Math.min(REFRESH_BEFORE_EXP_MS, left / 2));
+      const token = this.token;
+      this._refreshTimer = setTimeout(() => this._refreshToken(token), delay);
+    }
+
+    /** Replace a token about to expire; the connection is reopened with it and resumes. */
+    async _refreshToken(expiring) {
+      this._refreshTimer = null;
+      const token = await this._freshToken();
+      // Nothing new: the server ends the connection at `exp` and the refusal decides.
+      if (!this._running || this.token !== expiring || token === null || token === expiring) {
+        return;
+      }
+      this._useToken(token);
+      if (this._timer !== null) return; // reconnecting: the next attempt takes the new token
+      this._disconnect();
+      this._connect();
+    }
+  }
+
+  /** The `exp` of a JWT in milliseconds, or null when the token is not a JWT with one. */
+  function tokenExpiry(token) {
+    const payload = jwtPayload(token);
+    return payload !== null && typeof payload.exp === "number" ? payload.exp * 1000 : null;
+  }
+
+  /** The decoded payload of a JWT (base64url JSON), or null. Not verified: display only. */
+  function jwtPayload(token) {
+    if (typeof token !== "string") return null;
+    const parts = token.split(".");
+    if (parts.length !== 3) return null;
+    try {
+      const base64 = parts[1].replace(/-/g, "+").replace(/_/g, "/");
+      const padded = base64 + "=".repeat((4 - (base64.length % 4)) % 4);
+      const bytes = Uint8Array.from(atob(padded), (ch) => ch.charCodeAt(0));
+      const payload = JSON.parse(new TextDecoder().decode(bytes));
+      return payload !== null && typeof payload === "object" ? payload : null;
+    } catch (error) {
+      return null;
+    }
+  }
+
+  function canShareConnections() {
+    const locks = global.navigator && global.navigator.locks;
+    return typeof BroadcastChannel === "function" && !!locks && typeof locks.request === "function";
   }
 
   /** Did the SSE endpoint answer 401? Reads only the status, then hangs up. */

@@ -1,0 +1,201 @@
+"""The demo page behind real nginx configurations that break WebSocket: streamer.js in
+`transport: "auto"` ends on SSE by itself, shows every event once, and never storms the
+server with reconnects."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from urllib.parse import urlencode
+
+import pytest
+
+from streamer.publisher import Publisher
+
+from .browser import Browser, find_chromium
+from .nginx import Nginx
+from .processes import ServerProcess
+
+WS_LOCATION_HEADERS = (
+    "proxy_set_header Upgrade $http_upgrade;\n"
+    "        proxy_set_header Connection $connection_upgrade;"
+)
+WS_TIMEOUTS = "proxy_read_timeout 1h;\n        proxy_send_timeout 1h;"
+FIRST_EVENT_BOUND_S = 15.0
+
+
+def _replace(site: str, old: str, new: str) -> str:
+    assert site.count(old) == 1, f"the template changed: {old!r}"
+    return site.replace(old, new)
+
+
+PROXIES: dict[str, Callable[[str], str]] = {
+    # A proxy that does not pass the upgrade on: the service sees a plain GET.
+    "drops-upgrade": lambda site: _replace(
+        site, WS_LOCATION_HEADERS, 'proxy_set_header Connection "";'
+    ),
+    # A proxy that refuses upgrades outright.
+    "forbids-upgrade": lambda site: _replace(
+        site, "location /ws/ {\n", "location /ws/ {\n        if ($http_upgrade) { return 403; }\n"
+    ),
+    # WebSockets open, then die after 1 s without upstream data (heartbeats are 30 s).
+    "kills-idle-websockets": lambda site: _replace(
+        site, WS_TIMEOUTS, "proxy_read_timeout 1s;\n        proxy_send_timeout 1s;"
+    ),
+}
+
+# Records the ids of the events the page handles from now on.
+RECORD_JS = """
+(() => {
+  const stream = window.taskStream;
+  const handle = stream.onEvent;
+  window.seenIds = [];
+  stream.onEvent = (message) => {
+    if (message.type !== "active_tasks") window.seenIds.push(message.id);
+    handle(message);
+  };
+  return true;
+})()
+"""
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.fail("Chromium is not installed (.ci/run installs it)", pytrace=False)
+    async with Browser(chromium) as browser:
+        yield browser
+
+
+@pytest.fixture
+def server(
+    process_env: dict[str, str], redis_url: str, start_process: Callable[..., ServerProcess]
+) -> ServerProcess:
+    env = {**process_env, "STREAMER_REDIS_URL": redis_url}
+    process = start_process(["streamer", "serve", "--port", "{port}"], env)
+    process.wait_healthy()
+    return process
+
+
+@pytest.fixture
+def start_nginx(server: ServerProcess, tmp_path: Path) -> Iterator[Callable[[str], Nginx]]:
+    started: list[Nginx] = []
+
+    def start(proxy: str) -> Nginx:
+        nginx = Nginx(tmp_path / f"nginx-{proxy}", server.port, PROXIES[proxy])
+        nginx.directory.mkdir()
+        started.append(nginx)
+        nginx.start()
+        return nginx
+
+    try:
+        yield start
+    finally:
+        for nginx in started:
+            nginx.stop()
+
+
+@pytest.fixture
+def publisher(redis_url: str) -> Iterator[Publisher]:
+    with Publisher(redis_url) as publisher:
+        yield publisher
+
+
+def websocket_attempts(nginx: Nginx) -> int:
+    """WebSocket requests nginx has finished (refused, failed or closed)."""
+    if not nginx.access_log.exists():
+        return 0
+    return sum("GET /ws/tasks/" in line for line in nginx.access_log.read_text().splitlines())
+
+
+def row_js(task_id: str) -> str:
+    return f"document.querySelector({json.dumps(f'#tasks [data-task-id={json.dumps(task_id)}]')})"
+
+
+async def open_demo(browser: Browser, nginx: Nginx, token: str, transport: str) -> float:
+    """Load the demo page through nginx; seconds from navigation to its first event."""
+    started = time.monotonic()
+    await browser.navigate(
+        f"{nginx.base_url}/?{urlencode({'token': token, 'transport': transport})}"
+    )
+    await browser.wait_for(
+        "document.body?.dataset.connection === 'open'",
+        what="the page's first event",
+        timeout=FIRST_EVENT_BOUND_S + 15,
+    )
+    return time.monotonic() - started
+
+
+async def run_a_job(browser: Browser, publisher: Publisher, user_id: str) -> list[str]:
+    """Publish a job from 20 % to completion; the ids, once each, as the page handled them."""
+    await browser.evaluate(RECORD_JS)
+    published = [publisher.progress(user_id, "job", progress=p) for p in (20, 40, 60, 80, 100)]
+    published.append(publisher.completed(user_id, "job", result_data={"rows": 5}))
+    await browser.wait_for(
+        f"{row_js('job')}?.dataset.status === 'SUCCESS'", what="the job to complete", timeout=30
+    )
+    assert await browser.evaluate(f"{row_js('job')}.querySelector('progress').value") == 100
+    seen: list[str] = await browser.evaluate("window.seenIds")
+    assert seen == published, "an event was lost or shown twice"
+    return seen
+
+
+@pytest.mark.parametrize("proxy", ["drops-upgrade", "forbids-upgrade"])
+async def test_auto_ends_on_sse_behind_a_proxy_that_blocks_the_upgrade(
+    proxy: str,
+    start_nginx: Callable[[str], Nginx],
+    browser: Browser,
+    publisher: Publisher,
+    token_for: Callable[..., str],
+    user_id: str,
+) -> None:
+    nginx = start_nginx(proxy)
+    publisher.progress(user_id, "job", progress=0, task_name="export")
+    first_event_s = await open_demo(browser, nginx, token_for(user_id), "auto")
+    shown = await browser.evaluate("document.getElementById('status').textContent")
+    transport = await browser.evaluate("window.taskStream.transport")
+    print(f"\n{proxy}: first event after {first_event_s:.2f} s, on {transport} ({shown!r})")
+    assert first_event_s < FIRST_EVENT_BOUND_S, f"first event after {first_event_s:.2f} s"
+    assert transport == "sse" and "sse" in shown, shown
+
+    await run_a_job(browser, publisher, user_id)
+    attempts = websocket_attempts(nginx)
+    assert 1 <= attempts <= 3, f"{attempts} WebSocket attempts"
+
+
+@pytest.mark.parametrize("transport", ["auto", "websocket"])
+async def test_websockets_that_die_after_opening_cause_no_reconnect_storm(
+    transport: str,
+    start_nginx: Callable[[str], Nginx],
+    browser: Browser,
+    publisher: Publisher,
+    token_for: Callable[..., str],
+    user_id: str,
+) -> None:
+    """nginx closes each WebSocket after 1 s: "auto" moves to SSE after two of them;
+    "websocket" keeps trying, further and further apart, and still shows every event."""
+    nginx = start_nginx("kills-idle-websockets")
+    publisher.progress(user_id, "job", progress=0, task_name="export")
+    first_event_s = await open_demo(browser, nginx, token_for(user_id), transport)
+    window_s = 10
+    # The page's own clock: a bounded wait, polled.
+    await browser.evaluate(f"window.windowEnds = performance.now() + {window_s * 1000}")
+    await browser.wait_for(
+        "performance.now() >= window.windowEnds",
+        what=f"{window_s} s of dying WebSockets",
+        timeout=window_s + 10,
+    )
+    attempts = websocket_attempts(nginx)
+    shown = await browser.evaluate("window.taskStream.transport")
+    print(f"\n{transport}: first event after {first_event_s:.2f} s; {attempts} WebSockets "
+          f"in ~{window_s} s; now on {shown}")  # fmt: skip
+    if transport == "auto":
+        assert shown == "sse"
+        assert attempts <= 3, f"{attempts} WebSocket attempts in {window_s} s"
+    else:
+        # Without backoff it would be one every ~1.4 s (about 8).
+        assert attempts <= 5, f"{attempts} WebSocket attempts in {window_s} s"
+    await run_a_job(browser, publisher, user_id)

@@ -1,0 +1,242 @@
+"""Tokens that expire, in real headless Chromium: streamer.js asks `getToken()` for a fresh
+token before `exp` and when the server refuses the token, resumes without loss, and stops
+as unauthorized (once, no loop) when there is no new token."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from urllib.parse import urlencode
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from streamer.publisher import Publisher
+
+from .browser import Browser, find_chromium
+from .processes import ServerProcess
+
+TOKEN_TTL_S = 5
+
+# The page: streamer.js from the streamer server, getToken asking the page's own origin.
+PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><script src="STREAMER/static/streamer.js"></script></head>
+<body><script>
+"use strict";
+const params = new URLSearchParams(location.search);
+window.seen = [];
+window.states = [];
+window.tokenCalls = 0;
+window.taskStream = new Streamer.TaskStream({
+  url: params.get("streamer"),
+  token: params.get("token"),
+  transport: params.get("transport"),
+  getToken: async () => {
+    window.tokenCalls += 1;
+    const response = await fetch("/token?mode=" + params.get("mode"), {cache: "no-store"});
+    return response.ok ? await response.text() : null;
+  },
+  onEvent: (message) => window.seen.push(message),
+  onStatus: (text, state) => window.states.push(state),
+});
+window.taskStream.start();
+</script></body></html>
+"""
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.fail("Chromium is not installed (.ci/run installs it)", pytrace=False)
+    async with Browser(chromium) as browser:
+        yield browser
+
+
+@pytest.fixture
+async def page_server(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    token_for: Callable[..., str],
+    user_id: str,
+) -> TestServer:
+    """The page's origin, with /token: a fresh short-lived token ("fresh"), a 401
+    ("none"), or a token the server refuses ("bad")."""
+
+    async def index(request: web.Request) -> web.Response:
+        html = PAGE.replace("STREAMER", request.query["streamer"])
+        return web.Response(text=html, content_type="text/html")
+
+    async def token(request: web.Request) -> web.Response:
+        mode = request.query["mode"]
+        if mode == "fresh":
+            return web.Response(text=token_for(user_id, ttl_s=TOKEN_TTL_S))
+        if mode == "bad":
+            return web.Response(text="still-not-a-token")
+        return web.Response(status=401)
+
+    app = web.Application()
+    app.router.add_get("/", index)
+    app.router.add_get("/token", token)
+    return await aiohttp_server(app)
+
+
+@pytest.fixture
+def server(
+    page_server: TestServer,
+    process_env: dict[str, str],
+    redis_url: str,
+    start_process: Callable[..., ServerProcess],
+) -> ServerProcess:
+    origin = str(page_server.make_url("/")).rstrip("/")
+    env = {**process_env, "STREAMER_REDIS_URL": redis_url, "STREAMER_ALLOWED_ORIGINS": origin}
+    process = start_process(["streamer", "serve", "--port", "{port}"], env)
+    process.wait_healthy()
+    return process
+
+
+@pytest.fixture
+def publisher(redis_url: str) -> Iterator[Publisher]:
+    with Publisher(redis_url) as publisher:
+        yield publisher
+
+
+async def open_page(
+    browser: Browser,
+    page_server: TestServer,
+    server: ServerProcess,
+    token: str,
+    transport: str,
+    mode: str,
+) -> None:
+    query = urlencode(
+        {"streamer": server.base_url, "token": token, "transport": transport, "mode": mode}
+    )
+    await browser.navigate(f"{page_server.make_url('/')}?{query}")
+
+
+def refusals(server: ServerProcess) -> int:
+    """streamer_refusals_total{reason="unauthorized"}: every refused connection attempt."""
+    name = 'streamer_refusals_total{reason="unauthorized"}'
+    for line in server.get("/metrics")[1].decode().splitlines():
+        if line.startswith(name):
+            return int(float(line.split()[-1]))
+    return 0
+
+
+def event_ids_js() -> str:
+    return "window.seen.filter((m) => m.type === 'task_progress').map((m) => m.id)"
+
+
+async def pause(browser: Browser, seconds: float) -> None:
+    """Let time pass (bounded): the page's own clock, not a synchronisation."""
+    await browser.wait_for(
+        f"new Promise((done) => setTimeout(() => done(true), {seconds * 1000}))",
+        what=f"{seconds} s to pass",
+        timeout=seconds + 10,
+    )
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
+async def test_a_short_lived_token_is_refreshed_before_it_expires(
+    transport: str,
+    browser: Browser,
+    page_server: TestServer,
+    server: ServerProcess,
+    publisher: Publisher,
+    token_for: Callable[..., str],
+    user_id: str,
+) -> None:
+    first_token = token_for(user_id, ttl_s=TOKEN_TTL_S)
+    await open_page(browser, page_server, server, first_token, transport, "fresh")
+    await browser.wait_for(
+        "window.seen?.some((m) => m.type === 'active_tasks')", what="the snapshot"
+    )
+    published: list[str] = []
+    # Twelve events over about 3 token lifetimes: each is awaited before the next.
+    for step in range(12):
+        published.append(publisher.progress(user_id, "t", progress=step * 8))
+        await browser.wait_for(
+            f"{event_ids_js()}.includes({json.dumps(published[-1])})",
+            what=f"event {step} to arrive",
+        )
+        await pause(browser, 1.2)
+    received = await browser.evaluate(event_ids_js())
+    assert received == published  # none lost, none twice, in order
+    calls = await browser.evaluate("window.tokenCalls")
+    assert calls >= 2, f"getToken called {calls} times in ~15 s of 5-second tokens"
+    assert await browser.evaluate("window.taskStream.token") != first_token
+    assert "unauthorized" not in await browser.evaluate("window.states")
+    # Refreshed before `exp`: the server never had to refuse an expired token.
+    assert refusals(server) == 0
+    # Commands (over HTTP on SSE) carry the current token: the first one expired long ago.
+    active = await browser.evaluate("window.taskStream.getActiveTasks()")
+    assert active["type"] == "active_tasks"
+    assert [task["task_id"] for task in active["tasks"]] == ["t"]
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
+async def test_a_refused_token_is_replaced_once_and_the_stream_resumes(
+    transport: str,
+    browser: Browser,
+    page_server: TestServer,
+    server: ServerProcess,
+    publisher: Publisher,
+) -> None:
+    """Not a JWT (no `exp` to read): refreshed only when refused, then it streams."""
+    await open_page(browser, page_server, server, "opaque-and-refused", transport, "fresh")
+    await browser.wait_for(
+        "window.seen?.some((m) => m.type === 'active_tasks')", what="the snapshot"
+    )
+    assert await browser.evaluate("window.tokenCalls") == 1
+    # A command over HTTP refused with 401 is sent once more, with a token from getToken.
+    command = """
+    new Streamer.TaskStream({
+      url: params.get("streamer"), token: "refused-too", transport: "sse",
+      getToken: () => { window.tokenCalls += 1; return window.taskStream.token; },
+    }).getTaskStatus("unknown")
+    """
+    reply = await browser.evaluate(command)
+    assert reply == {"type": "task_status", "task_id": "unknown", "status": None}
+    assert await browser.evaluate("window.tokenCalls") == 2
+    # On SSE the refusal is counted twice: the EventSource, and the status check that
+    # tells a refused token from a network error.
+    assert refusals(server) == (1 if transport == "websocket" else 2)
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
+@pytest.mark.parametrize("mode", ["none", "bad"])
+async def test_no_new_token_stops_as_unauthorized_without_a_loop(
+    transport: str,
+    mode: str,
+    browser: Browser,
+    page_server: TestServer,
+    server: ServerProcess,
+    publisher: Publisher,
+    token_for: Callable[..., str],
+    user_id: str,
+) -> None:
+    """getToken gives nothing ("none"), or a token refused again ("bad"): the 5-second
+    token expires while streaming, and the page stops as unauthorized."""
+    await open_page(
+        browser, page_server, server, token_for(user_id, ttl_s=TOKEN_TTL_S), transport, mode
+    )
+    await browser.wait_for(
+        "window.seen?.some((m) => m.type === 'active_tasks')", what="the snapshot"
+    )
+    await browser.wait_for(
+        "window.states.at(-1) === 'unauthorized'",
+        what="the page to stop as unauthorized",
+        timeout=TOKEN_TTL_S + 15,
+    )
+    first = refusals(server)
+    calls = await browser.evaluate("window.tokenCalls")
+    # One proactive call before `exp`, one after the refusal: never more.
+    assert 1 <= calls <= 2, calls
+    await pause(browser, 3)
+    assert refusals(server) == first, "the page kept reconnecting"
+    assert await browser.evaluate("window.tokenCalls") == calls
+    assert await browser.evaluate("window.states.at(-1)") == "unauthorized"
+    # A few at most: the expired token and the bad one (on SSE, each counted twice: the
+    # EventSource and the status check that tells a refusal from a network error).
+    assert first <= 4, first
