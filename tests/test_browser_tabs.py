@@ -81,7 +81,7 @@ async def leaders(tabs: list[Browser]) -> list[Browser]:
     return [tab for tab in tabs if await tab.evaluate("window.taskStream.leader")]
 
 
-@pytest.mark.parametrize("transport", ["websocket", "sse"])
+@pytest.mark.parametrize("transport", ["websocket", "sse", "poll"])
 async def test_tabs_share_one_connection_and_take_over_without_loss(
     transport: str,
     browser: Browser,

@@ -85,6 +85,13 @@ export interface TaskStreamOptions {
   transport?: Transport;
   onEvent?: (message: ServerMessage) => void;
   onStatus?: (text: string, state: StreamState) => void;
+  /**
+   * A fresh token (or a Promise of one; null when there is none), asked for shortly before
+   * the token's `exp` and once when the server refuses it.
+   */
+  getToken?: (() => string | null | undefined | Promise<string | null | undefined>) | null;
+  /** The tabs of one user share one connection (default true). */
+  shareConnection?: boolean;
 }
 
 export class TaskStream {
@@ -96,6 +103,8 @@ export class TaskStream {
   transport: Exclude<Transport, "auto">;
   /** The id of the last event or snapshot received: the resume point. */
   lastEventId: string | null;
+  /** Whether this tab holds the connection (tabs that share one follow the leader). */
+  readonly leader: boolean;
   start(): void;
   stop(): void;
   /** Send a raw command on the open WebSocket; false when there is none. */

@@ -418,9 +418,7 @@
         }
         if (this._poll !== controller || !this._running) return;
         if (response.status === 401) {
-          this._running = false;
-          this._disconnect();
-          this._status("not authorised: get a new token", "unauthorized");
+          this._refused("not authorised"); // a fresh token from getToken, else stop
           return;
         }
         if (!response.ok || body === null || !Array.isArray(body.events)) {
@@ -430,13 +428,12 @@
         if (!connected) {
           connected = true;
           this._status("connected (poll)", "connected");
+          this._markStableLater();
         }
         for (const message of body.events) {
           if (this._poll !== controller) return;
           if (message === null || typeof message !== "object") continue;
-          this._attempt = 0;
-          if (typeof message.id === "string" && message.id) this.lastEventId = message.id;
-          this.onEvent(message);
+          this._deliver(message);
         }
         if (typeof body.last_event_id === "string" && body.last_event_id) {
           this.lastEventId = body.last_event_id;
@@ -452,6 +449,11 @@
         return; // not ours: ignore
       }
       if (message === null || typeof message !== "object") return;
+      this._deliver(message);
+    }
+
+    /** One message from the server, whatever the transport. */
+    _deliver(message) {
       this._refreshedSinceMessage = false;
       if (typeof message.id === "string" && message.id) this.lastEventId = message.id;
       this._settle(message);

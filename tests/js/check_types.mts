@@ -14,6 +14,8 @@ const stream = new TaskStream({
   url: "https://stream.example.com",
   token: "a-token",
   transport: "auto",
+  getToken: async () => (await fetch("/my-app/streamer-token")).text(),
+  shareConnection: true,
   onEvent(message: ServerMessage) {
     switch (message.type) {
       case "active_tasks":
@@ -35,6 +37,8 @@ const stream = new TaskStream({
   },
 });
 stream.start();
+const leads: boolean = stream.leader;
+void leads;
 
 async function cancelIfRunning(taskId: string): Promise<boolean> {
   const reply = await stream.getTaskStatus(taskId);
