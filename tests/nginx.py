@@ -36,6 +36,7 @@ class Nginx:
         self,
         directory: Path,
         upstream_port: int,
+        *,
         template: str | None = None,
         edit: Callable[[str], str] | None = None,
     ) -> None:

@@ -85,7 +85,7 @@ def start_nginx(server: ServerProcess, tmp_path: Path) -> Iterator[Callable[[str
     started: list[Nginx] = []
 
     def start(proxy: str) -> Nginx:
-        nginx = Nginx(tmp_path / f"nginx-{proxy}", server.port, PROXIES[proxy])
+        nginx = Nginx(tmp_path / f"nginx-{proxy}", server.port, edit=PROXIES[proxy])
         nginx.directory.mkdir()
         started.append(nginx)
         nginx.start()
