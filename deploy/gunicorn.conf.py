@@ -5,10 +5,20 @@
 Command-line flags (--bind, --workers, ...) override these values.
 """
 
+import glob
 import os
+import shutil
 import sys
+import tempfile
 
-from streamer.config import Config, ConfigError
+# /metrics sums over the workers: each keeps its values in files in this directory
+# (prometheus-client's multiprocess mode). It must be set before a worker imports
+# prometheus-client; without it, a temporary one is made here and removed on exit.
+METRICS_DIR_PREFIX = "streamer-metrics-"
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=METRICS_DIR_PREFIX)
+
+from streamer.config import Config, ConfigError  # noqa: E402
 
 bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:8080")
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
@@ -27,7 +37,12 @@ errorlog = "-"
 
 
 def on_starting(server):  # type: ignore[no-untyped-def]
-    """Refuse to start with a configuration that cannot work, before forking workers."""
+    """Refuse to start with a configuration that cannot work, before forking workers;
+    start the metrics from zero (files of an earlier run would be summed in)."""
+    metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    os.makedirs(metrics_dir, exist_ok=True)
+    for path in glob.glob(os.path.join(metrics_dir, "*.db")):
+        os.remove(path)
     try:
         config = Config.from_env(os.environ)
     except ConfigError as exc:
@@ -39,3 +54,17 @@ def on_starting(server):  # type: ignore[no-untyped-def]
             "of one worker would never see events published through another. "
             "Set STREAMER_REDIS_URL, or run a single worker (--workers 1)."
         )
+
+
+def child_exit(server, worker):  # type: ignore[no-untyped-def]
+    """A worker is gone (stopped, crashed or killed): its open connections no longer
+    count; what it counted (events, disconnects, ...) stays in the sums."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):  # type: ignore[no-untyped-def]
+    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+    if os.path.basename(metrics_dir).startswith(METRICS_DIR_PREFIX):
+        shutil.rmtree(metrics_dir, ignore_errors=True)
