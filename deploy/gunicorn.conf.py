@@ -18,6 +18,7 @@ METRICS_DIR_PREFIX = "streamer-metrics-"
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=METRICS_DIR_PREFIX)
 
+from streamer import logs  # noqa: E402
 from streamer.config import Config, ConfigError  # noqa: E402
 
 bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:8080")
@@ -47,6 +48,7 @@ def on_starting(server):  # type: ignore[no-untyped-def]
         config = Config.from_env(os.environ)
     except ConfigError as exc:
         sys.exit(f"streamer: configuration error: {exc}")
+    logs.configure(config.log_format)  # the workers inherit it
     if config.redis_url is None and server.cfg.workers > 1:
         sys.exit(
             f"streamer: refusing to start {server.cfg.workers} workers without "
@@ -54,6 +56,11 @@ def on_starting(server):  # type: ignore[no-untyped-def]
             "of one worker would never see events published through another. "
             "Set STREAMER_REDIS_URL, or run a single worker (--workers 1)."
         )
+
+
+def post_worker_init(worker):  # type: ignore[no-untyped-def]
+    """Again in each worker: a reload (SIGHUP) sets gunicorn's loggers up anew."""
+    logs.configure(Config.from_env(os.environ).log_format)
 
 
 def child_exit(server, worker):  # type: ignore[no-untyped-def]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import secrets
 import sys
@@ -15,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from . import logs
 from .auth.tokens import DEFAULT_TTL_S, issue_token
 from .broker.base import BrokerUnavailable
 from .config import ENV_VARIABLES, Config, ConfigError
@@ -121,9 +121,7 @@ def _serve(args: argparse.Namespace) -> int:
     if demo:
         # Development over plain http: a Secure cookie would never come back.
         config = config.replace(demo_mode=True, cookie_secure=False)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(config.log_format)
     broker = redact_url(config.redis_url) if config.redis_url else "embedded (in-memory)"
     print(
         f"streamer: serving on http://{args.host}:{args.port}/ with broker {broker}",

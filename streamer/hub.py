@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 
+from . import logs
 from .connection import Connection, Limits
 from .reasons import Reason, Refused
 from .wire import SSE_HEARTBEAT, WS_PING, Delivery, EventId
@@ -121,6 +122,13 @@ class Hub:
         if reason is not None:
             self.ended[reason] += 1
             self.sent_by_ended[connection.transport] += connection.sent
+            logs.stream_ended(
+                user_id=connection.user_id,
+                transport=connection.transport,
+                duration_s=time.monotonic() - connection.opened_at,
+                events_sent=connection.sent,
+                reason=reason.value,
+            )
         if not user.connections:
             del self._users[connection.user_id]
             if _failed(user.routed):
