@@ -35,6 +35,12 @@ graceful_timeout = 20
 # STREAMER_HEADER_TIMEOUT_S and STREAMER_BODY_TIMEOUT_S; gunicorn's keepalive is unused.
 accesslog = "-"
 errorlog = "-"
+# gunicorn's control socket (gunicornc, gunicorn >= 25.1) only where asked for, with
+# GUNICORN_CONTROL_SOCKET=/run/streamer/gunicorn.ctl: by default it would go to
+# $HOME/.gunicorn/, which a system user without a home cannot create, and which
+# every gunicorn of that user on the host would share.
+control_socket = os.environ.get("GUNICORN_CONTROL_SOCKET", "")
+control_socket_disable = not control_socket
 
 
 def on_starting(server):  # type: ignore[no-untyped-def]
