@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import os
 import secrets
@@ -127,7 +128,18 @@ def _serve(args: argparse.Namespace) -> int:
         f"streamer: serving on http://{args.host}:{args.port}/ with broker {broker}",
         file=sys.stderr,
     )
-    asyncio.run(serve(create_app(config), host=args.host, port=args.port))
+    try:
+        asyncio.run(serve(create_app(config), host=args.host, port=args.port))
+    except OSError as exc:
+        # Binding failed (most often: another server already has the port): one line.
+        if exc.errno == errno.EADDRINUSE:
+            reason = "the address is already in use (is another server running? try --port)"
+        else:
+            reason = exc.strerror or str(exc)
+        print(
+            f"streamer: error: cannot listen on {args.host}:{args.port}: {reason}", file=sys.stderr
+        )
+        return 1
     return 0
 
 

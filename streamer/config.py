@@ -51,7 +51,7 @@ class Config:
             raise ConfigError(
                 f"STREAMER_SECRET must be at least {MIN_SECRET_LENGTH} characters long "
                 f"(got {len(self.secret)}); generate one with "
-                "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+                "`python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`"
             )
         if self.publish_key is not None and len(self.publish_key) < 16:
             raise ConfigError("STREAMER_PUBLISH_KEY must be at least 16 characters long")
