@@ -11,6 +11,7 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
+import redis
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -164,3 +165,27 @@ def test_dashboard_queries_name_only_exported_metrics() -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     ids = [panel["id"] for panel in dashboard["panels"]]
     assert len(ids) == len(set(ids))
+
+
+async def test_a_lost_broker_subscription_counts_as_a_reconnect(
+    redis_client: TestClient,  # type: ignore[type-arg]
+    redis_url: str,
+    token_for: TokenFor,
+    user_id: str,
+) -> None:
+    async def metrics() -> str:
+        return await (await redis_client.get("/metrics")).text()
+
+    async with open_stream(redis_client, "sse", token_for(user_id)) as sse:
+        assert (await sse.next()).type == "active_tasks"
+        assert value(await metrics(), "streamer_broker_reconnects_total") == 0
+        with redis.Redis.from_url(redis_url) as admin:
+            assert admin.client_kill_filter(_type="pubsub") == 1
+
+        async def reconnected() -> bool:
+            return value(await metrics(), "streamer_broker_reconnects_total") == 1
+
+        await eventually(reconnected, what="the reconnect to be counted")
+        # The stream went on: an event published now still arrives.
+        event_id = await publish(redis_client, user_id, "t", progress=50)
+        assert (await sse.next()).id == event_id
