@@ -5,6 +5,7 @@
 Command-line flags (--bind, --workers, ...) override these values.
 """
 
+import atexit
 import glob
 import os
 import shutil
@@ -15,8 +16,17 @@ import tempfile
 # (prometheus-client's multiprocess mode). It must be set before a worker imports
 # prometheus-client; without it, a temporary one is made here and removed on exit.
 METRICS_DIR_PREFIX = "streamer-metrics-"
+
+
+def _remove_metrics_dir(path: str, master_pid: int) -> None:
+    if os.getpid() == master_pid:  # not in a worker that exits: the others go on
+        shutil.rmtree(path, ignore_errors=True)
+
+
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=METRICS_DIR_PREFIX)
+    # When the master exits, however it does (on_starting may refuse to start).
+    atexit.register(_remove_metrics_dir, os.environ["PROMETHEUS_MULTIPROC_DIR"], os.getpid())
 
 from streamer import logs  # noqa: E402
 from streamer.config import Config, ConfigError  # noqa: E402
@@ -75,9 +85,3 @@ def child_exit(server, worker):  # type: ignore[no-untyped-def]
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
-
-
-def on_exit(server):  # type: ignore[no-untyped-def]
-    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
-    if os.path.basename(metrics_dir).startswith(METRICS_DIR_PREFIX):
-        shutil.rmtree(metrics_dir, ignore_errors=True)

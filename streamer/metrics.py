@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
+import struct
 from collections.abc import AsyncIterator, Hashable
 from typing import Protocol
 
@@ -24,6 +26,9 @@ from .hub import LATENCY_BUCKETS_S, Hub
 
 TRANSPORTS = ("websocket", "sse")
 METRICS_SYNC_S = 1.0
+RENDER_ATTEMPTS = 5
+RENDER_RETRY_S = 0.02
+log = logging.getLogger(__name__)
 
 
 class _Value(Protocol):
@@ -126,6 +131,18 @@ class Metrics:
         fleet = CollectorRegistry()
         MultiProcessCollector(fleet)  # type: ignore[no-untyped-call]
         return generate_latest(fleet)
+
+    async def render_when_readable(self) -> bytes:
+        """`render()`, again a moment later when a worker's file was unreadable: a
+        worker creates its file empty and then sizes it, and prometheus-client fails
+        to read one caught in between (under gunicorn, while a worker starts)."""
+        for _ in range(RENDER_ATTEMPTS - 1):
+            try:
+                return self.render()
+            except (struct.error, ValueError) as exc:
+                log.debug("metrics unreadable for a moment (%s); again", exc)
+                await asyncio.sleep(RENDER_RETRY_S)
+        return self.render()
 
     async def keep_synced(self) -> None:
         """Under gunicorn: sync every METRICS_SYNC_S, so that a scrape answered by one

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from .clients import open_stream
 from .conftest import PUBLISH_KEY, StartGunicorn
+from .processes import ServerProcess, gunicorn_args
 from .streams import close_all, streams_on_every_worker
 from .waiting import eventually, eventually_sync
 
@@ -189,3 +190,25 @@ async def test_a_lost_broker_subscription_counts_as_a_reconnect(
         # The stream went on: an event published now still arrives.
         event_id = await publish(redis_client, user_id, "t", progress=50)
         assert (await sse.next()).id == event_id
+
+
+def test_gunicorn_removes_the_metrics_directory_it_made(
+    process_env: dict[str, str], start_process: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    """Whether it served and stopped, or refused to start."""
+    for refused in (False, True):
+        tmpdir = tmp_path / f"tmp-{refused}"
+        tmpdir.mkdir()
+        env = {**process_env, "TMPDIR": str(tmpdir)}
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        # Two workers without Redis: refused before any worker starts.
+        server = start_process(gunicorn_args(2 if refused else 1), env)
+        if refused:
+            assert server.wait_exit(30) != 0
+        else:
+            server.wait_healthy()
+            assert [p.name[: len("streamer-metrics-")] for p in tmpdir.iterdir()] == [
+                "streamer-metrics-"
+            ]
+            server.stop()
+        assert list(tmpdir.iterdir()) == []
