@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from .clients import open_stream
 from .conftest import PUBLISH_KEY, StartGunicorn
 from .processes import ServerProcess, gunicorn_args
-from .streams import close_all, streams_on_every_worker
+from .streams import WsStream, close_all, streams_on_every_worker
 from .waiting import eventually, eventually_sync
 
 TokenFor = Callable[..., str]
@@ -122,12 +122,20 @@ async def test_gunicorn_metrics_are_the_sum_over_workers(
             assert (await ws.next())["type"] == "active_tasks"
         for sse in sse_streams:
             assert (await sse.next_data())["type"] == "active_tasks"
+        # One stream that ends, so that every metric of the dashboard has a value.
+        gone = await WsStream.open(
+            server.base_url.replace("http", "ws") + f"/ws/tasks/?token={token}"
+        )
+        assert (await gone.next())["type"] == "active_tasks"
+        await gone.close()
 
         def counts() -> str | None:
             text = server.get("/metrics")[1].decode()
             ws = value(text, "streamer_connections", transport="websocket")
             sse = value(text, "streamer_connections", transport="sse")
-            return text if (ws, sse) == (len(ws_streams), len(sse_streams)) else None
+            ended = value(text, "streamer_disconnects_total", reason="client_closed")
+            counted = (ws, sse) == (len(ws_streams), len(sse_streams)) and ended >= 1
+            return text if counted else None
 
         # Whichever worker answers, it reports both workers' connections.
         for _ in range(4):
