@@ -23,8 +23,26 @@ def _remove_metrics_dir(path: str, master_pid: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _remove_stale_metrics_dirs() -> None:
+    """Those of masters that are gone without removing theirs (killed)."""
+    pattern = os.path.join(tempfile.gettempdir(), f"{METRICS_DIR_PREFIX}*-*")
+    for path in glob.glob(pattern):
+        pid = os.path.basename(path)[len(METRICS_DIR_PREFIX) :].split("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass  # alive, someone else's
+
+
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=METRICS_DIR_PREFIX)
+    _remove_stale_metrics_dirs()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(
+        prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-"
+    )
     # When the master exits, however it does (on_starting may refuse to start).
     atexit.register(_remove_metrics_dir, os.environ["PROMETHEUS_MULTIPROC_DIR"], os.getpid())
 

@@ -203,12 +203,16 @@ async def test_a_lost_broker_subscription_counts_as_a_reconnect(
 def test_gunicorn_removes_the_metrics_directory_it_made(
     process_env: dict[str, str], start_process: Callable[..., ServerProcess], tmp_path: Path
 ) -> None:
-    """Whether it served and stopped, or refused to start."""
+    """Whether it served and stopped, or refused to start; and those of masters that
+    were killed before they could."""
     for refused in (False, True):
         tmpdir = tmp_path / f"tmp-{refused}"
         tmpdir.mkdir()
         env = {**process_env, "TMPDIR": str(tmpdir)}
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        stale = tmpdir / "streamer-metrics-999999999-abc"  # of a master that was killed
+        stale.mkdir()
+        (stale / "counter_1.db").write_bytes(b"")
         # Two workers without Redis: refused before any worker starts.
         server = start_process(gunicorn_args(2 if refused else 1), env)
         if refused:
