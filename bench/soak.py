@@ -177,6 +177,10 @@ async def inject_faults(
         admin.close()
 
 
+# What inject_faults counts; printed after evaluate()'s figures.
+FAULT_COUNTS = ("redis_subscriber_kills", "worker_kills")
+
+
 def evaluate(clients: list[Client], published: dict[str, list[str]]) -> dict[str, int]:
     totals = dict(published=0, expected_deliveries=0, delivered=0, lost=0, duplicated=0,
                   reordered=0, unexpected=0, resyncs=0, reconnects=0, drops_after_snapshot=0,
@@ -217,7 +221,7 @@ async def soak(args: argparse.Namespace, server: ServerProcess, redis_url: str) 
     client_tasks = [
         asyncio.create_task(c.run(stop_churn, done, args.seed + n)) for n, c in enumerate(clients)
     ]
-    counts = {"redis_subscriber_kills": 0, "worker_kills": 0}
+    counts = dict.fromkeys(FAULT_COUNTS, 0)
     try:
         # Every client holds a connection before the first event, so it must get them all.
         await asyncio.wait_for(

@@ -5,10 +5,49 @@
 Command-line flags (--bind, --workers, ...) override these values.
 """
 
+import atexit
+import glob
 import os
+import shutil
 import sys
+import tempfile
 
-from streamer.config import Config, ConfigError
+# /metrics sums over the workers: each keeps its values in files in this directory
+# (prometheus-client's multiprocess mode). It must be set before a worker imports
+# prometheus-client; without it, a temporary one is made here and removed on exit.
+METRICS_DIR_PREFIX = "streamer-metrics-"
+
+
+def _remove_metrics_dir(path: str, master_pid: int) -> None:
+    if os.getpid() == master_pid:  # not in a worker that exits: the others go on
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove_stale_metrics_dirs() -> None:
+    """Those of masters that are gone without removing theirs (killed)."""
+    pattern = os.path.join(tempfile.gettempdir(), f"{METRICS_DIR_PREFIX}*-*")
+    for path in glob.glob(pattern):
+        pid = os.path.basename(path)[len(METRICS_DIR_PREFIX) :].split("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass  # alive, someone else's
+
+
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    _remove_stale_metrics_dirs()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(
+        prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-"
+    )
+    # When the master exits, however it does (on_starting may refuse to start).
+    atexit.register(_remove_metrics_dir, os.environ["PROMETHEUS_MULTIPROC_DIR"], os.getpid())
+
+from streamer import logs  # noqa: E402
+from streamer.config import Config, ConfigError  # noqa: E402
 
 bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:8080")
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
@@ -24,14 +63,26 @@ graceful_timeout = 20
 # STREAMER_HEADER_TIMEOUT_S and STREAMER_BODY_TIMEOUT_S; gunicorn's keepalive is unused.
 accesslog = "-"
 errorlog = "-"
+# gunicorn's control socket (gunicornc, gunicorn >= 25.1) only where asked for, with
+# GUNICORN_CONTROL_SOCKET=/run/streamer/gunicorn.ctl: by default it would go to
+# $HOME/.gunicorn/, which a system user without a home cannot create, and which
+# every gunicorn of that user on the host would share.
+control_socket = os.environ.get("GUNICORN_CONTROL_SOCKET", "")
+control_socket_disable = not control_socket
 
 
 def on_starting(server):  # type: ignore[no-untyped-def]
-    """Refuse to start with a configuration that cannot work, before forking workers."""
+    """Refuse to start with a configuration that cannot work, before forking workers;
+    start the metrics from zero (files of an earlier run would be summed in)."""
+    metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    os.makedirs(metrics_dir, exist_ok=True)
+    for path in glob.glob(os.path.join(metrics_dir, "*.db")):
+        os.remove(path)
     try:
         config = Config.from_env(os.environ)
     except ConfigError as exc:
         sys.exit(f"streamer: configuration error: {exc}")
+    logs.configure(config.log_format)  # the workers inherit it
     if config.redis_url is None and server.cfg.workers > 1:
         sys.exit(
             f"streamer: refusing to start {server.cfg.workers} workers without "
@@ -39,3 +90,16 @@ def on_starting(server):  # type: ignore[no-untyped-def]
             "of one worker would never see events published through another. "
             "Set STREAMER_REDIS_URL, or run a single worker (--workers 1)."
         )
+
+
+def post_worker_init(worker):  # type: ignore[no-untyped-def]
+    """Again in each worker: a reload (SIGHUP) sets gunicorn's loggers up anew."""
+    logs.configure(Config.from_env(os.environ).log_format)
+
+
+def child_exit(server, worker):  # type: ignore[no-untyped-def]
+    """A worker is gone (stopped, crashed or killed): its open connections no longer
+    count; what it counted (events, disconnects, ...) stays in the sums."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)

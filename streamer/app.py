@@ -24,7 +24,7 @@ from .connection import Limits
 from .handlers import api, demo, health, poll, publish, session, sse, ws
 from .handlers.common import json_error
 from .hub import Hub
-from .metrics import Metrics
+from .metrics import Metrics, metrics_ctx_for
 from .reasons import Reason
 
 MAX_REQUEST_BODY_BYTES = 256 * 1024
@@ -59,6 +59,11 @@ async def _clock_ctx(app: web.Application) -> AsyncIterator[None]:
     clock.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await clock
+
+
+async def _metrics_ctx(app: web.Application) -> AsyncIterator[None]:
+    async for _ in metrics_ctx_for(app[METRICS]):
+        yield
 
 
 async def _delegated_auth_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -105,9 +110,10 @@ def build_app(config: Config) -> web.Application:
     app[CONFIG] = config
     app[BROKER] = broker
     app[HUB] = hub
-    app[METRICS] = Metrics(hub)
+    app[METRICS] = Metrics(hub, broker)
     app.cleanup_ctx.append(_broker_ctx)
     app.cleanup_ctx.append(_clock_ctx)
+    app.cleanup_ctx.append(_metrics_ctx)
     if config.auth_url is not None:
         app[DELEGATED_AUTH] = DelegatedAuth(
             config.auth_url, timeout_s=config.auth_timeout_s, cache_s=config.auth_cache_s

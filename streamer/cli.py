@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
-import logging
 import os
 import secrets
 import sys
@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from . import logs
 from .auth.tokens import DEFAULT_TTL_S, issue_token
 from .broker.base import BrokerUnavailable
 from .config import ENV_VARIABLES, Config, ConfigError
@@ -133,15 +134,24 @@ def _serve(args: argparse.Namespace) -> int:
     if demo:
         # Development over plain http: a Secure cookie would never come back.
         config = config.replace(demo_mode=True, cookie_secure=False)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(config.log_format)
     broker = redact_url(config.redis_url) if config.redis_url else "embedded (in-memory)"
     print(
         f"streamer: serving on http://{args.host}:{args.port}/ with broker {broker}",
         file=sys.stderr,
     )
-    asyncio.run(serve(create_app(config), host=args.host, port=args.port))
+    try:
+        asyncio.run(serve(create_app(config), host=args.host, port=args.port))
+    except OSError as exc:
+        # Binding failed (most often: another server already has the port): one line.
+        if exc.errno == errno.EADDRINUSE:
+            reason = "the address is already in use (is another server running? try --port)"
+        else:
+            reason = exc.strerror or str(exc)
+        print(
+            f"streamer: error: cannot listen on {args.host}:{args.port}: {reason}", file=sys.stderr
+        )
+        return 1
     return 0
 
 

@@ -45,13 +45,14 @@ class Config:
     auth_timeout_s: float = 3.0
     auth_cache_s: float = 30.0
     ws_refuse_at_handshake: bool = False
+    log_format: str = "text"
 
     def __post_init__(self) -> None:
         if len(self.secret) < MIN_SECRET_LENGTH:
             raise ConfigError(
                 f"STREAMER_SECRET must be at least {MIN_SECRET_LENGTH} characters long "
                 f"(got {len(self.secret)}); generate one with "
-                "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+                "`python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`"
             )
         if self.publish_key is not None and len(self.publish_key) < 16:
             raise ConfigError("STREAMER_PUBLISH_KEY must be at least 16 characters long")
@@ -154,6 +155,13 @@ def _number(
     return parse
 
 
+def _log_format(name: str, raw: str) -> str:
+    value = raw.lower()
+    if value not in ("text", "json"):
+        raise ConfigError(f"{name} must be text or json, got {raw!r}")
+    return value
+
+
 def _boolean(name: str, raw: str) -> bool:
     value = raw.lower()
     if value in ("1", "true", "yes", "on"):
@@ -217,4 +225,5 @@ ENV_VARIABLES: dict[str, tuple[Callable[[str, str], Any], str]] = {
         _boolean,
         "refuse bad WebSocket credentials with HTTP 403 before the upgrade (not 4401 after)",
     ),
+    "log_format": (_log_format, "log lines as text (default) or json, one object per line"),
 }

@@ -11,6 +11,7 @@ drains, a short-lived flusher).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -59,6 +60,7 @@ class Connection:
         "expires_at",
         "heard",
         "last_id",
+        "opened_at",
         "sent",
         "task_id",
         "transport",
@@ -101,6 +103,7 @@ class Connection:
         self.heard = True  # from the client since the last ping round (WebSocket)
         self.last_id: EventId | None = None  # the newest id sent or queued: the position
         self.sent = 0  # events written
+        self.opened_at = time.monotonic()
         self.close_reason: Reason | None = None
         self.closing: asyncio.Future[object] | None = None  # a close the transport runs
 

@@ -4,6 +4,7 @@ that have one here, and in-memory fan-out to them."""
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import heapq
 import itertools
@@ -11,9 +12,13 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 
+from . import logs
 from .connection import Connection, Limits
 from .reasons import Reason, Refused
 from .wire import SSE_HEARTBEAT, WS_PING, Delivery, EventId
+
+# Upper bounds (seconds) of the publish-to-delivery latency histogram's buckets.
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class _User:
@@ -54,6 +59,12 @@ class Hub:
         self.ended: collections.Counter[Reason] = collections.Counter()
         self.refused: collections.Counter[Reason] = collections.Counter()
         self.sent_by_ended: collections.Counter[str] = collections.Counter()
+        self.replayed = 0  # events sent from the history to clients that resumed
+        # Publish-to-delivery latency, once per event that reached this process's
+        # clients: counts per bucket of LATENCY_BUCKETS_S (the last one: above them all).
+        self.latency_counts = [0] * (len(LATENCY_BUCKETS_S) + 1)
+        self.latency_sum_s = 0.0
+        self._arrived: list[int] = []  # publish times (ms) of this turn's events
 
     async def attach(self, connection: Connection) -> None:
         """Count the connection in and wait until its user's events flow to this process.
@@ -111,6 +122,13 @@ class Hub:
         if reason is not None:
             self.ended[reason] += 1
             self.sent_by_ended[connection.transport] += connection.sent
+            logs.stream_ended(
+                user_id=connection.user_id,
+                transport=connection.transport,
+                duration_s=time.monotonic() - connection.opened_at,
+                events_sent=connection.sent,
+                reason=reason.value,
+            )
         if not user.connections:
             del self._users[connection.user_id]
             if _failed(user.routed):
@@ -133,11 +151,12 @@ class Hub:
         user = self._users.get(delivery.user_id)
         if user is None:
             return
+        self._arrived.append(delivery.event_id.ms)
         started = self._started
         for connection in user.connections:
             if connection.offer(delivery):
                 started.append(connection)
-        if started and not self._write_scheduled:
+        if not self._write_scheduled:
             self._write_scheduled = True
             asyncio.get_running_loop().call_soon(self._write_batches)
 
@@ -146,6 +165,17 @@ class Hub:
         self._write_scheduled = False
         for connection in started:
             connection.write_batch()
+        arrived, self._arrived = self._arrived, []
+        # An event id's ms part is its publish time (Redis's clock, or this process's
+        # for the embedded broker): one look at the clock for the whole turn.
+        now_ms = time.time() * 1000
+        counts, bounds = self.latency_counts, LATENCY_BUCKETS_S
+        total = 0.0
+        for published_ms in arrived:
+            latency = max(now_ms - published_ms, 0.0) / 1000
+            counts[bisect.bisect_left(bounds, latency)] += 1
+            total += latency
+        self.latency_sum_s += total
 
     def resume_points(self) -> dict[str, EventId | None]:
         points: dict[str, EventId | None] = {}
@@ -226,6 +256,16 @@ class Hub:
 
     def open_count(self, transport: str) -> int:
         return sum(1 for c in self.connections() if c.transport == transport)
+
+    def stream_counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Open connections and events sent (ended connections included), by
+        transport, in one pass."""
+        open_counts: dict[str, int] = collections.Counter()
+        sent: dict[str, int] = collections.Counter(self.sent_by_ended)
+        for connection in self.connections():
+            open_counts[connection.transport] += 1
+            sent[connection.transport] += connection.sent
+        return open_counts, sent
 
     def __len__(self) -> int:
         return self._count

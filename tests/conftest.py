@@ -122,8 +122,10 @@ def start_process(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     """Start a server subprocess; every one started is stopped at teardown."""
     started: list[ServerProcess] = []
 
-    def start(args: list[str], env: dict[str, str], port: int | None = None) -> ServerProcess:
-        process = start_server_process(args, env, port or free_port(), tmp_path)
+    def start(
+        args: list[str], env: dict[str, str], port: int | None = None, cwd: Path | None = None
+    ) -> ServerProcess:
+        process = start_server_process(args, env, port or free_port(), tmp_path, cwd)
         started.append(process)
         return process
 

@@ -190,7 +190,7 @@ class _suppress_lookup:
 
 
 def start_server_process(
-    args: list[str], env: dict[str, str], port: int, directory: Path
+    args: list[str], env: dict[str, str], port: int, directory: Path, cwd: Path | None = None
 ) -> ServerProcess:
     """Run `args` (with `{port}` filled in) from this interpreter's bin directory."""
     command = [a.replace("{port}", str(port)) for a in args]
@@ -204,5 +204,6 @@ def start_server_process(
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            cwd=cwd,
         )
     return ServerProcess(process, port, log_path)

@@ -111,3 +111,8 @@ class Broker(TaskStore):
     @abstractmethod
     async def ready(self) -> bool:
         """True when the broker can publish and deliver."""
+
+    @property
+    def reconnects(self) -> int:
+        """How many times this process's subscription was lost and opened again."""
+        return 0

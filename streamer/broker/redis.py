@@ -92,6 +92,10 @@ class RedisBroker(Broker):
         return self._client
 
     @property
+    def reconnects(self) -> int:
+        return 0 if self._subscriber is None else self._subscriber.restarts
+
+    @property
     def subscriber(self) -> Subscriber:
         if self._subscriber is None:
             raise RuntimeError("RedisBroker.start() has not been called")

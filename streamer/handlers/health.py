@@ -18,7 +18,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = request.app[METRICS].render()
+    body = await request.app[METRICS].render_when_readable()
     return web.Response(
         body=body, content_type="text/plain", charset="utf-8", headers={"Cache-Control": "no-cache"}
     )

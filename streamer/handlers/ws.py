@@ -83,14 +83,15 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         await ws.close(code=code, message=text)
         return ws
     try:
-        connection.go_live(
-            await opening_frames(
-                request.app[BROKER],
-                connection,
-                last_event_id=last_event_id,
-                encode_snapshot=_snapshot_frame,
-            )
+        opening = await opening_frames(
+            request.app[BROKER],
+            connection,
+            last_event_id=last_event_id,
+            encode_snapshot=_snapshot_frame,
         )
+        connection.go_live(opening)
+        hub.replayed += len(opening) - 1  # after the snapshot: the replayed events
+        del opening  # written: not kept for the length of the stream
         await _answer_commands(request, ws, connection)
     except BrokerUnavailable as exc:
         log.warning("websocket closed: %s", exc)

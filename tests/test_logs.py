@@ -1,0 +1,102 @@
+"""STREAMER_LOG_FORMAT=json: one JSON object per line, one line per stream end, no
+credentials."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from .processes import ServerProcess, gunicorn_args
+from .streams import CurlStream, WsStream
+from .waiting import eventually_sync
+
+TokenFor = Callable[..., str]
+StartProcess = Callable[..., ServerProcess]
+COMMANDS = {
+    "serve": ["streamer", "serve", "--port", "{port}"],
+    "gunicorn": gunicorn_args(1),
+}
+
+
+def json_lines(log: str) -> list[dict[str, Any]]:
+    lines = []
+    for line in log.splitlines():
+        if line.startswith("{"):
+            lines.append(json.loads(line))
+    return lines
+
+
+def stream_ends(log: str) -> list[dict[str, Any]]:
+    return [line for line in json_lines(log) if line.get("event") == "stream_ended"]
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+async def test_json_logs_one_line_per_stream_end_without_credentials(
+    command: str,
+    redis_url: str,
+    process_env: dict[str, str],
+    start_process: StartProcess,
+    token_for: TokenFor,
+    user_id: str,
+) -> None:
+    env = {**process_env, "STREAMER_REDIS_URL": redis_url, "STREAMER_LOG_FORMAT": "json"}
+    server = start_process(COMMANDS[command], env)
+    await asyncio.to_thread(server.wait_healthy)
+    token = token_for(user_id)
+    sse = await CurlStream.open(f"{server.base_url}/sse/tasks/", token)  # Authorization header
+    try:
+        assert (await sse.next_data())["type"] == "active_tasks"
+    finally:
+        await sse.close()
+    ends = await asyncio.to_thread(
+        eventually_sync, lambda: stream_ends(server.log()), what="the SSE stream's end line"
+    )
+    ws_url = server.base_url.replace("http", "ws") + f"/ws/tasks/?token={token}"
+    ws = await WsStream.open(ws_url)  # the token in the query string
+    try:
+        assert (await ws.next())["type"] == "active_tasks"
+    finally:
+        await ws.close()
+    ends = await asyncio.to_thread(
+        eventually_sync,
+        lambda: (found := stream_ends(server.log())) and len(found) >= 2 and found,
+        what="the WebSocket stream's end line",
+    )
+    assert len(ends) == 2, ends
+    by_transport = {line["transport"]: line for line in ends}
+    assert set(by_transport) == {"sse", "websocket"}
+    for transport, line in by_transport.items():
+        assert line["user"] == user_id
+        assert line["reason"] == "client_closed"
+        assert line["events_sent"] == 1  # the snapshot
+        assert 0 <= line["duration_s"] < 30
+        assert line["level"] == "info" and line["logger"] == "streamer.streams"
+        assert f"transport={transport}" in line["message"]
+    log = server.log()
+    assert token not in log
+    assert token.split(".")[-1] not in log  # not even the signature
+    lines = [line for line in log.splitlines() if line.strip()]
+    # Everything the server wrote is JSON, the access log's lines too (a token redacted).
+    not_json = [line for line in lines if not line.startswith("{")]
+    # Before the configuration is read: `streamer serve`'s start-up line (for people),
+    # gunicorn's first line.
+    allowed = "streamer: " if command == "serve" else "Starting gunicorn"
+    assert [line for line in not_json if allowed not in line] == []
+
+    def access_logged() -> bool:
+        return any("/ws/tasks/?token=[redacted]" in x["message"] for x in json_lines(server.log()))
+
+    await asyncio.to_thread(eventually_sync, access_logged, what="the WebSocket's access log line")
+    assert token not in server.log()
+
+
+def test_a_bad_log_format_stops_start_up(process_env: dict[str, str]) -> None:
+    from streamer.config import Config, ConfigError
+
+    with pytest.raises(ConfigError, match="STREAMER_LOG_FORMAT must be text or json"):
+        Config.from_env({**process_env, "STREAMER_LOG_FORMAT": "xml"})
+    assert Config.from_env(process_env).log_format == "text"

@@ -1,0 +1,226 @@
+"""/metrics: what each process counts, the sum over gunicorn's workers, and the Grafana
+dashboard built on those names."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import redis
+from aiohttp.test_utils import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from .clients import open_stream
+from .conftest import PUBLISH_KEY, StartGunicorn
+from .processes import ServerProcess, gunicorn_args
+from .streams import WsStream, close_all, streams_on_every_worker
+from .waiting import eventually, eventually_sync
+
+TokenFor = Callable[..., str]
+DASHBOARD = Path(__file__).resolve().parent.parent / "deploy" / "grafana-dashboard.json"
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a /metrics answer: (name, sorted labels) -> value."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    return samples(text).get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def exported_names(text: str) -> set[str]:
+    return {name for name, _ in samples(text)}
+
+
+def dashboard_metric_names() -> set[str]:
+    """The metric names the dashboard's queries use."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    assert exprs, "the dashboard has no queries"
+    return {name for expr in exprs for name in re.findall(r"\bstreamer_[a-z_]+\b", expr)}
+
+
+async def publish(client: TestClient, user_id: str, task_id: str, **fields: object) -> str:  # type: ignore[type-arg]
+    response = await client.post(
+        "/api/tasks/events",
+        json={"user_id": user_id, "task_id": task_id, **fields},
+        headers={"X-API-Key": PUBLISH_KEY},
+    )
+    assert response.status == 202, await response.text()
+    event_id: str = (await response.json())["id"]
+    return event_id
+
+
+async def test_one_process_counts_deliveries_replays_latency_and_refusals(
+    client: TestClient,  # type: ignore[type-arg]
+    token_for: TokenFor,
+    user_id: str,
+) -> None:
+    token = token_for(user_id)
+    async with (
+        open_stream(client, "websocket", token) as ws,
+        open_stream(client, "sse", token) as sse,
+    ):
+        assert (await ws.next()).type == "active_tasks"
+        assert (await sse.next()).type == "active_tasks"
+        first = await publish(client, user_id, "t", progress=10)
+        for stream in (ws, sse):
+            assert (await stream.next()).id == first
+        text = await (await client.get("/metrics")).text()
+        assert value(text, "streamer_connections", transport="websocket") == 1
+        assert value(text, "streamer_connections", transport="sse") == 1
+        # Latency: once per event in this process, not once per connection.
+        assert value(text, "streamer_delivery_latency_seconds_count") == 1
+        assert 0 <= value(text, "streamer_delivery_latency_seconds_sum") < 5
+    missed = [await publish(client, user_id, "t", progress=n) for n in (20, 30)]
+    async with open_stream(client, "sse", token, last_event_id=first) as resumed:
+        assert (await resumed.next()).message["recovered"] is True
+        assert [(await resumed.next()).id for _ in missed] == missed
+    refused = await client.get("/sse/tasks/", params={"token": "not-a-token"})
+    assert refused.status == 401
+
+    async def counted() -> str | None:
+        text = await (await client.get("/metrics")).text()
+        done = value(text, "streamer_connections", transport="sse") == 0
+        return (
+            text
+            if done and value(text, "streamer_connections", transport="websocket") == 0
+            else None
+        )
+
+    text = await eventually(counted, what="the streams to be counted out")
+    assert value(text, "streamer_events_sent_total", transport="websocket") == 2  # snapshot, event
+    assert value(text, "streamer_events_sent_total", transport="sse") == 5  # + snapshot, 2 replayed
+    assert value(text, "streamer_events_replayed_total") == 2
+    assert value(text, "streamer_disconnects_total", reason="client_closed") == 3
+    assert value(text, "streamer_refusals_total", reason="unauthorized") == 1
+    assert value(text, "streamer_events_published_total") == 3
+    assert value(text, "streamer_broker_reconnects_total") == 0
+    assert dashboard_metric_names() <= exported_names(text)
+
+
+async def test_gunicorn_metrics_are_the_sum_over_workers(
+    start_gunicorn: StartGunicorn, token_for: TokenFor, user_id: str
+) -> None:
+    server, _ = start_gunicorn(2)
+    token = token_for(user_id)
+    refused = await asyncio.to_thread(server.get, "/sse/tasks/?token=bad")
+    assert refused[0] == 401
+    ws_streams, sse_streams = await streams_on_every_worker(server.base_url, token, 2)
+    try:
+        for ws in ws_streams:
+            assert (await ws.next())["type"] == "active_tasks"
+        for sse in sse_streams:
+            assert (await sse.next_data())["type"] == "active_tasks"
+        # One stream that ends, so that every metric of the dashboard has a value.
+        gone = await WsStream.open(
+            server.base_url.replace("http", "ws") + f"/ws/tasks/?token={token}"
+        )
+        assert (await gone.next())["type"] == "active_tasks"
+        await gone.close()
+
+        def counts() -> str | None:
+            text = server.get("/metrics")[1].decode()
+            ws = value(text, "streamer_connections", transport="websocket")
+            sse = value(text, "streamer_connections", transport="sse")
+            ended = value(text, "streamer_disconnects_total", reason="client_closed")
+            counted = (ws, sse) == (len(ws_streams), len(sse_streams)) and ended >= 1
+            return text if counted else None
+
+        # Whichever worker answers, it reports both workers' connections.
+        for _ in range(4):
+            text = await asyncio.to_thread(
+                eventually_sync, counts, what="both workers' connections in one answer", timeout=10
+            )
+        assert value(text, "streamer_refusals_total", reason="unauthorized") == 1
+        sent_before = value(text, "streamer_events_sent_total", transport="websocket")
+        assert sent_before >= len(ws_streams)
+        assert dashboard_metric_names() <= exported_names(text)
+
+        # A killed worker's connections leave the sum; what it counted stays.
+        killed = ws_streams[0].worker
+        os.kill(int(killed), signal.SIGKILL)
+        left_ws = [s for s in ws_streams if s.worker != killed]
+        left_sse = [s for s in sse_streams if s.headers["x-streamer-worker"] != killed]
+
+        def after_kill() -> str | None:
+            text = server.get("/metrics")[1].decode()
+            ws = value(text, "streamer_connections", transport="websocket")
+            sse = value(text, "streamer_connections", transport="sse")
+            return text if (ws, sse) == (len(left_ws), len(left_sse)) else None
+
+        text = await asyncio.to_thread(
+            eventually_sync, after_kill, what="the killed worker's connections to go", timeout=15
+        )
+        assert value(text, "streamer_events_sent_total", transport="websocket") >= sent_before
+    finally:
+        await close_all(ws_streams, sse_streams)
+
+
+def test_dashboard_queries_name_only_exported_metrics() -> None:
+    """Checked against real answers above; here: the dashboard is there and well formed."""
+    names = dashboard_metric_names()
+    assert {"streamer_connections", "streamer_delivery_latency_seconds_bucket"} <= names
+    dashboard = json.loads(DASHBOARD.read_text())
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+async def test_a_lost_broker_subscription_counts_as_a_reconnect(
+    redis_client: TestClient,  # type: ignore[type-arg]
+    redis_url: str,
+    token_for: TokenFor,
+    user_id: str,
+) -> None:
+    async def metrics() -> str:
+        return await (await redis_client.get("/metrics")).text()
+
+    async with open_stream(redis_client, "sse", token_for(user_id)) as sse:
+        assert (await sse.next()).type == "active_tasks"
+        assert value(await metrics(), "streamer_broker_reconnects_total") == 0
+        with redis.Redis.from_url(redis_url) as admin:
+            assert admin.client_kill_filter(_type="pubsub") == 1
+
+        async def reconnected() -> bool:
+            return value(await metrics(), "streamer_broker_reconnects_total") == 1
+
+        await eventually(reconnected, what="the reconnect to be counted")
+        # The stream went on: an event published now still arrives.
+        event_id = await publish(redis_client, user_id, "t", progress=50)
+        assert (await sse.next()).id == event_id
+
+
+def test_gunicorn_removes_the_metrics_directory_it_made(
+    process_env: dict[str, str], start_process: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    """Whether it served and stopped, or refused to start; and those of masters that
+    were killed before they could."""
+    for refused in (False, True):
+        tmpdir = tmp_path / f"tmp-{refused}"
+        tmpdir.mkdir()
+        env = {**process_env, "TMPDIR": str(tmpdir)}
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        stale = tmpdir / "streamer-metrics-999999999-abc"  # of a master that was killed
+        stale.mkdir()
+        (stale / "counter_1.db").write_bytes(b"")
+        # Two workers without Redis: refused before any worker starts.
+        server = start_process(gunicorn_args(2 if refused else 1), env)
+        if refused:
+            assert server.wait_exit(30) != 0
+        else:
+            server.wait_healthy()
+            assert [p.name[: len("streamer-metrics-")] for p in tmpdir.iterdir()] == [
+                "streamer-metrics-"
+            ]
+            server.stop()
+        assert list(tmpdir.iterdir()) == []
