@@ -31,6 +31,37 @@ http {{
 """
 
 
+# A proxy that buffers whole responses and ignores X-Accel-Buffering (and compresses,
+# which holds a stream's bytes until a compressed block is full); upgrades do not pass.
+BUFFERING_SITE = """
+upstream streamer {
+    server ${STREAMER_UPSTREAM};
+}
+server {
+    listen ${NGINX_PORT};
+    access_log ${NGINX_ACCESS_LOG};
+    location / {
+        proxy_pass http://streamer;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Host $http_host;
+        proxy_buffering on;
+        proxy_ignore_headers X-Accel-Buffering;
+        proxy_buffer_size 64k;
+        proxy_buffers 16 256k;
+        proxy_busy_buffers_size 512k;
+        proxy_read_timeout 1h;
+        # Compressing proxies hold a stream's bytes until a compressed block is full.
+        gzip on;
+        gzip_proxied any;
+        gzip_min_length 0;
+        gzip_types text/event-stream application/json;
+        gzip_buffers 16 64k;
+    }
+}
+"""
+
+
 class Nginx:
     def __init__(
         self,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -16,6 +18,7 @@ from .processes import ServerProcess
 from .waiting import eventually
 
 Row = dict[str, Any]
+SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "demo-page.png"
 
 # Every task row of the page, in the order shown.
 ROWS_JS = """
@@ -454,3 +457,32 @@ async def test_the_page_shows_its_transport(
     await open_page(browser, page_url(server, token_for(user_id), transport))
     assert await browser.evaluate("document.getElementById('transport').textContent") == transport
     assert await browser.evaluate("document.body.dataset.transport") == transport
+
+
+async def test_the_readme_screenshot_is_made_from_the_demo_page(
+    server: ServerProcess,
+    publisher: Publisher,
+    browser: Browser,
+    token_for: Callable[..., str],
+    user_id: str,
+) -> None:
+    """docs/demo-page.png, shown in the README, is this page as the test run sees it."""
+    publisher.progress(
+        user_id, "export-7", progress=100 / 3, current_step="page 4 of 12",
+        processed_items=4, total_items=12, task_name="PDF export",
+    )  # fmt: skip
+    publisher.progress(user_id, "report-3", progress=80, task_name="monthly report")
+    await open_page(browser, page_url(server, token_for(user_id), "websocket"))
+    publisher.progress(
+        user_id, "export-7", progress=50, current_step="page 6 of 12", processed_items=6
+    )
+    publisher.completed(user_id, "report-3", status="SUCCESS", result_data={"rows": 1250})
+    await wait_status(browser, "report-3", "SUCCESS")
+    await browser.wait_for(f"{row_js('export-7')}?.textContent.includes('6/12')", what="50%")
+    await browser.call("Emulation.setDeviceMetricsOverride", {
+        "width": 800, "height": 420, "deviceScaleFactor": 1, "mobile": False,
+    })  # fmt: skip
+    shot = await browser.call("Page.captureScreenshot", {"format": "png"})
+    png = base64.b64decode(shot["data"])
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+    SCREENSHOT.write_bytes(png)

@@ -1,6 +1,6 @@
-"""The demo page behind real nginx configurations that break WebSocket: streamer.js in
-`transport: "auto"` ends on SSE by itself, shows every event once, and never storms the
-server with reconnects."""
+"""The demo page behind real nginx configurations that break WebSocket (or buffer even
+SSE): streamer.js in `transport: "auto"` ends on SSE (or long polling) by itself, shows
+every event once, and never storms the server with reconnects."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from streamer.publisher import Publisher
 
 from .browser import Browser, find_chromium
-from .nginx import Nginx
+from .nginx import BUFFERING_SITE, Nginx
 from .processes import ServerProcess
 
 WS_LOCATION_HEADERS = (
@@ -85,7 +85,10 @@ def start_nginx(server: ServerProcess, tmp_path: Path) -> Iterator[Callable[[str
     started: list[Nginx] = []
 
     def start(proxy: str) -> Nginx:
-        nginx = Nginx(tmp_path / f"nginx-{proxy}", server.port, edit=PROXIES[proxy])
+        if proxy == "buffers-everything":
+            nginx = Nginx(tmp_path / f"nginx-{proxy}", server.port, template=BUFFERING_SITE)
+        else:
+            nginx = Nginx(tmp_path / f"nginx-{proxy}", server.port, edit=PROXIES[proxy])
         nginx.directory.mkdir()
         started.append(nginx)
         nginx.start()
@@ -199,3 +202,21 @@ async def test_websockets_that_die_after_opening_cause_no_reconnect_storm(
         # Without backoff it would be one every ~1.4 s (about 8).
         assert attempts <= 5, f"{attempts} WebSocket attempts in {window_s} s"
     await run_a_job(browser, publisher, user_id)
+
+
+async def test_auto_ends_on_long_polling_behind_a_proxy_that_buffers_everything(
+    browser: Browser,
+    start_nginx: Callable[[str], Nginx],
+    publisher: Publisher,
+    token_for: Callable[..., str],
+    user_id: str,
+) -> None:
+    """No upgrade passes and SSE is held in nginx's buffers: the page gets no snapshot over
+    SSE, notices, and long-polls."""
+    nginx = start_nginx("buffers-everything")
+    first_event_s = await open_demo(browser, nginx, token_for(user_id), "auto")
+    print(f"\nbuffers-everything: first event after {first_event_s:.2f} s, over poll")
+    assert await browser.evaluate("window.taskStream.transport") == "poll"
+    assert first_event_s < FIRST_EVENT_BOUND_S + 10  # two failed upgrades, 8 s of SSE, a poll
+    ids = await run_a_job(browser, publisher, user_id)
+    assert len(ids) == len(set(ids)) == 6

@@ -27,7 +27,7 @@ from . import test_browser
 from .browser import Browser
 from .clients import assert_strictly_increasing
 from .conftest import StartGunicorn
-from .nginx import Nginx
+from .nginx import BUFFERING_SITE, Nginx
 from .processes import ServerProcess
 from .test_browser import open_page, page_url, row_js, rows, wait_status
 from .test_transports import publish_progress
@@ -373,34 +373,6 @@ async def test_resume_across_100_random_disconnects_loses_nothing(
 
 
 # --- through a proxy that buffers responses (buffering on, compressing) ----------------
-
-BUFFERING_SITE = """
-upstream streamer {
-    server ${STREAMER_UPSTREAM};
-}
-server {
-    listen ${NGINX_PORT};
-    access_log ${NGINX_ACCESS_LOG};
-    location / {
-        proxy_pass http://streamer;
-        proxy_http_version 1.1;
-        proxy_set_header Connection "";
-        proxy_set_header Host $http_host;
-        proxy_buffering on;
-        proxy_ignore_headers X-Accel-Buffering;
-        proxy_buffer_size 64k;
-        proxy_buffers 16 256k;
-        proxy_busy_buffers_size 512k;
-        proxy_read_timeout 1h;
-        # Compressing proxies hold a stream's bytes until a compressed block is full.
-        gzip on;
-        gzip_proxied any;
-        gzip_min_length 0;
-        gzip_types text/event-stream application/json;
-        gzip_buffers 16 64k;
-    }
-}
-"""
 
 
 async def test_long_poll_gets_through_a_buffering_proxy_where_sse_does_not(

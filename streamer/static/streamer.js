@@ -1,11 +1,13 @@
 /*
  * streamer.js: live task progress from a streamer server, over WebSocket or Server-Sent Events
- * (or long polling, for proxies that buffer even SSE: transport "poll").
+ * (or long polling, for proxies that buffer even SSE: transport "poll"). "auto" starts on
+ * WebSocket, moves to SSE when the upgrade fails twice, and to long polling when the event
+ * stream brings nothing (not even its snapshot) for 8 s.
  * Plain browser JavaScript, no build step, no dependencies; exposes window.Streamer.
  *
  *   const board = new Streamer.TaskBoard(document.getElementById("tasks"));
  *   const stream = new Streamer.TaskStream({
- *     url: location.origin, token, transport: "auto",       // or "websocket" / "sse"
+ *     url: location.origin, token, transport: "auto",  // or "websocket" / "sse" / "poll"
  *     onEvent: (msg) => board.handle(msg),
  *     onStatus: (text, state) => console.log(state, text),
  *   });
@@ -42,6 +44,9 @@
   "use strict";
 
   const FIRST_DELAY_MS = 500;
+  // How long "auto" waits for an event stream's first message before it falls back to long
+  // polling (the server sends its snapshot at once; heartbeats come every 15 s by default).
+  const SSE_FIRST_MESSAGE_MS = 8000;
   const MAX_DELAY_MS = 10000;
   const CLOSE_UNAUTHORIZED = 4401;
   const WEBSOCKET_FAILURES_BEFORE_SSE = 2;
@@ -359,8 +364,25 @@
         this._markStableLater();
         this._status("connected (sse)", "connected");
       };
+      let received = false;
       for (const name of SSE_EVENTS) {
-        source.addEventListener(name, (event) => this._receive(event.data));
+        source.addEventListener(name, (event) => {
+          received = true;
+          this._receive(event.data);
+        });
+      }
+      if (this.requestedTransport === "auto") {
+        // The snapshot is the first thing the server sends, at once: a stream that brings
+        // nothing for this long is held back by a buffering proxy. Long polls get through
+        // there, each answer being a complete response.
+        setTimeout(() => {
+          if (received || this._source !== source || !this._running) return;
+          this._disconnect();
+          this.transport = "poll";
+          const text = "the event stream brings nothing (a buffering proxy?): long polling";
+          this._status(text, "connecting");
+          this._connect();
+        }, SSE_FIRST_MESSAGE_MS);
       }
       source.onerror = () => {
         if (this._source !== source || !this._running) return;
