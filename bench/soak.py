@@ -2,8 +2,9 @@
 
     .venv/bin/python -m bench.soak --duration 60
 
-Runs real gunicorn workers on a private redis-server, clients (half WebSocket, half
-SSE) that disconnect at random moments and resume from their last id, producers
+Runs real gunicorn workers on a private redis-server, clients (a third each on
+WebSocket, SSE and long polling) that disconnect at random moments and resume from
+their last id, producers
 publishing all along, and faults: the Redis subscriber connections are killed
 (`CLIENT KILL TYPE pubsub`) and gunicorn workers are SIGKILLed. At the end every
 client's received ids are compared with what was published for its user, and it
@@ -39,6 +40,9 @@ RECONNECT_PAUSE_S = 0.05
 # How often a connection ends right after its snapshot, before any task event: the
 # client must then resume from the snapshot's id.
 DROP_AFTER_SNAPSHOT = 0.25
+
+
+TRANSPORTS = ("websocket", "sse", "poll")
 
 
 class DropNow(Exception):
@@ -103,6 +107,16 @@ class Client:
                 async for frame in ws:
                     if frame.type == aiohttp.WSMsgType.TEXT:
                         self._on_message(json.loads(frame.data))
+        elif self.transport == "poll":
+            while True:  # one "connection": polls, each resuming from the last id
+                async with session.get(f"{self.base_url}/poll/tasks/", params=params) as answer:
+                    if answer.status != 200:
+                        raise ConnectionError(f"poll answered {answer.status}")
+                    body = await answer.json()
+                for message in body["events"]:
+                    self._on_message(message)
+                if body["last_event_id"]:
+                    params["last_event_id"] = body["last_event_id"]
         else:
             async with session.get(f"{self.base_url}/sse/tasks/", params=params) as response:
                 if response.status != 200:
@@ -211,7 +225,7 @@ async def soak(args: argparse.Namespace, server: ServerProcess, redis_url: str) 
     clients = [
         Client(
             user=users[n % len(users)],
-            transport="websocket" if n % 2 == 0 else "sse",
+            transport=TRANSPORTS[n % len(TRANSPORTS)],
             base_url=server.base_url,
             token=issue_token(SECRET, users[n % len(users)], ttl_s=3600),
         )
