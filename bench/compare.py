@@ -1,6 +1,7 @@
 """streamer against the reference server, one after the other in the same run.
 
     python -m bench.compare S2 [S2-sse S1 ...] [--quick] [--server-cmd CMD] [--output FILE]
+        [--only streamer|reference]
 
 For each scenario it starts the reference (bench/reference: Starlette + uvicorn), runs
 the load generator (bench/load) against it, stops it, flushes Redis, then does the same
@@ -101,6 +102,9 @@ def main() -> int:
     )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON lines file")
     parser.add_argument("--timeout", type=float, default=300, help="bound for each load run")
+    parser.add_argument(
+        "--only", choices=["streamer", "reference"], help="measure one server, not both"
+    )
     args = parser.parse_args()
     # A SIGTERM (a CI timeout) unwinds like an error: the servers and Redis are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -109,6 +113,7 @@ def main() -> int:
     try:
         with tempfile.TemporaryDirectory() as tmp, private_redis(Path(tmp)) as redis_url:
             specs = [reference_spec(redis_url), streamer_spec(redis_url, args.server_cmd)]
+            specs = [spec for spec in specs if args.only in (None, spec.name)]
             for name in args.scenarios:
                 for spec in specs:
                     result = measure(name, spec, redis_url, Path(tmp), args)

@@ -1,4 +1,5 @@
-"""The benchmark scenarios: S1, S1max, S2, S3, S4 over WebSocket, and the same with -sse."""
+"""The benchmark scenarios: S1, S1max, S2, S3, S4 and the capacity runs C10k, C15k, C18k
+over WebSocket, and the same with -sse."""
 
 from __future__ import annotations
 
@@ -36,6 +37,12 @@ FULL = {
     "S3": Scenario("S3", "ws", clients=5000, users=500, events=0, rate=None),
     # 10,000 connections on one worker, 2000 deliveries/s among them.
     "S4": Scenario("S4", "ws", clients=10_000, users=1000, events=4000, rate=200.0),
+    # Capacity: N connections on one worker, 10 per user, one event per user per second
+    # for 10 s (N deliveries/s); is p99 still under 100 ms?
+    **{
+        f"C{n // 1000}k": Scenario(f"C{n // 1000}k", "ws", n, n // 10, events=n, rate=n / 10)
+        for n in (10_000, 15_000, 18_000)
+    },
 }
 QUICK = {
     "S1": replace(FULL["S1"], clients=50, users=5, events=100),
@@ -43,6 +50,10 @@ QUICK = {
     "S2": replace(FULL["S2"], clients=50, events=100),
     "S3": replace(FULL["S3"], clients=200, users=20),
     "S4": replace(FULL["S4"], clients=300, users=30, events=60, rate=30.0),
+    **{
+        name: replace(FULL[name], clients=300, users=30, events=90, rate=30.0)
+        for name in ("C10k", "C15k", "C18k")
+    },
 }
 NAMES = [*FULL, *(f"{name}-sse" for name in FULL)]
 
