@@ -16,13 +16,13 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
-import redis.asyncio as redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from .base import BrokerUnavailable
+from .redis_connect import redis_client
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class Subscriber:
         while True:
             # Errors must surface here, not be retried inside redis-py, so that each
             # reconnect is followed by a catch-up from the history.
-            client = redis.Redis.from_url(
+            client = redis_client(
                 self._url,
                 socket_connect_timeout=5,
                 socket_keepalive=True,
