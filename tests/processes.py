@@ -314,6 +314,20 @@ class SentinelGroup:
         with redis.Redis(port=self.sentinel_ports[0], socket_connect_timeout=1) as sentinel:
             sentinel.execute_command("SENTINEL", "FAILOVER", SENTINEL_SERVICE)
 
+    def pause_master_until_replaced(self, timeout: float = 60) -> None:
+        """SIGSTOP the master until the sentinels promoted its replica, then SIGCONT it:
+        it comes back as a master nobody should use any more (until it is converted)."""
+        assert self.master.process is not None
+        self.master.process.send_signal(signal.SIGSTOP)
+        try:
+            eventually_sync(
+                lambda: self.role(self.replica.port) == "master",
+                what="the sentinels to promote the replica",
+                timeout=timeout,
+            )
+        finally:
+            self.master.process.send_signal(signal.SIGCONT)
+
     def failed_over(self) -> bool:
         """The replica is master for every sentinel, and the old master follows it."""
         return (
@@ -324,6 +338,8 @@ class SentinelGroup:
         )
 
     def stop(self) -> None:
+        if self.master.process is not None:
+            self.master.process.send_signal(signal.SIGCONT)  # a paused one cannot exit
         for process in self.sentinels:
             terminate(process)
         self.sentinels = []
