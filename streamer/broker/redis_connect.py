@@ -19,7 +19,9 @@ resync (`recovered: false`) instead of silently missing events.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
@@ -28,6 +30,7 @@ import redis
 import redis.asyncio as aioredis
 import redis.asyncio.sentinel as aiosentinel
 import redis.sentinel as syncsentinel
+from redis.exceptions import RedisError
 
 SENTINEL_SCHEME = "redis+sentinel"
 DEFAULT_SENTINEL_PORT = 26379
@@ -118,9 +121,63 @@ def _sentinel_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-class _BlockingSentinelPool(aiosentinel.SentinelConnectionPool, aioredis.BlockingConnectionPool):
-    """Sentinel's pool that waits for a free connection (as the broker's plain pool
-    does) instead of failing when all are in use."""
+# How often a pool asks the sentinels which server is master. redis-py asks only when a
+# connection opens; connections that stay open would otherwise keep writing to a
+# replaced master (whose writes are lost once it becomes a replica) until it is
+# reconfigured, seconds later. A changed answer closes the idle connections.
+MASTER_CHECK_S = 1.0
+
+
+class _WatchedPool(aiosentinel.SentinelConnectionPool):
+    """Sentinel's pool, that checks the master at most every MASTER_CHECK_S."""
+
+    _checked_at = 0.0
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        await self.check_master()
+        return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+
+    async def check_master(self) -> tuple[str, int] | None:
+        """The current master's address, asked again if the last answer is old."""
+        now = time.monotonic()
+        if now - self._checked_at >= MASTER_CHECK_S:
+            self._checked_at = now
+            with contextlib.suppress(RedisError, OSError):
+                await self.get_master_address()  # type: ignore[no-untyped-call]
+        address: tuple[str, int] | None = self.master_address
+        return address
+
+
+class _BlockingWatchedPool(_WatchedPool, aioredis.BlockingConnectionPool):
+    """The same, that waits for a free connection (as the broker's plain pool does)
+    instead of failing when all are in use."""
+
+
+class _WatchedSyncPool(syncsentinel.SentinelConnectionPool):
+    """The synchronous twin of `_WatchedPool`."""
+
+    _checked_at = 0.0
+
+    def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        now = time.monotonic()
+        if now - self._checked_at >= MASTER_CHECK_S:
+            self._checked_at = now
+            with contextlib.suppress(RedisError, OSError):
+                self.get_master_address()  # type: ignore[no-untyped-call]
+        return super().get_connection(*args, **kwargs)
+
+
+def watches_master(pool: object) -> bool:
+    """Whether `pool` is a Sentinel pool (its master may move)."""
+    return isinstance(pool, _WatchedPool)
+
+
+async def current_master(pool: object) -> tuple[str, int] | None:
+    """For a Sentinel pool, the master's address (checked as the pool checks it);
+    None for any other pool."""
+    if isinstance(pool, _WatchedPool):
+        return await pool.check_master()
+    return None
 
 
 def redis_client(url: str, *, blocking: bool = False, **kwargs: Any) -> aioredis.Redis:
@@ -131,7 +188,7 @@ def redis_client(url: str, *, blocking: bool = False, **kwargs: Any) -> aioredis
         sentinel = aiosentinel.Sentinel(  # type: ignore[no-untyped-call]
             list(target.sentinels), sentinel_kwargs=_sentinel_kwargs(kwargs)
         )
-        pool_class = _BlockingSentinelPool if blocking else aiosentinel.SentinelConnectionPool
+        pool_class = _BlockingWatchedPool if blocking else _WatchedPool
         client: aioredis.Redis = sentinel.master_for(
             target.service,
             connection_pool_class=pool_class,
@@ -153,7 +210,9 @@ def redis_client_sync(url: str, **kwargs: Any) -> redis.Redis:
             list(target.sentinels), sentinel_kwargs=_sentinel_kwargs(kwargs)
         )
         client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
-            target.service, **_sentinel_settings(target, kwargs)
+            target.service,
+            connection_pool_class=_WatchedSyncPool,
+            **_sentinel_settings(target, kwargs),
         )
         return client
     return redis.Redis.from_url(url, **kwargs)
