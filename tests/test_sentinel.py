@@ -18,8 +18,13 @@ import pytest
 import redis
 
 from streamer.auth.tokens import issue_token
-from streamer.broker.redis_connect import parse_sentinel_url
-from streamer.broker.redis_schema import history_key
+from streamer.broker.redis_connect import (
+    FENCE_KEY,
+    fence_failover,
+    parse_sentinel_url,
+    redis_client,
+)
+from streamer.broker.redis_schema import EPOCH_KEY, history_key
 from streamer.config import Config, ConfigError
 from streamer.publisher import BrokerUnavailable, Publisher
 
@@ -93,6 +98,28 @@ def test_bad_sentinel_url_never_shows_the_password() -> None:
             {"STREAMER_SECRET": SECRET, "STREAMER_REDIS_URL": "redis+sentinel://:hunter2@a:1"}
         )
     assert "hunter2" not in str(error.value)
+
+
+async def test_fence_starts_a_new_epoch_only_on_another_master(redis_url: str) -> None:
+    """The failover check, on a plain Redis: the first check records the master; the
+    same master again changes nothing; a recorded master that is not this one (what
+    a promoted replica finds, its data copied from the old master) starts a new epoch."""
+    client = redis_client(redis_url)
+    try:
+        await client.set(EPOCH_KEY, "e1")
+        assert await fence_failover(client, EPOCH_KEY)  # an epoch of unknown origin
+        first = await client.get(EPOCH_KEY)
+        assert first != b"e1"
+        assert not await fence_failover(client, EPOCH_KEY)
+        assert await client.get(EPOCH_KEY) == first
+        await client.set(FENCE_KEY, "the-old-masters-replication-id")
+        assert await fence_failover(client, EPOCH_KEY)
+        assert await client.get(EPOCH_KEY) not in (first, b"e1")
+        await client.flushall()
+        assert not await fence_failover(client, EPOCH_KEY)  # nothing to protect yet
+        assert await client.get(EPOCH_KEY) is None
+    finally:
+        await client.aclose()
 
 
 # --- real processes --------------------------------------------------------------------

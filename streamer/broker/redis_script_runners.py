@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import NoScriptError, RedisError
 
-from .redis_connect import current_master
+from .redis_connect import current_master, watches_master
 
 Argument = str | int | float
 
@@ -73,6 +73,7 @@ class HeldScript:
     def __init__(self, client: aioredis.Redis, script: str) -> None:
         pool = client.connection_pool
         self._pool = pool
+        self._behind_sentinel = watches_master(pool)
         self._settings = {**pool.connection_kwargs, "socket_timeout": None}
         self._connection_class: type[AbstractConnection] = pool.connection_class
         self._timeout: float | None = pool.connection_kwargs.get("socket_timeout")
@@ -101,7 +102,7 @@ class HeldScript:
         hands out, so that a restarted Redis costs no failed call."""
         now = asyncio.get_running_loop().time()
         idle, self._last_used = now - self._last_used, now
-        if self._connection is not None and self._connection.is_connected:
+        if self._behind_sentinel and self._connection is not None and self._connection.is_connected:
             # Behind Sentinel: a connection to a replaced master is not used again.
             master = await current_master(self._pool)
             if master is not None and master != _address(self._connection):
