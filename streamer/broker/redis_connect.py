@@ -180,6 +180,32 @@ async def current_master(pool: object) -> tuple[str, int] | None:
     return None
 
 
+class _SentinelClient(aioredis.Redis):
+    """A master's client that closes its connections to the sentinels with its own."""
+
+    sentinels: tuple[aioredis.Redis, ...] = ()
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        try:
+            await super().aclose(close_connection_pool)
+        finally:
+            for sentinel in self.sentinels:
+                await sentinel.aclose()
+
+
+class _SyncSentinelClient(redis.Redis):
+    """The synchronous twin of `_SentinelClient`."""
+
+    sentinels: tuple[redis.Redis, ...] = ()
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            for sentinel in self.sentinels:
+                sentinel.close()
+
+
 def redis_client(url: str, *, blocking: bool = False, **kwargs: Any) -> aioredis.Redis:
     """An asyncio client for `url`. With `blocking`, the pool (`max_connections`,
     `timeout`) makes callers wait for a free connection."""
@@ -189,11 +215,13 @@ def redis_client(url: str, *, blocking: bool = False, **kwargs: Any) -> aioredis
             list(target.sentinels), sentinel_kwargs=_sentinel_kwargs(kwargs)
         )
         pool_class = _BlockingWatchedPool if blocking else _WatchedPool
-        client: aioredis.Redis = sentinel.master_for(
+        client: _SentinelClient = sentinel.master_for(
             target.service,
+            redis_class=_SentinelClient,
             connection_pool_class=pool_class,
             **_sentinel_settings(target, kwargs),
         )
+        client.sentinels = tuple(sentinel.sentinels)
         return client
     if blocking:
         pool = aioredis.BlockingConnectionPool.from_url(url, **kwargs)
@@ -209,11 +237,13 @@ def redis_client_sync(url: str, **kwargs: Any) -> redis.Redis:
         sentinel = syncsentinel.Sentinel(  # type: ignore[no-untyped-call]
             list(target.sentinels), sentinel_kwargs=_sentinel_kwargs(kwargs)
         )
-        client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+        client: _SyncSentinelClient = sentinel.master_for(  # type: ignore[no-untyped-call]
             target.service,
+            redis_class=_SyncSentinelClient,
             connection_pool_class=_WatchedSyncPool,
             **_sentinel_settings(target, kwargs),
         )
+        client.sentinels = tuple(sentinel.sentinels)
         return client
     return redis.Redis.from_url(url, **kwargs)
 
