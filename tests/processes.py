@@ -229,7 +229,16 @@ class SentinelGroup:
             directory / "replica",
             extra_args=["--replicaof", "127.0.0.1", str(self.master.port)],
         )
-        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.sentinel_ports: list[int] = []
+        taken = {self.master.port}
+        while self.replica.port in taken:  # free_port() may hand out a port twice
+            self.replica.port = free_port()
+        taken.add(self.replica.port)
+        while len(self.sentinel_ports) < 3:
+            port = free_port()
+            if port not in taken:
+                taken.add(port)
+                self.sentinel_ports.append(port)
         self.sentinels: list[subprocess.Popen[bytes]] = []
 
     @property
@@ -248,10 +257,12 @@ class SentinelGroup:
             )
             for port in self.sentinel_ports:
                 self.sentinels.append(self._start_sentinel(port))
-            eventually_sync(self._sentinels_ready, what="the sentinels to be ready", timeout=30)
-        except BaseException:
+            eventually_sync(self._sentinels_ready, what="the sentinels to be ready", timeout=45)
+        except BaseException as exc:
             self.stop()
-            raise
+            logs = sorted(self.directory.rglob("*.log"))
+            tails = "\n".join(f"{p}:\n{p.read_text(errors='replace')[-1500:]}" for p in logs)
+            raise RuntimeError(f"the Sentinel group did not start: {exc}\n{tails}") from exc
 
     def _start_sentinel(self, port: int) -> subprocess.Popen[bytes]:
         conf = self.directory / f"sentinel-{port}.conf"  # the sentinel rewrites it
