@@ -96,9 +96,24 @@ def _text(name: str, raw: str) -> str:
 
 
 def _redis_url(name: str, raw: str) -> str:
+    if any(ord(ch) < 32 for ch in raw):
+        raise ConfigError(f"{name} must not contain control characters")
+    if raw.lower().startswith("redis+sentinel://"):
+        from .broker.redis_connect import BadRedisUrl, parse_sentinel_url
+
+        try:
+            parse_sentinel_url(raw)
+        except BadRedisUrl as exc:
+            raise ConfigError(
+                f"{name} is not a usable Sentinel URL ({exc}); the form is "
+                "redis+sentinel://[:password@]host:port[,host:port...]/<service>[/<db>]"
+            ) from None
+        return raw
     parts = urlsplit(raw)
     if parts.scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(f"{name} must be a redis://, rediss:// or unix:// URL, got {raw!r}")
+        raise ConfigError(
+            f"{name} must be a redis://, rediss://, unix:// or redis+sentinel:// URL, got {raw!r}"
+        )
     if parts.scheme != "unix" and not parts.hostname:
         raise ConfigError(f"{name} has no host: {raw!r}")
     try:

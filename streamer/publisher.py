@@ -20,11 +20,10 @@ from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import Any, Self
 
-import redis
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from .broker.base import BrokerUnavailable
+from .broker.redis_connect import redis_client, redis_client_sync
 from .broker.redis_publish_script import PUBLISH_SCRIPT, encode_event
 from .broker.redis_publishing import HistoryLimits, PublishQueue, encode, publish_sync
 from .broker.redis_schema import cancel_key
@@ -66,7 +65,7 @@ class Publisher:
 
     def __init__(self, redis_url: str | None = None) -> None:
         url, self._limits = _settings(redis_url, os.environ)
-        self._client = redis.Redis.from_url(url, socket_connect_timeout=5)
+        self._client = redis_client_sync(url, socket_connect_timeout=5)
         self._script = PooledScript(self._client, PUBLISH_SCRIPT)
 
     def progress(self, user_id: object, task_id: object, **fields: Any) -> str:
@@ -116,7 +115,7 @@ class AsyncPublisher:
 
     def __init__(self, redis_url: str | None = None) -> None:
         url, self._limits = _settings(redis_url, os.environ)
-        self._client = aioredis.Redis.from_url(url, socket_connect_timeout=5)
+        self._client = redis_client(url, socket_connect_timeout=5)
         self._queue = PublishQueue(self._client, self._limits)
 
     async def progress(self, user_id: object, task_id: object, **fields: Any) -> str:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import redis
@@ -69,9 +69,12 @@ def rss_kib(pid: int) -> int:
 class RedisServer:
     """A private redis-server on a free port (never the shared one on 6379)."""
 
-    def __init__(self, directory: Path, *, persistent: bool = False) -> None:
+    def __init__(
+        self, directory: Path, *, persistent: bool = False, extra_args: Sequence[str] = ()
+    ) -> None:
         self.directory = directory
         self.persistent = persistent
+        self.extra_args = list(extra_args)
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -97,6 +100,7 @@ class RedisServer:
                 "--logfile",
                 str(self.directory / "redis.log"),
                 *persistence,
+                *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -207,3 +211,148 @@ def start_server_process(
             cwd=cwd,
         )
     return ServerProcess(process, port, log_path)
+
+
+SENTINEL_SERVICE = "mymaster"
+
+
+class SentinelGroup:
+    """A master, one replica and three sentinels (quorum 2), each on a free port, in
+    `directory`. `stop()` ends every process started, whatever state it is in."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        (directory / "master").mkdir()
+        (directory / "replica").mkdir()
+        self.master = RedisServer(directory / "master")
+        self.replica = RedisServer(
+            directory / "replica",
+            extra_args=["--replicaof", "127.0.0.1", str(self.master.port)],
+        )
+        self.sentinel_ports: list[int] = []
+        taken = {self.master.port}
+        while self.replica.port in taken:  # free_port() may hand out a port twice
+            self.replica.port = free_port()
+        taken.add(self.replica.port)
+        while len(self.sentinel_ports) < 3:
+            port = free_port()
+            if port not in taken:
+                taken.add(port)
+                self.sentinel_ports.append(port)
+        self.sentinels: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+        return f"redis+sentinel://{hosts}/{SENTINEL_SERVICE}"
+
+    def start(self) -> None:
+        try:
+            self.master.start()
+            self.replica.start()
+            eventually_sync(
+                lambda: self._info(self.replica.port).get("master_link_status") == "up",
+                what="the replica to follow the master",
+                timeout=15,
+            )
+            for port in self.sentinel_ports:
+                self.sentinels.append(self._start_sentinel(port))
+            eventually_sync(self._sentinels_ready, what="the sentinels to be ready", timeout=45)
+        except BaseException as exc:
+            self.stop()
+            logs = sorted(self.directory.rglob("*.log"))
+            tails = "\n".join(f"{p}:\n{p.read_text(errors='replace')[-1500:]}" for p in logs)
+            raise RuntimeError(f"the Sentinel group did not start: {exc}\n{tails}") from exc
+
+    def _start_sentinel(self, port: int) -> subprocess.Popen[bytes]:
+        conf = self.directory / f"sentinel-{port}.conf"  # the sentinel rewrites it
+        conf.write_text(
+            f"port {port}\n"
+            "bind 127.0.0.1\n"
+            f"dir {self.directory}\n"
+            f"logfile {self.directory / f'sentinel-{port}.log'}\n"
+            f"sentinel monitor {SENTINEL_SERVICE} 127.0.0.1 {self.master.port} 2\n"
+            f"sentinel down-after-milliseconds {SENTINEL_SERVICE} 1000\n"
+            f"sentinel failover-timeout {SENTINEL_SERVICE} 5000\n"
+        )
+        return subprocess.Popen(
+            ["redis-server", str(conf), "--sentinel"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def _sentinels_ready(self) -> bool:
+        """Each sentinel knows the master, the replica and the two other sentinels."""
+        for process, port in zip(self.sentinels, self.sentinel_ports, strict=True):
+            if process.poll() is not None:
+                raise RuntimeError(f"sentinel on port {port} exited with {process.returncode}")
+            try:
+                with redis.Redis(port=port, socket_connect_timeout=0.2) as sentinel:
+                    if len(sentinel.sentinel_slaves(SENTINEL_SERVICE)) != 1:
+                        return False
+                    if len(sentinel.sentinel_sentinels(SENTINEL_SERVICE)) != 2:
+                        return False
+            except redis.RedisError:
+                return False
+        return True
+
+    def master_port_by(self, sentinel_port: int) -> int | None:
+        try:
+            with redis.Redis(port=sentinel_port, socket_connect_timeout=0.2) as sentinel:
+                address = sentinel.sentinel_get_master_addr_by_name(SENTINEL_SERVICE)
+        except redis.RedisError:
+            return None
+        return None if address is None else int(address[1])
+
+    def role(self, port: int) -> str | None:
+        try:
+            with redis.Redis(port=port, socket_connect_timeout=0.2) as client:
+                role = client.role()[0]
+        except redis.RedisError:
+            return None
+        return role.decode() if isinstance(role, bytes) else str(role)
+
+    def _info(self, port: int) -> dict[str, object]:
+        try:
+            with redis.Redis(port=port, socket_connect_timeout=0.2) as client:
+                info: dict[str, object] = client.info("replication")
+                return info
+        except redis.RedisError:
+            return {}
+
+    def failover(self) -> None:
+        """Ask the first sentinel to fail over now (no agreement needed)."""
+        with redis.Redis(port=self.sentinel_ports[0], socket_connect_timeout=1) as sentinel:
+            sentinel.execute_command("SENTINEL", "FAILOVER", SENTINEL_SERVICE)
+
+    def pause_master_until_replaced(self, timeout: float = 60) -> None:
+        """SIGSTOP the master until the sentinels promoted its replica, then SIGCONT it:
+        it comes back as a master nobody should use any more (until it is converted)."""
+        assert self.master.process is not None
+        self.master.process.send_signal(signal.SIGSTOP)
+        try:
+            eventually_sync(
+                lambda: self.role(self.replica.port) == "master",
+                what="the sentinels to promote the replica",
+                timeout=timeout,
+            )
+        finally:
+            self.master.process.send_signal(signal.SIGCONT)
+
+    def failed_over(self) -> bool:
+        """The replica is master for every sentinel, and the old master follows it."""
+        return (
+            self.role(self.replica.port) == "master"
+            and self.role(self.master.port) == "slave"
+            and self._info(self.master.port).get("master_link_status") == "up"
+            and all(self.master_port_by(p) == self.replica.port for p in self.sentinel_ports)
+        )
+
+    def stop(self) -> None:
+        if self.master.process is not None:
+            self.master.process.send_signal(signal.SIGCONT)  # a paused one cannot exit
+        for process in self.sentinels:
+            terminate(process)
+        self.sentinels = []
+        self.replica.stop()
+        self.master.stop()

@@ -31,6 +31,7 @@ from aiohttp_session.cookie_storage import EncryptedCookieStorage
 from aiohttp_session.redis_storage import RedisStorage
 from redis.exceptions import RedisError
 
+from ..broker.redis_connect import redis_client
 from .session_index import SessionIndex
 from .tokens import Identity, InvalidToken
 
@@ -131,7 +132,7 @@ def setup_sessions(
     store: IndexedRedisStorage | None = None
     if redis_url is not None:
         # redis-py connects lazily: nothing is opened until the first session request.
-        client = redis.Redis.from_url(redis_url, socket_connect_timeout=5)
+        client = redis_client(redis_url, socket_connect_timeout=5)
         index = SessionIndex(
             client, key_prefix=SESSION_KEY_PREFIX, max_per_user=max_sessions_per_user
         )

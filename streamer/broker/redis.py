@@ -16,6 +16,7 @@ from redis.exceptions import RedisError, ResponseError
 from ..events import TaskEvent, TaskState
 from ..wire import Delivery, EventId, UndecodableEvent, stored_event
 from .base import Broker, BrokerUnavailable, Listener, Replay, Snapshot
+from .redis_connect import fence_failover, is_sentinel_url, redis_client
 from .redis_publish_script import encode_event
 from .redis_publishing import HistoryLimits, PublishQueue, encode
 from .redis_schema import (
@@ -72,6 +73,7 @@ class RedisBroker(Broker):
         on_undecodable: Callable[[], None] = lambda: None,
     ) -> None:
         self._url = url
+        self._sentinel = is_sentinel_url(url)
         self._on_undecodable = on_undecodable
         self._history_size = history_size
         self._history_ttl = history_ttl
@@ -104,14 +106,14 @@ class RedisBroker(Broker):
     async def start(self, listener: Listener) -> None:
         # A burst of (re)connecting clients all read their snapshot at once: they
         # queue for a bounded set of connections instead of failing.
-        pool = redis.BlockingConnectionPool.from_url(
+        self._client = redis_client(
             self._url,
+            blocking=True,
             max_connections=REDIS_POOL_SIZE,
             timeout=REDIS_POOL_WAIT_S,
             socket_connect_timeout=5,
             health_check_interval=30,
         )
-        self._client = redis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
         self._publishing = PublishQueue(
             self._client, HistoryLimits(size=self._history_size, ttl=self._history_ttl)
         )
@@ -198,7 +200,14 @@ class RedisBroker(Broker):
                     break
 
     async def _read_epoch(self) -> str | None:
+        await self._fence()
         return _text(await self.client.get(EPOCH_KEY))
+
+    async def _fence(self) -> None:
+        """Behind Sentinel: a master other than the one the epoch began under may lack
+        events the old one acknowledged; a new epoch makes clients resync."""
+        if self._sentinel and await fence_failover(self.client, EPOCH_KEY):
+            log.warning("redis master changed (failover): new epoch, clients resync")
 
     async def _read_history(self, user_id: str, epoch: str | None, start: str) -> list[Delivery]:
         if epoch is None:
@@ -264,6 +273,7 @@ class RedisBroker(Broker):
         if resume_point is None:
             return Replay([], complete=False)
         key = history_key(user_id)
+        await self._fence()  # a resume from before a failover is not recovered
         # The range is read before the trim marker (XINFO): a trim in between can
         # only make the answer more cautious, never hide a gap.
         try:

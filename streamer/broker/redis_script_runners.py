@@ -17,6 +17,8 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import NoScriptError, RedisError
 
+from .redis_connect import current_master, watches_master
+
 Argument = str | int | float
 
 
@@ -70,6 +72,8 @@ class HeldScript:
 
     def __init__(self, client: aioredis.Redis, script: str) -> None:
         pool = client.connection_pool
+        self._pool = pool
+        self._behind_sentinel = watches_master(pool)
         self._settings = {**pool.connection_kwargs, "socket_timeout": None}
         self._connection_class: type[AbstractConnection] = pool.connection_class
         self._timeout: float | None = pool.connection_kwargs.get("socket_timeout")
@@ -98,6 +102,11 @@ class HeldScript:
         hands out, so that a restarted Redis costs no failed call."""
         now = asyncio.get_running_loop().time()
         idle, self._last_used = now - self._last_used, now
+        if self._behind_sentinel and self._connection is not None and self._connection.is_connected:
+            # Behind Sentinel: a connection to a replaced master is not used again.
+            master = await current_master(self._pool)
+            if master is not None and master != _address(self._connection):
+                await self.close()
         if self._connection is not None and idle > STALE_CHECK_AFTER_S:
             try:
                 stale = await self._connection.can_read()
@@ -120,3 +129,8 @@ class HeldScript:
         connection, self._connection = self._connection, None
         if connection is not None:
             await connection.disconnect(nowait=True)
+
+
+def _address(connection: AbstractConnection) -> tuple[str, int] | None:
+    host, port = getattr(connection, "host", None), getattr(connection, "port", None)
+    return None if host is None or port is None else (host, int(port))

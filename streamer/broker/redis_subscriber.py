@@ -16,13 +16,13 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
-import redis.asyncio as redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from .base import BrokerUnavailable
+from .redis_connect import MASTER_CHECK_S, current_master, redis_client, watches_master
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,8 @@ class Subscriber:
         self._syncing: asyncio.Future[None] | None = None
         self._reconnected = False
         self._last_heard = 0.0
+        self._pool: object = None
+        self._lost_because = ""
         self.ready = asyncio.Event()  # connected, every wanted channel subscribed
         self.restarts = 0
         self.messages = 0  # events received, of every user
@@ -98,12 +100,13 @@ class Subscriber:
         while True:
             # Errors must surface here, not be retried inside redis-py, so that each
             # reconnect is followed by a catch-up from the history.
-            client = redis.Redis.from_url(
+            client = redis_client(
                 self._url,
                 socket_connect_timeout=5,
                 socket_keepalive=True,
                 retry=Retry(NoBackoff(), 0),
             )
+            self._pool = client.connection_pool
             pubsub = client.pubsub()
             try:
                 await self._connect(pubsub)
@@ -183,7 +186,7 @@ class Subscriber:
             if not silent.is_set():
                 raise
             listener.uncancel()  # the watchdog's cancel, not our owner's
-            raise ConnectionError("no answer to PING on the subscriber connection") from None
+            raise ConnectionError(self._lost_because) from None
         finally:
             watchdog.cancel()
 
@@ -191,22 +194,41 @@ class Subscriber:
         self, pubsub: PubSub, listener: asyncio.Task[None], silent: asyncio.Event
     ) -> None:
         """Ping a silent connection; cancel the listener's read when the answer does not
-        come (a reconnect and a catch-up follow)."""
+        come (a reconnect and a catch-up follow). Behind Sentinel, also when the
+        sentinels name another master: the old one may still be up, but what is
+        published to it now is lost."""
         loop = asyncio.get_running_loop()
+        behind_sentinel = watches_master(self._pool)
         while True:
+            if behind_sentinel and await self._master_moved(pubsub):
+                self._lost_because = "the sentinels moved the master"
+                self.ready.clear()
+                silent.set()
+                listener.cancel()
+                return
             silent_for = loop.time() - self._last_heard
             if silent_for < self._idle_ping_s:
-                await asyncio.sleep(self._idle_ping_s - silent_for)
+                pause = self._idle_ping_s - silent_for
+                await asyncio.sleep(min(pause, MASTER_CHECK_S) if behind_sentinel else pause)
                 continue
             pinged_at = loop.time()
             with contextlib.suppress(RedisError, OSError):
                 await pubsub.ping()  # a broken connection: the listener sees it itself
             await asyncio.sleep(self._pong_timeout_s)
             if self._last_heard < pinged_at:
+                self._lost_because = "no answer to PING on the subscriber connection"
                 self.ready.clear()
                 silent.set()
                 listener.cancel()
                 return
+
+    async def _master_moved(self, pubsub: PubSub) -> bool:
+        master = await current_master(self._pool)
+        connection = pubsub.connection
+        if master is None or connection is None:
+            return False
+        address = (getattr(connection, "host", None), getattr(connection, "port", None))
+        return address != master
 
     def _on_reconnect(self, connection: object) -> None:
         self._reconnected = True

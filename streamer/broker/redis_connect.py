@@ -1,0 +1,278 @@
+"""The one place a Redis client is made from STREAMER_REDIS_URL.
+
+`redis://`, `rediss://` and `unix://` URLs give a plain client. A Sentinel URL,
+
+    redis+sentinel://[:password@]host:port[,host:port...]/<service>[/<db>]
+
+gives a client of the service's current master, found through the sentinels (any of
+them answers; a port left out is 26379). The password, if any, is the one of the
+Redis servers (the sentinels are asked without one). On a failover redis-py's
+Sentinel connection pool asks the sentinels again when a connection is opened, so a
+client that lost its connection (the sentinels close the clients of the servers they
+reconfigure) reconnects to the new master by itself.
+
+Replication is asynchronous: what the old master acknowledged but had not yet passed
+on is lost when its replica takes over. `fence_failover` detects that the master is
+not the one the current epoch was issued under, and starts a new epoch: clients then
+resync (`recovered: false`) instead of silently missing events.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote
+
+import redis
+import redis.asyncio as aioredis
+import redis.asyncio.sentinel as aiosentinel
+import redis.sentinel as syncsentinel
+from redis.exceptions import RedisError
+
+SENTINEL_SCHEME = "redis+sentinel"
+DEFAULT_SENTINEL_PORT = 26379
+SENTINEL_TIMEOUT_S = 2.0
+FENCE_KEY = "streamer:epoch:master"
+
+
+class BadRedisUrl(ValueError):
+    """The URL cannot be used; the message says why (without the password)."""
+
+
+@dataclass(frozen=True)
+class SentinelTarget:
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    password: str | None = None
+    username: str | None = None
+    db: int = 0
+
+
+def is_sentinel_url(url: str) -> bool:
+    return url.lower().startswith(SENTINEL_SCHEME + "://")
+
+
+def parse_sentinel_url(url: str) -> SentinelTarget:
+    if not is_sentinel_url(url):
+        raise BadRedisUrl(f"not a {SENTINEL_SCHEME}:// URL")
+    rest = url[len(SENTINEL_SCHEME) + 3 :]
+    if "?" in rest or "#" in rest:
+        raise BadRedisUrl("a Sentinel URL takes no query or fragment (the db goes in the path)")
+    netloc, _, path = rest.partition("/")
+    username = password = None
+    if "@" in netloc:
+        userinfo, _, netloc = netloc.rpartition("@")
+        user, sep, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if sep else None
+    sentinels = tuple(_host_port(item) for item in netloc.split(","))
+    parts = path.split("/")
+    if not parts or not parts[0]:
+        raise BadRedisUrl("no service name: redis+sentinel://host:port[,host:port]/<service>")
+    if len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
+        raise BadRedisUrl("the path is /<service> or /<service>/<db number>")
+    service = unquote(parts[0])
+    if any(ord(ch) < 33 for ch in service):
+        raise BadRedisUrl("the service name must not contain spaces or control characters")
+    db = int(parts[1]) if len(parts) == 2 else 0
+    return SentinelTarget(sentinels, service, password, username, db)
+
+
+def _host_port(item: str) -> tuple[str, int]:
+    item = item.strip()
+    if not item:
+        raise BadRedisUrl("an empty sentinel address (host:port[,host:port])")
+    if item.startswith("["):  # [IPv6]:port
+        host, sep, tail = item[1:].partition("]")
+        if not sep or (tail and not tail.startswith(":")):
+            raise BadRedisUrl(f"a bad sentinel address {item!r}")
+        port_text = tail[1:] if tail else ""
+    else:
+        host, _, port_text = item.partition(":")
+    if not host or any(ch in host for ch in " /?#@"):
+        raise BadRedisUrl(f"a bad sentinel host in {item!r}")
+    if not port_text:
+        return host, DEFAULT_SENTINEL_PORT
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise BadRedisUrl(f"a bad sentinel port in {item!r}")
+    return host, int(port_text)
+
+
+def _sentinel_settings(target: SentinelTarget, kwargs: dict[str, Any]) -> dict[str, Any]:
+    settings = dict(kwargs)
+    settings.setdefault("db", target.db)
+    if target.password is not None:
+        settings.setdefault("password", target.password)
+    if target.username is not None:
+        settings.setdefault("username", target.username)
+    return settings
+
+
+def _sentinel_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Sentinels are asked with short timeouts: one that is down must not hold up
+    the discovery (the next one is asked)."""
+    timeout = kwargs.get("socket_connect_timeout") or SENTINEL_TIMEOUT_S
+    return {
+        "socket_connect_timeout": min(timeout, SENTINEL_TIMEOUT_S),
+        "socket_timeout": SENTINEL_TIMEOUT_S,
+    }
+
+
+# How often a pool asks the sentinels which server is master. redis-py asks only when a
+# connection opens; connections that stay open would otherwise keep writing to a
+# replaced master (whose writes are lost once it becomes a replica) until it is
+# reconfigured, seconds later. A changed answer closes the idle connections.
+MASTER_CHECK_S = 1.0
+
+
+class _WatchedPool(aiosentinel.SentinelConnectionPool):
+    """Sentinel's pool, that checks the master at most every MASTER_CHECK_S."""
+
+    _checked_at = 0.0
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        await self.check_master()
+        return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+
+    async def check_master(self) -> tuple[str, int] | None:
+        """The current master's address, asked again if the last answer is old."""
+        now = time.monotonic()
+        if now - self._checked_at >= MASTER_CHECK_S:
+            self._checked_at = now
+            with contextlib.suppress(RedisError, OSError):
+                await self.get_master_address()  # type: ignore[no-untyped-call]
+        address: tuple[str, int] | None = self.master_address
+        return address
+
+
+class _BlockingWatchedPool(_WatchedPool, aioredis.BlockingConnectionPool):
+    """The same, that waits for a free connection (as the broker's plain pool does)
+    instead of failing when all are in use."""
+
+
+class _WatchedSyncPool(syncsentinel.SentinelConnectionPool):
+    """The synchronous twin of `_WatchedPool`."""
+
+    _checked_at = 0.0
+
+    def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        now = time.monotonic()
+        if now - self._checked_at >= MASTER_CHECK_S:
+            self._checked_at = now
+            with contextlib.suppress(RedisError, OSError):
+                self.get_master_address()  # type: ignore[no-untyped-call]
+        return super().get_connection(*args, **kwargs)
+
+
+def watches_master(pool: object) -> bool:
+    """Whether `pool` is a Sentinel pool (its master may move)."""
+    return isinstance(pool, _WatchedPool)
+
+
+async def current_master(pool: object) -> tuple[str, int] | None:
+    """For a Sentinel pool, the master's address (checked as the pool checks it);
+    None for any other pool."""
+    if isinstance(pool, _WatchedPool):
+        return await pool.check_master()
+    return None
+
+
+class _SentinelClient(aioredis.Redis):
+    """A master's client that closes its connections to the sentinels with its own."""
+
+    sentinels: tuple[aioredis.Redis, ...] = ()
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        try:
+            await super().aclose(close_connection_pool)
+        finally:
+            for sentinel in self.sentinels:
+                await sentinel.aclose()
+
+
+class _SyncSentinelClient(redis.Redis):
+    """The synchronous twin of `_SentinelClient`."""
+
+    sentinels: tuple[redis.Redis, ...] = ()
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            for sentinel in self.sentinels:
+                sentinel.close()
+
+
+def redis_client(url: str, *, blocking: bool = False, **kwargs: Any) -> aioredis.Redis:
+    """An asyncio client for `url`. With `blocking`, the pool (`max_connections`,
+    `timeout`) makes callers wait for a free connection."""
+    if is_sentinel_url(url):
+        target = parse_sentinel_url(url)
+        sentinel = aiosentinel.Sentinel(  # type: ignore[no-untyped-call]
+            list(target.sentinels), sentinel_kwargs=_sentinel_kwargs(kwargs)
+        )
+        pool_class = _BlockingWatchedPool if blocking else _WatchedPool
+        client: _SentinelClient = sentinel.master_for(
+            target.service,
+            redis_class=_SentinelClient,
+            connection_pool_class=pool_class,
+            **_sentinel_settings(target, kwargs),
+        )
+        client.sentinels = tuple(sentinel.sentinels)
+        return client
+    if blocking:
+        pool = aioredis.BlockingConnectionPool.from_url(url, **kwargs)
+        return aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
+    return aioredis.Redis.from_url(url, **kwargs)
+
+
+def redis_client_sync(url: str, **kwargs: Any) -> redis.Redis:
+    """The synchronous twin of `redis_client` (for `Publisher` and the session store's
+    tools)."""
+    if is_sentinel_url(url):
+        target = parse_sentinel_url(url)
+        sentinel = syncsentinel.Sentinel(  # type: ignore[no-untyped-call]
+            list(target.sentinels), sentinel_kwargs=_sentinel_kwargs(kwargs)
+        )
+        client: _SyncSentinelClient = sentinel.master_for(  # type: ignore[no-untyped-call]
+            target.service,
+            redis_class=_SyncSentinelClient,
+            connection_pool_class=_WatchedSyncPool,
+            **_sentinel_settings(target, kwargs),
+        )
+        client.sentinels = tuple(sentinel.sentinels)
+        return client
+    return redis.Redis.from_url(url, **kwargs)
+
+
+FENCE_SCRIPT = """
+-- KEYS: epoch, fence. ARGV: the master's replication id, a new epoch.
+-- The fence holds the replication id of the master the current epoch is known under.
+-- A promoted replica has a replication id of its own: what the old master wrote after
+-- the replica stopped following it is gone, so a new epoch starts (clients resync).
+local fence = redis.call('GET', KEYS[2])
+if fence == ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[2], ARGV[1])
+if fence == false and redis.call('EXISTS', KEYS[1]) == 0 then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
+"""
+
+
+async def fence_failover(client: aioredis.Redis, epoch_key: str) -> bool:
+    """Start a new epoch if the master changed since the current one began; True if
+    it did. Only for Sentinel clients: a plain Redis has no failover (and an AOF
+    restart gives it a new replication id without losing acknowledged writes)."""
+    info = await client.info("replication")
+    replid = info.get("master_replid")
+    if not isinstance(replid, str):
+        return False
+    new_epoch = secrets.token_hex(4)
+    return bool(await client.eval(FENCE_SCRIPT, 2, epoch_key, FENCE_KEY, replid, new_epoch))
