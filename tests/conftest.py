@@ -16,7 +16,9 @@ from aiohttp.test_utils import TestClient
 from streamer.app import create_app
 from streamer.auth.tokens import issue_token
 from streamer.config import Config
+from streamer.publisher import Publisher
 
+from .browser import Browser, find_chromium
 from .processes import (
     RedisServer,
     ServerProcess,
@@ -153,3 +155,29 @@ def start_gunicorn(
         return server, env
 
     return start
+
+
+@pytest.fixture
+def chromium() -> str:
+    path = find_chromium()
+    if path is None:
+        pytest.fail(
+            "Chromium is not installed: the browser tests need it "
+            "(`apt-get install -y chromium`; .ci/run installs it)",
+            pytrace=False,
+        )
+    return path
+
+
+@pytest.fixture
+async def browser(chromium: str) -> AsyncIterator[Browser]:
+    """Headless Chromium with one page, gone after the test."""
+    async with Browser(chromium) as browser:
+        yield browser
+
+
+@pytest.fixture
+def publisher(redis_url: str) -> Iterator[Publisher]:
+    """A producer on the private Redis."""
+    with Publisher(redis_url) as publisher:
+        yield publisher

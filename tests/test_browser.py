@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -13,7 +13,7 @@ import pytest
 
 from streamer.publisher import Publisher
 
-from .browser import Browser, find_chromium
+from .browser import Browser
 from .processes import ServerProcess
 from .waiting import eventually
 
@@ -34,24 +34,6 @@ Array.from(document.querySelectorAll("#tasks [data-task-id]"), (row) => ({
 
 
 @pytest.fixture
-def chromium() -> str:
-    path = find_chromium()
-    if path is None:
-        pytest.fail(
-            "Chromium is not installed: the browser tests need it "
-            "(`apt-get install -y chromium`; .ci/run installs it)",
-            pytrace=False,
-        )
-    return path
-
-
-@pytest.fixture
-async def browser(chromium: str) -> AsyncIterator[Browser]:
-    async with Browser(chromium) as browser:
-        yield browser
-
-
-@pytest.fixture
 def server_env(process_env: dict[str, str], redis_url: str) -> dict[str, str]:
     return {**process_env, "STREAMER_REDIS_URL": redis_url}
 
@@ -63,12 +45,6 @@ def server(
     process = start_process(["streamer", "serve", "--port", "{port}"], server_env)
     process.wait_healthy()
     return process
-
-
-@pytest.fixture
-def publisher(redis_url: str) -> Iterator[Publisher]:
-    with Publisher(redis_url) as publisher:
-        yield publisher
 
 
 def page_url(server: ServerProcess, token: str, transport: str) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -14,7 +14,7 @@ import pytest
 
 from streamer.publisher import Publisher
 
-from .browser import Browser, find_chromium
+from .browser import Browser
 from .nginx import BUFFERING_SITE, Nginx
 from .processes import ServerProcess
 
@@ -62,15 +62,6 @@ RECORD_JS = """
 
 
 @pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    chromium = find_chromium()
-    if chromium is None:
-        pytest.fail("Chromium is not installed (.ci/run installs it)", pytrace=False)
-    async with Browser(chromium) as browser:
-        yield browser
-
-
-@pytest.fixture
 def server(
     process_env: dict[str, str], redis_url: str, start_process: Callable[..., ServerProcess]
 ) -> ServerProcess:
@@ -99,12 +90,6 @@ def start_nginx(server: ServerProcess, tmp_path: Path) -> Iterator[Callable[[str
     finally:
         for nginx in started:
             nginx.stop()
-
-
-@pytest.fixture
-def publisher(redis_url: str) -> Iterator[Publisher]:
-    with Publisher(redis_url) as publisher:
-        yield publisher
 
 
 def websocket_attempts(nginx: Nginx) -> int:

@@ -5,14 +5,14 @@ when that tab closes another takes over and resumes, nothing lost, nothing twice
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from urllib.parse import urlencode
 
 import pytest
 
 from streamer.publisher import Publisher
 
-from .browser import Browser, find_chromium
+from .browser import Browser
 from .processes import ServerProcess
 from .waiting import eventually
 
@@ -34,15 +34,6 @@ RECORD_JS = """
 
 
 @pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    chromium = find_chromium()
-    if chromium is None:
-        pytest.fail("Chromium is not installed (.ci/run installs it)", pytrace=False)
-    async with Browser(chromium) as browser:
-        yield browser
-
-
-@pytest.fixture
 def server(
     process_env: dict[str, str], redis_url: str, start_process: Callable[..., ServerProcess]
 ) -> ServerProcess:
@@ -50,12 +41,6 @@ def server(
     process = start_process(["streamer", "serve", "--port", "{port}"], env)
     process.wait_healthy()
     return process
-
-
-@pytest.fixture
-def publisher(redis_url: str) -> Iterator[Publisher]:
-    with Publisher(redis_url) as publisher:
-        yield publisher
 
 
 def open_connections(server: ServerProcess) -> int:

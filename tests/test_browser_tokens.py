@@ -5,7 +5,7 @@ as unauthorized (once, no loop) when there is no new token."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from urllib.parse import urlencode
 
 import pytest
@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestServer
 
 from streamer.publisher import Publisher
 
-from .browser import Browser, find_chromium
+from .browser import Browser
 from .processes import ServerProcess
 
 TOKEN_TTL_S = 5
@@ -43,15 +43,6 @@ window.taskStream = new Streamer.TaskStream({
 window.taskStream.start();
 </script></body></html>
 """
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    chromium = find_chromium()
-    if chromium is None:
-        pytest.fail("Chromium is not installed (.ci/run installs it)", pytrace=False)
-    async with Browser(chromium) as browser:
-        yield browser
 
 
 @pytest.fixture
@@ -93,12 +84,6 @@ def server(
     process = start_process(["streamer", "serve", "--port", "{port}"], env)
     process.wait_healthy()
     return process
-
-
-@pytest.fixture
-def publisher(redis_url: str) -> Iterator[Publisher]:
-    with Publisher(redis_url) as publisher:
-        yield publisher
 
 
 async def open_page(

@@ -5,12 +5,12 @@ write it, and the module gives what the types promise, in real Chromium."""
 from __future__ import annotations
 
 import subprocess
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from .browser import Browser, find_chromium
+from .browser import Browser
 from .processes import ServerProcess
 
 JS_TESTS = Path(__file__).resolve().parent / "js"
@@ -24,15 +24,6 @@ def test_the_declarations_type_check_an_application() -> None:
         [str(TSC), "-p", str(JS_TESTS)], capture_output=True, text=True, timeout=120
     )
     assert checked.returncode == 0, checked.stdout + checked.stderr
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    chromium = find_chromium()
-    if chromium is None:
-        pytest.fail("Chromium is not installed (.ci/run installs it)", pytrace=False)
-    async with Browser(chromium) as browser:
-        yield browser
 
 
 @pytest.fixture

@@ -34,12 +34,9 @@ from .test_transports import publish_progress
 from .waiting import eventually
 
 TokenFor = Callable[..., str]
-# The browser tests' fixtures: Chromium, and `streamer serve` on Redis with a publisher.
-chromium = test_browser.chromium
-browser = test_browser.browser
+# The browser tests' `streamer serve` on Redis (Chromium and the publisher are shared fixtures).
 server_env = test_browser.server_env
 server = test_browser.server
-publisher = test_browser.publisher
 POLL_TIMEOUT_S = 2.0
 ALLOWED_ORIGIN = "https://app.example.com"
 
@@ -78,6 +75,17 @@ def held_polls(hub: Hub) -> int:
     return sum(1 for c in hub.connections() if c.transport == "poll" and c.live)
 
 
+async def hold_a_poll(
+    client: TestClient,  # type: ignore[type-arg]
+    token: str,
+) -> tuple[asyncio.Future[tuple[int, dict[str, Any], Any]], str]:
+    """A poll past the snapshot (whose id is returned too), held by the hub."""
+    _, first, _ = await poll(client, token)
+    held = asyncio.ensure_future(poll(client, token, last_event_id=first["last_event_id"]))
+    await eventually(lambda: held_polls(client.app[HUB]) == 1, what="the poll held by the hub")
+    return held, first["last_event_id"]
+
+
 async def test_a_fresh_poll_gets_the_snapshot_first(
     client: TestClient,  # type: ignore[type-arg]
     token_for: TokenFor,
@@ -103,10 +111,8 @@ async def test_a_held_poll_is_answered_as_soon_as_an_event_comes(
     user_id: str,
 ) -> None:
     token = token_for(user_id)
-    _, first, _ = await poll(client, token)
-    held = asyncio.ensure_future(poll(client, token, last_event_id=first["last_event_id"]))
+    held, _ = await hold_a_poll(client, token)
     hub = client.app[HUB]
-    await eventually(lambda: held_polls(hub) == 1, what="the poll held by the hub")
     assert not held.done()
     published = time.monotonic()
     event_id = await publish_progress(client, user_id, "a", progress=42)
@@ -228,10 +234,8 @@ async def test_a_poll_the_client_abandons_is_detached(
     user_id: str,
 ) -> None:
     token = token_for(user_id)
-    _, first, _ = await poll(client, token)
-    held = asyncio.ensure_future(poll(client, token, last_event_id=first["last_event_id"]))
+    held, _ = await hold_a_poll(client, token)
     hub = client.app[HUB]
-    await eventually(lambda: held_polls(hub) == 1, what="the poll held by the hub")
     held.cancel()
     await eventually(lambda: hub.open_count("poll") == 0, what="the abandoned poll detached")
 
@@ -271,14 +275,12 @@ async def test_shutdown_answers_held_polls(
     user_id: str,
 ) -> None:
     token = token_for(user_id)
-    _, first, _ = await poll(client, token)
-    held = asyncio.ensure_future(poll(client, token, last_event_id=first["last_event_id"]))
+    held, first_id = await hold_a_poll(client, token)
     hub = client.app[HUB]
-    await eventually(lambda: held_polls(hub) == 1, what="the poll held by the hub")
     hub.close_all(Reason.SHUTDOWN)
     status, body, _ = await asyncio.wait_for(held, POLL_TIMEOUT_S / 2)
-    assert status == 200 and body == {"events": [], "last_event_id": first["last_event_id"]}
-    status, body, headers = await poll(client, token, last_event_id=first["last_event_id"])
+    assert status == 200 and body == {"events": [], "last_event_id": first_id}
+    status, body, headers = await poll(client, token, last_event_id=first_id)
     assert status == 503 and body["code"] == "shutting_down" and headers["Retry-After"]
 
 

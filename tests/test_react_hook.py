@@ -5,7 +5,7 @@ in real headless Chromium, against `streamer serve` on Redis: the shape of a Cha
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestServer
 
 from streamer.publisher import Publisher
 
-from .browser import Browser, find_chromium
+from .browser import Browser
 from .processes import ServerProcess
 from .waiting import eventually
 
@@ -23,15 +23,6 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "tests" / "js"
 REACT = PAGE / "node_modules"
 HOOK = ROOT / "docs" / "examples" / "useTaskStream.js"
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    chromium = find_chromium()
-    if chromium is None:
-        pytest.fail("Chromium is not installed (.ci/run installs it)", pytrace=False)
-    async with Browser(chromium) as browser:
-        yield browser
 
 
 @pytest.fixture
@@ -75,12 +66,6 @@ def server(
     process = start_process(["streamer", "serve", "--port", "{port}"], env)
     process.wait_healthy()
     return process
-
-
-@pytest.fixture
-def publisher(redis_url: str) -> Iterator[Publisher]:
-    with Publisher(redis_url) as publisher:
-        yield publisher
 
 
 async def open_app(

@@ -97,6 +97,11 @@ def publisher_for(app: Celery) -> Publisher:
         return publisher
 
 
+def _describe(exc: BaseException) -> str:
+    """An exception as a user reads it: its message, or its type when it has none."""
+    return str(exc) or type(exc).__name__
+
+
 def _truncate(text: str) -> str:
     return text if len(text) <= MAX_TEXT_LENGTH else text[: MAX_TEXT_LENGTH - 1] + "…"
 
@@ -211,7 +216,7 @@ class ProgressTask(Task):
         user_id = self.streamer_user_id(args, kwargs)
         if user_id is None:
             return
-        message = _truncate(str(exc) or type(exc).__name__)
+        message = _truncate(_describe(exc))
         self._publish(completed_event(user_id, task_id, status="FAILURE", error_message=message))
 
     def on_retry(
@@ -225,7 +230,7 @@ class ProgressTask(Task):
         user_id = self.streamer_user_id(args, kwargs)
         if user_id is None:
             return
-        step = _truncate(f"retrying after: {str(exc) or type(exc).__name__}")
+        step = _truncate(f"retrying after: {_describe(exc)}")
         self._publish(progress_event(user_id, task_id, status="RETRY", current_step=step))
 
     # --- Helpers -------------------------------------------------------------------------
