@@ -109,18 +109,40 @@ def _redis_url(name: str, raw: str) -> str:
                 "redis+sentinel://[:password@]host:port[,host:port...]/<service>[/<db>]"
             ) from None
         return raw
+    if raw.lower().startswith("redis+cluster://"):
+        from .broker.redis_cluster import parse_cluster_url
+        from .broker.redis_connect import BadRedisUrl
+
+        try:
+            parse_cluster_url(raw)
+        except BadRedisUrl as exc:
+            raise ConfigError(
+                f"{name} is not a usable Redis Cluster URL ({exc}); the form is "
+                "redis+cluster://[:password@]host:port[,host:port...]"
+            ) from None
+        return raw
     parts = urlsplit(raw)
+    shown = _without_password(raw)
     if parts.scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(
-            f"{name} must be a redis://, rediss://, unix:// or redis+sentinel:// URL, got {raw!r}"
+            f"{name} must be a redis://, rediss://, unix://, redis+sentinel:// or "
+            f"redis+cluster:// URL, got {shown!r}"
         )
     if parts.scheme != "unix" and not parts.hostname:
-        raise ConfigError(f"{name} has no host: {raw!r}")
+        raise ConfigError(f"{name} has no host: {shown!r}")
     try:
         parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError as exc:
-        raise ConfigError(f"{name} has a bad port: {raw!r}") from exc
+        raise ConfigError(f"{name} has a bad port: {shown!r}") from exc
     return raw
+
+
+def _without_password(url: str) -> str:
+    """`url` fit for an error message: what stands between `//` and `@` is left out."""
+    scheme, sep, rest = url.partition("//")
+    if not sep or "@" not in rest.split("/", 1)[0]:
+        return url
+    return f"{scheme}//***@{rest.split('@', 1)[1]}"
 
 
 def _http_url(name: str, raw: str) -> str:

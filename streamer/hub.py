@@ -187,9 +187,15 @@ class Hub:
     def users(self) -> list[str]:
         return list(self._users)
 
-    def reset(self) -> None:
-        """The broker lost its data: every client starts again from a snapshot."""
-        for connection in list(self.connections()):
+    def reset(self, user_id: str | None = None) -> None:
+        """The broker lost its data (only `user_id`'s, if given): those clients start
+        again from a snapshot."""
+        if user_id is None:
+            connections = list(self.connections())
+        else:
+            user = self._users.get(user_id)
+            connections = [] if user is None else list(user.connections)
+        for connection in connections:
             connection.resync()
 
     async def keep_time(self, *, heartbeat_s: float, ping_s: float) -> None:

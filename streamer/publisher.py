@@ -23,11 +23,18 @@ from typing import Any, Self
 from redis.exceptions import RedisError
 
 from .broker.base import BrokerUnavailable
+from .broker.redis_cluster import is_cluster_url
 from .broker.redis_connect import redis_client, redis_client_sync
-from .broker.redis_publish_script import PUBLISH_SCRIPT, encode_event
-from .broker.redis_publishing import HistoryLimits, PublishQueue, encode, publish_sync
+from .broker.redis_publish_script import encode_event
+from .broker.redis_publishing import (
+    HistoryLimits,
+    PublishQueue,
+    encode,
+    publish_script,
+    publish_sync,
+)
 from .broker.redis_schema import cancel_key
-from .broker.redis_script_runners import PooledScript
+from .broker.redis_script_runners import pooled_script
 from .config import ENV_VARIABLES, ConfigError
 from .events import TaskEvent, completed_event, progress_event, validate_identifier
 
@@ -46,7 +53,9 @@ def _settings(redis_url: str | None, environ: Mapping[str, str]) -> tuple[str, H
     for name, default in _DEFAULTS.items():
         raw = environ.get(f"STREAMER_{name.upper()}")
         limits[name] = ENV_VARIABLES[name][0](f"STREAMER_{name.upper()}", raw) if raw else default
-    return url, HistoryLimits(size=limits["history_size"], ttl=limits["history_ttl"])
+    return url, HistoryLimits(
+        size=limits["history_size"], ttl=limits["history_ttl"], per_user=is_cluster_url(url)
+    )
 
 
 _NO_TASK = object()
@@ -66,7 +75,7 @@ class Publisher:
     def __init__(self, redis_url: str | None = None) -> None:
         url, self._limits = _settings(redis_url, os.environ)
         self._client = redis_client_sync(url, socket_connect_timeout=5)
-        self._script = PooledScript(self._client, PUBLISH_SCRIPT)
+        self._script = pooled_script(self._client, publish_script(self._limits))
 
     def progress(self, user_id: object, task_id: object, **fields: Any) -> str:
         return self.publish(progress_event(user_id, task_id, **fields))

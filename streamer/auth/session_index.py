@@ -8,9 +8,12 @@ working. The set expires with the longest-lived session it lists.
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 from urllib.parse import quote
 
 import redis.asyncio as redis
+import redis.asyncio.cluster as aiocluster
 
 INDEX_PREFIX = "streamer:sessions:"
 
@@ -50,19 +53,43 @@ def index_key(user_id: str) -> str:
     return INDEX_PREFIX + "{" + quote(user_id, safe="") + "}"
 
 
+def cluster_tag(user_id: str) -> str:
+    """Under Redis Cluster, the hash tag of a user's index and sessions: a digest, as
+    session ids travel in cookies (where the user id has no business)."""
+    return "{" + hashlib.sha256(user_id.encode()).hexdigest()[:20] + "}"
+
+
 class SessionIndex:
-    def __init__(self, client: redis.Redis, *, key_prefix: str, max_per_user: int) -> None:
+    """Under Redis Cluster, the index and the sessions it lists share a slot: session
+    ids start with the index's hash tag (`new_session_id`), so the script touches one
+    slot only."""
+
+    def __init__(
+        self,
+        client: redis.Redis | aiocluster.RedisCluster,
+        *,
+        key_prefix: str,
+        max_per_user: int,
+    ) -> None:
         self._client = client
+        self._cluster = isinstance(client, aiocluster.RedisCluster)
         self._track = client.register_script(TRACK_SCRIPT)
         self._key_prefix = key_prefix
         self._max_per_user = max_per_user
 
+    def _key(self, user_id: str) -> str:
+        return INDEX_PREFIX + cluster_tag(user_id) if self._cluster else index_key(user_id)
+
+    def new_session_id(self, user_id: str) -> str | None:
+        """The id for a new session of `user_id`; None: any id will do."""
+        return cluster_tag(user_id) + secrets.token_hex(16) if self._cluster else None
+
     async def add(self, user_id: str, session_id: str, lifetime_s: int) -> None:
         """List a session whose key is stored; evict the oldest past the cap."""
         await self._track(
-            keys=[index_key(user_id)],
+            keys=[self._key(user_id)],
             args=[session_id, self._key_prefix, lifetime_s, self._max_per_user],
         )
 
     async def remove(self, user_id: str, session_id: str) -> None:
-        await self._client.zrem(index_key(user_id), session_id)
+        await self._client.zrem(self._key(user_id), session_id)

@@ -31,7 +31,7 @@ from aiohttp_session.cookie_storage import EncryptedCookieStorage
 from aiohttp_session.redis_storage import RedisStorage
 from redis.exceptions import RedisError
 
-from ..broker.redis_connect import redis_client
+from ..broker.redis_connect import AsyncClient, redis_client
 from .session_index import SessionIndex
 from .tokens import Identity, InvalidToken
 
@@ -88,8 +88,12 @@ def _store_errors() -> Iterator[None]:
 class IndexedRedisStorage(RedisStorage):
     """RedisStorage that lists each new session in its user's index once stored."""
 
-    def __init__(self, client: redis.Redis, index: SessionIndex, **options: object) -> None:
-        super().__init__(client, **options)  # type: ignore[arg-type]
+    def __init__(self, client: AsyncClient, index: SessionIndex, **options: object) -> None:
+        # RedisStorage insists on a `Redis`; a Redis Cluster client answers the same
+        # GET and SET, so it takes the place of an unused, never connected, stand-in.
+        stand_in = client if isinstance(client, redis.Redis) else redis.Redis()
+        super().__init__(stand_in, **options)  # type: ignore[arg-type]
+        self._redis = client  # type: ignore[assignment]
         self._index = index
 
     async def load_session(self, request: web.Request) -> Session:
@@ -100,8 +104,12 @@ class IndexedRedisStorage(RedisStorage):
         self, request: web.Request, response: web.StreamResponse, session: Session
     ) -> None:
         with _store_errors():
-            await super().save_session(request, response, session)
             user_id = session.get("user_id")
+            if session.new and session.identity is None and isinstance(user_id, str):
+                session_id = self._index.new_session_id(user_id)
+                if session_id is not None:
+                    session.set_new_identity(session_id)
+            await super().save_session(request, response, session)
             # Only start_session makes new, non-empty sessions, with their id and lifetime.
             session_id, lifetime_s = session.identity, session.max_age
             if session.new and isinstance(user_id, str) and session_id and lifetime_s:
@@ -128,7 +136,7 @@ def setup_sessions(
     cookie and nothing is kept server-side.
     """
     storage: AbstractStorage
-    client: redis.Redis | None = None
+    client: AsyncClient | None = None
     store: IndexedRedisStorage | None = None
     if redis_url is not None:
         # redis-py connects lazily: nothing is opened until the first session request.

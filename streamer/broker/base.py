@@ -28,8 +28,9 @@ class Listener(Protocol):
 
     def deliver(self, delivery: Delivery) -> None: ...
 
-    def reset(self) -> None:
-        """The broker lost its data: every client must resynchronise from a snapshot."""
+    def reset(self, user_id: str | None = None) -> None:
+        """The broker lost its data (only `user_id`'s, if given): those clients must
+        resynchronise from a snapshot."""
 
     def resume_points(self) -> dict[str, EventId | None]:
         """For each user with connections here, the oldest event id one of them has

@@ -7,21 +7,25 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Set
 from typing import Any, ParamSpec, TypeVar, cast
 
-import redis.asyncio as redis
+import redis.asyncio.cluster as aiocluster
+from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from ..events import TaskEvent, TaskState
 from ..wire import Delivery, EventId, UndecodableEvent, stored_event
 from .base import Broker, BrokerUnavailable, Listener, Replay, Snapshot
-from .redis_connect import fence_failover, is_sentinel_url, redis_client
+from .redis_cluster import UserFence, is_cluster_url
+from .redis_cluster_subscriber import ClusterSubscriber
+from .redis_connect import AsyncClient, fence_failover, is_sentinel_url, redis_client
 from .redis_publish_script import encode_event
 from .redis_publishing import HistoryLimits, PublishQueue, encode
 from .redis_schema import (
     CANCEL_SCRIPT,
     EPOCH_KEY,
+    REPLAY_SCRIPT,
     SNAPSHOT_SCRIPT,
     cancel_call,
     cancel_key,
@@ -31,6 +35,8 @@ from .redis_schema import (
     snapshot_call,
     task_key,
     user_channel,
+    user_epoch_key,
+    user_fence_key,
 )
 from .redis_subscriber import Subscriber
 
@@ -74,13 +80,18 @@ class RedisBroker(Broker):
     ) -> None:
         self._url = url
         self._sentinel = is_sentinel_url(url)
+        # Under Redis Cluster each user has an epoch of their own (`redis_schema`).
+        self._cluster = is_cluster_url(url)
+        self._user_epochs: dict[str, str | None] = {}
+        self._users_here: set[str] = set()
+        self._user_fence: UserFence | None = None
         self._on_undecodable = on_undecodable
         self._history_size = history_size
         self._history_ttl = history_ttl
         self._idle_ping_s = idle_ping_s
         self._pong_timeout_s = pong_timeout_s
-        self._client: redis.Redis | None = None
-        self._subscriber: Subscriber | None = None
+        self._client: AsyncClient | None = None
+        self._subscriber: Subscriber | ClusterSubscriber | None = None
         self._subscriber_task: asyncio.Task[None] | None = None
         self._listener: Listener | None = None
         # The epoch of the Redis dataset events came from; a new one means Redis
@@ -88,7 +99,7 @@ class RedisBroker(Broker):
         self._epoch: str | None = None
 
     @property
-    def client(self) -> redis.Redis:
+    def client(self) -> AsyncClient:
         if self._client is None:
             raise RuntimeError("RedisBroker.start() has not been called")
         return self._client
@@ -98,7 +109,7 @@ class RedisBroker(Broker):
         return 0 if self._subscriber is None else self._subscriber.restarts
 
     @property
-    def subscriber(self) -> Subscriber:
+    def subscriber(self) -> Subscriber | ClusterSubscriber:
         if self._subscriber is None:
             raise RuntimeError("RedisBroker.start() has not been called")
         return self._subscriber
@@ -114,15 +125,21 @@ class RedisBroker(Broker):
             socket_connect_timeout=5,
             health_check_interval=30,
         )
-        self._publishing = PublishQueue(
-            self._client, HistoryLimits(size=self._history_size, ttl=self._history_ttl)
+        limits = HistoryLimits(
+            size=self._history_size, ttl=self._history_ttl, per_user=self._cluster
         )
+        self._publishing = PublishQueue(self._client, limits)
         self._cancel_script = self._client.register_script(CANCEL_SCRIPT)
         self._snapshot_script = self._client.register_script(SNAPSHOT_SCRIPT)
+        self._replay_script = self._client.register_script(REPLAY_SCRIPT)
         self._listener = listener
-        with contextlib.suppress(RedisError, OSError):
-            self._epoch = await self._read_epoch()
-        self._subscriber = Subscriber(
+        if isinstance(self._client, aiocluster.RedisCluster):
+            self._user_fence = UserFence(self._client)
+        else:
+            with contextlib.suppress(RedisError, OSError):
+                self._epoch = await self._read_epoch()
+        subscriber_class = ClusterSubscriber if self._cluster else Subscriber
+        self._subscriber = subscriber_class(
             self._url,
             on_message=self._on_message,
             on_restored=self._catch_up,
@@ -148,9 +165,12 @@ class RedisBroker(Broker):
             await self._client.aclose()
 
     async def subscribe(self, user_id: str) -> None:
+        self._users_here.add(user_id)
         await self.subscriber.subscribe(user_channel(user_id))
 
     def unsubscribe(self, user_id: str) -> None:
+        self._users_here.discard(user_id)
+        self._user_epochs.pop(user_id, None)
         self.subscriber.unsubscribe(user_channel(user_id))
 
     def _on_message(self, data: bytes) -> None:
@@ -160,7 +180,10 @@ class RedisBroker(Broker):
         if delivery is None:
             log.warning("ignoring a malformed message on a user's channel")
             return
-        self._check_epoch(listener, delivery.event_id.epoch)
+        if self._cluster:
+            self._check_user_epoch(listener, delivery.user_id, delivery.event_id.epoch)
+        else:
+            self._check_epoch(listener, delivery.event_id.epoch)
         try:
             listener.deliver(delivery)
         except Exception:  # one event never takes the subscription down
@@ -177,7 +200,50 @@ class RedisBroker(Broker):
         self._epoch = epoch
         return lost
 
-    async def _catch_up(self) -> None:
+    def _check_user_epoch(self, listener: Listener, user_id: str, epoch: str | None) -> bool:
+        """`_check_epoch` for one user's epoch (Redis Cluster)."""
+        known = self._user_epochs.get(user_id)
+        lost = known is not None and epoch != known
+        if lost:
+            log.warning("redis lost user data (epoch %s -> %s): their clients resync", known, epoch)
+            listener.reset(user_id)
+        if user_id in self._users_here:
+            self._user_epochs[user_id] = epoch
+        return lost
+
+    async def _catch_up(self, channels: Set[str]) -> None:
+        if self._cluster:
+            await self._catch_up_users(channels)
+        else:
+            await self._catch_up_all()
+
+    async def _catch_up_users(self, channels: Set[str]) -> None:
+        """`_catch_up_all` under Redis Cluster, for the users of `channels` (those of one
+        shard), each with their own epoch."""
+        listener = self._listener
+        assert listener is not None
+        for user_id, oldest in listener.resume_points().items():
+            if user_channel(user_id) not in channels:
+                continue
+            await self._fence_user(user_id)
+            epoch = _text(await self.client.get(user_epoch_key(user_id)))
+            if self._check_user_epoch(listener, user_id, epoch) or epoch is None:
+                continue
+            start = "-" if oldest is None else f"({oldest.stream_id}"
+            for delivery in await self._read_history(user_id, epoch, start):
+                try:
+                    listener.deliver(delivery)
+                except Exception:
+                    log.exception("catch-up of user %r failed at %s", user_id, delivery.event_id)
+                    break
+
+    async def _fence_user(self, user_id: str) -> None:
+        if self._user_fence is not None and await self._user_fence.check(
+            user_epoch_key(user_id), user_fence_key(user_id)
+        ):
+            log.warning("redis master of a user's slot changed (failover): their clients resync")
+
+    async def _catch_up_all(self) -> None:
         """Deliver what local connections missed while the subscription was down.
 
         Each user's history is read from the oldest id one of their connections has
@@ -206,7 +272,8 @@ class RedisBroker(Broker):
     async def _fence(self) -> None:
         """Behind Sentinel: a master other than the one the epoch began under may lack
         events the old one acknowledged; a new epoch makes clients resync."""
-        if self._sentinel and await fence_failover(self.client, EPOCH_KEY):
+        client = self.client
+        if self._sentinel and isinstance(client, Redis) and await fence_failover(client, EPOCH_KEY):
             log.warning("redis master changed (failover): new epoch, clients resync")
 
     async def _read_history(self, user_id: str, epoch: str | None, start: str) -> list[Delivery]:
@@ -240,7 +307,10 @@ class RedisBroker(Broker):
 
     @_unavailable_on_error
     async def snapshot(self, user_id: str, task_id: str | None = None) -> Snapshot:
-        call = snapshot_call(user_id, task_id, history_ttl=self._history_ttl)
+        await self._fence_user(user_id)
+        call = snapshot_call(
+            user_id, task_id, history_ttl=self._history_ttl, per_user_epoch=self._cluster
+        )
         raw_states, raw_position, raw_epoch, truncated = await self._snapshot_script(
             keys=call.keys, args=call.args
         )
@@ -248,6 +318,8 @@ class RedisBroker(Broker):
         position = EventId.parse(f"{_require_text(raw_epoch)}-{_require_text(raw_position)}")
         if position is None:
             raise BrokerUnavailable(f"Redis returned a malformed position: {raw_position!r}")
+        if self._cluster and user_id in self._users_here:
+            self._user_epochs.setdefault(user_id, position.epoch)
         tasks = [state for state in states if state is not None]
         return Snapshot(tasks, position, truncated=bool(truncated))
 
@@ -273,17 +345,21 @@ class RedisBroker(Broker):
         if resume_point is None:
             return Replay([], complete=False)
         key = history_key(user_id)
-        await self._fence()  # a resume from before a failover is not recovered
+        # A resume from before a failover is not recovered.
+        if self._cluster:
+            await self._fence_user(user_id)
+        else:
+            await self._fence()
+        epoch_key = user_epoch_key(user_id) if self._cluster else EPOCH_KEY
         # The range is read before the trim marker (XINFO): a trim in between can
         # only make the answer more cautious, never hide a gap.
         try:
-            async with self.client.pipeline(transaction=True) as pipe:
-                pipe.get(EPOCH_KEY)
-                pipe.xrange(key, min=f"({resume_point.stream_id}", max="+")
-                pipe.exists(key)
-                epoch_raw, entries, exists = await pipe.execute()
+            epoch_raw, raw_entries, exists = await self._replay_script(
+                keys=[epoch_key, key], args=[f"({resume_point.stream_id}"]
+            )
         except ResponseError:  # an id Redis cannot use is an unknown id
             return Replay([], complete=False)
+        entries = [(stream_id, _pairs(fields)) for stream_id, fields in raw_entries]
         if _text(epoch_raw) != resume_point.epoch or not exists:
             return Replay([], complete=False)
         try:

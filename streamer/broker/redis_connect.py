@@ -28,9 +28,15 @@ from urllib.parse import unquote
 
 import redis
 import redis.asyncio as aioredis
+import redis.asyncio.cluster as aiocluster
 import redis.asyncio.sentinel as aiosentinel
+import redis.cluster as synccluster
 import redis.sentinel as syncsentinel
 from redis.exceptions import RedisError
+
+# A Redis Cluster client is not a `Redis`, but answers the same commands.
+AsyncClient = aioredis.Redis | aiocluster.RedisCluster
+SyncClient = redis.Redis | synccluster.RedisCluster
 
 SENTINEL_SCHEME = "redis+sentinel"
 DEFAULT_SENTINEL_PORT = 26379
@@ -68,7 +74,7 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
         user, sep, secret = userinfo.partition(":")
         username = unquote(user) or None
         password = unquote(secret) if sep else None
-    sentinels = tuple(_host_port(item) for item in netloc.split(","))
+    sentinels = tuple(host_port(item, DEFAULT_SENTINEL_PORT) for item in netloc.split(","))
     parts = path.split("/")
     if not parts or not parts[0]:
         raise BadRedisUrl("no service name: redis+sentinel://host:port[,host:port]/<service>")
@@ -81,23 +87,24 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
     return SentinelTarget(sentinels, service, password, username, db)
 
 
-def _host_port(item: str) -> tuple[str, int]:
+def host_port(item: str, default_port: int, what: str = "sentinel") -> tuple[str, int]:
+    """`host`, `host:port` or `[IPv6]:port`, checked."""
     item = item.strip()
     if not item:
-        raise BadRedisUrl("an empty sentinel address (host:port[,host:port])")
+        raise BadRedisUrl(f"an empty {what} address (host:port[,host:port])")
     if item.startswith("["):  # [IPv6]:port
         host, sep, tail = item[1:].partition("]")
         if not sep or (tail and not tail.startswith(":")):
-            raise BadRedisUrl(f"a bad sentinel address {item!r}")
+            raise BadRedisUrl(f"a bad {what} address {item!r}")
         port_text = tail[1:] if tail else ""
     else:
         host, _, port_text = item.partition(":")
     if not host or any(ch in host for ch in " /?#@"):
-        raise BadRedisUrl(f"a bad sentinel host in {item!r}")
+        raise BadRedisUrl(f"a bad {what} host in {item!r}")
     if not port_text:
-        return host, DEFAULT_SENTINEL_PORT
+        return host, default_port
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise BadRedisUrl(f"a bad sentinel port in {item!r}")
+        raise BadRedisUrl(f"a bad {what} port in {item!r}")
     return host, int(port_text)
 
 
@@ -206,9 +213,14 @@ class _SyncSentinelClient(redis.Redis):
                 sentinel.close()
 
 
-def redis_client(url: str, *, blocking: bool = False, **kwargs: Any) -> aioredis.Redis:
+def redis_client(url: str, *, blocking: bool = False, **kwargs: Any) -> AsyncClient:
     """An asyncio client for `url`. With `blocking`, the pool (`max_connections`,
-    `timeout`) makes callers wait for a free connection."""
+    `timeout`) makes callers wait for a free connection (not under Redis Cluster,
+    whose client keeps a pool per node)."""
+    from .redis_cluster import cluster_client, is_cluster_url
+
+    if is_cluster_url(url):
+        return cluster_client(url, **kwargs)
     if is_sentinel_url(url):
         target = parse_sentinel_url(url)
         sentinel = aiosentinel.Sentinel(  # type: ignore[no-untyped-call]
@@ -229,9 +241,13 @@ def redis_client(url: str, *, blocking: bool = False, **kwargs: Any) -> aioredis
     return aioredis.Redis.from_url(url, **kwargs)
 
 
-def redis_client_sync(url: str, **kwargs: Any) -> redis.Redis:
+def redis_client_sync(url: str, **kwargs: Any) -> SyncClient:
     """The synchronous twin of `redis_client` (for `Publisher` and the session store's
     tools)."""
+    from .redis_cluster import cluster_client_sync, is_cluster_url
+
+    if is_cluster_url(url):
+        return cluster_client_sync(url, **kwargs)
     if is_sentinel_url(url):
         target = parse_sentinel_url(url)
         sentinel = syncsentinel.Sentinel(  # type: ignore[no-untyped-call]

@@ -263,6 +263,11 @@ return epoch .. '\\n' .. concat(stream_ids, ' ') .. '\\n' .. failure
 PUBLISH_SCRIPT = PUBLISH_SCRIPT.replace(
     "__STATE_FIELDS__", ", ".join(f"'{name}'" for name in EVENT_STATE_FIELDS)
 )
+# Under Redis Cluster: sharded pub/sub (a user's channel is in the user's slot, and
+# only that shard's nodes pass the message on), and one user per call, whose epoch
+# key is KEYS[1].
+CLUSTER_PUBLISH_SCRIPT = PUBLISH_SCRIPT.replace("call('PUBLISH',", "call('SPUBLISH',")
+assert CLUSTER_PUBLISH_SCRIPT != PUBLISH_SCRIPT
 
 # An event's type, and the names of its fields, of its stamps and of its if-absent stamps.
 Layout = tuple[str, tuple[str, ...], tuple[str, ...], tuple[str, ...]]
@@ -329,7 +334,11 @@ def _layout_pieces(layout: Layout) -> tuple[str, ...]:
 
 
 def publish_call(
-    events: Sequence[EncodedEvent], *, history_size: int, history_ttl: int
+    events: Sequence[EncodedEvent],
+    *,
+    history_size: int,
+    history_ttl: int,
+    epoch_key: str = EPOCH_KEY,
 ) -> ScriptCall:
     """One script call publishing `events` in order."""
     users: dict[str, str] = {}
@@ -360,7 +369,7 @@ def publish_call(
         ]
     )  # fmt: skip
     return ScriptCall(
-        keys=[EPOCH_KEY],
+        keys=[epoch_key],
         args=[
             history_size,
             history_ttl,

@@ -17,12 +17,14 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import redis.asyncio as aioredis
+import redis.asyncio.cluster as aiocluster
 from redis.exceptions import RedisError
 
 from ..events import TaskEvent
 from ..wire import EventId
 from .base import BrokerUnavailable
 from .redis_publish_script import (
+    CLUSTER_PUBLISH_SCRIPT,
     PUBLISH_SCRIPT,
     EncodedEvent,
     PublishReply,
@@ -30,7 +32,8 @@ from .redis_publish_script import (
     publish_call,
     publish_reply,
 )
-from .redis_script_runners import HeldScript, PooledScript
+from .redis_schema import ScriptCall, user_epoch_key
+from .redis_script_runners import AsyncScriptRunner, SyncScriptRunner, held_script
 
 # A script call blocks Redis while it runs, about 12 microseconds an event on a shared
 # 2-core machine: a chunk keeps that stall around 10 ms and bounds one command's size.
@@ -43,23 +46,27 @@ MAX_CHUNK_CHARS = 1 << 20
 class HistoryLimits:
     size: int
     ttl: int
+    # Under Redis Cluster: one user per script call, their epoch key in their slot.
+    per_user: bool = False
 
 
 class Published(NamedTuple):
-    """Ids of published events: `epoch` and each event's position in its user's stream."""
+    """Ids of published events: each event's epoch and position in its user's stream."""
 
-    epoch: str
+    epochs: Sequence[str]
     stream_ids: Sequence[str]
 
     def strings(self) -> list[str]:
-        prefix = self.epoch + "-"
-        return [prefix + stream_id for stream_id in self.stream_ids]
+        return [
+            f"{epoch}-{stream_id}"
+            for epoch, stream_id in zip(self.epochs, self.stream_ids, strict=True)
+        ]
 
     def event_ids(self) -> list[EventId]:
         ids = []
-        for stream_id in self.stream_ids:
+        for epoch, stream_id in zip(self.epochs, self.stream_ids, strict=True):
             ms, seq = stream_id.split("-")
-            ids.append(EventId(self.epoch, int(ms), int(seq)))
+            ids.append(EventId(epoch, int(ms), int(seq)))
         return ids
 
 
@@ -72,40 +79,62 @@ def encode(events: Iterable[TaskEvent]) -> list[EncodedEvent]:
     return [encode_event(event) for event in events]
 
 
-def chunks(events: Sequence[EncodedEvent]) -> Iterator[Sequence[EncodedEvent]]:
+def chunks(
+    events: Sequence[EncodedEvent], *, per_user: bool = False
+) -> Iterator[Sequence[EncodedEvent]]:
     start, chars = 0, 0
     for end, event in enumerate(events):
         chars += len(event.text)
-        if end > start and (end - start == MAX_CHUNK_EVENTS or chars > MAX_CHUNK_CHARS):
+        if end > start and (
+            end - start == MAX_CHUNK_EVENTS
+            or chars > MAX_CHUNK_CHARS
+            or (per_user and event.user_id != events[start].user_id)
+        ):
             yield events[start:end]
             start, chars = end, len(event.text)
     if start < len(events):
         yield events[start:]
 
 
+def _call(chunk: Sequence[EncodedEvent], limits: HistoryLimits) -> ScriptCall:
+    if limits.per_user:
+        return publish_call(
+            chunk,
+            history_size=limits.size,
+            history_ttl=limits.ttl,
+            epoch_key=user_epoch_key(chunk[0].user_id),
+        )
+    return publish_call(chunk, history_size=limits.size, history_ttl=limits.ttl)
+
+
+def publish_script(limits: HistoryLimits) -> str:
+    return CLUSTER_PUBLISH_SCRIPT if limits.per_user else PUBLISH_SCRIPT
+
+
 def publish_sync(
-    script: PooledScript, events: Sequence[EncodedEvent], limits: HistoryLimits
+    script: SyncScriptRunner, events: Sequence[EncodedEvent], limits: HistoryLimits
 ) -> Published:
     """Publish `events` in order; raise on the first that could not be."""
-    epoch, stream_ids = "", []
-    for chunk in chunks(events):
-        call = publish_call(chunk, history_size=limits.size, history_ttl=limits.ttl)
+    epochs: list[str] = []
+    stream_ids: list[str] = []
+    for chunk in chunks(events, per_user=limits.per_user):
+        call = _call(chunk, limits)
         try:
             raw = script(keys=call.keys, args=call.args)
         except (RedisError, OSError) as exc:
             raise BrokerUnavailable(f"could not publish to Redis: {exc}") from exc
         reply = publish_reply(raw, len(chunk))
-        epoch = reply.epoch
+        epochs += [reply.epoch] * len(reply.stream_ids)
         stream_ids += reply.stream_ids
         if reply.error is not None:
             raise _failure(reply.error, len(stream_ids), len(events))
-    return Published(epoch, stream_ids)
+    return Published(epochs, stream_ids)
 
 
 async def run_chunk(
-    script: HeldScript, chunk: Sequence[EncodedEvent], limits: HistoryLimits
+    script: AsyncScriptRunner, chunk: Sequence[EncodedEvent], limits: HistoryLimits
 ) -> PublishReply:
-    call = publish_call(chunk, history_size=limits.size, history_ttl=limits.ttl)
+    call = _call(chunk, limits)
     try:
         raw = await script(keys=call.keys, args=call.args)
     except (RedisError, OSError, TimeoutError) as exc:
@@ -133,14 +162,20 @@ LANES = 2
 class PublishQueue:
     """Auto-batching for asyncio: concurrent `publish` calls share script calls."""
 
-    def __init__(self, client: aioredis.Redis, limits: HistoryLimits, lanes: int = LANES) -> None:
-        self._lanes = [_Lane(HeldScript(client, PUBLISH_SCRIPT), limits) for _ in range(lanes)]
+    def __init__(
+        self,
+        client: aioredis.Redis | aiocluster.RedisCluster,
+        limits: HistoryLimits,
+        lanes: int = LANES,
+    ) -> None:
+        script = publish_script(limits)
+        self._lanes = [_Lane(held_script(client, script), limits) for _ in range(lanes)]
 
     async def publish(self, events: Sequence[EncodedEvent]) -> Published:
         """Publish `events` (of any users) in order, in the lane of the first one's user."""
         lanes = self._lanes
         if not events:
-            return Published("", [])
+            return Published([], [])
         lane = lanes[zlib.crc32(events[0].user_id.encode()) % len(lanes)]
         return await lane.publish(events)
 
@@ -151,7 +186,7 @@ class PublishQueue:
 
 
 class _Lane:
-    def __init__(self, script: HeldScript, limits: HistoryLimits) -> None:
+    def __init__(self, script: AsyncScriptRunner, limits: HistoryLimits) -> None:
         self._script = script
         self._limits = limits
         self._queue: list[_Request] = []
@@ -192,17 +227,19 @@ class _Lane:
 
     async def _send(self, batch: list[_Request]) -> None:
         events = batch[0][0] if len(batch) == 1 else [e for request in batch for e in request[0]]
+        epochs: list[str] = []
         stream_ids: list[str] = []
         waiting = iter(batch)
         request, done = next(waiting, None), 0  # the first request not answered yet
-        for chunk in chunks(events):
+        for chunk in chunks(events, per_user=self._limits.per_user):
             reply = await run_chunk(self._script, chunk, self._limits)
+            epochs += [reply.epoch] * len(reply.stream_ids)
             stream_ids += reply.stream_ids
             # Callers whose events are all published get their ids now.
             while request is not None and done + len(request[0]) <= len(stream_ids):
                 start, done = done, done + len(request[0])
                 if not request[1].done():
-                    request[1].set_result(Published(reply.epoch, stream_ids[start:done]))
+                    request[1].set_result(Published(epochs[start:done], stream_ids[start:done]))
                 request = next(waiting, None)
             if reply.error is not None:
                 assert request is not None

@@ -43,6 +43,16 @@ def user_channel(user_id: str) -> str:
     return f"{PREFIX}:u:{_user(user_id)}"
 
 
+def user_epoch_key(user_id: str) -> str:
+    """Under Redis Cluster, each user has an epoch of their own, in their slot: a script
+    touches one slot only, and a failover of one shard resyncs only its users."""
+    return f"{PREFIX}:epoch:{_user(user_id)}"
+
+
+def user_fence_key(user_id: str) -> str:
+    return f"{PREFIX}:epoch:master:{_user(user_id)}"
+
+
 def task_key(user_id: str, task_id: str) -> str:
     return task_key_prefix(user_id) + task_id
 
@@ -113,6 +123,14 @@ end
 return {states, position, epoch, truncated}
 """
 
+REPLAY_SCRIPT = """
+-- KEYS: epoch, history stream; ARGV: where to start (an exclusive id, "(ms-seq")
+-- One atomic read: the epoch, what came after the resume point, whether the
+-- history exists.
+local entries = redis.call('XRANGE', KEYS[2], ARGV[1], '+')
+return {redis.call('GET', KEYS[1]), entries, redis.call('EXISTS', KEYS[2])}
+"""
+
 CANCEL_SCRIPT = """
 -- KEYS: task hash, active zset, cancel flag; ARGV: user, task, ttl
 if redis.call('HGET', KEYS[1], 'user_id') ~= ARGV[1] then return 0 end
@@ -135,9 +153,12 @@ def cancel_call(user_id: str, task_id: str) -> ScriptCall:
     )
 
 
-def snapshot_call(user_id: str, task_id: str | None, *, history_ttl: int) -> ScriptCall:
+def snapshot_call(
+    user_id: str, task_id: str | None, *, history_ttl: int, per_user_epoch: bool = False
+) -> ScriptCall:
+    epoch = user_epoch_key(user_id) if per_user_epoch else EPOCH_KEY
     return ScriptCall(
-        keys=[active_key(user_id), history_key(user_id), EPOCH_KEY],
+        keys=[active_key(user_id), history_key(user_id), epoch],
         args=[
             MAX_SNAPSHOT_TASKS,
             task_key_prefix(user_id),

@@ -14,6 +14,8 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+import redis.asyncio.cluster as aiocluster
+import redis.cluster as synccluster
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import NoScriptError, RedisError
 
@@ -134,3 +136,43 @@ class HeldScript:
 def _address(connection: AbstractConnection) -> tuple[str, int] | None:
     host, port = getattr(connection, "host", None), getattr(connection, "port", None)
     return None if host is None or port is None else (host, int(port))
+
+
+class ClusterScript:
+    """A script run through a Redis Cluster client, which sends it to the master of its
+    keys' slot (following MOVED and ASK) and loads it there when missing."""
+
+    def __init__(self, client: aiocluster.RedisCluster, script: str) -> None:
+        self._script = client.register_script(script)
+
+    async def __call__(self, *, keys: Sequence[str], args: Sequence[Argument]) -> object:
+        return await self._script(keys=keys, args=args)
+
+    async def close(self) -> None:
+        """Nothing is held: the cluster client's pools own the connections."""
+
+
+class ClusterScriptSync:
+    """The synchronous twin of `ClusterScript`."""
+
+    def __init__(self, client: synccluster.RedisCluster, script: str) -> None:
+        self._script = client.register_script(script)
+
+    def __call__(self, *, keys: Sequence[str], args: Sequence[Argument]) -> object:
+        return self._script(keys=keys, args=args)
+
+
+AsyncScriptRunner = HeldScript | ClusterScript
+SyncScriptRunner = PooledScript | ClusterScriptSync
+
+
+def held_script(client: aioredis.Redis | aiocluster.RedisCluster, script: str) -> AsyncScriptRunner:
+    if isinstance(client, aiocluster.RedisCluster):
+        return ClusterScript(client, script)
+    return HeldScript(client, script)
+
+
+def pooled_script(client: redis.Redis | synccluster.RedisCluster, script: str) -> SyncScriptRunner:
+    if isinstance(client, synccluster.RedisCluster):
+        return ClusterScriptSync(client, script)
+    return PooledScript(client, script)

@@ -14,11 +14,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Set
+from typing import Any
 
+import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.crc import key_slot
 from redis.exceptions import RedisError
 
 from .base import BrokerUnavailable
@@ -37,17 +40,33 @@ RECONNECT_BACKOFF_MAX_S = 5.0
 SUBSCRIBE_TIMEOUT_S = 10.0
 
 
+class Rerouted(BrokerUnavailable):
+    """The channel's shard changed while its subscription was awaited (Redis Cluster)."""
+
+
 class Subscriber:
+    """The subscriber connection to one Redis server (under Redis Cluster, to one
+    master, with `sharded`: users' channels are shard channels, SSUBSCRIBEd)."""
+
     def __init__(
         self,
         url: str,
         *,
         on_message: Callable[[bytes], None],
-        on_restored: Callable[[], Awaitable[None]],
+        on_restored: Callable[[Set[str]], Awaitable[None]],
         idle_ping_s: float,
         pong_timeout_s: float,
+        make_client: Callable[..., aioredis.Redis] | None = None,
+        sharded: bool = False,
+        catch_up_first: bool = False,
+        on_moved: Callable[[], None] = lambda: None,
     ) -> None:
         self._url = url
+        self._make_client = make_client
+        self._sharded = sharded
+        # A shard subscriber that replaces another catches up on its first connect too.
+        self._catch_up_first = catch_up_first
+        self._on_moved = on_moved
         self._on_message = on_message
         self._on_restored = on_restored
         self._idle_ping_s = idle_ping_s
@@ -94,14 +113,29 @@ class Subscriber:
         self.wanted.discard(channel)
         self._schedule_sync()
 
+    def abandon(self) -> None:
+        """This subscriber is being replaced: whoever awaits a subscription here is told
+        to ask again (of the subscriber that now holds the channel)."""
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(Rerouted("the channel moved to another shard"))
+        self._waiters.clear()
+
+    def _client(self, **settings: Any) -> aioredis.Redis:
+        if self._make_client is not None:
+            return self._make_client(**settings)
+        client = redis_client(self._url, **settings)
+        assert isinstance(client, aioredis.Redis), "a Redis Cluster takes ClusterSubscriber"
+        return client
+
     async def run(self) -> None:
         """Stay subscribed until cancelled, reconnecting with backoff."""
         backoff = RECONNECT_BACKOFF_MIN_S
         while True:
             # Errors must surface here, not be retried inside redis-py, so that each
             # reconnect is followed by a catch-up from the history.
-            client = redis_client(
-                self._url,
+            client = self._client(
                 socket_connect_timeout=5,
                 socket_keepalive=True,
                 retry=Retry(NoBackoff(), 0),
@@ -150,9 +184,9 @@ class Subscriber:
             if message is None:
                 raise ConnectionError("Redis did not confirm the subscriptions")
             self._handle(message, early)
-        if self.restarts:
+        if self.restarts or self._catch_up_first:
             log.warning("redis subscription restored; catching up")
-            await self._on_restored()
+            await self._on_restored(frozenset(self.wanted))
         for data in early:
             self._on_message(data)
         self.ready.set()
@@ -240,7 +274,7 @@ class Subscriber:
     def _handle(self, message: dict[str, object], held: list[bytes] | None = None) -> None:
         """An event goes on (or into `held`); a confirmation updates the subscriptions."""
         kind = message.get("type")
-        if kind == "message":
+        if kind == "message" or kind == "smessage":
             self.messages += 1
             data = message["data"]
             if isinstance(data, bytes):
@@ -252,7 +286,14 @@ class Subscriber:
         channel = message.get("channel")
         if isinstance(channel, bytes):
             channel = channel.decode()
-        if kind in ("subscribe", "unsubscribe") and isinstance(channel, str):
+        if not isinstance(channel, str):
+            return
+        if kind == "sunsubscribe" and channel not in self._unconfirmed:
+            # Not asked for: Redis Cluster moved the channel's slot to another shard.
+            self._requested.pop(channel, None)
+            self._active.discard(channel)
+            self._on_moved()
+        elif kind in ("subscribe", "unsubscribe", "ssubscribe", "sunsubscribe"):
             self._confirmed(channel)
 
     def _confirmed(self, channel: str) -> None:
@@ -305,10 +346,20 @@ class Subscriber:
             self._active.discard(channel)
             self._unconfirmed[channel] = self._unconfirmed.get(channel, 0) + 1
         try:
-            for start in range(0, len(to_subscribe), COMMAND_BATCH):
-                await pubsub.subscribe(*to_subscribe[start : start + COMMAND_BATCH])
-            for start in range(0, len(to_unsubscribe), COMMAND_BATCH):
-                await pubsub.unsubscribe(*to_unsubscribe[start : start + COMMAND_BATCH])
+            if CONTROL_CHANNEL in to_subscribe:
+                to_subscribe.remove(CONTROL_CHANNEL)
+                await pubsub.subscribe(CONTROL_CHANNEL)
+            if self._sharded:
+                # One SSUBSCRIBE names channels of one slot only.
+                for group in _by_slot(to_subscribe):
+                    await pubsub.ssubscribe(*group)
+                for group in _by_slot(to_unsubscribe):
+                    await pubsub.sunsubscribe(*group)
+            else:
+                for start in range(0, len(to_subscribe), COMMAND_BATCH):
+                    await pubsub.subscribe(*to_subscribe[start : start + COMMAND_BATCH])
+                for start in range(0, len(to_unsubscribe), COMMAND_BATCH):
+                    await pubsub.unsubscribe(*to_unsubscribe[start : start + COMMAND_BATCH])
         except (RedisError, OSError) as exc:
             # The connection is failing: the listener notices, reconnects and
             # subscribes to everything wanted then.
@@ -320,6 +371,13 @@ class Subscriber:
         self._requested.clear()
         self._unconfirmed.clear()
         self._active.clear()
+
+
+def _by_slot(channels: list[str]) -> list[list[str]]:
+    groups: dict[int, list[str]] = {}
+    for channel in channels:
+        groups.setdefault(key_slot(channel.encode()), []).append(channel)
+    return list(groups.values())
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:
