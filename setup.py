@@ -9,6 +9,7 @@ setup(
     package_data={"streamer": ["static/*", "py.typed"]},
     install_requires=[
         "aiohttp>=3.10,<4",
+        "multidict>=6",  # aiohttp's own; named because streamer uses it directly
         "aiohttp-session[secure]>=2.12,<3",
         "gunicorn>=22",
         # hiredis parses what the subscriber reads; uvloop runs the workers (both measured

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from importlib import resources
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
 from .access_log import RedactingAccessLogger
 from .app_keys import BROKER, CONFIG, DELEGATED_AUTH, HUB, METRICS
@@ -146,13 +147,19 @@ def build_app(config: Config) -> web.Application:
     app.router.add_get("/demo/token", demo.demo_token)
     app.router.add_post("/demo/jobs", demo.start_demo_job)
 
-    auth = web.Application(
-        middlewares=[_store_unavailable, sessions], client_max_size=MAX_REQUEST_BODY_BYTES
-    )
-    auth.router.add_post("/session", session.create_session)
-    auth.router.add_delete("/session", session.delete_session)
-    app.add_subapp("/auth", auth)
+    # Middlewares only around the session routes: any middleware in the application
+    # (a sub-application's too) puts frames on every stream's call chain for its length.
+    with_sessions = functools.partial(_through, (_store_unavailable, sessions))
+    app.router.add_post("/auth/session", with_sessions(session.create_session))
+    app.router.add_delete("/auth/session", with_sessions(session.delete_session))
     return app
+
+
+def _through(middlewares: Sequence[Middleware], handler: Handler) -> Handler:
+    """`handler` behind `middlewares` (the first one outermost), as aiohttp chains them."""
+    for middleware in reversed(middlewares):
+        handler = functools.partial(middleware, handler=handler)
+    return handler
 
 
 async def create_app(config: Config | None = None) -> web.Application:

@@ -22,13 +22,15 @@ LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.
 
 
 class _User:
-    """A user's connections here, and their subscription at the broker."""
+    """A user's connections here, and their subscription at the broker: `routed` is
+    the subscribing task until it succeeded, then None (not kept for the length of
+    the user's streams)."""
 
     __slots__ = ("connections", "routed")
 
     def __init__(self, routed: asyncio.Future[None]) -> None:
         self.connections: set[Connection] = set()
-        self.routed = routed
+        self.routed: asyncio.Future[None] | None = routed
 
 
 class Hub:
@@ -80,20 +82,26 @@ class Hub:
         user_id = connection.user_id
         user = self._users.get(user_id)
         if user is None:
-            user = _User(asyncio.ensure_future(self._subscribe(user_id)))
-            user.routed.add_done_callback(_retrieve)
+            subscribing = asyncio.ensure_future(self._subscribe(user_id))
+            subscribing.add_done_callback(_retrieve)
+            user = _User(subscribing)
             self._users[user_id] = user
         user.connections.add(connection)
         self._count += 1
         if connection.expires_at is not None:
             entry = (connection.expires_at, next(self._expiry_sequence), connection)
             heapq.heappush(self._expiries, entry)
+        routed = user.routed
+        if routed is None:
+            return
         try:
-            await asyncio.shield(user.routed)
+            await asyncio.shield(routed)
         except Exception as exc:
             self.detach(connection, None)
             self.refused[Reason.BROKER_UNAVAILABLE] += 1
             raise Refused(Reason.BROKER_UNAVAILABLE, f"{exc}; try again") from None
+        if user.routed is routed:
+            user.routed = None
 
     def _check_limits(self, user_id: str) -> None:
         if self._closed:
@@ -131,7 +139,7 @@ class Hub:
             )
         if not user.connections:
             del self._users[connection.user_id]
-            if _failed(user.routed):
+            if user.routed is not None and _failed(user.routed):
                 return  # never routed
             self._unsubscribe(connection.user_id)
 

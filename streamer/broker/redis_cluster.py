@@ -31,6 +31,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
+from .base import BrokerUnavailable
 from .redis_connect import FENCE_SCRIPT, BadRedisUrl, host_port
 
 CLUSTER_SCHEME = "redis+cluster"
@@ -157,7 +158,9 @@ class UserFence:
             return False
         replid = await self._replid(node)
         if replid is None:
-            return False
+            # Unknown is not unchanged: whoever asked tries again (the layout the client
+            # knew may be out of date; a failed call makes it read the layout again).
+            raise BrokerUnavailable("could not ask the master of a user's slot for its id")
         changed = await self._client.eval(
             FENCE_SCRIPT, 2, user_epoch_key, user_fence_key, replid, secrets.token_hex(4)
         )
@@ -173,5 +176,6 @@ class UserFence:
             info = await self._client.info("replication", target_nodes=node)
             value = info.get("master_replid") if isinstance(info, dict) else None
             replid = value if isinstance(value, str) else None
-        self._replids[node.name] = (now, replid)
+        if replid is not None:
+            self._replids[node.name] = (now, replid)
         return replid

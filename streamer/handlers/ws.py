@@ -8,6 +8,7 @@ import functools
 import logging
 
 from aiohttp import WSCloseCode, WSMsgType, web
+from multidict import CIMultiDict
 
 from .. import wire
 from ..app_keys import BROKER, CONFIG, HUB
@@ -68,6 +69,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         log.info("websocket refused: %s", refusal.message)
         return await _refuse(request, ws, refusal.reason)
     await ws.prepare(request)
+    _shed_http_state(request, ws)
     transport = request.transport
     assert transport is not None
     connection = connection_for(
@@ -104,6 +106,17 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     return ws
 
 
+def _shed_http_state(request: web.Request, ws: web.WebSocketResponse) -> None:
+    """What aiohttp keeps of the HTTP exchange for the length of the connection and never
+    uses after the upgrade: the parser for a next request (only the WebSocket reader
+    parses what the client sends now) and the response headers, sent already. About
+    2 KiB of each idle connection's memory (bench S3)."""
+    protocol = request.protocol
+    if getattr(protocol, "_payload_parser", None) is not None:
+        protocol._parser = None
+    ws._headers = CIMultiDict()
+
+
 def _snapshot_frame(message: str, position: wire.EventId) -> bytes:
     return wire.ws_text_frame(message.encode())
 
@@ -130,6 +143,9 @@ def _close(
     return asyncio.ensure_future(ws.close(code=code, message=text))
 
 
+_ENDS = frozenset({WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED})
+
+
 async def _answer_commands(
     request: web.Request, ws: web.WebSocketResponse, connection: Connection
 ) -> None:
@@ -137,13 +153,17 @@ async def _answer_commands(
     broker = request.app[BROKER]
     bucket: TokenBucket | None = None  # made on the first command: idle clients cost nothing
     refused_in_a_row = 0
-    async for message in ws:
+    while True:
+        # receive() rather than `async for`: one coroutine frame less per idle client.
+        message = await ws.receive()
+        if message.type in _ENDS:
+            return
         connection.heard = True
         if message.type is WSMsgType.PING:
             connection.send(wire.ws_pong_frame(message.data))
             continue
         if message.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
-            continue  # a pong; CLOSE and ERROR end the iteration
+            continue  # a pong or an error (the next receive() says closed)
         if bucket is None:
             bucket = TokenBucket(config.commands_per_s, burst=command_burst(config.commands_per_s))
         if not bucket.take():
