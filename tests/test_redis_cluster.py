@@ -20,6 +20,8 @@ import aiohttp
 import pytest
 import redis
 
+from streamer.auth.session_index import INDEX_PREFIX as SESSION_INDEX_PREFIX
+from streamer.auth.sessions import SESSION_COOKIE, SESSION_KEY_PREFIX
 from streamer.broker.redis_schema import history_key, user_channel
 from streamer.config import Config, ConfigError
 from streamer.events import TaskEvent, completed_event, progress_event
@@ -37,6 +39,7 @@ __all__ = ["redis_cluster"]  # the fixture, used by name
 TokenFor = Callable[..., str]
 StartProcess = Callable[..., ServerProcess]
 WORKERS = 2
+SESSION_INDEX_TAG_OPEN = "{"
 READ_S = 60.0  # a reader waits this long for the next message before it gives up
 
 # --- the URL ---------------------------------------------------------------------------
@@ -657,3 +660,51 @@ def test_a_users_keys_and_channel_share_a_slot() -> None:
     slot = RedisCluster.slot_of(history_key(user))
     assert RedisCluster.slot_of(user_channel(user)) == slot
     assert RedisCluster.slot_of(history_key("other")) != slot
+
+
+# --- sessions ----------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+async def test_sessions_and_their_cap_under_the_cluster(
+    redis_cluster: RedisCluster,
+    process_env: dict[str, str],
+    start_process: StartProcess,
+    token_for: TokenFor,
+) -> None:
+    """Server-side sessions work on the cluster: a session id shares its user's index
+    slot, so the cap (here 2) evicts the oldest in one script call; logging out ends it."""
+    server = await start_service(
+        redis_cluster,
+        process_env,
+        start_process,
+        STREAMER_MAX_SESSIONS_PER_USER="2",
+        STREAMER_COOKIE_SECURE="false",
+    )
+    user = "session-user"
+    cookies: list[str] = []
+    async with session_for(server) as http:
+        for _ in range(3):
+            async with http.post("/auth/session", json={"token": token_for(user)}) as login:
+                assert login.status == 200, (await login.text()) + server.log()[-3000:]
+                cookies.append(login.cookies[SESSION_COOKIE].value)
+            http.cookie_jar.clear()
+        assert len(set(cookies)) == 3
+        assert all(c.startswith(SESSION_INDEX_TAG_OPEN) for c in cookies), cookies
+        assert user not in "".join(cookies), "the user id does not travel in the cookie"
+        index = SESSION_INDEX_PREFIX + cookies[0][: cookies[0].index("}") + 1]
+        slots = {redis_cluster.slot_of(index)}
+        slots |= {redis_cluster.slot_of(SESSION_KEY_PREFIX + c) for c in cookies}
+        assert len(slots) == 1, "the sessions and their index share a slot"
+
+        async def stream_status(cookie: str) -> int:
+            async with http.get("/sse/tasks/", cookies={SESSION_COOKIE: cookie}) as response:
+                return response.status
+
+        assert await stream_status(cookies[0]) == 401, "the oldest session was evicted"
+        assert await stream_status(cookies[1]) == 200
+        assert await stream_status(cookies[2]) == 200
+        async with http.delete("/auth/session", cookies={SESSION_COOKIE: cookies[2]}) as out:
+            assert out.status in (200, 204)
+        assert await stream_status(cookies[2]) == 401, "logging out ended the session"
+        assert await stream_status(cookies[1]) == 200

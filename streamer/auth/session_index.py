@@ -80,9 +80,11 @@ class SessionIndex:
     def _key(self, user_id: str) -> str:
         return INDEX_PREFIX + cluster_tag(user_id) if self._cluster else index_key(user_id)
 
-    def new_session_id(self, user_id: str) -> str | None:
-        """The id for a new session of `user_id`; None: any id will do."""
-        return cluster_tag(user_id) + secrets.token_hex(16) if self._cluster else None
+    def new_session_id(self, user_id: str) -> str:
+        """The id for a new session of `user_id`: random, behind the index's hash tag
+        under Redis Cluster."""
+        session_id = secrets.token_hex(16)
+        return cluster_tag(user_id) + session_id if self._cluster else session_id
 
     async def add(self, user_id: str, session_id: str, lifetime_s: int) -> None:
         """List a session whose key is stored; evict the oldest past the cap."""

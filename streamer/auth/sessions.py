@@ -104,16 +104,15 @@ class IndexedRedisStorage(RedisStorage):
         self, request: web.Request, response: web.StreamResponse, session: Session
     ) -> None:
         with _store_errors():
-            user_id = session.get("user_id")
-            if session.new and session.identity is None and isinstance(user_id, str):
-                session_id = self._index.new_session_id(user_id)
-                if session_id is not None:
-                    session.set_new_identity(session_id)
             await super().save_session(request, response, session)
+            user_id = session.get("user_id")
             # Only start_session makes new, non-empty sessions, with their id and lifetime.
             session_id, lifetime_s = session.identity, session.max_age
             if session.new and isinstance(user_id, str) and session_id and lifetime_s:
                 await self._index.add(user_id, str(session_id), lifetime_s)
+
+    def new_session_id(self, user_id: str) -> str:
+        return self._index.new_session_id(user_id)
 
     async def forget(self, user_id: str, session_id: str) -> None:
         with _store_errors():
@@ -185,7 +184,11 @@ async def start_session(request: web.Request, identity: Identity) -> Identity:
     if lifetime_s < 1:
         raise InvalidToken("the token expires too soon to start a session")
     session = await new_session(request)
-    session.set_new_identity(secrets.token_hex(16))
+    store = request.config_dict[SESSION_RULES].store
+    if store is not None:
+        session.set_new_identity(store.new_session_id(identity.user_id))
+    else:
+        session.set_new_identity(secrets.token_hex(16))
     session.max_age = lifetime_s
     session["user_id"] = identity.user_id
     session["expires_at"] = expires_at
