@@ -81,11 +81,22 @@ def _settings(target: ClusterTarget, kwargs: dict[str, Any], retry: object) -> d
     return settings
 
 
+class _ClusterClient(aiocluster.RedisCluster):
+    """Learns the layout before its first command: commands started together on a
+    client that had not yet (seen with redis-py 8.1) fail with "Connection closed by
+    server" when the layout is read under them."""
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if self._initialize:
+            await self.initialize()
+        return await super().execute_command(*args, **kwargs)
+
+
 def cluster_client(url: str, **kwargs: Any) -> aiocluster.RedisCluster:
     target = parse_cluster_url(url)
     nodes = [aiocluster.ClusterNode(host, port) for host, port in target.nodes]
     settings = _settings(target, kwargs, AsyncRetry(NoBackoff(), 0))
-    return aiocluster.RedisCluster(startup_nodes=nodes, **settings)
+    return _ClusterClient(startup_nodes=nodes, **settings)
 
 
 def cluster_client_sync(url: str, **kwargs: Any) -> synccluster.RedisCluster:

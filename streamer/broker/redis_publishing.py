@@ -157,6 +157,9 @@ _Request = tuple[Sequence[EncodedEvent], "asyncio.Future[Published]"]
 # runs one queue's batch, this process prepares the other's. A user always has the
 # same queue, so each user's events keep their order.
 LANES = 2
+# Under Redis Cluster a script call carries one user's events: more lanes keep more
+# calls in flight (to every master at once) instead of one user after another.
+CLUSTER_LANES = 16
 
 
 class PublishQueue:
@@ -166,9 +169,11 @@ class PublishQueue:
         self,
         client: aioredis.Redis | aiocluster.RedisCluster,
         limits: HistoryLimits,
-        lanes: int = LANES,
+        lanes: int | None = None,
     ) -> None:
         script = publish_script(limits)
+        if lanes is None:
+            lanes = CLUSTER_LANES if limits.per_user else LANES
         self._lanes = [_Lane(held_script(client, script), limits) for _ in range(lanes)]
 
     async def publish(self, events: Sequence[EncodedEvent]) -> Published:
