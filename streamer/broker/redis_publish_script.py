@@ -118,12 +118,20 @@ end
 -- field by field as `events.event_json` writes it: what this batch set, else what is
 -- stored, else what is set only where the state has none.
 local STATE_FIELDS = {__STATE_FIELDS__}
-local function event_body(kind, task)
-  local body = {'{"type":"', kind, '","task_id":', task.json}
-  local values, stored, if_absent = task.values, task.stored, task.if_absent
-  for _, name in ipairs(STATE_FIELDS) do
+local FIELD_KEYS = {}  -- ',"name":' once, not once per event
+for k, name in ipairs(STATE_FIELDS) do
+  FIELD_KEYS[k] = ',"' .. name .. '":'
+end
+-- Returns the pieces of the stored event, from index 4 ('{') to the end; 1 to 3 are
+-- left for what the published message puts before it (one concat makes each string).
+local function event_parts(kind, task)
+  local parts = {'', '', '', '{"type":"', kind, '","task_id":', task.json}
+  local values, stored, if_absent, reset = task.values, task.stored, task.if_absent, task.reset
+  local last = 7
+  for k = 1, #STATE_FIELDS do
+    local name = STATE_FIELDS[k]
     local value = values[name]
-    if value == nil and not task.reset then
+    if value == nil and not reset then
       value = stored[name]
     end
     if value == nil then
@@ -132,9 +140,12 @@ local function event_body(kind, task)
     if value == nil then
       value = name == 'result_data' and '{}' or 'null'
     end
-    body[#body + 1] = ',"' .. name .. '":' .. value
+    parts[last + 1] = FIELD_KEYS[k]
+    parts[last + 2] = value
+    last = last + 2
   end
-  return concat(body)
+  parts[last + 1] = '}'
+  return parts, last + 1
 end
 
 local stream_ids = {}
@@ -185,8 +196,8 @@ local function publish(n)
     user.length = call('XLEN', user.history)
     user.fresh = user.length == 0 and call('EXISTS', user.history) == 0
   end
-  local fields = event_body(layout.kind, task)
-  local stream_id = call('XADD', user.history, '*', 'e', fields .. '}')
+  local parts, last = event_parts(layout.kind, task)
+  local stream_id = call('XADD', user.history, '*', 'e', concat(parts, '', 4, last))
   if user.fresh then
     -- A history that expired and starts again: earlier resume points are gaps.
     call('XSETID', user.history, stream_id, 'ENTRIESADDED', 1, 'MAXDELETEDID', stream_id)
@@ -194,8 +205,14 @@ local function publish(n)
   end
   user.length = user.length + 1
   local event_id = epoch .. '-' .. stream_id
-  call('PUBLISH', user.channel, concat({user.id, task.id, event_id, layout.kind, ''}, '\\n')
-    .. '{"id":"' .. event_id .. '",' .. sub(fields, 2) .. '}')
+  -- The channel's message: user, task, id and type on a line each, then the event's
+  -- JSON with its id first.
+  parts[1] = user.id .. '\\n' .. task.id .. '\\n' .. event_id .. '\\n' .. layout.kind
+    .. '\\n{"id":"'
+  parts[2] = event_id
+  parts[3] = '",'
+  parts[4] = '"type":"'
+  call('PUBLISH', user.channel, concat(parts, '', 1, last))
   stream_ids[n] = stream_id
 end
 
