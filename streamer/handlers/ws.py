@@ -112,7 +112,8 @@ def _shed_http_state(request: web.Request, ws: web.WebSocketResponse) -> None:
     parses what the client sends now) and the response headers, sent already. About
     2 KiB of each idle connection's memory (bench S3)."""
     protocol = request.protocol
-    if getattr(protocol, "_payload_parser", None) is not None:
+    # Only where aiohttp names them so (3.14 does), once the WebSocket reader is in place.
+    if None not in (getattr(protocol, "_parser", None), getattr(protocol, "_payload_parser", None)):
         protocol._parser = None
     ws._headers = CIMultiDict()
 
