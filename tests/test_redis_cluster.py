@@ -22,7 +22,13 @@ import redis
 
 from streamer.auth.session_index import INDEX_PREFIX as SESSION_INDEX_PREFIX
 from streamer.auth.sessions import SESSION_COOKIE, SESSION_KEY_PREFIX
-from streamer.broker.redis_schema import history_key, user_channel
+from streamer.broker.redis_schema import (
+    history_key,
+    user_channel,
+    user_epoch_key,
+    user_epoch_ttl,
+    user_fence_key,
+)
 from streamer.config import Config, ConfigError
 from streamer.events import TaskEvent, completed_event, progress_event
 from streamer.publisher import AsyncPublisher, BrokerUnavailable, Publisher
@@ -201,7 +207,11 @@ async def test_cli_and_publishers_publish_through_the_cluster(
     master = redis_cluster.node(redis_cluster.master_of(history_key(user)))
     with master.client() as client:
         stored = [i.decode() for i, _ in client.xrange(history_key(user))]
+        # Each user's epoch lives in their slot, and expires like the rest of their keys.
+        epoch_ttl = client.ttl(user_epoch_key(user))
     assert [stream_id(i) for i in ids] == stored
+    assert {i.split("-")[0] for i in ids} == {ids[0].split("-")[0]}, "one epoch for the user"
+    assert 0 < epoch_ttl <= user_epoch_ttl(3600)
 
 
 # --- clients of the real service ---------------------------------------------------------
@@ -414,6 +424,12 @@ async def test_events_of_users_on_every_shard_reach_every_client(
             ]
             assert got == expected[client.user], client.name
             assert len(client.snapshots) == 1, f"{client.name}: a resync without a fault"
+
+        # Every streamed user's epoch and failover fence expire with their other keys.
+        with cluster.client() as reader:
+            for user in expected:
+                assert reader.ttl(user_epoch_key(user)) > 0, user
+                assert reader.ttl(user_fence_key(user)) > 0, user
 
         # One subscriber connection per shard per process, not per client.
         live = {

@@ -36,6 +36,7 @@ from .redis_schema import (
     task_key,
     user_channel,
     user_epoch_key,
+    user_epoch_ttl,
     user_fence_key,
 )
 from .redis_subscriber import Subscriber
@@ -134,7 +135,7 @@ class RedisBroker(Broker):
         self._replay_script = self._client.register_script(REPLAY_SCRIPT)
         self._listener = listener
         if isinstance(self._client, aiocluster.RedisCluster):
-            self._user_fence = UserFence(self._client)
+            self._user_fence = UserFence(self._client, ttl_s=user_epoch_ttl(self._history_ttl))
         else:
             with contextlib.suppress(RedisError, OSError):
                 self._epoch = await self._read_epoch()

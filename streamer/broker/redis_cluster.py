@@ -151,14 +151,29 @@ def _slot_ranges(reply: Any) -> list[tuple[tuple[int, int], tuple[str, int]]]:
 REPLID_CHECK_S = 1.0
 
 
+# FENCE_SCRIPT for one user's keys, which expire (ARGV[3]) like the rest of theirs.
+USER_FENCE_SCRIPT = f"""
+local changed = (function()
+{FENCE_SCRIPT}
+end)()
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+end
+return changed
+"""
+
+
 class UserFence:
     """Per user, the failover fence of `redis_connect`: each user's epoch is kept with
     the replication id of the master it was issued under. A replica promoted after its
     master failed has an id of its own: what the old master acknowledged and had not
     passed on is gone, so the user's epoch changes and their clients resync."""
 
-    def __init__(self, client: aiocluster.RedisCluster) -> None:
+    def __init__(self, client: aiocluster.RedisCluster, *, ttl_s: int) -> None:
         self._client = client
+        self._ttl_s = ttl_s
+        self._script = client.register_script(USER_FENCE_SCRIPT)
         self._replids: dict[str, tuple[float, str | None]] = {}
 
     async def check(self, user_epoch_key: str, user_fence_key: str) -> bool:
@@ -172,8 +187,9 @@ class UserFence:
             # Unknown is not unchanged: whoever asked tries again (the layout the client
             # knew may be out of date; a failed call makes it read the layout again).
             raise BrokerUnavailable("could not ask the master of a user's slot for its id")
-        changed = await self._client.eval(
-            FENCE_SCRIPT, 2, user_epoch_key, user_fence_key, replid, secrets.token_hex(4)
+        changed = await self._script(
+            keys=[user_epoch_key, user_fence_key],
+            args=[replid, secrets.token_hex(4), self._ttl_s],
         )
         return bool(changed)
 

@@ -34,7 +34,8 @@ PUBLISH_SCRIPT = """
 -- a task's hash (its values merged in event order), trimming, TTLs.
 -- KEYS: epoch
 -- ARGV: history size, history ttl, active ttl, candidate epoch, now (created score),
---       the batch: pieces separated by NUL (no piece contains one):
+--       the batch (below), and under Redis Cluster the epoch's ttl.
+--       The batch: pieces separated by NUL (no piece contains one):
 --         number of users, then per user: id, task key prefix, active key,
 --           history key, cancel key prefix, channel
 --         number of tasks, then per task: user number, task id, task id as JSON
@@ -74,6 +75,10 @@ local epoch = call('GET', KEYS[1])
 if not epoch then
   epoch = ARGV[4]
   call('SET', KEYS[1], epoch)
+end
+if ARGV[7] then
+  -- Under Redis Cluster a user's own epoch lasts as long as anything of theirs may.
+  call('EXPIRE', KEYS[1], ARGV[7])
 end
 
 local users = {}
@@ -356,6 +361,7 @@ def publish_call(
     history_size: int,
     history_ttl: int,
     epoch_key: str = EPOCH_KEY,
+    epoch_ttl: int | None = None,
 ) -> ScriptCall:
     """One script call publishing `events` in order."""
     users: dict[str, str] = {}
@@ -394,6 +400,7 @@ def publish_call(
             secrets.token_hex(4),
             time.time(),
             batch,
+            *([] if epoch_ttl is None else [epoch_ttl]),
         ],
     )
 

@@ -32,7 +32,7 @@ from .redis_publish_script import (
     publish_call,
     publish_reply,
 )
-from .redis_schema import ScriptCall, user_epoch_key
+from .redis_schema import ScriptCall, user_epoch_key, user_epoch_ttl
 from .redis_script_runners import AsyncScriptRunner, SyncScriptRunner, held_script
 
 # A script call blocks Redis while it runs, about 12 microseconds an event on a shared
@@ -103,6 +103,7 @@ def _call(chunk: Sequence[EncodedEvent], limits: HistoryLimits) -> ScriptCall:
             history_size=limits.size,
             history_ttl=limits.ttl,
             epoch_key=user_epoch_key(chunk[0].user_id),
+            epoch_ttl=user_epoch_ttl(limits.ttl),
         )
     return publish_call(chunk, history_size=limits.size, history_ttl=limits.ttl)
 

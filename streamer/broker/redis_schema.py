@@ -49,6 +49,12 @@ def user_epoch_key(user_id: str) -> str:
     return f"{PREFIX}:epoch:{_user(user_id)}"
 
 
+def user_epoch_ttl(history_ttl: int) -> int:
+    """How long a user's epoch (and its fence) outlives their last event or connection:
+    as long as their history or an unfinished task's state may."""
+    return max(ACTIVE_TASK_TTL_S, history_ttl)
+
+
 def user_fence_key(user_id: str) -> str:
     return f"{PREFIX}:epoch:master:{_user(user_id)}"
 
@@ -81,12 +87,15 @@ def cancel_key_prefix(user_id: str) -> str:
 SNAPSHOT_SCRIPT = """
 -- KEYS: active zset, history stream, epoch
 -- ARGV: max tasks, task key prefix, candidate epoch, history ttl, max bytes,
---       only this task id ('' for all)
+--       only this task id ('' for all), under Redis Cluster the epoch's ttl
 -- One atomic read: the unfinished tasks' states and the user's position in their
 -- history (every event up to it is reflected in the states). A user without
 -- history gets one: an empty stream whose last id is the position, so that resuming
 -- from it replays exactly what came after, or reports the gap if the stream expired.
 redis.call('SET', KEYS[3], ARGV[3], 'NX')
+if ARGV[7] then  -- under Redis Cluster, the user's own epoch: see PUBLISH_SCRIPT
+  redis.call('EXPIRE', KEYS[3], ARGV[7])
+end
 local epoch = redis.call('GET', KEYS[3])
 local max_tasks, max_bytes = tonumber(ARGV[1]), tonumber(ARGV[5])
 local ids = {}
@@ -166,6 +175,7 @@ def snapshot_call(
             history_ttl,
             MAX_SNAPSHOT_BYTES,
             task_id or "",
+            *([user_epoch_ttl(history_ttl)] if per_user_epoch else []),
         ],
     )
 
