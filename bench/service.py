@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tests.processes import RedisServer, ServerProcess, free_port, start_server_process
+from tests.redis_cluster import RedisCluster
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "bench-secret-" + "b" * 40
@@ -17,13 +18,18 @@ SECRET = "bench-secret-" + "b" * 40
 
 @contextmanager
 def running_service(
-    *, workers: int, settings: dict[str, str], gunicorn_flags: tuple[str, ...] = ()
+    *,
+    workers: int,
+    settings: dict[str, str],
+    gunicorn_flags: tuple[str, ...] = (),
+    cluster: bool = False,
 ) -> Iterator[tuple[ServerProcess, str]]:
-    """gunicorn with `workers` aiohttp workers on a private Redis; yields the server and
-    the Redis URL. `settings` are extra STREAMER_* variables. Everything is stopped on
-    exit, and the server's log is printed if the body fails."""
+    """gunicorn with `workers` aiohttp workers on a private Redis (with `cluster`, a
+    private Redis Cluster of 3 masters and 3 replicas); yields the server and the Redis
+    URL. `settings` are extra STREAMER_* variables. Everything is stopped on exit, and
+    the server's log is printed if the body fails."""
     with tempfile.TemporaryDirectory() as tmp:
-        redis_server = RedisServer(Path(tmp))
+        redis_server = RedisCluster() if cluster else RedisServer(Path(tmp))
         redis_server.start()
         try:
             env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMER_")}

@@ -10,6 +10,8 @@ publishing all along, and faults: the Redis subscriber connections are killed
 client's received ids are compared with what was published for its user, and it
 prints published, delivered, lost, duplicated and reordered. Exit status 0 only
 when nothing was lost, duplicated or reordered. Loopback only, bounded in time.
+With --cluster it runs on a private Redis Cluster (3 masters, 3 replicas) and kills the
+subscriber connections on every master.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import redis
 
 from bench.service import SECRET, running_service
 from streamer.auth.tokens import issue_token
+from streamer.broker.redis_cluster import cluster_client_sync, is_cluster_url
 from streamer.publisher import AsyncPublisher
 from streamer.wire import EventId
 from tests.processes import ServerProcess, worker_pids
@@ -170,23 +173,37 @@ async def inject_faults(
     counts: dict[str, int],
 ) -> None:  # fmt: skip
     rng = random.Random(args.seed)
-    admin = redis.Redis.from_url(redis_url)
     next_kill = time.monotonic() + args.redis_kill_every
     next_worker_kill = time.monotonic() + args.worker_kill_every
+    while not stop.is_set():
+        await asyncio.sleep(0.1)
+        now = time.monotonic()
+        if now >= next_kill:
+            counts["redis_subscriber_kills"] += kill_subscribers(redis_url)
+            next_kill = now + args.redis_kill_every
+        if now >= next_worker_kill:
+            workers = worker_pids(server.process.pid)
+            if workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(rng.choice(workers), signal.SIGKILL)
+                    counts["worker_kills"] += 1
+            next_worker_kill = now + args.worker_kill_every
+
+
+def kill_subscribers(redis_url: str) -> int:
+    """Kill the subscriber connections of every worker (on every master of a cluster)."""
+    if is_cluster_url(redis_url):
+        cluster = cluster_client_sync(redis_url)
+        try:
+            return sum(
+                int(cluster.client_kill_filter(_type="pubsub", target_nodes=node))
+                for node in cluster.get_primaries()
+            )
+        finally:
+            cluster.close()
+    admin = redis.Redis.from_url(redis_url)
     try:
-        while not stop.is_set():
-            await asyncio.sleep(0.1)
-            now = time.monotonic()
-            if now >= next_kill:
-                counts["redis_subscriber_kills"] += admin.client_kill_filter(_type="pubsub")
-                next_kill = now + args.redis_kill_every
-            if now >= next_worker_kill:
-                workers = worker_pids(server.process.pid)
-                if workers:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(rng.choice(workers), signal.SIGKILL)
-                        counts["worker_kills"] += 1
-                next_worker_kill = now + args.worker_kill_every
+        return int(admin.client_kill_filter(_type="pubsub"))
     finally:
         admin.close()
 
@@ -284,18 +301,21 @@ def main() -> int:
     parser.add_argument("--worker-kill-every", type=float, default=15.0)
     parser.add_argument("--timeout", type=float, default=60, help="bound for set-up and drain")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--cluster", action="store_true", help="on a Redis Cluster of 3 masters and 3 replicas"
+    )
     args = parser.parse_args()
     if not 1 <= args.duration <= 3600 or not 1 <= args.clients <= 2000:
         parser.error("--duration must be 1..3600 s and --clients 1..2000")
 
     settings = {"STREAMER_HISTORY_SIZE": "100000"}
     flags = ("--graceful-timeout", "5")
-    with running_service(workers=args.workers, settings=settings, gunicorn_flags=flags) as (
-        server,
-        redis_url,
-    ):
+    with running_service(
+        workers=args.workers, settings=settings, gunicorn_flags=flags, cluster=args.cluster
+    ) as (server, redis_url):
         result = asyncio.run(soak(args, server, redis_url))
-    print(f"soak {args.duration:g}s, {args.clients} clients, {args.workers} workers:")
+    on = ", Redis Cluster" if args.cluster else ""
+    print(f"soak {args.duration:g}s, {args.clients} clients, {args.workers} workers{on}:")
     for key, value in result.items():
         print(f"  {key:<24} {value}")
     print(json.dumps(result))

@@ -2,8 +2,9 @@
 their connections ending right after the snapshot, before any task event) while Redis
 subscriber connections and gunicorn workers are killed. Nothing may be lost,
 duplicated or reordered, and ids on a connection only go up. Each run lasts
-SOAK_SECONDS (60 by default, as in CI): the usual setting, and a harsher one with
-more clients, users, producers and workers and faster faults."""
+SOAK_SECONDS (60 by default, as in CI): the usual setting, a harsher one with
+more clients, users, producers and workers and faster faults, and (at most 30 s) one
+on a Redis Cluster."""
 
 from __future__ import annotations
 
@@ -29,6 +30,11 @@ SETTINGS = {
         *("--clients", "200", "--users", "20", "--producers", "8", "--workers", "3"),
         *("--worker-kill-every", "7", "--redis-kill-every", "2", "--seed", "7"),
         *("--timeout", "120"),
+    ],
+    # Redis Cluster: subscriber connections killed on every master, workers killed.
+    "cluster": [
+        *("--cluster", "--duration", str(min(DURATION_S, 30.0))),
+        *("--worker-kill-every", "10", "--redis-kill-every", "3"),
     ],
 }
 
