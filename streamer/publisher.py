@@ -20,11 +20,9 @@ from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import Any, Self
 
-from redis.exceptions import RedisError
-
 from .broker.base import BrokerUnavailable
 from .broker.redis_cluster import is_cluster_url
-from .broker.redis_connect import redis_client, redis_client_sync
+from .broker.redis_connect import REDIS_ERRORS, redis_client, redis_client_sync
 from .broker.redis_publish_script import encode_event
 from .broker.redis_publishing import (
     HistoryLimits,
@@ -74,7 +72,11 @@ class Publisher:
 
     def __init__(self, redis_url: str | None = None) -> None:
         url, self._limits = _settings(redis_url, os.environ)
-        self._client = redis_client_sync(url, socket_connect_timeout=5)
+        try:
+            # A Redis Cluster client learns the cluster's layout as it is made.
+            self._client = redis_client_sync(url, socket_connect_timeout=5)
+        except REDIS_ERRORS as exc:
+            raise BrokerUnavailable(f"could not reach Redis: {exc}") from exc
         self._script = pooled_script(self._client, publish_script(self._limits))
 
     def progress(self, user_id: object, task_id: object, **fields: Any) -> str:
@@ -100,7 +102,7 @@ class Publisher:
         key = _cancel_key(user_id, task_id)
         try:
             return bool(self._client.exists(key))
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise BrokerUnavailable(f"could not reach Redis: {exc}") from exc
 
     def close(self) -> None:
@@ -146,7 +148,7 @@ class AsyncPublisher:
         key = _cancel_key(user_id, task_id)
         try:
             return bool(await self._client.exists(key))
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise BrokerUnavailable(f"could not reach Redis: {exc}") from exc
 
     async def close(self) -> None:

@@ -724,3 +724,38 @@ async def test_sessions_and_their_cap_under_the_cluster(
             assert out.status in (200, 204)
         assert await stream_status(cookies[2]) == 401, "logging out ended the session"
         assert await stream_status(cookies[1]) == 200
+
+
+# --- a cluster out of reach ----------------------------------------------------------------
+
+
+async def test_an_unreachable_cluster_is_broker_unavailable(
+    process_env: dict[str, str], start_process: StartProcess, token_for: TokenFor
+) -> None:
+    """No node answers: producers get BrokerUnavailable (never the cluster client's own
+    exception), and the service starts, says it is not ready and refuses streams with
+    503 until the cluster is back."""
+    url = f"redis+cluster://127.0.0.1:{free_port()}"
+    with pytest.raises(BrokerUnavailable):
+        Publisher(redis_url=url)
+    async with AsyncPublisher(redis_url=url) as publisher:
+        with pytest.raises(BrokerUnavailable):
+            await publisher.progress("u", "t", progress=1)
+        with pytest.raises(BrokerUnavailable):
+            await publisher.is_cancelled("u", "t")
+    server = start_process(gunicorn_args(1), {**process_env, "STREAMER_REDIS_URL": url})
+
+    def alive() -> bool:
+        try:
+            return server.get("/healthz")[0] == 200
+        except OSError:
+            return False
+
+    await asyncio.to_thread(eventually_sync, alive, what="the service to start", timeout=30)
+    assert (await asyncio.to_thread(server.get, "/readyz"))[0] == 503
+    async with (
+        session_for(server) as http,
+        http.get("/sse/tasks/", params={"token": token_for("u")}) as response,
+    ):
+        assert response.status == 503, await response.text()
+    assert "Traceback" not in server.log(), server.log()[-3000:]

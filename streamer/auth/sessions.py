@@ -29,9 +29,8 @@ from aiohttp_session import (
 )
 from aiohttp_session.cookie_storage import EncryptedCookieStorage
 from aiohttp_session.redis_storage import RedisStorage
-from redis.exceptions import RedisError
 
-from ..broker.redis_connect import AsyncClient, redis_client
+from ..broker.redis_connect import REDIS_ERRORS, AsyncClient, redis_client
 from .session_index import SessionIndex
 from .tokens import Identity, InvalidToken
 
@@ -81,7 +80,7 @@ def _store_errors() -> Iterator[None]:
     """The one place where the session store's own errors become SessionStoreUnavailable."""
     try:
         yield
-    except (RedisError, OSError) as exc:
+    except REDIS_ERRORS as exc:
         raise SessionStoreUnavailable(f"the session store is unavailable: {exc}") from exc
 
 

@@ -12,14 +12,21 @@ from typing import Any, ParamSpec, TypeVar, cast
 
 import redis.asyncio.cluster as aiocluster
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from ..events import TaskEvent, TaskState
 from ..wire import Delivery, EventId, UndecodableEvent, stored_event
 from .base import Broker, BrokerUnavailable, Listener, Replay, Snapshot
 from .redis_cluster import UserFence, is_cluster_url
 from .redis_cluster_subscriber import ClusterSubscriber
-from .redis_connect import AsyncClient, fence_failover, is_sentinel_url, redis_client
+from .redis_connect import (
+    REDIS_ERRORS,
+    REDIS_ERRORS_OR_TIMEOUT,
+    AsyncClient,
+    fence_failover,
+    is_sentinel_url,
+    redis_client,
+)
 from .redis_publish_script import encode_event
 from .redis_publishing import HistoryLimits, PublishQueue, encode
 from .redis_schema import (
@@ -56,7 +63,7 @@ def _unavailable_on_error(
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return await method(*args, **kwargs)
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise BrokerUnavailable(f"Redis is unavailable: {exc}") from exc
 
     return wrapper
@@ -137,7 +144,7 @@ class RedisBroker(Broker):
         if isinstance(self._client, aiocluster.RedisCluster):
             self._user_fence = UserFence(self._client, ttl_s=user_epoch_ttl(self._history_ttl))
         else:
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*REDIS_ERRORS):
                 self._epoch = await self._read_epoch()
         subscriber_class = ClusterSubscriber if self._cluster else Subscriber
         self._subscriber = subscriber_class(
@@ -381,7 +388,7 @@ class RedisBroker(Broker):
             return False
         try:
             return bool(await asyncio.wait_for(self.client.ping(), timeout=2))
-        except (RedisError, OSError, TimeoutError):
+        except REDIS_ERRORS_OR_TIMEOUT:
             return False
 
 

@@ -28,11 +28,10 @@ import redis.asyncio.cluster as aiocluster
 import redis.cluster as synccluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from .base import BrokerUnavailable
-from .redis_connect import FENCE_SCRIPT, BadRedisUrl, host_port
+from .redis_connect import FENCE_SCRIPT, REDIS_ERRORS, BadRedisUrl, host_port
 
 CLUSTER_SCHEME = "redis+cluster"
 DEFAULT_PORT = 6379
@@ -199,7 +198,7 @@ class UserFence:
         if known is not None and now - known[0] < REPLID_CHECK_S:
             return known[1]
         replid = None
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*REDIS_ERRORS):
             info = await self._client.info("replication", target_nodes=node)
             value = info.get("master_replid") if isinstance(info, dict) else None
             replid = value if isinstance(value, str) else None

@@ -19,10 +19,10 @@ from typing import Any
 
 import redis.asyncio.cluster as aiocluster
 from redis.crc import key_slot
-from redis.exceptions import RedisError
 
 from .base import BrokerUnavailable
 from .redis_cluster import cluster_client, masters, node_client
+from .redis_connect import REDIS_ERRORS
 from .redis_subscriber import SUBSCRIBE_TIMEOUT_S, Rerouted, Subscriber
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class ClusterSubscriber:
             while True:
                 try:
                     layout = await masters(client)
-                except (RedisError, OSError) as exc:
+                except REDIS_ERRORS as exc:
                     log.warning("cannot read the cluster's layout (%s); retrying", exc)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
@@ -181,7 +181,7 @@ class ClusterSubscriber:
     async def _changed(self, client: aiocluster.RedisCluster, layout: dict[int, Address]) -> bool:
         try:
             return await masters(client) != layout
-        except (RedisError, OSError):
+        except REDIS_ERRORS:
             # Asked again next time; a master that is down shows as its connection's
             # failure meanwhile, and as a new layout once its replica took over.
             return False

@@ -32,7 +32,12 @@ import redis.asyncio.cluster as aiocluster
 import redis.asyncio.sentinel as aiosentinel
 import redis.cluster as synccluster
 import redis.sentinel as syncsentinel
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
+
+# What a failing Redis raises: a Redis Cluster client raises RedisClusterException (not a
+# RedisError) when it cannot reach any node or a slot is not served.
+REDIS_ERRORS: tuple[type[Exception], ...] = (RedisError, RedisClusterException, OSError)
+REDIS_ERRORS_OR_TIMEOUT: tuple[type[Exception], ...] = (*REDIS_ERRORS, TimeoutError)
 
 # A Redis Cluster client is not a `Redis`, but answers the same commands.
 AsyncClient = aioredis.Redis | aiocluster.RedisCluster

@@ -18,11 +18,11 @@ from typing import NamedTuple
 
 import redis.asyncio as aioredis
 import redis.asyncio.cluster as aiocluster
-from redis.exceptions import RedisError
 
 from ..events import TaskEvent
 from ..wire import EventId
 from .base import BrokerUnavailable
+from .redis_connect import REDIS_ERRORS, REDIS_ERRORS_OR_TIMEOUT
 from .redis_publish_script import (
     CLUSTER_PUBLISH_SCRIPT,
     PUBLISH_SCRIPT,
@@ -122,7 +122,7 @@ def publish_sync(
         call = _call(chunk, limits)
         try:
             raw = script(keys=call.keys, args=call.args)
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise BrokerUnavailable(f"could not publish to Redis: {exc}") from exc
         reply = publish_reply(raw, len(chunk))
         epochs += [reply.epoch] * len(reply.stream_ids)
@@ -138,7 +138,7 @@ async def run_chunk(
     call = _call(chunk, limits)
     try:
         raw = await script(keys=call.keys, args=call.args)
-    except (RedisError, OSError, TimeoutError) as exc:
+    except REDIS_ERRORS_OR_TIMEOUT as exc:
         raise BrokerUnavailable(f"could not publish to Redis: {exc or 'timed out'}") from exc
     return publish_reply(raw, len(chunk))
 

@@ -22,10 +22,15 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
-from redis.exceptions import RedisError
 
 from .base import BrokerUnavailable
-from .redis_connect import MASTER_CHECK_S, current_master, redis_client, watches_master
+from .redis_connect import (
+    MASTER_CHECK_S,
+    REDIS_ERRORS,
+    current_master,
+    redis_client,
+    watches_master,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +43,7 @@ RECONNECT_BACKOFF_MAX_S = 5.0
 # How long a new client waits for its user's subscription (the connection may be
 # reconnecting) before it is told to come back later.
 SUBSCRIBE_TIMEOUT_S = 10.0
+_SUBSCRIPTION_LOST: tuple[type[Exception], ...] = (*REDIS_ERRORS, BrokerUnavailable)
 
 
 class Rerouted(BrokerUnavailable):
@@ -146,7 +152,7 @@ class Subscriber:
                 await self._connect(pubsub)
                 backoff = RECONNECT_BACKOFF_MIN_S
                 await self._listen(pubsub)
-            except (RedisError, OSError, BrokerUnavailable) as exc:
+            except _SUBSCRIPTION_LOST as exc:
                 log.warning("redis subscription lost (%s); retrying in %.1fs", exc, backoff)
             except Exception:
                 log.exception("redis subscriber failed; reconnecting in %.1fs", backoff)
@@ -246,7 +252,7 @@ class Subscriber:
                 await asyncio.sleep(min(pause, MASTER_CHECK_S) if behind_sentinel else pause)
                 continue
             pinged_at = loop.time()
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*REDIS_ERRORS):
                 await pubsub.ping()  # a broken connection: the listener sees it itself
             await asyncio.sleep(self._pong_timeout_s)
             if self._last_heard < pinged_at:
@@ -360,7 +366,7 @@ class Subscriber:
                     await pubsub.subscribe(*to_subscribe[start : start + COMMAND_BATCH])
                 for start in range(0, len(to_unsubscribe), COMMAND_BATCH):
                     await pubsub.unsubscribe(*to_unsubscribe[start : start + COMMAND_BATCH])
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             # The connection is failing: the listener notices, reconnects and
             # subscribes to everything wanted then.
             log.warning("subscribing failed: %s", exc)
