@@ -123,10 +123,7 @@ end
 -- field by field as `events.event_json` writes it: what this batch set, else what is
 -- stored, else what is set only where the state has none.
 local STATE_FIELDS = {__STATE_FIELDS__}
-local FIELD_KEYS = {}  -- ',"name":' once, not once per event
-for k, name in ipairs(STATE_FIELDS) do
-  FIELD_KEYS[k] = ',"' .. name .. '":'
-end
+local FIELD_KEYS = {__FIELD_KEYS__}  -- ',"name":' for each, constants of the script
 -- Returns the pieces of the stored event, from index 4 ('{') to the end; 1 to 3 are
 -- left for what the published message puts before it (one concat makes each string).
 local function event_parts(kind, task)
@@ -284,7 +281,7 @@ return epoch .. '\\n' .. concat(stream_ids, ' ') .. '\\n' .. failure
 
 PUBLISH_SCRIPT = PUBLISH_SCRIPT.replace(
     "__STATE_FIELDS__", ", ".join(f"'{name}'" for name in EVENT_STATE_FIELDS)
-)
+).replace("__FIELD_KEYS__", ", ".join(f"',\"{name}\":'" for name in EVENT_STATE_FIELDS))
 # Under Redis Cluster: sharded pub/sub (a user's channel is in the user's slot, and
 # only that shard's nodes pass the message on), and one user per call, whose epoch
 # key is KEYS[1].
