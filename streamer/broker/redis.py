@@ -237,13 +237,7 @@ class RedisBroker(Broker):
             epoch = _text(await self.client.get(user_epoch_key(user_id)))
             if self._check_user_epoch(listener, user_id, epoch) or epoch is None:
                 continue
-            start = "-" if oldest is None else f"({oldest.stream_id}"
-            for delivery in await self._read_history(user_id, epoch, start):
-                try:
-                    listener.deliver(delivery)
-                except Exception:
-                    log.exception("catch-up of user %r failed at %s", user_id, delivery.event_id)
-                    break
+            await self._catch_up_user(listener, user_id, epoch, oldest)
 
     async def _fence_user(self, user_id: str) -> None:
         if self._user_fence is not None and await self._user_fence.check(
@@ -265,13 +259,19 @@ class RedisBroker(Broker):
         if self._check_epoch(listener, epoch) or epoch is None:
             return
         for user_id, oldest in listener.resume_points().items():
-            start = "-" if oldest is None else f"({oldest.stream_id}"
-            for delivery in await self._read_history(user_id, epoch, start):
-                try:
-                    listener.deliver(delivery)
-                except Exception:  # one user's data never stalls the others
-                    log.exception("catch-up of user %r failed at %s", user_id, delivery.event_id)
-                    break
+            await self._catch_up_user(listener, user_id, epoch, oldest)
+
+    async def _catch_up_user(
+        self, listener: Listener, user_id: str, epoch: str, oldest: EventId | None
+    ) -> None:
+        """Deliver the user's history after `oldest` (all of it for None)."""
+        start = "-" if oldest is None else f"({oldest.stream_id}"
+        for delivery in await self._read_history(user_id, epoch, start):
+            try:
+                listener.deliver(delivery)
+            except Exception:  # one user's data never stalls the others
+                log.exception("catch-up of user %r failed at %s", user_id, delivery.event_id)
+                break
 
     async def _read_epoch(self) -> str | None:
         await self._fence()

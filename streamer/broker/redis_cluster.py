@@ -21,7 +21,6 @@ import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote
 
 import redis.asyncio as aioredis
 import redis.asyncio.cluster as aiocluster
@@ -31,7 +30,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from .base import BrokerUnavailable
-from .redis_connect import FENCE_SCRIPT, REDIS_ERRORS, BadRedisUrl, host_port
+from .redis_connect import FENCE_SCRIPT, REDIS_ERRORS, BadRedisUrl, host_port, split_netloc
 
 CLUSTER_SCHEME = "redis+cluster"
 DEFAULT_PORT = 6379
@@ -57,15 +56,9 @@ def parse_cluster_url(url: str) -> ClusterTarget:
     rest = url[len(CLUSTER_SCHEME) + 3 :]
     if "?" in rest or "#" in rest:
         raise BadRedisUrl("a cluster URL takes no query or fragment")
-    netloc, _, path = rest.partition("/")
+    netloc, path, username, password = split_netloc(rest)
     if path not in ("", "0"):
         raise BadRedisUrl("Redis Cluster has only database 0: leave the path out")
-    username = password = None
-    if "@" in netloc:
-        userinfo, _, netloc = netloc.rpartition("@")
-        user, sep, secret = userinfo.partition(":")
-        username = unquote(user) or None
-        password = unquote(secret) if sep else None
     nodes = tuple(host_port(item, DEFAULT_PORT, "cluster node") for item in netloc.split(","))
     return ClusterTarget(nodes, password, username)
 

@@ -72,13 +72,7 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
     rest = url[len(SENTINEL_SCHEME) + 3 :]
     if "?" in rest or "#" in rest:
         raise BadRedisUrl("a Sentinel URL takes no query or fragment (the db goes in the path)")
-    netloc, _, path = rest.partition("/")
-    username = password = None
-    if "@" in netloc:
-        userinfo, _, netloc = netloc.rpartition("@")
-        user, sep, secret = userinfo.partition(":")
-        username = unquote(user) or None
-        password = unquote(secret) if sep else None
+    netloc, path, username, password = split_netloc(rest)
     sentinels = tuple(host_port(item, DEFAULT_SENTINEL_PORT) for item in netloc.split(","))
     parts = path.split("/")
     if not parts or not parts[0]:
@@ -90,6 +84,19 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
         raise BadRedisUrl("the service name must not contain spaces or control characters")
     db = int(parts[1]) if len(parts) == 2 else 0
     return SentinelTarget(sentinels, service, password, username, db)
+
+
+def split_netloc(rest: str) -> tuple[str, str, str | None, str | None]:
+    """`[[user]:password@]hosts[/path]` (what follows the scheme): the hosts, the path,
+    the user name and the password (both unquoted; None when absent)."""
+    netloc, _, path = rest.partition("/")
+    username = password = None
+    if "@" in netloc:
+        userinfo, _, netloc = netloc.rpartition("@")
+        user, sep, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if sep else None
+    return netloc, path, username, password
 
 
 def host_port(item: str, default_port: int, what: str = "sentinel") -> tuple[str, int]:
