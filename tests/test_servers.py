@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 from collections.abc import Callable
@@ -66,6 +67,15 @@ async def test_gunicorn_two_workers_share_events_through_redis(
     log = server.log()
     assert "GET /ws/tasks/?token=[redacted]" in log
     assert token not in log
+    assert frozen_at_startup(log) == 2  # one line per worker
+
+
+def frozen_at_startup(log: str) -> int:
+    """How many processes said they left their startup objects out of garbage collection
+    passes, each with a count no process could start with fewer than."""
+    counts = re.findall(r"(\d+) objects made at startup left out of garbage collection", log)
+    assert all(int(count) > 10_000 for count in counts), counts
+    return len(counts)
 
 
 def test_gunicorn_refuses_several_workers_without_redis(process_env: dict[str, str]) -> None:
@@ -97,6 +107,7 @@ async def test_streamer_serve_with_the_embedded_broker(
     server = start_process(["streamer", "serve", "--port", "{port}"], process_env)
     await asyncio.to_thread(server.wait_healthy)
     assert "embedded" in server.log()
+    assert frozen_at_startup(server.log()) == 1
     token = token_for(user_id)
     sse = await CurlStream.open(f"{server.base_url}/sse/tasks/", token)
     ws = await WsStream.open(server.base_url.replace("http", "ws") + f"/ws/tasks/?token={token}")
