@@ -23,11 +23,11 @@ from typing import Any, Self
 from .broker.base import BrokerUnavailable
 from .broker.redis_cluster import is_cluster_url
 from .broker.redis_connect import REDIS_ERRORS, redis_client, redis_client_sync
-from .broker.redis_publish_script import encode_event
+from .broker.redis_publish_script import check_event
 from .broker.redis_publishing import (
     HistoryLimits,
     PublishQueue,
-    encode,
+    check,
     publish_script,
     publish_sync,
 )
@@ -86,7 +86,7 @@ class Publisher:
         return self.publish(completed_event(user_id, task_id, **fields))
 
     def publish(self, event: TaskEvent) -> str:
-        return publish_sync(self._script, [encode_event(event)], self._limits).strings()[0]
+        return publish_sync(self._script, [check_event(event)], self._limits).strings()[0]
 
     def publish_many(self, events: Iterable[TaskEvent]) -> list[str]:
         """Publish events (from `progress_event` / `completed_event`) in order, each as
@@ -95,7 +95,7 @@ class Publisher:
         Nothing is sent if one of them is malformed. If Redis fails part-way, the events
         before the failure are published and none after it.
         """
-        return publish_sync(self._script, encode(events), self._limits).strings()
+        return publish_sync(self._script, check(events), self._limits).strings()
 
     def is_cancelled(self, user_id: object, task_id: object = _NO_TASK) -> bool:
         """Whether `user_id` asked to cancel the current run of their task `task_id`."""
@@ -136,12 +136,12 @@ class AsyncPublisher:
         return await self.publish(completed_event(user_id, task_id, **fields))
 
     async def publish(self, event: TaskEvent) -> str:
-        published = await self._queue.publish([encode_event(event)])
+        published = await self._queue.publish([check_event(event)])
         return published.strings()[0]
 
     async def publish_many(self, events: Iterable[TaskEvent]) -> list[str]:
         """As `Publisher.publish_many`."""
-        return (await self._queue.publish(encode(events))).strings()
+        return (await self._queue.publish(check(events))).strings()
 
     async def is_cancelled(self, user_id: object, task_id: object = _NO_TASK) -> bool:
         """Whether `user_id` asked to cancel the current run of their task `task_id`."""

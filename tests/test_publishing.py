@@ -367,6 +367,82 @@ async def test_a_batch_larger_than_a_chunk_goes_in_several_script_calls_in_order
         assert stored_state(admin, "y", "t1")["processed_items"] == "49"  # the last one wins
 
 
+def record_steps(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What publishing does, in order: `encode <task>` for each event encoded, `send`
+    and `reply` for each script call (sync and async runners alike)."""
+    steps: list[str] = []
+    encode = redis_publishing.encode_event
+
+    def encode_event(event: TaskEvent) -> Any:
+        steps.append(f"encode {event.task_id}")
+        return encode(event)
+
+    monkeypatch.setattr(redis_publishing, "encode_event", encode_event)
+    for runner in (redis_script_runners.PooledScript, redis_script_runners.HeldScript):
+        for name in ("_send", "_reply"):
+            original = getattr(runner, name)
+
+            def step(*args: Any, _original: Any = original, _name: str = name) -> Any:
+                steps.append(_name[1:])
+                return _original(*args)
+
+            monkeypatch.setattr(runner, name, step)
+    return steps
+
+
+async def test_each_chunk_is_encoded_while_redis_runs_the_one_before(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(redis_publishing, "MAX_CHUNK_EVENTS", 2)
+    events = [progress_event("u", f"t{n}", progress=n) for n in range(5)]
+    # A chunk is complete once the event after it is encoded.
+    expected = [
+        "encode t0", "encode t1", "encode t2", "send",
+        "encode t3", "encode t4", "reply", "send",
+        "reply", "send",
+        "reply",
+    ]  # fmt: skip
+    with Publisher(redis_url) as publisher:
+        publisher.progress("warm-up", "t", progress=1)  # loads the script
+        steps = record_steps(monkeypatch)
+        ids = publisher.publish_many(events)
+        assert steps == expected
+    async with AsyncPublisher(redis_url) as async_publisher:
+        await async_publisher.progress("warm-up", "t", progress=2)
+        steps.clear()
+        async_ids = await async_publisher.publish_many(events)
+        assert steps == expected
+    assert [event_id(raw) for raw in ids + async_ids] == sorted(
+        event_id(raw) for raw in ids + async_ids
+    )
+
+
+async def test_nothing_after_a_refused_event_is_sent_even_in_later_chunks(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next chunk is encoded while Redis runs a chunk, but it is sent only once that
+    chunk succeeded."""
+    monkeypatch.setattr(redis_publishing, "MAX_CHUNK_EVENTS", 4)
+    batch = [progress_event("fine", "t", progress=n) for n in range(12)]
+    batch[5] = progress_event("broken", "t", progress=5)  # in the second chunk
+    with redis.Redis.from_url(redis_url) as admin:
+        admin.set(history_key("broken"), "not a stream")
+        with Publisher(redis_url) as publisher:
+            publisher.progress("warm-up", "t", progress=1)
+            before = script_calls(admin)
+            with pytest.raises(BrokerUnavailable, match="event 6 of 12"):
+                publisher.publish_many(batch)
+            assert script_calls(admin) - before == 2
+            assert admin.xlen(history_key("fine")) == 5
+        async with AsyncPublisher(redis_url) as async_publisher:
+            await async_publisher.progress("warm-up", "t", progress=2)
+            before = script_calls(admin)
+            with pytest.raises(BrokerUnavailable, match="event 6 of 12"):
+                await async_publisher.publish_many(batch)
+            assert script_calls(admin) - before == 2
+            assert admin.xlen(history_key("fine")) == 10
+
+
 async def test_a_refused_event_fails_its_caller_alone(redis_url: str) -> None:
     """Redis refuses an event (its user's history key was overwritten): the events
     before it are published, the ones after it are not, and concurrent callers of

@@ -27,8 +27,8 @@ from .redis_connect import (
     is_sentinel_url,
     redis_client,
 )
-from .redis_publish_script import encode_event
-from .redis_publishing import HistoryLimits, PublishQueue, encode
+from .redis_publish_script import check_event
+from .redis_publishing import HistoryLimits, PublishQueue, check
 from .redis_schema import (
     CANCEL_SCRIPT,
     EPOCH_KEY,
@@ -307,11 +307,11 @@ class RedisBroker(Broker):
 
     @_unavailable_on_error
     async def publish(self, event: TaskEvent) -> EventId:
-        return (await self._publishing.publish([encode_event(event)])).event_ids()[0]
+        return (await self._publishing.publish([check_event(event)])).event_ids()[0]
 
     @_unavailable_on_error
     async def publish_many(self, events: Iterable[TaskEvent]) -> list[EventId]:
-        return (await self._publishing.publish(encode(events))).event_ids()
+        return (await self._publishing.publish(check(events))).event_ids()
 
     @_unavailable_on_error
     async def snapshot(self, user_id: str, task_id: str | None = None) -> Snapshot:

@@ -306,27 +306,45 @@ _EVENT_TYPES = frozenset({"task_progress", "task_completed"})
 _FIELD_NAMES = frozenset(TASK_STATE_FIELDS)
 
 
-def encode_event(event: TaskEvent) -> EncodedEvent:
-    """Each value is JSON-encoded once: the script builds the event's JSON and its state
-    update (see `TaskEvent.state_update`) from the same pieces."""
+# Values `dumps` encodes whatever they hold.
+_ALWAYS_ENCODABLE = frozenset({str, int, bool, type(None)})
+
+
+def check_event(event: TaskEvent) -> TaskEvent:
+    """`event`, if `encode_event` can encode it; else the error it would raise. A batch is
+    checked whole before any of it is encoded, so that a malformed event stops it
+    before anything is sent."""
     if not isinstance(event, TaskEvent):
         raise TypeError(f"expected a TaskEvent, got {type(event).__name__}")
     fields = event.fields
     stamps, if_absent = event.state_stamps()
-    pieces = list(map(dumps, fields.values()))
-    pieces += map(dumps, stamps.values())
-    pieces += map(dumps, if_absent.values())
     # JSON text never holds a NUL (it is escaped), nor do the ids of validated events:
     # an event built by hand must not shift the pieces of the other events of its batch,
     # nor break its own JSON with a field name of its own.
     if (
-        not pieces
+        not (fields or stamps or if_absent)
         or "\0" in event.task_id
         or "\0" in event.user_id
         or event.type not in _EVENT_TYPES
         or not _FIELD_NAMES.issuperset(fields)
     ):
         raise EventError("malformed event: build events with progress_event or completed_event")
+    for values in (fields, stamps, if_absent):
+        for value in values.values():
+            if type(value) not in _ALWAYS_ENCODABLE:
+                dumps(value)  # raises for what JSON cannot carry
+    return event
+
+
+def encode_event(event: TaskEvent) -> EncodedEvent:
+    """Each value is JSON-encoded once: the script builds the event's JSON and its state
+    update (see `TaskEvent.state_update`) from the same pieces. `event` must have
+    passed `check_event`."""
+    fields = event.fields
+    stamps, if_absent = event.state_stamps()
+    pieces = list(map(dumps, fields.values()))
+    pieces += map(dumps, stamps.values())
+    pieces += map(dumps, if_absent.values())
     layout = (event.type, tuple(fields), tuple(stamps), tuple(if_absent))
     return EncodedEvent(event.user_id, event.task_id, layout, "\0".join(pieces))
 

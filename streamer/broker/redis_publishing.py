@@ -1,7 +1,8 @@
 """Publishing to Redis, the one way `Publisher`, `AsyncPublisher` and `RedisBroker` do it.
 
-Events are encoded (and checked) before anything is sent, then go through the publish
-script (`redis_publish_script`) in chunks, in order, one script call per chunk.
+Events are checked before anything is sent, then go through the publish script
+(`redis_publish_script`) in chunks, in order, one script call per chunk: each chunk is
+encoded while Redis runs the one before, and sent once that one succeeded.
 Asynchronous callers share a queue per lane (a lane per group of users): the calls made
 in one turn of the event loop leave together in the next, and the calls made while the
 lane's batch is in flight leave together when it is back. A lone call therefore leaves
@@ -11,6 +12,8 @@ at once, and no timer ever holds one back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -27,7 +30,7 @@ from .redis_publish_script import (
     CLUSTER_PUBLISH_SCRIPT,
     PUBLISH_SCRIPT,
     EncodedEvent,
-    PublishReply,
+    check_event,
     encode_event,
     publish_call,
     publish_reply,
@@ -74,26 +77,43 @@ class PublishFailed(BrokerUnavailable):
     """Redis refused one event; those before it were published, none after it."""
 
 
-def encode(events: Iterable[TaskEvent]) -> list[EncodedEvent]:
-    """Every event encoded: a malformed one raises here, before anything is sent."""
-    return [encode_event(event) for event in events]
+def check(events: Iterable[TaskEvent]) -> list[TaskEvent]:
+    """Every event checked: a malformed one raises here, before anything is sent."""
+    return [check_event(event) for event in events]
 
 
-def chunks(
-    events: Sequence[EncodedEvent], *, per_user: bool = False
-) -> Iterator[Sequence[EncodedEvent]]:
-    start, chars = 0, 0
-    for end, event in enumerate(events):
-        chars += len(event.text)
-        if end > start and (
-            end - start == MAX_CHUNK_EVENTS
-            or chars > MAX_CHUNK_CHARS
-            or (per_user and event.user_id != events[start].user_id)
+def chunks(events: Iterable[TaskEvent], *, per_user: bool = False) -> Iterator[list[EncodedEvent]]:
+    """`events` encoded, one chunk (a script call's worth) at a time."""
+    chunk: list[EncodedEvent] = []
+    chars = 0
+    for event in events:
+        encoded = encode_event(event)
+        if chunk and (
+            len(chunk) == MAX_CHUNK_EVENTS
+            or chars + len(encoded.text) > MAX_CHUNK_CHARS
+            or (per_user and encoded.user_id != chunk[0].user_id)
         ):
-            yield events[start:end]
-            start, chars = end, len(event.text)
-    if start < len(events):
-        yield events[start:]
+            yield chunk
+            chunk, chars = [], 0
+        chunk.append(encoded)
+        chars += len(encoded.text)
+    if chunk:
+        yield chunk
+
+
+class _Calls:
+    """The script calls publishing `events`, each built when it is taken, and the number
+    of events in each."""
+
+    def __init__(self, events: Iterable[TaskEvent], limits: HistoryLimits) -> None:
+        self.sizes: list[int] = []
+        self._chunks = chunks(events, per_user=limits.per_user)
+        self._limits = limits
+
+    def __iter__(self) -> Iterator[ScriptCall]:
+        for chunk in self._chunks:
+            self.sizes.append(len(chunk))
+            yield _call(chunk, self._limits)
 
 
 def _call(chunk: Sequence[EncodedEvent], limits: HistoryLimits) -> ScriptCall:
@@ -113,34 +133,23 @@ def publish_script(limits: HistoryLimits) -> str:
 
 
 def publish_sync(
-    script: SyncScriptRunner, events: Sequence[EncodedEvent], limits: HistoryLimits
+    script: SyncScriptRunner, events: Sequence[TaskEvent], limits: HistoryLimits
 ) -> Published:
-    """Publish `events` in order; raise on the first that could not be."""
+    """Publish `events` (checked) in order; raise on the first that could not be."""
     epochs: list[str] = []
     stream_ids: list[str] = []
-    for chunk in chunks(events, per_user=limits.per_user):
-        call = _call(chunk, limits)
+    calls = _Calls(events, limits)
+    with contextlib.closing(script.each(iter(calls))) as replies:
         try:
-            raw = script(keys=call.keys, args=call.args)
+            for number, raw in enumerate(replies):
+                reply = publish_reply(raw, calls.sizes[number])
+                epochs += [reply.epoch] * len(reply.stream_ids)
+                stream_ids += reply.stream_ids
+                if reply.error is not None:
+                    raise _failure(reply.error, len(stream_ids), len(events))
         except REDIS_ERRORS as exc:
             raise BrokerUnavailable(f"could not publish to Redis: {exc}") from exc
-        reply = publish_reply(raw, len(chunk))
-        epochs += [reply.epoch] * len(reply.stream_ids)
-        stream_ids += reply.stream_ids
-        if reply.error is not None:
-            raise _failure(reply.error, len(stream_ids), len(events))
     return Published(epochs, stream_ids)
-
-
-async def run_chunk(
-    script: AsyncScriptRunner, chunk: Sequence[EncodedEvent], limits: HistoryLimits
-) -> PublishReply:
-    call = _call(chunk, limits)
-    try:
-        raw = await script(keys=call.keys, args=call.args)
-    except REDIS_ERRORS_OR_TIMEOUT as exc:
-        raise BrokerUnavailable(f"could not publish to Redis: {exc or 'timed out'}") from exc
-    return publish_reply(raw, len(chunk))
 
 
 def _failure(error: str, published: int, total: int) -> PublishFailed:
@@ -152,7 +161,7 @@ def _failure(error: str, published: int, total: int) -> PublishFailed:
     )
 
 
-_Request = tuple[Sequence[EncodedEvent], "asyncio.Future[Published]"]
+_Request = tuple[Sequence[TaskEvent], "asyncio.Future[Published]"]
 
 # Users are spread over this many queues, each with one batch in flight: while Redis
 # runs one queue's batch, this process prepares the other's. A user always has the
@@ -177,8 +186,9 @@ class PublishQueue:
             lanes = CLUSTER_LANES if limits.per_user else LANES
         self._lanes = [_Lane(held_script(client, script), limits) for _ in range(lanes)]
 
-    async def publish(self, events: Sequence[EncodedEvent]) -> Published:
-        """Publish `events` (of any users) in order, in the lane of the first one's user."""
+    async def publish(self, events: Sequence[TaskEvent]) -> Published:
+        """Publish `events` (of any users, checked) in order, in the lane of the first
+        one's user."""
         lanes = self._lanes
         if not events:
             return Published([], [])
@@ -198,7 +208,7 @@ class _Lane:
         self._queue: list[_Request] = []
         self._sender: asyncio.Task[None] | None = None
 
-    async def publish(self, events: Sequence[EncodedEvent]) -> Published:
+    async def publish(self, events: Sequence[TaskEvent]) -> Published:
         future: asyncio.Future[Published] = asyncio.get_running_loop().create_future()
         self._queue.append((events, future))
         if self._sender is None:
@@ -237,23 +247,37 @@ class _Lane:
         stream_ids: list[str] = []
         waiting = iter(batch)
         request, done = next(waiting, None), 0  # the first request not answered yet
-        for chunk in chunks(events, per_user=self._limits.per_user):
-            reply = await run_chunk(self._script, chunk, self._limits)
-            epochs += [reply.epoch] * len(reply.stream_ids)
-            stream_ids += reply.stream_ids
-            # Callers whose events are all published get their ids now.
-            while request is not None and done + len(request[0]) <= len(stream_ids):
-                start, done = done, done + len(request[0])
-                if not request[1].done():
-                    request[1].set_result(Published(epochs[start:done], stream_ids[start:done]))
-                request = next(waiting, None)
-            if reply.error is not None:
-                assert request is not None
-                events_sent = len(stream_ids) - done
-                _fail(request[1], _failure(reply.error, events_sent, len(request[0])))
-                # Nothing of the requests after it was sent: they go again.
-                self._queue[0:0] = list(waiting)
-                return
+        calls = _Calls(events, self._limits)
+        async with contextlib.aclosing(self._script.each(iter(calls))) as replies:
+            for number in itertools.count():
+                try:
+                    raw = await anext(replies, _NO_MORE)
+                except REDIS_ERRORS_OR_TIMEOUT as exc:
+                    raise BrokerUnavailable(
+                        f"could not publish to Redis: {exc or 'timed out'}"
+                    ) from exc
+                if raw is _NO_MORE:
+                    return
+                reply = publish_reply(raw, calls.sizes[number])
+                epochs += [reply.epoch] * len(reply.stream_ids)
+                stream_ids += reply.stream_ids
+                # Callers whose events are all published get their ids now.
+                while request is not None and done + len(request[0]) <= len(stream_ids):
+                    start, done = done, done + len(request[0])
+                    if not request[1].done():
+                        result = Published(epochs[start:done], stream_ids[start:done])
+                        request[1].set_result(result)
+                    request = next(waiting, None)
+                if reply.error is not None:
+                    assert request is not None
+                    events_sent = len(stream_ids) - done
+                    _fail(request[1], _failure(reply.error, events_sent, len(request[0])))
+                    # Nothing of the requests after it was sent: they go again.
+                    self._queue[0:0] = list(waiting)
+                    return
+
+
+_NO_MORE = object()
 
 
 def _fail(future: asyncio.Future[Published], exc: BaseException) -> None:

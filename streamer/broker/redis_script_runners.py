@@ -3,13 +3,16 @@ command machinery (pool checkout, argument encoding, retries, timeouts per socke
 operation) costs more than the encoding of a small batch of events.
 
 A failed call is not retried: the script may have run before the connection failed.
+`each` runs calls one after the other and builds the next one (the caller's iterator
+takes its next step) while Redis runs the one before; it sends it only once the reply
+before it was taken, so a caller that stops at a reply has sent nothing after it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Generator, Iterator, Sequence
 from typing import Any
 
 import redis
@@ -20,6 +23,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import NoScriptError, RedisError
 
 from .redis_connect import current_master, watches_master
+from .redis_schema import ScriptCall
 
 Argument = str | int | float
 
@@ -42,26 +46,36 @@ class PooledScript:
         self._script = script
         self._sha = hashlib.sha1(script.encode()).hexdigest()
 
-    def __call__(self, *, keys: Sequence[str], args: Sequence[Argument]) -> object:
+    def each(self, calls: Iterator[ScriptCall]) -> Generator[object, None, None]:
         # redis-py's synchronous connections carry no type annotations.
         connection: Any = self._pool.get_connection()
         try:
-            try:
-                return self._evalsha(connection, keys, args)
-            except NoScriptError:
-                connection.send_command("SCRIPT", "LOAD", self._script)
-                connection.read_response()
-                return self._evalsha(connection, keys, args)
-        except BaseException:
-            connection.disconnect()  # part of a reply may be left unread
-            raise
+            call = next(calls, None)
+            while call is not None:
+                try:
+                    self._send(connection, call)
+                    following = next(calls, None)
+                    reply = self._reply(connection, call)
+                except BaseException:
+                    connection.disconnect()  # part of a reply may be left unread
+                    raise
+                yield reply
+                call = following
         finally:
             self._pool.release(connection)
 
-    def _evalsha(self, connection: Any, keys: Sequence[str], args: Sequence[Argument]) -> object:
-        command = ["EVALSHA", self._sha, len(keys), *keys, *args]
+    def _send(self, connection: Any, call: ScriptCall) -> None:
+        command = ["EVALSHA", self._sha, len(call.keys), *call.keys, *call.args]
         connection.send_packed_command([resp_command(command)])
-        return connection.read_response()
+
+    def _reply(self, connection: Any, call: ScriptCall) -> object:
+        try:
+            return connection.read_response()
+        except NoScriptError:
+            connection.send_command("SCRIPT", "LOAD", self._script)
+            connection.read_response()
+            self._send(connection, call)
+            return connection.read_response()
 
 
 # A held connection unused for longer is checked before use (Redis may have restarted).
@@ -84,20 +98,34 @@ class HeldScript:
         self._connection: AbstractConnection | None = None
         self._last_used = 0.0
 
-    async def __call__(self, *, keys: Sequence[str], args: Sequence[Argument]) -> object:
-        connection = await self._usable_connection()
+    async def each(self, calls: Iterator[ScriptCall]) -> AsyncGenerator[object, None]:
+        call = next(calls, None)
+        while call is not None:
+            connection = await self._usable_connection()
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await self._send(connection, call)
+                    following = next(calls, None)
+                    reply = await self._reply(connection, call)
+            except BaseException:
+                # A failed, timed out or cancelled call may leave part of a reply unread.
+                await self.close()
+                raise
+            yield reply
+            call = following
+
+    async def _send(self, connection: AbstractConnection, call: ScriptCall) -> None:
+        command = ["EVALSHA", self._sha, len(call.keys), *call.keys, *call.args]
+        await connection.send_packed_command(resp_command(command), check_health=True)
+
+    async def _reply(self, connection: AbstractConnection, call: ScriptCall) -> object:
         try:
-            async with asyncio.timeout(self._timeout):
-                try:
-                    return await self._evalsha(connection, keys, args)
-                except NoScriptError:
-                    await connection.send_command("SCRIPT", "LOAD", self._script)
-                    await connection.read_response()
-                    return await self._evalsha(connection, keys, args)
-        except BaseException:
-            # A failed, timed out or cancelled call may leave part of a reply unread.
-            await self.close()
-            raise
+            return await connection.read_response()
+        except NoScriptError:
+            await connection.send_command("SCRIPT", "LOAD", self._script)
+            await connection.read_response()
+            await self._send(connection, call)
+            return await connection.read_response()
 
     async def _usable_connection(self) -> AbstractConnection:
         """The held connection; after a pause, checked first as the pool checks the ones it
@@ -120,13 +148,6 @@ class HeldScript:
             self._connection = self._connection_class(**self._settings)
         return self._connection
 
-    async def _evalsha(
-        self, connection: AbstractConnection, keys: Sequence[str], args: Sequence[Argument]
-    ) -> object:
-        command = ["EVALSHA", self._sha, len(keys), *keys, *args]
-        await connection.send_packed_command(resp_command(command), check_health=True)
-        return await connection.read_response()
-
     async def close(self) -> None:
         connection, self._connection = self._connection, None
         if connection is not None:
@@ -145,8 +166,10 @@ class ClusterScript:
     def __init__(self, client: aiocluster.RedisCluster, script: str) -> None:
         self._script = client.register_script(script)
 
-    async def __call__(self, *, keys: Sequence[str], args: Sequence[Argument]) -> object:
-        return await self._script(keys=keys, args=args)
+    async def each(self, calls: Iterator[ScriptCall]) -> AsyncGenerator[object, None]:
+        """One call at a time: the calls of a batch go to the masters of their users."""
+        for call in calls:
+            yield await self._script(keys=call.keys, args=call.args)
 
     async def close(self) -> None:
         """Nothing is held: the cluster client's pools own the connections."""
@@ -158,8 +181,9 @@ class ClusterScriptSync:
     def __init__(self, client: synccluster.RedisCluster, script: str) -> None:
         self._script = client.register_script(script)
 
-    def __call__(self, *, keys: Sequence[str], args: Sequence[Argument]) -> object:
-        return self._script(keys=keys, args=args)
+    def each(self, calls: Iterator[ScriptCall]) -> Generator[object, None, None]:
+        for call in calls:
+            yield self._script(keys=call.keys, args=call.args)
 
 
 AsyncScriptRunner = HeldScript | ClusterScript
