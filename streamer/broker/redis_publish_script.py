@@ -124,12 +124,12 @@ end
 -- stored, else what is set only where the state has none.
 local STATE_FIELDS = {__STATE_FIELDS__}
 local FIELD_KEYS = {__FIELD_KEYS__}  -- ',"name":' for each, constants of the script
--- Returns the pieces of the stored event, from index 4 ('{') to the end; 1 to 3 are
--- left for what the published message puts before it (one concat makes each string).
-local function event_parts(kind, task)
-  local parts = {'', '', '', '{"type":"', kind, '","task_id":', task.json}
+-- The pieces of an event's JSON: one table, filled again for each event.
+local parts = {'{"type":"', '', '","task_id":', ''}
+local function event_json(kind, task)
+  parts[2], parts[4] = kind, task.json
   local values, stored, if_absent, reset = task.values, task.stored, task.if_absent, task.reset
-  local last = 7
+  local last = 4
   for k = 1, #STATE_FIELDS do
     local name = STATE_FIELDS[k]
     local value = values[name]
@@ -147,7 +147,7 @@ local function event_parts(kind, task)
     last = last + 2
   end
   parts[last + 1] = '}'
-  return parts, last + 1
+  return concat(parts, '', 1, last + 1)
 end
 
 local stream_ids = {}
@@ -198,8 +198,8 @@ local function publish(n)
     user.length = call('XLEN', user.history)
     user.fresh = user.length == 0 and call('EXISTS', user.history) == 0
   end
-  local parts, last = event_parts(layout.kind, task)
-  local stream_id = call('XADD', user.history, '*', 'e', concat(parts, '', 4, last))
+  local json = event_json(layout.kind, task)
+  local stream_id = call('XADD', user.history, '*', 'e', json)
   if user.fresh then
     -- A history that expired and starts again: earlier resume points are gaps.
     call('XSETID', user.history, stream_id, 'ENTRIESADDED', 1, 'MAXDELETEDID', stream_id)
@@ -209,12 +209,8 @@ local function publish(n)
   local event_id = epoch .. '-' .. stream_id
   -- The channel's message: user, task, id and type on a line each, then the event's
   -- JSON with its id first.
-  parts[1] = user.id .. '\\n' .. task.id .. '\\n' .. event_id .. '\\n' .. layout.kind
-    .. '\\n{"id":"'
-  parts[2] = event_id
-  parts[3] = '",'
-  parts[4] = '"type":"'
-  call('PUBLISH', user.channel, concat(parts, '', 1, last))
+  call('PUBLISH', user.channel, user.id .. '\\n' .. task.id .. '\\n' .. event_id .. '\\n'
+    .. layout.kind .. '\\n{"id":"' .. event_id .. '",' .. sub(json, 2))
   stream_ids[n] = stream_id
 end
 
