@@ -8,8 +8,8 @@ it and how its reply is read.
 from __future__ import annotations
 
 import functools
+import random
 import re
-import secrets
 import time
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -106,17 +106,15 @@ end
 local function start(task)
   local user = task.user
   task.active = call('ZSCORE', user.active, task.id) ~= false
-  task.finished = not task.active and call('HEXISTS', task.key, 'completed_at') == 1
   task.reset, task.values, task.if_absent = false, {user_id = user.id}, {}
-  -- What is stored, for the full state every event carries (not needed when this
-  -- event starts a new run of a finished task: that one starts clean).
-  task.stored = {}
-  if not task.finished then
-    local flat = call('HGETALL', task.key)
-    for k = 1, #flat, 2 do
-      task.stored[flat[k]] = flat[k + 1]
-    end
+  -- What is stored, for the full state every event carries. A task that is not active
+  -- and has completed has finished: its next event starts a new run, from a clean state.
+  local stored, flat = {}, call('HGETALL', task.key)
+  for k = 1, #flat, 2 do
+    stored[flat[k]] = flat[k + 1]
   end
+  task.stored = stored
+  task.finished = not task.active and stored.completed_at ~= nil
 end
 
 -- The event's JSON (without its id): its type, then the task's full state after it,
@@ -228,23 +226,17 @@ for _, task in ipairs(tasks) do
     if task.reset then
       call('DEL', task.key)
     end
-    local hash, missing = {}, {}
+    local hash = {}
     for name, value in pairs(task.values) do
       hash[#hash + 1] = name
       hash[#hash + 1] = value
     end
-    for name in pairs(task.if_absent) do
-      if task.values[name] == nil then
-        missing[#missing + 1] = name
-      end
-    end
-    if #missing > 0 then
-      local stored = task.reset and {} or call('HMGET', task.key, unpack(missing))
-      for k, name in ipairs(missing) do
-        if not stored[k] then
-          hash[#hash + 1] = name
-          hash[#hash + 1] = task.if_absent[name]
-        end
+    -- Nothing wrote the task's hash since it was read: what it holds is `stored`.
+    local stored = task.reset and {} or task.stored
+    for name, value in pairs(task.if_absent) do
+      if task.values[name] == nil and stored[name] == nil then
+        hash[#hash + 1] = name
+        hash[#hash + 1] = value
       end
     end
     call('HSET', task.key, unpack(hash))
@@ -366,6 +358,13 @@ def _layout_pieces(layout: Layout) -> tuple[str, ...]:
     return tuple(pieces)
 
 
+def _candidate_epoch() -> str:
+    """The epoch to take if Redis has none (it lost its data): only needs to differ from
+    the earlier ones. `random`, unlike `secrets`, costs no system call on every publish,
+    and is seeded again in every forked process."""
+    return f"{random.getrandbits(32):08x}"
+
+
 def publish_call(
     events: Sequence[EncodedEvent],
     *,
@@ -408,7 +407,7 @@ def publish_call(
             history_size,
             history_ttl,
             max(ACTIVE_TASK_TTL_S, history_ttl),
-            secrets.token_hex(4),
+            _candidate_epoch(),
             time.time(),
             batch,
             *([] if epoch_ttl is None else [epoch_ttl]),
