@@ -95,32 +95,36 @@ def _text(name: str, raw: str) -> str:
     return raw
 
 
+def _parsed(name: str, raw: str, parse: Callable[[str], object], kind: str, form: str) -> str:
+    """`raw` if `parse` takes it; else why not, and the URL's form."""
+    from .broker.redis_connect import BadRedisUrl
+
+    try:
+        parse(raw)
+    except BadRedisUrl as exc:
+        raise ConfigError(
+            f"{name} is not a usable {kind} URL ({exc}); the form is {form}"
+        ) from None
+    return raw
+
+
 def _redis_url(name: str, raw: str) -> str:
     if any(ord(ch) < 32 for ch in raw):
         raise ConfigError(f"{name} must not contain control characters")
     if raw.lower().startswith("redis+sentinel://"):
-        from .broker.redis_connect import BadRedisUrl, parse_sentinel_url
+        from .broker.redis_connect import parse_sentinel_url
 
-        try:
-            parse_sentinel_url(raw)
-        except BadRedisUrl as exc:
-            raise ConfigError(
-                f"{name} is not a usable Sentinel URL ({exc}); the form is "
-                "redis+sentinel://[:password@]host:port[,host:port...]/<service>[/<db>]"
-            ) from None
-        return raw
+        return _parsed(
+            name, raw, parse_sentinel_url, "Sentinel",
+            "redis+sentinel://[:password@]host:port[,host:port...]/<service>[/<db>]",
+        )  # fmt: skip
     if raw.lower().startswith("redis+cluster://"):
         from .broker.redis_cluster import parse_cluster_url
-        from .broker.redis_connect import BadRedisUrl
 
-        try:
-            parse_cluster_url(raw)
-        except BadRedisUrl as exc:
-            raise ConfigError(
-                f"{name} is not a usable Redis Cluster URL ({exc}); the form is "
-                "redis+cluster://[:password@]host:port[,host:port...]"
-            ) from None
-        return raw
+        return _parsed(
+            name, raw, parse_cluster_url, "Redis Cluster",
+            "redis+cluster://[:password@]host:port[,host:port...]",
+        )  # fmt: skip
     parts = urlsplit(raw)
     shown = _without_password(raw)
     if parts.scheme not in ("redis", "rediss", "unix"):

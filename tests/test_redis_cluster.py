@@ -526,6 +526,49 @@ def assert_in_order_without_duplicates(client: Client, acked: list[str]) -> None
     )
 
 
+@dataclass
+class MidStream:
+    server: ServerProcess
+    producer: Producer
+    clients: list[Client]
+
+
+async def disturbed_mid_stream(
+    cluster: RedisCluster,
+    process_env: dict[str, str],
+    start_process: StartProcess,
+    token_for: TokenFor,
+    users: list[str],
+    disturbance: str,
+    disturb: Callable[[Producer], Awaitable[None]],
+    carry_on_s: float,
+) -> MidStream:
+    """A WebSocket and an SSE stream per user and a producer publishing for them; once
+    every stream has 10 events, `disturb` runs; the producer carries on for `carry_on_s`
+    (and 50 events more), then every stream receives its user's last acknowledged
+    event. The history is not trimmed: the counts are exact."""
+    server = await start_service(
+        cluster, process_env, start_process, STREAMER_HISTORY_SIZE="100000"
+    )
+    streams = [(transport, user) for user in users for transport in ("websocket", "sse")]
+    producer = Producer(cluster.url, users)
+    async with session_for(server) as session, reading(session, token_for, streams) as clients:
+        await first_snapshots(clients)
+        async with producing(producer):
+            await eventually(
+                lambda: all(len(c.event_ids) >= 10 for c in clients) and not producer.error,
+                what=f"events before the {disturbance}",
+            )
+            await disturb(producer)
+            await published_for(
+                producer, carry_on_s, 50, f"the producer to carry on after the {disturbance}"
+            )
+        await all_delivered(producer, clients)
+        for client in clients:
+            client.check()
+    return MidStream(server, producer, clients)
+
+
 @pytest.mark.timeout(90)
 async def test_master_killed_mid_stream(
     redis_cluster: RedisCluster,
@@ -545,24 +588,19 @@ async def test_master_killed_mid_stream(
     doomed = spread[victim][:2]
     bystander = next(users[0] for master, users in spread.items() if master != victim)
     users = [*doomed, bystander]
-    server = await start_service(
-        cluster, process_env, start_process, STREAMER_HISTORY_SIZE="100000"
+    promoted: tuple[str, int] | None = None
+    after: dict[str, int] = {}
+
+    async def failover(producer: Producer) -> None:
+        nonlocal promoted
+        promoted = await asyncio.to_thread(cluster.kill_master_of, history_key(doomed[0]))
+        after.update((user, len(ids)) for user, ids in producer.acked.items())
+
+    run = await disturbed_mid_stream(
+        cluster, process_env, start_process, token_for, users, "failover", failover, 5
     )
-    streams = [(transport, user) for user in users for transport in ("websocket", "sse")]
-    producer = Producer(cluster.url, users)
-    async with session_for(server) as session, reading(session, token_for, streams) as clients:
-        await first_snapshots(clients)
-        async with producing(producer):
-            await eventually(
-                lambda: all(len(c.event_ids) >= 10 for c in clients) and not producer.error,
-                what="events before the failover",
-            )
-            promoted = await asyncio.to_thread(cluster.kill_master_of, history_key(doomed[0]))
-            after = {user: len(ids) for user, ids in producer.acked.items()}
-            await published_for(producer, 5, 50, "the producer to carry on after the failover")
-        await all_delivered(producer, clients)
-        for client in clients:
-            client.check()
+    server, producer, clients = run.server, run.producer, run.clients
+    assert promoted is not None
     assert (await asyncio.to_thread(server.get, "/readyz"))[0] == 200
 
     with cluster.client() as reader:
@@ -630,29 +668,22 @@ async def test_slot_moved_mid_stream(
     with cluster.client() as client:  # keys of the mover's slot, to make the move last
         for n in range(300):
             client.set(f"filler:{{{quote(mover, safe='')}}}:{n}", n)
-    server = await start_service(
-        cluster, process_env, start_process, STREAMER_HISTORY_SIZE="100000"
+    during = 0
+
+    async def move(producer: Producer) -> None:
+        nonlocal during
+        # About 0.6 s with the slot half moved: 30 batches of 10 keys, 20 ms apart.
+        before = producer.total
+        await asyncio.to_thread(
+            cluster.move_slot_of, history_key(mover), to=target, batch=10, pause_s=0.02
+        )
+        during = producer.total - before
+        assert cluster.master_of(history_key(mover)) == target
+
+    run = await disturbed_mid_stream(
+        cluster, process_env, start_process, token_for, users, "move", move, 3
     )
-    streams = [(transport, user) for user in users for transport in ("websocket", "sse")]
-    producer = Producer(cluster.url, users)
-    async with session_for(server) as session, reading(session, token_for, streams) as clients:
-        await first_snapshots(clients)
-        async with producing(producer):
-            await eventually(
-                lambda: all(len(c.event_ids) >= 10 for c in clients) and not producer.error,
-                what="events before the move",
-            )
-            # About 0.6 s with the slot half moved: 30 batches of 10 keys, 20 ms apart.
-            before = producer.total
-            await asyncio.to_thread(
-                cluster.move_slot_of, history_key(mover), to=target, batch=10, pause_s=0.02
-            )
-            during = producer.total - before
-            assert cluster.master_of(history_key(mover)) == target
-            await published_for(producer, 3, 50, "the producer to carry on after the move")
-        await all_delivered(producer, clients)
-        for client in clients:
-            client.check()
+    producer, clients = run.producer, run.clients
 
     # The move lost nothing: the new master holds every acknowledged event.
     with cluster.node(target).client() as new_master:

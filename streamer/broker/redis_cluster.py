@@ -30,7 +30,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from .base import BrokerUnavailable
-from .redis_connect import FENCE_SCRIPT, REDIS_ERRORS, BadRedisUrl, host_port, split_netloc
+from .redis_connect import FENCE_SCRIPT, REDIS_ERRORS, BadRedisUrl, host_port, split_url
 
 CLUSTER_SCHEME = "redis+cluster"
 DEFAULT_PORT = 6379
@@ -51,12 +51,9 @@ def is_cluster_url(url: str) -> bool:
 
 
 def parse_cluster_url(url: str) -> ClusterTarget:
-    if not is_cluster_url(url):
-        raise BadRedisUrl(f"not a {CLUSTER_SCHEME}:// URL")
-    rest = url[len(CLUSTER_SCHEME) + 3 :]
-    if "?" in rest or "#" in rest:
-        raise BadRedisUrl("a cluster URL takes no query or fragment")
-    netloc, path, username, password = split_netloc(rest)
+    netloc, path, username, password = split_url(
+        url, CLUSTER_SCHEME, "a cluster URL takes no query or fragment"
+    )
     if path not in ("", "0"):
         raise BadRedisUrl("Redis Cluster has only database 0: leave the path out")
     nodes = tuple(host_port(item, DEFAULT_PORT, "cluster node") for item in netloc.split(","))

@@ -67,12 +67,9 @@ def is_sentinel_url(url: str) -> bool:
 
 
 def parse_sentinel_url(url: str) -> SentinelTarget:
-    if not is_sentinel_url(url):
-        raise BadRedisUrl(f"not a {SENTINEL_SCHEME}:// URL")
-    rest = url[len(SENTINEL_SCHEME) + 3 :]
-    if "?" in rest or "#" in rest:
-        raise BadRedisUrl("a Sentinel URL takes no query or fragment (the db goes in the path)")
-    netloc, path, username, password = split_netloc(rest)
+    netloc, path, username, password = split_url(
+        url, SENTINEL_SCHEME, "a Sentinel URL takes no query or fragment (the db goes in the path)"
+    )
     sentinels = tuple(host_port(item, DEFAULT_SENTINEL_PORT) for item in netloc.split(","))
     parts = path.split("/")
     if not parts or not parts[0]:
@@ -86,9 +83,15 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
     return SentinelTarget(sentinels, service, password, username, db)
 
 
-def split_netloc(rest: str) -> tuple[str, str, str | None, str | None]:
-    """`[[user]:password@]hosts[/path]` (what follows the scheme): the hosts, the path,
-    the user name and the password (both unquoted; None when absent)."""
+def split_url(url: str, scheme: str, no_query: str) -> tuple[str, str, str | None, str | None]:
+    """`scheme://[[user]:password@]hosts[/path]`: the hosts, the path, the user name and
+    the password (both unquoted; None when absent). `no_query` is the error for a URL
+    with a query or a fragment."""
+    if not url.lower().startswith(scheme + "://"):
+        raise BadRedisUrl(f"not a {scheme}:// URL")
+    rest = url[len(scheme) + 3 :]
+    if "?" in rest or "#" in rest:
+        raise BadRedisUrl(no_query)
     netloc, _, path = rest.partition("/")
     username = password = None
     if "@" in netloc:
