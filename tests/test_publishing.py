@@ -30,6 +30,7 @@ from streamer.publisher import AsyncPublisher, BrokerUnavailable, Publisher
 from streamer.wire import Delivery, EventId
 
 from .clients import ws_json, ws_messages
+from .model import expected_messages
 from .processes import RedisServer
 
 TokenFor = Callable[..., str]
@@ -244,6 +245,24 @@ async def test_publish_many_stores_what_publishing_one_by_one_stores(redis_url: 
         # The new run of "a" started from a clean state.
         assert "result_data" not in expected["tasks"]["a"]
         assert json.loads(expected["tasks"]["b"]["status"]) == "RETRY"
+
+
+def test_each_event_of_a_batch_carries_the_state_the_model_gives(redis_url: str) -> None:
+    """Within one script call the script keeps each task's event text up to date event
+    by event: across new runs, optional fields and values set only where none was, each
+    event still says what the model of the task states says, in the same order."""
+    events = lifecycle("batch-text") + lifecycle("batch-text")  # finished tasks start again
+    with Publisher(redis_url) as publisher, redis.Redis.from_url(redis_url) as admin:
+        ids = publisher.publish_many(events)
+        stored = [json.loads(fields[b"e"]) for _, fields in admin.xrange(history_key("batch-text"))]
+    published = [
+        (event, event_id)
+        for event, event_id in zip(events, map(EventId.parse, ids), strict=True)
+        if event_id is not None
+    ]
+    assert len(published) == len(events)
+    expected = expected_messages(published)
+    assert [{"id": raw, **text} for raw, text in zip(ids, stored, strict=True)] == expected
 
 
 async def test_publish_many_states_match_the_event_model(redis_url: str) -> None:

@@ -87,8 +87,8 @@ for n = 1, tonumber(piece()) do
               cancel_prefix = piece(), channel = piece()}
 end
 -- Per task: its user, id and keys; once it has an event, whether it is active,
--- whether it is finished, whether its hash is to be replaced, the values to set and
--- the values to set if absent.
+-- whether it is finished, whether its hash is to be replaced, the values to set, the
+-- values to set if absent, and its event's JSON in pieces.
 local tasks = {}
 for n = 1, tonumber(piece()) do
   local user = users[tonumber(piece())]
@@ -117,17 +117,19 @@ local function start(task)
   task.finished = not task.active and stored.completed_at ~= nil
 end
 
--- The event's JSON (without its id): its type, then the task's full state after it,
--- field by field as `events.event_json` writes it: what this batch set, else what is
--- stored, else what is set only where the state has none.
+-- The event's JSON (without its id) in pieces, kept per task and updated event by
+-- event: its type, then the task's full state after it, field by field as
+-- `events.event_json` writes it: what this batch set, else what is stored, else what
+-- is set only where the state has none.
 local STATE_FIELDS = {__STATE_FIELDS__}
 local FIELD_KEYS = {__FIELD_KEYS__}  -- ',"name":' for each, constants of the script
--- The pieces of an event's JSON: one table, filled again for each event.
-local parts = {'{"type":"', '', '","task_id":', ''}
-local function event_json(kind, task)
-  parts[2], parts[4] = kind, task.json
+local FIELD_AT = {}  -- where each field's value is among the pieces
+for k = 1, #STATE_FIELDS do
+  FIELD_AT[STATE_FIELDS[k]] = 4 + 2 * k
+end
+local function json_parts(task)
+  local parts = {'{"type":"', '', '","task_id":', task.json}
   local values, stored, if_absent, reset = task.values, task.stored, task.if_absent, task.reset
-  local last = 4
   for k = 1, #STATE_FIELDS do
     local name = STATE_FIELDS[k]
     local value = values[name]
@@ -140,12 +142,11 @@ local function event_json(kind, task)
     if value == nil then
       value = name == 'result_data' and '{}' or 'null'
     end
-    parts[last + 1] = FIELD_KEYS[k]
-    parts[last + 2] = value
-    last = last + 2
+    parts[3 + 2 * k] = FIELD_KEYS[k]
+    parts[4 + 2 * k] = value
   end
-  parts[last + 1] = '}'
-  return concat(parts, '', 1, last + 1)
+  parts[#parts + 1] = '}'
+  return parts
 end
 
 local stream_ids = {}
@@ -158,23 +159,42 @@ local function publish(n)
   end
   if not task.active and task.finished then
     -- A new run of a finished task id starts from a clean state.
-    task.reset, task.values, task.if_absent = true, {user_id = user.id}, {}
+    task.reset, task.values, task.if_absent, task.parts = true, {user_id = user.id}, {}, nil
   end
   local values, if_absent = task.values, task.if_absent
   values.task_id = task.json
+  local parts = task.parts
+  if parts == nil then
+    parts = json_parts(task)
+    task.parts = parts
+  end
+  parts[2] = layout.kind
   for _, name in ipairs(layout.fields) do
     local value = piece()
     if value ~= 'null' then
       values[name] = value
+      local at = FIELD_AT[name]
+      if at then
+        parts[at] = value
+      end
     end
   end
   for _, name in ipairs(layout.stamps) do
-    values[name] = piece()
+    local value = piece()
+    values[name] = value
+    local at = FIELD_AT[name]
+    if at then
+      parts[at] = value
+    end
   end
   for _, name in ipairs(layout.if_absent) do
     local value = piece()
     if values[name] == nil and if_absent[name] == nil then
       if_absent[name] = value
+      local at = FIELD_AT[name]
+      if at and (task.reset or task.stored[name] == nil) then
+        parts[at] = value
+      end
     end
   end
 
@@ -196,7 +216,7 @@ local function publish(n)
     user.length = call('XLEN', user.history)
     user.fresh = user.length == 0 and call('EXISTS', user.history) == 0
   end
-  local json = event_json(layout.kind, task)
+  local json = concat(parts)
   local stream_id = call('XADD', user.history, '*', 'e', json)
   if user.fresh then
     -- A history that expired and starts again: earlier resume points are gaps.
