@@ -10,7 +10,7 @@ import heapq
 import itertools
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 
 from . import logs
 from .connection import Connection, Limits
@@ -154,8 +154,21 @@ class Hub:
 
     def deliver(self, delivery: Delivery) -> None:
         """Hand an event to its user's connections. They write at the end of this turn
-        of the event loop: events that arrive together (a burst read from Redis at once)
-        leave in one write per connection, a lone event as soon as it came."""
+        of the event loop: events delivered in one turn leave in one write per
+        connection, a lone event as soon as it came."""
+        self._offer(delivery)
+        if not self._write_scheduled:
+            self._write_scheduled = True
+            asyncio.get_running_loop().call_soon(self._write_batches)
+
+    def deliver_all(self, deliveries: Sequence[Delivery]) -> None:
+        """Events that arrived together (read from Redis at once): written now, in one
+        write per connection, with whatever else this turn delivered."""
+        for delivery in deliveries:
+            self._offer(delivery)
+        self._write_batches()
+
+    def _offer(self, delivery: Delivery) -> None:
         user = self._users.get(delivery.user_id)
         if user is None:
             return
@@ -164,9 +177,6 @@ class Hub:
         for connection in user.connections:
             if connection.offer(delivery):
                 started.append(connection)
-        if not self._write_scheduled:
-            self._write_scheduled = True
-            asyncio.get_running_loop().call_soon(self._write_batches)
 
     def _write_batches(self) -> None:
         started, self._started = self._started, []

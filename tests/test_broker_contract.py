@@ -13,7 +13,7 @@ process, may hand over every event.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from itertools import pairwise
@@ -46,6 +46,9 @@ class RecordingListener:
 
     def deliver(self, delivery: Delivery) -> None:
         self.deliveries.append(delivery)
+
+    def deliver_all(self, deliveries: Sequence[Delivery]) -> None:
+        self.deliveries += deliveries
 
     def reset(self) -> None:
         self.resets += 1

@@ -204,6 +204,31 @@ async def test_events_that_arrive_together_leave_in_one_write() -> None:
         )
 
 
+async def test_events_read_together_are_written_at_once_in_one_write_each() -> None:
+    """What the broker read in one go leaves before the hub returns: one write per
+    connection (no wait for the end of the turn), after what `deliver` left waiting."""
+    hub = make_hub(Routing())
+    async with (
+        socket_connection("u") as (first, first_peer, first_transport),
+        socket_connection("u") as (second, second_peer, second_transport),
+    ):
+        for connection, peer in ((first, first_peer), (second, second_peer)):
+            await hub.attach(connection)
+            connection.go_live([b"S"])
+            await peer.read(1)
+        writes = [count_writes(first_transport), count_writes(second_transport)]
+        hub.deliver(earlier := delivery("u", 1))
+        read = [delivery("u", ms) for ms in range(2, 12)]
+        hub.deliver_all([*read, delivery("someone-else", 20)])
+        expected = [earlier, *read]
+        assert writes == [[sum(len(e.ws_frame) for e in expected)]] * 2
+        for peer in (first_peer, second_peer):
+            assert await peer.read(writes[0][0]) == b"".join(e.ws_frame for e in expected)
+        await asyncio.sleep(0)  # what `deliver` scheduled finds nothing left to write
+        assert writes == [[writes[0][0]]] * 2
+        assert first.sent == second.sent == 1 + len(expected)
+
+
 async def test_events_wait_for_the_snapshot_and_skip_what_it_covers() -> None:
     hub = make_hub(Routing())
     async with socket_connection("u") as (connection, peer, _):

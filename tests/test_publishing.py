@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
 
 import pytest
@@ -273,6 +273,7 @@ async def test_publish_many_states_match_the_event_model(redis_url: str) -> None
 
     class Ignore:
         def deliver(self, delivery: Delivery) -> None: ...
+        def deliver_all(self, deliveries: Sequence[Delivery]) -> None: ...
         def reset(self) -> None: ...
         def resume_points(self) -> dict[str, EventId | None]:
             return {}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import pytest
 import redis
@@ -189,6 +189,9 @@ class _Recorder:
 
     def deliver(self, delivery: Delivery) -> None:
         self.deliveries.append(str(delivery.event_id))
+
+    def deliver_all(self, deliveries: Sequence[Delivery]) -> None:
+        self.deliveries += (str(delivery.event_id) for delivery in deliveries)
 
     def reset(self) -> None:
         self.resets += 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import aiohttp
 import redis
@@ -13,6 +13,7 @@ import redis.asyncio
 
 from streamer.broker.redis import RedisBroker
 from streamer.broker.redis_schema import user_channel
+from streamer.events import progress_event
 from streamer.publisher import AsyncPublisher, Publisher
 from streamer.wire import Delivery, EventId
 
@@ -25,9 +26,16 @@ TokenFor = Callable[..., str]
 class Recorder:
     def __init__(self) -> None:
         self.users: list[str] = []
+        self.ids: list[EventId] = []
+        self.reads: list[int] = []  # events per deliver_all call
 
     def deliver(self, delivery: Delivery) -> None:
         self.users.append(delivery.user_id)
+
+    def deliver_all(self, deliveries: Sequence[Delivery]) -> None:
+        self.users += (delivery.user_id for delivery in deliveries)
+        self.ids += (delivery.event_id for delivery in deliveries)
+        self.reads.append(len(deliveries))
 
     def reset(self) -> None:
         raise AssertionError("no data loss here")
@@ -64,6 +72,24 @@ async def test_a_process_receives_no_event_of_users_it_has_no_client_for(redis_u
             await publisher.progress("other", "t", progress=1)
         await eventually(lambda: recorder.users[-1] == "other", what="the other user's event")
         assert broker.subscriber.messages == 2 and recorder.users == ["here", "other"]
+    finally:
+        await broker.close()
+
+
+async def test_events_redis_sends_together_reach_the_hub_together(redis_url: str) -> None:
+    """One script call PUBLISHes a batch: Redis writes its messages at once, and they are
+    handed on in a few calls (one per read), not one per event, in order."""
+    broker = RedisBroker(redis_url, history_size=100, history_ttl=60)
+    recorder = Recorder()
+    await broker.start(recorder)
+    try:
+        await broker.subscribe("reader")
+        async with AsyncPublisher(redis_url) as publisher:
+            events = [progress_event("reader", "t", progress=n) for n in range(50)]
+            published = await publisher.publish_many(events)
+        await eventually(lambda: len(recorder.ids) == 50, what="the 50 events")
+        assert [str(event_id) for event_id in recorder.ids] == published
+        assert sum(recorder.reads) == 50 and len(recorder.reads) < 50
     finally:
         await broker.close()
 

@@ -10,7 +10,7 @@ encoded once, to one listener (the hub).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,6 +27,9 @@ class Listener(Protocol):
     """Who the broker hands events to: the process's hub."""
 
     def deliver(self, delivery: Delivery) -> None: ...
+
+    def deliver_all(self, deliveries: Sequence[Delivery]) -> None:
+        """Events that arrived together, in order: handed on at once."""
 
     def reset(self, user_id: str | None = None) -> None:
         """The broker lost its data (only `user_id`'s, if given): those clients must

@@ -149,7 +149,7 @@ class RedisBroker(Broker):
         subscriber_class = ClusterSubscriber if self._cluster else Subscriber
         self._subscriber = subscriber_class(
             self._url,
-            on_message=self._on_message,
+            on_messages=self._on_messages,
             on_restored=self._catch_up,
             idle_ping_s=self._idle_ping_s,
             pong_timeout_s=self._pong_timeout_s,
@@ -181,21 +181,30 @@ class RedisBroker(Broker):
         self._user_epochs.pop(user_id, None)
         self.subscriber.unsubscribe(user_channel(user_id))
 
-    def _on_message(self, data: bytes) -> None:
+    def _on_messages(self, messages: list[bytes]) -> None:
+        """Events read together from the users' channels, handed on together."""
         listener = self._listener
         assert listener is not None
-        delivery = decode_message(data)
-        if delivery is None:
-            log.warning("ignoring a malformed message on a user's channel")
-            return
-        if self._cluster:
-            self._check_user_epoch(listener, delivery.user_id, delivery.event_id.epoch)
-        else:
-            self._check_epoch(listener, delivery.event_id.epoch)
-        try:
-            listener.deliver(delivery)
-        except Exception:  # one event never takes the subscription down
-            log.exception("delivering %s failed", delivery.event_id)
+        arrived: list[Delivery] = []
+        for data in messages:
+            delivery = decode_message(data)
+            if delivery is None:
+                log.warning("ignoring a malformed message on a user's channel")
+                continue
+            epoch = delivery.event_id.epoch
+            if self._cluster:
+                changed = self._user_epochs.get(delivery.user_id, epoch) != epoch
+            else:
+                changed = self._epoch not in (None, epoch)
+            if changed:  # what came before goes out before its clients resync
+                _deliver_all(listener, arrived)
+                arrived = []
+            if self._cluster:
+                self._check_user_epoch(listener, delivery.user_id, epoch)
+            else:
+                self._check_epoch(listener, epoch)
+            arrived.append(delivery)
+        _deliver_all(listener, arrived)
 
     def _check_epoch(self, listener: Listener, epoch: str | None) -> bool:
         """Tell the listener when the dataset changed under us; True if it did."""
@@ -390,6 +399,15 @@ class RedisBroker(Broker):
             return bool(await asyncio.wait_for(self.client.ping(), timeout=2))
         except REDIS_ERRORS_OR_TIMEOUT:
             return False
+
+
+def _deliver_all(listener: Listener, deliveries: list[Delivery]) -> None:
+    if not deliveries:
+        return
+    try:
+        listener.deliver_all(deliveries)
+    except Exception:  # events never take the subscription down
+        log.exception("delivering %d events failed", len(deliveries))
 
 
 def _stream_id(raw: object) -> tuple[int, int] | None:

@@ -37,13 +37,13 @@ class ClusterSubscriber:
         self,
         url: str,
         *,
-        on_message: Callable[[bytes], None],
+        on_messages: Callable[[list[bytes]], None],
         on_restored: Callable[[Set[str]], Awaitable[None]],
         idle_ping_s: float,
         pong_timeout_s: float,
     ) -> None:
         self._url = url
-        self._on_message = on_message
+        self._on_messages = on_messages
         self._on_restored = on_restored
         self._idle_ping_s = idle_ping_s
         self._pong_timeout_s = pong_timeout_s
@@ -131,7 +131,7 @@ class ClusterSubscriber:
                 sharded=True,
                 catch_up_first=self._rebuilds > 0,
                 on_moved=self._moved.set,
-                on_message=self._on_message,
+                on_messages=self._on_messages,
                 on_restored=self._on_restored,
                 idle_ping_s=self._idle_ping_s,
                 pong_timeout_s=self._pong_timeout_s,

@@ -6,7 +6,8 @@ each event once per process that needs it, not once per process. Channels are
 subscribed and unsubscribed as users come and go (the hub counts their connections),
 in batches when many come at once, on the same one connection. `subscribe()` returns
 once Redis confirmed the subscription, so that a client never misses an event
-published between its connect and its snapshot.
+published between its connect and its snapshot. What Redis sends is read by a
+`PushReader`; the events of one read are handed on together.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 from collections.abc import Awaitable, Callable, Set
 from typing import Any
 
+import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
@@ -31,6 +33,7 @@ from .redis_connect import (
     redis_client,
     watches_master,
 )
+from .redis_push_reader import PushReader, Reply
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,8 @@ RECONNECT_BACKOFF_MAX_S = 5.0
 # reconnecting) before it is told to come back later.
 SUBSCRIBE_TIMEOUT_S = 10.0
 _SUBSCRIPTION_LOST: tuple[type[Exception], ...] = (*REDIS_ERRORS, BrokerUnavailable)
+_EVENT = frozenset({b"message", b"smessage"})
+_CONFIRMATION = frozenset({b"subscribe", b"unsubscribe", b"ssubscribe", b"sunsubscribe"})
 
 
 class Rerouted(BrokerUnavailable):
@@ -58,7 +63,7 @@ class Subscriber:
         self,
         url: str,
         *,
-        on_message: Callable[[bytes], None],
+        on_messages: Callable[[list[bytes]], None],
         on_restored: Callable[[Set[str]], Awaitable[None]],
         idle_ping_s: float,
         pong_timeout_s: float,
@@ -73,7 +78,7 @@ class Subscriber:
         # A shard subscriber that replaces another catches up on its first connect too.
         self._catch_up_first = catch_up_first
         self._on_moved = on_moved
-        self._on_message = on_message
+        self._on_messages = on_messages
         self._on_restored = on_restored
         self._idle_ping_s = idle_ping_s
         self._pong_timeout_s = pong_timeout_s
@@ -85,12 +90,13 @@ class Subscriber:
         self._active: set[str] = set()
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._pubsub: PubSub | None = None
+        self._reader: PushReader | None = None
+        self._held: list[bytes] | None = None  # events that wait for the catch-up
+        self._heard = asyncio.Event()  # set by every read
         self._sync_scheduled = False
         self._syncing: asyncio.Future[None] | None = None
-        self._reconnected = False
         self._last_heard = 0.0
         self._pool: object = None
-        self._lost_because = ""
         self.ready = asyncio.Event()  # connected, every wanted channel subscribed
         self.restarts = 0
         self.messages = 0  # events received, of every user
@@ -145,10 +151,7 @@ class Subscriber:
                 socket_connect_timeout=5,
                 socket_keepalive=True,
                 retry=Retry(NoBackoff(), 0),
-                # Under RESP3 every message goes through redis-py's push handler, which
-                # formats it for a debug log line, logged or not: 5% of a worker's CPU
-                # when each event goes to 10 clients.
-                protocol=2,
+                protocol=2,  # the replies `_on_replies` reads are RESP2's
             )
             self._pool = client.connection_pool
             pubsub = client.pubsub()
@@ -176,79 +179,73 @@ class Subscriber:
         """Subscribe to the control channel and every wanted channel, wait for Redis to
         confirm them all, catch up on what was missed, then go ready. Events that
         arrive meanwhile are handed on after the catch-up, in order behind it."""
-        self._pubsub = pubsub
-        self._reconnected = False
+        loop = asyncio.get_running_loop()
         self._last_heard = 0.0
+        await pubsub.connect()  # type: ignore[no-untyped-call]
+        # Nothing is read on this connection from here on but by the reader.
+        connection = pubsub.connection
+        if connection is None:
+            raise ConnectionError("the subscriber connection did not open")
+        self._held = []
+        self._reader = PushReader.install(
+            connection, lambda replies: self._on_replies(loop.time(), replies)
+        )
+        # redis-py reconnects a pub/sub connection by itself on the next command and
+        # subscribes again: what was published in between would be lost unseen.
+        connection.register_connect_callback(self._on_reconnect)
+        self._pubsub = pubsub
         self._schedule_sync()
         if self._syncing is not None:
             await asyncio.shield(self._syncing)  # the commands are sent
-        if pubsub.connection is None:
-            raise ConnectionError("the subscriber connection did not open")
-        # redis-py reconnects a pub/sub connection by itself on the next command and
-        # subscribes again: what was published in between would be lost unseen.
-        pubsub.connection.register_connect_callback(self._on_reconnect)
-        early: list[bytes] = []
         while not self._all_confirmed():
             self._check_connection()
-            message = await pubsub.get_message(timeout=self._pong_timeout_s)
-            if message is None:
-                raise ConnectionError("Redis did not confirm the subscriptions")
-            self._handle(message, early)
+            self._heard.clear()
+            try:
+                await asyncio.wait_for(self._heard.wait(), self._pong_timeout_s)
+            except TimeoutError:
+                raise ConnectionError("Redis did not confirm the subscriptions") from None
+        self._check_connection()
         if self.restarts or self._catch_up_first:
             log.warning("redis subscription restored; catching up")
             await self._on_restored(frozenset(self.wanted))
-        for data in early:
-            self._on_message(data)
+        self._check_connection()
+        held, self._held = self._held, None
+        if held:
+            self._on_messages(held)
         self.ready.set()
 
     def _all_confirmed(self) -> bool:
         return CONTROL_CHANNEL in self._active and not self._unconfirmed
 
     async def _listen(self, pubsub: PubSub) -> None:
-        """Hand messages on until the connection fails.
+        """Wait until the connection fails; the reader hands messages on meanwhile.
 
-        Reads block without a timeout (a timeout per read costs more than the event it
-        reads); a watchdog beside it finds a connection that went half-open (a NAT or
-        load balancer dropped it, the host vanished), which fails no read: after
-        idle_ping_s of silence a PING must be answered within pong_timeout_s, or the
-        read is cancelled and the connection counts as lost.
+        A watchdog finds a connection that went half-open (a NAT or load balancer
+        dropped it, the host vanished), which no read would notice: after idle_ping_s
+        of silence a PING must be answered within pong_timeout_s, or the connection
+        counts as lost.
         """
-        loop = asyncio.get_running_loop()
-        self._last_heard = loop.time()
-        listener = asyncio.current_task()
-        assert listener is not None
-        silent = asyncio.Event()
-        watchdog = asyncio.ensure_future(self._watch(pubsub, listener, silent))
+        reader = self._reader
+        assert reader is not None
+        self._last_heard = asyncio.get_running_loop().time()
+        watchdog = asyncio.ensure_future(self._watch(pubsub, reader))
         try:
-            while True:
-                self._check_connection()
-                message = await pubsub.get_message(timeout=None)
-                self._last_heard = loop.time()
-                if message is not None:
-                    self._handle(message)
-        except asyncio.CancelledError:
-            if not silent.is_set():
-                raise
-            listener.uncancel()  # the watchdog's cancel, not our owner's
-            raise ConnectionError(self._lost_because) from None
+            await asyncio.shield(reader.lost)
         finally:
             watchdog.cancel()
+        raise ConnectionError(reader.lost_because)
 
-    async def _watch(
-        self, pubsub: PubSub, listener: asyncio.Task[None], silent: asyncio.Event
-    ) -> None:
-        """Ping a silent connection; cancel the listener's read when the answer does not
-        come (a reconnect and a catch-up follow). Behind Sentinel, also when the
-        sentinels name another master: the old one may still be up, but what is
-        published to it now is lost."""
+    async def _watch(self, pubsub: PubSub, reader: PushReader) -> None:
+        """Ping a silent connection; give it up when the answer does not come (a
+        reconnect and a catch-up follow). Behind Sentinel, also when the sentinels name
+        another master: the old one may still be up, but what is published to it now
+        is lost."""
         loop = asyncio.get_running_loop()
         behind_sentinel = watches_master(self._pool)
         while True:
             if behind_sentinel and await self._master_moved(pubsub):
-                self._lost_because = "the sentinels moved the master"
                 self.ready.clear()
-                silent.set()
-                listener.cancel()
+                reader.fail("the sentinels moved the master")
                 return
             silent_for = loop.time() - self._last_heard
             if silent_for < self._idle_ping_s:
@@ -257,13 +254,11 @@ class Subscriber:
                 continue
             pinged_at = loop.time()
             with contextlib.suppress(*REDIS_ERRORS):
-                await pubsub.ping()  # a broken connection: the listener sees it itself
+                await pubsub.ping()  # a broken connection: the reader sees it itself
             await asyncio.sleep(self._pong_timeout_s)
             if self._last_heard < pinged_at:
-                self._lost_because = "no answer to PING on the subscriber connection"
                 self.ready.clear()
-                silent.set()
-                listener.cancel()
+                reader.fail("no answer to PING on the subscriber connection")
                 return
 
     async def _master_moved(self, pubsub: PubSub) -> bool:
@@ -275,35 +270,44 @@ class Subscriber:
         return address != master
 
     def _on_reconnect(self, connection: object) -> None:
-        self._reconnected = True
+        if self._reader is not None:
+            self._reader.fail("the subscriber connection was lost and reopened")
 
     def _check_connection(self) -> None:
-        if self._reconnected:
-            raise ConnectionError("the subscriber connection was lost and reopened")
+        reader = self._reader
+        if reader is None or reader.lost.done():
+            raise ConnectionError(reader.lost_because if reader else "not connected")
 
-    def _handle(self, message: dict[str, object], held: list[bytes] | None = None) -> None:
-        """An event goes on (or into `held`); a confirmation updates the subscriptions."""
-        kind = message.get("type")
-        if kind == "message" or kind == "smessage":
-            self.messages += 1
-            data = message["data"]
-            if isinstance(data, bytes):
-                if held is None:
-                    self._on_message(data)
-                else:
-                    held.append(data)
-            return
-        channel = message.get("channel")
-        if isinstance(channel, bytes):
-            channel = channel.decode()
-        if not isinstance(channel, str):
-            return
-        if kind == "sunsubscribe" and channel not in self._unconfirmed:
+    def _on_replies(self, now: float, replies: list[Reply]) -> None:
+        """What one read brought: events go on together (or wait for the catch-up),
+        confirmations update the subscriptions."""
+        self._last_heard = now
+        events: list[bytes] = []
+        for reply in replies:
+            if type(reply) is list and len(reply) == 3:
+                kind, channel, data = reply
+                if kind in _EVENT:
+                    if type(data) is bytes:
+                        events.append(data)
+                elif kind in _CONFIRMATION and type(channel) is bytes:
+                    self._on_confirmation(kind, channel.decode())
+            elif isinstance(reply, hiredis.ReplyError) and self._reader is not None:
+                self._reader.fail(f"Redis refused a subscriber command: {reply}")
+        self._heard.set()
+        if events:
+            self.messages += len(events)
+            if self._held is not None:
+                self._held += events
+            else:
+                self._on_messages(events)
+
+    def _on_confirmation(self, kind: bytes, channel: str) -> None:
+        if kind == b"sunsubscribe" and channel not in self._unconfirmed:
             # Not asked for: Redis Cluster moved the channel's slot to another shard.
             self._requested.pop(channel, None)
             self._active.discard(channel)
             self._on_moved()
-        elif kind in ("subscribe", "unsubscribe", "ssubscribe", "sunsubscribe"):
+        else:
             self._confirmed(channel)
 
     def _confirmed(self, channel: str) -> None:
@@ -377,7 +381,11 @@ class Subscriber:
 
     def _disconnected(self) -> None:
         self.ready.clear()
+        if self._reader is not None:
+            self._reader.fail("the subscriber connection was closed")
         self._pubsub = None
+        self._reader = None
+        self._held = None
         self._requested.clear()
         self._unconfirmed.clear()
         self._active.clear()
