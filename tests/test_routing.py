@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import aiohttp
 import redis
@@ -44,11 +44,20 @@ class Recorder:
         return {}
 
 
-async def test_a_process_receives_no_event_of_users_it_has_no_client_for(redis_url: str) -> None:
-    broker = RedisBroker(redis_url, history_size=10, history_ttl=60)
+@contextlib.asynccontextmanager
+async def recording_broker(redis_url: str) -> AsyncIterator[tuple[RedisBroker, Recorder]]:
+    """A started broker handing its events to a `Recorder`."""
+    broker = RedisBroker(redis_url, history_size=100, history_ttl=60)
     recorder = Recorder()
     await broker.start(recorder)
     try:
+        yield broker, recorder
+    finally:
+        await broker.close()
+
+
+async def test_a_process_receives_no_event_of_users_it_has_no_client_for(redis_url: str) -> None:
+    async with recording_broker(redis_url) as (broker, recorder):
         await broker.subscribe("here")
         async with AsyncPublisher(redis_url) as publisher:
             for n in range(20):
@@ -72,17 +81,12 @@ async def test_a_process_receives_no_event_of_users_it_has_no_client_for(redis_u
             await publisher.progress("other", "t", progress=1)
         await eventually(lambda: recorder.users[-1] == "other", what="the other user's event")
         assert broker.subscriber.messages == 2 and recorder.users == ["here", "other"]
-    finally:
-        await broker.close()
 
 
 async def test_events_redis_sends_together_reach_the_hub_together(redis_url: str) -> None:
     """One script call PUBLISHes a batch: Redis writes its messages at once, and they are
     handed on in a few calls (one per read), not one per event, in order."""
-    broker = RedisBroker(redis_url, history_size=100, history_ttl=60)
-    recorder = Recorder()
-    await broker.start(recorder)
-    try:
+    async with recording_broker(redis_url) as (broker, recorder):
         await broker.subscribe("reader")
         async with AsyncPublisher(redis_url) as publisher:
             events = [progress_event("reader", "t", progress=n) for n in range(50)]
@@ -90,8 +94,6 @@ async def test_events_redis_sends_together_reach_the_hub_together(redis_url: str
         await eventually(lambda: len(recorder.ids) == 50, what="the 50 events")
         assert [str(event_id) for event_id in recorder.ids] == published
         assert sum(recorder.reads) == 50 and len(recorder.reads) < 50
-    finally:
-        await broker.close()
 
 
 def redis_output_bytes(admin: redis.Redis) -> int:
