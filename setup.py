@@ -12,9 +12,11 @@ setup(
         "multidict>=6",  # aiohttp's own; named because streamer uses it directly
         "aiohttp-session[secure]>=2.12,<3",
         "gunicorn>=22",
-        # hiredis parses what the subscriber reads; uvloop runs the workers (both measured
-        # faster per delivery: see the README's benchmarks).
+        # uvloop runs the workers (measured faster per delivery: see the README's
+        # benchmarks); hiredis parses what redis-py reads, and what the subscriber
+        # connection brings (streamer.broker.redis_push_reader).
         "redis[hiredis]>=5.3,<9",
+        "hiredis>=3",
         "uvloop>=0.19; sys_platform != 'win32'",
         "PyJWT>=2.8,<3",
         "prometheus-client>=0.20",

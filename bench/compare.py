@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.load.scenarios import NAMES
+from bench.load.scenarios import NAMES, scenario
 from bench.report import table
 from bench.servers import (
     LOAD_CPU,
@@ -45,14 +45,16 @@ DEFAULT_OUTPUT = ROOT / "bench" / "results.jsonl"
 
 
 def run_load(
-    name: str, quick: bool, spec: ServerSpec, server: RunningServer, redis_url: str, timeout: float
+    name: str, spec: ServerSpec, server: RunningServer, redis_url: str, args: argparse.Namespace
 ) -> dict[str, Any]:
+    timeout = args.timeout
     command = [
         sys.executable, "-m", "bench.load", "--scenario", name, "--server", spec.name,
         "--port", str(server.process.port),
         "--pids", ",".join(str(pid) for pid in server.serving_pids),
         "--redis-url", redis_url, "--secret", SECRET, "--timeout", str(timeout),
-        *(["--quick"] if quick else []),
+        *(["--quick"] if args.quick else []),
+        *([] if args.events is None else ["--events", str(args.events)]),
     ]  # fmt: skip
     load = subprocess.Popen(
         pinned(LOAD_CPU, command),
@@ -80,7 +82,7 @@ def measure(
     """One scenario against one freshly started server; Redis is left empty."""
     print(f"{name}: {spec.name} ...", file=sys.stderr, flush=True)
     with running_server(spec, directory) as server:
-        result = run_load(name, args.quick, spec, server, redis_url, args.timeout)
+        result = run_load(name, spec, server, redis_url, args)
     flush(redis_url)
     result.update(
         time=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -96,6 +98,12 @@ def main() -> int:
     parser.add_argument("scenarios", nargs="+", choices=NAMES, metavar="SCENARIO")
     parser.add_argument("--quick", action="store_true", help="tiny versions, a smoke test")
     parser.add_argument(
+        "--events",
+        type=int,
+        help="measured events of each scenario (default: its own); longer runs read the "
+        "server's CPU time steadier",
+    )
+    parser.add_argument(
         "--server-cmd",
         default=STREAMER_COMMAND,
         help=f"how to start streamer, {{port}} filled in (default: {STREAMER_COMMAND})",
@@ -106,6 +114,11 @@ def main() -> int:
         "--only", choices=["streamer", "reference"], help="measure one server, not both"
     )
     args = parser.parse_args()
+    for name in args.scenarios:
+        try:
+            scenario(name, quick=args.quick, events=args.events)
+        except ValueError as exc:
+            parser.error(str(exc))
     # A SIGTERM (a CI timeout) unwinds like an error: the servers and Redis are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 

@@ -13,15 +13,18 @@ from pathlib import Path
 
 import pytest
 
+from bench.load import scenarios
+
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ("S1", "S2-sse")
 SERVERS = ("reference", "streamer")
 BOUND_S = 60
+EVENTS = 60  # instead of the quick scenarios' 100: `--events` is passed on
 
 
 def run_compare(output: Path) -> subprocess.CompletedProcess[str]:
     command = [
-        *(sys.executable, "-m", "bench.compare", *SCENARIOS, "--quick"),
+        *(sys.executable, "-m", "bench.compare", *SCENARIOS, "--quick", "--events", str(EVENTS)),
         *("--output", str(output), "--timeout", "30"),
     ]
     # Its own process group; SIGTERM first, so that it stops its servers and Redis.
@@ -67,7 +70,16 @@ def test_compare_quick_prints_the_table(tmp_path: Path) -> None:
         (scenario, server) for scenario in SCENARIOS for server in SERVERS
     }
     for result in results:
+        assert result["events"] == EVENTS, result
         assert result["connected"] == result["clients"] == result["probed"], result
         assert result["delivered"] == result["expected"] > 0 and result["lost"] == 0, result
         assert result["duplicates"] == result["misrouted"] == 0, result
         assert result["p99_ms"] is not None and result["deliveries_per_cpu_s"] > 0, result
+
+
+def test_a_number_of_events_is_refused_where_it_does_not_apply() -> None:
+    assert scenarios.scenario("S1", events=5000).events == 5000
+    with pytest.raises(ValueError, match="S3 has idle clients"):
+        scenarios.scenario("S3", events=10)
+    with pytest.raises(ValueError, match="at least 1"):
+        scenarios.scenario("S1-sse", events=0)

@@ -1,5 +1,5 @@
 """python -m bench.load --scenario S2 --server streamer --port 8080 --pids 1234 \
-    --redis-url redis://127.0.0.1:6390/0 --secret SECRET [--quick] [--timeout 300]
+    --redis-url redis://127.0.0.1:6390/0 --secret SECRET [--quick] [--events N] [--timeout 300]
 
 Runs one scenario against a running server and prints one JSON line."""
 
@@ -19,6 +19,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", required=True, choices=NAMES)
     parser.add_argument("--quick", action="store_true", help="the tiny smoke-test version")
+    parser.add_argument("--events", type=int, help="measured events (default: the scenario's)")
     parser.add_argument("--server", choices=["streamer", "reference"], required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
@@ -35,7 +36,10 @@ def main() -> None:
         redis_url=args.redis_url,
         secret=args.secret,
     )
-    chosen = scenario(args.scenario, quick=args.quick)
+    try:
+        chosen = scenario(args.scenario, quick=args.quick, events=args.events)
+    except ValueError as exc:
+        parser.error(str(exc))
     result = uvloop.run(
         asyncio.wait_for(run_scenario(chosen, target, args.timeout), args.timeout + 30)
     )

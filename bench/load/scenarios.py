@@ -58,10 +58,18 @@ QUICK = {
 NAMES = [*FULL, *(f"{name}-sse" for name in FULL)]
 
 
-def scenario(name: str, *, quick: bool = False) -> Scenario:
-    """`S2` or `S2-sse`; `quick` gives the tiny smoke-test version."""
+def scenario(name: str, *, quick: bool = False, events: int | None = None) -> Scenario:
+    """`S2` or `S2-sse`; `quick` gives the tiny smoke-test version, `events` another
+    number of measured events (a longer run reads the server's CPU time steadier)."""
     base_name, _, suffix = name.partition("-")
     table = QUICK if quick else FULL
     if base_name not in table or suffix not in ("", "sse"):
         raise ValueError(f"unknown scenario {name!r}; one of {', '.join(NAMES)}")
-    return replace(table[base_name], name=name, transport=suffix or "ws")
+    chosen = replace(table[base_name], name=name, transport=suffix or "ws")
+    if events is None:
+        return chosen
+    if chosen.events == 0:
+        raise ValueError(f"{name} has idle clients: a number of events does not apply")
+    if events < 1:
+        raise ValueError(f"the number of events must be at least 1, not {events}")
+    return replace(chosen, events=events)

@@ -60,6 +60,8 @@ class PushReader(asyncio.Protocol):
     # --- the transport's callbacks ----------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        if self.lost.done():
+            return  # given up: nothing more is handed on from this connection
         parser = self._parser
         parser.feed(data)
         replies = []

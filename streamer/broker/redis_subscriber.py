@@ -200,10 +200,11 @@ class Subscriber:
         while not self._all_confirmed():
             self._check_connection()
             self._heard.clear()
-            try:
-                await asyncio.wait_for(self._heard.wait(), self._pong_timeout_s)
-            except TimeoutError:
-                raise ConnectionError("Redis did not confirm the subscriptions") from None
+            heard = asyncio.ensure_future(self._heard.wait())
+            done, _ = await asyncio.wait({heard, self._reader.lost}, timeout=self._pong_timeout_s)
+            heard.cancel()
+            if not done:
+                raise ConnectionError("Redis did not confirm the subscriptions")
         self._check_connection()
         if self.restarts or self._catch_up_first:
             log.warning("redis subscription restored; catching up")
