@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import urllib.parse
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import pytest
@@ -198,6 +200,55 @@ class _Recorder:
 
     def resume_points(self) -> dict[str, EventId | None]:
         return {}
+
+
+@contextlib.asynccontextmanager
+async def replies_held_back(redis_url: str, delay_s: float) -> AsyncIterator[str]:
+    """A proxy to Redis that holds each of Redis's replies back for `delay_s`, as a slow
+    network would; yields the URL to reach Redis through it."""
+    target = urllib.parse.urlsplit(redis_url)
+
+    async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter, delay: float) -> None:
+        try:
+            while data := await source.read(65536):
+                await asyncio.sleep(delay)
+                sink.write(data)
+                await sink.drain()
+        finally:
+            sink.close()
+
+    async def serve(
+        client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter
+    ) -> None:
+        redis_reader, redis_writer = await asyncio.open_connection(target.hostname, target.port)
+        await asyncio.gather(
+            pipe(client_reader, redis_writer, 0),
+            pipe(redis_reader, client_writer, delay_s),
+            return_exceptions=True,
+        )
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"redis://127.0.0.1:{port}{target.path}"
+    finally:
+        server.close()
+
+
+async def test_the_subscriber_is_ready_when_redis_confirms_not_when_its_time_is_up(
+    redis_url: str,
+) -> None:
+    """`start` waits for the subscriber (at most 5 s). With every reply of Redis late by
+    0.2 s, the confirmation of its subscriptions comes while it is awaited: that makes
+    it ready, long before the 30 s it would be given to come."""
+    async with replies_held_back(redis_url, 0.2) as slow_url:
+        broker = RedisBroker(slow_url, history_size=10, history_ttl=60, pong_timeout_s=30)
+        await broker.start(_Recorder())
+        try:
+            assert broker.subscriber.ready.is_set()
+            assert await broker.ready()
+        finally:
+            await broker.close()
 
 
 async def test_a_silent_subscriber_connection_is_replaced(

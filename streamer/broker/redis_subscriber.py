@@ -201,7 +201,11 @@ class Subscriber:
             self._check_connection()
             self._heard.clear()
             heard = asyncio.ensure_future(self._heard.wait())
-            done, _ = await asyncio.wait({heard, self._reader.lost}, timeout=self._pong_timeout_s)
+            done, _ = await asyncio.wait(
+                {heard, self._reader.lost},
+                timeout=self._pong_timeout_s,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
             heard.cancel()
             if not done:
                 raise ConnectionError("Redis did not confirm the subscriptions")
