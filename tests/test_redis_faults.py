@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import ipaddress
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from pathlib import Path
 
 import pytest
 import redis
 from aiohttp import ClientWebSocketResponse
 from aiohttp.test_utils import TestClient
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from streamer.app import create_app
 from streamer.app_keys import BROKER
@@ -21,7 +28,7 @@ from streamer.wire import Delivery, EventId
 
 from .clients import SseReader, ws_close_code, ws_json, ws_messages
 from .conftest import PUBLISH_KEY, SECRET
-from .processes import RedisServer
+from .processes import RedisServer, free_port
 from .waiting import eventually
 
 TokenFor = Callable[..., str]
@@ -300,3 +307,84 @@ async def test_session_cookie_while_redis_is_down_gets_503(
         assert (await login.json())["code"] == "broker_unavailable"
     finally:
         redis_server.start()
+
+
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 that is its own CA, and its key (PEM files)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    certificate_path, key_path = directory / "redis.crt", directory / "redis.key"
+    certificate_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return certificate_path, key_path
+
+
+@pytest.fixture(scope="module")
+def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """A private redis-server that also listens with TLS: (its rediss:// URL, verifying
+    its certificate, and its plain URL, for the test's own checks)."""
+    directory = tmp_path_factory.mktemp("redis-tls")
+    certificate, key = self_signed_certificate(directory)
+    tls_port = free_port()
+    server = RedisServer(
+        directory,
+        extra_args=[
+            *("--tls-port", str(tls_port), "--tls-auth-clients", "no"),
+            *("--tls-cert-file", str(certificate), "--tls-key-file", str(key)),
+            *("--tls-ca-cert-file", str(certificate)),
+        ],
+    )
+    server.start()
+    try:
+        yield f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={certificate}", server.url
+    finally:
+        server.stop()
+
+
+async def test_the_subscriber_reads_through_tls_and_comes_back_when_killed(
+    tls_redis: tuple[str, str], user_id: str
+) -> None:
+    """The subscriber's reads are taken over on a TLS transport too: events arrive in
+    order, and a killed connection (its end of stream comes through TLS) is replaced."""
+    tls_url, plain_url = tls_redis
+    broker = RedisBroker(tls_url, history_size=100, history_ttl=60)
+    recorder = _Recorder()
+    await broker.start(recorder)
+    try:
+        assert await broker.ready()
+        await broker.subscribe(user_id)
+        async with AsyncPublisher(tls_url) as publisher:
+            published = [await publisher.progress(user_id, "t", progress=n) for n in range(5)]
+            await eventually(lambda: recorder.deliveries == published, what="the first events")
+            with redis.Redis.from_url(plain_url) as admin:
+                assert admin.client_kill_filter(_type="pubsub") == 1
+            await eventually(
+                lambda: broker.subscriber.restarts == 1 and broker.subscriber.ready.is_set(),
+                what="the subscriber to be back",
+            )
+            published += [await publisher.progress(user_id, "t", progress=n) for n in range(5)]
+            await eventually(lambda: recorder.deliveries == published, what="the later events")
+    finally:
+        await broker.close()
