@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
-import ipaddress
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from pathlib import Path
 
 import pytest
 import redis
 from aiohttp import ClientWebSocketResponse
 from aiohttp.test_utils import TestClient
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from streamer.app import create_app
 from streamer.app_keys import BROKER
@@ -26,6 +19,7 @@ from streamer.config import Config
 from streamer.publisher import AsyncPublisher, BrokerUnavailable
 from streamer.wire import Delivery, EventId
 
+from .certificates import self_signed_certificate
 from .clients import SseReader, ws_close_code, ws_json, ws_messages
 from .conftest import PUBLISH_KEY, SECRET
 from .processes import RedisServer, free_port
@@ -307,38 +301,6 @@ async def test_session_cookie_while_redis_is_down_gets_503(
         assert (await login.json())["code"] == "broker_unavailable"
     finally:
         redis_server.start()
-
-
-def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 that is its own CA, and its key (PEM files)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    certificate_path, key_path = directory / "redis.crt", directory / "redis.key"
-    certificate_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return certificate_path, key_path
 
 
 @pytest.fixture(scope="module")

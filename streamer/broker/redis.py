@@ -75,6 +75,10 @@ IDLE_PING_S = 15.0
 PONG_TIMEOUT_S = 10.0
 
 
+def _nothing() -> None:
+    pass
+
+
 class RedisBroker(Broker):
     def __init__(
         self,
@@ -186,6 +190,11 @@ class RedisBroker(Broker):
         listener = self._listener
         assert listener is not None
         arrived: list[Delivery] = []
+
+        def before_reset() -> None:  # what came before goes out before its clients resync
+            _deliver_all(listener, arrived)
+            arrived.clear()
+
         for data in messages:
             delivery = decode_message(data)
             if delivery is None:
@@ -193,36 +202,39 @@ class RedisBroker(Broker):
                 continue
             epoch = delivery.event_id.epoch
             if self._cluster:
-                changed = self._user_epochs.get(delivery.user_id, epoch) != epoch
+                self._check_user_epoch(listener, delivery.user_id, epoch, before_reset)
             else:
-                changed = self._epoch not in (None, epoch)
-            if changed:  # what came before goes out before its clients resync
-                _deliver_all(listener, arrived)
-                arrived = []
-            if self._cluster:
-                self._check_user_epoch(listener, delivery.user_id, epoch)
-            else:
-                self._check_epoch(listener, epoch)
+                self._check_epoch(listener, epoch, before_reset)
             arrived.append(delivery)
         _deliver_all(listener, arrived)
 
-    def _check_epoch(self, listener: Listener, epoch: str | None) -> bool:
+    def _check_epoch(
+        self, listener: Listener, epoch: str | None, before_reset: Callable[[], None] = _nothing
+    ) -> bool:
         """Tell the listener when the dataset changed under us; True if it did."""
         lost = self._epoch is not None and epoch != self._epoch
         if lost:
             log.warning("redis lost its data (epoch %s -> %s): clients resync", self._epoch, epoch)
+            before_reset()
             listener.reset()
         # None (Redis empty, nothing published yet) is remembered too, so the first
         # epoch of the new dataset does not count as a second loss.
         self._epoch = epoch
         return lost
 
-    def _check_user_epoch(self, listener: Listener, user_id: str, epoch: str | None) -> bool:
+    def _check_user_epoch(
+        self,
+        listener: Listener,
+        user_id: str,
+        epoch: str | None,
+        before_reset: Callable[[], None] = _nothing,
+    ) -> bool:
         """`_check_epoch` for one user's epoch (Redis Cluster)."""
         known = self._user_epochs.get(user_id)
         lost = known is not None and epoch != known
         if lost:
             log.warning("redis lost user data (epoch %s -> %s): their clients resync", known, epoch)
+            before_reset()
             listener.reset(user_id)
         if user_id in self._users_here:
             self._user_epochs[user_id] = epoch
