@@ -8,7 +8,9 @@ concurrent tasks (each awaiting its calls one after the other), `Publisher.progr
 one after the other, and `publish_many` (sync and async) with batches of 100, 1000
 and 10000 events spread over --users users. Batches are made of events built
 beforehand, except in the `+build` scenarios, which count building them
-(`progress_event`) too. Besides events/s it prints, per event, the CPU time of this
+(`progress_event`) too. Every user's history is filled first (unless
+--empty-histories), so that each publish also trims it, as in a service that has run a
+while. Besides events/s it prints, per event, the CPU time of this
 process and of Redis (INFO cpu: steadier than events/s on a shared machine), the time
 Redis spent in the publish script (INFO commandstats), and the events per script call.
 """
@@ -35,6 +37,7 @@ from streamer.events import TaskEvent, progress_event
 from streamer.publisher import AsyncPublisher, Publisher
 
 BATCHES = (100, 1000, 10000)
+DEFAULT_HISTORY_SIZE = 1000  # the service's default
 
 
 @dataclass(frozen=True)
@@ -210,6 +213,16 @@ async def async_many(
         return await measured_async(f"async many {batch}{'+build' if build else ''}", admin, run)
 
 
+def fill_histories(url: str, scenario: Scenario) -> int:
+    """Publish as many events per user as the history keeps."""
+    size = int(os.environ.get("STREAMER_HISTORY_SIZE", DEFAULT_HISTORY_SIZE))
+    total = size * scenario.users
+    with Publisher(url) as publisher:
+        for start in range(0, total, 10_000):
+            publisher.publish_many(scenario.events(min(10_000, total - start)))
+    return total
+
+
 def round_trips(admin: redis.Redis, count: int = 500) -> str:
     """The machine's floor: a PING and a script that does nothing, one after the other."""
     noop = admin.register_script("return 1")
@@ -247,6 +260,9 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=100)
     parser.add_argument("--only", nargs="*", help="scenario names (default: all)")
     parser.add_argument("--uvloop", action="store_true", help="run the asyncio ones on uvloop")
+    parser.add_argument(
+        "--empty-histories", action="store_true", help="do not fill the histories first"
+    )
     args = parser.parse_args()
     run_async: Callable[[Any], Result] = uvloop.run if args.uvloop else asyncio.run
     with tempfile.TemporaryDirectory() as directory, private_redis(Path(directory)) as url:
@@ -258,6 +274,8 @@ def main() -> int:
             if unknown:
                 parser.error(f"unknown scenario(s) {sorted(unknown)}; known: {list(runs)}")
             print(round_trips(admin))
+            if not args.empty_histories:
+                print(f"histories filled first: {fill_histories(url, scenario):,} events")
             print(Result.HEADER)
             for name, run in runs.items():
                 if args.only and name not in args.only:

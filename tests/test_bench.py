@@ -23,14 +23,21 @@ EVENTS = 60  # instead of the quick scenarios' 100: `--events` is passed on
 
 
 def run_compare(output: Path) -> subprocess.CompletedProcess[str]:
-    command = [
-        *(sys.executable, "-m", "bench.compare", *SCENARIOS, "--quick", "--events", str(EVENTS)),
-        *("--output", str(output), "--timeout", "30"),
-    ]
+    return run_bench(
+        "bench.compare", *SCENARIOS, "--quick", "--events", str(EVENTS),
+        "--output", str(output), "--timeout", "30",
+    )  # fmt: skip
+
+
+def run_bench(
+    module: str, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", module, *args]
     # Its own process group; SIGTERM first, so that it stops its servers and Redis.
     compare = subprocess.Popen(
         command,
         cwd=ROOT,
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -45,7 +52,7 @@ def run_compare(output: Path) -> subprocess.CompletedProcess[str]:
         except subprocess.TimeoutExpired:
             os.killpg(compare.pid, signal.SIGKILL)
             stdout, stderr = compare.communicate()
-        pytest.fail(f"bench.compare took longer than {BOUND_S}s:\n{stderr[-3000:]}{stdout}")
+        pytest.fail(f"{module} took longer than {BOUND_S}s:\n{stderr[-3000:]}{stdout}")
     return subprocess.CompletedProcess(command, compare.returncode, stdout, stderr)
 
 
@@ -83,3 +90,19 @@ def test_a_number_of_events_is_refused_where_it_does_not_apply() -> None:
         scenarios.scenario("S3", events=10)
     with pytest.raises(ValueError, match="at least 1"):
         scenarios.scenario("S1-sse", events=0)
+
+
+@pytest.mark.timeout(BOUND_S + 40)
+def test_publish_bench_fills_the_histories_then_measures() -> None:
+    env = {**os.environ, "STREAMER_HISTORY_SIZE": "30"}
+    args = ("--seconds", "0.3", "--users", "3", "--only", "sync", "many-sync-100")
+    bench = run_bench("bench.publish", *args, env=env)
+    assert bench.returncode == 0, bench.stderr[-3000:] + bench.stdout
+
+    assert "histories filled first: 90 events" in bench.stdout.splitlines(), bench.stdout
+    rows = {line[:24].strip(): line[24:].split() for line in bench.stdout.splitlines()}
+    for name in ("sync progress", "sync many 100"):
+        events_per_s, *per_event, events_per_call = rows[name]
+        assert float(events_per_s.replace(",", "")) > 0, rows[name]
+        assert len(per_event) == 3 and all(float(value) > 0 for value in per_event), rows[name]
+        assert events_per_call == ("1" if name == "sync progress" else "100"), rows[name]

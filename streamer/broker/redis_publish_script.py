@@ -169,8 +169,9 @@ local function publish(n)
     task.parts = parts
   end
   parts[2] = layout.kind
-  for _, name in ipairs(layout.fields) do
-    local value = piece()
+  local list = layout.fields
+  for k = 1, #list do
+    local name, value = list[k], piece()
     if value ~= 'null' then
       values[name] = value
       local at = FIELD_AT[name]
@@ -179,16 +180,18 @@ local function publish(n)
       end
     end
   end
-  for _, name in ipairs(layout.stamps) do
-    local value = piece()
+  list = layout.stamps
+  for k = 1, #list do
+    local name, value = list[k], piece()
     values[name] = value
     local at = FIELD_AT[name]
     if at then
       parts[at] = value
     end
   end
-  for _, name in ipairs(layout.if_absent) do
-    local value = piece()
+  list = layout.if_absent
+  for k = 1, #list do
+    local name, value = list[k], piece()
     if values[name] == nil and if_absent[name] == nil then
       if_absent[name] = value
       local at = FIELD_AT[name]
@@ -265,18 +268,15 @@ for _, task in ipairs(tasks) do
 end
 for _, user in ipairs(users) do
   if user.length ~= nil then
-    -- Trim with XDEL rather than MAXLEN: XDEL records max-deleted-entry-id, which
-    -- tells a resuming client whether anything after its last id was dropped.
+    -- The last entry dropped goes with XDEL, which records max-deleted-entry-id: that
+    -- tells a resuming client whether anything after its last id was dropped. XTRIM
+    -- records nothing, but drops the older ones without reading them into the script.
     local excess = user.length - history_size
+    if excess > 1 then
+      call('XTRIM', user.history, 'MAXLEN', history_size + 1)
+    end
     if excess > 0 then
-      local oldest = call('XRANGE', user.history, '-', '+', 'COUNT', excess)
-      for first = 1, #oldest, 1000 do  -- unpack() takes a bounded number of values
-        local ids = {}
-        for k = first, math.min(first + 999, #oldest) do
-          ids[#ids + 1] = oldest[k][1]
-        end
-        call('XDEL', user.history, unpack(ids))
-      end
+      call('XDEL', user.history, call('XRANGE', user.history, '-', '+', 'COUNT', 1)[1][1])
     end
     call('EXPIRE', user.history, history_ttl)
     if user.active_used then
