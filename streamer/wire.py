@@ -209,8 +209,10 @@ class Delivery:
         return self.sse_chunk if transport == "sse" else self.poll_item
 
 
-def with_id(event_json: str, event_id: EventId) -> bytes:
+def with_id(event_json: str | bytes, event_id: EventId) -> bytes:
     """The stored event JSON (without id) with `"id"` first, without decoding it."""
+    if isinstance(event_json, bytes):
+        return b'{"id":"' + str(event_id).encode() + b'",' + event_json[1:]
     return ('{"id":"' + str(event_id) + '",' + event_json[1:]).encode()
 
 

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
 
@@ -27,7 +28,7 @@ from streamer.broker.redis_schema import (
 )
 from streamer.events import EventError, TaskEvent, completed_event, progress_event
 from streamer.publisher import AsyncPublisher, BrokerUnavailable, Publisher
-from streamer.wire import Delivery, EventId
+from streamer.wire import Delivery, EventId, stored_event
 
 from .clients import ws_json, ws_messages
 from .model import expected_messages
@@ -253,8 +254,17 @@ def test_each_event_of_a_batch_carries_the_state_the_model_gives(redis_url: str)
     event still says what the model of the task states says, in the same order."""
     events = lifecycle("batch-text") + lifecycle("batch-text")  # finished tasks start again
     with Publisher(redis_url) as publisher, redis.Redis.from_url(redis_url) as admin:
+        channel = admin.pubsub(ignore_subscribe_messages=True)
+        channel.subscribe(user_channel("batch-text"))
         ids = publisher.publish_many(events)
-        stored = [json.loads(fields[b"e"]) for _, fields in admin.xrange(history_key("batch-text"))]
+        entries = admin.xrange(history_key("batch-text"))
+        live = []
+        deadline = time.monotonic() + 10
+        while len(live) < len(events) and time.monotonic() < deadline:
+            # None also stands for the subscription's own confirmation, which is ignored.
+            if (message := channel.get_message(timeout=1)) is not None:
+                live.append(message)
+        channel.close()
     published = [
         (event, event_id)
         for event, event_id in zip(events, map(EventId.parse, ids), strict=True)
@@ -262,7 +272,16 @@ def test_each_event_of_a_batch_carries_the_state_the_model_gives(redis_url: str)
     ]
     assert len(published) == len(events)
     expected = expected_messages(published)
+    stored = [json.loads(fields[b"e"]) for _, fields in entries]
     assert [{"id": raw, **text} for raw, text in zip(ids, stored, strict=True)] == expected
+    # What subscribers get live is, byte for byte, what a resume replays.
+    replayed = [
+        stored_event("batch-text", event_id, fields[b"e"].decode()).json
+        for (_, event_id), (_, fields) in zip(published, entries, strict=True)
+    ]
+    delivered = [decode_message(message["data"]) for message in live]
+    assert [delivery.json for delivery in delivered if delivery is not None] == replayed
+    assert [json.loads(payload) for payload in replayed] == expected
 
 
 async def test_publish_many_states_match_the_event_model(redis_url: str) -> None:

@@ -10,6 +10,7 @@ from aiohttp.test_utils import TestClient
 
 from streamer import wire
 from streamer.app_keys import BROKER
+from streamer.broker.redis_schema import decode_message
 from streamer.events import progress_event
 from streamer.wire import Delivery, EventId
 
@@ -42,6 +43,20 @@ def test_sse_event_bytes() -> None:
     block = b"id: abcdef01-1700000000000-3\nevent: task_progress\ndata: " + EVENT_JSON + b"\n\n"
     assert golden_delivery().sse_chunk == b"%x\r\n" % len(block) + block + b"\r\n"
     assert wire.SSE_HEARTBEAT == b"8\r\n: ping\n\n\r\n"
+
+
+def test_a_channel_message_gets_its_id_put_first_in_its_stored_json() -> None:
+    stored = EVENT_JSON.replace(b'"id":"abcdef01-1700000000000-3",', b"")
+    header = b"u\nt\nabcdef01-1700000000000-3\ntask_progress\n"
+    delivery = decode_message(header + stored)
+    assert delivery is not None and delivery.json == EVENT_JSON
+    assert (delivery.user_id, delivery.task_id, delivery.type) == ("u", "t", "task_progress")
+    assert delivery.event_id == golden_delivery().event_id
+    # Publishers of earlier versions sent the JSON with its id already in.
+    earlier = decode_message(header + EVENT_JSON)
+    assert earlier is not None and earlier.json == EVENT_JSON
+    for malformed in (header + b"[]", header, b"u\nt\nnot-an-id\ntask_progress\n" + stored):
+        assert decode_message(malformed) is None, malformed
 
 
 def test_ids_compare_by_position_and_round_trip() -> None:

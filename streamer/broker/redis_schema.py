@@ -20,7 +20,7 @@ from ..events import (
     TaskState,
     full_task_state,
 )
-from ..wire import Delivery, EventId
+from ..wire import Delivery, EventId, with_id
 from .base import MAX_SNAPSHOT_BYTES, MAX_SNAPSHOT_TASKS, BrokerUnavailable
 
 log = logging.getLogger(__name__)
@@ -201,16 +201,20 @@ def decode_state(raw: Mapping[bytes, bytes]) -> TaskState | None:
 
 
 def decode_message(data: bytes) -> Delivery | None:
-    """Parse `user\ntask\nid\ntype\njson` from a user's channel; None if malformed.
+    """Parse `user\ntask\nid\ntype\njson` from a user's channel, the JSON as stored
+    (without its id); None if malformed.
 
     The header carries what fan-out needs, so the event's JSON is never decoded here.
     """
     try:
-        user, task, raw_id, event_type, payload = data.split(b"\n", 4)
+        user, task, raw_id, event_type, stored = data.split(b"\n", 4)
         user_id, task_id, kind = user.decode(), task.decode(), event_type.decode()
         event_id = EventId.parse(raw_id.decode())
     except (UnicodeDecodeError, ValueError):
         return None
-    if event_id is None or not payload.startswith(b"{"):
+    if event_id is None or not stored.startswith(b'{"'):
         return None
-    return Delivery(user_id, task_id, event_id, kind, payload)
+    if stored.startswith(b'{"id":"'):
+        # From a publisher of an earlier version, which put the id in itself.
+        return Delivery(user_id, task_id, event_id, kind, stored)
+    return Delivery(user_id, task_id, event_id, kind, with_id(stored, event_id))
