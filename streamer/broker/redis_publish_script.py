@@ -349,12 +349,37 @@ def encode_event(event: TaskEvent) -> EncodedEvent:
     update (see `TaskEvent.state_update`) from the same pieces. `event` must have
     passed `check_event`."""
     fields = event.fields
-    stamps, if_absent = event.state_stamps()
+    status = fields.get("status")
+    # What `state_stamps` gives depends on the type and the status only: events of the
+    # same type, status and field names share their layout and their stamps' shape.
+    key = (event.type, status, tuple(fields)) if type(status) is str else None
+    shape = _SHAPES.get(key) if key is not None else None
+    if shape is None:
+        shape = _shape(event)
+        if key is not None:
+            if len(_SHAPES) >= _MAX_SHAPES:
+                _SHAPES.clear()
+            _SHAPES[key] = shape
+    layout, stamps = shape
+    now = dumps(event.published_at)
     pieces = list(map(dumps, fields.values()))
-    pieces += map(dumps, stamps.values())
-    pieces += map(dumps, if_absent.values())
-    layout = (event.type, tuple(fields), tuple(stamps), tuple(if_absent))
+    pieces += [now if stamp is None else stamp for stamp in stamps]
     return EncodedEvent(event.user_id, event.task_id, layout, "\0".join(pieces))
+
+
+# A layout, and each of its stamps' text, None where it is the event's `published_at`.
+_Shape = tuple["Layout", tuple[str | None, ...]]
+_SHAPES: dict[tuple[str, str, tuple[str, ...]], _Shape] = {}
+_MAX_SHAPES = 1024
+
+
+def _shape(event: TaskEvent) -> _Shape:
+    stamps, if_absent = event.state_stamps()
+    now = event.published_at
+    texts = tuple(
+        None if value is now else dumps(value) for value in (*stamps.values(), *if_absent.values())
+    )
+    return (event.type, tuple(event.fields), tuple(stamps), tuple(if_absent)), texts
 
 
 @functools.lru_cache(maxsize=4096)  # the same users come back batch after batch
