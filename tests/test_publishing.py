@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestClient
 from streamer.broker import redis_publishing, redis_script_runners
 from streamer.broker.memory import MemoryBroker
 from streamer.broker.redis import RedisBroker
+from streamer.broker.redis_publish_script import encode_event, publish_call
 from streamer.broker.redis_schema import (
     active_key,
     decode_message,
@@ -282,6 +283,32 @@ def test_each_event_of_a_batch_carries_the_state_the_model_gives(redis_url: str)
     delivered = [decode_message(message["data"]) for message in live]
     assert [delivery.json for delivery in delivered if delivery is not None] == replayed
     assert [json.loads(payload) for payload in replayed] == expected
+
+
+def test_a_script_call_tells_a_thousand_tasks_and_their_layouts_apart(redis_url: str) -> None:
+    """Task and layout numbers travel as two characters each: past the first 64 too."""
+    events = [
+        progress_event(f"user-{n % 3}", f"task-{n}", progress=n % 101, current_step=f"s{n}")
+        if n % 7
+        else completed_event(f"user-{n % 3}", f"task-{n}", result_data={"n": n})
+        for n in range(1000)
+    ]
+    with Publisher(redis_url) as publisher, redis.Redis.from_url(redis_url) as admin:
+        ids = publisher.publish_many(events)  # one script call
+        assert len(ids) == len(events)
+        for n in (0, 1, 63, 64, 65, 500, 999):
+            state = stored_state(admin, f"user-{n % 3}", f"task-{n}")
+            if n % 7:
+                assert (state["progress"], state["current_step"]) == (str(n % 101), f'"s{n}"')
+            else:
+                assert (state["status"], state["result_data"]) == ('"SUCCESS"', f'{{"n":{n}}}')
+
+
+def test_a_script_call_takes_at_most_4095_events() -> None:
+    events = [encode_event(progress_event("u", f"t{n}", progress=1)) for n in range(4096)]
+    publish_call(events[:4095], history_size=10, history_ttl=60)
+    with pytest.raises(ValueError, match="at most 4095 events"):
+        publish_call(events, history_size=10, history_ttl=60)
 
 
 async def test_publish_many_states_match_the_event_model(redis_url: str) -> None:

@@ -42,8 +42,9 @@ PUBLISH_SCRIPT = """
 --         number of layouts (the names an event's values go with), then per layout:
 --           type, then three lists of names, each preceded by its length: the event's
 --           fields, values set after them, values set only where the state has none
---         number of events, then per event: task number, layout number, then one
---           JSON value per name of its layout
+--         number of events, then per event: its task's and its layout's numbers, two
+--           characters each (`number_text`), right before the first of its values:
+--           one JSON value per name of its layout
 -- Returns the epoch, the events' stream ids separated by spaces, and an error or
 -- nothing, on three lines: on an error the ids are those of the events before the
 -- one that failed, and nothing after it was published.
@@ -51,7 +52,7 @@ local history_size = math.max(tonumber(ARGV[1]), 1)
 local history_ttl, active_ttl, created = ARGV[2], ARGV[3], tonumber(ARGV[5])
 local data, pos = ARGV[6], 1
 local call, concat, format = redis.call, table.concat, string.format
-local find, sub = string.find, string.sub
+local byte, find, sub = string.byte, string.find, string.sub
 
 local function piece()
   local stop = find(data, '\\0', pos, true)
@@ -151,8 +152,11 @@ end
 
 local stream_ids = {}
 local function publish(n)
-  local task = tasks[tonumber(piece())]
-  local layout = layouts[tonumber(piece())]
+  -- Two numbers of two characters each, read without making strings of them.
+  local t1, t2, l1, l2 = byte(data, pos, pos + 3)
+  pos = pos + 4
+  local task = tasks[(t1 - 48) * 64 + t2 - 48]
+  local layout = layouts[(l1 - 48) * 64 + l2 - 48]
   local user = task.user
   if task.values == nil then
     start(task)
@@ -382,6 +386,11 @@ def _shape(event: TaskEvent) -> _Shape:
     return (event.type, tuple(event.fields), tuple(stamps), tuple(if_absent)), texts
 
 
+# Task and layout numbers in the batch, two characters from "0" to "o" each: the script
+# reads them as bytes.
+NUMBER_TEXT = tuple(chr(48 + (n >> 6)) + chr(48 + (n & 63)) for n in range(64 * 64))
+
+
 @functools.lru_cache(maxsize=4096)  # the same users come back batch after batch
 def _user_pieces(user_id: str) -> tuple[str, ...]:
     return (
@@ -418,7 +427,9 @@ def publish_call(
     epoch_key: str = EPOCH_KEY,
     epoch_ttl: int | None = None,
 ) -> ScriptCall:
-    """One script call publishing `events` in order."""
+    """One script call publishing `events` in order (at most `len(NUMBER_TEXT) - 1`)."""
+    if len(events) >= len(NUMBER_TEXT):
+        raise ValueError(f"at most {len(NUMBER_TEXT) - 1} events per script call")
     users: dict[str, str] = {}
     tasks: dict[tuple[str, str], str] = {}
     layouts: dict[Layout, str] = {}
@@ -433,13 +444,13 @@ def publish_call(
             if user is None:
                 user = users[user_id] = str(len(users) + 1)
                 user_pieces += _user_pieces(user_id)
-            task = tasks[user_id, task_id] = str(len(tasks) + 1)
+            task = tasks[user_id, task_id] = NUMBER_TEXT[len(tasks) + 1]
             task_pieces += (user, task_id, dumps(task_id))
         shape = layouts.get(layout)
         if shape is None:
-            shape = layouts[layout] = str(len(layouts) + 1)
+            shape = layouts[layout] = NUMBER_TEXT[len(layouts) + 1]
             layout_pieces += _layout_pieces(layout)
-        body += (task, shape, text)
+        body.append(task + shape + text)
     batch = "\0".join(
         [
             str(len(users)), *user_pieces, str(len(tasks)), *task_pieces,
