@@ -389,6 +389,9 @@ async def test_publish_many_sends_nothing_when_one_event_is_malformed(redis_url:
         dataclasses.replace(good, task_id="t\x00shifted"),
         dataclasses.replace(good, fields={"status": "PROGRESS", "bogus": 1}),
         {"user_id": "u", "task_id": "t"},
+        # The same shape as `good` (checked once per shape), with values JSON cannot carry.
+        dataclasses.replace(good, fields={**good.fields, "progress": {"a set"}}),
+        dataclasses.replace(good, published_at=object()),  # type: ignore[arg-type]
     ]
     with Publisher(redis_url) as publisher, redis.Redis.from_url(redis_url) as admin:
         with pytest.raises(EventError, match="progress"):

@@ -329,23 +329,42 @@ def check_event(event: TaskEvent) -> TaskEvent:
     if not isinstance(event, TaskEvent):
         raise TypeError(f"expected a TaskEvent, got {type(event).__name__}")
     fields = event.fields
-    stamps, if_absent = event.state_stamps()
+    key = _shape_key(event)
+    if key is None or key not in _SHAPES:
+        _check_shape(event)
+        if key is not None:
+            _remember(key, event)
     # JSON text never holds a NUL (it is escaped), nor do the ids of validated events:
-    # an event built by hand must not shift the pieces of the other events of its batch,
-    # nor break its own JSON with a field name of its own.
+    # an event built by hand must not shift the pieces of the other events of its batch.
+    if "\0" in event.task_id or "\0" in event.user_id:
+        raise EventError(_MALFORMED)
+    for value in fields.values():
+        if type(value) not in _ALWAYS_ENCODABLE:
+            dumps(value)  # raises for what JSON cannot carry
+    if type(event.published_at) not in _ALWAYS_ENCODABLE:
+        dumps(event.published_at)  # the value of its stamps
+    return event
+
+
+_MALFORMED = "malformed event: build events with progress_event or completed_event"
+
+
+def _check_shape(event: TaskEvent) -> None:
+    """What events of one shape (`_shape_key`) have in common: their type, the names of
+    their fields (an event built by hand must not break its own JSON with a field name
+    of its own) and their stamps."""
+    fields = event.fields
+    stamps, if_absent = event.state_stamps()
     if (
         not (fields or stamps or if_absent)
-        or "\0" in event.task_id
-        or "\0" in event.user_id
         or event.type not in _EVENT_TYPES
         or not _FIELD_NAMES.issuperset(fields)
     ):
-        raise EventError("malformed event: build events with progress_event or completed_event")
-    for values in (fields, stamps, if_absent):
+        raise EventError(_MALFORMED)
+    for values in (stamps, if_absent):
         for value in values.values():
             if type(value) not in _ALWAYS_ENCODABLE:
-                dumps(value)  # raises for what JSON cannot carry
-    return event
+                dumps(value)
 
 
 def encode_event(event: TaskEvent) -> EncodedEvent:
@@ -353,22 +372,32 @@ def encode_event(event: TaskEvent) -> EncodedEvent:
     update (see `TaskEvent.state_update`) from the same pieces. `event` must have
     passed `check_event`."""
     fields = event.fields
-    status = fields.get("status")
-    # What `state_stamps` gives depends on the type and the status only: events of the
-    # same type, status and field names share their layout and their stamps' shape.
-    key = (event.type, status, tuple(fields)) if type(status) is str else None
+    key = _shape_key(event)
     shape = _SHAPES.get(key) if key is not None else None
     if shape is None:
-        shape = _shape(event)
-        if key is not None:
-            if len(_SHAPES) >= _MAX_SHAPES:
-                _SHAPES.clear()
-            _SHAPES[key] = shape
+        shape = _shape(event) if key is None else _remember(key, event)
     layout, stamps = shape
     now = dumps(event.published_at)
     pieces = list(map(dumps, fields.values()))
     pieces += [now if stamp is None else stamp for stamp in stamps]
     return EncodedEvent(event.user_id, event.task_id, layout, "\0".join(pieces))
+
+
+def _shape_key(event: TaskEvent) -> tuple[str, str, tuple[str, ...]] | None:
+    """What `state_stamps` gives depends on the type and the status only: events of the
+    same type, status and field names share their layout and their stamps' shape."""
+    fields = event.fields
+    if type(fields) is not dict:
+        return None
+    status = fields.get("status")
+    return (event.type, status, tuple(fields)) if type(status) is str else None
+
+
+def _remember(key: tuple[str, str, tuple[str, ...]], event: TaskEvent) -> _Shape:
+    if len(_SHAPES) >= _MAX_SHAPES:
+        _SHAPES.clear()
+    shape = _SHAPES[key] = _shape(event)
+    return shape
 
 
 # A layout, and each of its stamps' text, None where it is the event's `published_at`.
