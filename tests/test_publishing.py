@@ -387,6 +387,7 @@ async def test_publish_many_sends_nothing_when_one_event_is_malformed(redis_url:
     malformed = [
         dataclasses.replace(good, type="task_bogus"),  # type: ignore[arg-type]
         dataclasses.replace(good, task_id="t\x00shifted"),
+        dataclasses.replace(good, user_id="u\nshifted"),  # the channel message's lines
         dataclasses.replace(good, fields={"status": "PROGRESS", "bogus": 1}),
         {"user_id": "u", "task_id": "t"},
         # The same shape as `good` (checked once per shape), with values JSON cannot carry.

@@ -334,9 +334,11 @@ def check_event(event: TaskEvent) -> TaskEvent:
         _check_shape(event)
         if key is not None:
             _remember(key, event)
-    # JSON text never holds a NUL (it is escaped), nor do the ids of validated events:
-    # an event built by hand must not shift the pieces of the other events of its batch.
-    if "\0" in event.task_id or "\0" in event.user_id:
+    # JSON text never holds a NUL or a newline (they are escaped), nor do the ids of
+    # validated events: an event built by hand must not shift the pieces of the other
+    # events of its batch, nor the lines of its channel message.
+    task_id, user_id = event.task_id, event.user_id
+    if "\0" in task_id or "\0" in user_id or "\n" in task_id or "\n" in user_id:
         raise EventError(_MALFORMED)
     for value in fields.values():
         if type(value) not in _ALWAYS_ENCODABLE:
