@@ -51,14 +51,12 @@ PUBLISH_SCRIPT = """
 local history_size = math.max(tonumber(ARGV[1]), 1)
 local history_ttl, active_ttl, created = ARGV[2], ARGV[3], tonumber(ARGV[5])
 local data, pos = ARGV[6], 1
+local data_end = #data + 1
 local call, concat, format = redis.call, table.concat, string.format
 local byte, find, sub = string.byte, string.find, string.sub
 
 local function piece()
-  local stop = find(data, '\\0', pos, true)
-  if stop == nil then
-    stop = #data + 1
-  end
+  local stop = find(data, '\\0', pos, true) or data_end
   local text = sub(data, pos, stop - 1)
   pos = stop + 1
   return text
@@ -128,6 +126,16 @@ local FIELD_AT = {}  -- where each field's value is among the pieces
 for k = 1, #STATE_FIELDS do
   FIELD_AT[STATE_FIELDS[k]] = 4 + 2 * k
 end
+-- Where each of a layout's names goes among the pieces (false: not a field of the JSON).
+for _, layout in ipairs(layouts) do
+  for _, group in ipairs({'fields', 'stamps', 'if_absent'}) do
+    local at = {}
+    for k, name in ipairs(layout[group]) do
+      at[k] = FIELD_AT[name] or false
+    end
+    layout[group .. '_at'] = at
+  end
+end
 local function json_parts(task)
   local parts = {'{"type":"', '', '","task_id":', task.json}
   local values, stored, if_absent, reset = task.values, task.stored, task.if_absent, task.reset
@@ -173,32 +181,40 @@ local function publish(n)
     task.parts = parts
   end
   parts[2] = layout.kind
-  local list = layout.fields
+  -- The event's values, read as `piece` does, without a function call for each.
+  local list, places = layout.fields, layout.fields_at
   for k = 1, #list do
-    local name, value = list[k], piece()
+    local stop = find(data, '\\0', pos, true) or data_end
+    local value = sub(data, pos, stop - 1)
+    pos = stop + 1
     if value ~= 'null' then
-      values[name] = value
-      local at = FIELD_AT[name]
+      values[list[k]] = value
+      local at = places[k]
       if at then
         parts[at] = value
       end
     end
   end
-  list = layout.stamps
+  list, places = layout.stamps, layout.stamps_at
   for k = 1, #list do
-    local name, value = list[k], piece()
-    values[name] = value
-    local at = FIELD_AT[name]
+    local stop = find(data, '\\0', pos, true) or data_end
+    local value = sub(data, pos, stop - 1)
+    pos = stop + 1
+    values[list[k]] = value
+    local at = places[k]
     if at then
       parts[at] = value
     end
   end
-  list = layout.if_absent
+  list, places = layout.if_absent, layout.if_absent_at
   for k = 1, #list do
-    local name, value = list[k], piece()
+    local stop = find(data, '\\0', pos, true) or data_end
+    local value = sub(data, pos, stop - 1)
+    pos = stop + 1
+    local name = list[k]
     if values[name] == nil and if_absent[name] == nil then
       if_absent[name] = value
-      local at = FIELD_AT[name]
+      local at = places[k]
       if at and (task.reset or task.stored[name] == nil) then
         parts[at] = value
       end
