@@ -43,7 +43,7 @@ PUBLISH_SCRIPT = """
 --           type, then three lists of names, each preceded by its length: the event's
 --           fields, values set after them, values set only where the state has none
 --         number of events, then per event: its task's and its layout's numbers, two
---           characters each (`number_text`), right before the first of its values:
+--           characters each (`NUMBER_TEXT`), right before the first of its values:
 --           one JSON value per name of its layout
 -- Returns the epoch, the events' stream ids separated by spaces, and an error or
 -- nothing, on three lines: on an error the ids are those of the events before the
