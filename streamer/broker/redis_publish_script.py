@@ -62,9 +62,16 @@ local function piece()
   return text
 end
 
+-- A count or a number: two characters (`NUMBER_TEXT`), read as bytes, and the NUL after.
+local function number()
+  local high, low = byte(data, pos, pos + 1)
+  pos = pos + 3
+  return (high - 48) * 64 + low - 48
+end
+
 local function names()
   local list = {}
-  for k = 1, tonumber(piece()) do
+  for k = 1, number() do
     list[k] = piece()
   end
   return list
@@ -80,40 +87,62 @@ if ARGV[7] then
   call('EXPIRE', KEYS[1], ARGV[7])
 end
 
+-- Tables are made with every key they will hold (false until it is known): growing a
+-- table one key at a time costs a rehash at each power of two.
 local users = {}
-for n = 1, tonumber(piece()) do
+for n = 1, number() do
   users[n] = {id = piece(), task_prefix = piece(), active = piece(), history = piece(),
-              cancel_prefix = piece(), channel = piece()}
+              cancel_prefix = piece(), channel = piece(), length = false, fresh = false,
+              active_used = false}
 end
 -- Per task: its user, id and keys; once it has an event, whether it is active,
 -- whether it is finished, whether its hash is to be replaced, the values to set, the
--- values to set if absent, and its event's JSON in pieces.
+-- values to set if absent, what is stored, its event's JSON in pieces and its TTL.
 local tasks = {}
-for n = 1, tonumber(piece()) do
-  local user = users[tonumber(piece())]
+for n = 1, number() do
+  local user = users[number()]
   local id = piece()
   tasks[n] = {user = user, id = id, json = piece(), key = user.task_prefix .. id,
-              cancel = user.cancel_prefix .. id}
+              cancel = user.cancel_prefix .. id, active = false, finished = false,
+              reset = false, values = false, if_absent = false, stored = false,
+              parts = false, ttl = false}
+end
+-- Where each name goes among the JSON pieces (`json_parts`), false if it is not a
+-- field of the JSON.
+local FIELD_AT = {__FIELD_AT__}
+local function places(list)
+  local at = {false, false, false, false, false, false, false, false}
+  for k = 1, #list do
+    at[k] = FIELD_AT[list[k]] or false
+  end
+  return at
 end
 local layouts = {}
-for n = 1, tonumber(piece()) do
+for n = 1, number() do
   local kind = piece()
-  layouts[n] = {kind = kind, terminal = kind == 'task_completed', fields = names(),
-                stamps = names(), if_absent = names()}
+  local fields, stamps, if_absent = names(), names(), names()
+  layouts[n] = {kind = kind, terminal = kind == 'task_completed', fields = fields,
+                stamps = stamps, if_absent = if_absent, fields_at = places(fields),
+                stamps_at = places(stamps), if_absent_at = places(if_absent)}
+end
+
+-- A task's values to set: its user id and task id, and the fields of its events.
+local function new_values(user)
+  return {user_id = user.id, __NO_VALUES__}
 end
 
 local function start(task)
   local user = task.user
   task.active = call('ZSCORE', user.active, task.id) ~= false
-  task.reset, task.values, task.if_absent = false, {user_id = user.id}, {}
+  task.reset, task.values, task.if_absent = false, new_values(user), {}
   -- What is stored, for the full state every event carries. A task that is not active
   -- and has completed has finished: its next event starts a new run, from a clean state.
-  local stored, flat = {}, call('HGETALL', task.key)
+  local stored, flat = {__NO_VALUES__}, call('HGETALL', task.key)
   for k = 1, #flat, 2 do
     stored[flat[k]] = flat[k + 1]
   end
   task.stored = stored
-  task.finished = not task.active and stored.completed_at ~= nil
+  task.finished = not task.active and stored.completed_at ~= false
 end
 
 -- The event's JSON (without its id) in pieces, kept per task and updated event by
@@ -121,40 +150,25 @@ end
 -- `events.event_json` writes it: what this batch set, else what is stored, else what
 -- is set only where the state has none.
 local STATE_FIELDS = {__STATE_FIELDS__}
-local FIELD_KEYS = {__FIELD_KEYS__}  -- ',"name":' for each, constants of the script
-local FIELD_AT = {}  -- where each field's value is among the pieces
-for k = 1, #STATE_FIELDS do
-  FIELD_AT[STATE_FIELDS[k]] = 4 + 2 * k
-end
--- Where each of a layout's names goes among the pieces (false: not a field of the JSON).
-for _, layout in ipairs(layouts) do
-  for _, group in ipairs({'fields', 'stamps', 'if_absent'}) do
-    local at = {}
-    for k, name in ipairs(layout[group]) do
-      at[k] = FIELD_AT[name] or false
-    end
-    layout[group .. '_at'] = at
-  end
-end
 local function json_parts(task)
-  local parts = {'{"type":"', '', '","task_id":', task.json}
+  -- The type, the task id, then per field its key (',"name":') and its value.
+  local parts = {__JSON_PARTS__}
+  parts[4] = task.json
   local values, stored, if_absent, reset = task.values, task.stored, task.if_absent, task.reset
   for k = 1, #STATE_FIELDS do
     local name = STATE_FIELDS[k]
     local value = values[name]
-    if value == nil and not reset then
+    if not value and not reset then
       value = stored[name]
     end
-    if value == nil then
+    if not value then
       value = if_absent[name]
     end
-    if value == nil then
+    if not value then
       value = name == 'result_data' and '{}' or 'null'
     end
-    parts[3 + 2 * k] = FIELD_KEYS[k]
     parts[4 + 2 * k] = value
   end
-  parts[#parts + 1] = '}'
   return parts
 end
 
@@ -166,17 +180,17 @@ local function publish(n)
   local task = tasks[(t1 - 48) * 64 + t2 - 48]
   local layout = layouts[(l1 - 48) * 64 + l2 - 48]
   local user = task.user
-  if task.values == nil then
+  if not task.values then
     start(task)
   end
   if not task.active and task.finished then
     -- A new run of a finished task id starts from a clean state.
-    task.reset, task.values, task.if_absent, task.parts = true, {user_id = user.id}, {}, nil
+    task.reset, task.values, task.if_absent, task.parts = true, new_values(user), {}, false
   end
   local values, if_absent = task.values, task.if_absent
   values.task_id = task.json
   local parts = task.parts
-  if parts == nil then
+  if not parts then
     parts = json_parts(task)
     task.parts = parts
   end
@@ -212,10 +226,10 @@ local function publish(n)
     local value = sub(data, pos, stop - 1)
     pos = stop + 1
     local name = list[k]
-    if values[name] == nil and if_absent[name] == nil then
+    if not values[name] and not if_absent[name] then
       if_absent[name] = value
       local at = places[k]
-      if at and (task.reset or task.stored[name] == nil) then
+      if at and (task.reset or not task.stored[name]) then
         parts[at] = value
       end
     end
@@ -235,7 +249,7 @@ local function publish(n)
     user.active_used = true
   end
 
-  if user.length == nil then
+  if not user.length then
     user.length = call('XLEN', user.history)
     user.fresh = user.length == 0 and call('EXISTS', user.history) == 0
   end
@@ -256,7 +270,7 @@ local function publish(n)
 end
 
 local failure = ''
-for n = 1, tonumber(piece()) do
+for n = 1, number() do
   local ok, err = pcall(publish, n)
   if not ok then
     failure = type(err) == 'table' and tostring(err.err) or tostring(err)
@@ -265,29 +279,31 @@ for n = 1, tonumber(piece()) do
 end
 
 for _, task in ipairs(tasks) do
-  if task.ttl ~= nil then
+  if task.ttl then
     if task.reset then
       call('DEL', task.key)
     end
-    local hash = {}
+    local hash, size = {__HASH_SLOTS__}, 0
     for name, value in pairs(task.values) do
-      hash[#hash + 1] = name
-      hash[#hash + 1] = value
+      if value then
+        size = size + 2
+        hash[size - 1], hash[size] = name, value
+      end
     end
     -- Nothing wrote the task's hash since it was read: what it holds is `stored`.
     local stored = task.reset and {} or task.stored
     for name, value in pairs(task.if_absent) do
-      if task.values[name] == nil and stored[name] == nil then
-        hash[#hash + 1] = name
-        hash[#hash + 1] = value
+      if not task.values[name] and not stored[name] then
+        size = size + 2
+        hash[size - 1], hash[size] = name, value
       end
     end
-    call('HSET', task.key, unpack(hash))
+    call('HSET', task.key, unpack(hash, 1, size))
     call('EXPIRE', task.key, task.ttl)
   end
 end
 for _, user in ipairs(users) do
-  if user.length ~= nil then
+  if user.length then
     -- The last entry dropped goes with XDEL, which records max-deleted-entry-id: that
     -- tells a resuming client whether anything after its last id was dropped. XTRIM
     -- records nothing, but drops the older ones without reading them into the script.
@@ -307,9 +323,26 @@ end
 return epoch .. '\\n' .. concat(stream_ids, ' ') .. '\\n' .. failure
 """
 
-PUBLISH_SCRIPT = PUBLISH_SCRIPT.replace(
-    "__STATE_FIELDS__", ", ".join(f"'{name}'" for name in EVENT_STATE_FIELDS)
-).replace("__FIELD_KEYS__", ", ".join(f"',\"{name}\":'" for name in EVENT_STATE_FIELDS))
+
+def _lua_constants(script: str) -> str:
+    fields = EVENT_STATE_FIELDS
+    json_parts = ['\'{"type":"\'', "''", '\'","task_id":\'', "''"]
+    for name in fields:
+        json_parts += [f"',\"{name}\":'", "''"]
+    values = ("task_id", *fields)
+    replacements = {
+        "__STATE_FIELDS__": ", ".join(f"'{name}'" for name in fields),
+        "__FIELD_AT__": ", ".join(f"{name} = {4 + 2 * k}" for k, name in enumerate(fields, 1)),
+        "__JSON_PARTS__": ", ".join([*json_parts, "'}'"]),
+        "__NO_VALUES__": ", ".join(f"{name} = false" for name in values),
+        "__HASH_SLOTS__": ", ".join(["false"] * 2 * (len(values) + 1)),  # and user_id
+    }
+    for placeholder, text in replacements.items():
+        script = script.replace(placeholder, text)
+    return script
+
+
+PUBLISH_SCRIPT = _lua_constants(PUBLISH_SCRIPT)
 # Under Redis Cluster: sharded pub/sub (a user's channel is in the user's slot, and
 # only that shard's nodes pass the message on), and one user per call, whose epoch
 # key is KEYS[1].
@@ -455,7 +488,7 @@ def _layout_pieces(layout: Layout) -> tuple[str, ...]:
     kind, *groups = layout
     pieces = [kind]
     for names in groups:
-        pieces += (str(len(names)), *names)
+        pieces += (NUMBER_TEXT[len(names)], *names)
     return tuple(pieces)
 
 
@@ -489,7 +522,7 @@ def publish_call(
         if task is None:
             user = users.get(user_id)
             if user is None:
-                user = users[user_id] = str(len(users) + 1)
+                user = users[user_id] = NUMBER_TEXT[len(users) + 1]
                 user_pieces += _user_pieces(user_id)
             task = tasks[user_id, task_id] = NUMBER_TEXT[len(tasks) + 1]
             task_pieces += (user, task_id, dumps(task_id))
@@ -500,8 +533,8 @@ def publish_call(
         body.append(task + shape + text)
     batch = "\0".join(
         [
-            str(len(users)), *user_pieces, str(len(tasks)), *task_pieces,
-            str(len(layouts)), *layout_pieces, str(len(events)), *body,
+            NUMBER_TEXT[len(users)], *user_pieces, NUMBER_TEXT[len(tasks)], *task_pieces,
+            NUMBER_TEXT[len(layouts)], *layout_pieces, NUMBER_TEXT[len(events)], *body,
         ]
     )  # fmt: skip
     return ScriptCall(
