@@ -127,14 +127,16 @@ for n = 1, number() do
 end
 
 -- A task's values to set: its user id and task id, and the fields of its events.
-local function new_values(user)
-  return {user_id = user.id, __NO_VALUES__}
+local function new_values(task)
+  local values = {user_id = task.user.id, __NO_VALUES__}
+  values.task_id = task.json
+  return values
 end
 
 local function start(task)
   local user = task.user
   task.active = call('ZSCORE', user.active, task.id) ~= false
-  task.reset, task.values, task.if_absent = false, new_values(user), {}
+  task.reset, task.values, task.if_absent = false, new_values(task), {}
   -- What is stored, for the full state every event carries. A task that is not active
   -- and has completed has finished: its next event starts a new run, from a clean state.
   local stored, flat = {__NO_VALUES__}, call('HGETALL', task.key)
@@ -185,10 +187,9 @@ local function publish(n)
   end
   if not task.active and task.finished then
     -- A new run of a finished task id starts from a clean state.
-    task.reset, task.values, task.if_absent, task.parts = true, new_values(user), {}, false
+    task.reset, task.values, task.if_absent, task.parts = true, new_values(task), {}, false
   end
   local values, if_absent = task.values, task.if_absent
-  values.task_id = task.json
   local parts = task.parts
   if not parts then
     parts = json_parts(task)
@@ -253,7 +254,9 @@ local function publish(n)
     user.length = call('XLEN', user.history)
     user.fresh = user.length == 0 and call('EXISTS', user.history) == 0
   end
-  local json = concat(parts)
+  -- One concatenation of every piece (`..` copies them once; `table.concat` costs a
+  -- call per piece).
+  local json = __JOIN_PARTS__
   local stream_id = call('XADD', user.history, '*', 'e', json)
   if user.fresh then
     -- A history that expired and starts again: earlier resume points are gaps.
@@ -336,6 +339,7 @@ def _lua_constants(script: str) -> str:
         "__JSON_PARTS__": ", ".join([*json_parts, "'}'"]),
         "__NO_VALUES__": ", ".join(f"{name} = false" for name in values),
         "__HASH_SLOTS__": ", ".join(["false"] * 2 * (len(values) + 1)),  # and user_id
+        "__JOIN_PARTS__": " .. ".join(f"parts[{n}]" for n in range(1, len(json_parts) + 2)),
     }
     for placeholder, text in replacements.items():
         script = script.replace(placeholder, text)
