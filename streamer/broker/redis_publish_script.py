@@ -35,16 +35,17 @@ PUBLISH_SCRIPT = """
 -- KEYS: epoch
 -- ARGV: history size, history ttl, active ttl, candidate epoch, now (created score),
 --       the batch (below), and under Redis Cluster the epoch's ttl.
---       The batch: pieces separated by NUL (no piece contains one):
+--       The batch: pieces separated by NUL (no piece contains one), where counts and
+--       numbers are two characters each (`NUMBER_TEXT`):
 --         number of users, then per user: id, task key prefix, active key,
 --           history key, cancel key prefix, channel
 --         number of tasks, then per task: user number, task id, task id as JSON
 --         number of layouts (the names an event's values go with), then per layout:
 --           type, then three lists of names, each preceded by its length: the event's
 --           fields, values set after them, values set only where the state has none
---         number of events, then per event: its task's and its layout's numbers, two
---           characters each (`NUMBER_TEXT`), right before the first of its values:
---           one JSON value per name of its layout
+--         number of events, then per event: its task's and its layout's numbers, right
+--           before the first of its values (no NUL between): one JSON value per name
+--           of its layout
 -- Returns the epoch, the events' stream ids separated by spaces, and an error or
 -- nothing, on three lines: on an error the ids are those of the events before the
 -- one that failed, and nothing after it was published.
