@@ -1,6 +1,7 @@
 """Publishing throughput: events per second through the Python publishers.
 
     python -m bench.publish [--seconds 2] [--users 100] [--only NAME ...] [--uvloop]
+                            [--empty-histories]
 
 Starts a private redis-server (pinned to CPU 1; this process then runs on CPU 0) and
 runs each scenario for about --seconds: `AsyncPublisher.progress` from 1 and 8
@@ -9,10 +10,11 @@ one after the other, and `publish_many` (sync and async) with batches of 100, 10
 and 10000 events spread over --users users. Batches are made of events built
 beforehand, except in the `+build` scenarios, which count building them
 (`progress_event`) too. Every user's history is filled first (unless
---empty-histories), so that each publish also trims it, as in a service that has run a
-while. Besides events/s it prints, per event, the CPU time of this
-process and of Redis (INFO cpu: steadier than events/s on a shared machine), the time
-Redis spent in the publish script (INFO commandstats), and the events per script call.
+--empty-histories; as many events per user as STREAMER_HISTORY_SIZE, default 1000), so
+that each publish also trims it, as in a service that has run a while. Besides events/s
+it prints, per event, the CPU time of this process and of Redis (INFO cpu: steadier
+than events/s on a shared machine), the time Redis spent in the publish script (INFO
+commandstats), and the events per script call.
 """
 
 from __future__ import annotations
