@@ -211,9 +211,9 @@ class Delivery:
 
 def with_id(event_json: str | bytes, event_id: EventId) -> bytes:
     """The stored event JSON (without id) with `"id"` first, without decoding it."""
-    if isinstance(event_json, bytes):
-        return b'{"id":"' + str(event_id).encode() + b'",' + event_json[1:]
-    return ('{"id":"' + str(event_id) + '",' + event_json[1:]).encode()
+    if isinstance(event_json, str):
+        event_json = event_json.encode()
+    return b'{"id":"' + str(event_id).encode() + b'",' + event_json[1:]
 
 
 class UndecodableEvent(ValueError):

@@ -409,13 +409,8 @@ def _check_shape(event: TaskEvent) -> None:
     """What events of one shape (`_shape_key`) have in common: their type, the names of
     their fields (an event built by hand must not break its own JSON with a field name
     of its own) and their stamps."""
-    fields = event.fields
     stamps, if_absent = event.state_stamps()
-    if (
-        not (fields or stamps or if_absent)
-        or event.type not in _EVENT_TYPES
-        or not _FIELD_NAMES.issuperset(fields)
-    ):
+    if event.type not in _EVENT_TYPES or not _FIELD_NAMES.issuperset(event.fields):
         raise EventError(_MALFORMED)
     for values in (stamps, if_absent):
         for value in values.values():
