@@ -4,6 +4,7 @@ real gunicorn, a private redis-server) and prints its table with their ratio."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.load import publisher as bench_publisher
 from bench.load import scenarios
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,3 +108,41 @@ def test_publish_bench_fills_the_histories_then_measures() -> None:
         assert float(events_per_s.replace(",", "")) > 0, rows[name]
         assert len(per_event) == 3 and all(float(value) > 0 for value in per_event), rows[name]
         assert events_per_call == ("1" if name == "sync progress" else "100"), rows[name]
+
+
+class _CountingSink:
+    """Records each send and how many were in flight at once."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.sent: list[tuple[str, int]] = []
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self._fail_at = fail_at
+
+    async def send(self, user: str, task_id: str, seq: int, total: int) -> None:
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(0.001)
+            if seq == self._fail_at:
+                raise ConnectionError("the broker went away")
+            self.sent.append((user, seq))
+        finally:
+            self.in_flight -= 1
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_the_bench_publisher_keeps_its_calls_in_flight_and_sends_each_event_once() -> None:
+    sink = _CountingSink()
+    answer = await bench_publisher.publish(sink, users=3, events=50, rate=0)
+    assert answer["published"] == 50
+    assert sorted(seq for _, seq in sink.sent) == list(range(50))
+    assert all(user == str(seq % 3) for user, seq in sink.sent)
+    assert sink.most_in_flight == bench_publisher.IN_FLIGHT
+
+
+async def test_a_failed_bench_publish_is_the_run_s_error() -> None:
+    with pytest.raises(ConnectionError, match="went away"):
+        await bench_publisher.publish(_CountingSink(fail_at=7), users=3, events=20, rate=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -9,7 +10,30 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), in seconds."""
+    """Time a process (all its threads) spent on a CPU, in seconds: from the
+    scheduler's nanosecond counts, so that a short run reads more than a few clock
+    ticks; from utime + stime where the kernel keeps no such counts."""
+    if not _has_schedstat():
+        return _stat_cpu_seconds(pid)
+    while True:
+        try:
+            per_thread = [
+                int(schedstat.read_text().split()[0])
+                for schedstat in Path(f"/proc/{pid}/task").glob("*/schedstat")
+            ]
+        except FileNotFoundError:
+            continue  # a thread ended while they were read: again
+        if not per_thread:
+            raise ProcessLookupError(f"no process {pid}")
+        return sum(per_thread) / 1e9
+
+
+@functools.cache
+def _has_schedstat() -> bool:
+    return Path("/proc/self/schedstat").exists()
+
+
+def _stat_cpu_seconds(pid: int) -> float:
     stat = Path(f"/proc/{pid}/stat").read_text()
     # The command name (field 2) may hold spaces and parentheses: split after its end.
     fields = stat[stat.rindex(")") + 2 :].split()
