@@ -109,6 +109,13 @@ async def test_redis_sends_each_event_to_the_processes_that_need_it(
     workers, users = 4, [f"routed-{n}" for n in range(1000)]
     server, _ = start_gunicorn(workers)
     admin = redis.Redis.from_url(redis_url)
+
+    def every_worker_started() -> bool:  # its subscriber connects as its app starts
+        return len(admin.client_list(_type="pubsub")) == workers
+
+    # /readyz answered from one worker; the others may still be starting, and would
+    # get none of the streams.
+    await eventually(every_worker_started, what=f"{workers} workers' subscribers")
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
         streams: list[aiohttp.ClientResponse] = []
