@@ -16,6 +16,8 @@ LEGEND = """\
 ratio = streamer / reference
   deliveries/s, per CPU-s (deliveries per second of server CPU): higher is better
   p50, p99 (publish to receipt), KiB/conn (serving process RSS per client): lower is better
+kernel: the share of the server's CPU time spent in the kernel (its system calls, the
+  writes to the clients' sockets above all; from clock ticks, "-" when too few)
 load CPU: the load generator's own CPU use in the measured phase (near 100%: it is the limit)"""
 
 
@@ -34,7 +36,11 @@ def _ratio(streamer: dict[str, Any] | None, reference: dict[str, Any] | None, ke
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    headings = ["scenario", "server", "connected", *(c[0] for c in COLUMNS), "lost", "load CPU"]
+    headings = [
+        *("scenario", "server", "connected"),
+        *(c[0] for c in COLUMNS),
+        *("kernel", "lost", "load CPU"),
+    ]
     rows: list[list[str]] = []
     scenarios = list(dict.fromkeys(result["scenario"] for result in results))
     for name in scenarios:
@@ -49,6 +55,7 @@ def table(results: list[dict[str, Any]]) -> str:
                     server,
                     f"{result['connected']}/{result['clients']}",
                     *(_cell(result, key, form) for _, key, form, _ in COLUMNS),
+                    _cell(result, "server_kernel_pct", "{:.0f}%"),
                     str(result["lost"]),
                     _cell(result, "load_cpu_pct", "{:.0f}%"),
                 ]
@@ -56,7 +63,7 @@ def table(results: list[dict[str, Any]]) -> str:
         ratios = [
             _ratio(by_server.get("streamer"), by_server.get("reference"), c[1]) for c in COLUMNS
         ]
-        rows.append([name, "streamer/reference", "", *ratios, "", ""])
+        rows.append([name, "streamer/reference", "", *ratios, "", "", ""])
     widths = [max(len(row[i]) for row in [headings, *rows]) for i in range(len(headings))]
 
     def line(row: list[str]) -> str:

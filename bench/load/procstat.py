@@ -34,11 +34,17 @@ def _has_schedstat() -> bool:
 
 
 def _stat_cpu_seconds(pid: int) -> float:
+    return sum(cpu_split_seconds(pid))
+
+
+def cpu_split_seconds(pid: int) -> tuple[float, float]:
+    """utime and stime of a process (all its threads): in user space and in the kernel,
+    in seconds (counted in clock ticks)."""
     stat = Path(f"/proc/{pid}/stat").read_text()
     # The command name (field 2) may hold spaces and parentheses: split after its end.
     fields = stat[stat.rindex(")") + 2 :].split()
     utime, stime = int(fields[11]), int(fields[12])
-    return (utime + stime) / CLOCK_TICKS
+    return utime / CLOCK_TICKS, stime / CLOCK_TICKS
 
 
 def rss_kib(pid: int) -> int:
@@ -50,6 +56,11 @@ def rss_kib(pid: int) -> int:
 
 def total_cpu_seconds(pids: list[int]) -> float:
     return sum(cpu_seconds(pid) for pid in pids)
+
+
+def total_cpu_split_seconds(pids: list[int]) -> tuple[float, float]:
+    splits = [cpu_split_seconds(pid) for pid in pids]
+    return sum(user for user, _ in splits), sum(kernel for _, kernel in splits)
 
 
 def total_rss_kib(pids: list[int]) -> int:

@@ -12,7 +12,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.load.paths import stream_path
-from bench.load.procstat import own_cpu_seconds, total_cpu_seconds, total_rss_kib
+from bench.load.procstat import (
+    own_cpu_seconds,
+    total_cpu_seconds,
+    total_cpu_split_seconds,
+    total_rss_kib,
+)
 from bench.load.publisher_process import PublisherProcess
 from bench.load.scenarios import Scenario
 from bench.load.sse_client import EventStreamClient
@@ -101,6 +106,7 @@ async def measured_phase(
     if tally.expected == 0:
         tally.all_delivered.set()
     server_cpu_before, own_cpu_before = total_cpu_seconds(target.pids), own_cpu_seconds()
+    user_before, kernel_before = total_cpu_split_seconds(target.pids)
     started_ns = time.time_ns()
     published = await publisher.run(
         scenario.events, scenario.rate, timeout=max(deadline - time.monotonic(), 1)
@@ -109,6 +115,8 @@ async def measured_phase(
     ended_ns = max(tally.last_delivery_ns, started_ns + 1)
     server_cpu = total_cpu_seconds(target.pids) - server_cpu_before
     own_cpu = own_cpu_seconds() - own_cpu_before
+    user_after, kernel_after = total_cpu_split_seconds(target.pids)
+    user_s, kernel_s = user_after - user_before, kernel_after - kernel_before
     wall_s = (ended_ns - started_ns) / 1e9
     latencies = sorted(tally.latencies_ns)
     return {
@@ -118,6 +126,11 @@ async def measured_phase(
         "deliveries_per_s": round(tally.delivered / wall_s, 1),
         "server_cpu_s": round(server_cpu, 2),
         "deliveries_per_cpu_s": round(tally.delivered / server_cpu, 1) if server_cpu else None,
+        # Of the server's CPU time, the share in the kernel (its system calls: the
+        # writes to the clients' sockets above all); clock ticks, so None when too few.
+        "server_kernel_pct": (
+            round(100 * kernel_s / (user_s + kernel_s), 1) if user_s + kernel_s >= 0.05 else None
+        ),
         "p50_ms": percentile_ms(latencies, 0.50),
         "p99_ms": percentile_ms(latencies, 0.99),
         "max_ms": percentile_ms(latencies, 1.0),
