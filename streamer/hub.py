@@ -96,6 +96,9 @@ class Hub:
             return
         try:
             await asyncio.shield(routed)
+        except asyncio.CancelledError:  # the client went away meanwhile
+            self.detach(connection, None)
+            raise
         except Exception as exc:
             self.detach(connection, None)
             self.refused[Reason.BROKER_UNAVAILABLE] += 1
@@ -139,8 +142,7 @@ class Hub:
             )
         if not user.connections:
             del self._users[connection.user_id]
-            if user.routed is not None and _failed(user.routed):
-                return  # never routed
+            # Also when the subscription failed: Redis may still confirm it later.
             self._unsubscribe(connection.user_id)
 
     def _forget_expiry(self) -> None:
@@ -293,10 +295,6 @@ class Hub:
 
     def __len__(self) -> int:
         return self._count
-
-
-def _failed(future: asyncio.Future[None]) -> bool:
-    return future.done() and (future.cancelled() or future.exception() is not None)
 
 
 def _retrieve(future: asyncio.Future[None]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -9,7 +10,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import redis
@@ -123,6 +124,17 @@ class RedisServer:
     def ensure_running(self) -> None:
         if self.process is None or self.process.poll() is not None:
             self.start()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Redis stops answering (SIGSTOP) until the block ends, as a stalled host does:
+        connections stay open, commands go unanswered."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self.process.send_signal(signal.SIGCONT)
 
     def stop(self) -> None:
         if self.process is not None:

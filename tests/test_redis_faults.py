@@ -13,8 +13,10 @@ from aiohttp import ClientWebSocketResponse
 from aiohttp.test_utils import TestClient
 
 from streamer.app import create_app
-from streamer.app_keys import BROKER
+from streamer.app_keys import BROKER, HUB
+from streamer.broker import redis_subscriber
 from streamer.broker.redis import RedisBroker
+from streamer.broker.redis_schema import user_channel
 from streamer.config import Config
 from streamer.publisher import AsyncPublisher, BrokerUnavailable
 from streamer.wire import Delivery, EventId
@@ -139,6 +141,76 @@ async def test_flushed_redis_makes_clients_resync(
             f"/ws/tasks/?token={token_for(user_id)}&last_event_id={before}"
         ) as late:
             assert (await ws_json(late))["recovered"] is False
+
+
+# What a client sends to open a stream, on a raw socket that the test can close at once.
+OPENING_REQUESTS = {
+    "websocket": "GET /ws/tasks/?token={token} HTTP/1.1\r\nHost: streamer\r\n"
+    "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    "sse": "GET /sse/tasks/?token={token} HTTP/1.1\r\nHost: streamer\r\n\r\n",
+    "poll": "GET /poll/tasks/?token={token} HTTP/1.1\r\nHost: streamer\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("transport", list(OPENING_REQUESTS))
+@pytest.mark.parametrize("waiting_for", ["subscription", "snapshot"])
+async def test_a_client_that_leaves_while_its_stream_opens_is_not_counted(
+    redis_client: TestClient,
+    redis_server: RedisServer,
+    token_for: TokenFor,
+    user_id: str,
+    transport: str,
+    waiting_for: str,
+) -> None:
+    """A client that gives up while its stream waits for Redis (its user's subscription,
+    or its snapshot) is gone from the hub at once: it holds none of the user's
+    connections, nor the user's subscription, until the worker restarts."""
+    hub = redis_client.app[HUB]
+    broker = redis_client.app[BROKER]
+    assert isinstance(broker, RedisBroker)
+    token = token_for(user_id)
+    async with contextlib.AsyncExitStack() as stack:
+        if waiting_for == "snapshot":  # the user's events are routed here already
+            url = f"/ws/tasks/?token={token}"
+            first = await stack.enter_async_context(redis_client.ws_connect(url))
+            await ws_json(first)
+        before = len(hub)
+        with redis_server.paused():
+            _, writer = await asyncio.open_connection(redis_client.host, redis_client.port)
+            writer.write(OPENING_REQUESTS[transport].format(token=token).encode())
+            await eventually(lambda: len(hub) == before + 1, what="the stream to wait on Redis")
+            writer.close()
+            await eventually(lambda: len(hub) == before, what="the stream to be gone")
+            routed = waiting_for == "snapshot"
+            assert (user_id in hub.users()) is routed
+            assert (user_channel(user_id) in broker.subscriber.wanted) is routed
+
+
+async def test_a_subscription_redis_did_not_confirm_in_time_is_given_up(
+    redis_client: TestClient,
+    redis_server: RedisServer,
+    redis_url: str,
+    token_for: TokenFor,
+    user_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The client is told to come back later (1013), and the process does not stay
+    subscribed to a user it has no client of."""
+    monkeypatch.setattr(redis_subscriber, "SUBSCRIBE_TIMEOUT_S", 0.5)
+    broker = redis_client.app[BROKER]
+    assert isinstance(broker, RedisBroker)
+    channel = user_channel(user_id)
+    with redis_server.paused():
+        async with redis_client.ws_connect(f"/ws/tasks/?token={token_for(user_id)}") as ws:
+            assert await ws_close_code(ws) == 1013
+        assert channel not in broker.subscriber.wanted
+    with redis.Redis.from_url(redis_url) as admin:
+        await eventually(
+            lambda: admin.pubsub_numsub(channel) == [(channel.encode(), 0)],
+            what="Redis to list no subscriber of the user's channel",
+        )
+        assert admin.pubsub_numsub("streamer:control") == [(b"streamer:control", 1)]
 
 
 @pytest.mark.parametrize("persistent", [False, True])

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import tracemalloc
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import aiohttp
@@ -81,6 +83,53 @@ async def test_a_process_receives_no_event_of_users_it_has_no_client_for(redis_u
             await publisher.progress("other", "t", progress=1)
         await eventually(lambda: recorder.users[-1] == "other", what="the other user's event")
         assert broker.subscriber.messages == 2 and recorder.users == ["here", "other"]
+
+
+async def test_users_who_came_and_went_leave_nothing_behind_in_the_subscriber(
+    redis_url: str,
+) -> None:
+    """A long-lived worker sees ever new users come and go: what it keeps for routing
+    does not grow with each of them once they are gone (their UNSUBSCRIBE confirmed).
+    Two crowds of 3000 users, one after the other: the second one leaves no object
+    behind (the first one has grown the tables that both use)."""
+    async with (
+        recording_broker(redis_url) as (broker, _),
+        redis.asyncio.Redis.from_url(redis_url) as admin,
+    ):
+
+        async def all_gone() -> bool:
+            channels = await admin.pubsub_channels()
+            return channels == [b"streamer:control"]
+
+        async def come_and_go(crowd: str) -> None:
+            users = [f"{crowd}-{n:05d}-" + "x" * 40 for n in range(3000)]
+            await asyncio.gather(*(broker.subscribe(user) for user in users))
+            assert len(await admin.pubsub_channels()) == len(users) + 1
+            for user in users:
+                broker.unsubscribe(user)
+            await eventually(all_gone, what="Redis to confirm every UNSUBSCRIBE")
+
+        tracemalloc.start()
+        try:
+            await come_and_go("first")
+            before = tracemalloc.take_snapshot()
+
+            def objects_kept() -> int:
+                """Blocks allocated since `before` and still alive (a table that grew
+                is still one block)."""
+                gc.collect()  # what only waits for the collector is not kept
+                stats = tracemalloc.take_snapshot().compare_to(before, "filename")
+                mine = (s for s in stats if s.traceback[0].filename != tracemalloc.__file__)
+                return sum(stat.count_diff for stat in mine if stat.count_diff > 0)
+
+            await come_and_go("second")
+            await eventually(
+                lambda: objects_kept() < 500,  # not one or more per user of the crowd
+                what="the subscriber to keep nothing of the second crowd",
+                interval=0.2,
+            )
+        finally:
+            tracemalloc.stop()
 
 
 async def test_events_redis_sends_together_reach_the_hub_together(redis_url: str) -> None:

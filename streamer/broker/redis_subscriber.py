@@ -364,21 +364,25 @@ class Subscriber:
         for channel in (*to_subscribe, *to_unsubscribe):
             self._active.discard(channel)
             self._unconfirmed[channel] = self._unconfirmed.get(channel, 0) + 1
+        # Bare commands: redis-py's subscribe() records each channel until it reads
+        # the confirmation itself, which it never does here (the PushReader reads it),
+        # so those records would keep every user that ever had a connection here.
+        send = pubsub.execute_command
         try:
             if CONTROL_CHANNEL in to_subscribe:
                 to_subscribe.remove(CONTROL_CHANNEL)
-                await pubsub.subscribe(CONTROL_CHANNEL)
+                await send("SUBSCRIBE", CONTROL_CHANNEL)
             if self._sharded:
                 # One SSUBSCRIBE names channels of one slot only.
                 for group in _by_slot(to_subscribe):
-                    await pubsub.ssubscribe(*group)
+                    await send("SSUBSCRIBE", *group)
                 for group in _by_slot(to_unsubscribe):
-                    await pubsub.sunsubscribe(*group)
+                    await send("SUNSUBSCRIBE", *group)
             else:
                 for start in range(0, len(to_subscribe), COMMAND_BATCH):
-                    await pubsub.subscribe(*to_subscribe[start : start + COMMAND_BATCH])
+                    await send("SUBSCRIBE", *to_subscribe[start : start + COMMAND_BATCH])
                 for start in range(0, len(to_unsubscribe), COMMAND_BATCH):
-                    await pubsub.unsubscribe(*to_unsubscribe[start : start + COMMAND_BATCH])
+                    await send("UNSUBSCRIBE", *to_unsubscribe[start : start + COMMAND_BATCH])
         except REDIS_ERRORS as exc:
             # The connection is failing: the listener notices, reconnects and
             # subscribes to everything wanted then.

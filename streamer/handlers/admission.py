@@ -19,10 +19,11 @@ from ..auth.delegated import AuthUnavailable
 from ..auth.origin import origin_allowed
 from ..auth.sessions import SessionStoreUnavailable
 from ..auth.tokens import Identity, InvalidToken
-from ..connection import Connection
+from ..broker.base import BrokerUnavailable
+from ..connection import Connection, opening_frames
 from ..events import EventError, validate_identifier
 from ..reasons import Reason, Refused
-from ..wire import Transport
+from ..wire import EventId, Transport
 
 MAX_EVENT_ID_LENGTH = 200
 
@@ -114,3 +115,32 @@ def connection_for(
         limits=request.app[HUB].limits,
         expires_at=expires_at if math.isfinite(expires_at) else None,
     )
+
+
+async def open_stream(
+    request: web.Request,
+    connection: Connection,
+    *,
+    last_event_id: str | None,
+    encode_snapshot: Callable[[str, EventId], bytes],
+) -> list[bytes]:
+    """Count the connection in at the hub and read what it gets first (snapshot,
+    replay). Raises Refused; when it fails in any way, the client going away while
+    Redis is slow included, the connection is no longer counted."""
+    hub = request.app[HUB]
+    await hub.attach(connection)
+    opened = False
+    try:
+        frames = await opening_frames(
+            request.app[BROKER],
+            connection,
+            last_event_id=last_event_id,
+            encode_snapshot=encode_snapshot,
+        )
+        opened = True
+        return frames
+    except BrokerUnavailable as exc:
+        raise Refused(Reason.BROKER_UNAVAILABLE, f"{exc}; try again") from None
+    finally:
+        if not opened:
+            hub.detach(connection, None)

@@ -21,12 +21,11 @@ import json
 from aiohttp import web
 
 from .. import wire
-from ..app_keys import BROKER, CONFIG, HUB
+from ..app_keys import CONFIG, HUB
 from ..auth.origin import cors_headers
-from ..broker.base import BrokerUnavailable
-from ..connection import Connection, opening_frames
+from ..connection import Connection
 from ..reasons import Reason, Refused
-from .admission import admit, connection_for
+from .admission import admit, connection_for, open_stream
 from .common import worker_header
 from .sse import refusal_response, sse_preflight
 
@@ -84,18 +83,10 @@ async def poll_handler(request: web.Request) -> web.StreamResponse:
         return wire.poll_item(message.encode(), str(position))
 
     try:
-        await hub.attach(connection)
-        try:
-            opening = await opening_frames(
-                request.app[BROKER],
-                connection,
-                last_event_id=resume_point,
-                encode_snapshot=encode_snapshot,
-            )
-        except BrokerUnavailable as exc:
-            raise Refused(Reason.BROKER_UNAVAILABLE, f"{exc}; try again") from None
+        opening = await open_stream(
+            request, connection, last_event_id=resume_point, encode_snapshot=encode_snapshot
+        )
     except Refused as refusal:
-        hub.detach(connection, None)
         return _no_store(refusal_response(refusal, cors))
     try:
         if resume_point is not None and recovered == [True]:

@@ -15,12 +15,10 @@ import logging
 from aiohttp import web
 
 from .. import wire
-from ..app_keys import BROKER, CONFIG, HUB
+from ..app_keys import CONFIG, HUB
 from ..auth.origin import cors_headers
-from ..broker.base import BrokerUnavailable
-from ..connection import opening_frames
 from ..reasons import Reason, Refused
-from .admission import admit, connection_for
+from .admission import admit, connection_for, open_stream
 from .common import json_error, worker_header
 
 log = logging.getLogger(__name__)
@@ -53,21 +51,16 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
     connection = connection_for(request, admission, "sse", _close_transport)
     last_event_id = admission.last_event_id
     del admission  # nothing of it is needed for the length of the stream
-    hub = request.app[HUB]
     try:
-        await hub.attach(connection)
-        try:
-            opening = await opening_frames(
-                request.app[BROKER],
-                connection,
-                last_event_id=last_event_id,
-                encode_snapshot=functools.partial(_snapshot_chunk, config.sse_retry_ms),
-            )
-        except BrokerUnavailable as exc:
-            raise Refused(Reason.BROKER_UNAVAILABLE, f"{exc}; try again") from None
+        opening = await open_stream(
+            request,
+            connection,
+            last_event_id=last_event_id,
+            encode_snapshot=functools.partial(_snapshot_chunk, config.sse_retry_ms),
+        )
     except Refused as refusal:
-        hub.detach(connection, None)
         return refusal_response(refusal, cors)
+    hub = request.app[HUB]
     try:
         response = web.StreamResponse(headers=SSE_HEADERS | worker_header() | cors)
         response.enable_chunked_encoding()

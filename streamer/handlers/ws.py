@@ -14,10 +14,10 @@ from .. import wire
 from ..app_keys import BROKER, CONFIG, HUB
 from ..broker.base import BrokerUnavailable, Snapshot
 from ..commands import answer, reply_cost
-from ..connection import Connection, opening_frames
+from ..connection import Connection
 from ..rate_limit import TokenBucket, command_burst
 from ..reasons import Reason, Refused
-from .admission import admit, connection_for
+from .admission import admit, connection_for, open_stream
 from .common import json_error, worker_header
 
 log = logging.getLogger(__name__)
@@ -77,20 +77,16 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     )
     last_event_id = admission.last_event_id
     del admission  # nothing of it is needed for the length of the stream
-    hub = request.app[HUB]
     try:
-        await hub.attach(connection)
+        opening = await open_stream(
+            request, connection, last_event_id=last_event_id, encode_snapshot=_snapshot_frame
+        )
     except Refused as refusal:
         code, text = CLOSE_CODES[refusal.reason]
         await ws.close(code=code, message=text)
         return ws
+    hub = request.app[HUB]
     try:
-        opening = await opening_frames(
-            request.app[BROKER],
-            connection,
-            last_event_id=last_event_id,
-            encode_snapshot=_snapshot_frame,
-        )
         connection.go_live(opening)
         hub.replayed += len(opening) - 1  # after the snapshot: the replayed events
         del opening  # written: not kept for the length of the stream
