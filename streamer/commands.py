@@ -22,6 +22,7 @@ _KNOWN = frozenset({"get_task_status", "get_active_tasks", "cancel_task", "ping"
 # A reply costs one command, plus one more per this many bytes (a large snapshot).
 REPLY_BYTES_PER_COMMAND = 16 * 1024
 BROKER_UNAVAILABLE_MESSAGE = "the broker is unavailable; try again"
+BROKER_UNAVAILABLE = wire.error("broker_unavailable", BROKER_UNAVAILABLE_MESSAGE)
 
 
 @dataclass(frozen=True)
@@ -68,16 +69,24 @@ def make_command(kind: CommandType, task_id: object = None) -> Command:
 Reply = str | Snapshot
 
 
-async def answer(broker: Broker, user_id: str, text: str) -> Reply:
-    """The reply to one command frame; bad input and broker outages are `error`s."""
+def read_command(text: str) -> Command | str:
+    """The command in a text frame, or the `error` message to send back."""
     try:
-        command = parse_command(text)
+        return parse_command(text)
     except CommandError as exc:
         return wire.error(exc.code, exc.message)
+
+
+async def answer(broker: Broker, user_id: str, command: Command) -> str:
+    """The reply to a command other than `get_active_tasks` (a snapshot, which the
+    connection sends in order with the events around it); a broker outage is an
+    `error`."""
     try:
-        return await execute(broker, user_id, command)
+        reply = await execute(broker, user_id, command)
     except BrokerUnavailable:
-        return wire.error("broker_unavailable", BROKER_UNAVAILABLE_MESSAGE)
+        return BROKER_UNAVAILABLE
+    assert isinstance(reply, str), "get_active_tasks is the connection's to answer"
+    return reply
 
 
 async def execute(broker: Broker, user_id: str, command: Command) -> Reply:
@@ -108,6 +117,7 @@ async def run(broker: Broker, user_id: str, command: Command) -> Outcome:
     return Outcome(wire.task_cancelled(command.task_id, success))
 
 
-def reply_cost(reply: str) -> int:
-    """Commands a reply costs beyond the one that asked for it: one per 16 KiB."""
-    return len(reply) // REPLY_BYTES_PER_COMMAND
+def reply_cost(size: int) -> int:
+    """Commands a reply of `size` bytes costs beyond the one that asked for it: one per
+    16 KiB."""
+    return size // REPLY_BYTES_PER_COMMAND

@@ -14,20 +14,18 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
-from .broker.base import Broker
+from .broker.base import Broker, BrokerUnavailable
 from .reasons import Reason
 from .wire import Delivery, EventId, Transport, active_tasks, encode
-
-if TYPE_CHECKING:
-    pass
-
 
 # How often a backed-up socket is looked at again while it drains (its drain waiter
 # normally wakes the flusher first), and the pause after a drain wait that ended early.
 DRAIN_CHECK_S = 1.0
 DRAIN_RETRY_S = 0.05
+# The key of a command reply waiting in the outbox: no snapshot covers it.
+REPLY_KEY = -1
 
 
 @dataclass(frozen=True)
@@ -51,10 +49,13 @@ class Connection:
         "_last_key",
         "_limits",
         "_live",
+        "_opened",
         "_out",
         "_pending",
         "_pending_bytes",
-        "_resync_task",
+        "_resets",
+        "_resyncing",
+        "_stale",
         "close_reason",
         "closing",
         "expires_at",
@@ -97,7 +98,13 @@ class Connection:
         self._pending_bytes = 0
         self._last_key = -1
         self._flusher: asyncio.Task[None] | None = None
-        self._resync_task: asyncio.Task[None] | None = None
+        self._opened = False  # the handler sent what the client gets first
+        # After the broker lost its data: the fresh snapshot being read (events wait
+        # meanwhile), whether the data was lost (again) since that read began, and
+        # how many times it was lost.
+        self._resyncing: asyncio.Task[int] | None = None
+        self._stale = False
+        self._resets = 0
         self._done: asyncio.Future[Reason] | None = None
         self.expires_at = expires_at  # when its credentials end (the hub keeps the time)
         self.heard = True  # from the client since the last ping round (WebSocket)
@@ -190,10 +197,56 @@ class Connection:
             self._done.set_result(self.close_reason)
 
     def resync(self) -> None:
-        """The broker lost its data: send a fresh snapshot with `recovered: false`."""
-        if self.close_reason is None and self._resync_task is None:
-            self._live = False  # events wait behind the new snapshot
-            self._resync_task = asyncio.ensure_future(self._resync())
+        """The broker lost its data: send a fresh snapshot with `recovered: false`. What
+        waits of the old data is dropped (the snapshot replaces it), and ids start over:
+        the new data's may be lower."""
+        if self.close_reason is not None:
+            return
+        self._live = False  # events wait behind the new snapshot
+        self._stale = True
+        self._resets += 1
+        self._last_key = -1
+        if self._pending is not None:
+            replies = [(k, f) for k, f in self._pending if k == REPLY_KEY]
+            self._pending = replies or None
+            self._pending_bytes = sum(len(f) for _, f in replies)
+        if self._opened:  # otherwise the handler's opening, outdated now, starts it
+            self._resync_soon()
+
+    async def refresh(self) -> int:
+        """The client asked for its tasks (`get_active_tasks`): a fresh snapshot, where
+        the client stands. Events that come while it is read wait and follow it, those
+        it already holds included (a `task_completed` is never skipped), so that the
+        client's view never goes back. Returns its size in bytes; raises
+        BrokerUnavailable (the stream goes on)."""
+        if self.close_reason is not None:
+            return 0
+        if self._resyncing is not None:  # its snapshot, coming, is the answer
+            return await self._resyncing
+        position, resets = self.last_id, self._resets
+        assert position is not None, "asked before the opening snapshot was sent"
+        self._live = False
+        before = len(self._pending or ())  # what waited already goes out first
+        try:
+            snapshot = await self._broker.snapshot(self.user_id, self.task_id)
+        except Exception as exc:
+            if self._resets == resets and self.close_reason is None:
+                self._resume()
+            raise BrokerUnavailable(str(exc)) from exc
+        if self._resets != resets or self.close_reason is not None:
+            return 0  # the data was lost meanwhile: the resync's snapshot answers
+        message = active_tasks(
+            snapshot.tasks, position=position, recovered=True, truncated=snapshot.truncated
+        )
+        frame = encode(message, self.transport, position, "active_tasks")
+        pending = self._pending or []
+        if self._pending_bytes + len(frame) > self._limits.max_bytes:
+            self.close(Reason.OVERFLOW)
+            return 0
+        self._pending = [*pending[:before], (REPLY_KEY, frame), *pending[before:]]
+        self._pending_bytes += len(frame)
+        self._resume()
+        return len(frame)
 
     def close(self, reason: Reason) -> None:
         """End the stream from the server's side, with the transport's signal for it."""
@@ -210,7 +263,7 @@ class Connection:
         if self.close_reason is None:
             self.close_reason = Reason.CLIENT_CLOSED
         self._pending = None
-        for task in (self._flusher, self._resync_task):
+        for task in (self._flusher, self._resyncing):
             if task is not None:
                 task.cancel()
         self._resolve_done()
@@ -219,24 +272,27 @@ class Connection:
 
     def skip_through(self, event_id: EventId) -> None:
         """Everything up to `event_id` is covered (by a snapshot or a replay)."""
+        if self._stale:
+            return  # read before the broker lost its data: covers nothing now
         if event_id.key > self._last_key:
             self._last_key = event_id.key
             self.last_id = event_id
         if self._pending is not None:
-            kept = [(k, f) for k, f in self._pending if k > event_id.key]
+            kept = [(k, f) for k, f in self._pending if k == REPLY_KEY or k > event_id.key]
             self._pending = kept or None
             self._pending_bytes = sum(len(f) for _, f in kept)
 
     def go_live(self, first: list[bytes]) -> None:
         """Send `first` (snapshot, replay), then what waited, in one write; from now on
-        events are written through."""
+        events are written through. If the broker lost its data while `first` was read,
+        a fresh snapshot is sent instead."""
         if self.close_reason is not None:
             return
-        frames = [*first, *(f for _, f in self._pending or ())]
-        self.sent += len(frames)
-        self._pending, self._pending_bytes = None, 0
-        self._live = True
-        self._out.write(b"".join(frames))
+        self._opened = True
+        if self._stale:
+            self._resync_soon()
+            return
+        self._release(first)
 
     def send(self, data: bytes) -> None:
         """A command reply, in order with the events around it."""
@@ -245,7 +301,7 @@ class Connection:
         if self._live and self._pending is None and not self._backed_up():
             self._out.write(data)
         else:
-            self._queue(self._last_key, data)
+            self._queue(REPLY_KEY, data)
 
     # --- inside ----------------------------------------------------------------------------
 
@@ -269,7 +325,8 @@ class Connection:
     async def _flush_when_drained(self) -> None:
         """Write what waited, in one write, once the socket has drained; end the stream
         when it has not drained within the send timeout. Never leaves while something
-        waits and the stream is open."""
+        waits and the stream is open, but at a drained socket while a snapshot is read
+        (events wait for it, and its end writes them or starts this again)."""
         loop = asyncio.get_running_loop()
         deadline: float | None = None
         try:
@@ -287,6 +344,8 @@ class Connection:
                     await self._wait_for_drain(within_s=min(remaining, DRAIN_CHECK_S))
                     continue
                 deadline = None
+                if not self._live:
+                    return  # held for a snapshot: its end writes what waits
                 pending = self._pending
                 self._pending, self._pending_bytes = None, 0
                 self.sent += len(pending)
@@ -306,14 +365,44 @@ class Connection:
         if done and self._backed_up():
             await asyncio.sleep(min(within_s, DRAIN_RETRY_S))
 
-    async def _resync(self) -> None:
-        try:
-            snapshot = await self._broker.snapshot(self.user_id, self.task_id)
-        except Exception:
-            self._resync_task = None
-            self.close(Reason.BROKER_UNAVAILABLE)
+    def _resume(self) -> None:
+        """Live again after a hold: what waited goes out now, or once the socket has
+        drained (a client that does not read cannot make it pile up)."""
+        self._live = True
+        if self._pending is None:
             return
-        self._resync_task = None
+        if not self._backed_up():
+            self._release([])
+        elif self._flusher is None:
+            self._flusher = asyncio.ensure_future(self._flush_when_drained())
+
+    def _release(self, first: list[bytes]) -> None:
+        frames = [*first, *(f for _, f in self._pending or ())]
+        self.sent += len(frames)
+        self._pending, self._pending_bytes = None, 0
+        self._live = True
+        self._out.write(b"".join(frames))
+
+    def _resync_soon(self) -> asyncio.Task[int]:
+        if self._resyncing is None:
+            self._resyncing = asyncio.ensure_future(self._resync())
+            self._resyncing.add_done_callback(_retrieve)
+        return self._resyncing
+
+    async def _resync(self) -> int:
+        try:
+            while True:
+                self._stale = False
+                snapshot = await self._broker.snapshot(self.user_id, self.task_id)
+                if not self._stale:
+                    break
+        except Exception as exc:
+            self._resyncing = None
+            self.close(Reason.BROKER_UNAVAILABLE)  # what the client holds is of the lost data
+            raise BrokerUnavailable(str(exc)) from exc
+        self._resyncing = None
+        if self.close_reason is not None:
+            return 0
         self.skip_through(snapshot.position)
         message = active_tasks(
             snapshot.tasks,
@@ -321,10 +410,12 @@ class Connection:
             recovered=False,
             truncated=snapshot.truncated,
         )
-        self.go_live([encode(message, self.transport, snapshot.position, "active_tasks")])
+        frame = encode(message, self.transport, snapshot.position, "active_tasks")
+        self._release([frame])
+        return len(frame)
 
 
-def _retrieve(future: asyncio.Future[None]) -> None:
+def _retrieve(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
 

@@ -4,17 +4,23 @@ order and duplicates, write-through, coalescing under back-pressure, bounded buf
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
+import struct
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
+from streamer.broker.base import Broker
+from streamer.broker.memory import MemoryBroker
 from streamer.connection import Connection, Limits
 from streamer.hub import Hub
 from streamer.reasons import Reason, Refused
-from streamer.wire import Delivery, EventId
+from streamer.wire import Delivery, EventId, active_tasks, encode, ws_text_frame
 
 EPOCH = "abcdef01"
 
@@ -65,6 +71,44 @@ class Peer:
         return data
 
 
+def text_frames(data: bytes) -> list[dict[str, Any]]:
+    """The JSON messages in unmasked WebSocket text frames, as servers send them."""
+    messages = []
+    while data:
+        assert data[0] == 0x81, data[:2]
+        length, start = data[1], 2
+        if length == 126:
+            length, start = struct.unpack("!H", data[2:4])[0], 4
+        messages.append(json.loads(data[start : start + length]))
+        data = data[start + length :]
+    return messages
+
+
+async def read_messages(peer: Peer, count: int) -> list[dict[str, Any]]:
+    """At least `count` messages, and all that came with them."""
+    data = b""
+    while True:
+        if _complete(data) and len(messages := text_frames(data)) >= count:
+            return messages
+        data += await peer.read(1)
+
+
+def _complete(data: bytes) -> bool:
+    """Whether `data` ends at the end of a frame."""
+    while data:
+        if len(data) < 2:
+            return False
+        length, start = data[1], 2
+        if length == 126:
+            if len(data) < 4:
+                return False
+            length, start = struct.unpack("!H", data[2:4])[0], 4
+        if len(data) < start + length:
+            return False
+        data = data[start + length :]
+    return True
+
+
 def count_writes(transport: asyncio.Transport) -> list[int]:
     """The sizes of the transport's writes from now on."""
     writes: list[int] = []
@@ -80,9 +124,14 @@ def count_writes(transport: asyncio.Transport) -> list[int]:
 
 @asynccontextmanager
 async def socket_connection(
-    user: str, *, limits: Limits | None = None, task_id: str | None = None
+    user: str,
+    *,
+    limits: Limits | None = None,
+    task_id: str | None = None,
+    broker: Broker | None = None,
 ) -> AsyncIterator[tuple[Connection, Peer, asyncio.Transport]]:
-    """A Connection writing to a real socket; the test holds the other end."""
+    """A Connection writing to a real socket; the test holds the other end. `broker`:
+    where a resync reads its snapshot."""
     server_end, client_end = socket.socketpair()
     client_end.setblocking(False)
     _, writer = await asyncio.open_connection(sock=server_end)
@@ -99,7 +148,7 @@ async def socket_connection(
         out=transport,  # type: ignore[arg-type]
         drain=writer.drain,
         close_transport=close_transport,  # type: ignore[arg-type]
-        broker=None,  # type: ignore[arg-type]  # no resync in these tests
+        broker=broker,  # type: ignore[arg-type]  # None: no resync in the test
         limits=limits or Limits(max_events=100, max_bytes=1 << 20, send_timeout_s=5),
     )
     try:
@@ -293,3 +342,76 @@ async def test_a_client_over_its_byte_budget_is_cut_off() -> None:
         kernel += peer.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
         high_water = transport.get_write_buffer_limits()[1]
         assert offered * 64 * 1024 <= kernel + high_water + budget + 2 * 65 * 1024
+
+
+def json_delivery(user: str, ms: int, task: str = "t") -> Delivery:
+    event_id = EventId(EPOCH, ms, 0)
+    data = json.dumps({"type": "task_progress", "id": str(event_id), "task_id": task})
+    return Delivery(user, task, event_id, "task_progress", data.encode())
+
+
+async def live_connection(
+    hub: Hub, connection: Connection, peer: Peer, broker: MemoryBroker
+) -> dict[str, Any]:
+    """Attached and past its opening snapshot (read from `broker`), as a handler does."""
+    await hub.attach(connection)
+    snapshot = await broker.snapshot(connection.user_id)
+    connection.skip_through(snapshot.position)
+    connection.go_live([wire_snapshot(snapshot.position)])
+    (first,) = await read_messages(peer, 1)
+    return first
+
+
+def wire_snapshot(position: EventId) -> bytes:
+    message = active_tasks([], position=position, recovered=True, truncated=False)
+    return encode(message, "websocket", position, "active_tasks")
+
+
+async def test_data_lost_while_the_opening_was_read_sends_a_fresh_snapshot_instead() -> None:
+    """The broker lost its data after the opening snapshot was read and before it was
+    sent: that snapshot is outdated, so the client gets a fresh one, `recovered:
+    false`, and never the outdated one."""
+    broker = MemoryBroker(history_size=10, history_ttl=60)
+    hub = make_hub(Routing())
+    async with socket_connection("u", broker=broker) as (connection, peer, _):
+        await hub.attach(connection)
+        old = EventId("0ld0ld00", int(time.time() * 1000) + 10**6, 0)
+        connection.skip_through(old)  # the opening read this, of the old data
+        connection.resync()  # the hub: the broker lost its data
+        connection.go_live([wire_snapshot(old)])  # the handler, with what it read
+        hub.deliver(new := json_delivery("u", int(time.time() * 1000) + 1000))
+        snapshot, event = await read_messages(peer, 2)
+        assert snapshot["type"] == "active_tasks" and snapshot["recovered"] is False
+        assert snapshot["id"] != str(old)
+        # The new data's ids are lower than the old ones: its events still come.
+        assert event["id"] == str(new.event_id)
+
+
+async def test_a_reply_sent_while_the_data_is_resynced_follows_the_fresh_snapshot() -> None:
+    broker = MemoryBroker(history_size=10, history_ttl=60)
+    hub = make_hub(Routing())
+    async with socket_connection("u", broker=broker) as (connection, peer, _):
+        await live_connection(hub, connection, peer, broker)
+        connection.resync()
+        connection.send(ws_text_frame(b'{"type":"pong"}'))  # the answer to a ping
+        snapshot, reply = await read_messages(peer, 2)
+        assert snapshot["type"] == "active_tasks" and snapshot["recovered"] is False
+        assert reply == {"type": "pong"}
+
+
+async def test_after_a_resync_events_of_the_new_data_come_though_their_ids_are_lower() -> None:
+    """A replica promoted after a failover may have a clock behind the old master's: the
+    ids of its events are lower than those the client got before. They are not taken
+    for duplicates."""
+    broker = MemoryBroker(history_size=10, history_ttl=60)
+    hub = make_hub(Routing())
+    async with socket_connection("u", broker=broker) as (connection, peer, _):
+        await live_connection(hub, connection, peer, broker)
+        now_ms = int(time.time() * 1000)
+        hub.deliver(json_delivery("u", now_ms + 10**6))  # the old master's clock, ahead
+        await read_messages(peer, 1)
+        connection.resync()
+        hub.deliver(new := json_delivery("u", now_ms + 1000))
+        snapshot, event = await read_messages(peer, 2)
+        assert snapshot["recovered"] is False
+        assert event["id"] == str(new.event_id)

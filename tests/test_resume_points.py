@@ -8,14 +8,21 @@ resumed snapshot that stood ahead of its replay is finding 14: tests/attacks.)
 
 from __future__ import annotations
 
+import asyncio
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 import redis
 from aiohttp.test_utils import TestClient
 
-from .clients import TRANSPORTS, assert_strictly_increasing, open_stream, ws_json
+from streamer.app import create_app
+from streamer.app_keys import BROKER
+from streamer.config import Config
+from streamer.events import completed_event, progress_event
+
+from .clients import TRANSPORTS, assert_strictly_increasing, open_stream, order, ws_json
+from .conftest import SECRET
 from .test_transports import publish_progress
 
 TokenFor = Callable[..., str]
@@ -119,3 +126,52 @@ async def test_a_fresh_snapshot_whose_history_was_lost_says_so(
     async with open_stream(redis_client, transport, token, last_event_id=snapshot.id) as resumed:
         again = await resumed.next()
     assert again.type == "active_tasks" and again.message["recovered"] is False
+
+
+async def test_a_requested_snapshot_never_takes_back_events_already_sent(
+    redis_url: str,
+    aiohttp_client: Callable[..., Awaitable[TestClient]],  # type: ignore[type-arg]
+    token_for: TokenFor,
+    user_id: str,
+) -> None:
+    """Events keep coming while `get_active_tasks` snapshots are read: none of them may
+    reach the client ahead of a snapshot that does not hold it, or the client would
+    show older progress, or a finished task as running, for good. None is skipped
+    either, though a snapshot may hold it already (a `task_completed` carries the
+    task's result, which no snapshot shows)."""
+    config = Config(secret=SECRET, redis_url=redis_url, commands_per_s=100_000)
+    client = await aiohttp_client(await create_app(config))
+    broker = client.app[BROKER]
+    async with client.ws_connect(f"/ws/tasks/?token={token_for(user_id)}") as ws:
+        ids = [(await ws_json(ws))["id"]]
+
+        async def publish() -> None:
+            for n in range(1, 1001):
+                await broker.publish(progress_event(user_id, "job", processed_items=n))
+            await broker.publish(completed_event(user_id, "job"))
+
+        publishing = asyncio.ensure_future(publish())
+        try:
+            steps = 0  # step events received, each once and in order
+            finished = False
+            snapshots = 0
+            while not finished:
+                await ws.send_json({"type": "get_active_tasks"})
+                while (message := await ws_json(ws))["type"] != "active_tasks":
+                    ids.append(message["id"])
+                    finished = message["type"] == "task_completed"
+                    if not finished:
+                        assert message["processed_items"] == steps + 1
+                        steps += 1
+                ids.append(message["id"])
+                snapshots += 1
+                job = [t for t in message["tasks"] if t["task_id"] == "job"]
+                if finished:
+                    assert job == [], "a snapshot after task_completed still holds the task"
+                elif job:  # it holds at least every event received before it
+                    assert job[0]["processed_items"] >= steps, (steps, job)
+            await publishing
+        finally:
+            publishing.cancel()
+    assert snapshots > 10  # snapshots were read while events came
+    assert ids == sorted(ids, key=order)  # and ids never went back

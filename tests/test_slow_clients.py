@@ -7,15 +7,19 @@ import asyncio
 import json
 import socket
 import struct
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp.test_utils import TestClient
 
+from streamer.app import create_app
 from streamer.app_keys import BROKER, HUB
+from streamer.config import Config
 from streamer.events import completed_event
+from streamer.reasons import Reason
 
 from .clients import SseReader, ws_json, ws_messages
+from .conftest import SECRET
 from .raw_ws import OP_CLOSE, OP_PING, OP_TEXT, RawWebSocket
 
 TokenFor = Callable[..., str]
@@ -65,6 +69,21 @@ def remaining_ids(slow: RawWebSocket) -> list[str]:
     except (EOFError, ConnectionError, TimeoutError):
         pass  # aborted: what arrived is what counts
     return ids
+
+
+async def stalled_websocket(client: TestClient, token: str) -> RawWebSocket:  # type: ignore[type-arg]
+    """A WebSocket with a tiny receive buffer, past its snapshot, that reads no more
+    unless the test does."""
+    assert client.host and client.port
+    slow = await asyncio.to_thread(
+        RawWebSocket, client.host, client.port, f"/ws/tasks/?token={token}", receive_buffer=4096
+    )
+    try:
+        assert (await asyncio.to_thread(slow.receive))[0] == OP_TEXT  # its snapshot
+    except BaseException:
+        slow.close()
+        raise
+    return slow
 
 
 def stalled_sse(host: str, port: int, token: str) -> socket.socket:
@@ -189,13 +208,8 @@ async def test_queued_events_leave_once_a_slow_client_catches_up(
     included, even when nothing is published after it and when a wait for the socket
     to drain was cancelled meanwhile (aiohttp shares one drain waiter per socket, and a
     cancelled wait leaves it cancelled)."""
-    assert client.host and client.port
-    slow = await asyncio.to_thread(
-        RawWebSocket, client.host, client.port, f"/ws/tasks/?token={token_for(user_id)}",
-        receive_buffer=4096,
-    )  # fmt: skip
+    slow = await stalled_websocket(client, token_for(user_id))
     try:
-        assert (await asyncio.to_thread(slow.receive))[0] == OP_TEXT  # its snapshot
         [connection] = client.app[HUB].connections()
         transport = connection._out  # the server's end of the slow client's socket
         broker = client.app[BROKER]
@@ -227,5 +241,37 @@ async def test_queued_events_leave_once_a_slow_client_catches_up(
 
         received = await asyncio.wait_for(asyncio.to_thread(read_all), 20)
         assert received == published
+    finally:
+        slow.close()
+
+
+async def test_a_client_that_reads_nothing_but_asks_for_its_tasks_is_cut_off_all_the_same(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],  # type: ignore[type-arg]
+    token_for: TokenFor,
+    user_id: str,
+) -> None:
+    """Asking for its tasks holds a client's events while the snapshot is read; it
+    must not give a client that stopped reading a fresh send timeout each time."""
+    config = Config(
+        secret=SECRET,
+        send_timeout_s=1.0,
+        commands_per_s=100,
+        client_buffer=10_000,
+        client_buffer_bytes=64 << 20,
+    )
+    client = await aiohttp_client(await create_app(config))
+    hub, broker = client.app[HUB], client.app[BROKER]
+    slow = await stalled_websocket(client, token_for(user_id))
+    try:
+        # 8 MiB: more than the kernel holds for the socket (4 MiB at most here), less
+        # than the connection may buffer.
+        for n in range(512):
+            await broker.publish(completed_event(user_id, f"t{n}", result_data=PAYLOAD))
+        asked_at = asyncio.get_running_loop().time()
+        while hub.ended[Reason.STALLED] == 0:
+            assert asyncio.get_running_loop().time() - asked_at < 5, "never cut off"
+            await asyncio.to_thread(slow.send_text, '{"type": "get_active_tasks"}')
+            await asyncio.sleep(0.1)
+        assert len(hub) == 0
     finally:
         slow.close()

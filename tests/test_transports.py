@@ -214,6 +214,12 @@ async def test_task_id_filter(client: TestClient, token_for: TokenFor, user_id: 
         assert (await ws_json(ws))["id"] == b_id
         assert (await reader.next()).id == b_id
         sse.close()
+        # Asked for again, the tasks are those of the stream: the other task's
+        # updates never come on it.
+        await ws.send_json({"type": "get_active_tasks"})
+        asked = await ws_json(ws)
+        assert asked["type"] == "active_tasks" and asked["id"] == b_id
+        assert [t["task_id"] for t in asked["tasks"]] == ["b"]
 
     bad = await client.get(f"/sse/tasks/?token={token}&task_id=" + "x" * 300)
     assert bad.status == 400

@@ -122,7 +122,7 @@ async def _answer(request: web.Request, kind: CommandType) -> web.Response:
         reply = wire.active_tasks(
             reply.tasks, position=reply.position, recovered=True, truncated=reply.truncated
         )
-        bucket.charge(reply_cost(reply))
+        bucket.charge(reply_cost(len(reply)))
     return web.Response(text=reply, content_type="application/json")
 
 

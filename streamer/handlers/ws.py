@@ -12,8 +12,8 @@ from multidict import CIMultiDict
 
 from .. import wire
 from ..app_keys import BROKER, CONFIG, HUB
-from ..broker.base import BrokerUnavailable, Snapshot
-from ..commands import answer, reply_cost
+from ..broker.base import BrokerUnavailable
+from ..commands import BROKER_UNAVAILABLE, answer, read_command, reply_cost
 from ..connection import Connection
 from ..rate_limit import TokenBucket, command_burst
 from ..reasons import Reason, Refused
@@ -45,6 +45,7 @@ CLOSE_CODES: dict[Reason, tuple[int, bytes]] = {
 # A client that keeps sending past its rate after this many refusals in a row is
 # dropped; before that each refused command gets an error reply.
 MAX_REFUSED_COMMANDS = 50
+UNSUPPORTED_FRAME = wire.error("unsupported_frame", "send commands as JSON text frames")
 
 
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
@@ -91,9 +92,6 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         hub.replayed += len(opening) - 1  # after the snapshot: the replayed events
         del opening  # written: not kept for the length of the stream
         await _answer_commands(request, ws, connection)
-    except BrokerUnavailable as exc:
-        log.warning("websocket closed: %s", exc)
-        connection.close(Reason.BROKER_UNAVAILABLE)
     finally:
         hub.detach(connection, connection.close_reason or Reason.CLIENT_CLOSED)
     if connection.closing is not None:
@@ -173,18 +171,18 @@ async def _answer_commands(
             continue
         refused_in_a_row = 0
         if message.type == WSMsgType.BINARY:
-            reply: str | Snapshot = wire.error(
-                "unsupported_frame", "send commands as JSON text frames"
-            )
+            connection.send(_frame(UNSUPPORTED_FRAME))
+            continue
+        command = read_command(message.data)
+        if isinstance(command, str):
+            connection.send(_frame(command))  # what was wrong with it
+        elif command.type == "get_active_tasks":
+            try:
+                bucket.charge(reply_cost(await connection.refresh()))
+            except BrokerUnavailable:
+                connection.send(_frame(BROKER_UNAVAILABLE))
         else:
-            reply = await answer(broker, connection.user_id, message.data)
-        if isinstance(reply, Snapshot):
-            assert connection.last_id is not None  # set by the opening snapshot
-            reply = wire.active_tasks(
-                reply.tasks, position=connection.last_id, recovered=True, truncated=reply.truncated
-            )
-            bucket.charge(reply_cost(reply))
-        connection.send(_frame(reply))
+            connection.send(_frame(await answer(broker, connection.user_id, command)))
 
 
 def _frame(message: str) -> bytes:
