@@ -71,8 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument("--category")
     publish.add_argument("--result", help="result_data, a JSON object")
     publish.add_argument("--error", help="error_message")
-    publish.add_argument("--redis-url", help="publish straight to Redis (STREAMER_REDIS_URL)")
-    publish.add_argument("--url", help=f"without Redis: the running service ({DEFAULT_URL})")
+    to = publish.add_mutually_exclusive_group()
+    to.add_argument("--redis-url", help="publish straight to Redis (STREAMER_REDIS_URL)")
+    to.add_argument("--url", help=f"without Redis: the running service ({DEFAULT_URL})")
     publish.add_argument("--publish-key", help="X-API-Key for --url (STREAMER_PUBLISH_KEY)")
 
     token = commands.add_parser("token", help="print an access token for a user")

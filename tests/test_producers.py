@@ -186,6 +186,7 @@ async def test_http_publish_is_off_without_a_key(
         (["--progress", "150", "--redis-url", "redis://127.0.0.1:1/0"], 2, "progress must be"),
         (["--status", "DONE", "--redis-url", "redis://127.0.0.1:1/0"], 2, "status of a"),
         (["--result", "[1]", "--status", "SUCCESS", "--url", "http://x"], 2, "result_data"),
+        (["--redis-url", "redis://127.0.0.1:1/0", "--url", "http://x"], 2, "not allowed with"),
     ],
 )
 def test_cli_publish_errors_are_clear(
