@@ -202,6 +202,7 @@ class Connection:
         the new data's may be lower."""
         if self.close_reason is not None:
             return
+        self.write_batch()  # what this turn collected came before
         self._live = False  # events wait behind the new snapshot
         self._stale = True
         self._resets += 1
@@ -223,6 +224,7 @@ class Connection:
             return 0
         if self._resyncing is not None:  # its snapshot, coming, is the answer
             return await self._resyncing
+        self.write_batch()  # what this turn collected came before
         position, resets = self.last_id, self._resets
         assert position is not None, "asked before the opening snapshot was sent"
         self._live = False
@@ -240,8 +242,11 @@ class Connection:
         )
         frame = encode(message, self.transport, position, "active_tasks")
         pending = self._pending or []
-        if self._pending_bytes + len(frame) > self._limits.max_bytes:
-            self.close(Reason.OVERFLOW)
+        if self._backed_up() and (
+            len(pending) >= self._limits.max_events
+            or self._pending_bytes + len(frame) > self._limits.max_bytes
+        ):
+            self.close(Reason.OVERFLOW)  # it waits, and the client reads nothing
             return 0
         self._pending = [*pending[:before], (REPLY_KEY, frame), *pending[before:]]
         self._pending_bytes += len(frame)
@@ -282,17 +287,18 @@ class Connection:
             self._pending = kept or None
             self._pending_bytes = sum(len(f) for _, f in kept)
 
-    def go_live(self, first: list[bytes]) -> None:
+    def go_live(self, first: list[bytes]) -> bool:
         """Send `first` (snapshot, replay), then what waited, in one write; from now on
         events are written through. If the broker lost its data while `first` was read,
-        a fresh snapshot is sent instead."""
+        a fresh snapshot is sent instead. True when `first` was sent."""
         if self.close_reason is not None:
-            return
+            return False
         self._opened = True
         if self._stale:
             self._resync_soon()
-            return
+            return False
         self._release(first)
+        return True
 
     def send(self, data: bytes) -> None:
         """A command reply, in order with the events around it."""
@@ -411,7 +417,13 @@ class Connection:
             truncated=snapshot.truncated,
         )
         frame = encode(message, self.transport, snapshot.position, "active_tasks")
-        self._release([frame])
+        # Replies that waited go first (an answer computed from the lost data must not
+        # follow the fresh snapshot), the new data's events after it.
+        waiting = self._pending or []
+        replies = [entry for entry in waiting if entry[0] == REPLY_KEY]
+        events = [entry for entry in waiting if entry[0] != REPLY_KEY]
+        self._pending = [*replies, (REPLY_KEY, frame), *events]
+        self._release([])
         return len(frame)
 
 

@@ -18,6 +18,7 @@ import pytest
 from streamer.broker.base import Broker
 from streamer.broker.memory import MemoryBroker
 from streamer.connection import Connection, Limits
+from streamer.events import progress_event
 from streamer.hub import Hub
 from streamer.reasons import Reason, Refused
 from streamer.wire import Delivery, EventId, active_tasks, encode, ws_text_frame
@@ -387,16 +388,50 @@ async def test_data_lost_while_the_opening_was_read_sends_a_fresh_snapshot_inste
         assert event["id"] == str(new.event_id)
 
 
-async def test_a_reply_sent_while_the_data_is_resynced_follows_the_fresh_snapshot() -> None:
+async def test_replies_that_wait_during_a_resync_are_sent_before_the_fresh_snapshot() -> None:
+    """None is dropped as covered by the snapshot, and none computed from the lost
+    data (a `get_active_tasks` answer above all) comes after the fresh snapshot."""
     broker = MemoryBroker(history_size=10, history_ttl=60)
     hub = make_hub(Routing())
     async with socket_connection("u", broker=broker) as (connection, peer, _):
         await live_connection(hub, connection, peer, broker)
         connection.resync()
         connection.send(ws_text_frame(b'{"type":"pong"}'))  # the answer to a ping
-        snapshot, reply = await read_messages(peer, 2)
-        assert snapshot["type"] == "active_tasks" and snapshot["recovered"] is False
+        reply, snapshot = await read_messages(peer, 2)
         assert reply == {"type": "pong"}
+        assert snapshot["type"] == "active_tasks" and snapshot["recovered"] is False
+
+
+async def test_events_collected_before_a_snapshot_request_are_sent_before_it() -> None:
+    """An event the hub handed over this turn, not yet written, is the client's already:
+    it goes out ahead of the snapshot the client then asks for, not after it with an
+    id no newer than the snapshot's."""
+    broker = MemoryBroker(history_size=10, history_ttl=60)
+    hub = make_hub(Routing())
+    async with socket_connection("u", broker=broker) as (connection, peer, _):
+        await live_connection(hub, connection, peer, broker)
+        early = json_delivery("u", int(time.time() * 1000) + 1000)
+        assert connection.offer(early)  # to be written at the end of this turn
+        await connection.refresh()
+        connection.write_batch()  # the end of the turn
+        event, snapshot = await read_messages(peer, 2)
+        assert event["id"] == str(early.event_id)
+        assert snapshot["type"] == "active_tasks" and snapshot["id"] == str(early.event_id)
+
+
+async def test_a_snapshot_larger_than_the_client_buffer_reaches_a_client_that_reads() -> None:
+    """The buffer bounds what waits for a client that does not read; a large answer to
+    a client that does is written, as any reply."""
+    broker = MemoryBroker(history_size=10, history_ttl=60)
+    for n in range(5):
+        await broker.publish(progress_event("u", f"t{n}", current_step="x" * 500))
+    hub = make_hub(Routing())
+    limits = Limits(max_events=100, max_bytes=1000, send_timeout_s=5)
+    async with socket_connection("u", broker=broker, limits=limits) as (connection, peer, _):
+        await live_connection(hub, connection, peer, broker)
+        assert await connection.refresh() > 2500
+        (snapshot,) = await read_messages(peer, 1)
+        assert len(snapshot["tasks"]) == 5 and connection.close_reason is None
 
 
 async def test_after_a_resync_events_of_the_new_data_come_though_their_ids_are_lower() -> None:

@@ -85,6 +85,25 @@ async def test_a_process_receives_no_event_of_users_it_has_no_client_for(redis_u
         assert broker.subscriber.messages == 2 and recorder.users == ["here", "other"]
 
 
+async def test_a_health_check_interval_in_the_url_leaves_the_subscriber_alone(
+    redis_url: str,
+) -> None:
+    """redis-py's health check (`health_check_interval` in the URL) PINGs before a
+    command once the interval has passed and reads the answer itself: on the
+    subscriber connection, whose replies the subscriber reads, that read would time
+    out and the connection be dropped. Its commands go without it."""
+    async with recording_broker(f"{redis_url}?health_check_interval=1") as (broker, recorder):
+        await broker.subscribe("early")
+        await asyncio.sleep(1.5)  # the interval passes: the next command would check
+        started = asyncio.get_running_loop().time()
+        await broker.subscribe("late")
+        assert asyncio.get_running_loop().time() - started < 1
+        async with AsyncPublisher(redis_url) as publisher:
+            await publisher.progress("late", "t", progress=1)
+        await eventually(lambda: recorder.users == ["late"], what="the late user's event")
+        assert broker.subscriber.restarts == 0
+
+
 async def test_users_who_came_and_went_leave_nothing_behind_in_the_subscriber(
     redis_url: str,
 ) -> None:

@@ -259,7 +259,7 @@ class Subscriber:
                 continue
             pinged_at = loop.time()
             with contextlib.suppress(*REDIS_ERRORS):
-                await pubsub.ping()  # a broken connection: the reader sees it itself
+                await _sender(pubsub)("PING")  # a broken connection: the reader sees it
             await asyncio.sleep(self._pong_timeout_s)
             if self._last_heard < pinged_at:
                 self.ready.clear()
@@ -364,11 +364,8 @@ class Subscriber:
         for channel in (*to_subscribe, *to_unsubscribe):
             self._active.discard(channel)
             self._unconfirmed[channel] = self._unconfirmed.get(channel, 0) + 1
-        # Bare commands: redis-py's subscribe() records each channel until it reads
-        # the confirmation itself, which it never does here (the PushReader reads it),
-        # so those records would keep every user that ever had a connection here.
-        send = pubsub.execute_command
         try:
+            send = _sender(pubsub)
             if CONTROL_CHANNEL in to_subscribe:
                 to_subscribe.remove(CONTROL_CHANNEL)
                 await send("SUBSCRIBE", CONTROL_CHANNEL)
@@ -398,6 +395,22 @@ class Subscriber:
         self._requested.clear()
         self._unconfirmed.clear()
         self._active.clear()
+
+
+def _sender(pubsub: PubSub) -> Callable[..., Awaitable[None]]:
+    """Commands for the subscriber connection, sent as they are. Not redis-py's
+    subscribe(), which records each channel until it reads the confirmation itself
+    (never, here: the PushReader reads it), so that a worker would keep every user it
+    ever served; and without redis-py's health check (`health_check_interval` in the
+    URL), whose PING it would wait to read itself, in vain."""
+    connection = pubsub.connection
+    if connection is None:
+        raise ConnectionError("the subscriber connection is closed")
+
+    async def send(*args: str) -> None:
+        await connection.send_command(*args, check_health=False)
+
+    return send
 
 
 def _by_slot(channels: list[str]) -> list[list[str]]:

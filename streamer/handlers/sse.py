@@ -65,8 +65,8 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers=SSE_HEADERS | worker_header() | cors)
         response.enable_chunked_encoding()
         await response.prepare(request)
-        connection.go_live(opening)
-        hub.replayed += len(opening) - 1  # after the snapshot: the replayed events
+        if connection.go_live(opening):
+            hub.replayed += len(opening) - 1  # after the snapshot: the replayed events
         del opening  # written: not kept for the length of the stream
         reason = await connection.ended()
         await _end(request, response, reason)

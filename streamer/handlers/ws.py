@@ -88,8 +88,8 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         return ws
     hub = request.app[HUB]
     try:
-        connection.go_live(opening)
-        hub.replayed += len(opening) - 1  # after the snapshot: the replayed events
+        if connection.go_live(opening):
+            hub.replayed += len(opening) - 1  # after the snapshot: the replayed events
         del opening  # written: not kept for the length of the stream
         await _answer_commands(request, ws, connection)
     finally:
