@@ -203,6 +203,8 @@ class Connection:
         if self.close_reason is not None:
             return
         self.write_batch()  # what this turn collected came before
+        if self.close_reason is not None:
+            return
         self._live = False  # events wait behind the new snapshot
         self._stale = True
         self._resets += 1
@@ -225,6 +227,8 @@ class Connection:
         if self._resyncing is not None:  # its snapshot, coming, is the answer
             return await self._resyncing
         self.write_batch()  # what this turn collected came before
+        if self.close_reason is not None:
+            return 0
         position, resets = self.last_id, self._resets
         assert position is not None, "asked before the opening snapshot was sent"
         self._live = False
@@ -242,11 +246,13 @@ class Connection:
         )
         frame = encode(message, self.transport, position, "active_tasks")
         pending = self._pending or []
+        # What already waits for a client that reads nothing is bounded; the answer
+        # itself (bounded in size, and charged to the rate limit by it) is not, so
+        # that one larger than the buffer still reaches a client that reads.
         if self._backed_up() and (
-            len(pending) >= self._limits.max_events
-            or self._pending_bytes + len(frame) > self._limits.max_bytes
+            len(pending) >= self._limits.max_events or self._pending_bytes > self._limits.max_bytes
         ):
-            self.close(Reason.OVERFLOW)  # it waits, and the client reads nothing
+            self.close(Reason.OVERFLOW)
             return 0
         self._pending = [*pending[:before], (REPLY_KEY, frame), *pending[before:]]
         self._pending_bytes += len(frame)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import struct
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -72,16 +71,32 @@ class Peer:
         return data
 
 
-def text_frames(data: bytes) -> list[dict[str, Any]]:
-    """The JSON messages in unmasked WebSocket text frames, as servers send them."""
+def _frame_bounds(data: bytes) -> tuple[int, int] | None:
+    """Where the payload of the unmasked frame at the start of `data` starts and ends,
+    or None when it has not all come yet."""
+    if len(data) < 2:
+        return None
+    length, start = data[1], 2
+    if length == 126:
+        length, start = int.from_bytes(data[2:4]), 4
+    elif length == 127:
+        length, start = int.from_bytes(data[2:10]), 10
+    if len(data) < start + length:
+        return None
+    return start, start + length
+
+
+def text_frames(data: bytes) -> list[dict[str, Any]] | None:
+    """The JSON messages in unmasked WebSocket text frames, as servers send them; None
+    while the last frame is incomplete."""
     messages = []
     while data:
         assert data[0] == 0x81, data[:2]
-        length, start = data[1], 2
-        if length == 126:
-            length, start = struct.unpack("!H", data[2:4])[0], 4
-        messages.append(json.loads(data[start : start + length]))
-        data = data[start + length :]
+        bounds = _frame_bounds(data)
+        if bounds is None:
+            return None
+        messages.append(json.loads(data[bounds[0] : bounds[1]]))
+        data = data[bounds[1] :]
     return messages
 
 
@@ -89,25 +104,10 @@ async def read_messages(peer: Peer, count: int) -> list[dict[str, Any]]:
     """At least `count` messages, and all that came with them."""
     data = b""
     while True:
-        if _complete(data) and len(messages := text_frames(data)) >= count:
+        messages = text_frames(data)
+        if messages is not None and len(messages) >= count:
             return messages
         data += await peer.read(1)
-
-
-def _complete(data: bytes) -> bool:
-    """Whether `data` ends at the end of a frame."""
-    while data:
-        if len(data) < 2:
-            return False
-        length, start = data[1], 2
-        if length == 126:
-            if len(data) < 4:
-                return False
-            length, start = struct.unpack("!H", data[2:4])[0], 4
-        if len(data) < start + length:
-            return False
-        data = data[start + length :]
-    return True
 
 
 def count_writes(transport: asyncio.Transport) -> list[int]:
@@ -130,10 +130,13 @@ async def socket_connection(
     limits: Limits | None = None,
     task_id: str | None = None,
     broker: Broker | None = None,
+    send_buffer: int | None = None,
 ) -> AsyncIterator[tuple[Connection, Peer, asyncio.Transport]]:
     """A Connection writing to a real socket; the test holds the other end. `broker`:
-    where a resync reads its snapshot."""
+    where a resync reads its snapshot; `send_buffer`: the kernel's for the socket."""
     server_end, client_end = socket.socketpair()
+    if send_buffer is not None:
+        server_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
     client_end.setblocking(False)
     _, writer = await asyncio.open_connection(sock=server_end)
     transport = writer.transport
@@ -421,17 +424,26 @@ async def test_events_collected_before_a_snapshot_request_are_sent_before_it() -
 
 async def test_a_snapshot_larger_than_the_client_buffer_reaches_a_client_that_reads() -> None:
     """The buffer bounds what waits for a client that does not read; a large answer to
-    a client that does is written, as any reply."""
+    a client that does is written, as any reply, also when it asks again before it has
+    read the first one (the socket still backed up by it)."""
     broker = MemoryBroker(history_size=10, history_ttl=60)
-    for n in range(5):
-        await broker.publish(progress_event("u", f"t{n}", current_step="x" * 500))
+    for n in range(100):
+        await broker.publish(progress_event("u", f"t{n}", current_step="x" * 1000))
     hub = make_hub(Routing())
     limits = Limits(max_events=100, max_bytes=1000, send_timeout_s=5)
-    async with socket_connection("u", broker=broker, limits=limits) as (connection, peer, _):
+    async with socket_connection("u", broker=broker, limits=limits, send_buffer=4096) as (
+        connection,
+        peer,
+        transport,
+    ):
         await live_connection(hub, connection, peer, broker)
-        assert await connection.refresh() > 2500
-        (snapshot,) = await read_messages(peer, 1)
-        assert len(snapshot["tasks"]) == 5 and connection.close_reason is None
+        size = await connection.refresh()
+        assert size > 100_000
+        assert transport.get_write_buffer_size() >= transport.get_write_buffer_limits()[1]
+        assert await connection.refresh() == size
+        assert connection.close_reason is None
+        answers = await read_messages(peer, 2)
+        assert [len(answer["tasks"]) for answer in answers] == [100, 100]
 
 
 async def test_after_a_resync_events_of_the_new_data_come_though_their_ids_are_lower() -> None:

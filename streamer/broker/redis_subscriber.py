@@ -24,11 +24,13 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from .base import BrokerUnavailable
 from .redis_connect import (
     MASTER_CHECK_S,
     REDIS_ERRORS,
+    REDIS_ERRORS_OR_TIMEOUT,
     current_master,
     redis_client,
     watches_master,
@@ -196,7 +198,10 @@ class Subscriber:
         self._pubsub = pubsub
         self._schedule_sync()
         if self._syncing is not None:
-            await asyncio.shield(self._syncing)  # the commands are sent
+            try:  # the commands are sent
+                await asyncio.wait_for(asyncio.shield(self._syncing), self._pong_timeout_s)
+            except TimeoutError:
+                raise ConnectionError("Redis did not take the subscriptions") from None
         while not self._all_confirmed():
             self._check_connection()
             self._heard.clear()
@@ -258,8 +263,10 @@ class Subscriber:
                 await asyncio.sleep(min(pause, MASTER_CHECK_S) if behind_sentinel else pause)
                 continue
             pinged_at = loop.time()
-            with contextlib.suppress(*REDIS_ERRORS):
-                await _sender(pubsub)("PING")  # a broken connection: the reader sees it
+            # A broken connection: the reader sees it; one that takes nothing in: the
+            # answer does not come.
+            with contextlib.suppress(*REDIS_ERRORS_OR_TIMEOUT):
+                await asyncio.wait_for(_sender(pubsub)("PING"), self._pong_timeout_s)
             await asyncio.sleep(self._pong_timeout_s)
             if self._last_heard < pinged_at:
                 self.ready.clear()
@@ -347,7 +354,8 @@ class Subscriber:
             while self._sync_scheduled:
                 await self._sync()
         finally:
-            self._syncing = None
+            if self._syncing is asyncio.current_task():
+                self._syncing = None
 
     async def _sync(self) -> None:
         self._sync_scheduled = False
@@ -389,6 +397,11 @@ class Subscriber:
         self.ready.clear()
         if self._reader is not None:
             self._reader.fail("the subscriber connection was closed")
+        if self._syncing is not None:
+            # It may wait for the old socket to take its commands: the next connection
+            # sends its own.
+            self._syncing.cancel()
+            self._syncing = None
         self._pubsub = None
         self._reader = None
         self._held = None
@@ -408,6 +421,8 @@ def _sender(pubsub: PubSub) -> Callable[..., Awaitable[None]]:
         raise ConnectionError("the subscriber connection is closed")
 
     async def send(*args: str) -> None:
+        if not connection.is_connected:  # only run() connects again (and catches up)
+            raise RedisConnectionError("the subscriber connection is closed")
         await connection.send_command(*args, check_health=False)
 
     return send
