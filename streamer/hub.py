@@ -142,6 +142,8 @@ class Hub:
             )
         if not user.connections:
             del self._users[connection.user_id]
+            if user.routed is not None:
+                user.routed.cancel()  # nobody waits for it any more
             # Also when the subscription failed: Redis may still confirm it later.
             self._unsubscribe(connection.user_id)
 

@@ -207,6 +207,33 @@ async def test_a_users_events_are_routed_here_while_one_of_their_connections_is(
         assert routing.unsubscribed == ["u"]
 
 
+async def test_a_subscription_nobody_waits_for_any_more_is_given_up() -> None:
+    """The only client of a user leaves while the broker has not yet routed the user
+    here: the subscribing is stopped (a Redis Cluster shard would otherwise be asked
+    again after a failover) and the route withdrawn."""
+    routing = Routing()
+    asked, stopped = asyncio.Event(), asyncio.Event()
+
+    async def never_confirmed(user_id: str) -> None:
+        asked.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            stopped.set()
+
+    routing.subscribe = never_confirmed  # type: ignore[method-assign]
+    hub = make_hub(routing)
+    async with socket_connection("u") as (connection, _, _):
+        attaching = asyncio.create_task(hub.attach(connection))
+        await asyncio.wait_for(asked.wait(), 5)
+        attaching.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await attaching
+        await asyncio.wait_for(stopped.wait(), 5)
+        assert routing.unsubscribed == ["u"]
+        assert len(hub) == 0
+
+
 async def test_resume_points_are_the_oldest_id_per_user() -> None:
     hub = make_hub(Routing())
     async with socket_connection("u") as (old, _, _), socket_connection("u") as (new, _, _):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import subprocess
 import threading
 import time
@@ -22,6 +23,7 @@ import redis
 
 from streamer.auth.session_index import INDEX_PREFIX as SESSION_INDEX_PREFIX
 from streamer.auth.sessions import SESSION_COOKIE, SESSION_KEY_PREFIX
+from streamer.broker.redis_cluster_subscriber import ClusterSubscriber
 from streamer.broker.redis_schema import (
     history_key,
     user_channel,
@@ -707,6 +709,63 @@ def test_a_users_keys_and_channel_share_a_slot() -> None:
     slot = RedisCluster.slot_of(history_key(user))
     assert RedisCluster.slot_of(user_channel(user)) == slot
     assert RedisCluster.slot_of(history_key("other")) != slot
+
+
+@pytest.mark.timeout(60)
+async def test_a_subscription_withdrawn_while_its_master_fails_over_is_not_made_again(
+    redis_cluster: RedisCluster,
+) -> None:
+    """A user's only client leaves while the master of their slot hangs (so Redis has
+    not confirmed the subscription); the cluster fails the hanging master over to its
+    replica. The subscription is not made on the new master: nobody here wants that
+    user's events."""
+    cluster = redis_cluster
+    user = "withdrawn-during-failover"
+    channel = user_channel(user)
+
+    async def nothing_to_catch_up(channels: object) -> None:
+        return None
+
+    subscriber = ClusterSubscriber(
+        cluster.url,
+        on_messages=lambda messages: None,
+        on_restored=nothing_to_catch_up,
+        idle_ping_s=1.0,
+        pong_timeout_s=1.0,
+    )
+    running = asyncio.create_task(subscriber.run())
+    hanging = cluster.node(cluster.master_of(history_key(user)))
+    assert hanging.process is not None
+    subscribing: asyncio.Task[None] | None = None
+    try:
+        await eventually(subscriber.ready.is_set, what="the subscriber on every master")
+        hanging.process.send_signal(signal.SIGSTOP)
+        subscribing = asyncio.create_task(subscriber.subscribe(channel))
+        await eventually(lambda: channel in subscriber.wanted, what="the subscription asked")
+        subscriber.unsubscribe(channel)  # the client left
+        assert not subscribing.done()
+
+        def promoted() -> tuple[str, int] | None:
+            master = cluster.master_of(history_key(user))
+            return master if master != hanging.address else None
+
+        new_master = await eventually(
+            lambda: asyncio.to_thread(promoted), what="the replica to take over", timeout=30
+        )
+        with pytest.raises(BrokerUnavailable, match="withdrawn"):
+            await asyncio.wait_for(subscribing, 30)
+        await eventually(subscriber.ready.is_set, what="the subscriber on the new layout")
+        assert subscriber.shard_for(channel) is not None
+        with cluster.node(new_master).client() as client:
+            counts = client.execute_command("PUBSUB", "SHARDNUMSUB", channel)
+        assert counts == [channel.encode(), 0], counts
+    finally:
+        hanging.process.send_signal(signal.SIGCONT)
+        for task in (running, subscribing):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, BrokerUnavailable):
+                    await task
 
 
 # --- sessions ----------------------------------------------------------------------------

@@ -76,6 +76,10 @@ class ClusterSubscriber:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + SUBSCRIBE_TIMEOUT_S
         while (left := deadline - loop.time()) > 0:
+            if channel not in self.wanted:
+                # Withdrawn meanwhile (its last client left): subscribing it on the
+                # shard that now serves it would leave it there, unwanted, for good.
+                raise BrokerUnavailable("the subscription was withdrawn")
             shard = self.shard_for(channel)
             if shard is None:
                 self._rebuilt.clear()
