@@ -26,11 +26,12 @@ class _User:
     the subscribing task until it succeeded, then None (not kept for the length of
     the user's streams)."""
 
-    __slots__ = ("connections", "routed")
+    __slots__ = ("connections", "routed", "seen")
 
     def __init__(self, routed: asyncio.Future[None]) -> None:
         self.connections: set[Connection] = set()
         self.routed: asyncio.Future[None] | None = routed
+        self.seen: EventId | None = None  # the newest event handed to them here
 
 
 class Hub:
@@ -176,6 +177,7 @@ class Hub:
         user = self._users.get(delivery.user_id)
         if user is None:
             return
+        user.seen = delivery.event_id
         self._arrived.append(delivery.event_id.ms)
         started = self._started
         for connection in user.connections:
@@ -200,9 +202,19 @@ class Hub:
         self.latency_sum_s += total
 
     def resume_points(self) -> dict[str, EventId | None]:
+        """Where each user's catch-up starts: the oldest position among their connections.
+
+        A connection still opening (no snapshot yet) needs what came after the last event
+        handed to its user here (earlier ones reached it or precede its snapshot, which
+        is read after its user's subscription was confirmed): only when none came since
+        the subscription, all of the history. Users whose subscription is not confirmed
+        yet need nothing: their snapshots are read after it.
+        """
         points: dict[str, EventId | None] = {}
         for user_id, user in self._users.items():
-            last_ids = [c.last_id for c in user.connections]
+            if user.routed is not None and not user.routed.done():
+                continue
+            last_ids = [c.last_id or user.seen for c in user.connections]
             points[user_id] = None if None in last_ids else min(i for i in last_ids if i)
         return points
 
@@ -213,12 +225,14 @@ class Hub:
         """The broker lost its data (only `user_id`'s, if given): those clients start
         again from a snapshot."""
         if user_id is None:
-            connections = list(self.connections())
+            users = list(self._users.values())
         else:
             user = self._users.get(user_id)
-            connections = [] if user is None else list(user.connections)
-        for connection in connections:
-            connection.resync()
+            users = [] if user is None else [user]
+        for user in users:
+            user.seen = None  # an id of the lost data
+            for connection in list(user.connections):
+                connection.resync()
 
     async def keep_time(self, *, heartbeat_s: float, ping_s: float) -> None:
         """One task for every connection's clock: credentials that expire end their

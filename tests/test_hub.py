@@ -246,6 +246,49 @@ async def test_resume_points_are_the_oldest_id_per_user() -> None:
         assert hub.resume_points() == {"u": EventId(EPOCH, 5, 0)}
 
 
+async def test_a_connection_still_opening_catches_up_from_its_users_last_event_here() -> None:
+    """After a lost subscription, a connection without a snapshot yet needs only what
+    came after the last event its user was handed here, not the whole history; only
+    when none came (or the data it was in was lost) all of it."""
+    hub = make_hub(Routing())
+    async with socket_connection("u") as (live, _, _), socket_connection("u") as (opening, _, _):
+        await hub.attach(live)
+        live.skip_through(EventId(EPOCH, 1, 0))
+        live.go_live([])
+        await hub.attach(opening)
+        assert hub.resume_points() == {"u": None}  # nothing handed here yet: all of it
+        hub.deliver_all([delivery("u", 5), delivery("u", 7)])
+        another = socket_connection("u")
+        async with another as (newest, _, _):
+            await hub.attach(newest)
+            assert opening.last_id == EventId(EPOCH, 7, 0)  # queued while it opens
+            assert newest.last_id is None
+            assert hub.resume_points() == {"u": EventId(EPOCH, 7, 0)}
+            hub.reset("u")  # the data lost: its ids say nothing of the new data
+            assert hub.resume_points() == {"u": None}
+
+
+async def test_a_user_whose_subscription_is_not_confirmed_yet_needs_no_catch_up() -> None:
+    """Their connections read their snapshots after the subscription is confirmed:
+    whatever a lost subscription missed is in those snapshots."""
+    routing = Routing()
+    confirmed = asyncio.Event()
+
+    async def confirmed_later(user_id: str) -> None:
+        await confirmed.wait()
+
+    routing.subscribe = confirmed_later  # type: ignore[method-assign]
+    hub = make_hub(routing)
+    async with socket_connection("u") as (connection, _, _):
+        attaching = asyncio.create_task(hub.attach(connection))
+        await asyncio.sleep(0)
+        assert not attaching.done()
+        assert hub.resume_points() == {}
+        confirmed.set()
+        await asyncio.wait_for(attaching, 5)
+        assert hub.resume_points() == {"u": None}
+
+
 async def test_each_event_once_and_in_order() -> None:
     hub = make_hub(Routing())
     async with socket_connection("u") as (connection, peer, _):

@@ -36,8 +36,8 @@ class Listener(Protocol):
         resynchronise from a snapshot."""
 
     def resume_points(self) -> dict[str, EventId | None]:
-        """For each user with connections here, the oldest event id one of them has
-        (None: one has none yet): where to catch up from after a lost subscription."""
+        """For each user with connections here, where to catch up from after a lost
+        subscription: the oldest event id one of them has (None: all of the history)."""
 
 
 class BrokerUnavailable(Exception):
