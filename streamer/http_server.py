@@ -11,7 +11,6 @@ in `?token=` or in an `Authorization` header included.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -30,6 +29,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from .app_keys import CONFIG
+from .gc_passes import SurvivorFreezer, freeze_startup_objects
 
 log = logging.getLogger(__name__)
 
@@ -176,16 +176,24 @@ class GuardedAppRunner(web.AppRunner):
     """AppRunner whose server is a GuardedServer, in a process of its own: once the app
     has started, what startup made is kept out of the cyclic collector's full passes."""
 
-    __slots__ = ("_header_timeout_s",)
+    __slots__ = ("_header_timeout_s", "_survivor_freezer")
 
     def __init__(self, app: web.Application, *, header_timeout_s: float, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
         self._header_timeout_s = header_timeout_s
+        self._survivor_freezer: SurvivorFreezer | None = None
 
     async def setup(self) -> None:
         await super().setup()
         frozen = freeze_startup_objects()
         log.info("%d objects made at startup left out of garbage collection passes", frozen)
+        self._survivor_freezer = SurvivorFreezer()
+        self._survivor_freezer.install()
+
+    async def cleanup(self) -> None:
+        if self._survivor_freezer is not None:
+            self._survivor_freezer.uninstall()
+        await super().cleanup()
 
     async def _make_server(self) -> web.Server:
         # AppRunner starts the app and builds aiohttp's Server with the app's handler
@@ -198,16 +206,6 @@ class GuardedAppRunner(web.AppRunner):
             header_timeout_s=self._header_timeout_s,
             **server._kwargs,
         )
-
-
-def freeze_startup_objects() -> int:
-    """Modules, the app, its routes and the broker live as long as the process, yet each
-    full collection walks them all: frozen (as gunicorn's docs advise), they leave those
-    passes, which then take about half as long with 1000 WebSockets on a worker. Garbage
-    is collected first, so that only live objects are frozen."""
-    gc.collect()
-    gc.freeze()
-    return gc.get_freeze_count()
 
 
 def guarded_runner(app: web.Application, **kwargs: Any) -> GuardedAppRunner:
