@@ -306,6 +306,32 @@ class Connection:
         self._release(first)
         return True
 
+    @property
+    def stale(self) -> bool:
+        """The broker lost its data while the opening was read: `go_live` resyncs."""
+        return self._stale
+
+    async def send_opening_part(self, frames: list[bytes]) -> bool:
+        """Write part of what the client gets first (a page of a long replay) while
+        events wait, and return once the socket has drained: True when the stream goes
+        on. A client that does not take it within the send timeout is cut off."""
+        if self.close_reason is not None:
+            return False
+        self.sent += len(frames)
+        self._out.write(b"".join(frames))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._limits.send_timeout_s
+        while self.close_reason is None and self._backed_up():
+            if self._out.is_closing():
+                self.lost()
+                break
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                self.close(Reason.STALLED)
+                break
+            await self._wait_for_drain(within_s=min(remaining, DRAIN_CHECK_S))
+        return self.close_reason is None
+
     def send(self, data: bytes) -> None:
         """A command reply, in order with the events around it."""
         if self.close_reason is not None:
@@ -436,37 +462,3 @@ class Connection:
 def _retrieve(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
-
-
-async def opening_frames(
-    broker: Broker,
-    connection: Connection,
-    *,
-    last_event_id: str | None,
-    encode_snapshot: Callable[[str, EventId], bytes],
-) -> list[bytes]:
-    """The snapshot, then the replay after `last_event_id`: what a client gets first.
-    Events that arrive meanwhile wait in the connection, those covered are dropped."""
-    user_id, task_id = connection.user_id, connection.task_id
-    # Snapshot first: the replay, read after it, then holds every missed event up to
-    # now, and what waits in the connection only what came after the replay.
-    snapshot = await broker.snapshot(user_id, task_id)
-    connection.skip_through(snapshot.position)
-    position, recovered = snapshot.position, True
-    replayed: list[Delivery] = []
-    if last_event_id is not None:
-        replay = await broker.replay(user_id, last_event_id)
-        resume_point = EventId.parse(last_event_id)
-        recovered = replay.complete
-        if replay.complete and resume_point is not None:
-            # The replayed events follow the snapshot: it stands at the resume point,
-            # so that ids on the connection only go up and a client that drops right
-            # after the snapshot still gets them next time.
-            position = resume_point
-            replayed = [d for d in replay.events if task_id is None or d.task_id == task_id]
-            if replay.events:
-                connection.skip_through(replay.events[-1].event_id)
-    message = active_tasks(
-        snapshot.tasks, position=position, recovered=recovered, truncated=snapshot.truncated
-    )
-    return [encode_snapshot(message, position), *(d.frame(connection.transport) for d in replayed)]

@@ -135,15 +135,20 @@ def poll_item(data: bytes, event_id: str) -> bytes:
     return event_id.encode() + b" " + data + b"\n"
 
 
-def poll_body(collected: bytes, last_event_id: str | None) -> tuple[bytes, str | None]:
+def poll_body(
+    collected: bytes, last_event_id: str | None, *, ends_at: str | None = None
+) -> tuple[bytes, str | None]:
     """The JSON answer of a long poll from collected `poll_item` lines, and its
-    `last_event_id`: the id of the last message in it, or `last_event_id` if none."""
+    `last_event_id`: the id of the last message in it, or `last_event_id` if none;
+    `ends_at` if given (a page of a replay, whose last messages a task filter left out)."""
     items: list[bytes] = []
     for line in collected.split(b"\n"):
         if line:
             event_id, _, data = line.partition(b" ")
             items.append(data)
             last_event_id = event_id.decode()
+    if ends_at is not None:
+        last_event_id = ends_at
     body = (
         b'{"events":['
         + b",".join(items)

@@ -354,6 +354,41 @@ async def test_replay_after_an_event_id_is_complete_and_exact(
         assert [d.task_id for d in replay.events] == [f"t{m % 2}" for m in range(n + 1, 6)]
 
 
+async def test_a_replay_read_a_page_at_a_time_is_the_whole_replay(
+    subject: BrokerUnderTest, user_id: str, stranger: str
+) -> None:
+    """With a limit, a replay holds the first events after the point; asking again
+    after the last of them gives the next ones, until a page comes back short."""
+    before = await publish_progress(subject.broker, user_id, "job", 0)
+    published = []
+    for n in range(1, 8):
+        published.append(await publish_progress(subject.broker, user_id, "job", n))
+        await publish_progress(subject.broker, stranger, "theirs", n)
+    pages, after = [], str(before)
+    while True:
+        page = await subject.broker.replay(user_id, after, 3)
+        assert page.complete, after
+        assert len(page.events) <= 3
+        pages.append([d.event_id for d in page.events])
+        if len(page.events) < 3:
+            break
+        after = str(page.events[-1].event_id)
+    assert pages == [published[0:3], published[3:6], published[6:]]
+
+
+async def test_a_page_after_a_point_the_history_lost_is_incomplete(
+    make_broker: MakeBroker, user_id: str
+) -> None:
+    """The history moved on past the end of a page read earlier: the next page says so."""
+    subject = await make_broker(history_size=4)
+    published = [await publish_progress(subject.broker, user_id, "job", n) for n in range(4)]
+    first = await subject.broker.replay(user_id, str(published[0]), 2)
+    assert first.complete and [d.event_id for d in first.events] == published[1:3]
+    for n in range(4, 8):
+        await publish_progress(subject.broker, user_id, "job", n)
+    assert not (await subject.broker.replay(user_id, str(published[2]), 2)).complete
+
+
 def _other_epoch(event_id: EventId) -> EventId:
     epoch = "0" * 8 if event_id.epoch != "0" * 8 else "1" * 8
     return EventId(epoch, event_id.ms, event_id.seq)

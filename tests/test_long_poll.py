@@ -16,10 +16,12 @@ from aiohttp.test_utils import TestClient
 
 from streamer import wire
 from streamer.app import create_app
-from streamer.app_keys import HUB
+from streamer.app_keys import BROKER, HUB
 from streamer.config import Config
+from streamer.events import progress_event
 from streamer.handlers.common import WORKER_HEADER
 from streamer.hub import Hub
+from streamer.opening import REPLAY_PAGE
 from streamer.publisher import AsyncPublisher, Publisher
 from streamer.reasons import Reason
 
@@ -159,6 +161,42 @@ async def test_resume_gets_exactly_the_events_after_the_id_in_order(
     assert [e["id"] for e in body["events"]] == published[3:]
     assert body["last_event_id"] == published[-1]
     assert_strictly_increasing([first["last_event_id"], *published])
+
+
+@pytest.mark.parametrize("task_id", [None, "a"])
+async def test_pages_of_a_long_replay_come_one_per_poll(
+    config: Config,
+    aiohttp_client: Callable[..., Any],
+    token_for: TokenFor,
+    user_id: str,
+    task_id: str | None,
+) -> None:
+    """Each answer carries a page of what the client missed and ends where the page
+    does, also when a task filter left none of the page's events in it; the next polls
+    go on from there until the client has everything, once and in order."""
+    config = config.replace(poll_timeout_s=POLL_TIMEOUT_S, history_size=1000)
+    client = await aiohttp_client(await create_app(config))
+    token = token_for(user_id)
+    _, first, _ = await poll(client, token, task_id=task_id)
+    # Task "a" only in the last page.
+    count = 2 * REPLAY_PAGE + 10
+    events = [
+        progress_event(user_id, "a" if n >= count - 5 else "b", progress=n % 100)
+        for n in range(count)
+    ]
+    missed = [str(i) for i in await client.app[BROKER].publish_many(events)]
+    wanted = [i for i, e in zip(missed, events, strict=True) if task_id in (None, e.task_id)]
+    received: list[str] = []
+    ends: list[str] = []
+    position = first["last_event_id"]
+    while len(received) < len(wanted):
+        status, body, _ = await poll(client, token, last_event_id=position, task_id=task_id)
+        assert status == 200
+        received += [e["id"] for e in body["events"]]
+        position = body["last_event_id"]
+        ends.append(position)
+    assert received == wanted
+    assert ends == [missed[REPLAY_PAGE - 1], missed[2 * REPLAY_PAGE - 1], missed[-1]]
 
 
 async def test_task_id_narrows_the_poll(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 import redis
@@ -20,6 +21,7 @@ from streamer.app import create_app
 from streamer.app_keys import BROKER
 from streamer.config import Config
 from streamer.events import completed_event, progress_event
+from streamer.opening import REPLAY_PAGE
 
 from .clients import TRANSPORTS, assert_strictly_increasing, open_stream, order, ws_json
 from .conftest import SECRET
@@ -86,6 +88,42 @@ async def test_first_connection_dropped_at_random_points_loses_nothing(
         lost += len(set(published) - set(seen))
         duplicated += len(seen) - len(set(seen))
     assert (lost, duplicated) == (0, 0)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_resume_from_far_back_arrives_whole_read_a_page_at_a_time(
+    config: Config,
+    aiohttp_client: Callable[..., Awaitable[TestClient]],  # type: ignore[type-arg]
+    token_for: TokenFor,
+    user_id: str,
+    transport: str,
+) -> None:
+    """Two and a half pages of history missed, more than the client's buffer: the client
+    gets all of it once, in order, then what comes live; the worker read it a page at a
+    time."""
+    client = await aiohttp_client(await create_app(config.replace(history_size=1000)))
+    broker = client.app[BROKER]
+    resume_point = await publish_progress(client, user_id, "job", progress=0)
+    events = [progress_event(user_id, f"job{n % 3}", progress=n % 100) for n in range(250)]
+    missed = [str(i) for i in await broker.publish_many(events)]
+    assert len(missed) > config.client_buffer
+    limits: list[int | None] = []
+    replay = broker.replay
+
+    async def counted(user: str, after: str, limit: int | None = None) -> Any:
+        limits.append(limit)
+        return await replay(user, after, limit)
+
+    broker.replay = counted  # type: ignore[method-assign]
+    token = token_for(user_id)
+    async with open_stream(client, transport, token, last_event_id=resume_point) as resumed:
+        assert (await resumed.next()).message["recovered"] is True
+        received = [(await resumed.next()).id for _ in missed]
+        live = await publish_progress(client, user_id, "job", progress=1)
+        assert (await resumed.next()).id == live
+    assert received == missed
+    assert_strictly_increasing(resumed.ids)
+    assert limits == [REPLAY_PAGE] * (len(missed) // REPLAY_PAGE + 1)
 
 
 async def test_get_active_tasks_reply_stands_where_the_client_stands(

@@ -109,8 +109,9 @@ class Broker(TaskStore):
         """
 
     @abstractmethod
-    async def replay(self, user_id: str, after: str) -> Replay:
-        """The user's events published after the id `after`, oldest first."""
+    async def replay(self, user_id: str, after: str, limit: int | None = None) -> Replay:
+        """The user's events published after the id `after`, oldest first: the first
+        `limit` of them (all for None); the rest is read by asking again after the last."""
 
     @abstractmethod
     async def ready(self) -> bool:

@@ -166,7 +166,7 @@ class MemoryBroker(Broker):
     async def is_cancelled(self, user_id: str, task_id: str) -> bool:
         return (user_id, task_id) in self._cancelled
 
-    async def replay(self, user_id: str, after: str) -> Replay:
+    async def replay(self, user_id: str, after: str, limit: int | None = None) -> Replay:
         resume_point = EventId.parse(after)
         history = self._history(user_id)
         if resume_point is None or resume_point.epoch != self._epoch or history is None:
@@ -176,7 +176,7 @@ class MemoryBroker(Broker):
         if history.max_deleted is not None and history.max_deleted > resume_point:
             return Replay([], complete=False)
         events = [delivery for event_id, delivery in history.entries if event_id > resume_point]
-        return Replay(events, complete=True)
+        return Replay(events[:limit], complete=True)
 
     async def ready(self) -> bool:
         return True

@@ -369,7 +369,7 @@ class RedisBroker(Broker):
         return bool(await self.client.exists(cancel_key(user_id, task_id)))
 
     @_unavailable_on_error
-    async def replay(self, user_id: str, after: str) -> Replay:
+    async def replay(self, user_id: str, after: str, limit: int | None = None) -> Replay:
         resume_point = EventId.parse(after)
         if resume_point is None:
             return Replay([], complete=False)
@@ -384,7 +384,8 @@ class RedisBroker(Broker):
         # only make the answer more cautious, never hide a gap.
         try:
             epoch_raw, raw_entries, exists = await self._replay_script(
-                keys=[epoch_key, key], args=[f"({resume_point.stream_id}"]
+                keys=[epoch_key, key],
+                args=[f"({resume_point.stream_id}", *([] if limit is None else [limit])],
             )
         except ResponseError:  # an id Redis cannot use is an unknown id
             return Replay([], complete=False)

@@ -133,10 +133,15 @@ return {states, position, epoch, truncated}
 """
 
 REPLAY_SCRIPT = """
--- KEYS: epoch, history stream; ARGV: where to start (an exclusive id, "(ms-seq")
--- One atomic read: the epoch, what came after the resume point, whether the
--- history exists.
-local entries = redis.call('XRANGE', KEYS[2], ARGV[1], '+')
+-- KEYS: epoch, history stream; ARGV: where to start (an exclusive id, "(ms-seq"), and
+-- optionally how many entries at most. One atomic read: the epoch, what came after
+-- the resume point, whether the history exists.
+local entries
+if ARGV[2] then
+  entries = redis.call('XRANGE', KEYS[2], ARGV[1], '+', 'COUNT', ARGV[2])
+else
+  entries = redis.call('XRANGE', KEYS[2], ARGV[1], '+')
+end
 return {redis.call('GET', KEYS[1]), entries, redis.call('EXISTS', KEYS[2])}
 """
 

@@ -20,8 +20,9 @@ from ..auth.origin import origin_allowed
 from ..auth.sessions import SessionStoreUnavailable
 from ..auth.tokens import Identity, InvalidToken
 from ..broker.base import BrokerUnavailable
-from ..connection import Connection, opening_frames
+from ..connection import Connection
 from ..events import EventError, validate_identifier
+from ..opening import Opening, read_opening
 from ..reasons import Reason, Refused
 from ..wire import EventId, Transport
 
@@ -123,22 +124,22 @@ async def open_stream(
     *,
     last_event_id: str | None,
     encode_snapshot: Callable[[str, EventId], bytes],
-) -> list[bytes]:
-    """Count the connection in at the hub and read what it gets first (snapshot,
-    replay). Raises Refused; when it fails in any way, the client going away while
-    Redis is slow included, the connection is no longer counted."""
+) -> Opening:
+    """Count the connection in at the hub and read what it gets first (snapshot, the
+    replay's first page). Raises Refused; when it fails in any way, the client going
+    away while Redis is slow included, the connection is no longer counted."""
     hub = request.app[HUB]
     await hub.attach(connection)
     opened = False
     try:
-        frames = await opening_frames(
+        opening = await read_opening(
             request.app[BROKER],
             connection,
             last_event_id=last_event_id,
             encode_snapshot=encode_snapshot,
         )
         opened = True
-        return frames
+        return opening
     except BrokerUnavailable as exc:
         raise Refused(Reason.BROKER_UNAVAILABLE, f"{exc}; try again") from None
     finally:

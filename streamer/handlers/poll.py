@@ -3,10 +3,12 @@
 A poll is a short-lived stream: its connection is attached to the hub like any other
 (limits, routing by user, the subscription confirmed before the snapshot or the
 history is read), gets the snapshot or the replay after `?last_event_id=` first, then
-waits for the first live events. What arrived by the end of that turn of the event
-loop is answered in one `application/json` body, `{"events": [...], "last_event_id":
-...}`, and the connection is detached. Nothing is lost between two polls: the next one
-resumes from `last_event_id` through the history, exactly like a reconnecting stream.
+waits for the first live events (a replay longer than a page is answered a page at a
+time: the answer's `last_event_id` is where the page ends). What arrived by the end of
+that turn of the event loop is answered in one `application/json` body, `{"events":
+[...], "last_event_id": ...}`, and the connection is detached. Nothing is lost between
+two polls: the next one resumes from `last_event_id` through the history, exactly like
+a reconnecting stream.
 
 The connection writes into a `Collector` instead of the socket: each message as a
 `<id> <json>` line (`wire.poll_item`), built once per event and shared by every poll.
@@ -88,20 +90,28 @@ async def poll_handler(request: web.Request) -> web.StreamResponse:
         )
     except Refused as refusal:
         return _no_store(refusal_response(refusal, cors))
+    continue_after = opening.continue_after
     try:
+        frames = opening.frames
+        del opening
         if resume_point is not None and recovered == [True]:
             # A resume that is served: only the events after it, not the snapshot.
-            opening = opening[1:]
+            frames = frames[1:]
         else:
             resume_point = None  # the snapshot's id is where the client stands now
-        connection.go_live(opening)
-        await _wait(collector, connection, config.poll_timeout_s)
-        connection.write_batch()  # what was offered this turn, if anything
+        if continue_after is not None:
+            # A page of a long replay is the answer: the next poll goes on after it.
+            collector.write(b"".join(frames))
+        else:
+            connection.go_live(frames)
+            await _wait(collector, connection, config.poll_timeout_s)
+            connection.write_batch()  # what was offered this turn, if anything
     finally:
         hub.detach(connection, connection.close_reason or Reason.CLIENT_CLOSED)
     # Built after the detach: no event is added to the collector from here on, and
     # `last_event_id` is the id of the last message in the body.
-    body, _ = wire.poll_body(bytes(collector.data), resume_point)
+    ends_at = None if continue_after is None else str(continue_after)
+    body, _ = wire.poll_body(bytes(collector.data), resume_point, ends_at=ends_at)
     return web.Response(
         body=body,
         content_type="application/json",

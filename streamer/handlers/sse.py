@@ -15,8 +15,9 @@ import logging
 from aiohttp import web
 
 from .. import wire
-from ..app_keys import CONFIG, HUB
+from ..app_keys import BROKER, CONFIG, HUB
 from ..auth.origin import cors_headers
+from ..opening import send_opening
 from ..reasons import Reason, Refused
 from .admission import admit, connection_for, open_stream
 from .common import json_error, worker_header
@@ -65,8 +66,7 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers=SSE_HEADERS | worker_header() | cors)
         response.enable_chunked_encoding()
         await response.prepare(request)
-        if connection.go_live(opening):
-            hub.replayed += len(opening) - 1  # after the snapshot: the replayed events
+        hub.replayed += await send_opening(request.app[BROKER], connection, opening)
         del opening  # written: not kept for the length of the stream
         reason = await connection.ended()
         await _end(request, response, reason)

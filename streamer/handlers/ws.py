@@ -15,6 +15,7 @@ from ..app_keys import BROKER, CONFIG, HUB
 from ..broker.base import BrokerUnavailable
 from ..commands import BROKER_UNAVAILABLE, answer, read_command, reply_cost
 from ..connection import Connection
+from ..opening import send_opening
 from ..rate_limit import TokenBucket, command_burst
 from ..reasons import Reason, Refused
 from .admission import admit, connection_for, open_stream
@@ -88,8 +89,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         return ws
     hub = request.app[HUB]
     try:
-        if connection.go_live(opening):
-            hub.replayed += len(opening) - 1  # after the snapshot: the replayed events
+        hub.replayed += await send_opening(request.app[BROKER], connection, opening)
         del opening  # written: not kept for the length of the stream
         await _answer_commands(request, ws, connection)
     finally:
