@@ -39,6 +39,7 @@ class Limits:
 
 class Connection:
     __slots__ = (
+        "__weakref__",
         "_batch",
         "_broker",
         "_close_transport",

@@ -3,21 +3,29 @@
 A full pass walks every object the collector tracks, and each open stream holds about
 60 (aiohttp's request, its tasks and coroutines). CPython starts one whenever what
 survived since the last has grown by a quarter, so while 10,000 clients connect to a
-worker it stops the worker again and again, for up to half a second at the end. A
-stream's objects are freed by reference counting when it ends (none are left in cycles:
-tests/test_gc_passes.py), so once a full pass has found objects alive they are frozen
-(`gc.freeze`): the next full passes walk only what came after them. In case old objects
-do end up in a cycle, one pass every RESCAN_AFTER_S walks everything again.
+worker it stops the worker again and again, for up to half a second at the end. On
+uvloop, a stream's objects are freed by reference counting when it ends (none are left
+in cycles: tests/test_gc_passes.py), so once a full pass has found objects alive they
+are frozen (`gc.freeze`): the next full passes walk only what came after them. In case
+old objects do end up in a cycle, one pass every RESCAN_AFTER_S walks everything again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import time
 from collections.abc import Callable
 from typing import Any
 
 RESCAN_AFTER_S = 3600.0
+
+
+def freezes_safely(loop: asyncio.AbstractEventLoop) -> bool:
+    """On uvloop (the workers' loop), a stream leaves nothing in cycles when it ends; on
+    the standard loop, each socket transport is a cycle of its own (its read callback
+    is a bound method it holds), which frozen would wait for the hourly pass."""
+    return type(loop).__module__.partition(".")[0] == "uvloop"
 
 
 def freeze_startup_objects() -> int:

@@ -29,7 +29,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from .app_keys import CONFIG
-from .gc_passes import SurvivorFreezer, freeze_startup_objects
+from .gc_passes import SurvivorFreezer, freeze_startup_objects, freezes_safely
 
 log = logging.getLogger(__name__)
 
@@ -187,8 +187,9 @@ class GuardedAppRunner(web.AppRunner):
         await super().setup()
         frozen = freeze_startup_objects()
         log.info("%d objects made at startup left out of garbage collection passes", frozen)
-        self._survivor_freezer = SurvivorFreezer()
-        self._survivor_freezer.install()
+        if freezes_safely(asyncio.get_running_loop()):
+            self._survivor_freezer = SurvivorFreezer()
+            self._survivor_freezer.install()
 
     async def cleanup(self) -> None:
         if self._survivor_freezer is not None:

@@ -10,6 +10,7 @@ import heapq
 import itertools
 import math
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 
 from . import logs
@@ -55,7 +56,8 @@ class Hub:
         self._started: list[Connection] = []  # connections with events to write this turn
         self._write_scheduled = False
         # (expires_at, sequence, connection): the next credentials to end, first.
-        self._expiries: list[tuple[float, int, Connection]] = []
+        # Weak: a connection that ended is freed at once, not when its entry leaves.
+        self._expiries: list[tuple[float, int, weakref.ref[Connection]]] = []
         self._expiry_sequence = itertools.count()
         self._ended_in_expiries = 0
         # Counted here rather than per event: what the metrics read when scraped.
@@ -90,7 +92,7 @@ class Hub:
         user.connections.add(connection)
         self._count += 1
         if connection.expires_at is not None:
-            entry = (connection.expires_at, next(self._expiry_sequence), connection)
+            entry = (connection.expires_at, next(self._expiry_sequence), weakref.ref(connection))
             heapq.heappush(self._expiries, entry)
         routed = user.routed
         if routed is None:
@@ -153,7 +155,7 @@ class Hub:
         until they are half of it; then it is rebuilt: amortised O(1) per connection."""
         self._ended_in_expiries += 1
         if self._ended_in_expiries > max(1000, len(self._expiries) // 2):
-            self._expiries = [e for e in self._expiries if e[2].close_reason is None]
+            self._expiries = [e for e in self._expiries if _open(e[2]())]
             heapq.heapify(self._expiries)
             self._ended_in_expiries = 0
 
@@ -254,8 +256,9 @@ class Hub:
     def expire(self, now: float) -> None:
         expiries = self._expiries
         while expiries and expiries[0][0] <= now:
-            _, _, connection = heapq.heappop(expiries)
-            connection.close(Reason.EXPIRED)
+            _, _, ref = heapq.heappop(expiries)
+            if (connection := ref()) is not None:
+                connection.close(Reason.EXPIRED)
 
     @staticmethod
     def heartbeat(connections: Iterable[Connection]) -> None:
@@ -311,6 +314,10 @@ class Hub:
 
     def __len__(self) -> int:
         return self._count
+
+
+def _open(connection: Connection | None) -> bool:
+    return connection is not None and connection.close_reason is None
 
 
 def _retrieve(future: asyncio.Future[None]) -> None:

@@ -1,30 +1,28 @@
 """Full garbage collection passes on a process with many streams: what a pass found
 alive is frozen, so the next ones walk only newer objects. That is only safe because a
 stream's objects are freed by reference counting when it ends, whatever the way it
-ends: checked here with the real app, and streams from a client in another process."""
+ends: checked here with the real app on uvloop in a process of its own, and streams
+from a client in another."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import sys
 import textwrap
 import weakref
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
-from aiohttp import web
+import uvloop
 
-from streamer.app import create_app
-from streamer.app_keys import HUB
 from streamer.auth.tokens import issue_token
-from streamer.config import Config
-from streamer.gc_passes import RESCAN_AFTER_S, SurvivorFreezer
-from streamer.http_server import guarded_runner
+from streamer.gc_passes import RESCAN_AFTER_S, SurvivorFreezer, freezes_safely
 
 from .conftest import SECRET
 from .processes import free_port
-from .waiting import eventually
 
 STREAMS_PER_TRANSPORT = 40
 
@@ -121,66 +119,106 @@ def test_a_frozen_object_left_in_a_cycle_is_collected_by_the_periodic_pass_over_
     assert survivor.rescans == 1  # the next is due an interval later
 
 
-class Control:
-    """A stand-in for a stream's object that does end up in a cycle: shows that the
-    check below would see one."""
+SERVER = textwrap.dedent(
+    """
+    import asyncio, gc, json, sys, weakref
+    import uvloop
+    from aiohttp import web
+    from streamer.app import create_app
+    from streamer.app_keys import HUB
+    from streamer.config import Config
+    from streamer.http_server import guarded_runner
 
-    def __init__(self) -> None:
-        self.me: Control | None = None
+    def say(what):
+        print(json.dumps(what), flush=True)
+
+    async def until(condition, bound_s):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + bound_s
+        while not condition() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+
+    async def main(secret, port):
+        loop = asyncio.get_running_loop()
+        config = Config.from_env(
+            {"STREAMER_SECRET": secret, "STREAMER_MAX_CONNECTIONS_PER_USER": "1000"}
+        )
+        app = await create_app(config)
+        runner = guarded_runner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        hub = app[HUB]
+        say({"listening": True, "loop": type(loop).__module__})
+        await loop.run_in_executor(None, sys.stdin.readline)  # the streams are open
+        gc.collect()
+        gc.disable()  # from here on, only reference counting frees anything
+        streams = [weakref.ref(c) for c in hub.connections()]
+        say({"open": len(streams)})
+        await loop.run_in_executor(None, sys.stdin.readline)  # their clients are gone
+        await until(lambda: len(hub) == 0, 30)
+        await until(lambda: all(s() is None for s in streams), 10)
+        alive = sum(1 for s in streams if s() is not None)
+        say({"open_now": len(hub), "alive": alive, "in_cycles": gc.collect()})
+        gc.enable()
+        await runner.cleanup()
+
+    uvloop.run(main(sys.argv[1], int(sys.argv[2])))
+    """
+)
+
+
+async def _line(process: asyncio.subprocess.Process) -> Any:
+    assert process.stdout is not None
+    line = await asyncio.wait_for(process.stdout.readline(), 60)
+    assert line, "the process ended early"
+    return json.loads(line)
+
+
+async def test_streams_are_frozen_only_on_uvloop() -> None:
+    """On the standard loop each socket transport is a cycle of its own."""
+    assert not freezes_safely(asyncio.get_running_loop())
+    loop = uvloop.new_event_loop()
+    try:
+        assert freezes_safely(loop)
+    finally:
+        loop.close()
 
 
 @pytest.mark.parametrize("ending", ["closed", "killed"])
 async def test_streams_that_ended_leave_nothing_for_the_cyclic_collector(ending: str) -> None:
-    config = Config.from_env(
-        {"STREAMER_SECRET": SECRET, "STREAMER_MAX_CONNECTIONS_PER_USER": "1000"}
-    )
-    app = await create_app(config)
-    runner = guarded_runner(app)
-    await runner.setup()
+    """A worker (on uvloop, as under gunicorn) with WebSocket and SSE streams whose
+    clients then close them or vanish: once they ended, with the collector off, every
+    stream's objects were freed and nothing at all is left for a collection to find."""
     port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    hub = app[HUB]
     token = issue_token(SECRET, "gc-user", ttl_s=600)
-    client = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        CLIENT,
-        f"http://127.0.0.1:{port}",
-        token,
-        str(STREAMS_PER_TRANSPORT),
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-    )
-    assert client.stdin is not None and client.stdout is not None
+    server = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", SERVER, SECRET, str(port),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    client: asyncio.subprocess.Process | None = None
+    assert server.stdin is not None
     try:
+        assert (await _line(server))["loop"] == "uvloop"
+        client = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", CLIENT, f"http://127.0.0.1:{port}", token,
+            str(STREAMS_PER_TRANSPORT),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert client.stdin is not None and client.stdout is not None
         assert await asyncio.wait_for(client.stdout.readline(), 60) == b"open\n"
-        assert len(hub) == 2 * STREAMS_PER_TRANSPORT
-        control = Control()
-        control.me = control
-        gc.collect()
-        gc.freeze()  # the open streams' objects (and the control) among them
-        del control
+        server.stdin.write(b"\n")
+        assert await _line(server) == {"open": 2 * STREAMS_PER_TRANSPORT}
         if ending == "closed":
             client.stdin.write(b"\n")
             await client.stdin.drain()
         else:
             client.kill()
         await asyncio.wait_for(client.wait(), 30)
-        await eventually(lambda: len(hub) == 0, what="every stream to end")
-        gc.unfreeze()
-        gc.set_debug(gc.DEBUG_SAVEALL)
-        gc.collect()
-        left = {
-            type(o).__qualname__
-            for o in gc.garbage
-            if type(o).__module__.startswith(("aiohttp", "streamer", "multidict", __name__))
-        }
-        assert left == {"Control"}, f"in cycles after their streams ended: {sorted(left)}"
+        server.stdin.write(b"\n")
+        assert await _line(server) == {"open_now": 0, "alive": 0, "in_cycles": 0}
+        await asyncio.wait_for(server.wait(), 30)
     finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-        gc.unfreeze()
-        if client.returncode is None:
-            client.kill()
-            await client.wait()
-        await runner.cleanup()
+        for process in (client, server):
+            if process is not None and process.returncode is None:
+                process.kill()
+                await process.wait()

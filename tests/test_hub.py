@@ -4,9 +4,11 @@ order and duplicates, write-through, coalescing under back-pressure, bounded buf
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import socket
 import time
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -21,6 +23,8 @@ from streamer.events import progress_event
 from streamer.hub import Hub
 from streamer.reasons import Reason, Refused
 from streamer.wire import Delivery, EventId, active_tasks, encode, ws_text_frame
+
+from .waiting import eventually
 
 EPOCH = "abcdef01"
 
@@ -234,6 +238,21 @@ async def test_a_subscription_nobody_waits_for_any_more_is_given_up() -> None:
         assert len(hub) == 0
 
 
+async def test_a_connection_that_ended_is_not_kept_by_its_credentials_expiry() -> None:
+    """Until its token would have expired, the hub still has an entry for it: that
+    entry does not keep the ended connection (and its request, socket, buffers) alive."""
+    hub = make_hub(Routing())
+    async with socket_connection("u") as (connection, _, _):
+        connection.expires_at = time.time() + 600
+        await hub.attach(connection)
+        hub.detach(connection, Reason.CLIENT_CLOSED)
+        ended = weakref.ref(connection)
+        del connection
+    gc.collect()
+    assert ended() is None
+    hub.expire(time.time() + 1000)  # its entry's turn comes: nothing to close
+
+
 async def test_resume_points_are_the_oldest_id_per_user() -> None:
     hub = make_hub(Routing())
     async with socket_connection("u") as (old, _, _), socket_connection("u") as (new, _, _):
@@ -244,6 +263,27 @@ async def test_resume_points_are_the_oldest_id_per_user() -> None:
         new.offer(delivery("u", 5))
         new.offer(delivery("u", 9))
         assert hub.resume_points() == {"u": EventId(EPOCH, 5, 0)}
+
+
+async def test_a_subscription_another_client_waits_for_goes_on_when_one_leaves() -> None:
+    routing = Routing()
+    confirmed = asyncio.Event()
+
+    async def confirmed_later(user_id: str) -> None:
+        await confirmed.wait()
+
+    routing.subscribe = confirmed_later  # type: ignore[method-assign]
+    hub = make_hub(routing)
+    async with socket_connection("u") as (leaving, _, _), socket_connection("u") as (staying, _, _):
+        first = asyncio.create_task(hub.attach(leaving))
+        second = asyncio.create_task(hub.attach(staying))
+        await eventually(lambda: len(hub) == 2, what="both clients counted")
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        confirmed.set()
+        await asyncio.wait_for(second, 5)  # routed, not given up
+        assert len(hub) == 1 and routing.unsubscribed == []
 
 
 async def test_a_connection_still_opening_catches_up_from_its_users_last_event_here() -> None:
@@ -282,7 +322,7 @@ async def test_a_user_whose_subscription_is_not_confirmed_yet_needs_no_catch_up(
     async with socket_connection("u") as (connection, _, _):
         attaching = asyncio.create_task(hub.attach(connection))
         await asyncio.sleep(0)
-        assert not attaching.done()
+        assert not attaching.done() and len(hub) == 1
         assert hub.resume_points() == {}
         confirmed.set()
         await asyncio.wait_for(attaching, 5)
