@@ -59,6 +59,7 @@ class Connection:
         "_stale",
         "close_reason",
         "closing",
+        "dropped",
         "expires_at",
         "heard",
         "last_id",
@@ -111,6 +112,9 @@ class Connection:
         self.heard = True  # from the client since the last ping round (WebSocket)
         self.last_id: EventId | None = None  # the newest id sent or queued: the position
         self.sent = 0  # events written
+        # Times events waiting for the opening were dropped (more came than the outbox
+        # holds): the opening reads them from the history instead.
+        self.dropped = 0
         self.opened_at = time.monotonic()
         self.close_reason: Reason | None = None
         self.closing: asyncio.Future[object] | None = None  # a close the transport runs
@@ -318,19 +322,21 @@ class Connection:
         on. A client that does not take it within the send timeout is cut off."""
         if self.close_reason is not None:
             return False
+        if self._out.is_closing():
+            self.lost()
+            return False
         self.sent += len(frames)
         self._out.write(b"".join(frames))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._limits.send_timeout_s
         while self.close_reason is None and self._backed_up():
-            if self._out.is_closing():
-                self.lost()
-                break
             remaining = deadline - loop.time()
             if remaining <= 0:
                 self.close(Reason.STALLED)
                 break
             await self._wait_for_drain(within_s=min(remaining, DRAIN_CHECK_S))
+            if self._out.is_closing():
+                self.lost()
         return self.close_reason is None
 
     def send(self, data: bytes) -> None:
@@ -354,12 +360,23 @@ class Connection:
             pending = self._pending = []
         limits = self._limits
         if len(pending) >= limits.max_events or self._pending_bytes + len(frame) > limits.max_bytes:
-            self.close(Reason.OVERFLOW)
+            if key != REPLY_KEY and not self._opened and not self._stale:
+                self._drop_waiting_events()
+            else:
+                self.close(Reason.OVERFLOW)
             return
         pending.append((key, frame))
         self._pending_bytes += len(frame)
         if self._live and self._flusher is None:
             self._flusher = asyncio.ensure_future(self._flush_when_drained())
+
+    def _drop_waiting_events(self) -> None:
+        """The opening is still being read and written: the events that wait for it are
+        in the history too, and the opening reads them from there."""
+        replies = [entry for entry in self._pending or () if entry[0] == REPLY_KEY]
+        self._pending = replies or None
+        self._pending_bytes = sum(len(f) for _, f in replies)
+        self.dropped += 1
 
     async def _flush_when_drained(self) -> None:
         """Write what waited, in one write, once the socket has drained; end the stream

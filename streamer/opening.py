@@ -6,30 +6,38 @@ once, it would sit in the worker's memory several times over (Redis's reply, the
 events, their frames, the socket's buffer) for every client resuming at that moment.
 Page by page, each page once the client has taken the one before, a resume costs at
 most a page in the worker whatever the history's size. Live events wait in the
-connection's bounded outbox meanwhile, as they do while the snapshot is read.
+connection's bounded outbox meanwhile; when more come than it holds, they are dropped
+from it (they are in the history too) and read with the next pages.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .broker.base import Broker, BrokerUnavailable
+from .broker.base import Broker, BrokerUnavailable, Replay
 from .connection import Connection
 from .reasons import Reason
 from .wire import Delivery, EventId, active_tasks
 
 REPLAY_PAGE = 100  # events read and written at once
+# Redis unavailable between two pages: asked again for this long before the stream
+# ends (the client resumes from what it got).
+PAGE_RETRY_S = 10.0
+PAGE_RETRY_PAUSE_S = 0.5
 
 
 @dataclass
 class Opening:
-    """The frames to write first; `continue_after`: the id after which the replay goes
-    on (None: it is all here); `replayed`: how many of the frames are replayed events."""
+    """The frames to write first; `replayed`: how many of them are replayed events;
+    `position`: where the client stands once it has them (their last event's id, or
+    the snapshot's); `more`: the replay goes on after it."""
 
     frames: list[bytes]
+    position: EventId
     replayed: int = 0
-    continue_after: EventId | None = None
+    more: bool = False
 
 
 async def read_opening(
@@ -47,7 +55,7 @@ async def read_opening(
     snapshot = await broker.snapshot(user_id, task_id)
     connection.skip_through(snapshot.position)
     position, recovered = snapshot.position, True
-    page = _Page([], None)
+    page = _Page([], None, full=False)
     if last_event_id is not None:
         replay = await broker.replay(user_id, last_event_id, REPLAY_PAGE)
         resume_point = EventId.parse(last_event_id)
@@ -62,27 +70,31 @@ async def read_opening(
         snapshot.tasks, position=position, recovered=recovered, truncated=snapshot.truncated
     )
     return Opening(
-        [encode_snapshot(message, position), *page.frames], len(page.frames), page.continue_after
+        [encode_snapshot(message, position), *page.frames],
+        position=page.last or position,
+        replayed=len(page.frames),
+        more=page.full,
     )
 
 
 async def send_opening(broker: Broker, connection: Connection, opening: Opening) -> int:
     """Write the opening, reading the rest of the replay a page at a time, each once
-    the client has taken the last; then the connection goes live. Returns how many
-    replayed events were sent."""
-    frames, count, cursor = opening.frames, opening.replayed, opening.continue_after
+    the client has taken the last, and what was dropped from the connection's outbox
+    meanwhile; then the connection goes live. Returns how many replayed events were
+    sent."""
+    frames, count, position, more = opening.frames, opening.replayed, opening.position, opening.more
     opening.frames = []  # not kept past their write
-    replayed = 0
-    while cursor is not None and not connection.stale:
+    replayed = accounted = 0
+    while not connection.stale and (more or connection.dropped != accounted):
         if connection.close_reason is not None:
             return replayed
         replayed += count
         if not await connection.send_opening_part(frames):
             return replayed
-        try:
-            replay = await broker.replay(connection.user_id, str(cursor), REPLAY_PAGE)
-        except BrokerUnavailable:
-            connection.close(Reason.BROKER_UNAVAILABLE)
+        # Events dropped from the outbox from here on may be newer than this read.
+        accounted = connection.dropped
+        replay = await _read_page(broker, connection, position)
+        if replay is None:
             return replayed
         if connection.stale:
             frames = []  # of the lost data: `go_live` resyncs instead
@@ -93,25 +105,43 @@ async def send_opening(broker: Broker, connection: Connection, opening: Opening)
             connection.close(Reason.OVERFLOW)
             return replayed
         page = _page(connection, replay.events)
-        frames, count, cursor = page.frames, len(page.frames), page.continue_after
+        frames, count, more = page.frames, len(page.frames), page.full
+        position = page.last or position
     if connection.go_live(frames):
         replayed += count
     return replayed
 
 
+async def _read_page(broker: Broker, connection: Connection, after: EventId) -> Replay | None:
+    """The next page; None when the stream ended (Redis unavailable for PAGE_RETRY_S
+    ends it)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + PAGE_RETRY_S
+    while connection.close_reason is None:
+        try:
+            return await broker.replay(connection.user_id, str(after), REPLAY_PAGE)
+        except BrokerUnavailable:
+            if loop.time() >= deadline:
+                connection.close(Reason.BROKER_UNAVAILABLE)
+                return None
+        await asyncio.sleep(PAGE_RETRY_PAUSE_S)
+    return None
+
+
 @dataclass
 class _Page:
     frames: list[bytes]
-    continue_after: EventId | None
+    last: EventId | None  # of the events read, before a task filter
+    full: bool  # as many as asked for: more may follow
 
 
 def _page(connection: Connection, events: list[Delivery]) -> _Page:
     """A page of the replay as frames for the connection (its task's events only, under
     a task filter); live events it covers are dropped from what waits."""
     if not events:
-        return _Page([], None)
+        return _Page([], None, full=False)
     last = events[-1].event_id
     connection.skip_through(last)
     task_id = connection.task_id
     frames = [d.frame(connection.transport) for d in events if task_id in (None, d.task_id)]
-    return _Page(frames, last if len(events) == REPLAY_PAGE else None)
+    return _Page(frames, last, full=len(events) == REPLAY_PAGE)

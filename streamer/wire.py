@@ -136,19 +136,21 @@ def poll_item(data: bytes, event_id: str) -> bytes:
 
 
 def poll_body(
-    collected: bytes, last_event_id: str | None, *, ends_at: str | None = None
+    collected: bytes, last_event_id: str | None, *, at_least: EventId | None = None
 ) -> tuple[bytes, str | None]:
     """The JSON answer of a long poll from collected `poll_item` lines, and its
-    `last_event_id`: the id of the last message in it, or `last_event_id` if none;
-    `ends_at` if given (a page of a replay, whose last messages a task filter left out)."""
+    `last_event_id`: the id of the last message in it, or `last_event_id` if none; at
+    least `at_least` (where a replay ended, its last messages left out by a task filter)."""
     items: list[bytes] = []
     for line in collected.split(b"\n"):
         if line:
             event_id, _, data = line.partition(b" ")
             items.append(data)
             last_event_id = event_id.decode()
-    if ends_at is not None:
-        last_event_id = ends_at
+    if at_least is not None:
+        last = None if last_event_id is None else EventId.parse(last_event_id)
+        if last is None or last < at_least:
+            last_event_id = str(at_least)
     body = (
         b'{"events":['
         + b",".join(items)

@@ -12,6 +12,7 @@ import pytest
 from .conftest import StartGunicorn
 from .nginx import Nginx
 from .streams import CurlStream, WsStream, run_cli
+from .waiting import eventually
 
 TokenFor = Callable[..., str]
 
@@ -51,8 +52,14 @@ async def test_websocket_and_sse_through_nginx(
     finally:
         await ws.close()
         await sse.close()
-    # nginx's access log has the requests, without the token.
-    log = nginx.access_log.read_text()
+
+    # nginx's access log has the requests, without the token (a proxied stream's line
+    # is written once nginx has seen both of its sides close).
+    def logged() -> str | None:
+        log = nginx.access_log.read_text() if nginx.access_log.exists() else ""
+        return log if "/ws/tasks/" in log and "/sse/tasks/" in log else None
+
+    log = await eventually(logged, what="nginx to log both streams")
     assert "/ws/tasks/?token=[redacted]" in log and token not in log
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{nginx.base_url}/metrics") as metrics:

@@ -69,7 +69,7 @@ async def test_a_long_replay_is_written_a_page_at_a_time_once_the_client_took_th
         opening = await read_opening(
             broker, connection, last_event_id=resume_point, encode_snapshot=snapshot_frame
         )
-        assert opening.replayed == REPLAY_PAGE and opening.continue_after is not None
+        assert opening.replayed == REPLAY_PAGE and opening.more
         sending = asyncio.create_task(send_opening(broker, connection, opening))
         # The first page is written, and the next is not read while the client has
         # not taken it: the socket is backed up, nothing more is in the worker.
@@ -80,10 +80,10 @@ async def test_a_long_replay_is_written_a_page_at_a_time_once_the_client_took_th
         messages = await read_messages(peer, 1 + MISSED + 1)
         assert await asyncio.wait_for(sending, 5) == MISSED + 1  # the live one was in page 3
         assert replays == [REPLAY_PAGE] * 3
+        assert connection.live and connection.close_reason is None
     snapshot, *events = messages
     assert snapshot["type"] == "active_tasks" and snapshot["recovered"] is True
     assert [event["id"] for event in events] == missed + live
-    assert connection.close_reason is not Reason.OVERFLOW  # more than its buffer, read
 
 
 async def test_a_client_that_does_not_take_its_replay_is_cut_off_after_the_send_timeout() -> None:
@@ -160,3 +160,58 @@ async def test_data_lost_between_two_pages_sends_a_fresh_snapshot_after_the_firs
     assert first["recovered"] is True
     assert [event["id"] for event in events] == missed[:REPLAY_PAGE]
     assert fresh["type"] == "active_tasks" and fresh["recovered"] is False
+
+
+async def test_more_live_events_than_the_buffer_holds_while_the_replay_is_read_all_arrive() -> None:
+    """A client that reads its replay at full speed while its user's events flow in
+    faster than its buffer holds them: nothing is cut off, every event arrives once and
+    in order, those that did not fit read from the history after the replay."""
+    broker = MemoryBroker(history_size=1000, history_ttl=60)
+    (resume_point,) = await published(broker, "u", 1)
+    missed = await published(broker, "u", REPLAY_PAGE + 20)
+    hub = make_hub(Routing())
+    await broker.start(hub)
+    limits = Limits(max_events=20, max_bytes=1 << 20, send_timeout_s=30)
+    async with socket_connection("u", broker=broker, limits=limits, send_buffer=4096) as (
+        connection,
+        peer,
+        _,
+    ):
+        await hub.attach(connection)
+        opening = await read_opening(
+            broker, connection, last_event_id=resume_point, encode_snapshot=snapshot_frame
+        )
+        sending = asyncio.create_task(send_opening(broker, connection, opening))
+        await eventually(lambda: connection.sent == 1 + REPLAY_PAGE, what="the first page")
+        live = await published(broker, "u", 3 * limits.max_events)  # more than it holds
+        assert connection.dropped > 0
+        messages = await read_messages(peer, 1 + len(missed) + len(live))
+        await asyncio.wait_for(sending, 5)
+        assert connection.live and connection.close_reason is None
+        later = await published(broker, "u", 2)  # live from now on
+        messages += await read_messages(peer, 2)
+    _, *events = messages
+    assert [event["id"] for event in events] == missed + live + later
+
+
+async def test_a_client_gone_during_its_replay_is_not_sent_the_rest() -> None:
+    broker = MemoryBroker(history_size=5000, history_ttl=60)
+    (resume_point,) = await published(broker, "u", 1)
+    await published(broker, "u", 20 * REPLAY_PAGE)
+    replays = count_replays(broker)
+    hub = make_hub(Routing())
+    async with socket_connection("u", broker=broker, send_buffer=4096) as (
+        connection,
+        peer,
+        _,
+    ):
+        await hub.attach(connection)
+        opening = await read_opening(
+            broker, connection, last_event_id=resume_point, encode_snapshot=snapshot_frame
+        )
+        sending = asyncio.create_task(send_opening(broker, connection, opening))
+        await eventually(lambda: connection.sent == 1 + REPLAY_PAGE, what="the first page")
+        peer.sock.close()  # the client goes away
+        await asyncio.wait_for(sending, 10)
+        assert connection.close_reason is Reason.CLIENT_CLOSED
+        assert len(replays) <= 2  # not the twenty pages of its history

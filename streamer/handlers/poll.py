@@ -90,17 +90,19 @@ async def poll_handler(request: web.Request) -> web.StreamResponse:
         )
     except Refused as refusal:
         return _no_store(refusal_response(refusal, cors))
-    continue_after = opening.continue_after
+    position = opening.position
     try:
-        frames = opening.frames
+        frames, more = opening.frames, opening.more
         del opening
         if resume_point is not None and recovered == [True]:
             # A resume that is served: only the events after it, not the snapshot.
             frames = frames[1:]
         else:
             resume_point = None  # the snapshot's id is where the client stands now
-        if continue_after is not None:
-            # A page of a long replay is the answer: the next poll goes on after it.
+        if more or connection.dropped:
+            # A page of a long replay is the answer (or what the opening has, when
+            # more events came meanwhile than wait for it): the next poll goes on.
+            connection.sent += len(frames)
             collector.write(b"".join(frames))
         else:
             connection.go_live(frames)
@@ -109,9 +111,9 @@ async def poll_handler(request: web.Request) -> web.StreamResponse:
     finally:
         hub.detach(connection, connection.close_reason or Reason.CLIENT_CLOSED)
     # Built after the detach: no event is added to the collector from here on, and
-    # `last_event_id` is the id of the last message in the body.
-    ends_at = None if continue_after is None else str(continue_after)
-    body, _ = wire.poll_body(bytes(collector.data), resume_point, ends_at=ends_at)
+    # `last_event_id` is the id of the last message in the body, or where the opening
+    # stands when that is further (a task filter left out the replay's last events).
+    body, _ = wire.poll_body(bytes(collector.data), resume_point, at_least=position)
     return web.Response(
         body=body,
         content_type="application/json",
