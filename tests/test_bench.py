@@ -110,6 +110,16 @@ def test_publish_bench_fills_the_histories_then_measures() -> None:
         assert events_per_call == ("1" if name == "sync progress" else "100"), rows[name]
 
 
+@pytest.mark.timeout(BOUND_S + 40)
+def test_resume_bench_has_every_client_get_every_event_and_reports_the_worker_peak() -> None:
+    args = ("--clients", "2", "--events", "40", "--event-kib", "4", "--hold", "0.2")
+    bench = run_bench("bench.resume", *args)
+    assert bench.returncode == 0, bench.stderr[-3000:] + bench.stdout
+    outcome = json.loads(bench.stdout.splitlines()[-1])
+    assert outcome["complete_clients"] == 2 and outcome["events"] == 40, outcome
+    assert outcome["worker_rss_before_mib"] > 0 and outcome["worker_peak_growth_mib"] >= 0
+
+
 class _CountingSink:
     """Records each send and how many were in flight at once."""
 

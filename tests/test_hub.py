@@ -47,6 +47,18 @@ class Routing:
         self.unsubscribed.append(user_id)
 
 
+class ConfirmedLater(Routing):
+    """A broker that confirms each subscription once `confirmed` is set."""
+
+    def __init__(self, confirmed: asyncio.Event) -> None:
+        super().__init__()
+        self.confirmed = confirmed
+
+    async def subscribe(self, user_id: str) -> None:
+        await self.confirmed.wait()
+        self.subscribed.append(user_id)
+
+
 def make_hub(routing: Routing, *, max_connections: int = 10, per_user: int = 10) -> Hub:
     return Hub(
         subscribe=routing.subscribe,
@@ -266,13 +278,8 @@ async def test_resume_points_are_the_oldest_id_per_user() -> None:
 
 
 async def test_a_subscription_another_client_waits_for_goes_on_when_one_leaves() -> None:
-    routing = Routing()
     confirmed = asyncio.Event()
-
-    async def confirmed_later(user_id: str) -> None:
-        await confirmed.wait()
-
-    routing.subscribe = confirmed_later  # type: ignore[method-assign]
+    routing = ConfirmedLater(confirmed)
     hub = make_hub(routing)
     async with socket_connection("u") as (leaving, _, _), socket_connection("u") as (staying, _, _):
         first = asyncio.create_task(hub.attach(leaving))
@@ -311,13 +318,8 @@ async def test_a_connection_still_opening_catches_up_from_its_users_last_event_h
 async def test_a_user_whose_subscription_is_not_confirmed_yet_needs_no_catch_up() -> None:
     """Their connections read their snapshots after the subscription is confirmed:
     whatever a lost subscription missed is in those snapshots."""
-    routing = Routing()
     confirmed = asyncio.Event()
-
-    async def confirmed_later(user_id: str) -> None:
-        await confirmed.wait()
-
-    routing.subscribe = confirmed_later  # type: ignore[method-assign]
+    routing = ConfirmedLater(confirmed)
     hub = make_hub(routing)
     async with socket_connection("u") as (connection, _, _):
         attaching = asyncio.create_task(hub.attach(connection))

@@ -6,18 +6,20 @@ and the client still gets every event once, in order, or is told what it missed.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 from streamer.broker.base import Replay
 from streamer.broker.memory import MemoryBroker
-from streamer.connection import Limits
+from streamer.connection import Connection, Limits
 from streamer.events import progress_event
-from streamer.opening import REPLAY_PAGE, read_opening, send_opening
+from streamer.hub import Hub
+from streamer.opening import REPLAY_PAGE, Opening, read_opening, send_opening
 from streamer.reasons import Reason
 from streamer.wire import EventId, encode
 
-from .test_hub import Routing, make_hub, read_messages, socket_connection
+from .test_hub import Peer, Routing, make_hub, read_messages, socket_connection
 from .waiting import eventually
 
 STEP = "x" * 1000  # events of about 1.2 KiB: a page fills the small socket buffer below
@@ -41,6 +43,29 @@ def count_replays(broker: MemoryBroker) -> list[int | None]:
     return limits
 
 
+@asynccontextmanager
+async def resuming(
+    broker: MemoryBroker,
+    hub: Hub,
+    resume_point: str,
+    *,
+    limits: Limits | None = None,
+    send_buffer: int | None = 4096,
+) -> AsyncIterator[tuple[Connection, Peer, asyncio.Transport, Opening]]:
+    """A client of user "u" resuming from `resume_point`, its opening read (snapshot and
+    first page), on a socket whose small buffer makes each page wait for the client."""
+    async with socket_connection("u", broker=broker, limits=limits, send_buffer=send_buffer) as (
+        connection,
+        peer,
+        transport,
+    ):
+        await hub.attach(connection)
+        opening = await read_opening(
+            broker, connection, last_event_id=resume_point, encode_snapshot=snapshot_frame
+        )
+        yield connection, peer, transport, opening
+
+
 async def published(broker: MemoryBroker, user: str, count: int) -> list[str]:
     return [
         str(
@@ -60,15 +85,12 @@ async def test_a_long_replay_is_written_a_page_at_a_time_once_the_client_took_th
     hub = make_hub(Routing())
     await broker.start(hub)  # live events reach the hub as they are published
     limits = Limits(max_events=50, max_bytes=1 << 20, send_timeout_s=30)
-    async with socket_connection("u", broker=broker, limits=limits, send_buffer=4096) as (
+    async with resuming(broker, hub, resume_point, limits=limits) as (
         connection,
         peer,
         transport,
+        opening,
     ):
-        await hub.attach(connection)
-        opening = await read_opening(
-            broker, connection, last_event_id=resume_point, encode_snapshot=snapshot_frame
-        )
         assert opening.replayed == REPLAY_PAGE and opening.more
         sending = asyncio.create_task(send_opening(broker, connection, opening))
         # The first page is written, and the next is not read while the client has
@@ -93,15 +115,7 @@ async def test_a_client_that_does_not_take_its_replay_is_cut_off_after_the_send_
     replays = count_replays(broker)
     hub = make_hub(Routing())
     limits = Limits(max_events=50, max_bytes=1 << 20, send_timeout_s=0.5)
-    async with socket_connection("u", broker=broker, limits=limits, send_buffer=4096) as (
-        connection,
-        peer,
-        _,
-    ):
-        await hub.attach(connection)
-        opening = await read_opening(
-            broker, connection, last_event_id=resume_point, encode_snapshot=snapshot_frame
-        )
+    async with resuming(broker, hub, resume_point, limits=limits) as (connection, peer, _, opening):
         sent = await asyncio.wait_for(send_opening(broker, connection, opening), 5)
         assert connection.close_reason is Reason.STALLED
         assert sent == REPLAY_PAGE and replays == [REPLAY_PAGE]  # the first page only
@@ -117,21 +131,23 @@ async def test_a_replay_the_history_moved_past_ends_the_stream_and_the_resume_sa
     (resume_point,) = await published(broker, "u", 1)
     first_page = (await published(broker, "u", size - 1))[:REPLAY_PAGE]
     hub = make_hub(Routing())
-    async with socket_connection("u", broker=broker) as (connection, peer, _):
-        await hub.attach(connection)
-        opening = await read_opening(
-            broker, connection, last_event_id=resume_point, encode_snapshot=snapshot_frame
-        )
+    async with resuming(broker, hub, resume_point, send_buffer=None) as (
+        connection,
+        peer,
+        _,
+        opening,
+    ):
         await published(broker, "u", size)  # a fast producer: what follows the page is gone
         assert await send_opening(broker, connection, opening) == REPLAY_PAGE
         assert connection.close_reason is Reason.OVERFLOW
         _, *events = await read_messages(peer, 1 + REPLAY_PAGE)
         assert [event["id"] for event in events] == first_page
-    async with socket_connection("u", broker=broker) as (resumed, peer, _):
-        await hub.attach(resumed)
-        opening = await read_opening(
-            broker, resumed, last_event_id=first_page[-1], encode_snapshot=snapshot_frame
-        )
+    async with resuming(broker, hub, first_page[-1], send_buffer=None) as (
+        resumed,
+        peer,
+        _,
+        opening,
+    ):
         await send_opening(broker, resumed, opening)
         (snapshot, *_) = await read_messages(peer, 1)
         assert snapshot["type"] == "active_tasks" and snapshot["recovered"] is False
@@ -142,15 +158,7 @@ async def test_data_lost_between_two_pages_sends_a_fresh_snapshot_after_the_firs
     (resume_point,) = await published(broker, "u", 1)
     missed = await published(broker, "u", MISSED)
     hub = make_hub(Routing())
-    async with socket_connection("u", broker=broker, send_buffer=4096) as (
-        connection,
-        peer,
-        _,
-    ):
-        await hub.attach(connection)
-        opening = await read_opening(
-            broker, connection, last_event_id=resume_point, encode_snapshot=snapshot_frame
-        )
+    async with resuming(broker, hub, resume_point) as (connection, peer, _, opening):
         sending = asyncio.create_task(send_opening(broker, connection, opening))
         await eventually(lambda: connection.sent == 1 + REPLAY_PAGE, what="the first page")
         hub.reset("u")  # the broker lost its data while the client read the first page
@@ -172,15 +180,7 @@ async def test_more_live_events_than_the_buffer_holds_while_the_replay_is_read_a
     hub = make_hub(Routing())
     await broker.start(hub)
     limits = Limits(max_events=20, max_bytes=1 << 20, send_timeout_s=30)
-    async with socket_connection("u", broker=broker, limits=limits, send_buffer=4096) as (
-        connection,
-        peer,
-        _,
-    ):
-        await hub.attach(connection)
-        opening = await read_opening(
-            broker, connection, last_event_id=resume_point, encode_snapshot=snapshot_frame
-        )
+    async with resuming(broker, hub, resume_point, limits=limits) as (connection, peer, _, opening):
         sending = asyncio.create_task(send_opening(broker, connection, opening))
         await eventually(lambda: connection.sent == 1 + REPLAY_PAGE, what="the first page")
         live = await published(broker, "u", 3 * limits.max_events)  # more than it holds
@@ -200,15 +200,7 @@ async def test_a_client_gone_during_its_replay_is_not_sent_the_rest() -> None:
     await published(broker, "u", 20 * REPLAY_PAGE)
     replays = count_replays(broker)
     hub = make_hub(Routing())
-    async with socket_connection("u", broker=broker, send_buffer=4096) as (
-        connection,
-        peer,
-        _,
-    ):
-        await hub.attach(connection)
-        opening = await read_opening(
-            broker, connection, last_event_id=resume_point, encode_snapshot=snapshot_frame
-        )
+    async with resuming(broker, hub, resume_point) as (connection, peer, _, opening):
         sending = asyncio.create_task(send_opening(broker, connection, opening))
         await eventually(lambda: connection.sent == 1 + REPLAY_PAGE, what="the first page")
         peer.sock.close()  # the client goes away
