@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import sys
 
 import aiohttp
@@ -39,6 +40,8 @@ async def resume(
         await asyncio.sleep(hold_s)  # a client that does not read yet
         async for message in ws:
             event = json.loads(message.data)
+            if event["type"] == "active_tasks" and not event["recovered"]:
+                raise RuntimeError("the resume was not recovered: is the history large enough?")
             if event["type"] != "active_tasks":
                 received.append(event["id"])
             if len(received) >= len(expected):
@@ -92,7 +95,9 @@ def main() -> int:
     parser.add_argument("--hold", type=float, default=2.0, help="seconds before clients read")
     parser.add_argument("--timeout", type=float, default=120.0)
     args = parser.parse_args()
-    settings = {"STREAMER_HISTORY_SIZE": str(args.events + 10), "STREAMER_SEND_TIMEOUT_S": "60"}
+    history_size = str(args.events + 10)
+    os.environ["STREAMER_HISTORY_SIZE"] = history_size  # the publisher trims to it too
+    settings = {"STREAMER_HISTORY_SIZE": history_size, "STREAMER_SEND_TIMEOUT_S": "60"}
     with running_service(workers=1, settings=settings) as (server, redis_url):
         outcome = asyncio.run(run(args, server, redis_url))
     print(json.dumps(outcome))
