@@ -124,6 +124,7 @@ async def _read_page(broker: Broker, connection: Connection, after: EventId) -> 
             if loop.time() >= deadline:
                 connection.close(Reason.BROKER_UNAVAILABLE)
                 return None
+        connection.check()  # a client gone meanwhile ends the retries
         await asyncio.sleep(PAGE_RETRY_PAUSE_S)
     return None
 

@@ -202,6 +202,33 @@ async def test_pages_of_a_long_replay_come_one_per_poll(
     assert ends == [missed[REPLAY_PAGE - 1], missed[2 * REPLAY_PAGE - 1], missed[-1]]
 
 
+@pytest.mark.parametrize("resuming", [False, True])
+async def test_a_poll_ended_while_its_opening_is_read_moves_the_client_nowhere(
+    client: TestClient,  # type: ignore[type-arg]
+    token_for: TokenFor,
+    user_id: str,
+    resuming: bool,
+) -> None:
+    """The server starts shutting down while a poll's snapshot is read: the answer has
+    nothing, and the client stands where it stood (a fresh one nowhere), so that its
+    next poll elsewhere misses neither the events nor the snapshot."""
+    token = token_for(user_id)
+    _, first, _ = await poll(client, token)
+    for progress in range(1, 6):
+        await publish_progress(client, user_id, "a", progress=progress)
+    broker, hub = client.app[BROKER], client.app[HUB]
+    snapshot = broker.snapshot
+
+    async def shutting_down_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        hub.close_all(Reason.SHUTDOWN)
+        return await snapshot(*args, **kwargs)
+
+    broker.snapshot = shutting_down_meanwhile  # type: ignore[method-assign]
+    resume_point = first["last_event_id"] if resuming else None
+    _, body, _ = await poll(client, token, last_event_id=resume_point)
+    assert body == {"events": [], "last_event_id": resume_point}
+
+
 async def test_task_id_narrows_the_poll(
     client: TestClient,  # type: ignore[type-arg]
     token_for: TokenFor,

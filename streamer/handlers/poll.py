@@ -90,7 +90,7 @@ async def poll_handler(request: web.Request) -> web.StreamResponse:
         )
     except Refused as refusal:
         return _no_store(refusal_response(refusal, cors))
-    position = opening.position
+    position: wire.EventId | None = opening.position
     try:
         frames, more = opening.frames, opening.more
         del opening
@@ -99,15 +99,18 @@ async def poll_handler(request: web.Request) -> web.StreamResponse:
             frames = frames[1:]
         else:
             resume_point = None  # the snapshot's id is where the client stands now
-        if more or connection.dropped:
+        if (more or connection.dropped) and not connection.stale:
             # A page of a long replay is the answer (or what the opening has, when
             # more events came meanwhile than wait for it): the next poll goes on.
             connection.sent += len(frames)
             collector.write(b"".join(frames))
         else:
-            connection.go_live(frames)
-            await _wait(collector, connection, config.poll_timeout_s)
-            connection.write_batch()  # what was offered this turn, if anything
+            sent = connection.go_live(frames)
+            if sent or connection.stale:  # stale: a fresh snapshot replaces `frames`
+                await _wait(collector, connection, config.poll_timeout_s)
+                connection.write_batch()  # what was offered this turn, if anything
+            if not sent:
+                position = None  # nothing of the opening went out
     finally:
         hub.detach(connection, connection.close_reason or Reason.CLIENT_CLOSED)
     # Built after the detach: no event is added to the collector from here on, and
