@@ -102,8 +102,8 @@ async def poll_handler(request: web.Request) -> web.StreamResponse:
         if (more or connection.dropped) and not connection.stale:
             # A page of a long replay is the answer (or what the opening has, when
             # more events came meanwhile than wait for it): the next poll goes on.
-            connection.sent += len(frames)
-            collector.write(b"".join(frames))
+            if not await connection.send_opening_part(frames):
+                position = None  # the client went away
         else:
             sent = connection.go_live(frames)
             if sent or connection.stale:  # stale: a fresh snapshot replaces `frames`
