@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 MIN_SECRET_LENGTH = 32
 
@@ -125,8 +126,8 @@ def _redis_url(name: str, raw: str) -> str:
             name, raw, parse_cluster_url, "Redis Cluster",
             "redis+cluster://[:password@]host:port[,host:port...]",
         )  # fmt: skip
-    parts = urlsplit(raw)
     shown = _without_password(raw)
+    parts = _split(name, raw, shown)
     if parts.scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(
             f"{name} must be a redis://, rediss://, unix://, redis+sentinel:// or "
@@ -134,11 +135,25 @@ def _redis_url(name: str, raw: str) -> str:
         )
     if parts.scheme != "unix" and not parts.hostname:
         raise ConfigError(f"{name} has no host: {shown!r}")
+    _check_port(name, parts, shown)
+    if parts.scheme != "unix" and not re.fullmatch(r"/?|/[0-9]+", parts.path):
+        # redis-py would quietly use database 0 instead.
+        raise ConfigError(f"{name}: the database after the host must be a number, got {shown!r}")
+    return raw
+
+
+def _split(name: str, raw: str, shown: str) -> SplitResult:
+    try:
+        return urlsplit(raw)
+    except ValueError as exc:  # an unbalanced [ or ] around an IPv6 address
+        raise ConfigError(f"{name} is not a URL ({exc}): {shown!r}") from None
+
+
+def _check_port(name: str, parts: SplitResult, shown: str) -> None:
     try:
         parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError as exc:
         raise ConfigError(f"{name} has a bad port: {shown!r}") from exc
-    return raw
 
 
 def _without_password(url: str) -> str:
@@ -150,13 +165,10 @@ def _without_password(url: str) -> str:
 
 
 def _http_url(name: str, raw: str) -> str:
-    parts = urlsplit(raw)
+    parts = _split(name, raw, raw)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{name} must be an http:// or https:// URL, got {raw!r}")
-    try:
-        parts.port  # noqa: B018 - raises ValueError for a bad port
-    except ValueError as exc:
-        raise ConfigError(f"{name} has a bad port: {raw!r}") from exc
+    _check_port(name, parts, raw)
     if any(ord(ch) < 33 for ch in raw):
         raise ConfigError(f"{name} must not contain spaces or control characters")
     return raw
@@ -171,12 +183,13 @@ def _origins(name: str, raw: str) -> tuple[str, ...]:
         if origin == "*":
             origins.append(origin)
             continue
-        parts = urlsplit(origin)
+        parts = _split(name, origin, item.strip())
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.path:
             raise ConfigError(
                 f"{name} must be a comma-separated list of origins such as "
                 f"https://app.example.com (or *), got {item.strip()!r}"
             )
+        _check_port(name, parts, item.strip())
         origins.append(origin.lower())
     return tuple(origins)
 

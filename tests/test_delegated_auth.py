@@ -202,3 +202,30 @@ async def test_the_task_api_takes_delegated_credentials_too(with_auth_service: A
     async with down.get("/api/tasks/?token=opaque") as response:
         assert response.status == 503
         assert (await response.json())["code"] == "auth_unavailable"
+
+
+async def test_a_page_of_another_site_cannot_lend_a_junk_token_the_users_cookie(
+    with_auth_service: Any,
+) -> None:
+    """With `*` allowed, a page of any site may read streams with a token, never with
+    the user's cookies: a token the service cannot verify goes to the auth service
+    without them, from a stream, a query or a cancel alike."""
+    listed = "https://app.example.com"
+    client, received = await with_auth_service(
+        _answer(200, {"user_id": "victim"}), allowed_origins=("*", listed)
+    )
+    cookie = {"Cookie": "sessionid=victim"}
+    foreign = {**cookie, "Origin": "https://evil.example"}
+    async with client.ws_connect("/ws/tasks/?token=junk1", headers=foreign) as ws:
+        assert (await ws_json(ws))["type"] == "active_tasks"  # the auth app says who
+    async with client.get("/sse/tasks/?token=junk2", headers=foreign) as response:
+        assert response.status == 200
+    async with client.post("/api/tasks/t1/cancel?token=junk3", headers=foreign) as response:
+        assert response.status == 200
+    assert received == [{"token": f"junk{n}", "cookie": None} for n in (1, 2, 3)]
+    received.clear()
+    # A listed page, or no page at all (answers are cached by token and cookie).
+    for n, own in enumerate(({**cookie, "Origin": listed}, cookie)):
+        async with client.get(f"/sse/tasks/?token=own{n}", headers=own) as response:
+            assert response.status == 200
+    assert received == [{"token": f"own{n}", "cookie": "sessionid=victim"} for n in (0, 1)]

@@ -161,6 +161,26 @@ async def test_sse_origins_and_cors(
         assert (await ws_json(ws))["type"] == "active_tasks"
 
 
+@pytest.mark.parametrize("origin", ["http://[", "https://[::1", "http://a]b"])
+async def test_an_origin_that_is_not_a_url_is_refused_like_a_foreign_one(
+    config: Config, aiohttp_client: AiohttpClient, token_for: TokenFor, origin: str
+) -> None:
+    client = await make_client(aiohttp_client, config, allowed_origins=(ALLOWED,))
+    token = token_for("u")
+    headers = {"Origin": origin}
+    for path in ("/sse/tasks/", "/poll/tasks/", "/api/tasks/"):
+        response = await client.get(f"{path}?token={token}", headers=headers)
+        assert response.status == 403, path
+        assert (await response.json())["code"] == "origin_not_allowed", path
+    login = await client.post("/auth/session", json={"token": token}, headers=headers)
+    assert login.status == 403
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await client.ws_connect(f"/ws/tasks/?token={token}", headers=headers)
+    assert refused.value.status == 403
+    async with client.ws_connect(f"/ws/tasks/?token={token}", origin=ALLOWED) as ws:
+        assert (await ws_json(ws))["type"] == "active_tasks"  # and it still serves
+
+
 # --- limits -----------------------------------------------------------------------------
 
 

@@ -147,6 +147,11 @@ async def test_streamer_serve_development_mode(
         ("STREAMER_HEARTBEAT_S", "-1", "STREAMER_HEARTBEAT_S must be between"),
         ("STREAMER_CLIENT_BUFFER", "0", "STREAMER_CLIENT_BUFFER must be between"),
         ("STREAMER_ALLOWED_ORIGINS", "evil.example", "STREAMER_ALLOWED_ORIGINS"),
+        ("STREAMER_ALLOWED_ORIGINS", "https://[::1", "STREAMER_ALLOWED_ORIGINS is not a URL"),
+        ("STREAMER_ALLOWED_ORIGINS", "https://a.example:99999", "has a bad port"),
+        ("STREAMER_REDIS_URL", "redis://[::1", "STREAMER_REDIS_URL is not a URL"),
+        ("STREAMER_REDIS_URL", "redis://localhost/abc", "the database after the host"),
+        ("STREAMER_AUTH_URL", "http://[::1", "STREAMER_AUTH_URL is not a URL"),
     ],
 )
 def test_streamer_serve_refuses_bad_settings(

@@ -36,10 +36,19 @@ def uses_cookie_credentials(request: web.Request, *, delegated: bool = False) ->
 
 
 async def authenticate(
-    request: web.Request, secret: str, delegated: DelegatedAuth | None = None
+    request: web.Request,
+    secret: str,
+    delegated: DelegatedAuth | None = None,
+    *,
+    cookie_usable: bool,
 ) -> Identity:
     """Bearer header, then `?token=`, then the session cookie; with delegated
     authentication, what streamer cannot verify itself is asked of the auth service.
+
+    `cookie_usable`: the request comes from the service's own or a listed origin (or
+    from no page), a configured `*` aside. Otherwise a token that streamer cannot verify
+    goes to the auth service without the request's cookies: a page of any site could
+    add a junk token to a request that the browser sends with the user's cookies.
 
     Raises InvalidToken, SessionStoreUnavailable when the session store cannot be read,
     or AuthUnavailable when the auth service cannot say.
@@ -52,7 +61,7 @@ async def authenticate(
         except InvalidToken:
             if delegated is None or len(token) > MAX_TOKEN_LENGTH:
                 raise
-        return await delegated.check(token, cookie)
+        return await delegated.check(token, cookie if cookie_usable else None)
     identity = await identity_from_session(request)
     if identity is not None:
         return identity

@@ -24,7 +24,10 @@ def origin_allowed(
     origin = origin.strip().rstrip("/").lower()
     if (wildcard and "*" in allowed) or origin in allowed:
         return True
-    parts = urlsplit(origin)
+    try:
+        parts = urlsplit(origin)
+    except ValueError:  # not a URL (an unbalanced [ or ]): no page's origin
+        return False
     host = request.headers.get("Host", "").lower()
     return (
         parts.scheme in WEB_SCHEMES

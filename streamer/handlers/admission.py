@@ -47,6 +47,11 @@ def check_origin(request: web.Request, what: str = "read the stream") -> None:
         raise Refused(Reason.ORIGIN_NOT_ALLOWED, f"this origin may not {what}")
 
 
+def cookie_usable(request: web.Request) -> bool:
+    """Whether the request's cookies may vouch for it (see `authenticate`)."""
+    return origin_allowed(request, request.app[CONFIG].allowed_origins, wildcard=False)
+
+
 def stream_params(
     request: web.Request, *, last_event_header: bool
 ) -> tuple[str | None, str | None]:
@@ -81,7 +86,10 @@ async def _admit(request: web.Request, *, last_event_header: bool) -> Admission:
     task_id, last_event_id = stream_params(request, last_event_header=last_event_header)
     try:
         identity = await authenticate(
-            request, request.app[CONFIG].secret, request.app.get(DELEGATED_AUTH)
+            request,
+            request.app[CONFIG].secret,
+            request.app.get(DELEGATED_AUTH),
+            cookie_usable=cookie_usable(request),
         )
     except InvalidToken as exc:
         raise Refused(Reason.UNAUTHORIZED, str(exc)) from None

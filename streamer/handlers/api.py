@@ -36,7 +36,7 @@ from ..commands import (
 from ..config import Config
 from ..rate_limit import BucketsByKey, command_burst
 from ..reasons import Refused
-from .admission import check_origin
+from .admission import check_origin, cookie_usable
 from .common import json_error
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,12 @@ async def _answer(request: web.Request, kind: CommandType) -> web.Response:
     if refusal is not None:
         return json_error(403, "origin_not_allowed", refusal)
     try:
-        identity = await authenticate(request, config.secret, request.app.get(DELEGATED_AUTH))
+        identity = await authenticate(
+            request,
+            config.secret,
+            request.app.get(DELEGATED_AUTH),
+            cookie_usable=cookie_usable(request),
+        )
     except InvalidToken as exc:
         response = json_error(401, "unauthorized", str(exc))
         response.headers["WWW-Authenticate"] = 'Bearer realm="streamer"'
