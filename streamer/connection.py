@@ -24,6 +24,9 @@ from .wire import Delivery, EventId, Transport, active_tasks, encode
 # normally wakes the flusher first), and the pause after a drain wait that ended early.
 DRAIN_CHECK_S = 1.0
 DRAIN_RETRY_S = 0.05
+# How long the fresh snapshot of a client whose data was lost is tried for.
+RESYNC_RETRY_S = 10.0
+RESYNC_RETRY_PAUSE_S = 0.5
 # The key of a command reply waiting in the outbox: no snapshot covers it.
 REPLY_KEY = -1
 
@@ -446,16 +449,25 @@ class Connection:
         return self._resyncing
 
     async def _resync(self) -> int:
-        try:
-            while True:
-                self._stale = False
+        loop = asyncio.get_running_loop()
+        # Data is lost when Redis restarted: the first reads may meet connections of
+        # the pool that it closed, so they are tried again for a while.
+        deadline = loop.time() + RESYNC_RETRY_S
+        while True:
+            self._stale = False
+            try:
                 snapshot = await self._broker.snapshot(self.user_id, self.task_id)
-                if not self._stale:
-                    break
-        except Exception as exc:
-            self._resyncing = None
-            self.close(Reason.BROKER_UNAVAILABLE)  # what the client holds is of the lost data
-            raise BrokerUnavailable(str(exc)) from exc
+            except Exception as exc:
+                self.check()  # a client gone meanwhile ends the retries
+                if loop.time() < deadline and self.close_reason is None:
+                    await asyncio.sleep(RESYNC_RETRY_PAUSE_S)
+                    if self.close_reason is None:
+                        continue
+                self._resyncing = None
+                self.close(Reason.BROKER_UNAVAILABLE)  # what the client holds is of the lost data
+                raise BrokerUnavailable(str(exc)) from exc
+            if not self._stale:
+                break
         self._resyncing = None
         if self.close_reason is not None:
             return 0

@@ -15,6 +15,7 @@ with Publisher() as publisher:          # STREAMER_REDIS_URL
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable, Mapping
 from types import TracebackType
@@ -22,7 +23,7 @@ from typing import Any, Self
 
 from .broker.base import BrokerUnavailable
 from .broker.redis_cluster import is_cluster_url
-from .broker.redis_connect import REDIS_ERRORS, redis_client, redis_client_sync
+from .broker.redis_connect import REDIS_ERRORS, database, redis_client, redis_client_sync
 from .broker.redis_publish_script import check_event
 from .broker.redis_publishing import (
     HistoryLimits,
@@ -77,6 +78,7 @@ class Publisher:
             self._client = redis_client_sync(url, socket_connect_timeout=5)
         except REDIS_ERRORS as exc:
             raise BrokerUnavailable(f"could not reach Redis: {exc}") from exc
+        self._limits = dataclasses.replace(self._limits, db=database(self._client))
         self._script = pooled_script(self._client, publish_script(self._limits))
 
     def progress(self, user_id: object, task_id: object, **fields: Any) -> str:
@@ -127,6 +129,7 @@ class AsyncPublisher:
     def __init__(self, redis_url: str | None = None) -> None:
         url, self._limits = _settings(redis_url, os.environ)
         self._client = redis_client(url, socket_connect_timeout=5)
+        self._limits = dataclasses.replace(self._limits, db=database(self._client))
         self._queue = PublishQueue(self._client, self._limits)
 
     async def progress(self, user_id: object, task_id: object, **fields: Any) -> str:

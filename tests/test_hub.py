@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from streamer.broker.base import Broker
+from streamer import connection as connection_module
+from streamer.broker.base import Broker, BrokerUnavailable, Snapshot
 from streamer.broker.memory import MemoryBroker
 from streamer.connection import Connection, Limits
 from streamer.events import progress_event
@@ -501,6 +502,45 @@ async def test_data_lost_while_the_opening_was_read_sends_a_fresh_snapshot_inste
         assert snapshot["id"] != str(old)
         # The new data's ids are lower than the old ones: its events still come.
         assert event["id"] == str(new.event_id)
+
+
+class FailingSnapshots(MemoryBroker):
+    """A broker whose first `failures` snapshot reads fail, as on the connections of a
+    pool that a restarted Redis closed."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__(history_size=10, history_ttl=60)
+        self.failures = failures
+        self.reads = 0
+
+    async def snapshot(self, user_id: str, task_id: str | None = None) -> Snapshot:
+        self.reads += 1
+        if self.reads <= self.failures:
+            raise BrokerUnavailable("Connection closed by server.")
+        return await super().snapshot(user_id, task_id)
+
+
+async def test_a_resync_tries_its_snapshot_again_before_it_gives_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(connection_module, "RESYNC_RETRY_PAUSE_S", 0.01)
+    broker = FailingSnapshots(failures=0)
+    hub = make_hub(Routing())
+    async with socket_connection("u", broker=broker) as (connection, peer, _):
+        await live_connection(hub, connection, peer, broker)
+        broker.reads, broker.failures = 0, 2
+        connection.resync()
+        (snapshot,) = await read_messages(peer, 1)
+        assert snapshot["type"] == "active_tasks" and snapshot["recovered"] is False
+        assert broker.reads == 3 and connection.close_reason is None
+
+    monkeypatch.setattr(connection_module, "RESYNC_RETRY_S", 0.1)
+    broker = FailingSnapshots(failures=10**6)
+    async with socket_connection("u", broker=broker) as (connection, peer, _):
+        connection.go_live([])
+        connection.resync()
+        assert await connection.ended() is Reason.BROKER_UNAVAILABLE
+        assert peer.closed_with == [Reason.BROKER_UNAVAILABLE] and broker.reads > 1
 
 
 async def test_replies_that_wait_during_a_resync_are_sent_before_the_fresh_snapshot() -> None:

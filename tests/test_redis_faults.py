@@ -18,7 +18,7 @@ from streamer.broker import redis_subscriber
 from streamer.broker.redis import RedisBroker
 from streamer.broker.redis_schema import user_channel
 from streamer.config import Config
-from streamer.publisher import AsyncPublisher, BrokerUnavailable
+from streamer.publisher import AsyncPublisher, BrokerUnavailable, Publisher
 from streamer.wire import Delivery, EventId
 
 from .certificates import self_signed_certificate
@@ -110,10 +110,58 @@ async def test_redis_down_keeps_connections_and_reports_unavailable(
             return (await redis_client.get("/readyz")).status == 200
 
         await eventually(ready, what="/readyz to report Redis back")
+        # It came back empty (no persistence here): the clients are told so.
+        for message in (await ws_json(ws), (await sse.next()).json):
+            assert message["type"] == "active_tasks" and message["recovered"] is False
         async with AsyncPublisher(redis_url) as publisher:
             event_id = await publisher.progress(user_id, "after", progress=1)
         assert (await ws_json(ws))["id"] == event_id
         assert (await sse.next()).id == event_id  # the SSE stream survived the outage too
+
+
+async def test_a_catch_up_past_the_history_makes_clients_resync(
+    redis_client: TestClient,
+    redis_url: str,
+    token_for: TokenFor,
+    user_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """More events than the history holds came while the subscription was down: the
+    catch-up cannot give them all, so the clients get a fresh snapshot, not a gap."""
+    monkeypatch.setenv("STREAMER_HISTORY_SIZE", "3")
+    async with connected_pair(redis_client, token_for(user_id)) as (ws, sse):
+        with Publisher(redis_url) as publisher, redis.Redis.from_url(redis_url) as admin:
+            seen = publisher.progress(user_id, "a", progress=10)
+            assert (await ws_json(ws))["id"] == seen
+            assert (await sse.next()).id == seen
+            # Blocking calls: the server's loop cannot resubscribe before they are done.
+            assert admin.client_kill_filter(_type="pubsub") == 1
+            publisher.completed(user_id, "a")
+            for step in range(4):
+                publisher.progress(user_id, "b", progress=step)
+        for message in (await ws_json(ws), (await sse.next()).json):
+            assert message["type"] == "active_tasks" and message["recovered"] is False
+            assert [(t["task_id"], t["progress"]) for t in message["tasks"]] == [("b", 3)]
+        with Publisher(redis_url) as publisher:
+            later = publisher.progress(user_id, "b", progress=4)
+        assert (await ws_json(ws))["id"] == later
+        assert (await sse.next()).id == later
+
+
+async def test_a_loss_of_data_first_seen_by_a_snapshot_makes_clients_resync(
+    redis_client: TestClient, redis_url: str, token_for: TokenFor, user_id: str
+) -> None:
+    """The server started on an empty Redis and has read nothing of the data but its
+    clients' snapshots when Redis loses it: they resync all the same."""
+    with Publisher(redis_url) as publisher:
+        publisher.progress(user_id, "old", progress=40)  # no client here: not routed
+        async with connected_pair(redis_client, token_for(user_id)) as (ws, sse):
+            with redis.Redis.from_url(redis_url) as admin:
+                admin.flushall()
+            publisher.progress(user_id, "new", progress=2)
+            for message in (await ws_json(ws), (await sse.next()).json):
+                assert message["type"] == "active_tasks" and message["recovered"] is False
+                assert [(t["task_id"], t["progress"]) for t in message["tasks"]] == [("new", 2)]
 
 
 async def test_flushed_redis_makes_clients_resync(

@@ -85,6 +85,35 @@ async def test_a_process_receives_no_event_of_users_it_has_no_client_for(redis_u
         assert broker.subscriber.messages == 2 and recorder.users == ["here", "other"]
 
 
+async def test_deployments_on_two_databases_of_one_server_hear_only_their_own_users(
+    redis_url: str,
+) -> None:
+    """Pub/sub channels are shared by all the databases of a Redis server: a process
+    on database 5 and one on database 0, each with a client of user "42", get only
+    what was published to their own database, from either publisher."""
+    other_url = redis_url.rsplit("/", 1)[0] + "/5"
+    async with (
+        recording_broker(redis_url) as (broker, recorder),
+        recording_broker(other_url) as (other_broker, other_recorder),
+        AsyncPublisher(other_url) as other_publisher,
+    ):
+        await broker.subscribe("42")
+        await other_broker.subscribe("42")
+        theirs = [await other_publisher.progress("42", "t", progress=n) for n in range(3)]
+        with Publisher(redis_url) as publisher:
+            mine = publisher.progress("42", "t", progress=50)
+        await eventually(lambda: len(recorder.ids) == 1, what="the event of database 0")
+        await eventually(lambda: len(other_recorder.ids) == 3, what="those of database 5")
+        assert [str(i) for i in recorder.ids] == [mine]
+        assert [str(i) for i in other_recorder.ids] == theirs
+        snapshot = await broker.snapshot("42")
+        assert [task["progress"] for task in snapshot.tasks] == [50]
+    # Channels of database 0 are named as before: publishers and servers of an earlier
+    # version still hear each other there.
+    assert user_channel("42") == user_channel("42", 0) == "streamer:u:{42}"
+    assert user_channel("42", 5) == "streamer:5:u:{42}"
+
+
 async def test_a_health_check_interval_in_the_url_leaves_the_subscriber_alone(
     redis_url: str,
 ) -> None:

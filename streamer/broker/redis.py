@@ -23,6 +23,7 @@ from .redis_connect import (
     REDIS_ERRORS,
     REDIS_ERRORS_OR_TIMEOUT,
     AsyncClient,
+    database,
     fence_failover,
     is_sentinel_url,
     redis_client,
@@ -109,6 +110,7 @@ class RedisBroker(Broker):
         # The epoch of the Redis dataset events came from; a new one means Redis
         # lost its data (flushed, or restarted without persistence).
         self._epoch: str | None = None
+        self._db = 0  # the database of the URL: its users' channels carry its number
 
     @property
     def client(self) -> AsyncClient:
@@ -137,8 +139,9 @@ class RedisBroker(Broker):
             socket_connect_timeout=5,
             health_check_interval=30,
         )
+        self._db = database(self._client)
         limits = HistoryLimits(
-            size=self._history_size, ttl=self._history_ttl, per_user=self._cluster
+            size=self._history_size, ttl=self._history_ttl, per_user=self._cluster, db=self._db
         )
         self._publishing = PublishQueue(self._client, limits)
         self._cancel_script = self._client.register_script(CANCEL_SCRIPT)
@@ -178,12 +181,12 @@ class RedisBroker(Broker):
 
     async def subscribe(self, user_id: str) -> None:
         self._users_here.add(user_id)
-        await self.subscriber.subscribe(user_channel(user_id))
+        await self.subscriber.subscribe(user_channel(user_id, self._db))
 
     def unsubscribe(self, user_id: str) -> None:
         self._users_here.discard(user_id)
         self._user_epochs.pop(user_id, None)
-        self.subscriber.unsubscribe(user_channel(user_id))
+        self.subscriber.unsubscribe(user_channel(user_id, self._db))
 
     def _on_messages(self, messages: list[bytes]) -> None:
         """Events read together from the users' channels, handed on together."""
@@ -252,7 +255,7 @@ class RedisBroker(Broker):
         listener = self._listener
         assert listener is not None
         for user_id, oldest in listener.resume_points().items():
-            if user_channel(user_id) not in channels:
+            if user_channel(user_id, self._db) not in channels:
                 continue
             await self._fence_user(user_id)
             epoch = _text(await self.client.get(user_epoch_key(user_id)))
@@ -285,9 +288,21 @@ class RedisBroker(Broker):
     async def _catch_up_user(
         self, listener: Listener, user_id: str, epoch: str, oldest: EventId | None
     ) -> None:
-        """Deliver the user's history after `oldest` (all of it for None)."""
-        start = "-" if oldest is None else f"({oldest.stream_id}"
-        for delivery in await self._read_history(user_id, epoch, start):
+        """Deliver the user's history after `oldest` (all of it for None). When events
+        after `oldest` were trimmed meanwhile, their clients resync instead."""
+        if oldest is None:
+            deliveries = await self._read_history(user_id, epoch, "-")
+        elif await self.client.exists(history_key(user_id)):
+            caught_up = await self._history_after(user_id, oldest)
+            if not caught_up.complete:
+                log.warning("user %r missed more than their history holds: resync", user_id)
+                listener.reset(user_id)
+                return
+            deliveries = caught_up.events
+        else:
+            # Nothing was published for them for the history's TTL: nothing missed.
+            return
+        for delivery in deliveries:
             try:
                 listener.deliver(delivery)
             except Exception:  # one user's data never stalls the others
@@ -347,8 +362,12 @@ class RedisBroker(Broker):
         position = EventId.parse(f"{_require_text(raw_epoch)}-{_require_text(raw_position)}")
         if position is None:
             raise BrokerUnavailable(f"Redis returned a malformed position: {raw_position!r}")
+        # The snapshot may have begun the epoch (Redis was empty): a later loss of this
+        # data must be noticed as one.
         if self._cluster and user_id in self._users_here:
             self._user_epochs.setdefault(user_id, position.epoch)
+        elif not self._cluster and self._epoch is None:
+            self._epoch = position.epoch
         tasks = [state for state in states if state is not None]
         return Snapshot(tasks, position, truncated=bool(truncated))
 
@@ -373,12 +392,19 @@ class RedisBroker(Broker):
         resume_point = EventId.parse(after)
         if resume_point is None:
             return Replay([], complete=False)
-        key = history_key(user_id)
         # A resume from before a failover is not recovered.
         if self._cluster:
             await self._fence_user(user_id)
         else:
             await self._fence()
+        return await self._history_after(user_id, resume_point, limit)
+
+    async def _history_after(
+        self, user_id: str, resume_point: EventId, limit: int | None = None
+    ) -> Replay:
+        """The user's events after `resume_point`; incomplete when some may be missing
+        (another epoch, the history gone, or trimmed past the point)."""
+        key = history_key(user_id)
         epoch_key = user_epoch_key(user_id) if self._cluster else EPOCH_KEY
         # The range is read before the trim marker (XINFO): a trim in between can
         # only make the answer more cautious, never hide a gap.

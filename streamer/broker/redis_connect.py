@@ -228,6 +228,14 @@ class _SyncSentinelClient(redis.Redis):
                 sentinel.close()
 
 
+def database(client: object) -> int:
+    """The number of the database a client uses (0 under Redis Cluster, which has no
+    other)."""
+    pool = getattr(client, "connection_pool", None)
+    settings = getattr(pool, "connection_kwargs", None) or {}
+    return int(settings.get("db") or 0)
+
+
 def redis_client(url: str, *, blocking: bool = False, **kwargs: Any) -> AsyncClient:
     """An asyncio client for `url`. With `blocking`, the pool (`max_connections`,
     `timeout`) makes callers wait for a free connection (not under Redis Cluster,

@@ -472,14 +472,14 @@ NUMBER_TEXT = tuple(chr(48 + (n >> 6)) + chr(48 + (n & 63)) for n in range(64 * 
 
 
 @functools.lru_cache(maxsize=4096)  # the same users come back batch after batch
-def _user_pieces(user_id: str) -> tuple[str, ...]:
+def _user_pieces(user_id: str, db: int) -> tuple[str, ...]:
     return (
         user_id,
         task_key_prefix(user_id),
         active_key(user_id),
         history_key(user_id),
         cancel_key_prefix(user_id),
-        user_channel(user_id),
+        user_channel(user_id, db),
     )
 
 
@@ -506,6 +506,7 @@ def publish_call(
     history_ttl: int,
     epoch_key: str = EPOCH_KEY,
     epoch_ttl: int | None = None,
+    db: int = 0,
 ) -> ScriptCall:
     """One script call publishing `events` in order (at most `len(NUMBER_TEXT) - 1`)."""
     if len(events) >= len(NUMBER_TEXT):
@@ -523,7 +524,7 @@ def publish_call(
             user = users.get(user_id)
             if user is None:
                 user = users[user_id] = NUMBER_TEXT[len(users) + 1]
-                user_pieces += _user_pieces(user_id)
+                user_pieces += _user_pieces(user_id, db)
             task = tasks[user_id, task_id] = NUMBER_TEXT[len(tasks) + 1]
             task_pieces += (user, task_id, dumps(task_id))
         shape = layouts.get(layout)

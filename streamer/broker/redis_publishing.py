@@ -51,6 +51,7 @@ class HistoryLimits:
     ttl: int
     # Under Redis Cluster: one user per script call, their epoch key in their slot.
     per_user: bool = False
+    db: int = 0  # the database published to: its users' channels carry its number
 
 
 class Published(NamedTuple):
@@ -125,7 +126,7 @@ def _call(chunk: Sequence[EncodedEvent], limits: HistoryLimits) -> ScriptCall:
             epoch_key=user_epoch_key(chunk[0].user_id),
             epoch_ttl=user_epoch_ttl(limits.ttl),
         )
-    return publish_call(chunk, history_size=limits.size, history_ttl=limits.ttl)
+    return publish_call(chunk, history_size=limits.size, history_ttl=limits.ttl, db=limits.db)
 
 
 def publish_script(limits: HistoryLimits) -> str:

@@ -38,8 +38,15 @@ def _user(user_id: str) -> str:
     return "{" + quote(user_id, safe="") + "}"
 
 
-def user_channel(user_id: str) -> str:
-    """Where the user's events are published; hash-tagged like the user's keys."""
+def user_channel(user_id: str, db: int = 0) -> str:
+    """Where the user's events are published; hash-tagged like the user's keys.
+
+    Pub/sub channels are shared by all the databases of a Redis server: the channels
+    of a database other than 0 carry its number, so that deployments on one server
+    (one database each) hear only their own users' events.
+    """
+    if db:
+        return f"{PREFIX}:{db}:u:{_user(user_id)}"
     return f"{PREFIX}:u:{_user(user_id)}"
 
 
