@@ -9,6 +9,7 @@ import json
 import os
 import secrets
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -16,7 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from . import logs
-from .auth.tokens import DEFAULT_TTL_S, issue_token
+from .auth.tokens import DEFAULT_TTL_S, MAX_TIMESTAMP, issue_token
 from .broker.base import BrokerUnavailable
 from .config import ENV_VARIABLES, Config, ConfigError
 from .events import (
@@ -53,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the service")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--port", type=_port, default=8080)
     serve.add_argument(
         "--demo", action="store_true", help="enable the demo login and demo jobs on /"
     )
@@ -156,9 +157,33 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, got {text!r}")
+    return port
+
+
 def _event_from_args(args: argparse.Namespace) -> TaskEvent:
     status = (args.status or "PROGRESS").upper()
     if status in TERMINAL_STATUSES:
+        running_only = {
+            "--progress": args.progress,
+            "--step": args.step,
+            "--processed": args.processed,
+            "--total": args.total,
+            "--task-name": args.task_name,
+            "--category": args.category,
+        }
+        given = [flag for flag, value in running_only.items() if value is not None]
+        if given:
+            raise EventError(
+                f"{', '.join(given)}: not part of a task_completed event; leave "
+                f"{'it' if len(given) == 1 else 'them'} out with --status {status}"
+            )
         result: Any = None
         if args.result is not None:
             try:
@@ -233,8 +258,8 @@ def _token(args: argparse.Namespace) -> int:
     if not secret:
         raise ConfigError("STREAMER_SECRET is not set (or pass --secret)")
     Config(secret=secret)  # same validation as the server
-    if args.ttl <= 0:
-        raise ConfigError("--ttl must be a positive number of seconds")
+    if args.ttl <= 0 or time.time() + args.ttl > MAX_TIMESTAMP:
+        raise ConfigError("--ttl must be a positive number of seconds ending before 10000 AD")
     print(issue_token(secret, validate_identifier("--user", args.user), ttl_s=args.ttl))
     return 0
 

@@ -141,7 +141,7 @@ def _progress(value: object) -> float | int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise EventError("progress must be a number from 0 to 100")
-    if not math.isfinite(value) or not 0 <= value <= 100:
+    if not 0 <= value <= 100 or not math.isfinite(value):  # huge ints: no float
         raise EventError("progress must be a number from 0 to 100")
     return value
 

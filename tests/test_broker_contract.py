@@ -570,3 +570,24 @@ async def test_a_new_run_of_a_finished_task_id_starts_clean(
 
 async def test_a_started_broker_is_ready(subject: BrokerUnderTest) -> None:
     assert await subject.broker.ready() is True
+
+
+async def test_the_embedded_broker_forgets_what_redis_would_expire() -> None:
+    """As Redis's TTLs do: an unfinished task whose producer went quiet for a week
+    leaves the snapshots (its cancel request too), a finished one after the history's
+    TTL, and a busy task stays."""
+    now = [1000.0]
+    broker = MemoryBroker(history_size=10, history_ttl=3600, clock=lambda: now[0])
+    await broker.publish(progress_event("u", "abandoned", progress=5))
+    await broker.publish(completed_event("u", "done"))
+    assert await broker.request_cancel("u", "abandoned")
+    now[0] += 3601
+    await broker.publish(progress_event("u", "busy", progress=1))  # sweeps
+    assert await broker.task_state("u", "done") is None
+    assert [t["task_id"] for t in (await broker.snapshot("u")).tasks] == ["busy", "abandoned"]
+    for _ in range(7):
+        now[0] += 86400
+        await broker.publish(progress_event("u", "busy", progress=2))
+    assert [t["task_id"] for t in (await broker.snapshot("u")).tasks] == ["busy"]
+    assert await broker.task_state("u", "abandoned") is None
+    assert not await broker.is_cancelled("u", "abandoned")

@@ -103,6 +103,8 @@ def test_publisher_validates_events(redis_url: str) -> None:
     with Publisher(redis_url) as publisher:
         with pytest.raises(EventError, match="progress"):
             publisher.progress("u", "t", progress=101)
+        with pytest.raises(EventError, match="progress"):
+            publisher.progress("u", "t", progress=10**400)  # too large for a float
         with pytest.raises(EventError, match="status"):
             publisher.progress("u", "t", status="SUCCESS")
         with pytest.raises(EventError, match="result_data"):
@@ -150,6 +152,7 @@ async def test_http_publish_endpoint(client: TestClient, token_for: TokenFor, us
         (key, {"task_id": "t"}, 422),
         (key, {"user_id": "u"}, 422),
         (key, {"user_id": "u", "task_id": "t", "progress": "lots"}, 422),
+        (key, {"user_id": "u", "task_id": "t", "progress": 10**400}, 422),  # no float
         (key, {"user_id": "u", "task_id": "t", "progres": 5}, 422),
         (key, {"user_id": "u", "task_id": "t", "type": "active_tasks"}, 422),
         (key, {"user_id": "u", "task_id": "t", "status": ["SUCCESS"]}, 422),
@@ -186,6 +189,7 @@ async def test_http_publish_is_off_without_a_key(
         (["--progress", "150", "--redis-url", "redis://127.0.0.1:1/0"], 2, "progress must be"),
         (["--status", "DONE", "--redis-url", "redis://127.0.0.1:1/0"], 2, "status of a"),
         (["--result", "[1]", "--status", "SUCCESS", "--url", "http://x"], 2, "result_data"),
+        (["--status", "SUCCESS", "--progress", "50", "--url", "http://x"], 2, "--progress: not"),
         (["--redis-url", "redis://127.0.0.1:1/0", "--url", "http://x"], 2, "not allowed with"),
     ],
 )
@@ -283,3 +287,13 @@ def test_streamer_token_prints_a_token_for_the_user(process_env: dict[str, str])
         timeout=30,
     )
     assert refused.returncode == 2 and "STREAMER_SECRET is not set" in refused.stderr
+    for ttl in ("0", "300000000000"):  # the second would expire after any valid `exp`
+        too_long = subprocess.run(
+            [str(BIN / "streamer"), "token", "--user", "42", "--ttl", ttl],
+            env=process_env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert too_long.returncode == 2 and "--ttl must be" in too_long.stderr, ttl
+        assert not too_long.stdout

@@ -139,6 +139,13 @@ async def test_streamer_serve_development_mode(
     assert status == 200 and b"streamer.js" in page
 
 
+def test_streamer_serve_refuses_a_port_out_of_range(process_env: dict[str, str]) -> None:
+    result = run_to_exit(["streamer", "serve", "--port", "70000"], process_env)
+    assert result.returncode == 2
+    assert "must be a port number from 1 to 65535" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize(
     ("variable", "value", "message"),
     [

@@ -19,6 +19,10 @@ from ..wire import Delivery, EventId
 
 # A snapshot is bounded in tasks and in bytes (the states' stored size), so that no
 # reply, and no Redis script run, grows with what producers chose to store.
+# Unfinished tasks are kept this long after their last event (at least as long as
+# the history), so a producer that died does not leave a task in everyone's snapshot
+# forever.
+ACTIVE_TASK_TTL_S = 7 * 86400
 MAX_SNAPSHOT_TASKS = 500
 MAX_SNAPSHOT_BYTES = 256 * 1024
 

@@ -7,11 +7,20 @@ import itertools
 import secrets
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..events import TaskEvent, TaskState, dumps, full_task_state
 from ..wire import Delivery, EventId, with_id
-from .base import MAX_SNAPSHOT_BYTES, MAX_SNAPSHOT_TASKS, Broker, Listener, Replay, Snapshot
+from .base import (
+    ACTIVE_TASK_TTL_S,
+    MAX_SNAPSHOT_BYTES,
+    MAX_SNAPSHOT_TASKS,
+    Broker,
+    Listener,
+    Replay,
+    Snapshot,
+)
 
 
 @dataclass
@@ -30,13 +39,21 @@ class _UserTasks:
     states: dict[str, TaskState] = field(default_factory=dict)
     active: dict[str, float] = field(default_factory=dict)  # task_id -> created
     finished: dict[str, float] = field(default_factory=dict)  # task_id -> monotonic time
+    last_event: dict[str, float] = field(default_factory=dict)  # task_id -> monotonic time
 
 
 SWEEP_INTERVAL_S = 10.0
 
 
 class MemoryBroker(Broker):
-    def __init__(self, *, history_size: int, history_ttl: int) -> None:
+    def __init__(
+        self,
+        *,
+        history_size: int,
+        history_ttl: int,
+        clock: Callable[[], float] = time.monotonic,  # for what expires
+    ) -> None:
+        self._clock = clock
         self._history_size = history_size
         self._history_ttl = history_ttl
         self._epoch = secrets.token_hex(4)
@@ -45,7 +62,7 @@ class MemoryBroker(Broker):
         self._users: dict[str, _UserTasks] = {}
         self._cancelled: set[tuple[str, str]] = set()  # (user, task)
         self._listener: Listener | None = None
-        self._last_sweep = time.monotonic()
+        self._last_sweep = self._clock()
 
     async def start(self, listener: Listener) -> None:
         self._listener = listener
@@ -63,14 +80,14 @@ class MemoryBroker(Broker):
 
     def _history(self, user_id: str) -> _History | None:
         history = self._histories.get(user_id)
-        if history is not None and time.monotonic() - history.last_write > self._history_ttl:
+        if history is not None and self._clock() - history.last_write > self._history_ttl:
             del self._histories[user_id]
             return None
         return history
 
     def _sweep(self) -> None:
         """Forget what Redis would have expired: idle histories, old finished tasks."""
-        now = time.monotonic()
+        now = self._clock()
         if now - self._last_sweep < SWEEP_INTERVAL_S:
             return
         self._last_sweep = now
@@ -81,6 +98,16 @@ class MemoryBroker(Broker):
                 if now - finished > self._history_ttl:
                     del tasks.finished[task_id]
                     tasks.states.pop(task_id, None)
+                    tasks.last_event.pop(task_id, None)
+            # As in Redis: an unfinished task whose producer went quiet for a week (it
+            # died) leaves the snapshots, and its cancel request with it.
+            active_ttl = max(ACTIVE_TASK_TTL_S, self._history_ttl)
+            for task_id in list(tasks.active):
+                if now - tasks.last_event.get(task_id, now) > active_ttl:
+                    del tasks.active[task_id]
+                    tasks.states.pop(task_id, None)
+                    tasks.last_event.pop(task_id, None)
+                    self._cancelled.discard((user_id, task_id))
             if not tasks.states:
                 del self._users[user_id]
 
@@ -94,9 +121,10 @@ class MemoryBroker(Broker):
         if not was_active and previous.get("completed_at") is not None:
             previous = {}  # a new run of a finished task id starts from a clean state
         tasks.states[event.task_id] = update.apply(previous)
+        tasks.last_event[event.task_id] = self._clock()
         if update.terminal:
             tasks.active.pop(event.task_id, None)
-            tasks.finished[event.task_id] = time.monotonic()
+            tasks.finished[event.task_id] = self._clock()
             self._cancelled.discard(flag)
         else:
             tasks.finished.pop(event.task_id, None)
@@ -121,7 +149,7 @@ class MemoryBroker(Broker):
             history.max_deleted = history.entries.popleft()[0]
         history.entries.append((event_id, delivery))
         history.position = event_id
-        history.last_write = time.monotonic()
+        history.last_write = self._clock()
 
         if self._listener is not None:
             self._listener.deliver(delivery)
@@ -129,7 +157,7 @@ class MemoryBroker(Broker):
 
     def _new_history(self, user_id: str, start: EventId) -> _History:
         """An empty history whose earlier positions (before `start`) are gaps."""
-        history = _History(deque(), position=start, last_write=time.monotonic(), max_deleted=start)
+        history = _History(deque(), position=start, last_write=self._clock(), max_deleted=start)
         self._histories[user_id] = history
         return history
 

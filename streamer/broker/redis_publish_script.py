@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from ..events import EVENT_STATE_FIELDS, TASK_STATE_FIELDS, EventError, TaskEvent, dumps
+from .base import ACTIVE_TASK_TTL_S
 from .redis_schema import (
-    ACTIVE_TASK_TTL_S,
     EPOCH_KEY,
     MalformedReply,
     ScriptCall,

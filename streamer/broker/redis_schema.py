@@ -21,15 +21,12 @@ from ..events import (
     full_task_state,
 )
 from ..wire import Delivery, EventId, with_id
-from .base import MAX_SNAPSHOT_BYTES, MAX_SNAPSHOT_TASKS, BrokerUnavailable
+from .base import ACTIVE_TASK_TTL_S, MAX_SNAPSHOT_BYTES, MAX_SNAPSHOT_TASKS, BrokerUnavailable
 
 log = logging.getLogger(__name__)
 
 PREFIX = "streamer"
 EPOCH_KEY = f"{PREFIX}:epoch"
-# Unfinished tasks are kept this long after their last event, so a producer that
-# died does not leave a task in everyone's snapshot forever.
-ACTIVE_TASK_TTL_S = 7 * 86400
 
 
 def _user(user_id: str) -> str:
