@@ -60,6 +60,7 @@ class Connection:
         "_resets",
         "_resyncing",
         "_stale",
+        "answering",
         "close_reason",
         "closing",
         "dropped",
@@ -113,6 +114,8 @@ class Connection:
         self._done: asyncio.Future[Reason] | None = None
         self.expires_at = expires_at  # when its credentials end (the hub keeps the time)
         self.heard = True  # from the client since the last ping round (WebSocket)
+        # A command waits for the broker: the client's pongs wait unread meanwhile.
+        self.answering = False
         self.last_id: EventId | None = None  # the newest id sent or queued: the position
         self.sent = 0  # events written
         # Times events waiting for the opening were dropped (more came than the outbox

@@ -272,11 +272,12 @@ class Hub:
 
     @staticmethod
     def ping(connections: Iterable[Connection]) -> None:
-        """Ping WebSocket clients; drop those that did not answer their last ping."""
+        """Ping WebSocket clients; drop those that did not answer their last ping (but
+        not while a command of theirs waits for the broker: the answer waits unread)."""
         for connection in connections:
             if connection.transport != "websocket":
                 continue
-            if not connection.heard:
+            if not connection.heard and not connection.answering:
                 connection.close(Reason.UNRESPONSIVE)
                 continue
             connection.heard = False

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from .broker.base import Broker, BrokerUnavailable, Replay
 from .connection import Connection
 from .reasons import Reason
-from .wire import Delivery, EventId, active_tasks
+from .wire import EventId, active_tasks
 
 REPLAY_PAGE = 100  # events read and written at once
 # Redis unavailable between two pages: asked again for this long before the stream
@@ -65,7 +65,7 @@ async def read_opening(
             # so that ids on the connection only go up and a client that drops right
             # after the snapshot still gets them next time.
             position = resume_point
-            page = _page(connection, replay.events)
+            page = _page(connection, replay)
     message = active_tasks(
         snapshot.tasks, position=position, recovered=recovered, truncated=snapshot.truncated
     )
@@ -104,7 +104,7 @@ async def send_opening(broker: Broker, connection: Connection, opening: Opening)
             # from there and is told what it missed (`recovered: false`).
             connection.close(Reason.OVERFLOW)
             return replayed
-        page = _page(connection, replay.events)
+        page = _page(connection, replay)
         frames, count, more = page.frames, len(page.frames), page.full
         position = page.last or position
     if connection.go_live(frames):
@@ -132,17 +132,19 @@ async def _read_page(broker: Broker, connection: Connection, after: EventId) -> 
 @dataclass
 class _Page:
     frames: list[bytes]
-    last: EventId | None  # of the events read, before a task filter
+    last: EventId | None  # of the entries read (undecodable ones too), before a task filter
     full: bool  # as many as asked for: more may follow
 
 
-def _page(connection: Connection, events: list[Delivery]) -> _Page:
+def _page(connection: Connection, replay: Replay) -> _Page:
     """A page of the replay as frames for the connection (its task's events only, under
-    a task filter); live events it covers are dropped from what waits."""
-    if not events:
+    a task filter); live events it covers are dropped from what waits. Where it ends,
+    and whether more may follow, go by the entries read, undecodable ones included."""
+    last = replay.last_read
+    if last is None:
         return _Page([], None, full=False)
-    last = events[-1].event_id
     connection.skip_through(last)
     task_id = connection.task_id
-    frames = [d.frame(connection.transport) for d in events if task_id in (None, d.task_id)]
-    return _Page(frames, last, full=len(events) == REPLAY_PAGE)
+    transport = connection.transport
+    frames = [d.frame(transport) for d in replay.events if task_id in (None, d.task_id)]
+    return _Page(frames, last, full=replay.read == REPLAY_PAGE)

@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestClient
 
 from streamer.app import create_app
 from streamer.app_keys import BROKER
+from streamer.broker.redis_schema import history_key
 from streamer.config import Config
 from streamer.events import completed_event, progress_event
 from streamer.opening import REPLAY_PAGE
@@ -124,6 +125,35 @@ async def test_a_resume_from_far_back_arrives_whole_read_a_page_at_a_time(
     assert received == missed
     assert_strictly_increasing(resumed.ids)
     assert limits == [REPLAY_PAGE] * (len(missed) // REPLAY_PAGE + 1)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_undecodable_history_entries_do_not_cut_a_paged_resume_short(
+    redis_client: TestClient,  # type: ignore[type-arg]
+    redis_url: str,
+    token_for: TokenFor,
+    user_id: str,
+    transport: str,
+) -> None:
+    """Entries that cannot be read (from an older publisher) are skipped, and a page
+    that held some is still a full page: the rest of the replay follows. Here the
+    first page holds two of them, the last of them its hundredth entry."""
+    broker = redis_client.app[BROKER]
+    resume_point = await publish_progress(redis_client, user_id, "job", progress=0)
+    missed: list[str] = []
+    with redis.Redis.from_url(redis_url) as admin:
+        for good in (20, REPLAY_PAGE - 22, 150):
+            batch = [progress_event(user_id, "job", progress=n % 100) for n in range(good)]
+            missed += (str(i) for i in await broker.publish_many(batch))
+            admin.xadd(history_key(user_id), {"e": "not json"})
+    token = token_for(user_id)
+    async with open_stream(redis_client, transport, token, last_event_id=resume_point) as resumed:
+        assert (await resumed.next()).message["recovered"] is True
+        received = [(await resumed.next()).id for _ in missed]
+        live = await publish_progress(redis_client, user_id, "job", progress=1)
+        assert (await resumed.next()).id == live
+    assert received == missed
+    assert_strictly_increasing(resumed.ids)
 
 
 async def test_get_active_tasks_reply_stands_where_the_client_stands(

@@ -255,6 +255,42 @@ async def test_command_rate_limit(
             assert await ws_json(other) == {"type": "pong"}
 
 
+async def test_a_client_whose_command_waits_for_the_broker_is_not_taken_for_dead(
+    config: Config, aiohttp_client: AiohttpClient, token_for: TokenFor
+) -> None:
+    """The client answers every ping, but its answers wait unread while its command
+    waits for a slow broker (several ping rounds): it is still served afterwards."""
+    client = await make_client(aiohttp_client, config, ws_heartbeat_s=0.3)
+    broker = client.app[BROKER]
+    task_state = broker.task_state
+
+    async def slow_task_state(user_id: str, task_id: str) -> Any:
+        await asyncio.sleep(1.5)  # five ping rounds
+        return await task_state(user_id, task_id)
+
+    broker.task_state = slow_task_state  # type: ignore[method-assign]
+    async with client.ws_connect(f"/ws/tasks/?token={token_for('u')}") as ws:
+        await ws_json(ws)
+        # A client that reads answers pings (aiohttp's client does so while receiving).
+        replies: asyncio.Queue[dict[str, object]] = asyncio.Queue()
+
+        async def read() -> None:
+            while True:
+                await replies.put(await ws_json(ws, timeout=30))
+
+        reader = asyncio.create_task(read())
+        try:
+            await ws.send_json({"type": "get_task_status", "task_id": "t"})
+            reply = await asyncio.wait_for(replies.get(), 10)
+            assert reply == {"type": "task_status", "task_id": "t", "status": None}
+            await asyncio.sleep(1.0)  # more ping rounds, answered and read
+            await ws.send_json({"type": "ping"})
+            assert await asyncio.wait_for(replies.get(), 5) == {"type": "pong"}
+            assert len(client.app[HUB]) == 1
+        finally:
+            reader.cancel()
+
+
 async def test_dead_websocket_peers_are_dropped(
     config: Config, aiohttp_client: AiohttpClient, token_for: TokenFor
 ) -> None:

@@ -62,10 +62,23 @@ class Snapshot:
 
 @dataclass(frozen=True)
 class Replay:
-    """Events after a resume point; `complete` is False when some may be missing."""
+    """Events after a resume point; `complete` is False when some may be missing.
+
+    `read` history entries were read, the last of them `last_read`: more than the
+    events when some could not be decoded (skipped, never retried). A page of a replay
+    is full, and the next one starts, by what was read.
+    """
 
     events: list[Delivery]
     complete: bool
+    read: int = -1  # -1: as many as the events
+    last_read: EventId | None = None  # None: the last event's
+
+    def __post_init__(self) -> None:
+        if self.read < 0:
+            object.__setattr__(self, "read", len(self.events))
+        if self.last_read is None and self.events:
+            object.__setattr__(self, "last_read", self.events[-1].event_id)
 
 
 class TaskStore(ABC):

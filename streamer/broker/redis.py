@@ -72,6 +72,9 @@ def _unavailable_on_error(
 
 REDIS_POOL_SIZE = 50
 REDIS_POOL_WAIT_S = 10.0
+# A command with no answer by then (a partition, a stalled server) fails as unavailable
+# instead of holding its caller, a client's command loop say, for good.
+REDIS_COMMAND_TIMEOUT_S = 10.0
 IDLE_PING_S = 15.0
 PONG_TIMEOUT_S = 10.0
 
@@ -137,6 +140,7 @@ class RedisBroker(Broker):
             max_connections=REDIS_POOL_SIZE,
             timeout=REDIS_POOL_WAIT_S,
             socket_connect_timeout=5,
+            socket_timeout=REDIS_COMMAND_TIMEOUT_S,
             health_check_interval=30,
         )
         self._db = database(self._client)
@@ -429,7 +433,12 @@ class RedisBroker(Broker):
             return Replay([], complete=False)
         if max_deleted is not None and max_deleted > point:
             return Replay([], complete=False)
-        return Replay(self._to_deliveries(user_id, resume_point.epoch, entries), complete=True)
+        last_read = None
+        if entries:
+            ms, seq = _require_text(entries[-1][0]).split("-")
+            last_read = EventId(resume_point.epoch, int(ms), int(seq))
+        events = self._to_deliveries(user_id, resume_point.epoch, entries)
+        return Replay(events, complete=True, read=len(entries), last_read=last_read)
 
     async def ready(self) -> bool:
         if not self.subscriber.ready.is_set():

@@ -176,13 +176,18 @@ async def _answer_commands(
         command = read_command(message.data)
         if isinstance(command, str):
             connection.send(_frame(command))  # what was wrong with it
-        elif command.type == "get_active_tasks":
-            try:
-                bucket.charge(reply_cost(await connection.refresh()))
-            except BrokerUnavailable:
-                connection.send(_frame(BROKER_UNAVAILABLE))
-        else:
-            connection.send(_frame(await answer(broker, connection.user_id, command)))
+            continue
+        connection.answering = True  # its pongs are read once this is answered
+        try:
+            if command.type == "get_active_tasks":
+                try:
+                    bucket.charge(reply_cost(await connection.refresh()))
+                except BrokerUnavailable:
+                    connection.send(_frame(BROKER_UNAVAILABLE))
+            else:
+                connection.send(_frame(await answer(broker, connection.user_id, command)))
+        finally:
+            connection.answering = False
 
 
 def _frame(message: str) -> bytes:
