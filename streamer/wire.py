@@ -236,6 +236,8 @@ def stored_event(user_id: str, event_id: EventId, event_json: str) -> Delivery:
         raise UndecodableEvent(f"event {event_id} of user {user_id!r}: {exc!r:.200}") from None
     if not isinstance(task_id, str) or not isinstance(event_type, str):
         raise UndecodableEvent(f"event {event_id} of user {user_id!r}: no task_id or type")
+    if not event_json.startswith("{") or "\n" in event_json or "\r" in event_json:
+        event_json = dumps(decoded)  # laid out over lines: one line, as SSE needs
     return Delivery(user_id, task_id, event_id, event_type, with_id(event_json, event_id))
 
 

@@ -247,6 +247,15 @@ async def test_resume_from_last_event_id_on_both_transports(
     assert (await reader.next()).json["recovered"] is True
     assert [(await reader.next()).id for _ in range(2)] == [ids[4], live]
     sse.close()
+    # An empty header is no id: the query's is used.
+    sse = await client.get(
+        f"/sse/tasks/?last_event_id={ids[3]}",
+        headers={"Authorization": f"Bearer {token}", "Last-Event-ID": ""},
+    )
+    reader = SseReader(sse)
+    assert (await reader.next()).json["recovered"] is True
+    assert [(await reader.next()).id for _ in range(2)] == [ids[4], live]
+    sse.close()
 
     async with client.ws_connect(f"/ws/tasks/?token={token}&last_event_id=garbage") as ws:
         snapshot = await ws_json(ws)

@@ -59,6 +59,16 @@ def test_a_channel_message_gets_its_id_put_first_in_its_stored_json() -> None:
         assert decode_message(malformed) is None, malformed
 
 
+def test_a_stored_event_laid_out_over_lines_becomes_one_line() -> None:
+    """An entry written by other means than the publishers (pretty-printed JSON) would
+    break SSE framing and the long-poll body: it is put on one line."""
+    event_id = golden_delivery().event_id
+    compact = EVENT_JSON.replace(b'"id":"abcdef01-1700000000000-3",', b"").decode()
+    laid_out = json.dumps(json.loads(compact), indent=2)
+    for text in (compact, laid_out, "  " + compact, compact.replace(",", ",\r")):
+        assert wire.stored_event("u", event_id, text).json == EVENT_JSON, text
+
+
 def test_ids_compare_by_position_and_round_trip() -> None:
     a, b = EventId("abcdef01", 5, 0), EventId("abcdef01", 5, 1)
     assert a < b and b > a and a <= a and a == EventId("abcdef01", 5, 0)

@@ -63,7 +63,7 @@ def stream_params(
         except EventError as exc:
             raise Refused(Reason.INVALID_TASK_ID, str(exc)) from None
     last_event_id = request.headers.get("Last-Event-ID") if last_event_header else None
-    if last_event_id is None:
+    if not (last_event_id and last_event_id.strip()):  # an empty header is no id
         last_event_id = request.query.get("last_event_id")
     if last_event_id is not None:
         # An unusable id is not an error: the client gets recovered=false and a snapshot.
