@@ -204,19 +204,25 @@ class Hub:
         self.latency_sum_s += total
 
     def resume_points(self) -> dict[str, EventId | None]:
-        """Where each user's catch-up starts: the oldest position among their connections.
+        """Where each user's catch-up starts: after the last event handed to the user here.
 
-        A connection still opening (no snapshot yet) needs what came after the last event
-        handed to its user here (earlier ones reached it or precede its snapshot, which
-        is read after its user's subscription was confirmed): only when none came since
-        the subscription, all of the history. Users whose subscription is not confirmed
-        yet need nothing: their snapshots are read after it.
+        Each of their connections was handed every event up to it: it holds them, or
+        queued them, or dropped them as another task's (under a task filter, whose
+        position lags behind), or, still opening, reads them from the history itself or
+        has them in a snapshot read after the subscription was confirmed. Only when
+        none came since the subscription (or since their data was lost), the oldest
+        position among their connections: all of the history if one has none. Users
+        whose subscription is not confirmed yet need nothing: their snapshots are read
+        after it.
         """
         points: dict[str, EventId | None] = {}
         for user_id, user in self._users.items():
             if user.routed is not None and not user.routed.done():
                 continue
-            last_ids = [c.last_id or user.seen for c in user.connections]
+            if user.seen is not None:
+                points[user_id] = user.seen
+                continue
+            last_ids = [c.last_id for c in user.connections]
             points[user_id] = None if None in last_ids else min(i for i in last_ids if i)
         return points
 

@@ -30,8 +30,8 @@ from .waiting import eventually
 EPOCH = "abcdef01"
 
 
-def delivery(user: str, ms: int, size: int = 10) -> Delivery:
-    return Delivery(user, "t", EventId(EPOCH, ms, 0), "task_progress", b"{" + b"x" * size + b"}")
+def delivery(user: str, ms: int, size: int = 10, task: str = "t") -> Delivery:
+    return Delivery(user, task, EventId(EPOCH, ms, 0), "task_progress", b"{" + b"x" * size + b"}")
 
 
 @dataclass
@@ -276,6 +276,25 @@ async def test_resume_points_are_the_oldest_id_per_user() -> None:
         new.offer(delivery("u", 5))
         new.offer(delivery("u", 9))
         assert hub.resume_points() == {"u": EventId(EPOCH, 5, 0)}
+
+
+async def test_a_task_filter_does_not_hold_its_users_catch_up_back() -> None:
+    """A connection filtered to one task moves on only with that task's events; it was
+    handed the others all the same, so the catch-up starts after the last event its
+    user was handed here, not at the filtered connection's older position (from
+    which it could be more than the history holds)."""
+    hub = make_hub(Routing())
+    async with (
+        socket_connection("u") as (everything, _, _),
+        socket_connection("u", task_id="x") as (one_task, _, _),
+    ):
+        for connection in (everything, one_task):
+            await hub.attach(connection)
+            connection.skip_through(EventId(EPOCH, 1, 0))
+            connection.go_live([])
+        hub.deliver_all([delivery("u", 5, task="x"), delivery("u", 7), delivery("u", 9)])
+        assert one_task.last_id == EventId(EPOCH, 5, 0)
+        assert hub.resume_points() == {"u": EventId(EPOCH, 9, 0)}
 
 
 async def test_a_subscription_another_client_waits_for_goes_on_when_one_leaves() -> None:

@@ -148,6 +148,40 @@ async def test_a_catch_up_past_the_history_makes_clients_resync(
         assert (await sse.next()).id == later
 
 
+async def test_a_task_filtered_stream_behind_a_busy_history_is_caught_up_not_resynced(
+    redis_client: TestClient,
+    redis_url: str,
+    token_for: TokenFor,
+    user_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stream of one task stands at that task's last event, which the user's other
+    tasks pushed out of the history: it missed nothing, and a lost subscription's
+    catch-up does not resync it (nor the user's other streams)."""
+    monkeypatch.setenv("STREAMER_HISTORY_SIZE", "3")
+    token = token_for(user_id)
+    async with (
+        redis_client.ws_connect(f"/ws/tasks/?token={token}") as everything,
+        redis_client.ws_connect(f"/ws/tasks/?token={token}&task_id=x") as one_task,
+    ):
+        await ws_json(everything)
+        await ws_json(one_task)
+        with Publisher(redis_url) as publisher, redis.Redis.from_url(redis_url) as admin:
+            ids = [publisher.progress(user_id, "x", progress=1)]
+            ids += [publisher.progress(user_id, "y", progress=n) for n in range(5)]
+            assert [m["id"] for m in await ws_messages(everything, 6)] == ids
+            assert (await ws_json(one_task))["id"] == ids[0]
+            assert admin.client_kill_filter(_type="pubsub") == 1
+            await eventually(
+                lambda: redis_client.app[BROKER].subscriber.ready.is_set()
+                and redis_client.app[BROKER].reconnects == 1,
+                what="the subscriber to be back and caught up",
+            )
+            later = publisher.progress(user_id, "x", progress=2)
+        assert (await ws_json(everything))["id"] == later  # no active_tasks before it
+        assert (await ws_json(one_task))["id"] == later
+
+
 async def test_a_loss_of_data_first_seen_by_a_snapshot_makes_clients_resync(
     redis_client: TestClient, redis_url: str, token_for: TokenFor, user_id: str
 ) -> None:
