@@ -173,8 +173,10 @@ async def test_a_task_filtered_stream_behind_a_busy_history_is_caught_up_not_res
             assert (await ws_json(one_task))["id"] == ids[0]
             assert admin.client_kill_filter(_type="pubsub") == 1
             await eventually(
-                lambda: redis_client.app[BROKER].subscriber.ready.is_set()
-                and redis_client.app[BROKER].reconnects == 1,
+                lambda: (
+                    redis_client.app[BROKER].subscriber.ready.is_set()
+                    and redis_client.app[BROKER].reconnects == 1
+                ),
                 what="the subscriber to be back and caught up",
             )
             later = publisher.progress(user_id, "x", progress=2)
