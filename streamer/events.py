@@ -11,6 +11,7 @@ import json
 import math
 import re
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -102,10 +103,11 @@ _CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")
 
 
 def validate_identifier(name: str, value: object) -> str:
-    """User and task ids: non-empty strings (numbers become their decimal string)."""
+    """User and task ids: non-empty strings (numbers become their decimal string, UUIDs,
+    as Django's UUID primary keys, their usual text)."""
     if isinstance(value, bool):
         raise EventError(f"{name} must be a string, got a boolean")
-    if isinstance(value, int):
+    if isinstance(value, int | uuid.UUID):
         value = str(value)
     if not isinstance(value, str):
         raise EventError(f"{name} must be a string")

@@ -57,7 +57,14 @@ from celery.exceptions import Ignore
 from celery.signals import task_revoked, worker_ready, worker_shutdown
 from celery.worker import state as worker_state
 
-from ..events import MAX_TEXT_LENGTH, EventError, TaskEvent, completed_event, progress_event
+from ..events import (
+    MAX_TEXT_LENGTH,
+    EventError,
+    TaskEvent,
+    completed_event,
+    progress_event,
+    validate_identifier,
+)
 from ..publisher import BrokerUnavailable, Publisher
 
 __all__ = ["ProgressTask", "TaskCancelled", "publisher_for"]
@@ -235,21 +242,27 @@ class ProgressTask(Task):
 
     # --- Helpers -------------------------------------------------------------------------
 
-    def streamer_user_id(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> object | None:
+    def streamer_user_id(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str | None:
         """The user of one call: the `streamer_user_kwarg` argument, by keyword or by
-        its position in the task's signature; None when the call has none."""
+        its position in the task's signature, as the user id streams know (a number or
+        a UUID as its text); None when the call has none, or none that can be one (the
+        job runs all the same, its progress unpublished)."""
         name = self.streamer_user_kwarg
+        found: object | None = None
         if name in kwargs:
-            user: object | None = kwargs[name]
-            return user
-        if not args:
+            found = kwargs[name]
+        elif args:
+            try:
+                found = inspect.signature(self.run).bind_partial(*args).arguments.get(name)
+            except (TypeError, ValueError):
+                return None
+        if found is None:
             return None
         try:
-            bound = inspect.signature(self.run).bind_partial(*args)
-        except (TypeError, ValueError):
+            return validate_identifier(name, found)
+        except EventError as exc:
+            log.warning("task %s: progress not published: %s", self.name, exc)
             return None
-        found: object | None = bound.arguments.get(name)
-        return found
 
     def streamer_revokes(self) -> bool:
         """Whether a cancel request revokes this task (see the module's docstring)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -63,6 +64,13 @@ def test_the_user_is_the_user_id_argument_by_keyword_or_by_position() -> None:
     assert job.streamer_user_id((), {"size": 2}) is None
     assert owned.streamer_user_id(("a.csv",), {"owner": "ann"}) == "ann"
     assert owned.streamer_user_id(("a.csv", "ann"), {}) == "ann"
+    # As the stream knows them: numbers and UUIDs (Django primary keys) as their text.
+    assert job.streamer_user_id((7,), {}) == "7"
+    key = uuid.UUID("12345678-1234-5678-1234-567812345678")
+    assert job.streamer_user_id((), {"user_id": key}) == str(key)
+    # None that could be a user: the job runs, its progress unpublished.
+    for unusable in ({"id": 7}, "", True):
+        assert job.streamer_user_id((), {"user_id": unusable}) is None
 
 
 @pytest.fixture
@@ -155,6 +163,21 @@ async def test_websocket_and_sse_clients_see_a_task_start_progress_and_succeed(
             assert events[-1]["result_data"] == {"images": 4}
             assert events[-1]["error_message"] is None
     assert await asyncio.to_thread(result.get, timeout=10) == {"images": 4}
+
+
+@pytest.mark.usefixtures("celery_worker")
+async def test_a_task_of_a_user_with_a_uuid_for_an_id_runs_and_is_streamed(
+    session: aiohttp.ClientSession, token_for: TokenFor
+) -> None:
+    """Django apps with UUID primary keys pass `request.user.id`: the worker gets a
+    UUID back from the message, and the user's stream, named by its text, the task."""
+    user = uuid.uuid4()
+    async with open_stream(session, "websocket", token_for(str(user))) as ws:
+        await ws.next()
+        result = resize_images.apply_async((2,), {"user_id": user})
+        events = await task_events(ws, result.id)
+    assert [e["status"] for e in events] == ["STARTED", "PROGRESS", "PROGRESS", "SUCCESS"]
+    assert await asyncio.to_thread(result.get, timeout=10) == {"images": 2}
 
 
 @pytest.mark.usefixtures("celery_worker")
