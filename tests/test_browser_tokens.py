@@ -72,18 +72,36 @@ async def page_server(
     return await aiohttp_server(app)
 
 
+StartStreamer = Callable[..., ServerProcess]
+
+
 @pytest.fixture
-def server(
+def start_streamer(
     page_server: TestServer,
     process_env: dict[str, str],
     redis_url: str,
     start_process: Callable[..., ServerProcess],
-) -> ServerProcess:
-    origin = str(page_server.make_url("/")).rstrip("/")
-    env = {**process_env, "STREAMER_REDIS_URL": redis_url, "STREAMER_ALLOWED_ORIGINS": origin}
-    process = start_process(["streamer", "serve", "--port", "{port}"], env)
-    process.wait_healthy()
-    return process
+) -> StartStreamer:
+    """`streamer serve` on another origin than the page's, which it lists."""
+
+    def start(**settings: str) -> ServerProcess:
+        origin = str(page_server.make_url("/")).rstrip("/")
+        env = {
+            **process_env,
+            "STREAMER_REDIS_URL": redis_url,
+            "STREAMER_ALLOWED_ORIGINS": origin,
+            **settings,
+        }
+        process = start_process(["streamer", "serve", "--port", "{port}"], env)
+        process.wait_healthy()
+        return process
+
+    return start
+
+
+@pytest.fixture
+def server(start_streamer: StartStreamer) -> ServerProcess:
+    return start_streamer()
 
 
 async def open_page(
@@ -94,9 +112,8 @@ async def open_page(
     transport: str,
     mode: str,
 ) -> None:
-    query = urlencode(
-        {"streamer": server.base_url, "token": token, "transport": transport, "mode": mode}
-    )
+    settings = {"streamer": server.base_url, "transport": transport, "mode": mode}
+    query = urlencode({**settings, "token": token} if token else settings)
     await browser.navigate(f"{page_server.make_url('/')}?{query}")
 
 
@@ -226,3 +243,47 @@ async def test_no_new_token_stops_as_unauthorized_without_a_loop(
     # A few at most: the expired token and the bad one (on SSE, each counted twice: the
     # EventSource and the status check that tells a refusal from a network error).
     assert first <= 4, first
+
+
+async def test_a_websocket_refused_at_the_handshake_stops_as_unauthorized_without_a_loop(
+    browser: Browser, page_server: TestServer, start_streamer: StartStreamer
+) -> None:
+    """Refused before the upgrade (as Channels did), a socket just does not open: the
+    page asks over HTTP why, and stops as unauthorized instead of retrying for ever."""
+    server = start_streamer(STREAMER_WS_REFUSE_AT_HANDSHAKE="true")
+    await open_page(browser, page_server, server, "not-a-token", "websocket", "none")
+    await browser.wait_for(
+        "window.states.at(-1) === 'unauthorized'", what="the page to stop as unauthorized"
+    )
+    first = refusals(server)
+    await pause(browser, 3)
+    assert refusals(server) == first, "the page kept reconnecting"
+    assert await browser.evaluate("window.states.at(-1)") == "unauthorized"
+
+
+@pytest.mark.parametrize("transport", ["sse", "poll"])
+async def test_a_session_cookie_carries_a_stream_of_another_origin(
+    transport: str,
+    browser: Browser,
+    page_server: TestServer,
+    start_streamer: StartStreamer,
+    publisher: Publisher,
+    token_for: Callable[..., str],
+    user_id: str,
+) -> None:
+    """No token: the session cookie of the streamer's origin (set by logging in there)
+    goes with the stream to that origin, from a page of a listed one."""
+    server = start_streamer(STREAMER_COOKIE_SECURE="false")
+    await browser.navigate(server.base_url + "/")
+    login = f"""fetch("/auth/session", {{method: "POST",
+        headers: {{"Content-Type": "application/json"}},
+        body: JSON.stringify({{token: {json.dumps(token_for(user_id))}}})}})
+      .then((response) => response.status)"""
+    assert await browser.evaluate(login) == 200
+    await open_page(browser, page_server, server, "", transport, "none")
+    await browser.wait_for(
+        "window.seen?.some((m) => m.type === 'active_tasks')", what="the snapshot"
+    )
+    sent = publisher.progress(user_id, "t", progress=5)
+    await browser.wait_for(f"{event_ids_js()}.includes({json.dumps(sent)})", what="the event")
+    assert "unauthorized" not in await browser.evaluate("window.states")

@@ -48,6 +48,8 @@
   // polling (the server sends its snapshot at once; heartbeats come every 15 s by default).
   const SSE_FIRST_MESSAGE_MS = 8000;
   const MAX_DELAY_MS = 10000;
+  // How long the check whether a failed stream was refused for its credentials may take.
+  const REFUSAL_CHECK_MS = 5000;
   const CLOSE_UNAUTHORIZED = 4401;
   const WEBSOCKET_FAILURES_BEFORE_SSE = 2;
   // A connection counts as working once it stayed open this long: only then does the backoff
@@ -353,12 +355,28 @@
         this._connect();
         return;
       }
-      this._reconnect(text);
+      if (this.requestedTransport === "auto") {
+        this._reconnect(text); // SSE, next, tells a refusal from a network error
+        return;
+      }
+      // A refusal at the handshake (STREAMER_WS_REFUSE_AT_HANDSHAKE) shows as nothing but a
+      // socket that did not open: ask over HTTP whether the credentials are the cause.
+      refusedAsUnauthorized(this._endpoint("/sse/tasks/", "http"), !this.token).then(
+        (unauthorized) => {
+          if (!this._running || this._socket !== null || this._timer !== null) return;
+          if (unauthorized) {
+            this._refused("not authorised");
+          } else {
+            this._reconnect(text);
+          }
+        },
+      );
     }
 
     _openEventSource() {
       const url = this._endpoint("/sse/tasks/", "http");
-      const source = new EventSource(url);
+      // Without a token the credentials are cookies: sent to another origin only when asked.
+      const source = new EventSource(url, { withCredentials: !this.token });
       this._source = source;
       source.onopen = () => {
         this._markStableLater();
@@ -394,7 +412,7 @@
         // The browser gave up (an HTTP error): find out whether the token is the cause.
         source.close();
         this._source = null;
-        refusedAsUnauthorized(url).then((unauthorized) => {
+        refusedAsUnauthorized(url, !this.token).then((unauthorized) => {
           if (!this._running || this._source !== null || this._timer !== null) return;
           if (unauthorized) {
             this._refused("not authorised");
@@ -483,7 +501,14 @@
         this._track(message);
         this._post({ kind: "event", message });
       }
-      this.onEvent(message);
+      try {
+        this.onEvent(message);
+      } catch (error) {
+        // Reported as from any event handler, without ending the long-poll loop.
+        setTimeout(() => {
+          throw error;
+        });
+      }
     }
 
     _reconnect(text) {
@@ -748,14 +773,22 @@
   }
 
   /** Did the SSE endpoint answer 401? Reads only the status, then hangs up. */
-  async function refusedAsUnauthorized(url) {
+  async function refusedAsUnauthorized(url, withCookies) {
     const controller = new AbortController();
+    // A proxy that buffers responses holds back an accepted stream's headers: no answer
+    // in time is no refusal.
+    const timer = setTimeout(() => controller.abort(), REFUSAL_CHECK_MS);
     try {
-      const response = await fetch(url, { signal: controller.signal, cache: "no-store" });
+      const response = await fetch(url, {
+        signal: controller.signal,
+        cache: "no-store",
+        credentials: withCookies ? "include" : "same-origin",
+      });
       return response.status === 401;
     } catch (error) {
       return false;
     } finally {
+      clearTimeout(timer);
       controller.abort();
     }
   }
