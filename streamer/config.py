@@ -126,7 +126,7 @@ def _redis_url(name: str, raw: str) -> str:
             name, raw, parse_cluster_url, "Redis Cluster",
             "redis+cluster://[:password@]host:port[,host:port...]",
         )  # fmt: skip
-    shown = _without_password(raw)
+    shown = without_password(raw)
     parts = _split(name, raw, shown)
     if parts.scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(
@@ -156,7 +156,7 @@ def _check_port(name: str, parts: SplitResult, shown: str) -> None:
         raise ConfigError(f"{name} has a bad port: {shown!r}") from exc
 
 
-def _without_password(url: str) -> str:
+def without_password(url: str) -> str:
     """`url` fit for an error message: what stands between `//` and `@` is left out."""
     scheme, sep, rest = url.partition("//")
     if not sep or "@" not in rest.split("/", 1)[0]:
@@ -165,10 +165,11 @@ def _without_password(url: str) -> str:
 
 
 def _http_url(name: str, raw: str) -> str:
-    parts = _split(name, raw, raw)
+    shown = without_password(raw)
+    parts = _split(name, raw, shown)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{name} must be an http:// or https:// URL, got {raw!r}")
-    _check_port(name, parts, raw)
+        raise ConfigError(f"{name} must be an http:// or https:// URL, got {shown!r}")
+    _check_port(name, parts, shown)
     if any(ord(ch) < 33 for ch in raw):
         raise ConfigError(f"{name} must not contain spaces or control characters")
     return raw

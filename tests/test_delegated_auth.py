@@ -34,7 +34,7 @@ def with_auth_service(
     `handler`; returns the service's client and the bodies the auth app received."""
 
     async def start(
-        handler: AuthHandler, **settings: Any
+        handler: AuthHandler, userinfo: str = "", **settings: Any
     ) -> tuple[TestClient, list[dict[str, Any]]]:  # type: ignore[type-arg]
         received: list[dict[str, Any]] = []
 
@@ -45,10 +45,13 @@ def with_auth_service(
         auth_app = web.Application()
         auth_app.router.add_post("/auth", record)
         auth_server = await aiohttp_server(auth_app)
+        auth_url = str(auth_server.make_url("/auth"))
+        if userinfo:
+            auth_url = auth_url.replace("://", f"://{userinfo}@", 1)
         config = Config(
             secret=SECRET,
             publish_key=PUBLISH_KEY,
-            auth_url=str(auth_server.make_url("/auth")),
+            auth_url=auth_url,
             auth_timeout_s=0.5,
             **settings,
         )
@@ -109,6 +112,16 @@ async def test_anything_but_a_clear_answer_is_unavailable(
         assert response.headers["Retry-After"] == "1"
     async with client.ws_connect("/ws/tasks/?token=opaque") as ws:
         assert await ws_close_code(ws) == 1013
+
+
+async def test_the_auth_services_password_stays_out_of_the_logs(
+    with_auth_service: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    client, _ = await with_auth_service(_answer(500, {}), userinfo="streamer:S3CRETPASS")
+    async with client.get("/sse/tasks/?token=opaque") as response:
+        assert response.status == 503
+    warnings = [r.getMessage() for r in caplog.records if "auth service" in r.getMessage()]
+    assert warnings and all("S3CRETPASS" not in w and "***@" in w for w in warnings)
 
 
 async def test_a_redirect_to_a_login_page_is_unavailable(with_auth_service: Any) -> None:

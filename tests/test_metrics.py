@@ -15,9 +15,11 @@ import redis
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from streamer.app_keys import BROKER
+
 from .clients import open_stream
 from .conftest import PUBLISH_KEY, StartGunicorn
-from .processes import ServerProcess, gunicorn_args
+from .processes import RedisServer, ServerProcess, gunicorn_args
 from .streams import WsStream, close_all, streams_on_every_worker
 from .waiting import eventually, eventually_sync
 
@@ -86,6 +88,8 @@ async def test_one_process_counts_deliveries_replays_latency_and_refusals(
     async with open_stream(client, "sse", token, last_event_id=first) as resumed:
         assert (await resumed.next()).message["recovered"] is True
         assert [(await resumed.next()).id for _ in missed] == missed
+    poll = await client.get("/poll/tasks/", params={"token": token, "last_event_id": first})
+    assert [event["id"] for event in (await poll.json())["events"]] == missed
     refused = await client.get("/sse/tasks/", params={"token": "not-a-token"})
     assert refused.status == 401
 
@@ -101,8 +105,8 @@ async def test_one_process_counts_deliveries_replays_latency_and_refusals(
     text = await eventually(counted, what="the streams to be counted out")
     assert value(text, "streamer_events_sent_total", transport="websocket") == 2  # snapshot, event
     assert value(text, "streamer_events_sent_total", transport="sse") == 5  # + snapshot, 2 replayed
-    assert value(text, "streamer_events_replayed_total") == 2
-    assert value(text, "streamer_disconnects_total", reason="client_closed") == 3
+    assert value(text, "streamer_events_replayed_total") == 4  # over SSE, then a poll
+    assert value(text, "streamer_disconnects_total", reason="client_closed") == 4
     assert value(text, "streamer_refusals_total", reason="unauthorized") == 1
     assert value(text, "streamer_events_published_total") == 3
     assert value(text, "streamer_broker_reconnects_total") == 0
@@ -198,6 +202,27 @@ async def test_a_lost_broker_subscription_counts_as_a_reconnect(
         # The stream went on: an event published now still arrives.
         event_id = await publish(redis_client, user_id, "t", progress=50)
         assert (await sse.next()).id == event_id
+
+
+async def test_an_outage_counts_as_one_reconnect_however_many_attempts_it_took(
+    redis_client: TestClient,  # type: ignore[type-arg]
+    redis_server: RedisServer,
+) -> None:
+    broker = redis_client.app[BROKER]
+
+    async def reconnects() -> float:
+        text = await (await redis_client.get("/metrics")).text()
+        return value(text, "streamer_broker_reconnects_total")
+
+    redis_server.stop()
+    try:
+        await eventually(
+            lambda: broker.subscriber.restarts >= 3, what="attempts to fail while Redis is down"
+        )
+    finally:
+        redis_server.start()
+    await eventually(lambda: broker.subscriber.ready.is_set(), what="the subscription back")
+    assert await reconnects() == 1
 
 
 def test_gunicorn_removes_the_metrics_directory_it_made(

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from ..config import without_password
 from .tokens import Identity, InvalidToken
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class DelegatedAuth:
 
     def __init__(self, url: str, *, timeout_s: float, cache_s: float) -> None:
         self.url = url
+        self._shown = without_password(url)  # for the logs
         self.timeout_s = timeout_s
         self.cache_s = cache_s
         self.requests_sent = 0
@@ -122,17 +124,17 @@ class DelegatedAuth:
                 status = response.status
                 body = await response.content.read(MAX_ANSWER_BYTES + 1)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("auth service %s did not answer: %r", self.url, exc)
+            log.warning("auth service %s did not answer: %r", self._shown, exc)
             raise AuthUnavailable("the auth service did not answer") from None
         keep_until = time.monotonic() + self.cache_s
         if status in (401, 403):
             return _Answer(None, "refused by the auth service", keep_until)
         if status != 200:
-            log.warning("auth service %s answered %d", self.url, status)
+            log.warning("auth service %s answered %d", self._shown, status)
             raise AuthUnavailable(f"the auth service answered {status}")
         identity = _identity(body)
         if identity is None:
-            log.warning("auth service %s answered 200 without a usable user_id", self.url)
+            log.warning("auth service %s answered 200 without a usable user_id", self._shown)
             raise AuthUnavailable("the auth service gave a malformed answer")
         lifetime = identity.expires_at - time.time()
         return _Answer(identity, "", min(keep_until, time.monotonic() + lifetime))

@@ -123,7 +123,7 @@ class RedisBroker(Broker):
 
     @property
     def reconnects(self) -> int:
-        return 0 if self._subscriber is None else self._subscriber.restarts
+        return 0 if self._subscriber is None else self._subscriber.reconnects
 
     @property
     def subscriber(self) -> Subscriber | ClusterSubscriber:

@@ -56,6 +56,7 @@ class ClusterSubscriber:
         self._rebuilt = asyncio.Event()
         self._messages_before = 0
         self._restarts_before = 0
+        self._reconnects_before = 0
 
     @property
     def messages(self) -> int:
@@ -66,6 +67,13 @@ class ClusterSubscriber:
         """Subscriptions lost and opened again: on a new layout, or a shard's connection."""
         shards = self._shards.values()
         return self._rebuilds + self._restarts_before + sum(shard.restarts for shard in shards)
+
+    @property
+    def reconnects(self) -> int:
+        """Subscriptions lost and opened again: on a new layout, or a shard's connection
+        that was open (attempts that failed are not counted)."""
+        shards = self._shards.values()
+        return self._rebuilds + self._reconnects_before + sum(s.reconnects for s in shards)
 
     def shard_for(self, channel: str) -> Subscriber | None:
         address = self._layout.get(key_slot(channel.encode()))
@@ -175,6 +183,7 @@ class ClusterSubscriber:
             self.ready.clear()
             self._messages_before += sum(shard.messages for shard in shards.values())
             self._restarts_before += sum(shard.restarts for shard in shards.values())
+            self._reconnects_before += sum(shard.reconnects for shard in shards.values())
             self._layout, self._shards = {}, {}
             for task in tasks:
                 task.cancel()

@@ -100,7 +100,9 @@ class Subscriber:
         self._last_heard = 0.0
         self._pool: object = None
         self.ready = asyncio.Event()  # connected, every wanted channel subscribed
-        self.restarts = 0
+        self.restarts = 0  # attempts after the first, failed ones included
+        self.reconnects = 0  # subscriptions lost and opened again
+        self._opened = False  # once: later openings are reconnections
         self.messages = 0  # events received, of every user
 
     # --- what the broker calls -----------------------------------------------------------
@@ -223,6 +225,9 @@ class Subscriber:
         if held:
             self._on_messages(held)
         self.ready.set()
+        if self._opened:
+            self.reconnects += 1
+        self._opened = True
 
     def _all_confirmed(self) -> bool:
         return CONTROL_CHANNEL in self._active and not self._unconfirmed

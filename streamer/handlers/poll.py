@@ -92,7 +92,7 @@ async def poll_handler(request: web.Request) -> web.StreamResponse:
         return _no_store(refusal_response(refusal, cors))
     position: wire.EventId | None = opening.position
     try:
-        frames, more = opening.frames, opening.more
+        frames, more, replayed = opening.frames, opening.more, opening.replayed
         del opening
         if resume_point is not None and recovered == [True]:
             # A resume that is served: only the events after it, not the snapshot.
@@ -102,10 +102,14 @@ async def poll_handler(request: web.Request) -> web.StreamResponse:
         if (more or connection.dropped) and not connection.stale:
             # A page of a long replay is the answer (or what the opening has, when
             # more events came meanwhile than wait for it): the next poll goes on.
-            if not await connection.send_opening_part(frames):
+            if await connection.send_opening_part(frames):
+                hub.replayed += replayed
+            else:
                 position = None  # the client went away
         else:
             sent = connection.go_live(frames)
+            if sent:
+                hub.replayed += replayed
             if sent or connection.stale:  # stale: a fresh snapshot replaces `frames`
                 await _wait(collector, connection, config.poll_timeout_s)
                 connection.write_batch()  # what was offered this turn, if anything
