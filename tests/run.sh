@@ -13,6 +13,8 @@ command -v curl >/dev/null || missing+=(curl)
 command -v nginx >/dev/null || missing+=(nginx)
 command -v chromium >/dev/null || missing+=(chromium)
 command -v npm >/dev/null || missing+=(nodejs npm)
+command -v pgrep >/dev/null || missing+=(procps)
+command -v systemd-analyze >/dev/null || missing+=(systemd)  # checks the shipped unit
 if ((${#missing[@]})); then
   echo "installing system packages: ${missing[*]}"
   SUDO=""

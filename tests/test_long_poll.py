@@ -121,7 +121,8 @@ async def test_a_held_poll_is_answered_as_soon_as_an_event_comes(
     status, body, _ = await asyncio.wait_for(held, POLL_TIMEOUT_S * 2)
     elapsed = time.monotonic() - published
     assert status == 200
-    assert elapsed < 0.5, f"the held poll took {elapsed:.3f}s to answer the event"
+    # Well before its timeout: the event answered it.
+    assert elapsed < POLL_TIMEOUT_S * 0.75, f"the held poll took {elapsed:.3f}s to answer"
     assert [e["id"] for e in body["events"]] == [event_id]
     assert body["events"][0]["progress"] == 42 and body["events"][0]["type"] == "task_progress"
     assert body["last_event_id"] == event_id

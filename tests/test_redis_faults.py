@@ -422,11 +422,16 @@ async def test_a_silent_subscriber_connection_is_replaced(
         await broker.subscribe(user_id)
         with redis.Redis.from_url(redis_url) as admin:
             admin.execute_command("CLIENT", "PAUSE", "3000", "ALL")  # nobody gets answers
+            try:
 
-        async def reconnected() -> bool:
-            return "no answer to PING" in caplog.text and await broker.ready()
+                async def reconnected() -> bool:
+                    return "no answer to PING" in caplog.text and await broker.ready()
 
-        await eventually(reconnected, what="the silent connection to be replaced", timeout=15)
+                await eventually(
+                    reconnected, what="the silent connection to be replaced", timeout=15
+                )
+            finally:
+                admin.execute_command("CLIENT", "UNPAUSE")  # for the next tests, whatever happened
         async with AsyncPublisher(redis_url) as publisher:
             event_id = await publisher.progress(user_id, "t", progress=1)
 
@@ -506,3 +511,21 @@ async def test_the_subscriber_reads_through_tls_and_comes_back_when_killed(
             await eventually(lambda: recorder.deliveries == published, what="the later events")
     finally:
         await broker.close()
+
+
+async def test_a_subscription_asked_of_a_shard_just_replaced_is_asked_again_at_once() -> None:
+    """Under Redis Cluster a shard's subscriber is replaced when the layout changes; a
+    call made just before that (started after it, as `wait_for` starts it on the next
+    turn on Python 3.11) is told to ask again, not left waiting for its timeout."""
+    shard = redis_subscriber.Subscriber(
+        "redis://127.0.0.1:1/0",
+        on_messages=lambda messages: None,
+        on_restored=lambda channels: asyncio.sleep(0),
+        idle_ping_s=15,
+        pong_timeout_s=10,
+        sharded=True,
+    )
+    asked = asyncio.ensure_future(asyncio.wait_for(shard.subscribe("streamer:u:{u}"), 5))
+    shard.abandon()  # before `asked` has started
+    with pytest.raises(redis_subscriber.Rerouted):
+        await asyncio.wait_for(asked, 1)

@@ -260,12 +260,14 @@ async def test_a_client_whose_command_waits_for_the_broker_is_not_taken_for_dead
 ) -> None:
     """The client answers every ping, but its answers wait unread while its command
     waits for a slow broker (several ping rounds): it is still served afterwards."""
-    client = await make_client(aiohttp_client, config, ws_heartbeat_s=0.3)
+    client = await make_client(aiohttp_client, config, ws_heartbeat_s=1.0)
     broker = client.app[BROKER]
     task_state = broker.task_state
 
     async def slow_task_state(user_id: str, task_id: str) -> Any:
-        await asyncio.sleep(1.5)  # five ping rounds
+        # Long enough for a ping round to find the previous ping unanswered: the
+        # client's ping comes once a second, at a point of the second of its own.
+        await asyncio.sleep(2.5)
         return await task_state(user_id, task_id)
 
     broker.task_state = slow_task_state  # type: ignore[method-assign]
@@ -283,7 +285,7 @@ async def test_a_client_whose_command_waits_for_the_broker_is_not_taken_for_dead
             await ws.send_json({"type": "get_task_status", "task_id": "t"})
             reply = await asyncio.wait_for(replies.get(), 10)
             assert reply == {"type": "task_status", "task_id": "t", "status": None}
-            await asyncio.sleep(1.0)  # more ping rounds, answered and read
+            await asyncio.sleep(2.0)  # more ping rounds, answered and read
             await ws.send_json({"type": "ping"})
             assert await asyncio.wait_for(replies.get(), 5) == {"type": "pong"}
             assert len(client.app[HUB]) == 1
@@ -294,7 +296,7 @@ async def test_a_client_whose_command_waits_for_the_broker_is_not_taken_for_dead
 async def test_dead_websocket_peers_are_dropped(
     config: Config, aiohttp_client: AiohttpClient, token_for: TokenFor
 ) -> None:
-    client = await make_client(aiohttp_client, config, ws_heartbeat_s=0.3)
+    client = await make_client(aiohttp_client, config, ws_heartbeat_s=1.0)
     assert client.host and client.port
     async with client.ws_connect(f"/ws/tasks/?token={token_for('u')}") as alive:
         await ws_json(alive)
@@ -317,7 +319,7 @@ async def test_dead_websocket_peers_are_dropped(
                 lambda: len(client.app[HUB]) != 2, what="the silent peer to be dropped", timeout=10
             )
             # The other one answered every ping round meanwhile and is still served.
-            await asyncio.sleep(1.0)  # three more ping rounds
+            await asyncio.sleep(3.0)  # three more ping rounds
             assert len(client.app[HUB]) == 1
             await alive.send_json({"type": "ping"})
             assert await asyncio.wait_for(replies.get(), 5) == {"type": "pong"}

@@ -17,7 +17,7 @@ from .clients import ws_close_code
 from .conftest import StartGunicorn
 from .processes import BIN, ServerProcess, free_port, gunicorn_args
 from .streams import CurlStream, WsStream, close_all, run_cli, streams_on_every_worker
-from .waiting import eventually_sync
+from .waiting import eventually, eventually_sync
 
 TokenFor = Callable[..., str]
 StartProcess = Callable[..., ServerProcess]
@@ -63,9 +63,12 @@ async def test_gunicorn_two_workers_share_events_through_redis(
             assert (await sse.next_data())["id"] == done_id
     finally:
         await close_all(ws_streams, sse_streams)
-    # The access log shows the requests, never the credentials.
+    # The access log shows the requests (each line written once its stream ended), never
+    # the credentials.
+    await eventually(
+        lambda: "GET /ws/tasks/?token=[redacted]" in server.log(), what="the access log line"
+    )
     log = server.log()
-    assert "GET /ws/tasks/?token=[redacted]" in log
     assert token not in log
     assert frozen_at_startup(log) == 2  # one line per worker
 

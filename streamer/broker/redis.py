@@ -369,7 +369,8 @@ class RedisBroker(Broker):
         # The snapshot may have begun the epoch (Redis was empty): a later loss of this
         # data must be noticed as one.
         if self._cluster and user_id in self._users_here:
-            self._user_epochs.setdefault(user_id, position.epoch)
+            if self._user_epochs.get(user_id) is None:  # unknown, or none in Redis then
+                self._user_epochs[user_id] = position.epoch
         elif not self._cluster and self._epoch is None:
             self._epoch = position.epoch
         tasks = [state for state in states if state is not None]

@@ -100,6 +100,7 @@ class Subscriber:
         self._last_heard = 0.0
         self._pool: object = None
         self.ready = asyncio.Event()  # connected, every wanted channel subscribed
+        self._abandoned = False
         self.restarts = 0  # attempts after the first, failed ones included
         self.reconnects = 0  # subscriptions lost and opened again
         self._opened = False  # once: later openings are reconnections
@@ -108,6 +109,8 @@ class Subscriber:
     # --- what the broker calls -----------------------------------------------------------
 
     async def subscribe(self, channel: str) -> None:
+        if self._abandoned:  # a call made before the subscriber was replaced
+            raise Rerouted("the channel moved to another shard")
         self.wanted.add(channel)
         if channel in self._active:
             return
@@ -131,7 +134,8 @@ class Subscriber:
 
     def abandon(self) -> None:
         """This subscriber is being replaced: whoever awaits a subscription here is told
-        to ask again (of the subscriber that now holds the channel)."""
+        to ask again (of the subscriber that now holds the channel), now or later."""
+        self._abandoned = True
         for waiters in self._waiters.values():
             for waiter in waiters:
                 if not waiter.done():
@@ -208,12 +212,14 @@ class Subscriber:
             self._check_connection()
             self._heard.clear()
             heard = asyncio.ensure_future(self._heard.wait())
-            done, _ = await asyncio.wait(
-                {heard, self._reader.lost},
-                timeout=self._pong_timeout_s,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-            heard.cancel()
+            try:
+                done, _ = await asyncio.wait(
+                    {heard, self._reader.lost},
+                    timeout=self._pong_timeout_s,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:  # also when this is cancelled (the subscriber replaced)
+                heard.cancel()
             if not done:
                 raise ConnectionError("Redis did not confirm the subscriptions")
         self._check_connection()
