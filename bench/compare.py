@@ -40,6 +40,7 @@ from bench.servers import (
     running_server,
     streamer_spec,
 )
+from bench.service import stop_on_sigterm
 
 DEFAULT_OUTPUT = ROOT / "bench" / "results.jsonl"
 
@@ -119,8 +120,7 @@ def main() -> int:
             scenario(name, quick=args.quick, events=args.events)
         except ValueError as exc:
             parser.error(str(exc))
-    # A SIGTERM (a CI timeout) unwinds like an error: the servers and Redis are stopped.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    stop_on_sigterm()
 
     results: list[dict[str, Any]] = []
     try:

@@ -22,7 +22,7 @@ import time
 import aiohttp
 import redis
 
-from bench.service import SECRET, running_service
+from bench.service import SECRET, running_service, stop_on_sigterm
 from streamer.auth.tokens import issue_token
 from streamer.publisher import AsyncPublisher
 from tests.processes import ServerProcess, rss_kib, worker_pids
@@ -166,6 +166,7 @@ def main() -> int:
     parser.add_argument("--interval", type=float, default=0.02, help="seconds between events")
     parser.add_argument("--timeout", type=float, default=60, help="bound for each phase")
     args = parser.parse_args()
+    stop_on_sigterm()
     if not 1 <= args.clients <= 20_000 or not 1 <= args.events <= 100_000:
         parser.error("--clients must be 1..20000 and --events 1..100000")
 

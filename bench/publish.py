@@ -35,6 +35,7 @@ import redis
 import uvloop
 
 from bench.servers import SERVER_CPU, private_redis
+from bench.service import stop_on_sigterm
 from streamer.events import TaskEvent, progress_event
 from streamer.publisher import AsyncPublisher, Publisher
 
@@ -266,6 +267,7 @@ def main() -> int:
         "--empty-histories", action="store_true", help="do not fill the histories first"
     )
     args = parser.parse_args()
+    stop_on_sigterm()
     run_async: Callable[[Any], Result] = uvloop.run if args.uvloop else asyncio.run
     with tempfile.TemporaryDirectory() as directory, private_redis(Path(directory)) as url:
         os.sched_setaffinity(0, {SERVER_CPU})

@@ -22,7 +22,7 @@ import sys
 
 import aiohttp
 
-from bench.service import SECRET, running_service
+from bench.service import SECRET, running_service, stop_on_sigterm
 from streamer.auth.tokens import issue_token
 from streamer.events import completed_event
 from streamer.publisher import Publisher
@@ -95,6 +95,7 @@ def main() -> int:
     parser.add_argument("--hold", type=float, default=2.0, help="seconds before clients read")
     parser.add_argument("--timeout", type=float, default=120.0)
     args = parser.parse_args()
+    stop_on_sigterm()
     history_size = str(args.events + 10)
     os.environ["STREAMER_HISTORY_SIZE"] = history_size  # the publisher trims to it too
     settings = {"STREAMER_HISTORY_SIZE": history_size, "STREAMER_SEND_TIMEOUT_S": "60"}

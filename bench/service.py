@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -11,6 +12,13 @@ from pathlib import Path
 
 from tests.processes import RedisServer, ServerProcess, free_port, start_server_process
 from tests.redis_cluster import RedisCluster
+
+
+def stop_on_sigterm() -> None:
+    """A SIGTERM (a CI timeout) unwinds like an error: the servers and Redis started in
+    `with` blocks are stopped."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "bench-secret-" + "b" * 40

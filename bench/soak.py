@@ -32,7 +32,7 @@ from typing import Any
 import aiohttp
 import redis
 
-from bench.service import SECRET, running_service
+from bench.service import SECRET, running_service, stop_on_sigterm
 from streamer.auth.tokens import issue_token
 from streamer.broker.redis_cluster import cluster_client_sync, is_cluster_url
 from streamer.publisher import AsyncPublisher
@@ -305,6 +305,7 @@ def main() -> int:
         "--cluster", action="store_true", help="on a Redis Cluster of 3 masters and 3 replicas"
     )
     args = parser.parse_args()
+    stop_on_sigterm()
     if not 1 <= args.duration <= 3600 or not 1 <= args.clients <= 2000:
         parser.error("--duration must be 1..3600 s and --clients 1..2000")
 
