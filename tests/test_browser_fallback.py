@@ -184,8 +184,9 @@ async def test_websockets_that_die_after_opening_cause_no_reconnect_storm(
         assert shown == "sse"
         assert attempts <= 3, f"{attempts} WebSocket attempts in {window_s} s"
     else:
-        # Without backoff it would be one every ~1.4 s (about 8).
-        assert attempts <= 5, f"{attempts} WebSocket attempts in {window_s} s"
+        # They did die and were tried again; without backoff it would be one every
+        # ~1.4 s (about 8).
+        assert 2 <= attempts <= 5, f"{attempts} WebSocket attempts in {window_s} s"
     await run_a_job(browser, publisher, user_id)
 
 

@@ -37,6 +37,8 @@ from .processes import RedisServer
 
 TokenFor = Callable[..., str]
 
+MARKER = b"end of what the test published"
+
 
 def script_calls(admin: redis.Redis) -> int:
     stats = admin.info("commandstats").get("cmdstat_evalsha", {"calls": 0})
@@ -83,9 +85,20 @@ async def channel_listener(
                     deliveries.append(delivery)
 
         await asyncio.wait_for(read(), 20)
-        await asyncio.sleep(0.05)  # nothing more than expected arrives
-        while (message := await pubsub.get_message(ignore_subscribe_messages=True)) is not None:
-            deliveries.append(decode_message(message["data"]))  # type: ignore[arg-type]
+
+        # Nothing more than expected arrives: a marker published now comes after
+        # whatever else the publishes sent.
+        async def read_to_the_marker() -> None:
+            await client.publish(user_channel(users[0]), MARKER)
+            while True:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+                if message is None:
+                    continue
+                if message["data"] == MARKER:
+                    return
+                deliveries.append(decode_message(message["data"]))  # type: ignore[arg-type]
+
+        await asyncio.wait_for(read_to_the_marker(), 20)
         return deliveries
 
     try:

@@ -161,8 +161,14 @@ async def test_every_event_reaches_every_client_when_an_instance_goes(
         await eventually(all_open, what="every stream open")
         assert all(count > 0 for count in await per_instance())
 
+        def published_count() -> int:
+            return sum(len(ids) for ids in published.values())
+
+        # Counted, not timed: a loaded machine publishes more slowly.
         producer = asyncio.create_task(produce())
-        await asyncio.sleep(1.5)
+        await eventually(
+            lambda: published_count() >= 60, what="events published before it", timeout=30
+        )
         gone, survivor = hosts.instances
         if fault == "SIGKILL":  # the host dies: master and worker at once
             os.killpg(gone.process.pid, signal.SIGKILL)
@@ -179,7 +185,10 @@ async def test_every_event_reaches_every_client_when_an_instance_goes(
                 what="every stream on the surviving instance",
                 timeout=20,
             )
-        await asyncio.sleep(1.5)
+        before = published_count()
+        await eventually(
+            lambda: published_count() >= before + 60, what="events published after it", timeout=30
+        )
         stop_publishing.set()
         await producer
 
