@@ -13,6 +13,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import pytest
 import redis
 
 from .waiting import eventually_sync
@@ -368,3 +369,37 @@ class SentinelGroup:
         self.sentinels = []
         self.replica.stop()
         self.master.stop()
+
+
+def run_bench_module(
+    module: str, *args: str, bound_s: float, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`python -m <module> <args>` from the checkout, in a process group of its own.
+    Past `bound_s` it gets a SIGTERM first, on which the bench modules stop the servers
+    and Redis they started (in sessions of their own), then the group is killed; the
+    test fails."""
+    command = [sys.executable, "-m", module, *args]
+    bench = subprocess.Popen(
+        command,
+        cwd=Path(__file__).resolve().parent.parent,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = bench.communicate(timeout=bound_s)
+    except subprocess.TimeoutExpired:
+        bench.send_signal(signal.SIGTERM)
+        try:
+            stdout, stderr = bench.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(bench.pid, signal.SIGKILL)
+            stdout, stderr = bench.communicate()
+        pytest.fail(f"{module} took longer than {bound_s}s:\n{stderr[-3000:]}{stdout}")
+    finally:
+        if bench.poll() is None:
+            os.killpg(bench.pid, signal.SIGKILL)
+            bench.wait()
+    return subprocess.CompletedProcess(command, bench.returncode, stdout, stderr)

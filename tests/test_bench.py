@@ -7,15 +7,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from bench.load import publisher as bench_publisher
 from bench.load import scenarios
+
+from .processes import run_bench_module
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ("S1", "S2-sse")
@@ -34,28 +34,7 @@ def run_compare(output: Path) -> subprocess.CompletedProcess[str]:
 def run_bench(
     module: str, *args: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", module, *args]
-    # Its own process group; SIGTERM first, so that it stops its servers and Redis.
-    compare = subprocess.Popen(
-        command,
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = compare.communicate(timeout=BOUND_S)
-    except subprocess.TimeoutExpired:
-        compare.send_signal(signal.SIGTERM)
-        try:
-            stdout, stderr = compare.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(compare.pid, signal.SIGKILL)
-            stdout, stderr = compare.communicate()
-        pytest.fail(f"{module} took longer than {BOUND_S}s:\n{stderr[-3000:]}{stdout}")
-    return subprocess.CompletedProcess(command, compare.returncode, stdout, stderr)
+    return run_bench_module(module, *args, bound_s=BOUND_S, env=env)
 
 
 @pytest.mark.timeout(BOUND_S + 40)

@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestClient
 
 from streamer.app import create_app
 from streamer.app_keys import BROKER
+from streamer.auth.tokens import verify_token
 from streamer.broker.redis_schema import history_key
 from streamer.config import Config
 from streamer.events import completed_event, progress_event
@@ -91,6 +92,25 @@ async def test_first_connection_dropped_at_random_points_loses_nothing(
     assert (lost, duplicated) == (0, 0)
 
 
+async def resume_receives(
+    client: TestClient,  # type: ignore[type-arg]
+    transport: str,
+    token: str,
+    resume_point: str,
+    missed: list[str],
+) -> None:
+    """Resumed from `resume_point`, the client gets `missed` once, in order, then what
+    comes live (its user's token)."""
+    async with open_stream(client, transport, token, last_event_id=resume_point) as resumed:
+        assert (await resumed.next()).message["recovered"] is True
+        received = [(await resumed.next()).id for _ in missed]
+        user_id = verify_token(SECRET, token).user_id
+        live = await publish_progress(client, user_id, "job", progress=1)
+        assert (await resumed.next()).id == live
+    assert received == missed
+    assert_strictly_increasing(resumed.ids)
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_a_resume_from_far_back_arrives_whole_read_a_page_at_a_time(
     config: Config,
@@ -116,14 +136,7 @@ async def test_a_resume_from_far_back_arrives_whole_read_a_page_at_a_time(
         return await replay(user, after, limit)
 
     broker.replay = counted  # type: ignore[method-assign]
-    token = token_for(user_id)
-    async with open_stream(client, transport, token, last_event_id=resume_point) as resumed:
-        assert (await resumed.next()).message["recovered"] is True
-        received = [(await resumed.next()).id for _ in missed]
-        live = await publish_progress(client, user_id, "job", progress=1)
-        assert (await resumed.next()).id == live
-    assert received == missed
-    assert_strictly_increasing(resumed.ids)
+    await resume_receives(client, transport, token_for(user_id), resume_point, missed)
     assert limits == [REPLAY_PAGE] * (len(missed) // REPLAY_PAGE + 1)
 
 
@@ -146,14 +159,7 @@ async def test_undecodable_history_entries_do_not_cut_a_paged_resume_short(
             batch = [progress_event(user_id, "job", progress=n % 100) for n in range(good)]
             missed += (str(i) for i in await broker.publish_many(batch))
             admin.xadd(history_key(user_id), {"e": "not json"})
-    token = token_for(user_id)
-    async with open_stream(redis_client, transport, token, last_event_id=resume_point) as resumed:
-        assert (await resumed.next()).message["recovered"] is True
-        received = [(await resumed.next()).id for _ in missed]
-        live = await publish_progress(redis_client, user_id, "job", progress=1)
-        assert (await resumed.next()).id == live
-    assert received == missed
-    assert_strictly_increasing(resumed.ids)
+    await resume_receives(redis_client, transport, token_for(user_id), resume_point, missed)
 
 
 async def test_get_active_tasks_reply_stands_where_the_client_stands(

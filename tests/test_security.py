@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -255,6 +256,26 @@ async def test_command_rate_limit(
             assert await ws_json(other) == {"type": "pong"}
 
 
+@contextlib.asynccontextmanager
+async def reading(
+    ws: aiohttp.ClientWebSocketResponse,
+) -> AsyncIterator[asyncio.Queue[dict[str, object]]]:
+    """A client that reads all the time, past its snapshot, and so answers pings
+    (aiohttp's client does while it receives): what it reads, in a queue."""
+    await ws_json(ws)  # the snapshot
+    replies: asyncio.Queue[dict[str, object]] = asyncio.Queue()
+
+    async def read() -> None:
+        while True:
+            await replies.put(await ws_json(ws, timeout=30))
+
+    reader = asyncio.create_task(read())
+    try:
+        yield replies
+    finally:
+        reader.cancel()
+
+
 async def test_a_client_whose_command_waits_for_the_broker_is_not_taken_for_dead(
     config: Config, aiohttp_client: AiohttpClient, token_for: TokenFor
 ) -> None:
@@ -271,26 +292,17 @@ async def test_a_client_whose_command_waits_for_the_broker_is_not_taken_for_dead
         return await task_state(user_id, task_id)
 
     broker.task_state = slow_task_state  # type: ignore[method-assign]
-    async with client.ws_connect(f"/ws/tasks/?token={token_for('u')}") as ws:
-        await ws_json(ws)
-        # A client that reads answers pings (aiohttp's client does so while receiving).
-        replies: asyncio.Queue[dict[str, object]] = asyncio.Queue()
-
-        async def read() -> None:
-            while True:
-                await replies.put(await ws_json(ws, timeout=30))
-
-        reader = asyncio.create_task(read())
-        try:
-            await ws.send_json({"type": "get_task_status", "task_id": "t"})
-            reply = await asyncio.wait_for(replies.get(), 10)
-            assert reply == {"type": "task_status", "task_id": "t", "status": None}
-            await asyncio.sleep(2.0)  # more ping rounds, answered and read
-            await ws.send_json({"type": "ping"})
-            assert await asyncio.wait_for(replies.get(), 5) == {"type": "pong"}
-            assert len(client.app[HUB]) == 1
-        finally:
-            reader.cancel()
+    async with (
+        client.ws_connect(f"/ws/tasks/?token={token_for('u')}") as ws,
+        reading(ws) as replies,
+    ):
+        await ws.send_json({"type": "get_task_status", "task_id": "t"})
+        reply = await asyncio.wait_for(replies.get(), 10)
+        assert reply == {"type": "task_status", "task_id": "t", "status": None}
+        await asyncio.sleep(2.0)  # more ping rounds, answered and read
+        await ws.send_json({"type": "ping"})
+        assert await asyncio.wait_for(replies.get(), 5) == {"type": "pong"}
+        assert len(client.app[HUB]) == 1
 
 
 async def test_dead_websocket_peers_are_dropped(
@@ -298,16 +310,10 @@ async def test_dead_websocket_peers_are_dropped(
 ) -> None:
     client = await make_client(aiohttp_client, config, ws_heartbeat_s=1.0)
     assert client.host and client.port
-    async with client.ws_connect(f"/ws/tasks/?token={token_for('u')}") as alive:
-        await ws_json(alive)
-        # A client that reads answers pings (aiohttp's client does so while receiving).
-        replies: asyncio.Queue[dict[str, object]] = asyncio.Queue()
-
-        async def read() -> None:
-            while True:
-                await replies.put(await ws_json(alive, timeout=30))
-
-        reader = asyncio.create_task(read())
+    async with (
+        client.ws_connect(f"/ws/tasks/?token={token_for('u')}") as alive,
+        reading(alive) as replies,
+    ):
         silent = await asyncio.to_thread(
             RawWebSocket, client.host, client.port, f"/ws/tasks/?token={token_for('u')}"
         )
@@ -325,7 +331,6 @@ async def test_dead_websocket_peers_are_dropped(
             assert await asyncio.wait_for(replies.get(), 5) == {"type": "pong"}
         finally:
             silent.close()
-            reader.cancel()
 
 
 async def test_oversized_headers_are_refused_and_the_server_keeps_serving(

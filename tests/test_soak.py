@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+
+from .processes import run_bench_module
 
 DURATION_S = float(os.environ.get("SOAK_SECONDS", "60"))
 # Publishing, the bounded drain (at most 120 s), start-up and shutdown.
@@ -42,36 +40,11 @@ SETTINGS = {
 @pytest.mark.timeout(BOUND_S + 120)
 @pytest.mark.parametrize("setting", SETTINGS)
 def test_soak_loses_nothing(setting: str, capsys: pytest.CaptureFixture[str]) -> None:
-    command = [
-        *(sys.executable, "-m", "bench.soak", "--duration", str(DURATION_S)),
-        *SETTINGS[setting],
-    ]
-    # Its own process group. Past the bound it gets a SIGTERM first, which stops the
-    # gunicorn and Redis it started (they run in sessions of their own).
-    soak = subprocess.Popen(
-        command,
-        cwd=Path(__file__).resolve().parent.parent,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = soak.communicate(timeout=BOUND_S)
-    except subprocess.TimeoutExpired:
-        soak.send_signal(signal.SIGTERM)
-        try:
-            stdout, stderr = soak.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(soak.pid, signal.SIGKILL)
-            stdout, stderr = soak.communicate()
-        pytest.fail(f"the soak took longer than {BOUND_S}s:\n{stderr[-3000:]}{stdout}")
-    finally:
-        if soak.poll() is None:
-            os.killpg(soak.pid, signal.SIGKILL)
-            soak.wait()
+    args = ["--duration", str(DURATION_S), *SETTINGS[setting]]
+    soak = run_bench_module("bench.soak", *args, bound_s=BOUND_S)
+    stdout, stderr = soak.stdout, soak.stderr
     with capsys.disabled():  # the figures belong in the CI log
-        print(f"\n{setting} soak: {' '.join(command[1:])}")
+        print(f"\n{setting} soak: -m bench.soak {' '.join(args)}")
         print("\n".join(stdout.splitlines()[:-1]))
     assert soak.returncode == 0, stderr[-3000:] + stdout
     figures = json.loads(stdout.splitlines()[-1])
