@@ -14,7 +14,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from .broker.base import Broker, BrokerUnavailable
 from .reasons import Reason
@@ -24,9 +24,11 @@ from .wire import Delivery, EventId, Transport, active_tasks, encode
 # normally wakes the flusher first), and the pause after a drain wait that ended early.
 DRAIN_CHECK_S = 1.0
 DRAIN_RETRY_S = 0.05
-# How long the fresh snapshot of a client whose data was lost is tried for.
-RESYNC_RETRY_S = 10.0
-RESYNC_RETRY_PAUSE_S = 0.5
+# How long a read from the broker that a stream waits for (a page of its replay, a
+# fresh snapshot) is tried again while the broker is unavailable, and how often.
+BROKER_RETRY_S = 10.0
+BROKER_RETRY_PAUSE_S = 0.5
+T = TypeVar("T")
 # The key of a command reply waiting in the outbox: no snapshot covers it.
 REPLY_KEY = -1
 
@@ -451,24 +453,34 @@ class Connection:
             self._resyncing.add_done_callback(_retrieve)
         return self._resyncing
 
-    async def _resync(self) -> int:
+    async def read_from_broker(self, read: Callable[[], Awaitable[T]]) -> T | None:
+        """What `read` gives, asked again while the broker is unavailable (for up to
+        BROKER_RETRY_S) and the client is there; None once the stream ended, closed
+        with BROKER_UNAVAILABLE when the broker stayed away."""
         loop = asyncio.get_running_loop()
-        # Data is lost when Redis restarted: the first reads may meet connections of
-        # the pool that it closed, so they are tried again for a while.
-        deadline = loop.time() + RESYNC_RETRY_S
+        deadline = loop.time() + BROKER_RETRY_S
+        while self.close_reason is None:
+            try:
+                return await read()
+            except BrokerUnavailable:
+                if loop.time() >= deadline:
+                    self.close(Reason.BROKER_UNAVAILABLE)
+                    return None
+            self.check()  # a client gone meanwhile ends the retries
+            await asyncio.sleep(BROKER_RETRY_PAUSE_S)
+        return None
+
+    async def _resync(self) -> int:
         while True:
             self._stale = False
-            try:
-                snapshot = await self._broker.snapshot(self.user_id, self.task_id)
-            except Exception as exc:
-                self.check()  # a client gone meanwhile ends the retries
-                if loop.time() < deadline and self.close_reason is None:
-                    await asyncio.sleep(RESYNC_RETRY_PAUSE_S)
-                    if self.close_reason is None:
-                        continue
+            # Data is lost when Redis restarted: the first reads may meet connections of
+            # the pool that it closed.
+            snapshot = await self.read_from_broker(
+                lambda: self._broker.snapshot(self.user_id, self.task_id)
+            )
+            if snapshot is None:  # what the client holds is of the lost data: it ended
                 self._resyncing = None
-                self.close(Reason.BROKER_UNAVAILABLE)  # what the client holds is of the lost data
-                raise BrokerUnavailable(str(exc)) from exc
+                raise BrokerUnavailable("no fresh snapshot: the stream ended")
             if not self._stale:
                 break
         self._resyncing = None

@@ -12,20 +12,15 @@ from it (they are in the history too) and read with the next pages.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .broker.base import Broker, BrokerUnavailable, Replay
+from .broker.base import Broker, Replay
 from .connection import Connection
 from .reasons import Reason
 from .wire import EventId, active_tasks
 
 REPLAY_PAGE = 100  # events read and written at once
-# Redis unavailable between two pages: asked again for this long before the stream
-# ends (the client resumes from what it got).
-PAGE_RETRY_S = 10.0
-PAGE_RETRY_PAUSE_S = 0.5
 
 
 @dataclass
@@ -113,20 +108,10 @@ async def send_opening(broker: Broker, connection: Connection, opening: Opening)
 
 
 async def _read_page(broker: Broker, connection: Connection, after: EventId) -> Replay | None:
-    """The next page; None when the stream ended (Redis unavailable for PAGE_RETRY_S
-    ends it)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + PAGE_RETRY_S
-    while connection.close_reason is None:
-        try:
-            return await broker.replay(connection.user_id, str(after), REPLAY_PAGE)
-        except BrokerUnavailable:
-            if loop.time() >= deadline:
-                connection.close(Reason.BROKER_UNAVAILABLE)
-                return None
-        connection.check()  # a client gone meanwhile ends the retries
-        await asyncio.sleep(PAGE_RETRY_PAUSE_S)
-    return None
+    """The next page; None when the stream ended."""
+    return await connection.read_from_broker(
+        lambda: broker.replay(connection.user_id, str(after), REPLAY_PAGE)
+    )
 
 
 @dataclass

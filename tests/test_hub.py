@@ -542,7 +542,7 @@ class FailingSnapshots(MemoryBroker):
 async def test_a_resync_tries_its_snapshot_again_before_it_gives_up(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(connection_module, "RESYNC_RETRY_PAUSE_S", 0.01)
+    monkeypatch.setattr(connection_module, "BROKER_RETRY_PAUSE_S", 0.01)
     broker = FailingSnapshots(failures=0)
     hub = make_hub(Routing())
     async with socket_connection("u", broker=broker) as (connection, peer, _):
@@ -553,7 +553,7 @@ async def test_a_resync_tries_its_snapshot_again_before_it_gives_up(
         assert snapshot["type"] == "active_tasks" and snapshot["recovered"] is False
         assert broker.reads == 3 and connection.close_reason is None
 
-    monkeypatch.setattr(connection_module, "RESYNC_RETRY_S", 0.1)
+    monkeypatch.setattr(connection_module, "BROKER_RETRY_S", 0.1)
     broker = FailingSnapshots(failures=10**6)
     async with socket_connection("u", broker=broker) as (connection, peer, _):
         connection.go_live([])

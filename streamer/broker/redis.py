@@ -296,16 +296,15 @@ class RedisBroker(Broker):
         after `oldest` were trimmed meanwhile, their clients resync instead."""
         if oldest is None:
             deliveries = await self._read_history(user_id, epoch, "-")
-        elif await self.client.exists(history_key(user_id)):
+        else:
             caught_up = await self._history_after(user_id, oldest)
             if not caught_up.complete:
+                if not await self.client.exists(history_key(user_id)):
+                    return  # nothing was published for them for the history's TTL
                 log.warning("user %r missed more than their history holds: resync", user_id)
                 listener.reset(user_id)
                 return
             deliveries = caught_up.events
-        else:
-            # Nothing was published for them for the history's TTL: nothing missed.
-            return
         for delivery in deliveries:
             try:
                 listener.deliver(delivery)
@@ -435,9 +434,8 @@ class RedisBroker(Broker):
         if max_deleted is not None and max_deleted > point:
             return Replay([], complete=False)
         last_read = None
-        if entries:
-            ms, seq = _require_text(entries[-1][0]).split("-")
-            last_read = EventId(resume_point.epoch, int(ms), int(seq))
+        if entries and (last := _stream_id(entries[-1][0])) is not None:
+            last_read = EventId(resume_point.epoch, *last)
         events = self._to_deliveries(user_id, resume_point.epoch, entries)
         return Replay(events, complete=True, read=len(entries), last_read=last_read)
 
