@@ -599,3 +599,18 @@ async def test_publishing_goes_to_the_database_of_the_url(redis_url: str) -> Non
         assert admin.xlen(history_key("u")) == 2
         assert not default.exists(history_key("u"))
         admin.flushdb()
+
+
+def test_tasks_rank_by_when_they_started_in_whole_microseconds(redis_url: str) -> None:
+    before = time.time_ns() // 1000
+    with Publisher(redis_url) as publisher:
+        publisher.publish_many([progress_event("ranked", task, progress=1) for task in "xyz"])
+        publisher.progress("ranked", "w", progress=1)
+    after = time.time_ns() // 1000
+    with redis.Redis.from_url(redis_url) as admin:
+        ranked = admin.zrange(active_key("ranked"), 0, -1, withscores=True)
+    assert [member.decode() for member, _ in ranked] == ["x", "y", "z", "w"]
+    scores = [score for _, score in ranked]
+    # Whole numbers: Redis keeps them as integers instead of parsing them again and again.
+    assert all(score == int(score) for score in scores)
+    assert before <= scores[0] < scores[1] < scores[2] < scores[3] <= after + 4

@@ -33,7 +33,7 @@ PUBLISH_SCRIPT = """
 -- batch's end result needs is written once per task and user, after the last event:
 -- a task's hash (its values merged in event order), trimming, TTLs.
 -- KEYS: epoch
--- ARGV: history size, history ttl, active ttl, candidate epoch, now (created score),
+-- ARGV: history size, history ttl, active ttl, candidate epoch, now in microseconds,
 --       the batch (below), and under Redis Cluster the epoch's ttl.
 --       The batch: pieces separated by NUL (no piece contains one), where counts and
 --       numbers are two characters each (`NUMBER_TEXT`):
@@ -244,7 +244,9 @@ local function publish(n)
   else
     if not task.active then
       -- A new run of this task id: a cancellation of an earlier run does not apply.
-      call('ZADD', user.active, format('%.6f', created + n * 1e-6), task.id)
+      -- Whole microseconds: Redis keeps an integer score as an integer, where a
+      -- fraction would be parsed again for each task that it passes on every insert.
+      call('ZADD', user.active, format('%d', created + n), task.id)
       call('DEL', task.cancel)
     end
     task.active, task.finished, task.ttl = true, false, active_ttl
@@ -545,7 +547,7 @@ def publish_call(
             history_ttl,
             max(ACTIVE_TASK_TTL_S, history_ttl),
             _candidate_epoch(),
-            time.time(),
+            time.time_ns() // 1000,  # the order tasks started in: their score
             batch,
             *([] if epoch_ttl is None else [epoch_ttl]),
         ],
