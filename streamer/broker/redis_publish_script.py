@@ -108,23 +108,15 @@ for n = 1, number() do
               reset = false, values = false, if_absent = false, stored = false,
               parts = false, ttl = false}
 end
--- Where each name goes among the JSON pieces (`json_parts`), false if it is not a
+-- Where each name goes among the JSON pieces (`json_parts`), nil if it is not a
 -- field of the JSON.
 local FIELD_AT = {__FIELD_AT__}
-local function places(list)
-  local at = {false, false, false, false, false, false, false, false}
-  for k = 1, #list do
-    at[k] = FIELD_AT[list[k]] or false
-  end
-  return at
-end
 local layouts = {}
 for n = 1, number() do
   local kind = piece()
   local fields, stamps, if_absent = names(), names(), names()
   layouts[n] = {kind = kind, terminal = kind == 'task_completed', fields = fields,
-                stamps = stamps, if_absent = if_absent, fields_at = places(fields),
-                stamps_at = places(stamps), if_absent_at = places(if_absent)}
+                stamps = stamps, if_absent = if_absent}
 end
 
 -- A task's values to set: its user id and task id, and the fields of its events.
@@ -198,31 +190,33 @@ local function publish(n)
   end
   parts[2] = layout.kind
   -- The event's values, read as `piece` does, without a function call for each.
-  local list, places = layout.fields, layout.fields_at
+  local list = layout.fields
   for k = 1, #list do
     local stop = find(data, '\\0', pos, true) or data_end
     local value = sub(data, pos, stop - 1)
     pos = stop + 1
     if value ~= 'null' then
-      values[list[k]] = value
-      local at = places[k]
+      local name = list[k]
+      values[name] = value
+      local at = FIELD_AT[name]
       if at then
         parts[at] = value
       end
     end
   end
-  list, places = layout.stamps, layout.stamps_at
+  list = layout.stamps
   for k = 1, #list do
     local stop = find(data, '\\0', pos, true) or data_end
     local value = sub(data, pos, stop - 1)
     pos = stop + 1
-    values[list[k]] = value
-    local at = places[k]
+    local name = list[k]
+    values[name] = value
+    local at = FIELD_AT[name]
     if at then
       parts[at] = value
     end
   end
-  list, places = layout.if_absent, layout.if_absent_at
+  list = layout.if_absent
   for k = 1, #list do
     local stop = find(data, '\\0', pos, true) or data_end
     local value = sub(data, pos, stop - 1)
@@ -230,7 +224,7 @@ local function publish(n)
     local name = list[k]
     if not values[name] and not if_absent[name] then
       if_absent[name] = value
-      local at = places[k]
+      local at = FIELD_AT[name]
       if at and (task.reset or not task.stored[name]) then
         parts[at] = value
       end
