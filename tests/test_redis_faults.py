@@ -529,3 +529,48 @@ async def test_a_subscription_asked_of_a_shard_just_replaced_is_asked_again_at_o
     shard.abandon()  # before `asked` has started
     with pytest.raises(redis_subscriber.Rerouted):
         await asyncio.wait_for(asked, 1)
+
+
+@pytest.fixture(scope="module")
+def unix_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """A private redis-server that also listens on a Unix socket: (its unix:// URL, and
+    its plain URL, for the test's own checks)."""
+    directory = tmp_path_factory.mktemp("redis-unix")
+    socket_path = directory / "redis.sock"
+    server = RedisServer(
+        directory, extra_args=["--unixsocket", str(socket_path), "--unixsocketperm", "700"]
+    )
+    server.start()
+    try:
+        yield f"unix://{socket_path}?db=0", server.url
+    finally:
+        server.stop()
+
+
+async def test_the_subscriber_reads_through_a_unix_socket_and_comes_back_when_killed(
+    unix_redis: tuple[str, str], user_id: str
+) -> None:
+    """Settings only TCP has (keepalive) are not given to a Unix socket's connection,
+    which redis-py would refuse: every subscription would fail."""
+    unix_url, plain_url = unix_redis
+    broker = RedisBroker(unix_url, history_size=100, history_ttl=60)
+    recorder = _Recorder()
+    await broker.start(recorder)
+    try:
+        assert await broker.ready()
+        await broker.subscribe(user_id)
+        with Publisher(unix_url) as sync_publisher:
+            published = [sync_publisher.progress(user_id, "t", progress=1)]
+        async with AsyncPublisher(unix_url) as publisher:
+            published += [await publisher.progress(user_id, "t", progress=n) for n in range(5)]
+            await eventually(lambda: recorder.deliveries == published, what="the first events")
+            with redis.Redis.from_url(plain_url) as admin:
+                assert admin.client_kill_filter(_type="pubsub") == 1
+            await eventually(
+                lambda: broker.subscriber.restarts == 1 and broker.subscriber.ready.is_set(),
+                what="the subscriber to be back",
+            )
+            published += [await publisher.progress(user_id, "t", progress=n) for n in range(5)]
+            await eventually(lambda: recorder.deliveries == published, what="the later events")
+    finally:
+        await broker.close()

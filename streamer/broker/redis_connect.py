@@ -236,6 +236,16 @@ def database(client: object) -> int:
     return int(settings.get("db") or 0)
 
 
+# What only a TCP connection takes: redis-py refuses it for a Unix socket.
+_TCP_ONLY_SETTINGS = ("socket_keepalive", "socket_keepalive_options")
+
+
+def _for_transport(url: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    if url.startswith("unix:"):
+        return {name: value for name, value in kwargs.items() if name not in _TCP_ONLY_SETTINGS}
+    return kwargs
+
+
 def redis_client(url: str, *, blocking: bool = False, **kwargs: Any) -> AsyncClient:
     """An asyncio client for `url`. With `blocking`, the pool (`max_connections`,
     `timeout`) makes callers wait for a free connection (not under Redis Cluster,
@@ -258,6 +268,7 @@ def redis_client(url: str, *, blocking: bool = False, **kwargs: Any) -> AsyncCli
         )
         client.sentinels = tuple(sentinel.sentinels)
         return client
+    kwargs = _for_transport(url, kwargs)
     if blocking:
         pool = aioredis.BlockingConnectionPool.from_url(url, **kwargs)
         return aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
@@ -284,7 +295,7 @@ def redis_client_sync(url: str, **kwargs: Any) -> SyncClient:
         )
         client.sentinels = tuple(sentinel.sentinels)
         return client
-    return redis.Redis.from_url(url, **kwargs)
+    return redis.Redis.from_url(url, **_for_transport(url, kwargs))
 
 
 FENCE_SCRIPT = """
