@@ -139,7 +139,22 @@ def _redis_url(name: str, raw: str) -> str:
     if parts.scheme != "unix" and not re.fullmatch(r"/?|/[0-9]+", parts.path):
         # redis-py would quietly use database 0 instead.
         raise ConfigError(f"{name}: the database after the host must be a number, got {shown!r}")
+    _check_connection_settings(name, raw, shown)
     return raw
+
+
+def _check_connection_settings(name: str, raw: str, shown: str) -> None:
+    """redis-py hands the URL's query (`?socket_timeout=5`, `?ssl_ca_certs=...`) to each
+    connection it makes: an unknown or malformed setting would fail every connection,
+    so a connection is made here, without connecting it."""
+    import redis
+
+    try:
+        redis.ConnectionPool.from_url(raw).make_connection()
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"{name} has a setting redis-py does not take ({exc}): {shown!r}"
+        ) from None
 
 
 def _split(name: str, raw: str, shown: str) -> SplitResult:
@@ -185,7 +200,15 @@ def _origins(name: str, raw: str) -> tuple[str, ...]:
             origins.append(origin)
             continue
         parts = _split(name, origin, item.strip())
-        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path:
+        # Only scheme, host and port: a browser's Origin never has more, so an entry
+        # with a path, query, fragment or user would never match.
+        only_host = origin.lower() == f"{parts.scheme}://{parts.netloc}".lower()
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or not only_host
+            or "@" in parts.netloc
+        ):
             raise ConfigError(
                 f"{name} must be a comma-separated list of origins such as "
                 f"https://app.example.com (or *), got {item.strip()!r}"

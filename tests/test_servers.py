@@ -161,6 +161,11 @@ def test_streamer_serve_refuses_a_port_out_of_range(process_env: dict[str, str])
         ("STREAMER_ALLOWED_ORIGINS", "https://a.example:99999", "has a bad port"),
         ("STREAMER_REDIS_URL", "redis://[::1", "STREAMER_REDIS_URL is not a URL"),
         ("STREAMER_REDIS_URL", "redis://localhost/abc", "the database after the host"),
+        ("STREAMER_REDIS_URL", "redis://localhost/0?foo=bar", "a setting redis-py does not take"),
+        ("STREAMER_REDIS_URL", "unix:///run/r.sock?db=x", "a setting redis-py does not take"),
+        ("STREAMER_ALLOWED_ORIGINS", "https://a.example?x=1", "STREAMER_ALLOWED_ORIGINS must be"),
+        ("STREAMER_ALLOWED_ORIGINS", "https://a.example#top", "STREAMER_ALLOWED_ORIGINS must be"),
+        ("STREAMER_ALLOWED_ORIGINS", "https://me@a.example", "STREAMER_ALLOWED_ORIGINS must be"),
         ("STREAMER_AUTH_URL", "http://[::1", "STREAMER_AUTH_URL is not a URL"),
     ],
 )
