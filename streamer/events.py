@@ -99,12 +99,11 @@ def _require_unicode(name: str, value: str) -> None:
         raise EventError(f"{name} must be valid Unicode text (no lone surrogates)") from None
 
 
-_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")
-
-
 def validate_identifier(name: str, value: object) -> str:
-    """User and task ids: non-empty strings (numbers become their decimal string, UUIDs,
-    as Django's UUID primary keys, their usual text)."""
+    """User and task ids: non-empty strings of printable characters (numbers become their
+    decimal string, UUIDs, as Django's UUID primary keys, their usual text). Printable
+    as tokens' subjects must be: no control, format (such as a right-to-left override)
+    or separator characters other than the space, and no lone surrogates."""
     if isinstance(value, bool):
         raise EventError(f"{name} must be a string, got a boolean")
     if isinstance(value, int | uuid.UUID):
@@ -113,9 +112,9 @@ def validate_identifier(name: str, value: object) -> str:
         raise EventError(f"{name} must be a string")
     if not value or len(value) > MAX_ID_LENGTH:
         raise EventError(f"{name} must be 1 to {MAX_ID_LENGTH} characters long")
-    if _CONTROL_CHARACTER.search(value):
-        raise EventError(f"{name} must not contain control characters")
-    _require_unicode(name, value)
+    if not value.isprintable():
+        _require_unicode(name, value)
+        raise EventError(f"{name} must be printable: no control, format or separator characters")
     return value
 
 

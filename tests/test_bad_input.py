@@ -9,7 +9,8 @@ from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient
 
 from streamer.app_keys import BROKER
-from streamer.events import EventError, progress_event
+from streamer.auth.tokens import InvalidToken, issue_token, verify_token
+from streamer.events import EventError, progress_event, validate_identifier
 
 from .clients import SseReader, ws_close_code, ws_json
 
@@ -108,6 +109,30 @@ def test_control_characters_are_refused_in_ids() -> None:
             progress_event("user", bad, progress=1)
         with pytest.raises(EventError):
             progress_event(bad, "task", progress=1)
+
+
+@pytest.mark.parametrize(
+    "user_id",
+    ["42", "é", "a b", "ünïcode ✓", "a\u00a0b", "\u202eevil", "a\x85b", "a\u2028b", "a\u200bb"],
+)
+def test_an_id_is_valid_where_a_token_can_carry_it(user_id: str) -> None:
+    """A publisher must not accept a user id that no token can name: its events would be
+    stored for nobody (a no-break space, a right-to-left override, C1 controls...)."""
+    secret = "s" * 40
+    try:
+        validate_identifier("user_id", user_id)
+    except EventError:
+        accepted = False
+    else:
+        accepted = True
+    try:
+        verify_token(secret, issue_token(secret, user_id))
+    except InvalidToken:
+        verifiable = False
+    else:
+        verifiable = True
+    assert accepted == verifiable
+    assert accepted == (user_id in ("42", "é", "a b", "ünïcode ✓"))
 
 
 async def test_bad_last_event_ids_are_answered_with_a_fresh_snapshot(

@@ -4,6 +4,7 @@ UTF-16 surrogate on a live connection."""
 from __future__ import annotations
 
 import json
+import unicodedata
 from typing import Any
 
 import pytest
@@ -38,7 +39,23 @@ task_id_values = st.one_of(
     st.text(),
     st.integers(),
     st.text(min_size=MAX_ID_LENGTH - 2, max_size=MAX_ID_LENGTH + 2),
-    st.sampled_from(["", " ", "a\nb", "a\rb", "\x00", "\x1f", "\x7f", "\x85", "\u2028", "é"]),
+    st.sampled_from(
+        [
+            "",
+            " ",
+            "a b",
+            "a\nb",
+            "a\rb",
+            "\x00",
+            "\x1f",
+            "\x7f",
+            "\x85",
+            "\u2028",
+            "é",
+            "a\u00a0b",
+            "\u202e",
+        ]
+    ),
     # Lone UTF-16 surrogates: valid in JSON ("\ud800"), not encodable as UTF-8.
     st.lists(st.characters(categories=["Cs"]) | st.characters(), min_size=1, max_size=8).map(
         "".join
@@ -46,8 +63,14 @@ task_id_values = st.one_of(
 )
 
 
-def is_control(ch: str) -> bool:
-    return ord(ch) < 32 or ord(ch) == 127
+def unprintable(ch: str) -> bool:
+    """Control, format, surrogate, private-use, unassigned, or a separator other than
+    the space: what no id (nor a token's subject) may hold."""
+    category = unicodedata.category(ch)
+    return category in UNPRINTABLE or (category == "Zs" and ch != " ")
+
+
+UNPRINTABLE = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 
 
 def check_command(text: str) -> Command | CommandError:
@@ -63,7 +86,7 @@ def check_command(text: str) -> Command | CommandError:
     if command.type in NEEDS_TASK_ID:
         assert isinstance(command.task_id, str)
         assert 1 <= len(command.task_id) <= MAX_ID_LENGTH
-        assert not any(is_control(ch) for ch in command.task_id)
+        assert not any(unprintable(ch) for ch in command.task_id)
         command.task_id.encode("utf-8")  # the reply echoes it: it must be sendable
     else:
         assert command.task_id is None
@@ -90,15 +113,15 @@ def test_parse_command_on_arbitrary_json(value: object) -> None:
 
 
 def expected_task_id(value: object) -> str | None:
-    """The contract for ids: non-empty strings without control characters or lone
-    surrogates (numbers become their decimal string); None when the value must be refused."""
+    """The contract for ids: non-empty strings of printable characters (numbers become
+    their decimal string); None when the value must be refused."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
         value = str(value)
     if not isinstance(value, str) or not 1 <= len(value) <= MAX_ID_LENGTH:
         return None
-    if any(is_control(ch) or 0xD800 <= ord(ch) <= 0xDFFF for ch in value):
+    if any(unprintable(ch) for ch in value):
         return None
     return value
 
