@@ -591,3 +591,29 @@ async def test_the_embedded_broker_forgets_what_redis_would_expire() -> None:
     assert [t["task_id"] for t in (await broker.snapshot("u")).tasks] == ["busy"]
     assert await broker.task_state("u", "abandoned") is None
     assert not await broker.is_cancelled("u", "abandoned")
+
+
+@pytest.mark.parametrize("read", ["task_state", "snapshot", "is_cancelled", "request_cancel"])
+async def test_the_embedded_broker_expires_what_is_read_without_a_publish(read: str) -> None:
+    """As Redis does when a key is read: with nobody publishing, a finished task is gone
+    after the history's TTL, and an unfinished one quiet for a week with its cancel
+    request, whichever read comes first."""
+    now = [1000.0]
+    broker = MemoryBroker(history_size=10, history_ttl=60, clock=lambda: now[0])
+    await broker.publish(completed_event("u", "done"))
+    await broker.publish(progress_event("u", "abandoned", progress=5))
+    assert await broker.request_cancel("u", "abandoned")
+    now[0] += 61
+    if read == "task_state":
+        assert await broker.task_state("u", "done") is None
+        assert await broker.task_state("u", "abandoned") is not None
+    now[0] += 7 * 86400
+    if read == "task_state":
+        assert await broker.task_state("u", "abandoned") is None
+    elif read == "snapshot":
+        assert (await broker.snapshot("u")).tasks == []
+    elif read == "is_cancelled":
+        assert await broker.is_cancelled("u", "abandoned") is False
+    else:
+        assert await broker.request_cancel("u", "abandoned") is False
+    assert await broker.task_state("u", "done") is None

@@ -86,7 +86,8 @@ class MemoryBroker(Broker):
         return history
 
     def _sweep(self) -> None:
-        """Forget what Redis would have expired: idle histories, old finished tasks."""
+        """Forget what Redis would have expired by now (idle histories, old finished
+        tasks), every SWEEP_INTERVAL_S; what is read is checked when it is read."""
         now = self._clock()
         if now - self._last_sweep < SWEEP_INTERVAL_S:
             return
@@ -94,25 +95,40 @@ class MemoryBroker(Broker):
         for user_id in list(self._histories):
             self._history(user_id)
         for user_id, tasks in list(self._users.items()):
-            for task_id, finished in list(tasks.finished.items()):
-                if now - finished > self._history_ttl:
-                    del tasks.finished[task_id]
-                    tasks.states.pop(task_id, None)
-                    tasks.last_event.pop(task_id, None)
-            # As in Redis: an unfinished task whose producer went quiet for a week (it
-            # died) leaves the snapshots, and its cancel request with it.
+            for task_id in list(tasks.states):
+                self._expired(user_id, tasks, task_id)
+
+    def _expired(self, user_id: str, tasks: _UserTasks, task_id: str) -> bool:
+        """Whether the task's state is gone, as Redis expires it: a finished task after
+        the history's TTL, and (its producer died) an unfinished one quiet for a week,
+        with its cancel request. Forgets it then."""
+        if task_id not in tasks.states:
+            return True
+        now = self._clock()
+        finished = tasks.finished.get(task_id)
+        if finished is not None:
+            expired = now - finished > self._history_ttl
+        else:
             active_ttl = max(ACTIVE_TASK_TTL_S, self._history_ttl)
-            for task_id in list(tasks.active):
-                if now - tasks.last_event.get(task_id, now) > active_ttl:
-                    del tasks.active[task_id]
-                    tasks.states.pop(task_id, None)
-                    tasks.last_event.pop(task_id, None)
-                    self._cancelled.discard((user_id, task_id))
+            expired = now - tasks.last_event.get(task_id, now) > active_ttl
+        if expired:
+            for kept in (tasks.states, tasks.finished, tasks.active, tasks.last_event):
+                kept.pop(task_id, None)
+            self._cancelled.discard((user_id, task_id))
             if not tasks.states:
-                del self._users[user_id]
+                self._users.pop(user_id, None)
+        return expired
+
+    def _tasks(self, user_id: str, task_id: str) -> _UserTasks | None:
+        """The user's tasks, `task_id`'s state checked for expiry."""
+        self._sweep()
+        tasks = self._users.get(user_id)
+        if tasks is not None:
+            self._expired(user_id, tasks, task_id)
+        return self._users.get(user_id)
 
     async def publish(self, event: TaskEvent) -> EventId:
-        self._sweep()
+        self._tasks(event.user_id, event.task_id)
         tasks = self._users.setdefault(event.user_id, _UserTasks())
         update = event.state_update()
         flag = (event.user_id, event.task_id)
@@ -165,11 +181,16 @@ class MemoryBroker(Broker):
         history = self._history(user_id)
         if history is None:
             history = self._new_history(user_id, self._next_id())
+        self._sweep()
         tasks = self._users.get(user_id)
         if tasks is None:
             return Snapshot([], history.position)
         newest_first = sorted(tasks.active.items(), key=lambda item: item[1], reverse=True)
-        ids = [task for task, _ in newest_first if task_id is None or task == task_id]
+        ids = [
+            task
+            for task, _ in newest_first
+            if (task_id is None or task == task_id) and not self._expired(user_id, tasks, task)
+        ]
         states = [full_task_state(tasks.states[task]) for task in ids[:MAX_SNAPSHOT_TASKS]]
         truncated = len(ids) > MAX_SNAPSHOT_TASKS
         size = 0
@@ -181,19 +202,20 @@ class MemoryBroker(Broker):
         return Snapshot(states, history.position, truncated=truncated)
 
     async def task_state(self, user_id: str, task_id: str) -> TaskState | None:
-        tasks = self._users.get(user_id)
+        tasks = self._tasks(user_id, task_id)
         if tasks is None or task_id not in tasks.states:
             return None
         return full_task_state(tasks.states[task_id])
 
     async def request_cancel(self, user_id: str, task_id: str) -> bool:
-        tasks = self._users.get(user_id)
+        tasks = self._tasks(user_id, task_id)
         if tasks is None or task_id not in tasks.active:
             return False
         self._cancelled.add((user_id, task_id))
         return True
 
     async def is_cancelled(self, user_id: str, task_id: str) -> bool:
+        self._tasks(user_id, task_id)
         return (user_id, task_id) in self._cancelled
 
     async def replay(self, user_id: str, after: str, limit: int | None = None) -> Replay:
