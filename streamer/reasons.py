@@ -25,6 +25,7 @@ class Reason(enum.Enum):
     SHUTDOWN = "shutdown"  # the process is stopping or reloading
     EXPIRED = "expired"  # the access token expired
     RATE_LIMIT = "rate_limit"  # the client kept sending commands past its rate
+    ANSWERED = "answered"  # a long poll got its answer (events, or none by its timeout)
     # Ended by the client.
     CLIENT_CLOSED = "client_closed"
 

@@ -142,6 +142,9 @@ async def test_a_poll_without_events_times_out_empty_with_the_same_id(
     assert status == 200 and headers["Cache-Control"] == "no-store"
     assert body == {"events": [], "last_event_id": first["last_event_id"]}
     assert POLL_TIMEOUT_S * 0.9 <= elapsed < POLL_TIMEOUT_S * 3
+    # Answered, both of them: the server ended them, the client did not leave.
+    ended = client.app[HUB].ended
+    assert (ended[Reason.ANSWERED], ended[Reason.CLIENT_CLOSED]) == (2, 0)
 
 
 async def test_resume_gets_exactly_the_events_after_the_id_in_order(
@@ -307,6 +310,7 @@ async def test_a_poll_the_client_abandons_is_detached(
     hub = client.app[HUB]
     held.cancel()
     await eventually(lambda: hub.open_count("poll") == 0, what="the abandoned poll detached")
+    assert (hub.ended[Reason.CLIENT_CLOSED], hub.ended[Reason.ANSWERED]) == (1, 1)  # 1: opening
 
 
 async def test_an_event_is_encoded_once_for_a_hundred_held_polls(

@@ -106,7 +106,8 @@ async def test_one_process_counts_deliveries_replays_latency_and_refusals(
     assert value(text, "streamer_events_sent_total", transport="websocket") == 2  # snapshot, event
     assert value(text, "streamer_events_sent_total", transport="sse") == 5  # + snapshot, 2 replayed
     assert value(text, "streamer_events_replayed_total") == 4  # over SSE, then a poll
-    assert value(text, "streamer_disconnects_total", reason="client_closed") == 4
+    assert value(text, "streamer_disconnects_total", reason="client_closed") == 3
+    assert value(text, "streamer_disconnects_total", reason="answered") == 1  # the poll
     assert value(text, "streamer_refusals_total", reason="unauthorized") == 1
     assert value(text, "streamer_events_published_total") == 3
     assert value(text, "streamer_broker_reconnects_total") == 0

@@ -19,6 +19,7 @@ from streamer.broker.redis import RedisBroker
 from streamer.broker.redis_schema import user_channel
 from streamer.config import Config
 from streamer.publisher import AsyncPublisher, BrokerUnavailable, Publisher
+from streamer.reasons import Reason
 from streamer.wire import Delivery, EventId
 
 from .certificates import self_signed_certificate
@@ -97,11 +98,15 @@ async def test_redis_down_keeps_connections_and_reports_unavailable(
                 json={"user_id": user_id, "task_id": "t", "progress": 1},
                 headers={"X-API-Key": PUBLISH_KEY},
             )
-            assert refused.status == 503
+            assert refused.status == 503 and refused.headers["Retry-After"] == "1"
             with pytest.raises(BrokerUnavailable):
                 await redis_client.app[BROKER].snapshot(user_id)
             new_sse = await redis_client.get(f"/sse/tasks/?token={token}")
             assert new_sse.status == 503
+            new_poll = await redis_client.get(f"/poll/tasks/?token={token}")
+            assert new_poll.status == 503 and "Retry-After" in new_poll.headers
+            # Refused as their snapshot could not be read: counted as refusals.
+            assert redis_client.app[HUB].refused[Reason.BROKER_UNAVAILABLE] == 2
             assert not ws.closed
         finally:
             redis_server.start()

@@ -149,6 +149,7 @@ async def open_stream(
         opened = True
         return opening
     except BrokerUnavailable as exc:
+        hub.refused[Reason.BROKER_UNAVAILABLE] += 1
         raise Refused(Reason.BROKER_UNAVAILABLE, f"{exc}; try again") from None
     finally:
         if not opened:

@@ -37,7 +37,7 @@ from ..config import Config
 from ..rate_limit import BucketsByKey, command_burst
 from ..reasons import Refused
 from .admission import check_origin, cookie_usable
-from .common import json_error
+from .common import json_error, unavailable
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +98,9 @@ async def _answer(request: web.Request, kind: CommandType) -> web.Response:
         response.headers["WWW-Authenticate"] = 'Bearer realm="streamer"'
         return response
     except SessionStoreUnavailable as exc:
-        return _unavailable(f"{exc}; try again")
+        return unavailable(f"{exc}; try again")
     except AuthUnavailable as exc:
-        return _unavailable(f"{exc}; try again", code="auth_unavailable")
+        return unavailable(f"{exc}; try again", code="auth_unavailable")
     bucket = request.app[COMMAND_BUCKETS].get(identity.user_id)
     if not bucket.take():
         response = json_error(
@@ -116,7 +116,7 @@ async def _answer(request: web.Request, kind: CommandType) -> web.Response:
         outcome = await run(request.app[BROKER], identity.user_id, command)
     except BrokerUnavailable as exc:
         log.warning("%s %s: %s", request.method, request.path, exc)
-        return _unavailable(BROKER_UNAVAILABLE_MESSAGE)
+        return unavailable(BROKER_UNAVAILABLE_MESSAGE)
     if not outcome.found:
         # Unknown and another user's task answer alike, to the byte.
         return json_error(404, "task_not_found", TASK_NOT_FOUND)
@@ -143,12 +143,6 @@ def _origin_refusal(request: web.Request) -> str | None:
     if request.method == "POST" and cookie and "Origin" not in request.headers:
         return "a POST with a cookie as credentials must carry an Origin header"
     return None
-
-
-def _unavailable(message: str, code: str = "broker_unavailable") -> web.Response:
-    response = json_error(503, code, message)
-    response.headers["Retry-After"] = "1"
-    return response
 
 
 async def preflight(request: web.Request) -> web.Response:

@@ -16,3 +16,10 @@ def worker_header() -> dict[str, str]:
 
 def json_error(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"type": "error", "code": code, "message": message}, status=status)
+
+
+def unavailable(message: str, code: str = "broker_unavailable") -> web.Response:
+    """A 503 the client may retry in a second."""
+    response = json_error(503, code, message)
+    response.headers["Retry-After"] = "1"
+    return response

@@ -116,7 +116,7 @@ async def poll_handler(request: web.Request) -> web.StreamResponse:
             if not sent:
                 position = None  # nothing of the opening went out
     finally:
-        hub.detach(connection, connection.close_reason or Reason.CLIENT_CLOSED)
+        hub.detach(connection, connection.close_reason or _how_it_ended(socket))
     # Built after the detach: no event is added to the collector from here on, and
     # `last_event_id` is the id of the last message in the body, or where the opening
     # stands when that is further (a task filter left out the replay's last events).
@@ -143,6 +143,11 @@ async def _wait(collector: Collector, connection: Connection, timeout_s: float) 
         ended.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await ended
+
+
+def _how_it_ended(socket: asyncio.BaseTransport) -> Reason:
+    """A poll is answered, unless its client left first."""
+    return Reason.CLIENT_CLOSED if socket.is_closing() else Reason.ANSWERED
 
 
 def _close_transport(reason: Reason, backed_up: bool) -> None:

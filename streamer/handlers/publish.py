@@ -11,7 +11,7 @@ from ..app_keys import BROKER, CONFIG, METRICS
 from ..broker.base import BrokerUnavailable
 from ..events import MAX_JSON_DEPTH, EventError, event_from_payload
 from ..request_body import read_body
-from .common import json_error
+from .common import json_error, unavailable
 
 MAX_BODY_BYTES = 128 * 1024
 
@@ -41,6 +41,6 @@ async def publish_handler(request: web.Request) -> web.Response:
     try:
         event_id = await request.app[BROKER].publish(event)
     except BrokerUnavailable as exc:
-        return json_error(503, "broker_unavailable", str(exc))
+        return unavailable(f"{exc}; try again")
     request.app[METRICS].events_published.inc()
     return web.json_response({"id": str(event_id)}, status=202)
