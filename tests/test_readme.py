@@ -1,10 +1,11 @@
-"""What a new user copies from the README and meets first: the Celery snippet runs as
-shown, the soak table is what the soak prints, a second `streamer serve` on a used port
-says so in one line, and messages name `python3`."""
+"""What a new user copies from the README and meets first: the Celery and Publisher
+snippets run as shown, the soak table is what the soak prints, a second `streamer serve`
+on a used port says so in one line, and messages name `python3`."""
 
 from __future__ import annotations
 
 import ast
+import json
 import re
 import subprocess
 from collections.abc import Callable
@@ -12,10 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from aiohttp.test_utils import TestClient
 
 from bench.soak import FAULT_COUNTS, evaluate
+from streamer.broker.redis_schema import CANCEL_SCRIPT, cancel_call, task_key
 from streamer.config import Config, ConfigError
+from streamer.publisher import Publisher
 
 from .processes import BIN, ServerProcess
 from .test_soak import DURATION_S, SETTINGS
@@ -140,3 +144,27 @@ def test_messages_and_docs_name_python3() -> None:
 def test_security_policy_says_how_to_report_a_vulnerability() -> None:
     policy = (ROOT / "SECURITY.md").read_text()
     assert "\n## Reporting a vulnerability\n" in policy
+
+
+def test_the_publisher_snippet_runs_as_shown(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    snippet = code_blocks(section("## Producers"), "python")[0]
+    monkeypatch.setenv("STREAMER_REDIS_URL", redis_url)
+    saved: list[list[int]] = []
+    namespace: dict[str, Any] = {"save": saved.append}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    batches = [[1, 2], [3], [4, 5, 6]]
+    namespace["import_rows"]("readme-user", "readme-import", batches)
+    assert saved == batches
+    with Publisher(redis_url) as publisher:
+        publisher.progress("readme-user", "readme-cancelled", progress=1)
+    with redis.Redis.from_url(redis_url) as admin:
+        cancel = cancel_call("readme-user", "readme-cancelled")
+        assert admin.eval(CANCEL_SCRIPT, len(cancel.keys), *cancel.keys, *cancel.args) == 1
+        namespace["import_rows"]("readme-user", "readme-cancelled", batches)
+        assert saved == batches  # a cancelled job saves nothing more
+        done = json.loads(admin.hget(task_key("readme-user", "readme-import"), "result_data"))
+        status = admin.hget(task_key("readme-user", "readme-cancelled"), "status")
+    assert done == {"rows": 6}
+    assert json.loads(status) == "REVOKED"
