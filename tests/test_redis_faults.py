@@ -344,6 +344,53 @@ async def test_redis_restart(
         server.stop()
 
 
+async def test_redis_back_from_an_older_save_makes_clients_resync(
+    aiohttp_client: Callable[..., object],
+    tmp_path_factory: pytest.TempPathFactory,
+    token_for: TokenFor,
+    user_id: str,
+) -> None:
+    """Redis restarted from its last save (RDB), older than the last events: they are
+    gone, though the epoch came back with the save and later events follow them. A
+    client resuming from one of them is told (`recovered: false`), as is one that
+    stayed connected, instead of silently missing them."""
+    server = RedisServer(tmp_path_factory.mktemp("redis-rollback"))
+    server.start()
+    try:
+        config = Config(secret=SECRET, redis_url=server.url)
+        client: TestClient = await aiohttp_client(await create_app(config))  # type: ignore[misc]
+        token = token_for(user_id)
+        async with AsyncPublisher(server.url) as publisher:
+            await publisher.progress(user_id, "job", progress=10)
+        with redis.Redis.from_url(server.url) as admin:
+            assert admin.save()
+        async with client.ws_connect(f"/ws/tasks/?token={token}") as ws:
+            await ws_json(ws)
+            async with AsyncPublisher(server.url) as publisher:
+                lost = await publisher.progress(user_id, "job", progress=40)
+                assert (await ws_json(ws))["id"] == lost
+                done = await publisher.completed(user_id, "job")
+                assert (await ws_json(ws))["id"] == done
+            server.stop()
+            server.start()  # from the save: the job at 10%, running
+            async with AsyncPublisher(server.url) as publisher:
+                after = await publisher.progress(user_id, "other", progress=1)
+            resync = await ws_json(ws)
+            if resync["type"] != "active_tasks":  # live, as the subscriber caught up
+                assert resync["id"] == after
+                resync = await ws_json(ws)
+            assert resync["type"] == "active_tasks" and resync["recovered"] is False
+            assert "job" in [task["task_id"] for task in resync["tasks"]]
+        async with client.ws_connect(f"/ws/tasks/?token={token}&last_event_id={lost}") as late:
+            resumed = await ws_json(late)
+            assert resumed["type"] == "active_tasks" and resumed["recovered"] is False
+            progress = {task["task_id"]: task["progress"] for task in resumed["tasks"]}
+            assert progress == {"job": 10, "other": 1}
+            assert resumed["id"] == after
+    finally:
+        server.stop()
+
+
 class _Recorder:
     """A listener that keeps what the broker hands it."""
 

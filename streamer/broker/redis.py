@@ -407,15 +407,16 @@ class RedisBroker(Broker):
         self, user_id: str, resume_point: EventId, limit: int | None = None
     ) -> Replay:
         """The user's events after `resume_point`; incomplete when some may be missing
-        (another epoch, the history gone, or trimmed past the point)."""
+        (another epoch, the history gone, trimmed past the point, or the point lost with
+        data Redis no longer has)."""
         key = history_key(user_id)
         epoch_key = user_epoch_key(user_id) if self._cluster else EPOCH_KEY
         # The range is read before the trim marker (XINFO): a trim in between can
         # only make the answer more cautious, never hide a gap.
         try:
-            epoch_raw, raw_entries, exists = await self._replay_script(
+            epoch_raw, raw_entries, exists, here = await self._replay_script(
                 keys=[epoch_key, key],
-                args=[f"({resume_point.stream_id}", *([] if limit is None else [limit])],
+                args=[resume_point.stream_id, *([] if limit is None else [limit])],
             )
         except ResponseError:  # an id Redis cannot use is an unknown id
             return Replay([], complete=False)
@@ -432,6 +433,11 @@ class RedisBroker(Broker):
         if last_generated is not None and point > last_generated:
             return Replay([], complete=False)
         if max_deleted is not None and max_deleted > point:
+            return Replay([], complete=False)
+        if not here and max_deleted != point:
+            # Neither an entry nor deleted (trimmed, or a snapshot's placeholder): Redis
+            # restarted from a save older than the point, and what came after the save
+            # is gone, though events published since then follow it.
             return Replay([], complete=False)
         last_read = None
         if entries and (last := _stream_id(entries[-1][0])) is not None:

@@ -137,16 +137,19 @@ return {states, position, epoch, truncated}
 """
 
 REPLAY_SCRIPT = """
--- KEYS: epoch, history stream; ARGV: where to start (an exclusive id, "(ms-seq"), and
--- optionally how many entries at most. One atomic read: the epoch, what came after
--- the resume point, whether the history exists.
-local entries
+-- KEYS: epoch, history stream; ARGV: the resume point (a stream id), and optionally
+-- how many entries at most. One atomic read: the epoch, what came after the resume
+-- point, whether the history exists, and whether the resume point is one of its
+-- entries (a point that is not, and was not deleted, was lost with the data that held
+-- it: Redis went back to an older save).
+local after, entries = '(' .. ARGV[1]
 if ARGV[2] then
-  entries = redis.call('XRANGE', KEYS[2], ARGV[1], '+', 'COUNT', ARGV[2])
+  entries = redis.call('XRANGE', KEYS[2], after, '+', 'COUNT', ARGV[2])
 else
-  entries = redis.call('XRANGE', KEYS[2], ARGV[1], '+')
+  entries = redis.call('XRANGE', KEYS[2], after, '+')
 end
-return {redis.call('GET', KEYS[1]), entries, redis.call('EXISTS', KEYS[2])}
+local here = #redis.call('XRANGE', KEYS[2], ARGV[1], ARGV[1])
+return {redis.call('GET', KEYS[1]), entries, redis.call('EXISTS', KEYS[2]), here}
 """
 
 CANCEL_SCRIPT = """
