@@ -151,7 +151,7 @@ class ProgressTask(Task):
         without a user. Raises `TaskCancelled` when the user cancelled the task."""
         request = self.request
         user_id = self.streamer_user_id(request.args or (), request.kwargs or {})
-        if request.id is None or user_id is None:
+        if request.id is None or user_id is None or not self._streamable(request.id):
             return None
         started_at = getattr(request, "streamer_started_at", None)
         event = progress_event(
@@ -183,6 +183,8 @@ class ProgressTask(Task):
                 self.streamer_user_kwarg,
             )
             return
+        if not self._streamable(task_id, warn=True):
+            return
         if self._cancelled(user_id, task_id):  # while waiting for a retry, say
             self._end_cancelled(user_id, task_id)
         self._publish(
@@ -200,7 +202,7 @@ class ProgressTask(Task):
         self, retval: Any, task_id: str, args: Sequence[Any], kwargs: Mapping[str, Any]
     ) -> None:
         user_id = self.streamer_user_id(args, kwargs)
-        if user_id is None:
+        if user_id is None or not self._streamable(task_id):
             return
         result = (
             retval if isinstance(retval, dict) else {} if retval is None else {"result": retval}
@@ -221,7 +223,7 @@ class ProgressTask(Task):
         einfo: Any,
     ) -> None:
         user_id = self.streamer_user_id(args, kwargs)
-        if user_id is None:
+        if user_id is None or not self._streamable(task_id):
             return
         message = _truncate(_describe(exc))
         self._publish(completed_event(user_id, task_id, status="FAILURE", error_message=message))
@@ -235,7 +237,7 @@ class ProgressTask(Task):
         einfo: Any,
     ) -> None:
         user_id = self.streamer_user_id(args, kwargs)
-        if user_id is None:
+        if user_id is None or not self._streamable(task_id):
             return
         step = _truncate(f"retrying after: {_describe(exc)}")
         self._publish(progress_event(user_id, task_id, status="RETRY", current_step=step))
@@ -263,6 +265,18 @@ class ProgressTask(Task):
         except EventError as exc:
             log.warning("task %s: progress not published: %s", self.name, exc)
             return None
+
+    def _streamable(self, task_id: str, *, warn: bool = False) -> bool:
+        """Whether the task id can name a task on a stream; one chosen by hand
+        (`apply_async(task_id=...)`) may not be (the job runs all the same, its
+        progress unpublished)."""
+        try:
+            validate_identifier("task_id", task_id)
+        except EventError as exc:
+            if warn:
+                log.warning("task %s[%r]: progress not published: %s", self.name, task_id, exc)
+            return False
+        return True
 
     def streamer_revokes(self) -> bool:
         """Whether a cancel request revokes this task (see the module's docstring)."""

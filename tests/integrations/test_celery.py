@@ -181,6 +181,25 @@ async def test_a_task_of_a_user_with_a_uuid_for_an_id_runs_and_is_streamed(
 
 
 @pytest.mark.usefixtures("celery_worker")
+async def test_a_task_whose_id_cannot_be_streamed_runs_unreported(
+    session: aiohttp.ClientSession, token_for: TokenFor, user_id: str
+) -> None:
+    """A task id chosen by hand that no stream can carry (a no-break space) does not
+    fail the job: it runs, and its progress is not published."""
+    async with open_stream(session, "websocket", token_for(user_id)) as ws:
+        await ws.next()
+        unseen = resize_images.apply_async((2,), {"user_id": user_id}, task_id="job\u00a01")
+        assert await asyncio.to_thread(unseen.get, timeout=10) == {"images": 2}
+        marker = resize_images.apply_async((1,), {"user_id": user_id})
+        seen = []
+        while not seen or seen[-1] != (marker.id, "task_completed"):
+            received = await ws.next()
+            if received.type in EVENT_TYPES:
+                seen.append((received.message["task_id"], received.type))
+        assert {task_id for task_id, _ in seen} == {marker.id}
+
+
+@pytest.mark.usefixtures("celery_worker")
 async def test_a_failing_task_ends_failure_with_its_message(
     session: aiohttp.ClientSession, token_for: TokenFor, user_id: str
 ) -> None:
