@@ -7,7 +7,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import SplitResult, parse_qs, urlsplit
 
 MIN_SECRET_LENGTH = 32
 
@@ -146,12 +146,18 @@ def _redis_url(name: str, raw: str) -> str:
 def _check_connection_settings(name: str, raw: str, shown: str) -> None:
     """redis-py hands the URL's query (`?socket_timeout=5`, `?ssl_ca_certs=...`) to each
     connection it makes: an unknown or malformed setting would fail every connection,
-    so a connection is made here, without connecting it."""
+    so connections are made here, without connecting them, as the server (asyncio) and
+    the publishers (both kinds) make theirs."""
     import redis
+    import redis.asyncio
 
+    if "protocol" in parse_qs(urlsplit(raw).query):
+        # It would override the RESP2 the subscriber reads: no stream would open.
+        raise ConfigError(f"{name}: the protocol is streamer's to choose, not ?protocol=")
     try:
-        redis.ConnectionPool.from_url(raw).make_connection()
-    except (TypeError, ValueError) as exc:
+        for pool in (redis.ConnectionPool, redis.asyncio.ConnectionPool):
+            pool.from_url(raw).make_connection()
+    except (TypeError, ValueError, redis.RedisError) as exc:
         raise ConfigError(
             f"{name} has a setting redis-py does not take ({exc}): {shown!r}"
         ) from None

@@ -163,6 +163,8 @@ def test_streamer_serve_refuses_a_port_out_of_range(process_env: dict[str, str])
         ("STREAMER_REDIS_URL", "redis://localhost/abc", "the database after the host"),
         ("STREAMER_REDIS_URL", "redis://localhost/0?foo=bar", "a setting redis-py does not take"),
         ("STREAMER_REDIS_URL", "unix:///run/r.sock?db=x", "a setting redis-py does not take"),
+        ("STREAMER_REDIS_URL", "rediss://h:1?ssl_cert_reqs=no", "a setting redis-py does not take"),
+        ("STREAMER_REDIS_URL", "redis://localhost/0?protocol=3", "the protocol is streamer's"),
         ("STREAMER_ALLOWED_ORIGINS", "https://a.example?x=1", "STREAMER_ALLOWED_ORIGINS must be"),
         ("STREAMER_ALLOWED_ORIGINS", "https://a.example#top", "STREAMER_ALLOWED_ORIGINS must be"),
         ("STREAMER_ALLOWED_ORIGINS", "https://me@a.example", "STREAMER_ALLOWED_ORIGINS must be"),
