@@ -538,20 +538,25 @@ def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, s
         server.stop()
 
 
-async def test_the_subscriber_reads_through_tls_and_comes_back_when_killed(
-    tls_redis: tuple[str, str], user_id: str
+@pytest.mark.parametrize("transport", ["tls", "unix"])
+async def test_the_subscriber_reads_through_tls_or_a_unix_socket_and_comes_back_when_killed(
+    request: pytest.FixtureRequest, transport: str, user_id: str
 ) -> None:
     """The subscriber's reads are taken over on a TLS transport too: events arrive in
-    order, and a killed connection (its end of stream comes through TLS) is replaced."""
-    tls_url, plain_url = tls_redis
-    broker = RedisBroker(tls_url, history_size=100, history_ttl=60)
+    order, and a killed connection (its end of stream comes through TLS) is replaced.
+    A Unix socket's connection is not given settings only TCP has (keepalive), which
+    redis-py would refuse: every subscription would fail."""
+    url, plain_url = request.getfixturevalue(f"{transport}_redis")
+    broker = RedisBroker(url, history_size=100, history_ttl=60)
     recorder = _Recorder()
     await broker.start(recorder)
     try:
         assert await broker.ready()
         await broker.subscribe(user_id)
-        async with AsyncPublisher(tls_url) as publisher:
-            published = [await publisher.progress(user_id, "t", progress=n) for n in range(5)]
+        with Publisher(url) as sync_publisher:
+            published = [sync_publisher.progress(user_id, "t", progress=1)]
+        async with AsyncPublisher(url) as publisher:
+            published += [await publisher.progress(user_id, "t", progress=n) for n in range(5)]
             await eventually(lambda: recorder.deliveries == published, what="the first events")
             with redis.Redis.from_url(plain_url) as admin:
                 assert admin.client_kill_filter(_type="pubsub") == 1
@@ -597,32 +602,3 @@ def unix_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
         yield f"unix://{socket_path}?db=0", server.url
     finally:
         server.stop()
-
-
-async def test_the_subscriber_reads_through_a_unix_socket_and_comes_back_when_killed(
-    unix_redis: tuple[str, str], user_id: str
-) -> None:
-    """Settings only TCP has (keepalive) are not given to a Unix socket's connection,
-    which redis-py would refuse: every subscription would fail."""
-    unix_url, plain_url = unix_redis
-    broker = RedisBroker(unix_url, history_size=100, history_ttl=60)
-    recorder = _Recorder()
-    await broker.start(recorder)
-    try:
-        assert await broker.ready()
-        await broker.subscribe(user_id)
-        with Publisher(unix_url) as sync_publisher:
-            published = [sync_publisher.progress(user_id, "t", progress=1)]
-        async with AsyncPublisher(unix_url) as publisher:
-            published += [await publisher.progress(user_id, "t", progress=n) for n in range(5)]
-            await eventually(lambda: recorder.deliveries == published, what="the first events")
-            with redis.Redis.from_url(plain_url) as admin:
-                assert admin.client_kill_filter(_type="pubsub") == 1
-            await eventually(
-                lambda: broker.subscriber.restarts == 1 and broker.subscriber.ready.is_set(),
-                what="the subscriber to be back",
-            )
-            published += [await publisher.progress(user_id, "t", progress=n) for n in range(5)]
-            await eventually(lambda: recorder.deliveries == published, what="the later events")
-    finally:
-        await broker.close()
