@@ -195,6 +195,23 @@ async def test_bad_or_missing_credentials_are_401(
     assert not await client.app[BROKER].is_cancelled("u", "t")
 
 
+async def test_unknown_paths_and_methods_under_api_are_answered_in_json(
+    client: TestClient,  # type: ignore[type-arg]
+) -> None:
+    for method, path, status, allow in [
+        ("GET", "/api/tasks/t/cancel", 405, "OPTIONS, POST"),
+        ("POST", "/api/tasks/", 405, "GET, HEAD, OPTIONS"),
+        ("DELETE", "/api/tasks/events", 405, "GET, HEAD, OPTIONS, POST"),
+        ("GET", "/api/tasks/t/cancel/more", 404, None),
+        ("GET", "/api/", 404, None),
+    ]:
+        response = await client.request(method, path)
+        assert response.status == status and response.headers.get("Allow") == allow
+        body = await response.json()
+        expected = "method_not_allowed" if status == 405 else "not_found"
+        assert body["type"] == "error" and body["code"] == expected
+
+
 @pytest.mark.parametrize("task_id", INVALID_TASK_IDS)
 async def test_invalid_task_ids_are_400_with_the_websocket_code(
     client: TestClient, token_for: TokenFor, task_id: str

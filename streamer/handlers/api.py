@@ -61,6 +61,23 @@ def setup(app: web.Application, config: Config) -> None:
     app.router.add_post(CANCEL_PATH, cancel_task)
     for path in (ACTIVE_TASKS_PATH, TASK_PATH, CANCEL_PATH):
         app.router.add_route("OPTIONS", path, preflight)
+    app.router.add_route("*", "/api/{rest:.*}", elsewhere)  # after every /api/ route
+
+
+async def elsewhere(request: web.Request) -> web.Response:
+    """Anything else under /api/ is answered in JSON too: 405 with `Allow` where the
+    path takes other methods, else 404."""
+    allowed: set[str] = set()
+    this = request.match_info.route.resource
+    for resource in request.app.router.resources():
+        if resource is not this:
+            _, methods = await resource.resolve(request)
+            allowed |= methods
+    if allowed:
+        refused = json_error(405, "method_not_allowed", f"{request.method} is not allowed here")
+        refused.headers["Allow"] = ", ".join(sorted(allowed))
+        return refused
+    return json_error(404, "not_found", "no such endpoint")
 
 
 async def active_tasks(request: web.Request) -> web.Response:
