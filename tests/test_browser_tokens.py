@@ -4,6 +4,7 @@ as unauthorized (once, no loop) when there is no new token."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlencode
@@ -16,6 +17,7 @@ from streamer.publisher import Publisher
 
 from .browser import Browser
 from .processes import ServerProcess
+from .waiting import eventually
 
 TOKEN_TTL_S = 5
 
@@ -28,13 +30,16 @@ const params = new URLSearchParams(location.search);
 window.seen = [];
 window.states = [];
 window.tokenCalls = 0;
+window.tokensGot = 0;
 window.taskStream = new Streamer.TaskStream({
   url: params.get("streamer"),
   token: params.get("token"),
   transport: params.get("transport"),
   getToken: async () => {
     window.tokenCalls += 1;
+    if (params.get("mode") === "hang") return new Promise(() => {});  // never settles
     const response = await fetch("/token?mode=" + params.get("mode"), {cache: "no-store"});
+    window.tokensGot += 1;
     return response.ok ? await response.text() : null;
   },
   onEvent: (message) => window.seen.push(message),
@@ -52,7 +57,8 @@ async def page_server(
     user_id: str,
 ) -> TestServer:
     """The page's origin, with /token: a fresh short-lived token ("fresh"), a 401
-    ("none"), or a token the server refuses ("bad")."""
+    ("none"), a token the server refuses ("bad"), or after 3 s an hour's token ("slow");
+    and an /api/tasks/ that answers after 16 s."""
 
     async def index(request: web.Request) -> web.Response:
         html = PAGE.replace("STREAMER", request.query["streamer"])
@@ -64,11 +70,19 @@ async def page_server(
             return web.Response(text=token_for(user_id, ttl_s=TOKEN_TTL_S))
         if mode == "bad":
             return web.Response(text="still-not-a-token")
+        if mode == "slow":
+            await asyncio.sleep(3)
+            return web.Response(text=token_for(user_id, ttl_s=3600))
         return web.Response(status=401)
+
+    async def slow_api(request: web.Request) -> web.Response:
+        await asyncio.sleep(16)
+        return web.json_response({"type": "active_tasks", "tasks": []})
 
     app = web.Application()
     app.router.add_get("/", index)
     app.router.add_get("/token", token)
+    app.router.add_get("/api/tasks/", slow_api)
     return await aiohttp_server(app)
 
 
@@ -208,7 +222,7 @@ async def test_a_refused_token_is_replaced_once_and_the_stream_resumes(
 
 
 @pytest.mark.parametrize("transport", ["websocket", "sse", "poll"])
-@pytest.mark.parametrize("mode", ["none", "bad"])
+@pytest.mark.parametrize("mode", ["none", "bad", "hang"])
 async def test_no_new_token_stops_as_unauthorized_without_a_loop(
     transport: str,
     mode: str,
@@ -219,8 +233,9 @@ async def test_no_new_token_stops_as_unauthorized_without_a_loop(
     token_for: Callable[..., str],
     user_id: str,
 ) -> None:
-    """getToken gives nothing ("none"), or a token refused again ("bad"): the 5-second
-    token expires while streaming, and the page stops as unauthorized."""
+    """getToken gives nothing ("none"), a token refused again ("bad"), or never answers
+    ("hang", given up after 15 s): the 5-second token expires while streaming, and the
+    page stops as unauthorized."""
     await open_page(
         browser, page_server, server, token_for(user_id, ttl_s=TOKEN_TTL_S), transport, mode
     )
@@ -230,7 +245,7 @@ async def test_no_new_token_stops_as_unauthorized_without_a_loop(
     await browser.wait_for(
         "window.states.at(-1) === 'unauthorized'",
         what="the page to stop as unauthorized",
-        timeout=TOKEN_TTL_S + 15,
+        timeout=TOKEN_TTL_S + 30,
     )
     first = refusals(server)
     calls = await browser.evaluate("window.tokenCalls")
@@ -287,3 +302,76 @@ async def test_a_session_cookie_carries_a_stream_of_another_origin(
     sent = publisher.progress(user_id, "t", progress=5)
     await browser.wait_for(f"{event_ids_js()}.includes({json.dumps(sent)})", what="the event")
     assert "unauthorized" not in await browser.evaluate("window.states")
+
+
+async def test_a_refresh_and_a_refusal_at_once_leave_one_connection(
+    browser: Browser,
+    page_server: TestServer,
+    server: ServerProcess,
+    publisher: Publisher,
+    token_for: Callable[..., str],
+    user_id: str,
+) -> None:
+    """getToken takes longer than the token has left: the refresh before `exp` and the
+    refusal at `exp` both get a new token and reconnect; one connection is left, and
+    each event arrives once."""
+    await open_page(
+        browser, page_server, server, token_for(user_id, ttl_s=TOKEN_TTL_S), "websocket", "slow"
+    )
+    await browser.wait_for(
+        "window.seen?.some((m) => m.type === 'active_tasks')", what="the snapshot"
+    )
+    await browser.wait_for(
+        "window.tokensGot >= 2 && window.states.at(-1) === 'connected'",
+        what="both new tokens, and connected with the second",
+        timeout=TOKEN_TTL_S + 15,
+    )
+    published = [publisher.progress(user_id, "t", progress=step) for step in range(3)]
+    await browser.wait_for(
+        f"{event_ids_js()}.includes({json.dumps(published[-1])})", what="the events"
+    )
+    await pause(browser, 1)
+    assert await browser.evaluate(event_ids_js()) == published  # each once
+
+    def one_websocket() -> bool:
+        return 'streamer_connections{transport="websocket"} 1.0' in (
+            server.get("/metrics")[1].decode()
+        )
+
+    await eventually(lambda: asyncio.to_thread(one_websocket), what="one WebSocket left")
+
+
+async def test_a_raw_message_is_answered_in_its_own_turn(
+    browser: Browser,
+    page_server: TestServer,
+    server: ServerProcess,
+    token_for: Callable[..., str],
+    user_id: str,
+) -> None:
+    """The server answers every message in order: the error a raw `send()` gets is its
+    own, not the reply of a command sent after it."""
+    await open_page(browser, page_server, server, token_for(user_id), "websocket", "fresh")
+    await browser.wait_for("window.states.at(-1) === 'connected'", what="the WebSocket")
+    reply = await browser.evaluate(
+        """(async () => {
+             const stream = window.taskStream;
+             stream.send({type: "ping"});
+             stream.send({type: "get_task_status"});  // no task_id: an error
+             return await stream.getTaskStatus("t1");
+           })()"""
+    )
+    assert reply == {"type": "task_status", "task_id": "t1", "status": None}
+
+
+async def test_a_command_over_http_that_gets_no_answer_times_out(
+    browser: Browser, page_server: TestServer, server: ServerProcess
+) -> None:
+    await open_page(browser, page_server, server, "", "sse", "none")
+    await browser.wait_for("typeof Streamer !== 'undefined'", what="streamer.js")
+    await browser.evaluate(
+        """new Streamer.TaskStream({url: location.origin, token: "t", transport: "sse"})
+             .getActiveTasks().then(() => "answered", (error) => error.code)
+             .then((outcome) => { window.outcome = outcome; }), true"""
+    )
+    outcome = await browser.wait_for("window.outcome", what="the command to end", timeout=25)
+    assert outcome == "timeout"

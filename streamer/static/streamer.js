@@ -60,6 +60,13 @@
   const SSE_EVENTS = ["active_tasks", "task_progress", "task_completed"];
   const TERMINAL = new Set(["SUCCESS", "FAILURE", "REVOKED"]);
   const COMMAND_TIMEOUT_MS = 15000;
+  // What the server answers each command with (anything else: an error).
+  const REPLY_TYPES = {
+    ping: "pong",
+    get_task_status: "task_status",
+    get_active_tasks: "active_tasks",
+    cancel_task: "task_cancelled",
+  };
   const REFRESH_BEFORE_EXP_MS = 30000; // at most this long before `exp` (half the lifetime if less)
 
   /** A command the server refused (or that got no answer); `code` says why. */
@@ -147,6 +154,17 @@
     send(command) {
       const socket = this._socket;
       if (socket === null || socket.readyState !== WebSocket.OPEN) return false;
+      // The server answers every message, in order: its answer (an error too) settles this
+      // place in the queue, not a command sent after it.
+      const kind = command !== null && typeof command === "object" ? command.type : undefined;
+      const replyType = Object.prototype.hasOwnProperty.call(REPLY_TYPES, kind)
+        ? REPLY_TYPES[kind]
+        : "error";
+      const entry = { replyType, taskId: undefined, resolve() {}, reject() {}, timer: null };
+      entry.timer = setTimeout(() => {
+        this._pending = this._pending.filter((other) => other !== entry);
+      }, COMMAND_TIMEOUT_MS);
+      this._pending.push(entry);
       socket.send(JSON.stringify(command));
       return true;
     }
@@ -259,8 +277,12 @@
           // Cookies go along to a listed origin only when there is no token to send.
           credentials: this.token ? "same-origin" : "include",
           cache: "no-store",
+          signal: AbortSignal.timeout(COMMAND_TIMEOUT_MS),
         });
       } catch (error) {
+        if (error.name === "TimeoutError") {
+          throw new CommandError("timeout", `no reply to ${method} ${path}`);
+        }
         throw new CommandError("network_error", `${method} ${path} failed: ${error.message}`);
       }
       let body = null;
@@ -281,8 +303,11 @@
     }
 
     _connect() {
+      clearTimeout(this._timer);
       this._timer = null;
       if (!this._running || !this.leader) return;
+      // One connection at a time: a token refresh and a refusal may both reconnect.
+      this._disconnect();
       this._status(`connecting (${this.transport})`, "connecting");
       if (this.transport === "websocket") {
         this._openWebSocket();
@@ -321,6 +346,7 @@
         this._status("connected (websocket)", "connected");
       };
       socket.onmessage = (event) => {
+        if (this._socket !== socket) return; // replaced: its last messages are not ours
         received = true;
         this._receive(event.data);
       };
@@ -385,6 +411,7 @@
       let received = false;
       for (const name of SSE_EVENTS) {
         source.addEventListener(name, (event) => {
+          if (this._source !== source) return; // replaced
           received = true;
           this._receive(event.data);
         });
@@ -702,13 +729,19 @@
       this._connect();
     }
 
-    /** getToken's answer, or null when it gave nothing or failed. */
+    /** getToken's answer, or null when it gave nothing, failed or took too long. */
     async _freshToken() {
+      let timer = null;
+      const tooLong = new Promise((resolve) => {
+        timer = setTimeout(() => resolve(null), COMMAND_TIMEOUT_MS);
+      });
       try {
-        const token = await this.getToken();
+        const token = await Promise.race([this.getToken(), tooLong]);
         return typeof token === "string" && token ? token : null;
       } catch (error) {
         return null;
+      } finally {
+        clearTimeout(timer);
       }
     }
 
