@@ -206,3 +206,38 @@ async def test_auto_ends_on_long_polling_behind_a_proxy_that_buffers_everything(
     assert first_event_s < FIRST_EVENT_BOUND_S + 10  # two failed upgrades, 8 s of SSE, a poll
     ids = await run_a_job(browser, publisher, user_id)
     assert len(ids) == len(set(ids)) == 6
+
+
+async def test_auto_stays_on_websocket_across_a_restart_of_the_server(
+    browser: Browser,
+    server: ServerProcess,
+    process_env: dict[str, str],
+    redis_url: str,
+    start_process: Callable[..., ServerProcess],
+    publisher: Publisher,
+    token_for: Callable[..., str],
+    user_id: str,
+) -> None:
+    """A server that is down (a deploy) cannot be reached at all, which is not a proxy
+    refusing the upgrade: the page comes back on WebSocket, not on SSE for good."""
+    await browser.navigate(
+        f"{server.base_url}/?{urlencode({'token': token_for(user_id), 'transport': 'auto'})}"
+    )
+    await browser.wait_for(
+        "document.body?.dataset.connection === 'open'", what="the page's first event"
+    )
+    assert await browser.evaluate("window.taskStream.transport") == "websocket"
+    server.stop()
+    await browser.wait_for(
+        "document.body?.dataset.connection !== 'open'", what="the page to see the server go"
+    )
+    await browser.wait_for(
+        "new Promise((done) => setTimeout(() => done(true), 4000))", what="4 s down"
+    )
+    env = {**process_env, "STREAMER_REDIS_URL": redis_url}
+    start_process(["streamer", "serve", "--port", "{port}"], env, port=server.port).wait_healthy()
+    await browser.wait_for(
+        "document.body?.dataset.connection === 'open'", what="the page back", timeout=40
+    )
+    assert await browser.evaluate("window.taskStream.transport") == "websocket"
+    await run_a_job(browser, publisher, user_id)

@@ -26,7 +26,7 @@ from streamer.broker.redis_connect import (
 )
 from streamer.broker.redis_schema import EPOCH_KEY, history_key
 from streamer.config import Config, ConfigError
-from streamer.publisher import BrokerUnavailable, Publisher
+from streamer.publisher import AsyncPublisher, BrokerUnavailable, Publisher
 
 from .clients import SseReader, ws_json
 from .conftest import SECRET
@@ -139,9 +139,17 @@ def test_cli_and_publisher_publish_through_sentinel(
     event_id = done.stdout.strip()
     with Publisher(sentinel_group.url) as publisher:
         second = publisher.progress("cli-user", "job", progress=50)
+
+    async def publish_async() -> str:
+        # Its connection, held for its calls, is to the master the sentinels name too
+        # (the server publishes the same way), not to redis-py's default localhost:6379.
+        async with AsyncPublisher(sentinel_group.url) as publisher:
+            return await publisher.progress("cli-user", "job", progress=60)
+
+    third = asyncio.run(publish_async())
     with redis.Redis(port=sentinel_group.master.port) as master:
         stored = [i.decode() for i, _ in master.xrange(history_key("cli-user"))]
-    assert [event_id.split("-", 1)[1], second.split("-", 1)[1]] == stored
+    assert [published.split("-", 1)[1] for published in (event_id, second, third)] == stored
 
 
 @dataclass

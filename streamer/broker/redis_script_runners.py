@@ -145,7 +145,11 @@ class HeldScript:
             if stale:
                 await self.close()
         if self._connection is None:
-            self._connection = self._connection_class(**self._settings)
+            connection = self._connection_class(**self._settings)
+            # Connected here, not by its first command, which would skip how a connection
+            # behind Sentinel finds the master (redis-py's default address instead).
+            await connection.connect()  # type: ignore[no-untyped-call]
+            self._connection = connection
         return self._connection
 
     async def close(self) -> None:

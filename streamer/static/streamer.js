@@ -374,15 +374,21 @@
     }
 
     _webSocketFailed(text) {
-      this._failedOpens += 1;
-      if (this.requestedTransport === "auto" && this._failedOpens >= WEBSOCKET_FAILURES_BEFORE_SSE) {
-        this.transport = "sse";
-        this._attempt = 0;
-        this._connect();
-        return;
-      }
       if (this.requestedTransport === "auto") {
-        this._reconnect(text); // SSE, next, tells a refusal from a network error
+        // A server that cannot be reached at all is down (restarting, say), not behind a
+        // proxy that refuses the upgrade: only failures while it answers over HTTP count
+        // towards SSE, so that a restart does not leave the page on SSE for good.
+        reachable(this.url).then((answers) => {
+          if (!this._running || this._socket !== null || this._timer !== null) return;
+          if (answers) this._failedOpens += 1;
+          if (this._failedOpens >= WEBSOCKET_FAILURES_BEFORE_SSE) {
+            this.transport = "sse";
+            this._attempt = 0;
+            this._connect();
+          } else {
+            this._reconnect(text); // SSE, next, tells a refusal from a network error
+          }
+        });
         return;
       }
       // A refusal at the handshake (STREAMER_WS_REFUSE_AT_HANDSHAKE) shows as nothing but a
@@ -806,6 +812,24 @@
   }
 
   /** Did the SSE endpoint answer 401? Reads only the status, then hangs up. */
+  /** Whether the server answers over HTTP at all (any answer, readable or not). */
+  async function reachable(url) {
+    const controller = new AbortController();
+    const timer = setTimeout(() => controller.abort(), REFUSAL_CHECK_MS);
+    try {
+      await fetch(new URL("/healthz", url).toString(), {
+        mode: "no-cors",
+        cache: "no-store",
+        signal: controller.signal,
+      });
+      return true;
+    } catch (error) {
+      return false;
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
   async function refusedAsUnauthorized(url, withCookies) {
     const controller = new AbortController();
     // A proxy that buffers responses holds back an accepted stream's headers: no answer
