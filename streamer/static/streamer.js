@@ -160,11 +160,7 @@
       const replyType = Object.prototype.hasOwnProperty.call(REPLY_TYPES, kind)
         ? REPLY_TYPES[kind]
         : "error";
-      const entry = { replyType, taskId: undefined, resolve() {}, reject() {}, timer: null };
-      entry.timer = setTimeout(() => {
-        this._pending = this._pending.filter((other) => other !== entry);
-      }, COMMAND_TIMEOUT_MS);
-      this._pending.push(entry);
+      this._awaitReply(replyType, undefined, () => {}, () => {}, String(kind));
       socket.send(JSON.stringify(command));
       return true;
     }
@@ -216,14 +212,19 @@
     /** Send a command on the WebSocket; the server answers commands in order. */
     _command(command, replyType) {
       return new Promise((resolve, reject) => {
-        const entry = { replyType, taskId: command.task_id, resolve, reject, timer: null };
-        entry.timer = setTimeout(() => {
-          this._pending = this._pending.filter((other) => other !== entry);
-          reject(new CommandError("timeout", `no reply to ${command.type}`));
-        }, COMMAND_TIMEOUT_MS);
-        this._pending.push(entry);
+        this._awaitReply(replyType, command.task_id, resolve, reject, command.type);
         this._socket.send(JSON.stringify(command));
       });
+    }
+
+    /** Queue the wait for the answer to a message about to be sent (`what`, for errors). */
+    _awaitReply(replyType, taskId, resolve, reject, what) {
+      const entry = { replyType, taskId, resolve, reject, timer: null };
+      entry.timer = setTimeout(() => {
+        this._pending = this._pending.filter((other) => other !== entry);
+        reject(new CommandError("timeout", `no reply to ${what}`));
+      }, COMMAND_TIMEOUT_MS);
+      this._pending.push(entry);
     }
 
     /** Settle the oldest pending command with this message, if it is its reply. */
@@ -811,25 +812,21 @@
     return typeof BroadcastChannel === "function" && !!locks && typeof locks.request === "function";
   }
 
-  /** Did the SSE endpoint answer 401? Reads only the status, then hangs up. */
   /** Whether the server answers over HTTP at all (any answer, readable or not). */
   async function reachable(url) {
-    const controller = new AbortController();
-    const timer = setTimeout(() => controller.abort(), REFUSAL_CHECK_MS);
     try {
       await fetch(new URL("/healthz", url).toString(), {
         mode: "no-cors",
         cache: "no-store",
-        signal: controller.signal,
+        signal: AbortSignal.timeout(REFUSAL_CHECK_MS),
       });
       return true;
     } catch (error) {
       return false;
-    } finally {
-      clearTimeout(timer);
     }
   }
 
+  /** Did the SSE endpoint answer 401? Reads only the status, then hangs up. */
   async function refusedAsUnauthorized(url, withCookies) {
     const controller = new AbortController();
     // A proxy that buffers responses holds back an accepted stream's headers: no answer
