@@ -159,6 +159,29 @@ class Connection:
         batch.append((key, frame))
         return False
 
+    def write_through(self, first_key: int, last: EventId, count: int, frames: bytes) -> bool:
+        """`count` events of this connection's user that arrived together, from the one
+        whose id key is `first_key` to `last`, as `frames` (joined): written at once if
+        this connection takes them all as they come (live, no task filter, nothing
+        waiting, none of them seen, the socket not backed up); else False, and nothing
+        was done: `offer` sorts them one by one."""
+        if (
+            self.task_id is not None
+            or not self._live
+            or self._pending is not None
+            or self._batch is not None
+            or first_key <= self._last_key
+            or self.close_reason is not None
+            or self._out.is_closing()
+            or self._backed_up()
+        ):
+            return False
+        self._last_key = last.key
+        self.last_id = last
+        self._out.write(frames)
+        self.sent += count
+        return True
+
     def write_batch(self) -> None:
         """Write what `offer` collected: one write, whatever the number of events, or
         into the outbox when the socket is backed up."""

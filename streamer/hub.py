@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from . import logs
 from .connection import Connection, Limits
 from .reasons import Reason, Refused
-from .wire import SSE_HEARTBEAT, WS_PING, Delivery, EventId
+from .wire import SSE_HEARTBEAT, WS_PING, Delivery, EventId, Transport
 
 # Upper bounds (seconds) of the publish-to-delivery latency histogram's buckets.
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -170,10 +170,47 @@ class Hub:
 
     def deliver_all(self, deliveries: Sequence[Delivery]) -> None:
         """Events that arrived together (read from Redis at once): written now, in one
-        write per connection, with whatever else this turn delivered."""
-        for delivery in deliveries:
-            self._offer(delivery)
+        write per connection, with whatever else this turn delivered. Each user's events
+        are joined once per transport, and a connection that takes every event as it
+        comes gets them in one call (`write_through`); the others sort them one by one."""
+        if len(deliveries) == 1:
+            self._offer_group(deliveries[0].user_id, deliveries)
+        else:
+            by_user: dict[str, list[Delivery]] = {}
+            for delivery in deliveries:
+                group = by_user.get(delivery.user_id)
+                if group is None:
+                    by_user[delivery.user_id] = [delivery]
+                else:
+                    group.append(delivery)
+            for user_id, group in by_user.items():
+                self._offer_group(user_id, group)
         self._write_batches()
+
+    def _offer_group(self, user_id: str, group: Sequence[Delivery]) -> None:
+        """A user's events of one read, in publish order."""
+        user = self._users.get(user_id)
+        if user is None:
+            return
+        last = group[-1].event_id
+        user.seen = last
+        arrived = self._arrived
+        for delivery in group:
+            arrived.append(delivery.event_id.ms)
+        first_key, count = group[0].event_id.key, len(group)
+        if count > 1 and not _increasing(group):
+            first_key = -1  # a duplicate or one out of order: `offer` drops it
+        frames: dict[Transport, bytes] = {}
+        started = self._started
+        for connection in user.connections:
+            transport = connection.transport
+            frame = frames.get(transport)
+            if frame is None:
+                frame = frames[transport] = _joined(group, transport)
+            if first_key < 0 or not connection.write_through(first_key, last, count, frame):
+                for delivery in group:
+                    if connection.offer(delivery):
+                        started.append(connection)
 
     def _offer(self, delivery: Delivery) -> None:
         user = self._users.get(delivery.user_id)
@@ -359,3 +396,14 @@ class _Round:
         count = min(self._per_tick, len(self._queue))
         batch = [self._queue.popleft() for _ in range(count)]
         self._visit(c for c in batch if c.close_reason is None)  # skip those that ended
+
+
+def _joined(group: Sequence[Delivery], transport: Transport) -> bytes:
+    if len(group) == 1:
+        return group[0].frame(transport)
+    return b"".join([delivery.frame(transport) for delivery in group])
+
+
+def _increasing(group: Sequence[Delivery]) -> bool:
+    keys = (delivery.event_id.key for delivery in group)
+    return all(earlier < later for earlier, later in itertools.pairwise(keys))

@@ -368,6 +368,21 @@ async def test_each_event_once_and_in_order() -> None:
         assert connection.sent == 4  # the snapshot and three events
 
 
+async def test_each_event_once_and_in_order_when_read_together() -> None:
+    hub = make_hub(Routing())
+    async with socket_connection("u") as (connection, peer, transport):
+        await hub.attach(connection)
+        connection.go_live([b"S"])
+        await peer.read(1)
+        writes = count_writes(transport)
+        hub.deliver_all([delivery("u", ms) for ms in (5, 9, 9, 7, 12)])
+        hub.deliver_all([delivery("u", ms) for ms in (12, 3, 14)])
+        frames = [delivery("u", ms).ws_frame for ms in (5, 9, 12, 14)]
+        assert writes == [sum(len(f) for f in frames[:3]), len(frames[3])]
+        assert await peer.read(sum(writes)) == b"".join(frames)
+        assert connection.sent == 5
+
+
 async def test_events_that_arrive_together_leave_in_one_write() -> None:
     hub = make_hub(Routing())
     async with socket_connection("u") as (connection, peer, transport):
