@@ -4,6 +4,7 @@ every event once, and never storms the server with reconnects."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -240,4 +241,59 @@ async def test_auto_stays_on_websocket_across_a_restart_of_the_server(
         "document.body?.dataset.connection === 'open'", what="the page back", timeout=40
     )
     assert await browser.evaluate("window.taskStream.transport") == "websocket"
+    await run_a_job(browser, publisher, user_id)
+
+
+async def test_auto_stays_on_sse_while_its_proxy_cannot_be_reached(
+    browser: Browser,
+    server: ServerProcess,
+    process_env: dict[str, str],
+    redis_url: str,
+    start_process: Callable[..., ServerProcess],
+    start_nginx: Callable[[str], Nginx],
+    publisher: Publisher,
+    token_for: Callable[..., str],
+    user_id: str,
+) -> None:
+    """On SSE behind a proxy that blocks the upgrade, the server goes (the proxy answers
+    502, and the page opens new streams), then the network to the proxy hangs (it takes
+    connections and answers nothing) for longer than the page waits for a stream's first
+    message: the server cannot be reached at all, which is not a buffering proxy, and the
+    page comes back on SSE, not on long polling for good."""
+    nginx = start_nginx("drops-upgrade")
+    await open_demo(browser, nginx, token_for(user_id), "auto")
+    assert await browser.evaluate("window.taskStream.transport") == "sse"
+    server.stop()
+    await browser.wait_for(
+        "document.getElementById('status').textContent.includes('reconnecting in')",
+        what="the page to give its stream up (the proxy answers 502) and wait to open another",
+    )
+    nginx.stop()
+    held: list[asyncio.StreamWriter] = []
+
+    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        await reader.read()
+
+    black_hole = await asyncio.start_server(hang, "127.0.0.1", nginx.port)
+    try:
+        # The page's next stream (within its 10 s back-off) hangs for longer than the 8 s
+        # it waits for a first message; it must not move on.
+        down_until = time.monotonic() + 22
+        while time.monotonic() < down_until:
+            assert await browser.evaluate("window.taskStream.transport") == "sse"
+            await asyncio.sleep(0.2)
+        assert held, "the page never tried the proxy while it hung"
+    finally:
+        black_hole.close()
+        for writer in held:
+            writer.close()
+        await black_hole.wait_closed()
+    env = {**process_env, "STREAMER_REDIS_URL": redis_url}
+    start_process(["streamer", "serve", "--port", "{port}"], env, port=server.port).wait_healthy()
+    nginx.start()
+    await browser.wait_for(
+        "document.body?.dataset.connection === 'open'", what="the page back", timeout=40
+    )
+    assert await browser.evaluate("window.taskStream.transport") == "sse"
     await run_a_job(browser, publisher, user_id)

@@ -2,7 +2,7 @@
  * streamer.js: live task progress from a streamer server, over WebSocket or Server-Sent Events
  * (or long polling, for proxies that buffer even SSE: transport "poll"). "auto" starts on
  * WebSocket, moves to SSE when the upgrade fails twice, and to long polling when the event
- * stream brings nothing (not even its snapshot) for 8 s.
+ * stream brings nothing (not even its snapshot) for 8 s, both while the server answers HTTP.
  * Plain browser JavaScript, no build step, no dependencies; exposes window.Streamer.
  *
  *   const board = new Streamer.TaskBoard(document.getElementById("tasks"));
@@ -425,16 +425,26 @@
       }
       if (this.requestedTransport === "auto") {
         // The snapshot is the first thing the server sends, at once: a stream that brings
-        // nothing for this long is held back by a buffering proxy. Long polls get through
-        // there, each answer being a complete response.
-        setTimeout(() => {
+        // nothing for this long, from a server that answers over HTTP, is held back by a
+        // buffering proxy. Long polls get through there, each answer being a complete
+        // response. A server that cannot be reached is down (the browser retries the
+        // stream by itself meanwhile): that is looked at again later.
+        const checkFirstMessage = () => {
           if (received || this._source !== source || !this._running) return;
-          this._disconnect();
-          this.transport = "poll";
-          const text = "the event stream brings nothing (a buffering proxy?): long polling";
-          this._status(text, "connecting");
-          this._connect();
-        }, SSE_FIRST_MESSAGE_MS);
+          reachable(this.url).then((answers) => {
+            if (received || this._source !== source || !this._running) return;
+            if (!answers) {
+              setTimeout(checkFirstMessage, SSE_FIRST_MESSAGE_MS);
+              return;
+            }
+            this._disconnect();
+            this.transport = "poll";
+            const text = "the event stream brings nothing (a buffering proxy?): long polling";
+            this._status(text, "connecting");
+            this._connect();
+          });
+        };
+        setTimeout(checkFirstMessage, SSE_FIRST_MESSAGE_MS);
       }
       source.onerror = () => {
         if (this._source !== source || !this._running) return;
