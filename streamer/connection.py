@@ -172,13 +172,14 @@ class Connection:
             or self._batch is not None
             or first_key <= self._last_key
             or self.close_reason is not None
-            or self._out.is_closing()
-            or self._backed_up()
         ):
+            return False
+        out = self._out
+        if out.is_closing() or out.get_write_buffer_size() >= self._high_water:
             return False
         self._last_key = last.key
         self.last_id = last
-        self._out.write(frames)
+        out.write(frames)
         self.sent += count
         return True
 
