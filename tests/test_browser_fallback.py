@@ -62,6 +62,26 @@ RECORD_JS = """
 """
 
 
+# Records when each check of whether the server answers (`/healthz`) ended, and how.
+RECORD_REACHABILITY_CHECKS_JS = """
+(() => {
+  window.healthChecks = [];
+  const fetch = window.fetch;
+  window.fetch = function (url, options) {
+    const answer = fetch.apply(this, arguments);
+    if (String(url).includes("/healthz")) {
+      answer.then(
+        () => window.healthChecks.push([Date.now(), true]),
+        () => window.healthChecks.push([Date.now(), false]),
+      );
+    }
+    return answer;
+  };
+  return true;
+})()
+"""
+
+
 @pytest.fixture
 def server(
     process_env: dict[str, str], redis_url: str, start_process: Callable[..., ServerProcess]
@@ -276,6 +296,7 @@ async def test_auto_stays_on_sse_while_its_proxy_cannot_be_reached(
         await reader.read()
 
     black_hole = await asyncio.start_server(hang, "127.0.0.1", nginx.port)
+    await browser.evaluate(RECORD_REACHABILITY_CHECKS_JS)
     try:
         # The page's next stream (within its 10 s back-off) hangs for longer than the 8 s
         # it waits for a first message; it must not move on.
@@ -284,6 +305,7 @@ async def test_auto_stays_on_sse_while_its_proxy_cannot_be_reached(
             assert await browser.evaluate("window.taskStream.transport") == "sse"
             await asyncio.sleep(0.2)
         assert held, "the page never tried the proxy while it hung"
+        assert await browser.evaluate("window.healthChecks.length"), "the page never checked"
     finally:
         black_hole.close()
         for writer in held:
@@ -291,6 +313,19 @@ async def test_auto_stays_on_sse_while_its_proxy_cannot_be_reached(
         await black_hole.wait_closed()
     env = {**process_env, "STREAMER_REDIS_URL": redis_url}
     start_process(["streamer", "serve", "--port", "{port}"], env, port=server.port).wait_healthy()
+    # Back just before the page's next check (8 s after its last failed one), while its
+    # stream still waits to retry: the server answers before the stream does, which is
+    # no reason to leave it.
+    checks = await browser.evaluate("window.healthChecks.length")
+    failed_at = await browser.wait_for(
+        f"window.healthChecks.length > {checks} && window.healthChecks.at(-1)",
+        what="a check that finds the proxy down",
+        timeout=30,
+    )
+    assert failed_at[1] is False
+    await browser.wait_for(
+        f"Date.now() >= {failed_at[0] + 7600}", what="the moment before the next check"
+    )
     nginx.start()
     await browser.wait_for(
         "document.body?.dataset.connection === 'open'", what="the page back", timeout=40

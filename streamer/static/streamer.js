@@ -428,12 +428,15 @@
         // nothing for this long, from a server that answers over HTTP, is held back by a
         // buffering proxy. Long polls get through there, each answer being a complete
         // response. A server that cannot be reached is down (the browser retries the
-        // stream by itself meanwhile): that is looked at again later.
+        // stream by itself meanwhile): that is looked at again later, and once it answers
+        // again, the stream gets as long again to bring its snapshot.
+        let wasDown = false;
         const checkFirstMessage = () => {
           if (received || this._source !== source || !this._running) return;
           reachable(this.url).then((answers) => {
             if (received || this._source !== source || !this._running) return;
-            if (!answers) {
+            if (!answers || wasDown) {
+              wasDown = !answers;
               setTimeout(checkFirstMessage, SSE_FIRST_MESSAGE_MS);
               return;
             }
