@@ -23,7 +23,7 @@ from streamer.connection import Connection, Limits
 from streamer.events import progress_event
 from streamer.hub import Hub
 from streamer.reasons import Reason, Refused
-from streamer.wire import Delivery, EventId, active_tasks, encode, ws_text_frame
+from streamer.wire import Delivery, EventId, Transport, active_tasks, encode, ws_text_frame
 
 from .waiting import eventually
 
@@ -148,6 +148,7 @@ async def socket_connection(
     task_id: str | None = None,
     broker: Broker | None = None,
     send_buffer: int | None = None,
+    transport: Transport = "websocket",
 ) -> AsyncIterator[tuple[Connection, Peer, asyncio.Transport]]:
     """A Connection writing to a real socket; the test holds the other end. `broker`:
     where a resync reads its snapshot; `send_buffer`: the kernel's for the socket."""
@@ -156,7 +157,7 @@ async def socket_connection(
         server_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
     client_end.setblocking(False)
     _, writer = await asyncio.open_connection(sock=server_end)
-    transport = writer.transport
+    out = writer.transport
     peer = Peer(client_end)
 
     def close_transport(reason: Reason, backed_up: bool) -> None:
@@ -165,15 +166,15 @@ async def socket_connection(
     connection = Connection(
         user_id=user,
         task_id=task_id,
-        transport="websocket",
-        out=transport,  # type: ignore[arg-type]
+        transport=transport,
+        out=out,  # type: ignore[arg-type]
         drain=writer.drain,
         close_transport=close_transport,  # type: ignore[arg-type]
         broker=broker,  # type: ignore[arg-type]  # None: no resync in the test
         limits=limits or Limits(max_events=100, max_bytes=1 << 20, send_timeout_s=5),
     )
     try:
-        yield connection, peer, transport  # type: ignore[misc]
+        yield connection, peer, out  # type: ignore[misc]
     finally:
         connection.discard()
         writer.close()
@@ -402,6 +403,37 @@ async def test_events_that_arrive_together_leave_in_one_write() -> None:
         assert await peer.read(writes[0] + writes[1]) == b"".join(
             e.ws_frame for e in [*burst, lone]
         )
+
+
+async def test_a_users_events_read_together_reach_each_transport_in_one_write() -> None:
+    """Each connection of the user gets the events of one read in its own transport's
+    frames, in one write; those seen already (a connection that resumed further on) and
+    other users' events are not sent."""
+    hub = make_hub(Routing())
+    async with (
+        socket_connection("u") as (ws, ws_peer, ws_out),
+        socket_connection("u", transport="sse") as (sse, sse_peer, sse_out),
+        socket_connection("u") as (ahead, ahead_peer, ahead_out),
+    ):
+        for connection, peer in ((ws, ws_peer), (sse, sse_peer), (ahead, ahead_peer)):
+            await hub.attach(connection)
+            connection.go_live([b"S"])
+            await peer.read(1)
+        ahead.skip_through(EventId(EPOCH, 3, 0))
+        writes = [count_writes(out) for out in (ws_out, sse_out, ahead_out)]
+        read = [delivery("u", ms) for ms in (2, 3, 4, 5)]
+        hub.deliver_all([read[0], delivery("someone-else", 1), *read[1:]])
+        expected = [
+            b"".join(e.ws_frame for e in read),
+            b"".join(e.sse_chunk for e in read),
+            b"".join(e.ws_frame for e in read[2:]),
+        ]
+        assert writes == [[len(frames)] for frames in expected]
+        for peer, frames in zip((ws_peer, sse_peer, ahead_peer), expected, strict=True):
+            assert await peer.read(len(frames)) == frames
+        assert (ws.sent, sse.sent, ahead.sent) == (5, 5, 3)
+        assert ws.last_id == sse.last_id == ahead.last_id == read[-1].event_id
+        assert hub.resume_points() == {"u": read[-1].event_id}
 
 
 async def test_events_read_together_are_written_at_once_in_one_write_each() -> None:
