@@ -550,3 +550,33 @@ async def test_demo_page_over_long_polling(
     assert await browser.evaluate("document.getElementById('status').textContent") == (
         "connected (poll)"
     )
+
+
+async def test_demo_page_shows_a_resumed_long_poll_as_open(
+    server: ServerProcess,
+    server_env: dict[str, str],
+    start_process: Callable[..., ServerProcess],
+    publisher: Publisher,
+    browser: Browser,
+    token_for: TokenFor,
+    user_id: str,
+) -> None:
+    """After a restart of the server the page's polls resume from its last id, and such a
+    poll carries no snapshot: its answer is what shows the page connected again."""
+    await open_page(browser, page_url(server, token_for(user_id), "poll"))
+    server.stop()
+    await browser.wait_for(
+        "document.body?.dataset.connection !== 'open'", what="the page to see the server go"
+    )
+    command = ["streamer", "serve", "--port", "{port}"]
+    restarted = start_process(command, server_env, port=server.port)
+    restarted.wait_healthy()
+    publisher.progress(user_id, "t1", progress=10, current_step="after the restart")
+    await browser.wait_for(
+        f"{row_js('t1')}?.querySelector('progress').value === 10",
+        what="an event after the restart",
+        timeout=30,
+    )
+    await browser.wait_for(
+        "document.body?.dataset.connection === 'open'", what="the page shown open again"
+    )
