@@ -181,6 +181,13 @@ async def socket_connection(
         client_end.close()
 
 
+async def attach_live(hub: Hub, connection: Connection, peer: Peer) -> None:
+    """Count `connection` in and send its opening (`S`), which `peer` reads."""
+    await hub.attach(connection)
+    connection.go_live([b"S"])
+    assert await peer.read(1) == b"S"
+
+
 async def test_no_new_connections_once_shutting_down() -> None:
     hub = make_hub(Routing())
     async with socket_connection("u") as (first, _, _), socket_connection("u") as (second, _, _):
@@ -372,9 +379,7 @@ async def test_each_event_once_and_in_order() -> None:
 async def test_each_event_once_and_in_order_when_read_together() -> None:
     hub = make_hub(Routing())
     async with socket_connection("u") as (connection, peer, transport):
-        await hub.attach(connection)
-        connection.go_live([b"S"])
-        await peer.read(1)
+        await attach_live(hub, connection, peer)
         writes = count_writes(transport)
         hub.deliver_all([delivery("u", ms) for ms in (5, 9, 9, 7, 12)])
         hub.deliver_all([delivery("u", ms) for ms in (12, 3, 14)])
@@ -387,9 +392,7 @@ async def test_each_event_once_and_in_order_when_read_together() -> None:
 async def test_events_that_arrive_together_leave_in_one_write() -> None:
     hub = make_hub(Routing())
     async with socket_connection("u") as (connection, peer, transport):
-        await hub.attach(connection)
-        connection.go_live([b"S"])
-        await peer.read(1)
+        await attach_live(hub, connection, peer)
         writes = count_writes(transport)
         burst = [delivery("u", ms) for ms in range(1, 21)]
         for event in burst:  # a burst read from Redis in one go
@@ -416,9 +419,7 @@ async def test_a_users_events_read_together_reach_each_transport_in_one_write() 
         socket_connection("u") as (ahead, ahead_peer, ahead_out),
     ):
         for connection, peer in ((ws, ws_peer), (sse, sse_peer), (ahead, ahead_peer)):
-            await hub.attach(connection)
-            connection.go_live([b"S"])
-            await peer.read(1)
+            await attach_live(hub, connection, peer)
         ahead.skip_through(EventId(EPOCH, 3, 0))
         writes = [count_writes(out) for out in (ws_out, sse_out, ahead_out)]
         read = [delivery("u", ms) for ms in (2, 3, 4, 5)]
@@ -445,9 +446,7 @@ async def test_events_read_together_are_written_at_once_in_one_write_each() -> N
         socket_connection("u") as (second, second_peer, second_transport),
     ):
         for connection, peer in ((first, first_peer), (second, second_peer)):
-            await hub.attach(connection)
-            connection.go_live([b"S"])
-            await peer.read(1)
+            await attach_live(hub, connection, peer)
         writes = [count_writes(first_transport), count_writes(second_transport)]
         hub.deliver(earlier := delivery("u", 1))
         read = [delivery("u", ms) for ms in range(2, 12)]
