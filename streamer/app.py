@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from .access_log import RedactingAccessLogger
-from .app_keys import BROKER, CONFIG, DELEGATED_AUTH, HUB, METRICS
+from .app_keys import BROKER, CONFIG, DELEGATED_AUTH, HUB, METRICS, OPENING_BUCKETS
 from .auth.delegated import DelegatedAuth
 from .auth.sessions import SessionStoreUnavailable, setup_sessions
 from .broker.base import Broker
@@ -26,6 +26,7 @@ from .handlers import api, demo, health, poll, publish, session, sse, ws
 from .handlers.common import json_error
 from .hub import Hub
 from .metrics import Metrics, metrics_ctx_for
+from .rate_limit import BucketsByKey, opening_burst
 from .reasons import Reason
 
 MAX_REQUEST_BODY_BYTES = 256 * 1024
@@ -111,6 +112,10 @@ def build_app(config: Config) -> web.Application:
     app[CONFIG] = config
     app[BROKER] = broker
     app[HUB] = hub
+    app[OPENING_BUCKETS] = BucketsByKey(
+        config.openings_per_s,
+        burst=opening_burst(config.openings_per_s, config.max_connections_per_user),
+    )
     app[METRICS] = Metrics(hub, broker)
     app.cleanup_ctx.append(_broker_ctx)
     app.cleanup_ctx.append(_clock_ctx)

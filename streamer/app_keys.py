@@ -18,3 +18,5 @@ METRICS = web.AppKey("metrics", Metrics)
 DELEGATED_AUTH = web.AppKey("delegated_auth", DelegatedAuth)  # only with STREAMER_AUTH_URL
 # Per-user command rate of the HTTP task API (one bucket per user, in this process).
 COMMAND_BUCKETS = web.AppKey("command_buckets", BucketsByKey)
+# How fast each user may open streams here (each opening reads their snapshot).
+OPENING_BUCKETS = web.AppKey("opening_buckets", BucketsByKey)

@@ -32,6 +32,7 @@ class Config:
     max_connections_per_user: int = 20
     ws_max_message_bytes: int = 64 * 1024
     commands_per_s: float = 10.0
+    openings_per_s: float = 10.0
     ws_heartbeat_s: float = 30.0
     max_header_bytes: int = 8190
     cookie_secure: bool = True
@@ -287,6 +288,11 @@ ENV_VARIABLES: dict[str, tuple[Callable[[str, str], Any], str]] = {
     "commands_per_s": (
         _number(float, "a number", 0.1, 10_000),
         "commands/s per WebSocket, and per user over HTTP",
+    ),
+    "openings_per_s": (
+        _number(float, "a number", 0.1, 10_000),
+        "streams a user may open per second and process, after a burst; more wait, then are"
+        " refused",
     ),
     "ws_heartbeat_s": (_seconds(0.1, 3600), "seconds between WebSocket pings; dead peers dropped"),
     "poll_timeout_s": (

@@ -1,4 +1,5 @@
-"""Token buckets: how many client commands a connection, or a user, may send."""
+"""Token buckets: how many client commands a connection, or a user, may send, and how
+many streams a user may open."""
 
 from __future__ import annotations
 
@@ -10,6 +11,12 @@ from collections import OrderedDict
 def command_burst(rate: float) -> float:
     """How many commands a client may send at once: twice its rate per second."""
     return max(2 * rate, 1)
+
+
+def opening_burst(rate: float, max_connections_per_user: int) -> float:
+    """How many streams a user may open at once: all they may hold (a page that reloads
+    with every stream of the user open), and at least twice the rate."""
+    return max(2 * rate, max_connections_per_user)
 
 
 class TokenBucket:
@@ -31,6 +38,16 @@ class TokenBucket:
             self._tokens -= 1
             return True
         return False
+
+    def reserve(self, max_wait_s: float) -> float | None:
+        """Take a token now or, when none is left, the next one to come: the seconds to
+        wait for it; None, taking nothing, when that is more than `max_wait_s`."""
+        self._refill(time.monotonic())
+        wait = max(0.0, (1 - self._tokens) / self._rate)
+        if wait > max_wait_s:
+            return None
+        self._tokens -= 1
+        return wait
 
     def charge(self, tokens: float) -> None:
         """Take more for what turned out to cost more; the balance may go below zero,

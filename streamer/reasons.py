@@ -15,6 +15,7 @@ class Reason(enum.Enum):
     UNAUTHORIZED = "unauthorized"
     INVALID_TASK_ID = "invalid_task_id"
     TOO_MANY_CONNECTIONS = "too_many_connections"
+    TOO_MANY_OPENINGS = "too_many_openings"  # the user opens streams faster than their rate
     BROKER_UNAVAILABLE = "broker_unavailable"
     AUTH_UNAVAILABLE = "auth_unavailable"  # the delegated auth service gave no answer
     SHUTTING_DOWN = "shutting_down"
@@ -33,7 +34,8 @@ class Reason(enum.Enum):
 class Refused(Exception):
     """A stream is not admitted; `message` is for the client."""
 
-    def __init__(self, reason: Reason, message: str) -> None:
+    def __init__(self, reason: Reason, message: str, *, retry_after_s: int | None = None) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
+        self.retry_after_s = retry_after_s  # when the client may try again, where known

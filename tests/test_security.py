@@ -18,6 +18,7 @@ from streamer.app_keys import BROKER, HUB
 from streamer.auth.sessions import SESSION_COOKIE
 from streamer.config import Config
 from streamer.events import progress_event
+from streamer.rate_limit import TokenBucket, opening_burst
 
 from .clients import SseReader, ws_close_code, ws_json
 from .raw_ws import RawWebSocket
@@ -221,6 +222,78 @@ async def test_connection_limits(
     metrics = await (await client.get("/metrics")).text()
     assert 'streamer_refusals_total{reason="too_many_connections"} 3.0' in metrics
     assert 'streamer_refusals_total{reason="unauthorized"} 1.0' in metrics
+
+
+async def test_streams_opened_past_the_users_rate_are_refused(
+    config: Config, aiohttp_client: AiohttpClient, token_for: TokenFor
+) -> None:
+    """Each opening reads the user's snapshot: a user (one token, in a loop) may not make
+    the broker read it faster than their rate, on any transport."""
+    # A burst of 2 (what a user may hold), then one opening per 10 s: the next turn is
+    # further away than an opening may wait for it.
+    client = await make_client(
+        aiohttp_client, config, openings_per_s=0.1, max_connections_per_user=2
+    )
+    alice, bob = token_for("alice"), token_for("bob")
+    for _ in range(2):
+        async with client.ws_connect(f"/ws/tasks/?token={alice}") as ws:
+            assert (await ws_json(ws))["type"] == "active_tasks"
+    async with client.ws_connect(f"/ws/tasks/?token={alice}") as ws:
+        assert await ws_close_code(ws) == 4029
+        assert ws.close_code == 4029
+    for path in ("/sse/tasks/", "/poll/tasks/"):
+        refused = await client.get(f"{path}?token={alice}")
+        assert refused.status == 429, path
+        assert await refused.json() == {
+            "type": "error",
+            "code": "too_many_openings",
+            "message": "streams opened too fast (at most 0.1 per second for a user); retry later",
+        }
+        assert 9 <= int(refused.headers["Retry-After"]) <= 10, path
+    # Bad credentials cost no one a turn; another user has their own.
+    assert (await client.get("/sse/tasks/?token=nonsense")).status == 401
+    sse = await client.get(f"/sse/tasks/?token={bob}")
+    assert sse.status == 200
+    assert (await SseReader(sse).next()).event == "active_tasks"
+    sse.close()
+    assert (await client.get(f"/poll/tasks/?token={bob}")).status == 200
+    metrics = await (await client.get("/metrics")).text()
+    assert 'streamer_refusals_total{reason="too_many_openings"} 3.0' in metrics
+
+
+async def test_streams_opened_past_the_burst_wait_for_their_turn(
+    config: Config, aiohttp_client: AiohttpClient, token_for: TokenFor
+) -> None:
+    """Past the burst, an opening whose turn comes within a second waits for it and is
+    served (a long poll answered again and again is slowed, not failed); one further
+    away is refused at once."""
+    client = await make_client(aiohttp_client, config, openings_per_s=4, max_connections_per_user=8)
+    alice = token_for("alice")
+    for _ in range(8):  # the burst: all that alice may hold
+        assert (await client.get(f"/poll/tasks/?token={alice}")).status == 200
+    # Eight more at once: a turn every quarter second, and up to a second's wait.
+    answers = await asyncio.gather(*(client.get(f"/sse/tasks/?token={alice}") for _ in range(8)))
+    statuses = sorted(answer.status for answer in answers)
+    for answer in answers:
+        answer.close()
+    served, refused = statuses.count(200), statuses.count(429)
+    assert served + refused == 8
+    # Four turns come within the second (a fifth if the burst took a quarter second).
+    assert 4 <= served <= 6 and refused >= 2, statuses
+
+
+def test_a_reserved_turn_is_the_next_token_to_come(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr("streamer.rate_limit.time.monotonic", lambda: now[0])
+    bucket = TokenBucket(rate=2, burst=2)
+    assert [bucket.reserve(1.0) for _ in range(2)] == [0.0, 0.0]  # the burst
+    # Each further turn comes half a second after the one reserved before it.
+    assert [bucket.reserve(1.0) for _ in range(2)] == [0.5, 1.0]
+    assert bucket.reserve(1.0) is None  # 1.5 s away: refused, and nothing taken
+    now[0] += 0.5
+    assert bucket.reserve(1.0) == 1.0
+    assert bucket.retry_after_s() == 2
+    assert opening_burst(10, 20) == 20 and opening_burst(10, 5) == 20
 
 
 async def test_command_rate_limit(

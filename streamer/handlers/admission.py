@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from ..app_keys import BROKER, CONFIG, DELEGATED_AUTH, HUB
+from ..app_keys import BROKER, CONFIG, DELEGATED_AUTH, HUB, OPENING_BUCKETS
 from ..auth.credentials import authenticate, uses_cookie_credentials
 from ..auth.delegated import AuthUnavailable
 from ..auth.origin import origin_allowed
@@ -27,6 +27,8 @@ from ..reasons import Reason, Refused
 from ..wire import EventId, Transport
 
 MAX_EVENT_ID_LENGTH = 200
+# How long an opening past its user's rate may wait for its turn before it is refused.
+MAX_OPENING_WAIT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,7 @@ async def open_stream(
     replay's first page). Raises Refused; when it fails in any way, the client going
     away while Redis is slow included, the connection is no longer counted."""
     hub = request.app[HUB]
+    await _wait_for_turn(request, connection.user_id)
     await hub.attach(connection)
     opened = False
     try:
@@ -154,3 +157,24 @@ async def open_stream(
     finally:
         if not opened:
             hub.detach(connection, None)
+
+
+async def _wait_for_turn(request: web.Request, user_id: str) -> None:
+    """Each opening reads the user's snapshot (and replay) from the broker: a user who
+    opens streams faster than `openings_per_s`, past a burst, waits for their turn
+    (a long poll answered again and again gathers more events per answer), and is
+    refused when it is more than MAX_OPENING_WAIT_S away. Waiting here, before the
+    connection counts, keeps a user's routing from churning with every refused one;
+    at most `openings_per_s * MAX_OPENING_WAIT_S` of a user's wait at once."""
+    bucket = request.app[OPENING_BUCKETS].get(user_id)
+    wait_s = bucket.reserve(MAX_OPENING_WAIT_S)
+    if wait_s is None:
+        request.app[HUB].refused[Reason.TOO_MANY_OPENINGS] += 1
+        rate = request.app[CONFIG].openings_per_s
+        raise Refused(
+            Reason.TOO_MANY_OPENINGS,
+            f"streams opened too fast (at most {rate:g} per second for a user); retry later",
+            retry_after_s=bucket.retry_after_s(),
+        )
+    if wait_s > 0:
+        await asyncio.sleep(wait_s)

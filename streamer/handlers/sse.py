@@ -30,6 +30,7 @@ REFUSALS: dict[Reason, tuple[int, str | None]] = {
     Reason.INVALID_TASK_ID: (400, None),
     Reason.UNAUTHORIZED: (401, None),
     Reason.TOO_MANY_CONNECTIONS: (429, "5"),
+    Reason.TOO_MANY_OPENINGS: (429, "1"),
     Reason.BROKER_UNAVAILABLE: (503, "1"),
     Reason.AUTH_UNAVAILABLE: (503, "1"),
     Reason.SHUTTING_DOWN: (503, "1"),
@@ -83,6 +84,8 @@ def _snapshot_chunk(retry_ms: int, message: str, position: wire.EventId) -> byte
 
 def refusal_response(refusal: Refused, cors: dict[str, str]) -> web.Response:
     status, retry_after = REFUSALS[refusal.reason]
+    if refusal.retry_after_s is not None:
+        retry_after = str(refusal.retry_after_s)
     response = json_error(status, refusal.reason.value, refusal.message)
     response.headers.update(cors)
     if retry_after is not None:

@@ -35,6 +35,7 @@ CLOSE_CODES: dict[Reason, tuple[int, bytes]] = {
     Reason.BROKER_UNAVAILABLE: (WSCloseCode.TRY_AGAIN_LATER, b"broker unavailable"),
     Reason.AUTH_UNAVAILABLE: (WSCloseCode.TRY_AGAIN_LATER, b"auth service unavailable"),
     Reason.TOO_MANY_CONNECTIONS: (CLOSE_TOO_MANY, b"too many connections"),
+    Reason.TOO_MANY_OPENINGS: (CLOSE_TOO_MANY, b"streams opened too fast"),
     Reason.SHUTTING_DOWN: (WSCloseCode.GOING_AWAY, b"server shutting down"),
     Reason.OVERFLOW: (CLOSE_TOO_SLOW, b"too slow: resume from your last event id"),
     Reason.STALLED: (CLOSE_TOO_SLOW, b"too slow: resume from your last event id"),
