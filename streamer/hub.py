@@ -77,11 +77,7 @@ class Hub:
         Raises Refused when the process is shutting down, a limit is reached or the
         broker cannot route the user's events here.
         """
-        try:
-            self._check_limits(connection.user_id)
-        except Refused as refusal:
-            self.refused[refusal.reason] += 1
-            raise
+        self.check_admissible(connection.user_id)
         user_id = connection.user_id
         user = self._users.get(user_id)
         if user is None:
@@ -108,6 +104,15 @@ class Hub:
             raise Refused(Reason.BROKER_UNAVAILABLE, f"{exc}; try again") from None
         if user.routed is routed:
             user.routed = None
+
+    def check_admissible(self, user_id: str) -> None:
+        """Raises Refused (and counts it) when a stream of `user_id` would not be counted
+        in now: the process is shutting down, or a limit is reached."""
+        try:
+            self._check_limits(user_id)
+        except Refused as refusal:
+            self.refused[refusal.reason] += 1
+            raise
 
     def _check_limits(self, user_id: str) -> None:
         if self._closed:

@@ -49,6 +49,10 @@ class TokenBucket:
         self._tokens -= 1
         return wait
 
+    def give_back(self) -> None:
+        """Return a token taken for what did not happen after all."""
+        self._tokens = min(self._burst, self._tokens + 1)
+
     def charge(self, tokens: float) -> None:
         """Take more for what turned out to cost more; the balance may go below zero,
         and commands are refused until it has refilled."""

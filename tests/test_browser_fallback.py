@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlencode
 
+import aiohttp
 import pytest
 
 from streamer.publisher import Publisher
@@ -18,6 +20,7 @@ from streamer.publisher import Publisher
 from .browser import Browser
 from .nginx import BUFFERING_SITE, Nginx
 from .processes import ServerProcess
+from .waiting import eventually
 
 WS_LOCATION_HEADERS = (
     "proxy_set_header Upgrade $http_upgrade;\n"
@@ -259,6 +262,48 @@ async def test_auto_stays_on_websocket_across_a_restart_of_the_server(
     start_process(["streamer", "serve", "--port", "{port}"], env, port=server.port).wait_healthy()
     await browser.wait_for(
         "document.body?.dataset.connection === 'open'", what="the page back", timeout=40
+    )
+    assert await browser.evaluate("window.taskStream.transport") == "websocket"
+    await run_a_job(browser, publisher, user_id)
+
+
+async def test_auto_stays_on_websocket_while_the_server_refuses_it_for_now(
+    browser: Browser,
+    process_env: dict[str, str],
+    redis_url: str,
+    start_process: Callable[..., ServerProcess],
+    publisher: Publisher,
+    token_for: Callable[..., str],
+    user_id: str,
+) -> None:
+    """A WebSocket that the server closes with a refusal for now (4029: the user holds
+    every stream they may) came through every proxy on the way: the page tries again,
+    further and further apart, on WebSocket, and does not leave it for SSE."""
+    env = {
+        **process_env,
+        "STREAMER_REDIS_URL": redis_url,
+        "STREAMER_MAX_CONNECTIONS_PER_USER": "1",
+    }
+    server = start_process(["streamer", "serve", "--port", "{port}"], env)
+    server.wait_healthy()
+    token = token_for(user_id)
+
+    def refusals() -> int:
+        text = server.get("/metrics")[1].decode()
+        found = re.search(r'streamer_refusals_total\{reason="too_many_connections"\} (\S+)', text)
+        return int(float(found.group(1))) if found else 0
+
+    async with aiohttp.ClientSession() as session:
+        held = await session.ws_connect(f"ws://127.0.0.1:{server.port}/ws/tasks/?token={token}")
+        assert json.loads((await held.receive()).data)["type"] == "active_tasks"
+        await browser.navigate(
+            f"{server.base_url}/?{urlencode({'token': token, 'transport': 'auto'})}"
+        )
+        await eventually(lambda: refusals() >= 3, what="three refused WebSockets", timeout=20)
+        assert await browser.evaluate("window.taskStream.transport") == "websocket"
+        await held.close()
+    await browser.wait_for(
+        "document.body?.dataset.connection === 'open'", what="the page's stream", timeout=30
     )
     assert await browser.evaluate("window.taskStream.transport") == "websocket"
     await run_a_job(browser, publisher, user_id)

@@ -241,8 +241,9 @@ async def test_streams_opened_past_the_users_rate_are_refused(
     async with client.ws_connect(f"/ws/tasks/?token={alice}") as ws:
         assert await ws_close_code(ws) == 4029
         assert ws.close_code == 4029
-    for path in ("/sse/tasks/", "/poll/tasks/"):
-        refused = await client.get(f"{path}?token={alice}")
+    # A long poll that resumes reads the snapshot too.
+    for path in ("/sse/tasks/?", "/poll/tasks/?", "/poll/tasks/?last_event_id=0-0&"):
+        refused = await client.get(f"{path}token={alice}")
         assert refused.status == 429, path
         assert await refused.json() == {
             "type": "error",
@@ -250,15 +251,15 @@ async def test_streams_opened_past_the_users_rate_are_refused(
             "message": "streams opened too fast (at most 0.1 per second for a user); retry later",
         }
         assert 9 <= int(refused.headers["Retry-After"]) <= 10, path
-    # Bad credentials cost no one a turn; another user has their own.
-    assert (await client.get("/sse/tasks/?token=nonsense")).status == 401
+    # What admission refuses is refused first; another user has their own turns.
+    assert (await client.get(f"/sse/tasks/?token={alice}&task_id=%00")).status == 400
     sse = await client.get(f"/sse/tasks/?token={bob}")
     assert sse.status == 200
     assert (await SseReader(sse).next()).event == "active_tasks"
     sse.close()
     assert (await client.get(f"/poll/tasks/?token={bob}")).status == 200
     metrics = await (await client.get("/metrics")).text()
-    assert 'streamer_refusals_total{reason="too_many_openings"} 3.0' in metrics
+    assert 'streamer_refusals_total{reason="too_many_openings"} 4.0' in metrics
 
 
 async def test_streams_opened_past_the_burst_wait_for_their_turn(
@@ -282,6 +283,42 @@ async def test_streams_opened_past_the_burst_wait_for_their_turn(
     assert 4 <= served <= 6 and refused >= 2, statuses
 
 
+async def test_an_opening_refused_for_a_limit_takes_no_turn(
+    config: Config, aiohttp_client: AiohttpClient, token_for: TokenFor
+) -> None:
+    """At the user's limit an opening is refused at once as too many connections, and
+    is not made to wait for a turn it could not use."""
+    # One stream, and one turn every 10 s: the held stream took the turn there was.
+    client = await make_client(
+        aiohttp_client, config, openings_per_s=0.1, max_connections_per_user=1
+    )
+    alice = token_for("alice")
+    async with client.ws_connect(f"/ws/tasks/?token={alice}") as held:
+        assert (await ws_json(held))["type"] == "active_tasks"
+        for _ in range(3):
+            refused = await client.get(f"/sse/tasks/?token={alice}")
+            assert refused.status == 429
+            assert (await refused.json())["code"] == "too_many_connections"
+    metrics = await (await client.get("/metrics")).text()
+    assert 'streamer_refusals_total{reason="too_many_connections"} 3.0' in metrics
+    assert 'reason="too_many_openings"' not in metrics
+
+
+async def test_a_client_that_leaves_while_it_waits_gives_its_turn_back(
+    config: Config, aiohttp_client: AiohttpClient, token_for: TokenFor
+) -> None:
+    app = await create_app(config.replace(openings_per_s=1, max_connections_per_user=2))
+    client = await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
+    alice = token_for("alice")
+    for _ in range(2):  # the burst
+        assert (await client.get(f"/poll/tasks/?token={alice}")).status == 200
+    # The next turn is about a second away: this one waits for it, and leaves.
+    with pytest.raises(asyncio.TimeoutError):
+        await client.get(f"/poll/tasks/?token={alice}", timeout=aiohttp.ClientTimeout(total=0.2))
+    # Its turn is the next one's: kept, that one would be two seconds away and refused.
+    assert (await client.get(f"/poll/tasks/?token={alice}")).status == 200
+
+
 def test_a_reserved_turn_is_the_next_token_to_come(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [1000.0]
     monkeypatch.setattr("streamer.rate_limit.time.monotonic", lambda: now[0])
@@ -293,6 +330,8 @@ def test_a_reserved_turn_is_the_next_token_to_come(monkeypatch: pytest.MonkeyPat
     now[0] += 0.5
     assert bucket.reserve(1.0) == 1.0
     assert bucket.retry_after_s() == 2
+    bucket.give_back()
+    assert bucket.reserve(1.0) == 1.0  # the turn given back is the next one's
     assert opening_burst(10, 20) == 20 and opening_burst(10, 5) == 20
 
 

@@ -23,6 +23,7 @@ from ..broker.base import BrokerUnavailable
 from ..connection import Connection
 from ..events import EventError, validate_identifier
 from ..opening import Opening, read_opening
+from ..rate_limit import TokenBucket
 from ..reasons import Reason, Refused
 from ..wire import EventId, Transport
 
@@ -136,11 +137,17 @@ async def open_stream(
     encode_snapshot: Callable[[str, EventId], bytes],
 ) -> Opening:
     """Count the connection in at the hub and read what it gets first (snapshot, the
-    replay's first page). Raises Refused; when it fails in any way, the client going
-    away while Redis is slow included, the connection is no longer counted."""
+    replay's first page), in the user's turn (`_take_turn`). Raises Refused; when it
+    fails in any way, the client going away while Redis is slow included, the
+    connection is no longer counted."""
     hub = request.app[HUB]
-    await _wait_for_turn(request, connection.user_id)
-    await hub.attach(connection)
+    hub.check_admissible(connection.user_id)  # at once, before a turn is taken for it
+    turn = await _take_turn(request, connection.user_id)
+    try:
+        await hub.attach(connection)
+    except BaseException:  # refused, or the client went away: nothing was read for it
+        turn.give_back()
+        raise
     opened = False
     try:
         opening = await read_opening(
@@ -159,13 +166,13 @@ async def open_stream(
             hub.detach(connection, None)
 
 
-async def _wait_for_turn(request: web.Request, user_id: str) -> None:
+async def _take_turn(request: web.Request, user_id: str) -> TokenBucket:
     """Each opening reads the user's snapshot (and replay) from the broker: a user who
     opens streams faster than `openings_per_s`, past a burst, waits for their turn
     (a long poll answered again and again gathers more events per answer), and is
-    refused when it is more than MAX_OPENING_WAIT_S away. Waiting here, before the
-    connection counts, keeps a user's routing from churning with every refused one;
-    at most `openings_per_s * MAX_OPENING_WAIT_S` of a user's wait at once."""
+    refused when it is more than MAX_OPENING_WAIT_S away. Taken before the connection
+    counts, so that a user's routing does not churn with every refused one; returns
+    the user's bucket, to give the turn back if nothing is read in it."""
     bucket = request.app[OPENING_BUCKETS].get(user_id)
     wait_s = bucket.reserve(MAX_OPENING_WAIT_S)
     if wait_s is None:
@@ -177,4 +184,9 @@ async def _wait_for_turn(request: web.Request, user_id: str) -> None:
             retry_after_s=bucket.retry_after_s(),
         )
     if wait_s > 0:
-        await asyncio.sleep(wait_s)
+        try:
+            await asyncio.sleep(wait_s)
+        except asyncio.CancelledError:  # the client went away while it waited
+            bucket.give_back()
+            raise
+    return bucket

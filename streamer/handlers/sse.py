@@ -30,7 +30,7 @@ REFUSALS: dict[Reason, tuple[int, str | None]] = {
     Reason.INVALID_TASK_ID: (400, None),
     Reason.UNAUTHORIZED: (401, None),
     Reason.TOO_MANY_CONNECTIONS: (429, "5"),
-    Reason.TOO_MANY_OPENINGS: (429, "1"),
+    Reason.TOO_MANY_OPENINGS: (429, None),  # its Retry-After comes with the refusal
     Reason.BROKER_UNAVAILABLE: (503, "1"),
     Reason.AUTH_UNAVAILABLE: (503, "1"),
     Reason.SHUTTING_DOWN: (503, "1"),

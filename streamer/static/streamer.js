@@ -56,6 +56,9 @@
   // start over, and a WebSocket cut off sooner (a proxy's idle timeout) counts as a failure.
   const STABLE_AFTER_MS = 5000;
   const CLOSE_ABNORMAL = 1006;
+  // Close codes of a server that refuses the stream for now (too many streams or openings,
+  // try again later, going away): its close frame came through every proxy on the way.
+  const CLOSE_REFUSED_FOR_NOW = new Set([4029, 1013, 1001]);
   const SEEN_IDS_KEPT = 1000; // relayed event ids remembered, to drop one relayed twice
   const SSE_EVENTS = ["active_tasks", "task_progress", "task_completed"];
   const TERMINAL = new Set(["SUCCESS", "FAILURE", "REVOKED"]);
@@ -358,8 +361,8 @@
         // Opened, but closed before its first message, or cut off (no close frame) soon after:
         // a path that lets the upgrade through but not the connection.
         const cutOff =
-          !received ||
-          (event.code === CLOSE_ABNORMAL && Date.now() - openedAt < STABLE_AFTER_MS);
+          !CLOSE_REFUSED_FOR_NOW.has(event.code) &&
+          (!received || (event.code === CLOSE_ABNORMAL && Date.now() - openedAt < STABLE_AFTER_MS));
         this._failPending(`the WebSocket closed (code ${event.code})`);
         if (!this._running) return;
         if (event.code === CLOSE_UNAUTHORIZED) {
