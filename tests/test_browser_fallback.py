@@ -15,7 +15,10 @@ from urllib.parse import urlencode
 import aiohttp
 import pytest
 
+import streamer
+from streamer.handlers.ws import CLOSE_CODES, CLOSE_TOO_MANY
 from streamer.publisher import Publisher
+from streamer.reasons import Reason
 
 from .browser import Browser
 from .nginx import BUFFERING_SITE, Nginx
@@ -307,6 +310,28 @@ async def test_auto_stays_on_websocket_while_the_server_refuses_it_for_now(
     )
     assert await browser.evaluate("window.taskStream.transport") == "websocket"
     await run_a_job(browser, publisher, user_id)
+
+
+def test_the_clients_refusals_for_now_are_the_servers_own() -> None:
+    """streamer.js tells a refusal for now by the close code and reason the WebSocket
+    handler sends with it."""
+    source = (Path(streamer.__file__).parent / "static" / "streamer.js").read_text()
+    refusals_for_now = (
+        Reason.TOO_MANY_CONNECTIONS,
+        Reason.TOO_MANY_OPENINGS,
+        Reason.BROKER_UNAVAILABLE,
+        Reason.AUTH_UNAVAILABLE,
+        Reason.SHUTTING_DOWN,
+        Reason.SHUTDOWN,
+    )
+    for reason in refusals_for_now:
+        code, text = CLOSE_CODES[reason]
+        if code == CLOSE_TOO_MANY:
+            assert f"const CLOSE_TOO_MANY = {code};" in source
+            continue
+        listed = re.search(rf"\n\s*{code}: new Set\(\[(.*?)\]\)", source)
+        assert listed is not None, code
+        assert json.dumps(text.decode()) in listed.group(1), (code, text)
 
 
 async def test_auto_stays_on_sse_while_its_proxy_cannot_be_reached(

@@ -56,9 +56,14 @@
   // start over, and a WebSocket cut off sooner (a proxy's idle timeout) counts as a failure.
   const STABLE_AFTER_MS = 5000;
   const CLOSE_ABNORMAL = 1006;
-  // Close codes of a server that refuses the stream for now (too many streams or openings,
-  // try again later, going away): its close frame came through every proxy on the way.
-  const CLOSE_REFUSED_FOR_NOW = new Set([4029, 1013, 1001]);
+  // How the server refuses a stream for now: too many streams or openings (its own code),
+  // or try again later and going away with its own reasons (a proxy may send those codes
+  // too). Its close frame came through every proxy on the way.
+  const CLOSE_TOO_MANY = 4029;
+  const SERVER_REFUSAL_REASONS = {
+    1001: new Set(["server shutting down"]),
+    1013: new Set(["broker unavailable", "auth service unavailable"]),
+  };
   const SEEN_IDS_KEPT = 1000; // relayed event ids remembered, to drop one relayed twice
   const SSE_EVENTS = ["active_tasks", "task_progress", "task_completed"];
   const TERMINAL = new Set(["SUCCESS", "FAILURE", "REVOKED"]);
@@ -361,7 +366,7 @@
         // Opened, but closed before its first message, or cut off (no close frame) soon after:
         // a path that lets the upgrade through but not the connection.
         const cutOff =
-          !CLOSE_REFUSED_FOR_NOW.has(event.code) &&
+          !refusedForNow(event) &&
           (!received || (event.code === CLOSE_ABNORMAL && Date.now() - openedAt < STABLE_AFTER_MS));
         this._failPending(`the WebSocket closed (code ${event.code})`);
         if (!this._running) return;
@@ -829,6 +834,12 @@
   }
 
   /** Whether the server answers over HTTP at all (any answer, readable or not). */
+  function refusedForNow(closeEvent) {
+    if (closeEvent.code === CLOSE_TOO_MANY) return true;
+    const reasons = SERVER_REFUSAL_REASONS[closeEvent.code];
+    return reasons !== undefined && reasons.has(closeEvent.reason);
+  }
+
   async function reachable(url) {
     try {
       await fetch(new URL("/healthz", url).toString(), {
