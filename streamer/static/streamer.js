@@ -833,13 +833,14 @@
     return typeof BroadcastChannel === "function" && !!locks && typeof locks.request === "function";
   }
 
-  /** Whether the server answers over HTTP at all (any answer, readable or not). */
+  /** Whether the server closed a WebSocket with one of its refusals for now. */
   function refusedForNow(closeEvent) {
     if (closeEvent.code === CLOSE_TOO_MANY) return true;
     const reasons = SERVER_REFUSAL_REASONS[closeEvent.code];
     return reasons !== undefined && reasons.has(closeEvent.reason);
   }
 
+  /** Whether the server answers over HTTP at all (any answer, readable or not). */
   async function reachable(url) {
     try {
       await fetch(new URL("/healthz", url).toString(), {
