@@ -312,6 +312,42 @@ async def test_an_opening_refused_for_a_limit_takes_no_turn(
     assert 'reason="too_many_openings"' not in metrics
 
 
+async def test_head_on_a_stream_answers_like_a_get_and_opens_nothing(
+    config: Config, aiohttp_client: AiohttpClient, token_for: TokenFor
+) -> None:
+    """HEAD on the SSE and poll endpoints (what streamer.js asks after a failed stream,
+    to tell a refused token from a network fault) gets the status a GET would, at once,
+    and opens no stream: no turn is taken, nothing is read from the broker."""
+    client = await make_client(
+        aiohttp_client, config, openings_per_s=0.1, max_connections_per_user=1
+    )
+    alice = token_for("alice")
+    within = aiohttp.ClientTimeout(total=5)
+    kinds = {"/sse/tasks/": "text/event-stream", "/poll/tasks/": "application/json"}
+    for _ in range(3):
+        for path, kind in kinds.items():
+            params = {"token": alice, "last_event_id": "0-0"}
+            answer = await client.head(path, params=params, timeout=within)
+            assert answer.status == 200, path
+            assert answer.headers["Content-Type"].startswith(kind), path
+            assert await answer.read() == b""
+    assert len(client.app[HUB]) == 0
+    # The one turn alice has is still hers: her stream opens, and fills her limit.
+    async with client.ws_connect(f"/ws/tasks/?token={alice}") as held:
+        assert (await ws_json(held))["type"] == "active_tasks"
+        for path in kinds:
+            refused = await client.head(path, params={"token": alice}, timeout=within)
+            assert refused.status == 429, path
+            assert refused.headers["Retry-After"], path
+    for path in kinds:
+        unauthorized = await client.head(path, params={"token": "nonsense"}, timeout=within)
+        assert unauthorized.status == 401, path
+        assert unauthorized.headers["WWW-Authenticate"] == 'Bearer realm="streamer"'
+    metrics = await (await client.get("/metrics")).text()
+    assert 'reason="too_many_openings"' not in metrics
+    assert 'streamer_refusals_total{reason="too_many_connections"} 2.0' in metrics
+
+
 async def test_a_client_that_leaves_while_it_waits_gives_its_turn_back(
     config: Config, aiohttp_client: AiohttpClient, token_for: TokenFor
 ) -> None:

@@ -66,18 +66,26 @@ class Collector(asyncio.Transport):
 
 async def poll_handler(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG]
+    hub = request.app[HUB]
     cors = cors_headers(request, config.allowed_origins)
     try:
         admission = await admit(request, last_event_header=False)
     except Refused as refusal:
         return _no_store(refusal_response(refusal, cors))
+    if request.method == "HEAD":  # as for SSE: no poll is held, nothing is read
+        try:
+            hub.check_admissible(admission.identity.user_id)
+        except Refused as refusal:
+            return _no_store(refusal_response(refusal, cors))
+        return web.Response(
+            content_type="application/json", headers=POLL_HEADERS | worker_header() | cors
+        )
     socket = request.transport
     if socket is None:  # the client is gone already
         return web.Response(status=400)
     collector = Collector(socket)
     connection = connection_for(request, admission, "poll", _close_transport, out=collector)
     resume_point = admission.last_event_id
-    hub = request.app[HUB]
     recovered: list[bool] = []
 
     def encode_snapshot(message: str, position: wire.EventId) -> bytes:

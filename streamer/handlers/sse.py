@@ -50,6 +50,8 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
         admission = await admit(request, last_event_header=True)
     except Refused as refusal:
         return refusal_response(refusal, cors)
+    if request.method == "HEAD":
+        return await _head(request, admission.identity.user_id, cors)
     connection = connection_for(request, admission, "sse", _close_transport)
     last_event_id = admission.last_event_id
     del admission  # nothing of it is needed for the length of the stream
@@ -74,6 +76,19 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
         return response
     finally:
         hub.detach(connection, connection.close_reason or Reason.CLIENT_CLOSED)
+
+
+async def _head(request: web.Request, user_id: str, cors: dict[str, str]) -> web.StreamResponse:
+    """What a GET would be answered now, as far as origin, credentials and limits go,
+    without opening a stream: no turn is taken and nothing is read from the broker (a
+    client checks with it why its stream failed)."""
+    try:
+        request.app[HUB].check_admissible(user_id)
+    except Refused as refusal:
+        return refusal_response(refusal, cors)
+    response = web.StreamResponse(headers=SSE_HEADERS | worker_header() | cors)
+    await response.prepare(request)
+    return response
 
 
 def _snapshot_chunk(retry_ms: int, message: str, position: wire.EventId) -> bytes:

@@ -854,14 +854,17 @@
     }
   }
 
-  /** Did the SSE endpoint answer 401? Reads only the status, then hangs up. */
+  /**
+   * Would the SSE endpoint answer 401? Asked with HEAD: the server answers what a GET
+   * would get, without opening a stream (no snapshot read, no turn of the user's).
+   */
   async function refusedAsUnauthorized(url, withCookies) {
     const controller = new AbortController();
-    // A proxy that buffers responses holds back an accepted stream's headers: no answer
-    // in time is no refusal.
+    // No answer in time (a proxy or network that holds it) is no refusal.
     const timer = setTimeout(() => controller.abort(), REFUSAL_CHECK_MS);
     try {
       const response = await fetch(url, {
+        method: "HEAD",
         signal: controller.signal,
         cache: "no-store",
         credentials: withCookies ? "include" : "same-origin",
