@@ -124,6 +124,20 @@ def chunk(body: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(body), body)
 
 
+def unchunked(data: bytes) -> bytes:
+    """The body pieces of well-formed chunks (ours), without their framing: for an
+    HTTP/1.0 client, whose response body runs until the connection closes."""
+    pieces = []
+    at = 0
+    while at < len(data):
+        size_end = data.index(b"\r\n", at)
+        size = int(data[at:size_end], 16)
+        start = size_end + 2
+        pieces.append(data[start : start + size])
+        at = start + size + 2
+    return b"".join(pieces)
+
+
 SSE_HEARTBEAT = chunk(b": ping\n\n")
 END_OF_CHUNKED_BODY = b"0\r\n\r\n"
 

@@ -103,3 +103,57 @@ async def test_long_poll_through_nginx(
         assert response.status == 200 and response.headers["Cache-Control"] == "no-store"
         assert [e["id"] for e in body["events"]] == [event_id]
         assert body["last_event_id"] == event_id
+
+
+# A site with nothing but proxy_pass: nginx then speaks HTTP/1.0 to the service (no
+# chunked coding), and buffers responses unless they say otherwise.
+BARE_SITE = """
+upstream streamer {
+    server ${STREAMER_UPSTREAM};
+}
+server {
+    listen ${NGINX_PORT};
+    access_log ${NGINX_ACCESS_LOG};
+    location / {
+        proxy_pass http://streamer;
+    }
+}
+"""
+
+
+async def test_sse_and_long_poll_through_nginx_speaking_http_1_0(
+    start_gunicorn: StartGunicorn, tmp_path: Path, token_for: TokenFor, user_id: str
+) -> None:
+    """Each event still arrives on its own: the service streams an HTTP/1.0 request's
+    body until the connection closes, unframed, and nginx honours X-Accel-Buffering."""
+    server, env = start_gunicorn(1)
+    nginx = Nginx(tmp_path / "nginx", server.port, template=BARE_SITE)
+    nginx.directory.mkdir()
+    nginx.start()
+    token = token_for(user_id)
+    try:
+        sse = await CurlStream.open(f"{nginx.base_url}/sse/tasks/", token)
+        try:
+            assert sse.status == 200 and sse.headers["content-type"].startswith("text/event-stream")
+            assert (await sse.next_data())["type"] == "active_tasks"
+            for progress in (10, 20):
+                event_id = await run_cli(
+                    "publish", "--user", user_id, "--task", "t",
+                    "--progress", str(progress), env=env,
+                )  # fmt: skip
+                assert (await sse.next_data(timeout=5))["id"] == event_id
+        finally:
+            await sse.close()
+        headers = {"Authorization": f"Bearer {token}"}
+        async with (
+            aiohttp.ClientSession(headers=headers) as session,
+            session.get(f"{nginx.base_url}/poll/tasks/") as response,
+        ):
+            assert response.status == 200
+            body = await response.json()
+        assert body["events"][0]["type"] == "active_tasks"
+        assert body["events"][0]["tasks"][0]["progress"] == 20
+    finally:
+        nginx.stop()
+    log = (tmp_path / "nginx" / "error.log").read_text()
+    assert "upstream prematurely closed" not in log, log

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -173,6 +174,37 @@ async def test_sse_stream_framing_and_headers(
     heartbeat = await reader.wait_for_comment(timeout=5)  # heartbeat_s is 0.5 in tests
     assert heartbeat.startswith(":")
     response.close()
+
+
+async def test_sse_over_http_1_0_is_unframed_and_ends_with_the_connection(
+    client: TestClient, token_for: TokenFor, user_id: str
+) -> None:
+    """HTTP/1.0 has no chunked coding (and nginx speaks HTTP/1.0 to its upstreams unless
+    told otherwise): the events go out as they are, and the stream ends by closing."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        token = token_for(user_id, ttl_s=2)  # the stream ends when the token expires
+        writer.write(f"GET /sse/tasks/?token={token} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+        head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).lower()
+        assert head.startswith(b"http/1.0 200 ok\r\n"), head
+        assert b"\r\ncontent-type: text/event-stream\r\n" in head
+        assert b"transfer-encoding" not in head and b"content-length" not in head
+
+        snapshot = await asyncio.wait_for(reader.readuntil(b"\n\n"), 5)
+        assert snapshot.startswith(b"id: ") and b"\nevent: active_tasks\nretry: 3000\n" in snapshot
+        event_id = await publish_progress(client, user_id, "job", progress=2)
+        block = b":"
+        while block.startswith(b":"):  # heartbeat comments (every 0.5 s in tests)
+            block = await asyncio.wait_for(reader.readuntil(b"\n\n"), 5)
+        head_lines = f"id: {event_id}\nevent: task_progress\ndata: ".encode()
+        assert block.startswith(head_lines), block
+        assert json.loads(block[len(head_lines) :])["progress"] == 2
+
+        rest = await asyncio.wait_for(reader.read(), 10)  # until the server closes
+        assert b": ping\n\n" in rest  # a heartbeat went out while the token lasted
+        assert b"\r\n" not in rest  # no chunk framing, no end-of-chunks marker
+    finally:
+        writer.close()
 
 
 async def test_both_transports_get_the_same_events_in_the_same_order(

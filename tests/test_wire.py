@@ -43,6 +43,10 @@ def test_sse_event_bytes() -> None:
     block = b"id: abcdef01-1700000000000-3\nevent: task_progress\ndata: " + EVENT_JSON + b"\n\n"
     assert golden_delivery().sse_chunk == b"%x\r\n" % len(block) + block + b"\r\n"
     assert wire.SSE_HEARTBEAT == b"8\r\n: ping\n\n\r\n"
+    # An HTTP/1.0 stream has no chunks: the same bytes, without their framing.
+    both = golden_delivery().sse_chunk + wire.SSE_HEARTBEAT
+    assert wire.unchunked(both) == block + b": ping\n\n"
+    assert wire.unchunked(wire.chunk(b"x" * 300)) == b"x" * 300  # a length of 3 digits
 
 
 def test_a_channel_message_gets_its_id_put_first_in_its_stored_json() -> None:

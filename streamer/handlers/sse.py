@@ -12,7 +12,7 @@ import asyncio
 import functools
 import logging
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from .. import wire
 from ..app_keys import BROKER, CONFIG, HUB
@@ -52,7 +52,14 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
         return refusal_response(refusal, cors)
     if request.method == "HEAD":
         return await _head(request, admission.identity.user_id, cors)
-    connection = connection_for(request, admission, "sse", _close_transport)
+    socket = request.transport
+    if socket is None:  # the client is gone already
+        return web.Response(status=400)
+    # HTTP/1.0 has no chunked coding (nginx talks it to upstreams by default): the
+    # stream is the body until the connection closes.
+    chunked = request.version >= HttpVersion11
+    out = socket if chunked else Unchunked(socket)
+    connection = connection_for(request, admission, "sse", _close_transport, out=out)
     last_event_id = admission.last_event_id
     del admission  # nothing of it is needed for the length of the stream
     try:
@@ -67,7 +74,8 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
     hub = request.app[HUB]
     try:
         response = web.StreamResponse(headers=SSE_HEADERS | worker_header() | cors)
-        response.enable_chunked_encoding()
+        if chunked:
+            response.enable_chunked_encoding()
         await response.prepare(request)
         hub.replayed += await send_opening(request.app[BROKER], connection, opening)
         del opening  # written: not kept for the length of the stream
@@ -95,6 +103,27 @@ def _snapshot_chunk(retry_ms: int, message: str, position: wire.EventId) -> byte
     return wire.sse_chunk(
         message.encode(), event_id=str(position), event="active_tasks", retry_ms=retry_ms
     )
+
+
+class Unchunked(asyncio.Transport):
+    """An HTTP/1.0 client's socket: what the hub writes (the same chunks as for every
+    stream) goes out without the chunk framing."""
+
+    def __init__(self, socket: asyncio.Transport) -> None:
+        super().__init__()
+        self._socket = socket
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._socket.write(wire.unchunked(bytes(data)))
+
+    def is_closing(self) -> bool:
+        return self._socket.is_closing()
+
+    def get_write_buffer_size(self) -> int:
+        return self._socket.get_write_buffer_size()
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._socket.get_write_buffer_limits()
 
 
 def refusal_response(refusal: Refused, cors: dict[str, str]) -> web.Response:
