@@ -31,9 +31,12 @@ http {{
 """
 
 
-# A proxy that buffers whole responses and ignores X-Accel-Buffering (and compresses,
-# which holds a stream's bytes until a compressed block is full); upgrades do not pass.
-BUFFERING_SITE = """
+def proxy_site(directives: str = "") -> str:
+    """A site passing everything to the service, with `directives` beside proxy_pass."""
+    return _SITE.replace("        @DIRECTIVES@\n", directives)
+
+
+_SITE = """
 upstream streamer {
     server ${STREAMER_UPSTREAM};
 }
@@ -42,7 +45,19 @@ server {
     access_log ${NGINX_ACCESS_LOG};
     location / {
         proxy_pass http://streamer;
-        proxy_http_version 1.1;
+        @DIRECTIVES@
+    }
+}
+"""
+
+# Nothing but proxy_pass: nginx then speaks HTTP/1.0 to the service (no chunked
+# coding), and buffers responses unless they say otherwise.
+BARE_SITE = proxy_site()
+
+# A proxy that buffers whole responses and ignores X-Accel-Buffering (and compresses,
+# which holds a stream's bytes until a compressed block is full); upgrades do not pass.
+BUFFERING_SITE = proxy_site(
+    """        proxy_http_version 1.1;
         proxy_set_header Connection "";
         proxy_set_header Host $http_host;
         proxy_buffering on;
@@ -57,9 +72,8 @@ server {
         gzip_min_length 0;
         gzip_types text/event-stream application/json;
         gzip_buffers 16 64k;
-    }
-}
 """
+)
 
 
 class Nginx:

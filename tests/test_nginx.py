@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from .conftest import StartGunicorn
-from .nginx import Nginx
+from .nginx import BARE_SITE, Nginx
 from .streams import CurlStream, WsStream, run_cli
 from .waiting import eventually
 
@@ -103,22 +103,6 @@ async def test_long_poll_through_nginx(
         assert response.status == 200 and response.headers["Cache-Control"] == "no-store"
         assert [e["id"] for e in body["events"]] == [event_id]
         assert body["last_event_id"] == event_id
-
-
-# A site with nothing but proxy_pass: nginx then speaks HTTP/1.0 to the service (no
-# chunked coding), and buffers responses unless they say otherwise.
-BARE_SITE = """
-upstream streamer {
-    server ${STREAMER_UPSTREAM};
-}
-server {
-    listen ${NGINX_PORT};
-    access_log ${NGINX_ACCESS_LOG};
-    location / {
-        proxy_pass http://streamer;
-    }
-}
-"""
 
 
 async def test_sse_and_long_poll_through_nginx_speaking_http_1_0(
