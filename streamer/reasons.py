@@ -26,6 +26,9 @@ class Reason(enum.Enum):
     SHUTDOWN = "shutdown"  # the process is stopping or reloading
     EXPIRED = "expired"  # the access token expired
     RATE_LIMIT = "rate_limit"  # the client kept sending commands past its rate
+    # The client broke the WebSocket protocol (a message too big, text not UTF-8, bad
+    # framing): aiohttp closed it with the matching code (1009, 1007, 1002).
+    PROTOCOL_ERROR = "protocol_error"
     ANSWERED = "answered"  # a long poll got its answer (events, or none by its timeout)
     # Ended by the client.
     CLIENT_CLOSED = "client_closed"

@@ -84,8 +84,22 @@ def _store_errors() -> Iterator[None]:
         raise SessionStoreUnavailable(f"the session store is unavailable: {exc}") from exc
 
 
+def _readable_cookie(cookie: str | None) -> str | None:
+    """Session cookies are ASCII (a Fernet token, or a session id): one with other bytes
+    (kept by aiohttp as surrogates, which the storages cannot encode) is no session."""
+    return cookie if cookie is not None and cookie.isascii() else None
+
+
+class CookieStorage(EncryptedCookieStorage):
+    """The encrypted cookie store, for which a cookie it cannot have written is none."""
+
+    def load_cookie(self, request: web.Request) -> str | None:
+        return _readable_cookie(super().load_cookie(request))
+
+
 class IndexedRedisStorage(RedisStorage):
-    """RedisStorage that lists each new session in its user's index once stored."""
+    """RedisStorage that lists each new session in its user's index once stored (and,
+    like `CookieStorage`, takes a cookie it cannot have written for none)."""
 
     def __init__(self, client: AsyncClient, index: SessionIndex, **options: object) -> None:
         # RedisStorage insists on a `Redis`; a Redis Cluster client answers the same
@@ -94,6 +108,9 @@ class IndexedRedisStorage(RedisStorage):
         super().__init__(stand_in, **options)  # type: ignore[arg-type]
         self._redis = client  # type: ignore[assignment]
         self._index = index
+
+    def load_cookie(self, request: web.Request) -> str | None:
+        return _readable_cookie(super().load_cookie(request))
 
     async def load_session(self, request: web.Request) -> Session:
         with _store_errors():
@@ -144,7 +161,7 @@ def setup_sessions(
         )
         storage = store = IndexedRedisStorage(client, index, **_cookie_options(secure))
     else:
-        storage = EncryptedCookieStorage(cookie_key(secret), **_cookie_options(secure))  # type: ignore[arg-type]
+        storage = CookieStorage(cookie_key(secret), **_cookie_options(secure))  # type: ignore[arg-type]
     app[SESSION_RULES] = SessionRules(signing_key_id(secret), storage, store)
 
     async def close_store(app: web.Application) -> AsyncIterator[None]:

@@ -37,7 +37,9 @@ def issue_token(secret: str, user_id: str, ttl_s: int = DEFAULT_TTL_S) -> str:
 
 
 def verify_token(secret: str, token: str) -> Identity:
-    if not token or len(token) > MAX_TOKEN_LENGTH:
+    # A JWT is ASCII; other bytes of a header arrive as surrogates, which PyJWT cannot
+    # even encode.
+    if not token or len(token) > MAX_TOKEN_LENGTH or not token.isascii():
         raise InvalidToken("malformed token")
     try:
         claims = jwt.decode(

@@ -7,7 +7,7 @@ import contextlib
 import functools
 import logging
 
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 from multidict import CIMultiDict
 
 from .. import wire
@@ -55,8 +55,9 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     # No permessage-deflate: every client gets the same pre-encoded frame bytes. Pings
     # come from the hub's clock for every client at once (no timer per connection), so
     # pings and pongs are handled here rather than by aiohttp.
+    # + 1: aiohttp refuses a message of max_msg_size bytes, where the limit is inclusive.
     ws = web.WebSocketResponse(
-        max_msg_size=config.ws_max_message_bytes, compress=False, autoping=False
+        max_msg_size=config.ws_max_message_bytes + 1, compress=False, autoping=False
     )
     ws.headers.update(worker_header())
     if not ws.can_prepare(request).ok:
@@ -71,7 +72,8 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
             return json_error(status, refusal.reason.value, refusal.message)
         log.info("websocket refused: %s", refusal.message)
         return await _refuse(request, ws, refusal.reason)
-    await ws.prepare(request)
+    if not await _upgrade(request, ws):
+        return ws
     _shed_http_state(request, ws)
     transport = request.transport
     assert transport is not None
@@ -89,12 +91,13 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         await ws.close(code=code, message=text)
         return ws
     hub = request.app[HUB]
+    ended_by: Reason | None = None
     try:
         hub.replayed += await send_opening(request.app[BROKER], connection, opening)
         del opening  # written: not kept for the length of the stream
-        await _answer_commands(request, ws, connection)
+        ended_by = await _answer_commands(request, ws, connection)
     finally:
-        hub.detach(connection, connection.close_reason or Reason.CLIENT_CLOSED)
+        hub.detach(connection, connection.close_reason or ended_by or Reason.CLIENT_CLOSED)
     if connection.closing is not None:
         with contextlib.suppress(Exception):
             await connection.closing
@@ -120,10 +123,19 @@ def _snapshot_frame(message: str, position: wire.EventId) -> bytes:
 async def _refuse(
     request: web.Request, ws: web.WebSocketResponse, reason: Reason
 ) -> web.WebSocketResponse:
-    await ws.prepare(request)
-    code, text = CLOSE_CODES[reason]
-    await ws.close(code=code, message=text)
+    if await _upgrade(request, ws):
+        code, text = CLOSE_CODES[reason]
+        await ws.close(code=code, message=text)
     return ws
+
+
+async def _upgrade(request: web.Request, ws: web.WebSocketResponse) -> bool:
+    """Send the 101; False when the client is gone already (nothing to answer)."""
+    try:
+        await ws.prepare(request)
+    except ConnectionResetError:
+        return False
+    return True
 
 
 def _close(
@@ -144,7 +156,8 @@ _ENDS = frozenset({WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED})
 
 async def _answer_commands(
     request: web.Request, ws: web.WebSocketResponse, connection: Connection
-) -> None:
+) -> Reason | None:
+    """Until the socket closes; returns why, where the client's close was not it."""
     config = request.app[CONFIG]
     broker = request.app[BROKER]
     bucket: TokenBucket | None = None  # made on the first command: idle clients cost nothing
@@ -153,20 +166,22 @@ async def _answer_commands(
         # receive() rather than `async for`: one coroutine frame less per idle client.
         message = await ws.receive()
         if message.type in _ENDS:
-            return
+            return None
         connection.heard = True
         if message.type is WSMsgType.PING:
             connection.send(wire.ws_pong_frame(message.data))
             continue
+        if message.type is WSMsgType.ERROR and isinstance(message.data, WebSocketError):
+            return Reason.PROTOCOL_ERROR  # closed by aiohttp with the matching code
         if message.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
-            continue  # a pong or an error (the next receive() says closed)
+            continue  # a pong or a failed read (the next receive() says closed)
         if bucket is None:
             bucket = TokenBucket(config.commands_per_s, burst=command_burst(config.commands_per_s))
         if not bucket.take():
             refused_in_a_row += 1
             if refused_in_a_row > MAX_REFUSED_COMMANDS:
                 connection.close(Reason.RATE_LIMIT)
-                return
+                return None
             limit = f"at most {config.commands_per_s:g} commands per second"
             connection.send(_frame(wire.error("rate_limited", limit)))
             continue
