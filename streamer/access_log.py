@@ -11,7 +11,8 @@ from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
 _SECRET_PARAMETERS = frozenset({"token", "access_token"})
-_PARAMETER_SEPARATORS = re.compile(r"([&#])")
+# `;` is no separator to aiohttp's parser, but is to others': a token after it is one.
+_PARAMETER_SEPARATORS = re.compile(r"([&;#])")
 
 
 def redact(path_qs: str) -> str:

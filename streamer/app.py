@@ -144,7 +144,9 @@ def build_app(config: Config) -> web.Application:
     app.router.add_route("OPTIONS", "/sse/tasks/", sse.sse_preflight)
     app.router.add_get("/poll/tasks/", poll.poll_handler)
     app.router.add_route("OPTIONS", "/poll/tasks/", poll.poll_preflight)
-    app.router.add_post("/api/tasks/events", publish.publish_handler)
+    app.router.add_post(
+        "/api/tasks/events", publish.publish_handler, expect_handler=publish.expect_publish
+    )
     api.setup(app, config)  # the commands over HTTP: /api/tasks/...
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from .events import dumps
 
@@ -27,6 +27,24 @@ def _too_large(limit: int) -> web.HTTPException:
     )
 
 
+def check_declared_size(request: web.Request, limit: int) -> None:
+    """Raises 413 when Content-Length is over `limit`."""
+    if request.content_length is not None and request.content_length > limit:
+        raise _too_large(limit)
+
+
+async def continue_expected(request: web.Request) -> None:
+    """What aiohttp's own handler of `Expect` does, for a route that checks more first:
+    `100 Continue` (the client then sends the body); 417 for any other expectation."""
+    if request.version != HttpVersion11:
+        return
+    expectation = request.headers.get("Expect", "")
+    if expectation.lower() != "100-continue":
+        raise web.HTTPExpectationFailed(text=f"unknown Expect: {expectation}")
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # the response proper has not started
+
+
 async def read_body(request: web.Request, *, limit: int, timeout_s: float) -> bytes:
     """The whole body, at most `limit` bytes, received within `timeout_s`.
 
@@ -34,8 +52,7 @@ async def read_body(request: web.Request, *, limit: int, timeout_s: float) -> by
     soon as a chunked body goes over it; 408 when the body does not arrive in time;
     400 when its framing is broken or the client goes away.
     """
-    if request.content_length is not None and request.content_length > limit:
-        raise _too_large(limit)
+    check_declared_size(request, limit)
     body = bytearray()
     try:
         async with asyncio.timeout(timeout_s):

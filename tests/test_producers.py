@@ -226,6 +226,41 @@ async def test_http_publish_reads_a_body_sent_in_pieces(
     assert response.status == 202, await response.text()
 
 
+async def test_http_publish_expecting_100_continue_is_refused_before_its_body(
+    client: TestClient, user_id: str
+) -> None:
+    """`Expect: 100-continue` (curl's way with bodies over 1 KiB): a wrong key or a body
+    declared too large is answered at once, without asking for the body; otherwise the
+    client is asked for it, and the event is published."""
+    assert client.host and client.port
+    body = json.dumps({"user_id": user_id, "task_id": "t", "progress": 5}).encode()
+
+    async def answer(
+        key: str, length: int
+    ) -> tuple[bytes, asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        writer.write(
+            f"POST /api/tasks/events HTTP/1.1\r\nHost: x\r\nX-API-Key: {key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {length}\r\n"
+            "Expect: 100-continue\r\n\r\n".encode()
+        )
+        return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10), reader, writer
+
+    for key, length, status in (("wrong", len(body), b"401"), (PUBLISH_KEY, 10**9, b"413")):
+        head, _, writer = await answer(key, length)
+        writer.close()
+        assert head.startswith(b"HTTP/1.1 " + status + b" "), head
+        assert b"connection: close" in head.lower()  # the body that may follow is not read
+    head, reader, writer = await answer(PUBLISH_KEY, len(body))
+    try:
+        assert head == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(body)
+        accepted = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert accepted.startswith(b"HTTP/1.1 202 "), accepted
+    finally:
+        writer.close()
+
+
 async def test_http_publish_with_an_undecodable_key_is_refused(client: TestClient) -> None:
     assert client.host and client.port
     request = (

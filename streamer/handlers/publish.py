@@ -10,22 +10,43 @@ from aiohttp import web
 from ..app_keys import BROKER, CONFIG, METRICS
 from ..broker.base import BrokerUnavailable
 from ..events import MAX_JSON_DEPTH, EventError, event_from_payload
-from ..request_body import read_body
+from ..request_body import check_declared_size, continue_expected, read_body
 from .common import json_error, unavailable
 
 MAX_BODY_BYTES = 128 * 1024
 
 
-async def publish_handler(request: web.Request) -> web.Response:
-    config = request.app[CONFIG]
-    if config.publish_key is None:
+def _refusal(request: web.Request) -> web.Response | None:
+    """Why the request may not publish (no publish key set, or not its key), if so."""
+    publish_key = request.app[CONFIG].publish_key
+    if publish_key is None:
         return json_error(
             403, "publishing_disabled", "set STREAMER_PUBLISH_KEY to publish over HTTP"
         )
     # Header values may hold undecodable bytes (kept as surrogate escapes).
     given = request.headers.get("X-API-Key", "").encode("utf-8", "surrogateescape")
-    if not hmac.compare_digest(given, config.publish_key.encode()):
+    if not hmac.compare_digest(given, publish_key.encode()):
         return json_error(401, "unauthorized", "missing or wrong X-API-Key")
+    return None
+
+
+async def expect_publish(request: web.Request) -> web.Response | None:
+    """`Expect: 100-continue` (curl sends it with bodies over 1 KiB): a wrong key or a
+    body declared over the limit is answered before the client sends the body."""
+    refusal = _refusal(request)
+    if refusal is not None:
+        refusal.force_close()  # the body that may follow is not read
+        return refusal
+    check_declared_size(request, MAX_BODY_BYTES)
+    await continue_expected(request)
+    return None
+
+
+async def publish_handler(request: web.Request) -> web.Response:
+    config = request.app[CONFIG]
+    refusal = _refusal(request)
+    if refusal is not None:
+        return refusal
     body = await read_body(request, limit=MAX_BODY_BYTES, timeout_s=config.body_timeout_s)
     try:
         payload = json.loads(body)
