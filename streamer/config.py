@@ -173,9 +173,11 @@ def _split(name: str, raw: str, shown: str) -> SplitResult:
 
 def _check_port(name: str, parts: SplitResult, shown: str) -> None:
     try:
-        parts.port  # noqa: B018 - raises ValueError for a bad port
+        port = parts.port  # raises ValueError for a bad port
     except ValueError as exc:
         raise ConfigError(f"{name} has a bad port: {shown!r}") from exc
+    if port == 0:  # redis-py would quietly take 0 for "no port" and use 6379
+        raise ConfigError(f"{name} has a bad port: {shown!r}")
 
 
 def without_password(url: str) -> str:

@@ -76,6 +76,8 @@ def test_cluster_urls_accepted(url: str) -> None:
         "redis+cluster://:hunter2@",  # no host, a password
         "redis+cluster://127.0.0.1:99999",  # bad port
         "redis+cluster://127.0.0.1:port",
+        "redis+cluster://127.0.0.1:\u00b2",  # a digit to str.isdigit, not in a URL
+        "redis+cluster://127.0.0.1:" + "7" * 5000,
         "redis+cluster://:hunter2@127.0.0.1:99999",
         "redis+cluster://a:1,,b:2",  # an empty address
         "redis+cluster://a:1,b:2/1",  # a database: a cluster has only db 0

@@ -161,6 +161,8 @@ def test_streamer_serve_refuses_a_port_out_of_range(process_env: dict[str, str])
         ("STREAMER_ALLOWED_ORIGINS", "https://a.example:99999", "has a bad port"),
         ("STREAMER_REDIS_URL", "redis://[::1", "STREAMER_REDIS_URL is not a URL"),
         ("STREAMER_REDIS_URL", "redis://localhost/abc", "the database after the host"),
+        # redis-py takes port 0 for none given, and would use 6379: another server.
+        ("STREAMER_REDIS_URL", "redis://127.0.0.1:0/0", "STREAMER_REDIS_URL has a bad port"),
         ("STREAMER_REDIS_URL", "redis://localhost/0?foo=bar", "a setting redis-py does not take"),
         ("STREAMER_REDIS_URL", "unix:///run/r.sock?db=x", "a setting redis-py does not take"),
         ("STREAMER_REDIS_URL", "rediss://h:1?ssl_cert_reqs=no", "a setting redis-py does not take"),

@@ -20,6 +20,7 @@ resync (`recovered: false`) instead of silently missing events.
 from __future__ import annotations
 
 import contextlib
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -62,6 +63,11 @@ class SentinelTarget:
     db: int = 0
 
 
+# Digits as URLs write them (`str.isdigit` takes "²" and every script's digits too),
+# not so many that `int()` refuses them.
+_NUMBER = re.compile(r"[0-9]{1,18}")
+
+
 def is_sentinel_url(url: str) -> bool:
     return url.lower().startswith(SENTINEL_SCHEME + "://")
 
@@ -74,7 +80,7 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
     parts = path.split("/")
     if not parts or not parts[0]:
         raise BadRedisUrl("no service name: redis+sentinel://host:port[,host:port]/<service>")
-    if len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
+    if len(parts) > 2 or (len(parts) == 2 and not _NUMBER.fullmatch(parts[1])):
         raise BadRedisUrl("the path is /<service> or /<service>/<db number>")
     service = unquote(parts[0])
     if any(ord(ch) < 33 for ch in service):
@@ -118,7 +124,7 @@ def host_port(item: str, default_port: int, what: str = "sentinel") -> tuple[str
         raise BadRedisUrl(f"a bad {what} host in {item!r}")
     if not port_text:
         return host, default_port
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not _NUMBER.fullmatch(port_text) or not 0 < int(port_text) < 65536:
         raise BadRedisUrl(f"a bad {what} port in {item!r}")
     return host, int(port_text)
 
