@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -58,6 +59,12 @@ class Watch:
         parts = urlsplit(self.url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"--url must be an http:// or https:// URL, got {self.url!r}")
+        try:
+            port = parts.port
+        except ValueError:
+            port = 0
+        if port == 0:
+            raise ValueError(f"--url has a bad port: {self.url!r}")
         self.url = self.url.rstrip("/")
         self._using = "sse" if self.transport == "sse" else "websocket"
 
@@ -108,7 +115,9 @@ class Watch:
                 raise Unauthorized(f"refused ({exc.status})") from None
             raise StreamFailed(f"WebSocket upgrade failed ({exc.status})", opened=False) from None
         except (aiohttp.ClientError, OSError) as exc:
-            raise StreamFailed(f"cannot connect: {exc}", opened=False) from None
+            raise StreamFailed(
+                f"cannot connect: {_without_token(str(exc))}", opened=False
+            ) from None
         async with ws:
             while True:
                 try:
@@ -129,7 +138,9 @@ class Watch:
         try:
             response = await session.get(url, timeout=timeout)
         except (aiohttp.ClientError, OSError) as exc:
-            raise StreamFailed(f"cannot connect: {exc}", opened=False) from None
+            raise StreamFailed(
+                f"cannot connect: {_without_token(str(exc))}", opened=False
+            ) from None
         async with response:
             if response.status == 401:
                 raise Unauthorized("refused (401)")
@@ -159,10 +170,11 @@ class ProgressView:
     def __init__(self, console: Console) -> None:
         self.console = console
         self.progress = Progress(
-            TextColumn("{task.description}"),
+            # Producers' text is shown as it is, never read as markup.
+            TextColumn("{task.description}", markup=False),
             BarColumn(),
             TaskProgressColumn(),
-            TextColumn("{task.fields[step]}"),
+            TextColumn("{task.fields[step]}", markup=False),
             console=console,
             auto_refresh=False,
         )
@@ -189,13 +201,13 @@ class ProgressView:
         self.progress.refresh()
 
     def say(self, text: str) -> None:
-        self.progress.console.print(text, markup=False, highlight=False)
+        self.progress.console.print(_shown(text), markup=False, highlight=False)
 
     def _bar(self, task: Message) -> None:
         task_id = str(task.get("task_id"))
-        description = f"{task.get('task_name') or task_id} [{task.get('status')}]"
+        description = _shown(f"{task.get('task_name') or task_id} [{task.get('status')}]")
         completed = round(float(task.get("progress") or 0))
-        step = str(task.get("current_step") or "")
+        step = _shown(str(task.get("current_step") or ""))
         bar = self.bars.get(task_id)
         if bar is None:
             self.bars[task_id] = self.progress.add_task(
@@ -215,6 +227,16 @@ class ProgressView:
             self.say(f"done    {name} SUCCESS {json.dumps(message.get('result_data'))}")
         else:
             self.say(f"ended   {name} {status}: {message.get('error_message') or ''}".rstrip())
+
+
+def _shown(text: str) -> str:
+    """`text` fit for a terminal: control characters (an escape sequence could retitle
+    the window or clear the screen) are shown as U+FFFD."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else "\ufffd" for c in text)
+
+
+def _without_token(text: str) -> str:
+    return re.sub(r"(token=)[^&\s'\"]+", r"\1[redacted]", text)
 
 
 async def watch(stream: Watch, *, as_json: bool) -> int:

@@ -155,3 +155,45 @@ def test_progress_bars_in_a_terminal(
     finally:
         terminal.close(force=True)
     assert terminal.exitstatus == 0  # Ctrl-C ends it cleanly
+
+
+def test_task_text_is_shown_as_text_in_a_terminal(
+    start_server: StartServer, publisher: Publisher, process_env: dict[str, str], user_id: str
+) -> None:
+    """Producers' text is neither markup for the bars nor escape sequences for the
+    terminal (one could retitle the window or clear the screen)."""
+    server = start_server()
+    env = {**process_env, "STREAMER_SECRET": SECRET, "TERM": "xterm", "COLUMNS": "120"}
+    terminal = pexpect.spawn(
+        str(BIN / "streamer"),
+        ["watch", "--url", server.base_url, "--user", user_id],
+        env=env,
+        dimensions=(30, 120),
+        timeout=WAIT_S,
+        encoding="utf-8",
+    )
+    try:
+        step = "[/oops] \x1b]0;PWNED\x07 [blink]x[/]"
+        publisher.progress(user_id, "t", progress=5, current_step=step, task_name="[/x] job")
+        terminal.expect(r"\[/x\] job \[PROGRESS\].*\[/oops\] \ufffd\]0;PWNED\ufffd \[blink\]x\[/\]")
+        shown = terminal.before + terminal.after
+        publisher.completed(user_id, "t", status="FAILURE", error_message="bad \x1b[2J")
+        terminal.expect("ended   \\[/x\\] job FAILURE: bad \ufffd\\[2J")
+        shown += terminal.before + terminal.after
+        terminal.sendintr()
+        terminal.expect(pexpect.EOF)
+    finally:
+        terminal.close(force=True)
+    assert terminal.exitstatus == 0  # still running until Ctrl-C
+    assert "\x1b]0;" not in shown and "\x1b[2J" not in shown
+
+
+async def test_a_bad_port_in_the_url_is_refused_at_once(process_env: dict[str, str]) -> None:
+    process = await asyncio.create_subprocess_exec(
+        str(BIN / "streamer"), "watch", "--url", "http://127.0.0.1:abc", "--token", "t.o.k",
+        env=process_env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, stderr = await asyncio.wait_for(process.communicate(), WAIT_S)
+    assert process.returncode == 2
+    assert b"--url has a bad port" in stderr and b"Traceback" not in stderr
+    assert b"t.o.k" not in stderr
