@@ -49,7 +49,8 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
 from streamer import logs  # noqa: E402
 from streamer.config import Config, ConfigError  # noqa: E402
 
-bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:8080")
+bind = os.environ.get("GUNICORN_BIND", "").strip() or "0.0.0.0:8080"
+# gunicorn parses WEB_CONCURRENCY itself first (a value int() refuses stops it there).
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 # aiohttp's uvloop worker with streamer's HTTP timeouts (streamer.worker.StreamerWorker
 # is the same on asyncio's own event loop).
@@ -83,6 +84,13 @@ def on_starting(server):  # type: ignore[no-untyped-def]
     except ConfigError as exc:
         sys.exit(f"streamer: configuration error: {exc}")
     logs.configure(config.log_format)  # the workers inherit it
+    if server.cfg.workers < 1:
+        sys.exit(
+            f"streamer: configuration error: {server.cfg.workers} workers "
+            "(--workers or WEB_CONCURRENCY): at least one serves the clients"
+        )
+    if not any(address.strip() for address in server.cfg.bind):
+        sys.exit("streamer: configuration error: no address to listen on (--bind, GUNICORN_BIND)")
     if config.redis_url is None and server.cfg.workers > 1:
         sys.exit(
             f"streamer: refusing to start {server.cfg.workers} workers without "

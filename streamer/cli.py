@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the service")
-    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--host", type=_host, default="127.0.0.1")
     serve.add_argument("--port", type=_port, default=8080)
     serve.add_argument(
         "--demo", action="store_true", help="enable the demo login and demo jobs on /"
@@ -118,7 +118,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     overrides = {name: getattr(args, name) for name in ENV_VARIABLES}
     demo = bool(args.demo)
-    if not overrides["secret"] and not os.environ.get("STREAMER_SECRET"):
+    # Development mode only when no secret is given at all (an empty one is an error).
+    if overrides["secret"] is None and not os.environ.get("STREAMER_SECRET"):
         overrides["secret"] = secrets.token_urlsafe(32)
         demo = True
         print(
@@ -165,6 +166,35 @@ def _port(text: str) -> int:
     if not 1 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, got {text!r}")
     return port
+
+
+def _host(text: str) -> str:
+    """An address to listen on: an empty one would mean every interface."""
+    if not text.strip() or not text.isprintable() or " " in text:
+        raise argparse.ArgumentTypeError(f"must be a host name or address, got {text!r}")
+    return text
+
+
+def _service_url(text: str | None) -> str:
+    """--url of a running service: http(s)://host[:port], checked before it is used."""
+    url = DEFAULT_URL if text is None else text
+    parts = urlsplit(url) if url.isprintable() and " " not in url else None
+    try:
+        port = parts.port if parts is not None else None
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or port == 0:
+        raise ConfigError(f"--url must be an http:// or https:// URL of the service, got {url!r}")
+    return url.rstrip("/")
+
+
+def _signing_secret(given: str | None, missing: str) -> str:
+    """The secret as the server reads it (STREAMER_SECRET, or `given`): trimmed and
+    checked the same way, so that the tokens it signs are the server's."""
+    secret = os.environ.get("STREAMER_SECRET", "") if given is None else given
+    if not secret.strip():
+        raise ConfigError(missing)
+    return Config.from_env({"STREAMER_SECRET": secret}).secret
 
 
 def _event_from_args(args: argparse.Namespace) -> TaskEvent:
@@ -229,7 +259,7 @@ def _publish(args: argparse.Namespace) -> int:
 
 
 def _publish_over_http(event: TaskEvent, args: argparse.Namespace) -> str:
-    url = (args.url or DEFAULT_URL).rstrip("/") + "/api/tasks/events"
+    url = _service_url(args.url) + "/api/tasks/events"
     key = args.publish_key or os.environ.get("STREAMER_PUBLISH_KEY")
     if not key:
         raise ConfigError("publishing over HTTP needs --publish-key or STREAMER_PUBLISH_KEY")
@@ -254,10 +284,7 @@ def _publish_over_http(event: TaskEvent, args: argparse.Namespace) -> str:
 
 
 def _token(args: argparse.Namespace) -> int:
-    secret = args.secret or os.environ.get("STREAMER_SECRET")
-    if not secret:
-        raise ConfigError("STREAMER_SECRET is not set (or pass --secret)")
-    Config(secret=secret)  # same validation as the server
+    secret = _signing_secret(args.secret, "STREAMER_SECRET is not set (or pass --secret)")
     if args.ttl <= 0 or time.time() + args.ttl > MAX_TIMESTAMP:
         raise ConfigError("--ttl must be a positive number of seconds ending before 10000 AD")
     print(issue_token(secret, validate_identifier("--user", args.user), ttl_s=args.ttl))
@@ -269,10 +296,9 @@ def _watch(args: argparse.Namespace) -> int:
 
     token = args.token
     if token is None:
-        secret = args.secret or os.environ.get("STREAMER_SECRET")
-        if not secret:
-            raise ConfigError("--user signs a token with STREAMER_SECRET: set it (or --secret)")
-        Config(secret=secret)
+        secret = _signing_secret(
+            args.secret, "--user signs a token with STREAMER_SECRET: set it (or --secret)"
+        )
         token = issue_token(secret, validate_identifier("--user", args.user))
     task_id = validate_identifier("--task-id", args.task_id) if args.task_id else None
     stream = Watch(args.url, token, transport=args.transport, task_id=task_id)

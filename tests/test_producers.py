@@ -191,6 +191,10 @@ async def test_http_publish_is_off_without_a_key(
         (["--result", "[1]", "--status", "SUCCESS", "--url", "http://x"], 2, "result_data"),
         (["--status", "SUCCESS", "--progress", "50", "--url", "http://x"], 2, "--progress: not"),
         (["--redis-url", "redis://127.0.0.1:1/0", "--url", "http://x"], 2, "not allowed with"),
+        (["--url", "http://127.0.0.1:abc", "--publish-key", "k"], 2, "--url must be an http"),
+        (["--url", "http://127.0.0.1:{port}/a b", "--publish-key", "k"], 2, "--url must be"),
+        (["--url", "ftp://127.0.0.1/", "--publish-key", "k"], 2, "--url must be an http"),
+        (["--url", "", "--publish-key", "k"], 2, "--url must be an http"),
     ],
 )
 def test_cli_publish_errors_are_clear(
@@ -300,6 +304,27 @@ def test_publisher_defaults_to_streamer_redis_url(
     monkeypatch.delenv("STREAMER_REDIS_URL")
     with pytest.raises(ValueError, match="STREAMER_REDIS_URL"):
         Publisher()
+
+
+def test_streamer_token_signs_with_the_secret_as_the_server_reads_it(
+    process_env: dict[str, str],
+) -> None:
+    """The server trims STREAMER_SECRET and refuses a blank or unprintable one: so do
+    `streamer token` and `streamer watch --user`, whose tokens must be the server's."""
+    padded = {**process_env, "STREAMER_SECRET": f"  {SECRET}\t"}
+    result = subprocess.run(
+        [str(BIN / "streamer"), "token", "--user", "42"],
+        env=padded, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert verify_token(SECRET, result.stdout.strip()).user_id == "42"
+    for secret, says in ((" " * 40, "STREAMER_SECRET is not set"), ("\x01" * 40, "control")):
+        refused = subprocess.run(
+            [str(BIN / "streamer"), "token", "--user", "42", "--secret", secret],
+            env=process_env, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert refused.returncode == 2 and says in refused.stderr, refused.stderr
+        assert not refused.stdout
 
 
 def test_streamer_token_prints_a_token_for_the_user(process_env: dict[str, str]) -> None:

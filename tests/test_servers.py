@@ -88,6 +88,17 @@ def test_gunicorn_refuses_several_workers_without_redis(process_env: dict[str, s
     assert "Booting worker" not in result.stderr  # refused before forking any worker
 
 
+def test_gunicorn_refuses_to_start_no_workers(process_env: dict[str, str]) -> None:
+    """gunicorn takes WEB_CONCURRENCY=0 (a negative number it refuses itself)."""
+    command = [arg for arg in gunicorn_args(1, free_port()) if arg not in ("--workers", "1")]
+    result = run_to_exit(command, process_env | {"WEB_CONCURRENCY": "0"})
+    assert result.returncode != 0
+    assert "streamer: configuration error: 0 workers (--workers or WEB_CONCURRENCY)" in (
+        result.stderr
+    )
+    assert "Booting worker" not in result.stderr
+
+
 def test_gunicorn_refuses_to_start_without_a_secret(
     process_env: dict[str, str], redis_url: str
 ) -> None:
@@ -147,6 +158,26 @@ def test_streamer_serve_refuses_a_port_out_of_range(process_env: dict[str, str])
     assert result.returncode == 2
     assert "must be a port number from 1 to 65535" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        # Not development mode (a generated secret, the demo login): an empty secret.
+        ("--secret", "", "STREAMER_SECRET must be at least 32"),
+        ("--host", "", "argument --host: must be a host name"),  # not every interface
+        ("--host", " ", "argument --host: must be a host name"),
+    ],
+)
+def test_streamer_serve_refuses_empty_flags(
+    process_env: dict[str, str], flag: str, value: str, message: str
+) -> None:
+    env = dict(process_env)
+    if flag == "--secret":
+        del env["STREAMER_SECRET"]
+    result = run_to_exit(["streamer", "serve", "--port", str(free_port()), flag, value], env)
+    assert result.returncode == 2
+    assert message in result.stderr and "generated" not in result.stderr
 
 
 @pytest.mark.parametrize(
