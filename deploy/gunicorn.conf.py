@@ -89,7 +89,7 @@ def on_starting(server):  # type: ignore[no-untyped-def]
             f"streamer: configuration error: {server.cfg.workers} workers "
             "(--workers or WEB_CONCURRENCY): at least one serves the clients"
         )
-    if not any(address.strip() for address in server.cfg.bind):
+    if not server.cfg.bind or not all(address.strip() for address in server.cfg.bind):
         sys.exit("streamer: configuration error: no address to listen on (--bind, GUNICORN_BIND)")
     if config.redis_url is None and server.cfg.workers > 1:
         sys.exit(

@@ -29,6 +29,7 @@ from .events import (
     progress_event,
     validate_identifier,
 )
+from .service_url import service_url
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 
@@ -118,8 +119,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     overrides = {name: getattr(args, name) for name in ENV_VARIABLES}
     demo = bool(args.demo)
-    # Development mode only when no secret is given at all (an empty one is an error).
-    if overrides["secret"] is None and not os.environ.get("STREAMER_SECRET"):
+    # Development mode only when no secret is given at all: an empty --secret or
+    # STREAMER_SECRET (a placeholder left in a deployment) is an error.
+    if overrides["secret"] is None and os.environ.get("STREAMER_SECRET") is None:
         overrides["secret"] = secrets.token_urlsafe(32)
         demo = True
         print(
@@ -173,19 +175,6 @@ def _host(text: str) -> str:
     if not text.strip() or not text.isprintable() or " " in text:
         raise argparse.ArgumentTypeError(f"must be a host name or address, got {text!r}")
     return text
-
-
-def _service_url(text: str | None) -> str:
-    """--url of a running service: http(s)://host[:port], checked before it is used."""
-    url = DEFAULT_URL if text is None else text
-    parts = urlsplit(url) if url.isprintable() and " " not in url else None
-    try:
-        port = parts.port if parts is not None else None
-    except ValueError:
-        parts = None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or port == 0:
-        raise ConfigError(f"--url must be an http:// or https:// URL of the service, got {url!r}")
-    return url.rstrip("/")
 
 
 def _signing_secret(given: str | None, missing: str) -> str:
@@ -259,7 +248,7 @@ def _publish(args: argparse.Namespace) -> int:
 
 
 def _publish_over_http(event: TaskEvent, args: argparse.Namespace) -> str:
-    url = _service_url(args.url) + "/api/tasks/events"
+    url = service_url(DEFAULT_URL if args.url is None else args.url) + "/api/tasks/events"
     key = args.publish_key or os.environ.get("STREAMER_PUBLISH_KEY")
     if not key:
         raise ConfigError("publishing over HTTP needs --publish-key or STREAMER_PUBLISH_KEY")

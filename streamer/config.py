@@ -176,7 +176,7 @@ def _check_port(name: str, parts: SplitResult, shown: str) -> None:
         port = parts.port  # raises ValueError for a bad port
     except ValueError as exc:
         raise ConfigError(f"{name} has a bad port: {shown!r}") from exc
-    if port == 0:  # redis-py would quietly take 0 for "no port" and use 6379
+    if port == 0:  # no service listens there (redis-py would take it for none, and use 6379)
         raise ConfigError(f"{name} has a bad port: {shown!r}")
 
 

@@ -34,8 +34,9 @@ def check_declared_size(request: web.Request, limit: int) -> None:
 
 
 async def continue_expected(request: web.Request) -> None:
-    """What aiohttp's own handler of `Expect` does, for a route that checks more first:
-    `100 Continue` (the client then sends the body); 417 for any other expectation."""
+    """What aiohttp's own handler of `Expect` does (aiohttp 3.14's
+    `_default_expect_handler`, private), for a route that checks more first: `100
+    Continue` (the client then sends the body); 417 for any other expectation."""
     if request.version != HttpVersion11:
         return
     expectation = request.headers.get("Expect", "")

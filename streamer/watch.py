@@ -15,11 +15,13 @@ import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
 import aiohttp
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn
+
+from .service_url import service_url
 
 FIRST_DELAY_S = 0.5
 MAX_DELAY_S = 10.0
@@ -56,16 +58,7 @@ class Watch:
     _using: str = field(default="websocket")
 
     def __post_init__(self) -> None:
-        parts = urlsplit(self.url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"--url must be an http:// or https:// URL, got {self.url!r}")
-        try:
-            port = parts.port
-        except ValueError:
-            port = 0
-        if port == 0:
-            raise ValueError(f"--url has a bad port: {self.url!r}")
-        self.url = self.url.rstrip("/")
+        self.url = service_url(self.url)
         self._using = "sse" if self.transport == "sse" else "websocket"
 
     async def run(self, show: Callable[[Message], None], say: Callable[[str], None]) -> None:

@@ -180,6 +180,16 @@ def test_streamer_serve_refuses_empty_flags(
     assert message in result.stderr and "generated" not in result.stderr
 
 
+def test_streamer_serve_refuses_an_empty_secret_variable(process_env: dict[str, str]) -> None:
+    """An empty STREAMER_SECRET (a placeholder left in a deployment) is no development
+    mode, whose demo login would let anyone in."""
+    result = run_to_exit(
+        ["streamer", "serve", "--port", str(free_port())], process_env | {"STREAMER_SECRET": ""}
+    )
+    assert result.returncode == 2
+    assert "STREAMER_SECRET is not set" in result.stderr and "generated" not in result.stderr
+
+
 @pytest.mark.parametrize(
     ("variable", "value", "message"),
     [

@@ -183,7 +183,7 @@ async def test_sse_over_http_1_0_is_unframed_and_ends_with_the_connection(
     told otherwise): the events go out as they are, and the stream ends by closing."""
     reader, writer = await asyncio.open_connection(client.host, client.port)
     try:
-        token = token_for(user_id, ttl_s=2)  # the stream ends when the token expires
+        token = token_for(user_id, ttl_s=4)  # the stream ends when the token expires
         writer.write(f"GET /sse/tasks/?token={token} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
         head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).lower()
         assert head.startswith(b"http/1.0 200 ok\r\n"), head

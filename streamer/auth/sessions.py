@@ -84,22 +84,21 @@ def _store_errors() -> Iterator[None]:
         raise SessionStoreUnavailable(f"the session store is unavailable: {exc}") from exc
 
 
-def _readable_cookie(cookie: str | None) -> str | None:
+class _OwnCookiesOnly(AbstractStorage):
     """Session cookies are ASCII (a Fernet token, or a session id): one with other bytes
     (kept by aiohttp as surrogates, which the storages cannot encode) is no session."""
-    return cookie if cookie is not None and cookie.isascii() else None
-
-
-class CookieStorage(EncryptedCookieStorage):
-    """The encrypted cookie store, for which a cookie it cannot have written is none."""
 
     def load_cookie(self, request: web.Request) -> str | None:
-        return _readable_cookie(super().load_cookie(request))
+        cookie = super().load_cookie(request)
+        return cookie if cookie is not None and cookie.isascii() else None
 
 
-class IndexedRedisStorage(RedisStorage):
-    """RedisStorage that lists each new session in its user's index once stored (and,
-    like `CookieStorage`, takes a cookie it cannot have written for none)."""
+class CookieStorage(_OwnCookiesOnly, EncryptedCookieStorage):
+    """The encrypted cookie store (no Redis)."""
+
+
+class IndexedRedisStorage(_OwnCookiesOnly, RedisStorage):
+    """RedisStorage that lists each new session in its user's index once stored."""
 
     def __init__(self, client: AsyncClient, index: SessionIndex, **options: object) -> None:
         # RedisStorage insists on a `Redis`; a Redis Cluster client answers the same
@@ -108,9 +107,6 @@ class IndexedRedisStorage(RedisStorage):
         super().__init__(stand_in, **options)  # type: ignore[arg-type]
         self._redis = client  # type: ignore[assignment]
         self._index = index
-
-    def load_cookie(self, request: web.Request) -> str | None:
-        return _readable_cookie(super().load_cookie(request))
 
     async def load_session(self, request: web.Request) -> Session:
         with _store_errors():

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from typing import TypeVar
 
 from aiohttp import web
 
@@ -29,12 +30,13 @@ from ..connection import Connection
 from ..reasons import Reason, Refused
 from .admission import admit, connection_for, open_stream
 from .common import worker_header
-from .sse import refusal_response, sse_preflight
+from .sse import answer_head, refusal_response, sse_preflight
 
 POLL_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
 # After the first events arrived, how many more turns of the event loop the answer
 # waits for those that come with them (a burst read from Redis at once).
 GATHER_TURNS = 2
+R = TypeVar("R", bound=web.StreamResponse)
 
 
 class Collector(asyncio.Transport):
@@ -72,14 +74,10 @@ async def poll_handler(request: web.Request) -> web.StreamResponse:
         admission = await admit(request, last_event_header=False)
     except Refused as refusal:
         return _no_store(refusal_response(refusal, cors))
-    if request.method == "HEAD":  # as for SSE: no poll is held, nothing is read
-        try:
-            hub.check_admissible(admission.identity.user_id)
-        except Refused as refusal:
-            return _no_store(refusal_response(refusal, cors))
-        return web.Response(
-            content_type="application/json", headers=POLL_HEADERS | worker_header() | cors
-        )
+    if request.method == "HEAD":  # no poll is held, nothing is read
+        headers = POLL_HEADERS | {"Content-Type": "application/json"} | worker_header() | cors
+        head = await answer_head(request, admission.identity.user_id, headers, cors)
+        return head if head.prepared else _no_store(head)  # a refusal
     socket = request.transport
     if socket is None:  # the client is gone already
         return web.Response(status=400)
@@ -163,7 +161,7 @@ def _close_transport(reason: Reason, backed_up: bool) -> None:
     return None
 
 
-def _no_store(response: web.Response) -> web.Response:
+def _no_store(response: R) -> R:
     response.headers["Cache-Control"] = "no-store"
     return response
 

@@ -51,7 +51,8 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
     except Refused as refusal:
         return refusal_response(refusal, cors)
     if request.method == "HEAD":
-        return await _head(request, admission.identity.user_id, cors)
+        headers = SSE_HEADERS | worker_header() | cors
+        return await answer_head(request, admission.identity.user_id, headers, cors)
     socket = request.transport
     if socket is None:  # the client is gone already
         return web.Response(status=400)
@@ -86,15 +87,18 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
         hub.detach(connection, connection.close_reason or Reason.CLIENT_CLOSED)
 
 
-async def _head(request: web.Request, user_id: str, cors: dict[str, str]) -> web.StreamResponse:
-    """What a GET would be answered now, as far as origin, credentials and limits go,
-    without opening a stream: no turn is taken and nothing is read from the broker (a
-    client checks with it why its stream failed)."""
+async def answer_head(
+    request: web.Request, user_id: str, headers: dict[str, str], cors: dict[str, str]
+) -> web.StreamResponse:
+    """HEAD on a stream endpoint (SSE, long poll): what a GET would be answered now, as
+    far as origin, credentials and connection limits go (`headers` when it would be
+    served), without opening a stream: no turn is taken and nothing is read from the
+    broker (a client checks with it why its stream failed)."""
     try:
         request.app[HUB].check_admissible(user_id)
     except Refused as refusal:
         return refusal_response(refusal, cors)
-    response = web.StreamResponse(headers=SSE_HEADERS | worker_header() | cors)
+    response = web.StreamResponse(headers=headers)
     await response.prepare(request)
     return response
 

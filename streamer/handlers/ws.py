@@ -73,7 +73,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         log.info("websocket refused: %s", refusal.message)
         return await _refuse(request, ws, refusal.reason)
     if not await _upgrade(request, ws):
-        return ws
+        return web.Response(status=400)  # the client is gone: never sent
     _shed_http_state(request, ws)
     transport = request.transport
     assert transport is not None
@@ -122,15 +122,18 @@ def _snapshot_frame(message: str, position: wire.EventId) -> bytes:
 
 async def _refuse(
     request: web.Request, ws: web.WebSocketResponse, reason: Reason
-) -> web.WebSocketResponse:
-    if await _upgrade(request, ws):
-        code, text = CLOSE_CODES[reason]
-        await ws.close(code=code, message=text)
+) -> web.StreamResponse:
+    if not await _upgrade(request, ws):
+        return web.Response(status=400)  # the client is gone: never sent
+    code, text = CLOSE_CODES[reason]
+    await ws.close(code=code, message=text)
     return ws
 
 
 async def _upgrade(request: web.Request, ws: web.WebSocketResponse) -> bool:
-    """Send the 101; False when the client is gone already (nothing to answer)."""
+    """Send the 101; False when the client is gone already: the handler then returns a
+    plain response, which aiohttp quietly fails to send (a half-started WebSocket
+    response would fail again, loudly, when aiohttp finishes it)."""
     try:
         await ws.prepare(request)
     except ConnectionResetError:
