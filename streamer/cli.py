@@ -187,7 +187,7 @@ def _signing_secret(given: str | None, missing: str) -> str:
 
 
 def _event_from_args(args: argparse.Namespace) -> TaskEvent:
-    status = (args.status or "PROGRESS").upper()
+    status = "PROGRESS" if args.status is None else args.status.upper()
     if status in TERMINAL_STATUSES:
         running_only = {
             "--progress": args.progress,
@@ -289,7 +289,7 @@ def _watch(args: argparse.Namespace) -> int:
             args.secret, "--user signs a token with STREAMER_SECRET: set it (or --secret)"
         )
         token = issue_token(secret, validate_identifier("--user", args.user))
-    task_id = validate_identifier("--task-id", args.task_id) if args.task_id else None
+    task_id = None if args.task_id is None else validate_identifier("--task-id", args.task_id)
     stream = Watch(args.url, token, transport=args.transport, task_id=task_id)
     try:
         return asyncio.run(watch(stream, as_json=args.json))

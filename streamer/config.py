@@ -58,6 +58,11 @@ class Config:
             )
         if self.publish_key is not None and len(self.publish_key) < 16:
             raise ConfigError("STREAMER_PUBLISH_KEY must be at least 16 characters long")
+        if self.publish_key is not None and not (
+            self.publish_key.isascii() and self.publish_key.isprintable()
+        ):
+            # Producers send it as a header, which HTTP clients write in ASCII.
+            raise ConfigError("STREAMER_PUBLISH_KEY must be printable ASCII")
 
     @classmethod
     def from_env(
@@ -136,10 +141,17 @@ def _redis_url(name: str, raw: str) -> str:
         )
     if parts.scheme != "unix" and not parts.hostname:
         raise ConfigError(f"{name} has no host: {shown!r}")
+    if parts.hostname and not re.fullmatch(r"[^\s/?#@]+", parts.hostname):
+        raise ConfigError(f"{name} has a bad host: {shown!r}")
+    if parts.scheme == "unix" and not parts.path.strip("/"):
+        raise ConfigError(f"{name} has no socket path (unix:///path/to/redis.sock): {shown!r}")
     _check_port(name, parts, shown)
-    if parts.scheme != "unix" and not re.fullmatch(r"/?|/[0-9]+", parts.path):
-        # redis-py would quietly use database 0 instead.
-        raise ConfigError(f"{name}: the database after the host must be a number, got {shown!r}")
+    # redis-py would quietly use database 0 for what is not a number, and a number past
+    # a 32-bit integer fails only once connected.
+    if parts.scheme != "unix" and not re.fullmatch(r"/?|/[0-9]{1,9}", parts.path):
+        raise ConfigError(
+            f"{name}: the database after the host must be a number up to 999999999, got {shown!r}"
+        )
     _check_connection_settings(name, raw, shown)
     return raw
 

@@ -43,15 +43,21 @@ _DEFAULTS = {"history_size": 1000, "history_ttl": 3600}
 
 
 def _settings(redis_url: str | None, environ: Mapping[str, str]) -> tuple[str, HistoryLimits]:
-    url = redis_url if redis_url is not None else environ.get("STREAMER_REDIS_URL")
+    """As the server reads them: values trimmed, a blank variable is an unset one."""
+    if redis_url is not None and not isinstance(redis_url, str):
+        raise TypeError(f"redis_url must be a str, got {type(redis_url).__name__}")
+    name = "redis_url"
+    url = redis_url
+    if url is None:
+        name, url = "STREAMER_REDIS_URL", environ.get("STREAMER_REDIS_URL", "").strip()
     if not url:
         raise ConfigError("no Redis URL: pass redis_url= or set STREAMER_REDIS_URL")
-    parse_url = ENV_VARIABLES["redis_url"][0]
-    url = parse_url("redis_url", url)
+    url = ENV_VARIABLES["redis_url"][0](name, url)
     limits: dict[str, int] = {}
-    for name, default in _DEFAULTS.items():
-        raw = environ.get(f"STREAMER_{name.upper()}")
-        limits[name] = ENV_VARIABLES[name][0](f"STREAMER_{name.upper()}", raw) if raw else default
+    for setting, default in _DEFAULTS.items():
+        variable = f"STREAMER_{setting.upper()}"
+        raw = environ.get(variable, "").strip()
+        limits[setting] = ENV_VARIABLES[setting][0](variable, raw) if raw else default
     return url, HistoryLimits(
         size=limits["history_size"], ttl=limits["history_ttl"], per_user=is_cluster_url(url)
     )

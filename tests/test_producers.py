@@ -195,6 +195,7 @@ async def test_http_publish_is_off_without_a_key(
         (["--url", "http://127.0.0.1:{port}/a b", "--publish-key", "k"], 2, "--url must be"),
         (["--url", "ftp://127.0.0.1/", "--publish-key", "k"], 2, "--url must be an http"),
         (["--url", "", "--publish-key", "k"], 2, "--url must be an http"),
+        (["--status", "", "--url", "http://x"], 2, "status of a task_progress event"),
     ],
 )
 def test_cli_publish_errors_are_clear(
@@ -301,9 +302,19 @@ def test_publisher_defaults_to_streamer_redis_url(
     with redis.Redis.from_url(redis_url) as admin:
         assert admin.xlen("streamer:history:{42}") == 1
     assert event_id
+    # Read as the server reads them: trimmed, and a blank variable is an unset one.
+    monkeypatch.setenv("STREAMER_REDIS_URL", f"  {redis_url} ")
+    monkeypatch.setenv("STREAMER_HISTORY_SIZE", "  ")
+    with Publisher() as publisher:
+        assert publisher.progress(42, "t", progress=2)
+    monkeypatch.setenv("STREAMER_REDIS_URL", " ")
+    with pytest.raises(ValueError, match="STREAMER_REDIS_URL"):
+        Publisher()
     monkeypatch.delenv("STREAMER_REDIS_URL")
     with pytest.raises(ValueError, match="STREAMER_REDIS_URL"):
         Publisher()
+    with pytest.raises(TypeError, match="redis_url must be a str, got bytes"):
+        Publisher(redis_url.encode())  # type: ignore[arg-type]
 
 
 def test_streamer_token_signs_with_the_secret_as_the_server_reads_it(

@@ -204,6 +204,11 @@ def test_streamer_serve_refuses_an_empty_secret_variable(process_env: dict[str, 
         ("STREAMER_REDIS_URL", "redis://localhost/abc", "the database after the host"),
         # redis-py takes port 0 for none given, and would use 6379: another server.
         ("STREAMER_REDIS_URL", "redis://127.0.0.1:0/0", "STREAMER_REDIS_URL has a bad port"),
+        # Each of these would start, then retry a connection that can never work.
+        ("STREAMER_REDIS_URL", "unix://", "STREAMER_REDIS_URL has no socket path"),
+        ("STREAMER_REDIS_URL", "redis://ho st/0", "STREAMER_REDIS_URL has a bad host"),
+        ("STREAMER_REDIS_URL", "redis://h/" + "9" * 20, "must be a number up to 999999999"),
+        ("STREAMER_PUBLISH_KEY", "ключ-ключ-ключ-ключ", "STREAMER_PUBLISH_KEY must be printable"),
         ("STREAMER_REDIS_URL", "redis://localhost/0?foo=bar", "a setting redis-py does not take"),
         ("STREAMER_REDIS_URL", "unix:///run/r.sock?db=x", "a setting redis-py does not take"),
         ("STREAMER_REDIS_URL", "rediss://h:1?ssl_cert_reqs=no", "a setting redis-py does not take"),

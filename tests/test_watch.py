@@ -188,12 +188,21 @@ def test_task_text_is_shown_as_text_in_a_terminal(
     assert "\x1b]0;" not in shown and "\x1b[2J" not in shown
 
 
-async def test_a_bad_port_in_the_url_is_refused_at_once(process_env: dict[str, str]) -> None:
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--url", "http://127.0.0.1:abc"], b"--url must be an http:// or https:// URL"),
+        (["--task-id", ""], b"--task-id"),  # not every task
+    ],
+)
+async def test_bad_arguments_are_refused_at_once(
+    process_env: dict[str, str], args: list[str], says: bytes
+) -> None:
     process = await asyncio.create_subprocess_exec(
-        str(BIN / "streamer"), "watch", "--url", "http://127.0.0.1:abc", "--token", "t.o.k",
+        str(BIN / "streamer"), "watch", "--token", "t.o.k", *args,
         env=process_env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     _, stderr = await asyncio.wait_for(process.communicate(), WAIT_S)
     assert process.returncode == 2
-    assert b"--url must be an http:// or https:// URL" in stderr and b"Traceback" not in stderr
+    assert says in stderr and b"Traceback" not in stderr
     assert b"t.o.k" not in stderr
