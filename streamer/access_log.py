@@ -11,7 +11,8 @@ from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
 _SECRET_PARAMETERS = frozenset({"token", "access_token"})
-# `;` is no separator to aiohttp's parser, but is to others': a token after it is one.
+# `;` is no separator to aiohttp's parser, but is to others': a token after it is one,
+# and what follows a token up to the next `&` is taken for part of it (to aiohttp it is).
 _PARAMETER_SEPARATORS = re.compile(r"([&;#])")
 
 
@@ -23,10 +24,16 @@ def redact(path_qs: str) -> str:
         return path_qs
     # Separators kept; a fragment (never sent by browsers) is treated like the query.
     pieces = _PARAMETER_SEPARATORS.split(query)
-    for index, parameter in enumerate(pieces):
-        name, equals, _ = parameter.partition("=")
+    in_secret = False
+    for index in range(0, len(pieces), 2):  # parameters, with a separator between each
+        name, equals, _ = pieces[index].partition("=")
         if equals and unquote_plus(name).strip().lower() in _SECRET_PARAMETERS:
             pieces[index] = f"{name}=[redacted]"
+            in_secret = True
+        elif in_secret and pieces[index - 1] == ";":
+            pieces[index] = "[redacted]"
+        else:
+            in_secret = False
     return f"{path}?{''.join(pieces)}"
 
 

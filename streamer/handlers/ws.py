@@ -55,7 +55,8 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     # No permessage-deflate: every client gets the same pre-encoded frame bytes. Pings
     # come from the hub's clock for every client at once (no timer per connection), so
     # pings and pongs are handled here rather than by aiohttp.
-    # + 1: aiohttp refuses a message of max_msg_size bytes, where the limit is inclusive.
+    # + 1: aiohttp refuses a message of max_msg_size bytes; our limit is the largest
+    # message a client may send.
     ws = web.WebSocketResponse(
         max_msg_size=config.ws_max_message_bytes + 1, compress=False, autoping=False
     )
