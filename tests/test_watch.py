@@ -127,20 +127,25 @@ async def test_a_refused_token_ends_with_a_message_not_a_loop(
     assert b"get a new token" in await watch.process.stderr.read()
 
 
+def watch_in_a_terminal(
+    server: ServerProcess, user_id: str, env: dict[str, str], columns: int, **options: Any
+) -> pexpect.spawn:
+    """`streamer watch --user` in a pseudo-terminal 30 lines high, `columns` wide."""
+    return pexpect.spawn(
+        str(BIN / "streamer"),
+        ["watch", "--url", server.base_url, "--user", user_id],
+        env={**env, "STREAMER_SECRET": SECRET, "TERM": "xterm", "COLUMNS": str(columns)},
+        dimensions=(30, columns),
+        timeout=WAIT_S,
+        encoding="utf-8",
+        **options,
+    )
+
+
 def test_progress_bars_in_a_terminal(
     start_server: StartServer, publisher: Publisher, process_env: dict[str, str], user_id: str
 ) -> None:
-    server = start_server()
-    env = {**process_env, "STREAMER_SECRET": SECRET, "TERM": "xterm", "COLUMNS": "100"}
-    terminal = pexpect.spawn(
-        str(BIN / "streamer"),
-        ["watch", "--url", server.base_url, "--user", user_id],
-        env=env,
-        dimensions=(30, 100),
-        timeout=WAIT_S,
-        encoding="utf-8",
-        logfile=sys.stdout,
-    )
+    terminal = watch_in_a_terminal(start_server(), user_id, process_env, 100, logfile=sys.stdout)
     try:
         publisher.progress(user_id, "imp", progress=25, current_step="first", task_name="Import")
         terminal.expect(r"Import \[PROGRESS\].*25%.*first")
@@ -162,16 +167,7 @@ def test_task_text_is_shown_as_text_in_a_terminal(
 ) -> None:
     """Producers' text is neither markup for the bars nor escape sequences for the
     terminal (one could retitle the window or clear the screen)."""
-    server = start_server()
-    env = {**process_env, "STREAMER_SECRET": SECRET, "TERM": "xterm", "COLUMNS": "120"}
-    terminal = pexpect.spawn(
-        str(BIN / "streamer"),
-        ["watch", "--url", server.base_url, "--user", user_id],
-        env=env,
-        dimensions=(30, 120),
-        timeout=WAIT_S,
-        encoding="utf-8",
-    )
+    terminal = watch_in_a_terminal(start_server(), user_id, process_env, 120)
     try:
         step = "[/oops] \x1b]0;PWNED\x07 [blink]x[/]"
         publisher.progress(user_id, "t", progress=5, current_step=step, task_name="[/x] job")
