@@ -244,6 +244,10 @@ def _number(
 ) -> Callable[[str, str], Any]:
     def parse(name: str, raw: str) -> float:
         try:
+            # Python's own parsers also take other scripts' digits and "1_000": a
+            # value other tools (or a reader) would take for something else.
+            if not raw.isascii() or "_" in raw:
+                raise ValueError(raw)
             value = convert(raw)
         except ValueError:
             raise ConfigError(f"{name} must be {kind}, got {raw!r}") from None
