@@ -23,7 +23,13 @@ from typing import Any, Self
 
 from .broker.base import BrokerUnavailable
 from .broker.redis_cluster import is_cluster_url
-from .broker.redis_connect import REDIS_ERRORS, database, redis_client, redis_client_sync
+from .broker.redis_connect import (
+    REDIS_ERRORS,
+    database,
+    redis_client,
+    redis_client_sync,
+    redis_failure,
+)
 from .broker.redis_publish_script import check_event
 from .broker.redis_publishing import (
     HistoryLimits,
@@ -83,7 +89,7 @@ class Publisher:
             # A Redis Cluster client learns the cluster's layout as it is made.
             self._client = redis_client_sync(url, socket_connect_timeout=5)
         except REDIS_ERRORS as exc:
-            raise BrokerUnavailable(f"could not reach Redis: {exc}") from exc
+            raise BrokerUnavailable(f"could not reach Redis: {redis_failure(exc)}") from exc
         self._limits = dataclasses.replace(self._limits, db=database(self._client))
         self._script = pooled_script(self._client, publish_script(self._limits))
 
@@ -111,7 +117,7 @@ class Publisher:
         try:
             return bool(self._client.exists(key))
         except REDIS_ERRORS as exc:
-            raise BrokerUnavailable(f"could not reach Redis: {exc}") from exc
+            raise BrokerUnavailable(f"could not reach Redis: {redis_failure(exc)}") from exc
 
     def close(self) -> None:
         self._client.close()
@@ -158,7 +164,7 @@ class AsyncPublisher:
         try:
             return bool(await self._client.exists(key))
         except REDIS_ERRORS as exc:
-            raise BrokerUnavailable(f"could not reach Redis: {exc}") from exc
+            raise BrokerUnavailable(f"could not reach Redis: {redis_failure(exc)}") from exc
 
     async def close(self) -> None:
         await self._queue.close()

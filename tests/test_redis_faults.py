@@ -602,3 +602,25 @@ def unix_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
         yield f"unix://{socket_path}?db=0", server.url
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("kind", ["async", "sync"])
+async def test_a_publish_redis_does_not_answer_in_time_says_it_timed_out(
+    redis_server: RedisServer, redis_url: str, user_id: str, kind: str
+) -> None:
+    """A timeout carries no text of its own: the message still says what happened
+    (it read "could not publish to Redis: ; try again")."""
+    url = f"{redis_url}?socket_timeout=0.5"
+    if kind == "async":
+        async with AsyncPublisher(url) as async_publisher:
+            await async_publisher.progress(user_id, "t", progress=1)  # connected, script loaded
+            with redis_server.paused(), pytest.raises(BrokerUnavailable) as failure:
+                await async_publisher.progress(user_id, "t", progress=2)
+    else:
+        with Publisher(url) as publisher:
+            publisher.progress(user_id, "t", progress=1)
+            with redis_server.paused(), pytest.raises(BrokerUnavailable) as failure:
+                publisher.progress(user_id, "t", progress=2)
+    message = str(failure.value)
+    assert message.startswith("could not publish to Redis: ")
+    assert "timed out" in message or "Timeout reading" in message  # ours, redis-py's

@@ -30,7 +30,7 @@ from aiohttp_session import (
 from aiohttp_session.cookie_storage import EncryptedCookieStorage
 from aiohttp_session.redis_storage import RedisStorage
 
-from ..broker.redis_connect import REDIS_ERRORS, AsyncClient, redis_client
+from ..broker.redis_connect import REDIS_ERRORS, AsyncClient, redis_client, redis_failure
 from .session_index import SessionIndex
 from .tokens import Identity, InvalidToken
 
@@ -81,7 +81,8 @@ def _store_errors() -> Iterator[None]:
     try:
         yield
     except REDIS_ERRORS as exc:
-        raise SessionStoreUnavailable(f"the session store is unavailable: {exc}") from exc
+        reason = redis_failure(exc)
+        raise SessionStoreUnavailable(f"the session store is unavailable: {reason}") from exc
 
 
 class _OwnCookiesOnly(AbstractStorage):

@@ -27,6 +27,7 @@ from .redis_connect import (
     fence_failover,
     is_sentinel_url,
     redis_client,
+    redis_failure,
 )
 from .redis_publish_script import check_event
 from .redis_publishing import HistoryLimits, PublishQueue, check
@@ -65,7 +66,7 @@ def _unavailable_on_error(
         try:
             return await method(*args, **kwargs)
         except REDIS_ERRORS as exc:
-            raise BrokerUnavailable(f"Redis is unavailable: {exc}") from exc
+            raise BrokerUnavailable(f"Redis is unavailable: {redis_failure(exc)}") from exc
 
     return wrapper
 

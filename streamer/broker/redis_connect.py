@@ -40,6 +40,15 @@ from redis.exceptions import RedisClusterException, RedisError
 REDIS_ERRORS: tuple[type[Exception], ...] = (RedisError, RedisClusterException, OSError)
 REDIS_ERRORS_OR_TIMEOUT: tuple[type[Exception], ...] = (*REDIS_ERRORS, TimeoutError)
 
+
+def redis_failure(exc: BaseException) -> str:
+    """What went wrong, for a message: a timeout often comes without any text."""
+    text = str(exc)
+    if text:
+        return text
+    return "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
+
+
 # A Redis Cluster client is not a `Redis`, but answers the same commands.
 AsyncClient = aioredis.Redis | aiocluster.RedisCluster
 SyncClient = redis.Redis | synccluster.RedisCluster

@@ -25,7 +25,7 @@ import redis.asyncio.cluster as aiocluster
 from ..events import TaskEvent
 from ..wire import EventId
 from .base import BrokerUnavailable
-from .redis_connect import REDIS_ERRORS, REDIS_ERRORS_OR_TIMEOUT
+from .redis_connect import REDIS_ERRORS, REDIS_ERRORS_OR_TIMEOUT, redis_failure
 from .redis_publish_script import (
     CLUSTER_PUBLISH_SCRIPT,
     PUBLISH_SCRIPT,
@@ -149,7 +149,7 @@ def publish_sync(
                 if reply.error is not None:
                     raise _failure(reply.error, len(stream_ids), len(events))
         except REDIS_ERRORS as exc:
-            raise BrokerUnavailable(f"could not publish to Redis: {exc}") from exc
+            raise BrokerUnavailable(f"could not publish to Redis: {redis_failure(exc)}") from exc
     return Published(epochs, stream_ids)
 
 
@@ -255,7 +255,7 @@ class _Lane:
                     raw = await anext(replies, _NO_MORE)
                 except REDIS_ERRORS_OR_TIMEOUT as exc:
                     raise BrokerUnavailable(
-                        f"could not publish to Redis: {exc or 'timed out'}"
+                        f"could not publish to Redis: {redis_failure(exc)}"
                     ) from exc
                 if raw is _NO_MORE:
                     return

@@ -18,6 +18,8 @@ from collections.abc import Callable
 import hiredis
 from redis.asyncio.connection import AbstractConnection
 
+from .redis_connect import redis_failure
+
 log = logging.getLogger(__name__)
 
 Reply = object
@@ -84,7 +86,8 @@ class PushReader(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._replaced.connection_lost(exc)
-        self.fail(f"the subscriber connection was lost ({exc or 'closed'})")
+        reason = "closed" if exc is None else redis_failure(exc)
+        self.fail(f"the subscriber connection was lost ({reason})")
 
     def pause_writing(self) -> None:
         self._replaced.pause_writing()
