@@ -32,8 +32,7 @@ from importlib import import_module
 from typing import Any
 
 from django.conf import settings
-from django.contrib.auth import get_user
-from django.contrib.auth.decorators import login_required
+from django.contrib.auth import decorators, get_user
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.http.cookie import parse_cookie
 from django.views.decorators.csrf import csrf_exempt
@@ -44,6 +43,12 @@ from ..auth.tokens import MAX_TOKEN_LENGTH, issue_token
 __all__ = ["streamer_auth_view", "streamer_token", "streamer_token_view", "streamer_user_id"]
 
 MAX_COOKIE_LENGTH = 16 * 1024
+
+# Django 5.1+ `LoginRequiredMiddleware` redirects every view not marked with this to the
+# login page: streamer would take the auth view's redirect for an outage (503 / 1013),
+# and a page's fetch of a token would get the login page. Both views answer for
+# themselves.
+_answers_for_itself = getattr(decorators, "login_not_required", lambda view: view)
 
 
 def streamer_user_id(user: Any) -> str:
@@ -57,15 +62,21 @@ def streamer_token(user: Any, ttl_s: int | None = None) -> str:
     return issue_token(settings.STREAMER_SECRET, streamer_user_id(user), ttl)
 
 
+@_answers_for_itself
 @require_GET
-@login_required
 def streamer_token_view(request: HttpRequest) -> HttpResponse:
-    """`{"token": ...}` for the logged-in user: for pages that connect with a token."""
-    response = JsonResponse({"token": streamer_token(request.user)})
+    """`{"token": ...}` for the logged-in user: for pages that connect with a token.
+    401 `{"error": "unauthorized"}` when no one is logged in (not a redirect to the
+    login page, whose HTML a page's fetch would take for the answer)."""
+    if not request.user.is_authenticated:
+        response = _error(401, "unauthorized")
+    else:
+        response = JsonResponse({"token": streamer_token(request.user)})
     response["Cache-Control"] = "no-store"
     return response
 
 
+@_answers_for_itself
 @csrf_exempt
 @require_POST
 def streamer_auth_view(request: HttpRequest) -> HttpResponse:

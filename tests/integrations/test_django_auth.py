@@ -297,3 +297,11 @@ def test_the_token_view_mints_streamer_tokens_for_logged_in_users(
     with urllib.request.urlopen(request, timeout=5) as response:
         token = json.load(response)["token"]
     assert verify_token(SECRET, token).user_id == alice["id"]
+
+
+def test_the_token_view_answers_401_to_a_visitor_not_logged_in(django_site: DjangoSite) -> None:
+    """JSON a page's fetch can read, not a redirect to the login page (whose HTML it
+    would have taken for a token), also on a site that requires a login everywhere."""
+    status, body = django_site.server.get("/streamer/token/")
+    assert status == 401
+    assert json.loads(body) == {"error": "unauthorized"}

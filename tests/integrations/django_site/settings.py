@@ -2,6 +2,8 @@
 
 import os
 
+import django
+
 SECRET_KEY = os.environ["DJANGO_SECRET_KEY"]
 DEBUG = False
 ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
@@ -17,6 +19,10 @@ MIDDLEWARE = [
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
 ]
+if django.VERSION >= (5, 1):
+    # Sites that require a login everywhere: streamer's views must still answer.
+    MIDDLEWARE.append("django.contrib.auth.middleware.LoginRequiredMiddleware")
+    LOGIN_URL = "/login/"
 ROOT_URLCONF = "tests.integrations.django_site.urls"
 DATABASES = {
     "default": {"ENGINE": "django.db.backends.sqlite3", "NAME": os.environ["DJANGO_DB_PATH"]}
