@@ -14,12 +14,11 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from . import logs
 from .auth.tokens import DEFAULT_TTL_S, MAX_TIMESTAMP, issue_token
 from .broker.base import BrokerUnavailable
-from .config import ENV_VARIABLES, Config, ConfigError
+from .config import ENV_VARIABLES, Config, ConfigError, without_password
 from .events import (
     MAX_JSON_DEPTH,
     TERMINAL_STATUSES,
@@ -32,15 +31,6 @@ from .events import (
 from .service_url import service_url
 
 DEFAULT_URL = "http://127.0.0.1:8080"
-
-
-def redact_url(url: str) -> str:
-    """The URL without its password, for messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
@@ -140,7 +130,7 @@ def _serve(args: argparse.Namespace) -> int:
         # Development over plain http: a Secure cookie would never come back.
         config = config.replace(demo_mode=True, cookie_secure=False)
     logs.configure(config.log_format)
-    broker = redact_url(config.redis_url) if config.redis_url else "embedded (in-memory)"
+    broker = without_password(config.redis_url) if config.redis_url else "embedded (in-memory)"
     print(
         f"streamer: serving on http://{args.host}:{args.port}/ with broker {broker}",
         file=sys.stderr,

@@ -7,7 +7,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import SplitResult, parse_qs, urlsplit
+from urllib.parse import SplitResult, parse_qs, unquote_plus, urlsplit
 
 MIN_SECRET_LENGTH = 32
 
@@ -193,11 +193,22 @@ def _check_port(name: str, parts: SplitResult, shown: str) -> None:
 
 
 def without_password(url: str) -> str:
-    """`url` fit for an error message: what stands between `//` and `@` is left out."""
+    """`url` fit for a message: what stands between `//` and `@` is left out, and so is
+    the value of a query setting named like a password (redis-py takes `?password=`)."""
     scheme, sep, rest = url.partition("//")
-    if not sep or "@" not in rest.split("/", 1)[0]:
+    netloc = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    if sep and "@" in netloc:  # the host follows the last @, as urlsplit reads it
+        url = f"{scheme}//***@{netloc.rpartition('@')[2]}{rest[len(netloc) :]}"
+    base, mark, query = url.partition("?")
+    if not mark:
         return url
-    return f"{scheme}//***@{rest.split('@', 1)[1]}"
+    shown = []
+    for item in query.split("&"):
+        key, equals, _ = item.partition("=")
+        if equals and "password" in unquote_plus(key).lower():
+            item = f"{key}=***"
+        shown.append(item)
+    return f"{base}?{'&'.join(shown)}"
 
 
 def _http_url(name: str, raw: str) -> str:

@@ -1,12 +1,13 @@
-"""Numbers in settings and flags are ASCII digits: Python's int() and float() also take
-other scripts' digits and underscores, values an operator would read as something else."""
+"""Settings as the service reads them: numbers in settings and flags are ASCII digits
+(Python's int() and float() also take other scripts' digits and underscores, values an
+operator would read as something else), and URLs are shown without their passwords."""
 
 from __future__ import annotations
 
 import pytest
 
 from streamer.cli import _parser
-from streamer.config import Config, ConfigError
+from streamer.config import Config, ConfigError, without_password
 
 SECRET = "s" * 40
 
@@ -58,3 +59,41 @@ def test_serve_refuses_a_port_that_is_not_ascii_digits(
 
 def test_serve_reads_an_ascii_port() -> None:
     assert _parser().parse_args(["serve", "--port", "8080"]).port == 8080
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:S3cret@h:1/0", "redis://***@h:1/0"),
+        ("redis://user:S3cret@h/0", "redis://***@h/0"),
+        ("redis://:p@S3cret@h/0", "redis://***@h/0"),  # the host follows the last @
+        (
+            "redis://h/0?password=S3cret&socket_timeout=5",
+            "redis://h/0?password=***&socket_timeout=5",
+        ),
+        (
+            "redis://h/0?socket_timeout=5&%70assword=S3cret",
+            "redis://h/0?socket_timeout=5&%70assword=***",
+        ),
+        ("rediss://h?ssl_password=S3cret", "rediss://h?ssl_password=***"),
+        ("unix:///run/redis.sock?password=S3cret&db=1", "unix:///run/redis.sock?password=***&db=1"),
+        ("redis+sentinel://:S3cret@a:1,b:2/main", "redis+sentinel://***@a:1,b:2/main"),
+        ("redis://h:1/0", "redis://h:1/0"),
+    ],
+)
+def test_a_url_is_shown_without_its_password(url: str, shown: str) -> None:
+    assert without_password(url) == shown
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:1/x?password=S3cret",  # a bad database
+        "redis://127.0.0.1:1/0?password=S3cret&socket_timeout=x",  # a bad setting
+        "ftp://127.0.0.1/0?password=S3cret",
+    ],
+)
+def test_a_refused_redis_url_is_named_without_its_password(url: str) -> None:
+    with pytest.raises(ConfigError, match="STREAMER_REDIS_URL") as refusal:
+        Config.from_env({"STREAMER_SECRET": SECRET, "STREAMER_REDIS_URL": url})
+    assert "S3cret" not in str(refusal.value) and "***" in str(refusal.value)
