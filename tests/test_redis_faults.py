@@ -624,3 +624,29 @@ async def test_a_publish_redis_does_not_answer_in_time_says_it_timed_out(
     message = str(failure.value)
     assert message.startswith("could not publish to Redis: ")
     assert "timed out" in message or "Timeout reading" in message  # ours, redis-py's
+
+
+async def test_back_from_a_restart_the_first_reconnection_holds(
+    redis_client: TestClient,
+    redis_server: RedisServer,
+    token_for: TokenFor,
+    user_id: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The catch-up after a reconnection does not go out on pooled connections to the
+    server that went away: on the first of them it failed, and the subscription was
+    given up once more and reopened only after the next, longer, backoff."""
+    subscriber = redis_client.app[BROKER].subscriber  # type: ignore[attr-defined]
+    caplog.set_level("WARNING", logger="streamer.broker.redis_subscriber")
+    async with redis_client.ws_connect(f"/ws/tasks/?token={token_for(user_id)}") as ws:
+        await ws_json(ws)  # its snapshot was read on a pooled connection, left there
+        redis_server.stop()
+        await eventually(lambda: not subscriber.ready.is_set(), what="the subscription lost")
+        redis_server.start()
+        await eventually(lambda: subscriber.ready.is_set(), what="the subscription restored")
+        resync = await ws_json(ws)
+        assert resync["type"] == "active_tasks" and resync["recovered"] is False
+    said = [record.getMessage() for record in caplog.records]
+    restored = [n for n, text in enumerate(said) if "subscription restored" in text]
+    assert len(restored) == 1, said
+    assert not any("subscription lost" in text for text in said[restored[0] :]), said

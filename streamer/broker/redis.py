@@ -249,9 +249,13 @@ class RedisBroker(Broker):
         return lost
 
     async def _catch_up(self, channels: Set[str]) -> None:
-        if self._cluster:
+        client = self.client
+        if isinstance(client, aiocluster.RedisCluster):
             await self._catch_up_users(channels)
         else:
+            # Idle pooled connections may lead to a server that went away meanwhile: the
+            # first command on each would fail (redis-py retries none), this one first.
+            await client.connection_pool.disconnect(inuse_connections=False)
             await self._catch_up_all()
 
     async def _catch_up_users(self, channels: Set[str]) -> None:
