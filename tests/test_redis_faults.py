@@ -650,3 +650,40 @@ async def test_back_from_a_restart_the_first_reconnection_holds(
     restored = [n for n, text in enumerate(said) if "subscription restored" in text]
     assert len(restored) == 1, said
     assert not any("subscription lost" in text for text in said[restored[0] :]), said
+
+
+@pytest.mark.parametrize("transport", ["ws", "sse"])
+async def test_while_redis_is_unreachable_streams_are_refused_at_once(
+    redis_client: TestClient,
+    redis_server: RedisServer,
+    token_for: TokenFor,
+    user_id: str,
+    transport: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Not after the subscription's timeout, which held every opening stream for 10 s
+    of an outage; they open again once Redis is back."""
+    monkeypatch.setattr(redis_subscriber, "SUBSCRIBE_TIMEOUT_S", 3600.0)
+    subscriber = redis_client.app[BROKER].subscriber  # type: ignore[attr-defined]
+    token = token_for(user_id)
+
+    async def refused() -> None:
+        if transport == "ws":
+            async with redis_client.ws_connect(f"/ws/tasks/?token={token}") as ws:
+                assert await ws_close_code(ws) == 1013
+        else:
+            headers = {"Authorization": f"Bearer {token}"}
+            async with redis_client.get("/sse/tasks/", headers=headers) as answer:
+                assert answer.status == 503 and answer.headers["Retry-After"] == "1"
+                assert "Redis is unreachable" in await answer.text()
+
+    redis_server.stop()
+    try:
+        await eventually(lambda: subscriber.unreachable, what="a failed attempt to connect")
+        async with asyncio.timeout(10):  # far below the subscription's timeout
+            await refused()
+    finally:
+        redis_server.start()
+    await eventually(lambda: subscriber.ready.is_set(), what="the subscription restored")
+    async with redis_client.ws_connect(f"/ws/tasks/?token={token}") as ws:
+        assert (await ws_json(ws))["type"] == "active_tasks"

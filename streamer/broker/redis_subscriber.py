@@ -100,6 +100,8 @@ class Subscriber:
         self._last_heard = 0.0
         self._pool: object = None
         self.ready = asyncio.Event()  # connected, every wanted channel subscribed
+        # The last attempt to connect failed: Redis is down, not merely reconnecting.
+        self.unreachable = False
         self._abandoned = False
         self.restarts = 0  # attempts after the first, failed ones included
         self.reconnects = 0  # subscriptions lost and opened again
@@ -111,6 +113,10 @@ class Subscriber:
     async def subscribe(self, channel: str) -> None:
         if self._abandoned:  # a call made before the subscriber was replaced
             raise Rerouted("the channel moved to another shard")
+        if self.unreachable and channel not in self._active:
+            # Refused now rather than after SUBSCRIBE_TIMEOUT_S, which during an outage
+            # would hold every opening stream that long.
+            raise BrokerUnavailable("Redis is unreachable")
         self.wanted.add(channel)
         if channel in self._active:
             return
@@ -142,6 +148,15 @@ class Subscriber:
                     waiter.set_exception(Rerouted("the channel moved to another shard"))
         self._waiters.clear()
 
+    def _unreachable(self) -> None:
+        """An attempt to connect failed: streams waiting for a subscription are refused
+        now, as are the next ones until an attempt succeeds."""
+        self.unreachable = True
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(BrokerUnavailable("Redis is unreachable"))
+
     def _client(self, **settings: Any) -> aioredis.Redis:
         if self._make_client is not None:
             return self._make_client(**settings)
@@ -163,8 +178,10 @@ class Subscriber:
             )
             self._pool = client.connection_pool
             pubsub = client.pubsub()
+            connected = False
             try:
                 await self._connect(pubsub)
+                connected, self.unreachable = True, False
                 backoff = RECONNECT_BACKOFF_MIN_S
                 await self._listen(pubsub)
             except _SUBSCRIPTION_LOST as exc:
@@ -172,6 +189,10 @@ class Subscriber:
             except Exception:
                 log.exception("redis subscriber failed; reconnecting in %.1fs", backoff)
             finally:
+                if not connected and not self._sharded:
+                    # (A shard's master that cannot be reached is failed over: those
+                    # who wait are sent to the new one.)
+                    self._unreachable()
                 self._disconnected()
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
