@@ -46,6 +46,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -109,8 +110,30 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _truncate(text: str) -> str:
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _publishable(text: str) -> str:
+    """`text` as an event carries it: valid Unicode (a lone surrogate, as in a file name
+    Python could not decode, becomes U+FFFD) and at most MAX_TEXT_LENGTH long."""
+    text = _LONE_SURROGATE.sub("\ufffd", text)
     return text if len(text) <= MAX_TEXT_LENGTH else text[: MAX_TEXT_LENGTH - 1] + "…"
+
+
+def _number(value: Any) -> Any:
+    """A float that is a whole number as an int (an item count computed as 5.0)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _percent(value: Any) -> Any:
+    """A computed percentage a rounding error put just outside 0..100, put back in."""
+    if isinstance(value, float) and -1e-6 < value < 0:
+        return 0
+    if isinstance(value, float) and 100 < value < 100 + 1e-6:
+        return 100
+    return value
 
 
 def _iso(timestamp: float) -> str:
@@ -148,27 +171,34 @@ class ProgressTask(Task):
         total_items: int | None = None,
     ) -> str | None:
         """Publish PROGRESS (0..100) and return the event id; None outside a task or
-        without a user. Raises `TaskCancelled` when the user cancelled the task."""
+        without a user, or when the values cannot be published (logged: a progress
+        report never fails the job). Raises `TaskCancelled` when the user cancelled
+        the task."""
         request = self.request
         user_id = self.streamer_user_id(request.args or (), request.kwargs or {})
         if request.id is None or user_id is None or not self._streamable(request.id):
             return None
         started_at = getattr(request, "streamer_started_at", None)
-        event = progress_event(
-            user_id,
-            request.id,
-            status="PROGRESS",
-            progress=progress,
-            current_step=current_step,
-            processed_items=processed_items,
-            total_items=total_items,
-            task_name=self.name,
-            category=self.streamer_category,
-            estimated_completion=self._estimated_completion(progress, started_at),
-        )
+        progress = _percent(progress)
+        event: TaskEvent | None = None
+        try:
+            event = progress_event(
+                user_id,
+                request.id,
+                status="PROGRESS",
+                progress=progress,
+                current_step=None if current_step is None else _publishable(current_step),
+                processed_items=_number(processed_items),
+                total_items=_number(total_items),
+                task_name=self.name,
+                category=self.streamer_category,
+                estimated_completion=self._estimated_completion(progress, started_at),
+            )
+        except EventError as exc:
+            log.warning("task %s[%s]: progress not published: %s", self.name, request.id, exc)
         if self._cancelled(user_id, request.id):
             self._end_cancelled(user_id, request.id)
-        return self._publish(event)
+        return None if event is None else self._publish(event)
 
     # --- Celery's hooks --------------------------------------------------------------------
 
@@ -225,7 +255,7 @@ class ProgressTask(Task):
         user_id = self.streamer_user_id(args, kwargs)
         if user_id is None or not self._streamable(task_id):
             return
-        message = _truncate(_describe(exc))
+        message = _publishable(_describe(exc))
         self._publish(completed_event(user_id, task_id, status="FAILURE", error_message=message))
 
     def on_retry(
@@ -239,7 +269,7 @@ class ProgressTask(Task):
         user_id = self.streamer_user_id(args, kwargs)
         if user_id is None or not self._streamable(task_id):
             return
-        step = _truncate(f"retrying after: {_describe(exc)}")
+        step = _publishable(f"retrying after: {_describe(exc)}")
         self._publish(progress_event(user_id, task_id, status="RETRY", current_step=step))
 
     # --- Helpers -------------------------------------------------------------------------
@@ -413,11 +443,18 @@ def _stop_watcher(**_: Any) -> None:
 
 
 def _publish_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
-    if not isinstance(sender, ProgressTask) or _watcher is None or request is None:
+    """A ProgressTask revoked (by this module's watcher, or by anyone with
+    `app.control.revoke`: an admin, Flower) ends REVOKED on the streams."""
+    if not isinstance(sender, ProgressTask) or request is None or request.id is None:
         return
-    user_id = _watcher.revoked(request.id)
-    # The flag is gone when the task saw the cancel by itself and published REVOKED.
-    if user_id is not None and sender._cancelled(user_id, request.id):
+    cancelled_by_user = None if _watcher is None else _watcher.revoked(request.id)
+    if cancelled_by_user is not None:
+        # The flag is gone when the task saw the cancel by itself and published REVOKED.
+        if sender._cancelled(cancelled_by_user, request.id):
+            sender._publish(completed_event(cancelled_by_user, request.id, status="REVOKED"))
+        return
+    user_id = sender.streamer_user_id(request.args or (), request.kwargs or {})
+    if user_id is not None and sender._streamable(request.id):
         sender._publish(completed_event(user_id, request.id, status="REVOKED"))
 
 

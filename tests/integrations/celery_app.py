@@ -68,3 +68,17 @@ def silent_job(self: ProgressTask, seconds: float, *, user_id: str) -> dict[str,
     while time.monotonic() < deadline:
         time.sleep(0.05)
     return {"slept": seconds}
+
+
+@app.task(base=ProgressTask, bind=True)
+def sloppy_progress(self: ProgressTask, *, user_id: str) -> dict[str, Any]:
+    """Reports computed values a little off: published as meant, or left out, never
+    failing the job."""
+    self.update_progress(
+        (0.1 + 0.2) / 0.3 * 100,  # 100.00000000000001
+        current_step="x" * 3000,
+        processed_items=5.0,
+        total_items=5.0,
+    )
+    self.update_progress(150)  # no progress: logged, not published
+    return {"done": True}

@@ -25,7 +25,8 @@ from ..conftest import StartGunicorn
 from ..processes import ServerProcess
 from ..waiting import eventually, eventually_sync
 from . import celery_app
-from .celery_app import broken, flaky, long_export, resize_images, silent_job
+from .celery_app import app as celery_app_object
+from .celery_app import broken, flaky, long_export, resize_images, silent_job, sloppy_progress
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 TokenFor = Callable[..., str]
@@ -213,6 +214,51 @@ async def test_a_failing_task_ends_failure_with_its_message(
     assert events[-1]["progress"] == 10  # where it failed
     await eventually(lambda: state_of(result), what="FAILURE stored")
     assert await state_of(result) == "FAILURE"
+
+
+@pytest.mark.usefixtures("celery_worker")
+async def test_an_error_message_that_is_not_valid_unicode_is_published_readable(
+    session: aiohttp.ClientSession, token_for: TokenFor, user_id: str
+) -> None:
+    """A file name Python could not decode leaves a lone surrogate in the message: it
+    was refused, and the FAILURE said so instead of what failed."""
+    async with open_stream(session, "websocket", token_for(user_id)) as ws:
+        await ws.next()
+        result = broken.apply_async(("no such file: \udce9.csv",), {"user_id": user_id})
+        events = await task_events(ws, result.id)
+    assert [e["status"] for e in events] == ["STARTED", "PROGRESS", "FAILURE"]
+    assert events[-1]["error_message"] == "no such file: \ufffd.csv"
+
+
+@pytest.mark.usefixtures("celery_worker")
+async def test_progress_values_a_little_off_never_fail_the_job(
+    session: aiohttp.ClientSession, token_for: TokenFor, user_id: str
+) -> None:
+    async with open_stream(session, "websocket", token_for(user_id)) as ws:
+        await ws.next()
+        result = sloppy_progress.apply_async((), {"user_id": user_id})
+        events = await task_events(ws, result.id)
+    assert [e["status"] for e in events] == ["STARTED", "PROGRESS", "SUCCESS"]
+    progress = events[1]
+    assert progress["progress"] == 100
+    assert progress["processed_items"] == 5 and progress["total_items"] == 5
+    assert len(progress["current_step"]) == 2000 and progress["current_step"].endswith("\u2026")
+    assert await asyncio.to_thread(result.get, timeout=10) == {"done": True}
+
+
+@pytest.mark.usefixtures("celery_worker")
+async def test_a_task_revoked_by_an_admin_ends_revoked_on_the_streams(
+    session: aiohttp.ClientSession, token_for: TokenFor, user_id: str
+) -> None:
+    """Not only those the user cancelled: `revoke(terminate=True)` from Flower or a
+    shell left the task running on the streams."""
+    async with session.ws_connect("/ws/tasks/", params={"token": token_for(user_id)}) as ws:
+        assert (await ws.receive_json(timeout=10))["type"] == "active_tasks"
+        result = silent_job.apply_async((60,), {"user_id": user_id})
+        await _read_until(ws, lambda m: m.get("status") == "STARTED")
+        await asyncio.to_thread(celery_app_object.control.revoke, result.id, terminate=True)
+        events = await _read_until(ws, lambda m: m["type"] == "task_completed")
+        assert events[-1]["task_id"] == result.id and events[-1]["status"] == "REVOKED"
 
 
 @pytest.mark.usefixtures("celery_worker")
