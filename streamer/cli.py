@@ -27,6 +27,7 @@ from .events import (
     completed_event,
     progress_event,
     validate_identifier,
+    validate_task_id,
 )
 from .service_url import service_url
 
@@ -276,7 +277,7 @@ def _watch(args: argparse.Namespace) -> int:
             args.secret, "--user signs a token with STREAMER_SECRET: set it (or --secret)"
         )
         token = issue_token(secret, validate_identifier("--user", args.user))
-    task_id = None if args.task_id is None else validate_identifier("--task-id", args.task_id)
+    task_id = None if args.task_id is None else validate_task_id(args.task_id, "--task-id")
     stream = Watch(args.url, token, transport=args.transport, task_id=task_id)
     try:
         return asyncio.run(watch(stream, as_json=args.json))

@@ -13,7 +13,7 @@ from typing import Literal
 
 from . import wire
 from .broker.base import Broker, BrokerUnavailable, Snapshot
-from .events import EventError, validate_identifier
+from .events import EventError, validate_task_id
 
 CommandType = Literal["get_task_status", "get_active_tasks", "cancel_task", "ping"]
 _NEEDS_TASK_ID = frozenset({"get_task_status", "cancel_task"})
@@ -60,7 +60,7 @@ def make_command(kind: CommandType, task_id: object = None) -> Command:
     if kind not in _NEEDS_TASK_ID:
         return Command(type=kind)
     try:
-        return Command(type=kind, task_id=validate_identifier("task_id", task_id))
+        return Command(type=kind, task_id=validate_task_id(task_id))
     except EventError as exc:
         raise CommandError("invalid_task_id", str(exc)) from None
 

@@ -118,6 +118,15 @@ def validate_identifier(name: str, value: object) -> str:
     return value
 
 
+def validate_task_id(value: object, name: str = "task_id") -> str:
+    """A task id: an identifier that a URL path can name (`/api/tasks/{task_id}`): `.`
+    and `..` cannot be, browsers and HTTP clients resolve them as dot-segments."""
+    task_id = validate_identifier(name, value)
+    if task_id in (".", ".."):
+        raise EventError(f"{name} cannot be {task_id!r}: no URL can name it")
+    return task_id
+
+
 def _optional_text(name: str, value: object) -> str | None:
     if value is None:
         return None
@@ -318,7 +327,7 @@ def progress_event(
     fields.update({k: v for k, v in optional.items() if v is not None})
     return TaskEvent(
         user_id=validate_identifier("user_id", user_id),
-        task_id=validate_identifier("task_id", task_id),
+        task_id=validate_task_id(task_id),
         type="task_progress",
         fields=fields,
     )
@@ -344,7 +353,7 @@ def completed_event(
     }
     return TaskEvent(
         user_id=validate_identifier("user_id", user_id),
-        task_id=validate_identifier("task_id", task_id),
+        task_id=validate_task_id(task_id),
         type="task_completed",
         fields=fields,
     )

@@ -41,7 +41,13 @@ from .broker.redis_publishing import (
 from .broker.redis_schema import cancel_key
 from .broker.redis_script_runners import pooled_script
 from .config import ENV_VARIABLES, ConfigError
-from .events import TaskEvent, completed_event, progress_event, validate_identifier
+from .events import (
+    TaskEvent,
+    completed_event,
+    progress_event,
+    validate_identifier,
+    validate_task_id,
+)
 
 __all__ = ["AsyncPublisher", "BrokerUnavailable", "Publisher"]
 
@@ -76,7 +82,7 @@ def _cancel_key(user_id: object, task_id: object) -> str:
     if task_id is _NO_TASK:
         # The one-argument form of earlier versions could see another user's cancel.
         raise TypeError("is_cancelled() needs the user id too: is_cancelled(user_id, task_id)")
-    user, task = validate_identifier("user_id", user_id), validate_identifier("task_id", task_id)
+    user, task = validate_identifier("user_id", user_id), validate_task_id(task_id)
     return cancel_key(user, task)
 
 

@@ -42,6 +42,7 @@ TokenFor = Callable[..., str]
         ('{"type": "get_task_status", "task_id": ["x"]}', "invalid_task_id"),
         ('{"type": "get_task_status", "task_id": ""}', "invalid_task_id"),
         ('{"type": "cancel_task", "task_id": "a\\nb"}', "invalid_task_id"),
+        ('{"type": "cancel_task", "task_id": ".."}', "invalid_task_id"),  # no URL names it
         ("[" * 50_000, "invalid_json"),  # deep nesting, under the size limit
     ],
 )

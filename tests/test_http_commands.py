@@ -38,7 +38,7 @@ AiohttpClient = Callable[..., Any]
 ALLOWED = "https://app.example.com"
 EVIL = "https://evil.example"
 # What the same task-id rules refuse, as they reach the path (percent-encoded).
-INVALID_TASK_IDS = ["%00", "a%0Ab", "%7F", "x" * 201]
+INVALID_TASK_IDS = ["%00", "a%0Ab", "%7F", "x" * 201, "%2E", "%2E%2E", ".%2E"]
 
 
 async def make_client(aiohttp_client: AiohttpClient, config: Config, **changes: Any) -> TestClient:

@@ -1,6 +1,7 @@
-"""streamer.js as an ES module (`/static/streamer.mjs`) and its TypeScript declarations
-(`streamer.d.ts`): the types compile against code written as an application would
-write it, and the module gives what the types promise, in real Chromium."""
+"""streamer.js as an ES module (`/static/streamer.mjs`) and the TypeScript declarations
+(`streamer.d.mts`, `streamer.d.ts`): the types compile against code written as an
+application would write it, and the module gives what the types promise, in real
+Chromium."""
 
 from __future__ import annotations
 
@@ -64,3 +65,51 @@ async def test_the_module_exports_what_the_types_declare(
             }}))"""
     )
     assert reply == {"type": "task_status", "task_id": "none", "status": None}
+
+
+async def test_task_commands_over_http_refuse_ids_no_url_can_name(
+    browser: Browser, server: ServerProcess, token_for: Callable[..., str]
+) -> None:
+    """`.` and `..` are dot-segments to every URL parser (`/api/tasks/..` is
+    `/api/`), and an empty id names the task list: over HTTP each got another
+    endpoint's answer (a snapshot for a task status, a 405 or 404 for a cancel)."""
+    await browser.navigate(server.base_url + "/")
+    token = token_for("u-dots")
+    replies = await browser.evaluate(
+        f"""import("/static/streamer.mjs").then(({{ TaskStream }}) => new Promise((done) => {{
+              const stream = new TaskStream({{
+                url: location.origin, token: {token!r}, transport: "poll",
+                onEvent: async (message) => {{
+                  if (message.type !== "active_tasks") return;
+                  const outcome = (promise) => promise.then(
+                    (reply) => ({{ reply }}), (error) => ({{ code: error.code }}));
+                  const results = [];
+                  for (const id of ["", ".", ".."]) {{
+                    results.push(await outcome(stream.getTaskStatus(id)));
+                    results.push(await outcome(stream.cancelTask(id)));
+                  }}
+                  results.push(await outcome(stream.getTaskStatus("none")));
+                  stream.stop();
+                  done(results);
+                }},
+              }});
+              stream.start();
+            }}))"""
+    )
+    assert replies[:6] == [{"code": "invalid_task_id"}] * 6
+    assert replies[6] == {"reply": {"type": "task_status", "task_id": "none", "status": None}}
+
+
+def test_the_module_imports_where_there_is_no_window(tmp_path: Path) -> None:
+    """Server-side rendering imports it in Node, where there is no `window`."""
+    script = (
+        "const module = await import(process.argv[1]);"
+        "console.log(JSON.stringify(Object.keys(module).sort()));"
+    )
+    module = Path(__file__).resolve().parents[1] / "streamer" / "static" / "streamer.mjs"
+    ran = subprocess.run(
+        ["node", "--input-type=module", "-e", script, module.as_uri()],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.strip() == '["CommandError","TaskBoard","TaskStream","default"]'

@@ -21,7 +21,7 @@ from ..auth.sessions import SessionStoreUnavailable
 from ..auth.tokens import Identity, InvalidToken
 from ..broker.base import BrokerUnavailable
 from ..connection import Connection
-from ..events import EventError, validate_identifier
+from ..events import EventError, validate_task_id
 from ..opening import Opening, read_opening
 from ..rate_limit import TokenBucket
 from ..reasons import Reason, Refused
@@ -62,7 +62,7 @@ def stream_params(
     task_id = request.query.get("task_id")
     if task_id is not None:
         try:
-            task_id = validate_identifier("task_id", task_id)
+            task_id = validate_task_id(task_id)
         except EventError as exc:
             raise Refused(Reason.INVALID_TASK_ID, str(exc)) from None
     last_event_id = request.headers.get("Last-Event-ID") if last_event_header else None

@@ -65,6 +65,7 @@ from ..events import (
     completed_event,
     progress_event,
     validate_identifier,
+    validate_task_id,
 )
 from ..publisher import BrokerUnavailable, Publisher
 
@@ -301,7 +302,7 @@ class ProgressTask(Task):
         (`apply_async(task_id=...)`) may not be (the job runs all the same, its
         progress unpublished)."""
         try:
-            validate_identifier("task_id", task_id)
+            validate_task_id(task_id)
         except EventError as exc:
             if warn:
                 log.warning("task %s[%r]: progress not published: %s", self.name, task_id, exc)

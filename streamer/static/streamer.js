@@ -182,9 +182,11 @@
       if (this._webSocketOpen()) {
         return this._command({ type: "get_task_status", task_id: taskId }, "task_status");
       }
-      return this._http("GET", `/api/tasks/${encodeURIComponent(taskId)}`).catch((error) => {
+      return this._taskCommand("GET", taskId, "").catch((error) => {
         // Unknown and not the user's: a 404 over HTTP, `status: null` on the WebSocket.
-        if (error.status === 404) return { type: "task_status", task_id: taskId, status: null };
+        if (error.code === "task_not_found") {
+          return { type: "task_status", task_id: taskId, status: null };
+        }
         throw error;
       });
     }
@@ -198,7 +200,7 @@
       if (this._webSocketOpen()) {
         return this._command({ type: "cancel_task", task_id: taskId }, "task_cancelled");
       }
-      return this._http("POST", `/api/tasks/${encodeURIComponent(taskId)}/cancel`);
+      return this._taskCommand("POST", taskId, "/cancel");
     }
 
     /**
@@ -211,6 +213,19 @@
         return this._command({ type: "get_active_tasks" }, "active_tasks");
       }
       return this._http("GET", "/api/tasks/");
+    }
+
+    /**
+     * A task's command over HTTP. `.` and `..` (which every URL parser takes for
+     * dot-segments) and the empty id are no task's: refused here, as the server refuses
+     * them on the WebSocket, instead of going to another path.
+     */
+    _taskCommand(method, taskId, suffix) {
+      if (taskId === "" || taskId === "." || taskId === "..") {
+        const text = `no task can have the id ${JSON.stringify(taskId)}`;
+        return Promise.reject(new CommandError("invalid_task_id", text));
+      }
+      return this._http(method, `/api/tasks/${encodeURIComponent(taskId)}${suffix}`);
     }
 
     _webSocketOpen() {
@@ -1044,4 +1059,4 @@
   }
 
   global.Streamer = { TaskStream, TaskBoard, CommandError };
-})(window);
+})(globalThis);

@@ -2,10 +2,10 @@
 //
 //   import { TaskStream, TaskBoard } from "https://stream.example.com/static/streamer.mjs";
 //
-// It runs the same code as /static/streamer.js (which also sets window.Streamer); types
-// are in streamer.d.ts next to it.
+// It runs the same code as /static/streamer.js (which also sets the global Streamer);
+// types are in streamer.d.mts next to it.
 import "./streamer.js";
 
-const Streamer = window.Streamer;
+const Streamer = globalThis.Streamer;
 export const { TaskStream, TaskBoard, CommandError } = Streamer;
 export default Streamer;

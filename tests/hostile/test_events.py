@@ -229,3 +229,20 @@ async def test_lone_surrogate_in_a_published_event_is_refused(
     assert (await client.app[BROKER].snapshot(user_id)).tasks == []
     await assert_still_serving(client, token)
     assert server_errors() == []
+
+
+@pytest.mark.parametrize("task_id", [".", ".."])
+async def test_a_task_id_no_url_can_name_is_refused_to_every_producer(
+    client: TestClient,  # type: ignore[type-arg]
+    task_id: str,
+) -> None:
+    """`/api/tasks/..` is `/api/` to every URL parser: such a task could never be
+    asked for or cancelled over HTTP."""
+    for make in (progress_event, completed_event):
+        with pytest.raises(EventError, match="no URL can name it"):
+            make("u", task_id)
+    body = {"user_id": "u", "task_id": task_id, "progress": 1}
+    answer = await client.post("/api/tasks/events", json=body, headers={"X-API-Key": PUBLISH_KEY})
+    assert answer.status == 422 and "no URL can name it" in (await answer.json())["message"]
+    assert (await client.post("/api/tasks/events", json=body | {"task_id": ".a"},
+                              headers={"X-API-Key": PUBLISH_KEY})).status == 202  # fmt: skip
