@@ -64,6 +64,8 @@ graceful_timeout = 20
 # STREAMER_HEADER_TIMEOUT_S and STREAMER_BODY_TIMEOUT_S; gunicorn's keepalive is unused.
 accesslog = "-"
 errorlog = "-"
+# Every line of gunicorn's own in STREAMER_LOG_FORMAT, its first and those after a reload.
+logger_class = "streamer.gunicorn_logger.GunicornLogger"
 # gunicorn's control socket (gunicornc, gunicorn >= 25.1) only where asked for, with
 # GUNICORN_CONTROL_SOCKET=/run/streamer/gunicorn.ctl: by default it would go to
 # $HOME/.gunicorn/, which a system user without a home cannot create, and which

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import errno
 import json
+import logging
 import os
 import secrets
 import sys
@@ -30,6 +31,8 @@ from .events import (
     validate_task_id,
 )
 from .service_url import service_url
+
+log = logging.getLogger("streamer.cli")
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 
@@ -132,10 +135,7 @@ def _serve(args: argparse.Namespace) -> int:
         config = config.replace(demo_mode=True, cookie_secure=False)
     logs.configure(config.log_format)
     broker = without_password(config.redis_url) if config.redis_url else "embedded (in-memory)"
-    print(
-        f"streamer: serving on http://{args.host}:{args.port}/ with broker {broker}",
-        file=sys.stderr,
-    )
+    log.info("serving on http://%s:%s/ with broker %s", args.host, args.port, broker)
     try:
         asyncio.run(serve(create_app(config), host=args.host, port=args.port))
     except OSError as exc:

@@ -58,10 +58,12 @@ def configure(log_format: str) -> None:
     handler.setFormatter(chosen)
     root.addHandler(handler)
     root.setLevel(logging.INFO)
-    if log_format == "json":  # text: gunicorn's lines stay as gunicorn writes them
-        for name in GUNICORN_LOGGERS:
-            for gunicorn_handler in logging.getLogger(name).handlers:
-                gunicorn_handler.setFormatter(chosen)
+    # In text, gunicorn's own lines stay as gunicorn writes them, and the access log
+    # (written by aiohttp through gunicorn's logger, as its bare message) gets a time.
+    names = GUNICORN_LOGGERS if log_format == "json" else ("gunicorn.access",)
+    for name in names:
+        for gunicorn_handler in logging.getLogger(name).handlers:
+            gunicorn_handler.setFormatter(chosen)
 
 
 def stream_ended(
