@@ -12,7 +12,7 @@ import math
 import re
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from json.encoder import encode_basestring
@@ -308,10 +308,7 @@ def progress_event(
     estimated_completion: object = None,
 ) -> TaskEvent:
     if not isinstance(status, str) or status not in PROGRESS_STATUSES:
-        raise EventError(
-            f"status of a task_progress event must be one of {sorted(PROGRESS_STATUSES)}, "
-            f"got {status!r}"
-        )
+        raise _status_error("task_progress", PROGRESS_STATUSES, status)
     fields: dict[str, Any] = {
         "status": status,
         "progress": _progress(progress),
@@ -333,6 +330,25 @@ def progress_event(
     )
 
 
+def _status_error(kind: str, allowed: Collection[str], status: object) -> EventError:
+    """Named as a JSON body has it (null, not None), with a hint for a status in the
+    wrong case or of the other kind of event."""
+    try:
+        shown = json.dumps(status, ensure_ascii=False)
+    except (TypeError, ValueError):
+        shown = repr(status)
+    message = f"status of a {kind} event must be one of {sorted(allowed)}, got {shown}"
+    if isinstance(status, str):
+        known = status.upper() in PROGRESS_STATUSES | TERMINAL_STATUSES
+        if known and status != status.upper():
+            message += f" (statuses are upper case: {status.upper()})"
+        elif status in TERMINAL_STATUSES:
+            message += " (a terminal status ends a task: a task_completed event)"
+        elif status in PROGRESS_STATUSES:
+            message += " (a running task's status: a task_progress event)"
+    return EventError(message)
+
+
 def completed_event(
     user_id: object,
     task_id: object,
@@ -342,10 +358,7 @@ def completed_event(
     error_message: object = None,
 ) -> TaskEvent:
     if not isinstance(status, str) or status not in TERMINAL_STATUSES:
-        raise EventError(
-            f"status of a task_completed event must be one of {sorted(TERMINAL_STATUSES)}, "
-            f"got {status!r}"
-        )
+        raise _status_error("task_completed", TERMINAL_STATUSES, status)
     fields = {
         "status": status,
         "result_data": _result_data(result_data),

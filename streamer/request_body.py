@@ -41,7 +41,11 @@ async def continue_expected(request: web.Request) -> None:
         return
     expectation = request.headers.get("Expect", "")
     if expectation.lower() != "100-continue":
-        raise web.HTTPExpectationFailed(text=f"unknown Expect: {expectation}")
+        raise _refusal(
+            web.HTTPExpectationFailed(),
+            "expectation_failed",
+            f"the only expectation understood is 100-continue, got {expectation!r}",
+        )
     await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     request.writer.output_size = 0  # the response proper has not started
 

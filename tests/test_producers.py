@@ -266,6 +266,18 @@ async def test_http_publish_expecting_100_continue_is_refused_before_its_body(
         writer.close()
 
 
+async def test_http_publish_with_an_unknown_expectation_is_417_in_json(
+    client: TestClient, user_id: str
+) -> None:
+    body = json.dumps({"user_id": user_id, "task_id": "t", "progress": 5})
+    headers = {"X-API-Key": PUBLISH_KEY, "Expect": "something-else"}
+    response = await client.post("/api/tasks/events", data=body, headers=headers)
+    assert response.status == 417
+    error = await response.json()
+    assert error["type"] == "error" and error["code"] == "expectation_failed"
+    assert "something-else" in error["message"]
+
+
 async def test_http_publish_with_an_undecodable_key_is_refused(client: TestClient) -> None:
     assert client.host and client.port
     request = (
@@ -368,3 +380,20 @@ def test_streamer_token_prints_a_token_for_the_user(process_env: dict[str, str])
         )
         assert too_long.returncode == 2 and "--ttl must be" in too_long.stderr, ttl
         assert not too_long.stdout
+
+
+@pytest.mark.parametrize(
+    ("status", "said"),
+    [
+        (None, "got null"),  # as the body has it, not Python's None
+        ("success", 'got "success" (statuses are upper case: SUCCESS)'),
+        ("progress", "(statuses are upper case: PROGRESS)"),
+    ],
+)
+async def test_a_bad_status_over_http_is_named_as_the_body_has_it(
+    client: TestClient, user_id: str, status: str | None, said: str
+) -> None:
+    body = {"user_id": user_id, "task_id": "t", "status": status}
+    response = await client.post("/api/tasks/events", json=body, headers={"X-API-Key": PUBLISH_KEY})
+    assert response.status == 422
+    assert said in (await response.json())["message"]
