@@ -15,6 +15,7 @@ with Publisher() as publisher:          # STREAMER_REDIS_URL
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 from collections.abc import Iterable, Mapping
@@ -142,13 +143,29 @@ class Publisher:
 
 class AsyncPublisher:
     """The asyncio twin of `Publisher`. Calls made concurrently (from several tasks, or
-    gathered) are sent together: one script call for all, each event still atomic."""
+    gathered) are sent together: one script call for all, each event still atomic.
+
+    Its connections belong to the event loop it is first used in: one per loop (each
+    `asyncio.run` makes a new loop; there, `async with AsyncPublisher() as publisher:`
+    inside the coroutine, or the blocking `Publisher`)."""
 
     def __init__(self, redis_url: str | None = None) -> None:
         url, self._limits = _settings(redis_url, os.environ)
         self._client = redis_client(url, socket_connect_timeout=5)
         self._limits = dataclasses.replace(self._limits, db=database(self._client))
         self._queue = PublishQueue(self._client, self._limits)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _check_loop(self) -> None:
+        """Used from another loop, redis-py fails with "Event loop is closed" (or hangs)."""
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif loop is not self._loop:
+            raise RuntimeError(
+                "this AsyncPublisher belongs to the event loop it was first used in (each "
+                "asyncio.run makes a new one): make one per loop, or use Publisher"
+            )
 
     async def progress(self, user_id: object, task_id: object, **fields: Any) -> str:
         return await self.publish(progress_event(user_id, task_id, **fields))
@@ -157,16 +174,19 @@ class AsyncPublisher:
         return await self.publish(completed_event(user_id, task_id, **fields))
 
     async def publish(self, event: TaskEvent) -> str:
+        self._check_loop()
         published = await self._queue.publish([check_event(event)])
         return published.strings()[0]
 
     async def publish_many(self, events: Iterable[TaskEvent]) -> list[str]:
         """As `Publisher.publish_many`."""
+        self._check_loop()
         return (await self._queue.publish(check(events))).strings()
 
     async def is_cancelled(self, user_id: object, task_id: object = _NO_TASK) -> bool:
         """Whether `user_id` asked to cancel the current run of their task `task_id`."""
         key = _cancel_key(user_id, task_id)
+        self._check_loop()
         try:
             return bool(await self._client.exists(key))
         except REDIS_ERRORS as exc:

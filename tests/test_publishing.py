@@ -614,3 +614,24 @@ def test_tasks_rank_by_when_they_started_in_whole_microseconds(redis_url: str) -
     # Whole numbers: Redis keeps them as integers instead of parsing them again and again.
     assert all(score == int(score) for score in scores)
     assert before <= scores[0] < scores[1] < scores[2] < scores[3] <= after + 4
+
+
+def test_an_async_publisher_used_from_a_second_event_loop_says_so(
+    redis_url: str, user_id: str
+) -> None:
+    """Each asyncio.run makes a new loop (a Celery task calling one, say): redis-py's
+    connections of the first fail there with "Event loop is closed"."""
+    publisher = AsyncPublisher(redis_url)
+    assert asyncio.run(publisher.progress(user_id, "t", progress=1))
+    for second_use in (
+        lambda: publisher.progress(user_id, "t", progress=2),
+        lambda: publisher.is_cancelled(user_id, "t"),
+    ):
+        with pytest.raises(RuntimeError, match="belongs to the event loop it was first used in"):
+            asyncio.run(second_use())
+
+    async def one_per_loop(progress: int) -> str:
+        async with AsyncPublisher(redis_url) as own:
+            return await own.progress(user_id, "t", progress=progress)
+
+    assert asyncio.run(one_per_loop(3)) and asyncio.run(one_per_loop(4))
