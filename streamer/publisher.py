@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import weakref
 from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import Any, Self
@@ -39,7 +40,7 @@ from .broker.redis_publishing import (
     publish_script,
     publish_sync,
 )
-from .broker.redis_schema import cancel_key
+from .broker.redis_schema import active_key, cancel_key
 from .broker.redis_script_runners import pooled_script
 from .config import ENV_VARIABLES, ConfigError
 from .events import (
@@ -77,6 +78,11 @@ def _settings(redis_url: str | None, environ: Mapping[str, str]) -> tuple[str, H
 
 
 _NO_TASK = object()
+
+
+def _active_key(user_id: object, task_id: object) -> tuple[str, str]:
+    """The user's active-task set, and the task as a member of it."""
+    return active_key(validate_identifier("user_id", user_id)), validate_task_id(task_id)
 
 
 def _cancel_key(user_id: object, task_id: object) -> str:
@@ -126,6 +132,15 @@ class Publisher:
         except REDIS_ERRORS as exc:
             raise BrokerUnavailable(f"could not reach Redis: {redis_failure(exc)}") from exc
 
+    def is_running(self, user_id: object, task_id: object) -> bool:
+        """Whether the task has a run that has not finished (it is among the user's
+        active tasks, as a snapshot lists them)."""
+        key, task = _active_key(user_id, task_id)
+        try:
+            return self._client.zscore(key, task) is not None
+        except REDIS_ERRORS as exc:
+            raise BrokerUnavailable(f"could not reach Redis: {redis_failure(exc)}") from exc
+
     def close(self) -> None:
         self._client.close()
 
@@ -154,14 +169,14 @@ class AsyncPublisher:
         self._client = redis_client(url, socket_connect_timeout=5)
         self._limits = dataclasses.replace(self._limits, db=database(self._client))
         self._queue = PublishQueue(self._client, self._limits)
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
 
     def _check_loop(self) -> None:
         """Used from another loop, redis-py fails with "Event loop is closed" (or hangs)."""
         loop = asyncio.get_running_loop()
         if self._loop is None:
-            self._loop = loop
-        elif loop is not self._loop:
+            self._loop = weakref.ref(loop)
+        elif loop is not self._loop():
             raise RuntimeError(
                 "this AsyncPublisher belongs to the event loop it was first used in (each "
                 "asyncio.run makes a new one): make one per loop, or use Publisher"
@@ -192,7 +207,17 @@ class AsyncPublisher:
         except REDIS_ERRORS as exc:
             raise BrokerUnavailable(f"could not reach Redis: {redis_failure(exc)}") from exc
 
+    async def is_running(self, user_id: object, task_id: object) -> bool:
+        """As `Publisher.is_running`."""
+        key, task = _active_key(user_id, task_id)
+        self._check_loop()
+        try:
+            return await self._client.zscore(key, task) is not None
+        except REDIS_ERRORS as exc:
+            raise BrokerUnavailable(f"could not reach Redis: {redis_failure(exc)}") from exc
+
     async def close(self) -> None:
+        self._check_loop()
         await self._queue.close()
         await self._client.aclose()
 

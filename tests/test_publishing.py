@@ -626,6 +626,7 @@ def test_an_async_publisher_used_from_a_second_event_loop_says_so(
     for second_use in (
         lambda: publisher.progress(user_id, "t", progress=2),
         lambda: publisher.is_cancelled(user_id, "t"),
+        publisher.close,
     ):
         with pytest.raises(RuntimeError, match="belongs to the event loop it was first used in"):
             asyncio.run(second_use())
@@ -635,3 +636,21 @@ def test_an_async_publisher_used_from_a_second_event_loop_says_so(
             return await own.progress(user_id, "t", progress=progress)
 
     assert asyncio.run(one_per_loop(3)) and asyncio.run(one_per_loop(4))
+
+
+async def test_is_running_says_whether_a_task_has_a_run_not_finished(
+    redis_url: str, user_id: str
+) -> None:
+    with Publisher(redis_url) as publisher:
+        assert publisher.is_running(user_id, "job") is False  # never published
+        publisher.progress(user_id, "job", progress=10)
+        assert publisher.is_running(user_id, "job") is True
+        assert publisher.is_running("someone-else", "job") is False
+        publisher.completed(user_id, "job", status="SUCCESS")
+        assert publisher.is_running(user_id, "job") is False
+        with pytest.raises(EventError):
+            publisher.is_running(user_id, "..")
+    async with AsyncPublisher(redis_url) as async_publisher:
+        await async_publisher.progress(user_id, "again", progress=1)
+        assert await async_publisher.is_running(user_id, "again") is True
+        assert await async_publisher.is_running(user_id, "job") is False

@@ -188,7 +188,9 @@ class ProgressTask(Task):
                 request.id,
                 status="PROGRESS",
                 progress=progress,
-                current_step=None if current_step is None else _publishable(current_step),
+                current_step=_publishable(current_step)
+                if isinstance(current_step, str)
+                else current_step,
                 processed_items=_number(processed_items),
                 total_items=_number(total_items),
                 task_name=self.name,
@@ -325,7 +327,10 @@ class ProgressTask(Task):
         if not isinstance(progress, int | float) or not 0 < progress <= 100:
             return None
         now = time.time()
-        return _iso(started_at + (now - started_at) * 100 / progress)
+        try:
+            return _iso(started_at + (now - started_at) * 100 / progress)
+        except (OverflowError, ValueError, OSError):  # a progress so small it never ends
+            return None
 
     def _publish(self, event: TaskEvent) -> str | None:
         """Progress reports never fail the job: an unreachable Redis is logged."""
@@ -444,8 +449,9 @@ def _stop_watcher(**_: Any) -> None:
 
 
 def _publish_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
-    """A ProgressTask revoked (by this module's watcher, or by anyone with
-    `app.control.revoke`: an admin, Flower) ends REVOKED on the streams."""
+    """A running ProgressTask terminated (by this module's watcher, or by anyone with
+    `app.control.revoke(..., terminate=True)`: an admin, Flower) ends REVOKED on the
+    streams. One revoked before it started never showed there."""
     if not isinstance(sender, ProgressTask) or request is None or request.id is None:
         return
     cancelled_by_user = None if _watcher is None else _watcher.revoked(request.id)
@@ -455,7 +461,16 @@ def _publish_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
             sender._publish(completed_event(cancelled_by_user, request.id, status="REVOKED"))
         return
     user_id = sender.streamer_user_id(request.args or (), request.kwargs or {})
-    if user_id is not None and sender._streamable(request.id):
+    if user_id is None or not sender._streamable(request.id):
+        return
+    # Not when the run had just ended (its SUCCESS published as it was terminated): a
+    # finished task's next event would start a new run, without its result.
+    try:
+        running = publisher_for(sender.app).is_running(user_id, request.id)
+    except BrokerUnavailable as exc:
+        log.warning("task %s[%s]: REVOKED not published: %s", sender.name, request.id, exc)
+        return
+    if running:
         sender._publish(completed_event(user_id, request.id, status="REVOKED"))
 
 

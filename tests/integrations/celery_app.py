@@ -81,4 +81,6 @@ def sloppy_progress(self: ProgressTask, *, user_id: str) -> dict[str, Any]:
         total_items=5.0,
     )
     self.update_progress(150)  # no progress: logged, not published
+    self.update_progress(50, current_step=3)  # type: ignore[arg-type]  # the same
+    self.update_progress(1e-300)  # published, without an estimate past any calendar
     return {"done": True}
