@@ -46,7 +46,6 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     # When the master exits, however it does (on_starting may refuse to start).
     atexit.register(_remove_metrics_dir, os.environ["PROMETHEUS_MULTIPROC_DIR"], os.getpid())
 
-from streamer import logs  # noqa: E402
 from streamer.config import Config, ConfigError  # noqa: E402
 
 bind = os.environ.get("GUNICORN_BIND", "").strip() or "0.0.0.0:8080"
@@ -85,7 +84,6 @@ def on_starting(server):  # type: ignore[no-untyped-def]
         config = Config.from_env(os.environ)
     except ConfigError as exc:
         sys.exit(f"streamer: configuration error: {exc}")
-    logs.configure(config.log_format)  # the workers inherit it
     if server.cfg.workers < 1:
         sys.exit(
             f"streamer: configuration error: {server.cfg.workers} workers "
@@ -100,11 +98,6 @@ def on_starting(server):  # type: ignore[no-untyped-def]
             "of one worker would never see events published through another. "
             "Set STREAMER_REDIS_URL, or run a single worker (--workers 1)."
         )
-
-
-def post_worker_init(worker):  # type: ignore[no-untyped-def]
-    """Again in each worker: a reload (SIGHUP) sets gunicorn's loggers up anew."""
-    logs.configure(Config.from_env(os.environ).log_format)
 
 
 def child_exit(server, worker):  # type: ignore[no-untyped-def]

@@ -13,7 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import logs
@@ -58,10 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     publish = commands.add_parser("publish", help="publish one task event")
     publish.add_argument("--user", required=True)
     publish.add_argument("--task", required=True)
-    publish.add_argument("--progress", type=float)
+    publish.add_argument("--progress", type=_ascii_float)
     publish.add_argument("--step", help="current_step text")
-    publish.add_argument("--processed", type=int)
-    publish.add_argument("--total", type=int)
+    publish.add_argument("--processed", type=_ascii_int)
+    publish.add_argument("--total", type=_ascii_int)
     publish.add_argument("--status", help="PROGRESS by default; SUCCESS, FAILURE, REVOKED end it")
     publish.add_argument("--task-name")
     publish.add_argument("--category")
@@ -74,7 +74,9 @@ def _parser() -> argparse.ArgumentParser:
 
     token = commands.add_parser("token", help="print an access token for a user")
     token.add_argument("--user", required=True)
-    token.add_argument("--ttl", type=int, default=DEFAULT_TTL_S, help="seconds (default 3600)")
+    token.add_argument(
+        "--ttl", type=_ascii_int, default=DEFAULT_TTL_S, help="seconds (default 3600)"
+    )
     token.add_argument("--secret", help="STREAMER_SECRET")
 
     watch = commands.add_parser("watch", help="a user's tasks live in the terminal")
@@ -149,6 +151,25 @@ def _serve(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def _ascii_int(text: str) -> int:
+    """An integer as the settings take them: ASCII digits (int() also takes other
+    scripts' digits and underscores)."""
+    return int(_ascii_number(text, "an integer", int))
+
+
+def _ascii_float(text: str) -> float:
+    return float(_ascii_number(text, "a number", float))
+
+
+def _ascii_number(text: str, kind: str, convert: Callable[[str], float]) -> float:
+    try:
+        if not text.isascii() or "_" in text:
+            raise ValueError(text)
+        return convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {kind}, got {text!r}") from None
 
 
 def _port(text: str) -> int:

@@ -193,22 +193,23 @@ def _check_port(name: str, parts: SplitResult, shown: str) -> None:
 
 
 def without_password(url: str) -> str:
-    """`url` fit for a message: what stands between `//` and `@` is left out, and so is
-    the value of a query setting named like a password (redis-py takes `?password=`)."""
-    scheme, sep, rest = url.partition("//")
-    netloc = re.split(r"[/?#]", rest, maxsplit=1)[0]
-    if sep and "@" in netloc:  # the host follows the last @, as urlsplit reads it
-        url = f"{scheme}//***@{netloc.rpartition('@')[2]}{rest[len(netloc) :]}"
+    """`url` fit for a message: the value of a query setting named like a password
+    (redis-py takes `?password=`) is left out, and so is what stands between `//` and
+    the last `@`, where a password may hold a / ? or # its writer did not escape (an @
+    elsewhere hides the host as well, never a password)."""
     base, mark, query = url.partition("?")
-    if not mark:
-        return url
-    shown = []
-    for item in query.split("&"):
-        key, equals, _ = item.partition("=")
-        if equals and "password" in unquote_plus(key).lower():
-            item = f"{key}=***"
-        shown.append(item)
-    return f"{base}?{'&'.join(shown)}"
+    if mark:
+        shown = []
+        for item in query.split("&"):
+            key, equals, _ = item.partition("=")
+            if equals and "password" in unquote_plus(key).lower():
+                item = f"{key}=***"
+            shown.append(item)
+        url = f"{base}?{'&'.join(shown)}"
+    scheme, sep, rest = url.partition("//")
+    if sep and "@" in rest:
+        url = f"{scheme}//***@{rest.rpartition('@')[2]}"
+    return url
 
 
 def _http_url(name: str, raw: str) -> str:

@@ -22,7 +22,9 @@ from .config import ENV_VARIABLES, ConfigError
 class GunicornLogger(Logger):  # type: ignore[misc]
     def setup(self, cfg: Any) -> None:
         super().setup(cfg)
-        logs.configure(log_format(os.environ))
+        # gunicorn applies --env (raw_env) to os.environ only after this, and takes it
+        # out again before a reload's: read both.
+        logs.configure(log_format({**os.environ, **cfg.env}))
 
 
 def log_format(environ: Mapping[str, str]) -> str:

@@ -128,3 +128,16 @@ def test_a_bad_log_format_stops_start_up(process_env: dict[str, str]) -> None:
     with pytest.raises(ConfigError, match="STREAMER_LOG_FORMAT must be text or json"):
         Config.from_env({**process_env, "STREAMER_LOG_FORMAT": "xml"})
     assert Config.from_env(process_env).log_format == "text"
+
+
+async def test_json_set_with_gunicorns_env_flag_covers_its_first_line(
+    process_env: dict[str, str], start_process: StartProcess
+) -> None:
+    """`gunicorn -e STREAMER_LOG_FORMAT=json`: gunicorn puts it in the environment only
+    after setting its loggers up."""
+    env = {key: value for key, value in process_env.items() if key != "STREAMER_LOG_FORMAT"}
+    server = start_process([*COMMANDS["gunicorn"], "-e", "STREAMER_LOG_FORMAT=json"], env)
+    await asyncio.to_thread(server.wait_healthy)
+    lines = [line for line in server.log().splitlines() if line.strip()]
+    assert lines and [line for line in lines if not line.startswith("{")] == []
+    assert "Starting gunicorn" in json.loads(lines[0])["message"]

@@ -255,7 +255,8 @@ class RedisBroker(Broker):
         else:
             # Idle pooled connections may lead to a server that went away meanwhile: the
             # first command on each would fail (redis-py retries none), this one first.
-            await client.connection_pool.disconnect(inuse_connections=False)
+            with contextlib.suppress(*REDIS_ERRORS_OR_TIMEOUT):  # closing a dead one
+                await client.connection_pool.disconnect(inuse_connections=False)
             await self._catch_up_all()
 
     async def _catch_up_users(self, channels: Set[str]) -> None:

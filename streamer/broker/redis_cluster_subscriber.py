@@ -22,7 +22,7 @@ from redis.crc import key_slot
 
 from .base import BrokerUnavailable
 from .redis_cluster import cluster_client, masters, node_client
-from .redis_connect import REDIS_ERRORS
+from .redis_connect import REDIS_ERRORS, redis_failure
 from .redis_subscriber import SUBSCRIBE_TIMEOUT_S, Rerouted, Subscriber
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,9 @@ class ClusterSubscriber:
                 try:
                     layout = await masters(client)
                 except REDIS_ERRORS as exc:
-                    log.warning("cannot read the cluster's layout (%s); retrying", exc)
+                    log.warning(
+                        "cannot read the cluster's layout (%s); retrying", redis_failure(exc)
+                    )
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
                     continue

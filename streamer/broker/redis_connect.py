@@ -105,15 +105,17 @@ def split_url(url: str, scheme: str, no_query: str) -> tuple[str, str, str | Non
     if not url.lower().startswith(scheme + "://"):
         raise BadRedisUrl(f"not a {scheme}:// URL")
     rest = url[len(scheme) + 3 :]
-    if "?" in rest or "#" in rest:
-        raise BadRedisUrl(no_query)
-    netloc, _, path = rest.partition("/")
     username = password = None
-    if "@" in netloc:
-        userinfo, _, netloc = netloc.rpartition("@")
+    if "@" in rest:
+        # Up to the last @: a password may hold a / ? or # its writer did not escape,
+        # and no part of it may show in an error.
+        userinfo, _, rest = rest.rpartition("@")
         user, sep, secret = userinfo.partition(":")
         username = unquote(user) or None
         password = unquote(secret) if sep else None
+    if "?" in rest or "#" in rest:
+        raise BadRedisUrl(no_query)
+    netloc, _, path = rest.partition("/")
     return netloc, path, username, password
 
 

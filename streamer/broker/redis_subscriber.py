@@ -33,6 +33,7 @@ from .redis_connect import (
     REDIS_ERRORS_OR_TIMEOUT,
     current_master,
     redis_client,
+    redis_failure,
     watches_master,
 )
 from .redis_push_reader import PushReader, Reply
@@ -45,6 +46,7 @@ CONTROL_CHANNEL = "streamer:control"
 COMMAND_BATCH = 1000
 RECONNECT_BACKOFF_MIN_S = 0.1
 RECONNECT_BACKOFF_MAX_S = 5.0
+UNREACHABLE_RETRY_S = 1.0  # the longest wait between attempts while Redis is down
 # How long a new client waits for its user's subscription (the connection may be
 # reconnecting) before it is told to come back later.
 SUBSCRIBE_TIMEOUT_S = 10.0
@@ -102,6 +104,7 @@ class Subscriber:
         self.ready = asyncio.Event()  # connected, every wanted channel subscribed
         # The last attempt to connect failed: Redis is down, not merely reconnecting.
         self.unreachable = False
+        self._reached = False  # this attempt connected (what came after may have failed)
         self._abandoned = False
         self.restarts = 0  # attempts after the first, failed ones included
         self.reconnects = 0  # subscriptions lost and opened again
@@ -178,18 +181,19 @@ class Subscriber:
             )
             self._pool = client.connection_pool
             pubsub = client.pubsub()
-            connected = False
+            self._reached = False
             try:
                 await self._connect(pubsub)
-                connected, self.unreachable = True, False
                 backoff = RECONNECT_BACKOFF_MIN_S
                 await self._listen(pubsub)
             except _SUBSCRIPTION_LOST as exc:
-                log.warning("redis subscription lost (%s); retrying in %.1fs", exc, backoff)
+                log.warning(
+                    "redis subscription lost (%s); retrying in %.1fs", redis_failure(exc), backoff
+                )
             except Exception:
                 log.exception("redis subscriber failed; reconnecting in %.1fs", backoff)
             finally:
-                if not connected and not self._sharded:
+                if not self._reached and not self._sharded:
                     # (A shard's master that cannot be reached is failed over: those
                     # who wait are sent to the new one.)
                     self._unreachable()
@@ -199,7 +203,9 @@ class Subscriber:
                 with contextlib.suppress(Exception):
                     await client.aclose()
             self.restarts += 1
-            await asyncio.sleep(backoff)
+            # While Redis cannot be reached, streams are refused: tried again as soon as
+            # refused clients come back (Retry-After: 1), not after a longer backoff.
+            await asyncio.sleep(min(backoff, UNREACHABLE_RETRY_S) if self.unreachable else backoff)
             backoff = min(backoff * 2, RECONNECT_BACKOFF_MAX_S)
 
     # --- inside ----------------------------------------------------------------------------
@@ -211,6 +217,7 @@ class Subscriber:
         loop = asyncio.get_running_loop()
         self._last_heard = 0.0
         await pubsub.connect()  # type: ignore[no-untyped-call]
+        self._reached, self.unreachable = True, False
         # Nothing is read on this connection from here on but by the reader.
         connection = pubsub.connection
         if connection is None:
@@ -423,7 +430,7 @@ class Subscriber:
         except REDIS_ERRORS as exc:
             # The connection is failing: the listener notices, reconnects and
             # subscribes to everything wanted then.
-            log.warning("subscribing failed: %s", exc)
+            log.warning("subscribing failed: %s", redis_failure(exc))
 
     def _disconnected(self) -> None:
         self.ready.clear()
