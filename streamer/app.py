@@ -27,7 +27,7 @@ from .handlers.common import json_error
 from .hub import Hub
 from .metrics import Metrics, metrics_ctx_for
 from .rate_limit import BucketsByKey, opening_burst
-from .reasons import Reason
+from .reasons import BROKER_UNAVAILABLE_MESSAGE, Reason
 
 MAX_REQUEST_BODY_BYTES = 256 * 1024
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ async def _store_unavailable(request: web.Request, handler: Handler) -> web.Stre
         return await handler(request)
     except SessionStoreUnavailable as exc:
         log.warning("%s %s: broker unavailable: %s", request.method, request.path, exc)
-        return json_error(503, "broker_unavailable", "the broker is unavailable; try again")
+        return json_error(503, "broker_unavailable", BROKER_UNAVAILABLE_MESSAGE)
 
 
 def build_app(config: Config) -> web.Application:

@@ -14,6 +14,7 @@ from typing import Literal
 from . import wire
 from .broker.base import Broker, BrokerUnavailable, Snapshot
 from .events import EventError, validate_task_id
+from .reasons import BROKER_UNAVAILABLE_MESSAGE
 
 CommandType = Literal["get_task_status", "get_active_tasks", "cancel_task", "ping"]
 _NEEDS_TASK_ID = frozenset({"get_task_status", "cancel_task"})
@@ -21,7 +22,6 @@ _KNOWN = frozenset({"get_task_status", "get_active_tasks", "cancel_task", "ping"
 
 # A reply costs one command, plus one more per this many bytes (a large snapshot).
 REPLY_BYTES_PER_COMMAND = 16 * 1024
-BROKER_UNAVAILABLE_MESSAGE = "the broker is unavailable; try again"
 BROKER_UNAVAILABLE = wire.error("broker_unavailable", BROKER_UNAVAILABLE_MESSAGE)
 
 

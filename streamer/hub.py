@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 
 from . import logs
 from .connection import Connection, Limits
-from .reasons import Reason, Refused
+from .reasons import BROKER_UNAVAILABLE_MESSAGE, Reason, Refused
 from .wire import SSE_HEARTBEAT, WS_PING, Delivery, EventId, Transport
 
 # Upper bounds (seconds) of the publish-to-delivery latency histogram's buckets.
@@ -98,10 +98,10 @@ class Hub:
         except asyncio.CancelledError:  # the client went away meanwhile
             self.detach(connection, None)
             raise
-        except Exception as exc:
+        except Exception:
             self.detach(connection, None)
             self.refused[Reason.BROKER_UNAVAILABLE] += 1
-            raise Refused(Reason.BROKER_UNAVAILABLE, f"{exc}; try again") from None
+            raise Refused(Reason.BROKER_UNAVAILABLE, BROKER_UNAVAILABLE_MESSAGE) from None
         if user.routed is routed:
             user.routed = None
 

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import enum
 
+# What a client is told when Redis fails it: its own error names hosts and ports of the
+# private network (the worker's log and metrics have the rest).
+BROKER_UNAVAILABLE_MESSAGE = "the broker is unavailable; try again"
+
 
 class Reason(enum.Enum):
     # Refused before the stream starts.

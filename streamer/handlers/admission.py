@@ -24,7 +24,7 @@ from ..connection import Connection
 from ..events import EventError, validate_task_id
 from ..opening import Opening, read_opening
 from ..rate_limit import TokenBucket
-from ..reasons import Reason, Refused
+from ..reasons import BROKER_UNAVAILABLE_MESSAGE, Reason, Refused
 from ..wire import EventId, Transport
 
 MAX_EVENT_ID_LENGTH = 200
@@ -98,8 +98,8 @@ async def _admit(request: web.Request, *, last_event_header: bool) -> Admission:
         raise Refused(Reason.UNAUTHORIZED, str(exc)) from None
     except AuthUnavailable as exc:
         raise Refused(Reason.AUTH_UNAVAILABLE, f"{exc}; try again") from None
-    except SessionStoreUnavailable as exc:
-        raise Refused(Reason.BROKER_UNAVAILABLE, f"{exc}; try again") from None
+    except SessionStoreUnavailable:
+        raise Refused(Reason.BROKER_UNAVAILABLE, BROKER_UNAVAILABLE_MESSAGE) from None
     return Admission(identity, task_id, last_event_id)
 
 
@@ -158,9 +158,9 @@ async def open_stream(
         )
         opened = True
         return opening
-    except BrokerUnavailable as exc:
+    except BrokerUnavailable:
         hub.refused[Reason.BROKER_UNAVAILABLE] += 1
-        raise Refused(Reason.BROKER_UNAVAILABLE, f"{exc}; try again") from None
+        raise Refused(Reason.BROKER_UNAVAILABLE, BROKER_UNAVAILABLE_MESSAGE) from None
     finally:
         if not opened:
             hub.detach(connection, None)

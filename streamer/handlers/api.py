@@ -26,7 +26,6 @@ from ..auth.sessions import SessionStoreUnavailable
 from ..auth.tokens import InvalidToken
 from ..broker.base import BrokerUnavailable, Snapshot
 from ..commands import (
-    BROKER_UNAVAILABLE_MESSAGE,
     CommandError,
     CommandType,
     make_command,
@@ -35,7 +34,7 @@ from ..commands import (
 )
 from ..config import Config
 from ..rate_limit import BucketsByKey, command_burst
-from ..reasons import Refused
+from ..reasons import BROKER_UNAVAILABLE_MESSAGE, Refused
 from .admission import check_origin, cookie_usable
 from .common import json_error, unavailable
 
@@ -115,7 +114,8 @@ async def _answer(request: web.Request, kind: CommandType) -> web.Response:
         response.headers["WWW-Authenticate"] = 'Bearer realm="streamer"'
         return response
     except SessionStoreUnavailable as exc:
-        return unavailable(f"{exc}; try again")
+        log.warning("%s %s: %s", request.method, request.path, exc)
+        return unavailable(BROKER_UNAVAILABLE_MESSAGE)
     except AuthUnavailable as exc:
         return unavailable(f"{exc}; try again", code="auth_unavailable")
     bucket = request.app[COMMAND_BUCKETS].get(identity.user_id)
