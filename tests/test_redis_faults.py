@@ -592,6 +592,35 @@ async def test_a_subscription_asked_of_a_shard_just_replaced_is_asked_again_at_o
         await asyncio.wait_for(asked, 1)
 
 
+async def test_a_catch_up_that_fails_does_not_make_redis_unreachable(redis_url: str) -> None:
+    """Only a failed connect does: a catch-up that failed after the connect succeeded
+    (a slow history read, say) would have refused every new stream at once while Redis
+    answered."""
+    catch_ups = 0
+
+    async def failing_catch_up(channels: object) -> None:
+        nonlocal catch_ups
+        catch_ups += 1
+        raise ConnectionError("the history could not be read")
+
+    subscriber = redis_subscriber.Subscriber(
+        redis_url,
+        on_messages=lambda messages: None,
+        on_restored=failing_catch_up,
+        idle_ping_s=15,
+        pong_timeout_s=10,
+        catch_up_first=True,
+    )
+    running = asyncio.create_task(subscriber.run())
+    try:
+        await eventually(lambda: catch_ups >= 2, what="two catch-ups tried")
+        assert subscriber.unreachable is False
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+
+
 @pytest.fixture(scope="module")
 def unix_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     """A private redis-server that also listens on a Unix socket: (its unix:// URL, and
