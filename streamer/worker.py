@@ -20,6 +20,7 @@ from .http_server import guarded_runner
 
 class StreamerWorker(GunicornWebWorker):
     wsgi: Any  # gunicorn's loaded app: here the factory, streamer.app:create_app
+    sockets: list[Any]  # gunicorn's listeners, handed to aiohttp
 
     def load_wsgi(self) -> None:
         super().load_wsgi()
@@ -36,6 +37,16 @@ class StreamerWorker(GunicornWebWorker):
             )
 
         self.wsgi = make_runner
+
+    def run(self) -> None:
+        # aiohttp serves `self.sockets` as they are: gunicorn's wrappers, not sockets.
+        # uvloop closes a listening socket's descriptor itself, counting on the socket
+        # object's I/O references (which a wrapper does not carry) to keep the object's
+        # close from closing it again: with a wrapper it was closed twice at every
+        # shutdown ("Error while closing socket [Errno 9]"), and the second close could
+        # have hit a descriptor opened in between.
+        self.sockets = [getattr(listener, "sock", listener) for listener in self.sockets]
+        super().run()
 
 
 class StreamerUVLoopWorker(StreamerWorker, GunicornUVLoopWebWorker):

@@ -233,7 +233,8 @@ async def test_shutdown_and_reload_close_streams_for_clients_to_resume(
     start_gunicorn: StartGunicorn, token_for: TokenFor, user_id: str, signum: int
 ) -> None:
     """SIGTERM stops gunicorn, SIGHUP replaces its workers: either way WebSockets close
-    with 1001 and SSE streams end, and a client resuming with its last id loses nothing."""
+    with 1001 and SSE streams end, and a client resuming with its last id loses nothing;
+    the workers stop without an error."""
     server, env = start_gunicorn(1)
     token = token_for(user_id)
     ws = await WsStream.open(server.base_url.replace("http", "ws") + f"/ws/tasks/?token={token}")
@@ -260,6 +261,9 @@ async def test_shutdown_and_reload_close_streams_for_clients_to_resume(
 
     if signum == signal.SIGTERM:
         assert await asyncio.to_thread(server.wait_exit, 30) == 0
+        # The listening socket's descriptor is closed once, by the event loop.
+        assert "Worker exiting" in server.log()
+        assert "Error while closing socket" not in server.log()
         server, env = start_gunicorn(1)
     else:
         await asyncio.to_thread(server.wait_healthy)  # the reloaded workers
