@@ -24,6 +24,7 @@ from .config import Config
 from .connection import Limits
 from .handlers import api, demo, health, poll, publish, session, sse, ws
 from .handlers.common import json_error
+from .http_server import note_prepared_response
 from .hub import Hub
 from .metrics import Metrics, metrics_ctx_for
 from .rate_limit import BucketsByKey, opening_burst
@@ -135,6 +136,7 @@ def build_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(close_sessions)
     app.cleanup_ctx.append(demo.demo_jobs_ctx)
     app.on_shutdown.append(_close_connections)
+    app.on_response_prepare.append(note_prepared_response)
 
     static_dir = resources.files("streamer").joinpath("static")
     app.router.add_get("/", demo.index)

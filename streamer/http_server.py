@@ -69,7 +69,7 @@ class GuardedRequestHandler(RequestHandler, asyncio.BufferedProtocol):
     keep-alive timeout. Reads go through `read_buffer`, shared by the connections of
     one server (asyncio fills it and hands it over synchronously)."""
 
-    __slots__ = ("_header_deadline", "_header_timeout_s", "_read_buffer")
+    __slots__ = ("_header_deadline", "_header_timeout_s", "_prepared_response", "_read_buffer")
 
     def __init__(
         self,
@@ -83,6 +83,7 @@ class GuardedRequestHandler(RequestHandler, asyncio.BufferedProtocol):
         self._header_timeout_s = header_timeout_s
         self._header_deadline: asyncio.TimerHandle | None = None
         self._read_buffer = read_buffer
+        self._prepared_response: web.StreamResponse | None = None
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._read_buffer
@@ -126,6 +127,23 @@ class GuardedRequestHandler(RequestHandler, asyncio.BufferedProtocol):
             self.log_debug("Request headers not complete in time: closing the connection")
             self.force_close()
 
+    async def _handle_request(
+        self,
+        request: BaseRequest,
+        start_time: float | None,
+        request_handler: Callable[[BaseRequest], Awaitable[web.StreamResponse]],
+    ) -> tuple[web.StreamResponse, bool]:
+        try:
+            return await super()._handle_request(request, start_time, request_handler)
+        except asyncio.CancelledError:
+            # aiohttp writes no access line for a handler cancelled because its client
+            # went away (`handler_cancellation`), which is how most streams end.
+            if self._prepared_response is not None:
+                self.log_access(request, self._prepared_response, start_time)
+            raise
+        finally:
+            self._prepared_response = None  # it refers to the request
+
     def handle_error(
         self,
         request: BaseRequest,
@@ -146,6 +164,14 @@ class GuardedRequestHandler(RequestHandler, asyncio.BufferedProtocol):
         response = web.Response(status=400, text=f"400 Bad Request: {reason}\n")
         response.force_close()
         return response
+
+
+async def note_prepared_response(request: web.Request, response: web.StreamResponse) -> None:
+    """An `on_response_prepare` hook: a connection's handler keeps the response whose
+    head it sent, for the access line of a request whose client went away."""
+    handler = request.protocol
+    if isinstance(handler, GuardedRequestHandler):
+        handler._prepared_response = response
 
 
 class GuardedServer(web.Server):

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from .processes import ServerProcess, gunicorn_args
+from .raw_ws import RawWebSocket
 from .streams import CurlStream, WsStream
 from .waiting import eventually_sync
 
@@ -120,6 +121,51 @@ async def test_text_access_log_lines_under_gunicorn_carry_their_time(
 
     line = await asyncio.to_thread(eventually_sync, access_line, what="the access log line")
     assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO gunicorn.access: ", line), line
+
+
+async def test_every_stream_has_an_access_line_however_it_ended(
+    process_env: dict[str, str], start_process: StartProcess, token_for: TokenFor, user_id: str
+) -> None:
+    """A stream whose client went away (curl stopped, a WebSocket's connection dropped
+    without a close frame) and a WebSocket closed by a shutdown each get their access
+    line, as a stream the client closed does."""
+    server = start_process(COMMANDS["gunicorn"], process_env)
+    await asyncio.to_thread(server.wait_healthy)
+    token = token_for(user_id)
+
+    def access_lines(path: str) -> list[str]:
+        return [line for line in server.log().splitlines() if f'"GET {path}' in line]
+
+    sse = await CurlStream.open(f"{server.base_url}/sse/tasks/?probe=sse", token)
+    try:
+        assert (await sse.next_data())["type"] == "active_tasks"
+    finally:
+        await sse.close()  # curl killed: the connection ends without a word
+    line = await asyncio.to_thread(
+        eventually_sync, lambda: access_lines("/sse/tasks/?probe=sse"), what="the SSE line"
+    )
+    assert '" 200 ' in line[0], line
+
+    dropped = await asyncio.to_thread(
+        RawWebSocket, "127.0.0.1", server.port, f"/ws/tasks/?probe=dropped&token={token}"
+    )
+    assert (await asyncio.to_thread(dropped.receive))[0] == 1  # the snapshot, a text frame
+    dropped.close()
+    line = await asyncio.to_thread(
+        eventually_sync, lambda: access_lines("/ws/tasks/?probe=dropped"), what="the WS line"
+    )
+    assert '" 101 ' in line[0] and token not in line[0], line
+
+    shut = await WsStream.open(
+        server.base_url.replace("http", "ws") + f"/ws/tasks/?probe=shutdown&token={token}"
+    )
+    try:
+        await shut.next()
+        server.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(server.wait_exit, 30) == 0
+    finally:
+        await shut.close()
+    assert len(access_lines("/ws/tasks/?probe=shutdown")) == 1, server.log()
 
 
 def test_a_bad_log_format_stops_start_up(process_env: dict[str, str]) -> None:
