@@ -23,25 +23,43 @@ def _remove_metrics_dir(path: str, master_pid: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _start_time(pid: int) -> str:
+    """When process `pid` started (clock ticks since boot), or "" where unknown: with
+    the pid it names a process, even where pids are reused (a container's master is
+    always pid 1)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            return stat.read().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
 def _remove_stale_metrics_dirs() -> None:
     """Those of masters that are gone without removing theirs (killed)."""
     pattern = os.path.join(tempfile.gettempdir(), f"{METRICS_DIR_PREFIX}*-*")
     for path in glob.glob(pattern):
-        pid = os.path.basename(path)[len(METRICS_DIR_PREFIX) :].split("-")[0]
+        # streamer-metrics-<pid>.<start time>-<random> (or, made by earlier versions,
+        # streamer-metrics-<pid>-<random>)
+        owner = os.path.basename(path)[len(METRICS_DIR_PREFIX) :].split("-")[0]
+        pid, _, started = owner.partition(".")
         if not pid.isdigit():
             continue
+        alive = True
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
+            alive = False
         except OSError:
-            pass  # alive, someone else's
+            pass  # another user's
+        # A pid in use may be another process's now (a container's master is pid 1).
+        if not alive or (started and started != _start_time(int(pid))):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     _remove_stale_metrics_dirs()
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(
-        prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-"
+        prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}.{_start_time(os.getpid())}-"
     )
     # When the master exits, however it does (on_starting may refuse to start).
     atexit.register(_remove_metrics_dir, os.environ["PROMETHEUS_MULTIPROC_DIR"], os.getpid())

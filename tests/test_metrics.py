@@ -226,6 +226,11 @@ async def test_an_outage_counts_as_one_reconnect_however_many_attempts_it_took(
     assert await reconnects() == 1
 
 
+def started_at(pid: int) -> str:
+    """A process's start time as /proc has it (clock ticks since boot)."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19]
+
+
 def test_gunicorn_removes_the_metrics_directory_it_made(
     process_env: dict[str, str], start_process: Callable[..., ServerProcess], tmp_path: Path
 ) -> None:
@@ -236,17 +241,22 @@ def test_gunicorn_removes_the_metrics_directory_it_made(
         tmpdir.mkdir()
         env = {**process_env, "TMPDIR": str(tmpdir)}
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        stale = tmpdir / "streamer-metrics-999999999-abc"  # of a master that was killed
-        stale.mkdir()
-        (stale / "counter_1.db").write_bytes(b"")
+        # Of masters that were killed: one whose pid is free, one whose pid is now
+        # another process's (this one, which started later), and beside them that of
+        # a master still running (this process, as it started).
+        killed = tmpdir / "streamer-metrics-999999999-abc"
+        reused = tmpdir / f"streamer-metrics-{os.getpid()}.1-abc"
+        running = tmpdir / f"streamer-metrics-{os.getpid()}.{started_at(os.getpid())}-abc"
+        for stale in (killed, reused, running):
+            stale.mkdir()
+            (stale / "counter_1.db").write_bytes(b"")
         # Two workers without Redis: refused before any worker starts.
         server = start_process(gunicorn_args(2 if refused else 1), env)
         if refused:
             assert server.wait_exit(30) != 0
         else:
             server.wait_healthy()
-            assert [p.name[: len("streamer-metrics-")] for p in tmpdir.iterdir()] == [
-                "streamer-metrics-"
-            ]
+            made = [p for p in tmpdir.iterdir() if p != running]
+            assert [p.name[: len("streamer-metrics-")] for p in made] == ["streamer-metrics-"]
             server.stop()
-        assert list(tmpdir.iterdir()) == []
+        assert list(tmpdir.iterdir()) == [running]
