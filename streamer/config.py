@@ -152,6 +152,8 @@ def _redis_url(name: str, raw: str) -> str:
         raise ConfigError(
             f"{name}: the database after the host must be a number up to 999999999, got {shown!r}"
         )
+    if not all(re.fullmatch(r"[0-9]{1,9}", db) for db in parse_qs(parts.query).get("db", [])):
+        raise ConfigError(f"{name}: ?db= must be a number up to 999999999, got {shown!r}")
     _check_connection_settings(name, raw, shown)
     return raw
 

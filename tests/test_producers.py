@@ -195,6 +195,8 @@ async def test_http_publish_is_off_without_a_key(
         (["--url", "http://127.0.0.1:{port}/a b", "--publish-key", "k"], 2, "--url must be"),
         (["--url", "ftp://127.0.0.1/", "--publish-key", "k"], 2, "--url must be an http"),
         (["--url", "", "--publish-key", "k"], 2, "--url must be an http"),
+        (["--url", "http://u:s3cret@h", "--publish-key", "k"], 2, "without user, password"),
+        (["--url", "http://h/base?x=1", "--publish-key", "k"], 2, "without user, password, query"),
         (["--status", "", "--url", "http://x"], 2, "status of a task_progress event"),
     ],
 )
@@ -212,6 +214,7 @@ def test_cli_publish_errors_are_clear(
     )
     assert result.returncode == code
     assert message in result.stderr and "Traceback" not in result.stderr
+    assert "s3cret" not in result.stderr
 
 
 async def test_http_publish_reads_a_body_sent_in_pieces(
