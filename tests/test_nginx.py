@@ -88,6 +88,30 @@ async def test_same_origin_browser_upgrade_through_nginx(
         assert refused.value.status == 403
 
 
+async def test_same_origin_through_nginx_behind_a_tls_load_balancer(
+    proxied: tuple[Nginx, dict[str, str]], token_for: TokenFor
+) -> None:
+    """The plain template is for behind a load balancer that terminates TLS: the page's
+    origin is https, which the balancer reports in X-Forwarded-Proto; nginx passes it on
+    instead of its own http."""
+    nginx, _ = proxied
+    token = token_for("u")
+    page = nginx.base_url.replace("http://", "https://")
+    balancer = {"Origin": page, "X-Forwarded-Proto": "https"}
+    async with aiohttp.ClientSession() as session:
+        url = nginx.base_url.replace("http", "ws") + f"/ws/tasks/?token={token}"
+        async with session.ws_connect(url, headers=balancer) as ws:
+            assert (await ws.receive_json(timeout=10))["type"] == "active_tasks"
+        async with session.get(
+            f"{nginx.base_url}/api/tasks/?token={token}", headers=balancer
+        ) as answer:
+            assert answer.status == 200, await answer.text()
+        # The same page over plain http behind it is another origin.
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await session.ws_connect(url, headers={**balancer, "Origin": nginx.base_url})
+        assert refused.value.status == 403
+
+
 async def test_long_poll_through_nginx(
     proxied: tuple[Nginx, dict[str, str]], token_for: TokenFor, user_id: str
 ) -> None:
