@@ -12,6 +12,13 @@ import shutil
 import sys
 import tempfile
 
+# A reload (SIGHUP) runs this file again in the master. Workers forked after it would
+# inherit the master's imports of streamer (this file's, the logger's, the worker
+# class's) and import the rest anew: after an upgrade, two versions of streamer in one
+# worker. Forgotten here, every module comes from the version installed now.
+for _module in [name for name in sys.modules if name.split(".")[0] == "streamer"]:
+    del sys.modules[_module]
+
 # /metrics sums over the workers: each keeps its values in files in this directory
 # (prometheus-client's multiprocess mode). It must be set before a worker imports
 # prometheus-client; without it, a temporary one is made here and removed on exit.
@@ -56,7 +63,18 @@ def _remove_stale_metrics_dirs() -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+def _made_by_another_master(path: str) -> bool:
+    """One of these directories, inherited from the master that started this one
+    (gunicorn's binary upgrade, SIGUSR2): that master removes it when it exits."""
+    name = os.path.basename(path.rstrip(os.sep))
+    if not name.startswith(METRICS_DIR_PREFIX):
+        return False
+    return name[len(METRICS_DIR_PREFIX) :].split("-")[0].partition(".")[0] != str(os.getpid())
+
+
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR") or _made_by_another_master(
+    os.environ["PROMETHEUS_MULTIPROC_DIR"]
+):
     _remove_stale_metrics_dirs()
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(
         prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}.{_start_time(os.getpid())}-"
@@ -93,11 +111,14 @@ control_socket_disable = not control_socket
 
 def on_starting(server):  # type: ignore[no-untyped-def]
     """Refuse to start with a configuration that cannot work, before forking workers;
-    start the metrics from zero (files of an earlier run would be summed in)."""
+    start the metrics from zero (files of an earlier run would be summed in), unless
+    this master was started by a binary upgrade (SIGUSR2): the workers of the one
+    that started it still write theirs."""
     metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     os.makedirs(metrics_dir, exist_ok=True)
-    for path in glob.glob(os.path.join(metrics_dir, "*.db")):
-        os.remove(path)
+    if not server.master_pid:
+        for path in glob.glob(os.path.join(metrics_dir, "*.db")):
+            os.remove(path)
     try:
         config = Config.from_env(os.environ)
     except ConfigError as exc:
@@ -116,6 +137,24 @@ def on_starting(server):  # type: ignore[no-untyped-def]
             "of one worker would never see events published through another. "
             "Set STREAMER_REDIS_URL, or run a single worker (--workers 1)."
         )
+
+
+def nworkers_changed(server, new_value, old_value):  # type: ignore[no-untyped-def]
+    """More workers at run time (SIGTTIN) need Redis, as at start: the embedded broker
+    lives in one process. gunicorn counts the change before this is called."""
+    if old_value is None or new_value <= 1:
+        return
+    try:
+        config = Config.from_env(os.environ)
+    except ConfigError:
+        return  # the workers refuse to start, and say why
+    if config.redis_url is None:
+        server.log.error(
+            "streamer: refusing to run %d workers without STREAMER_REDIS_URL (the embedded "
+            "broker lives in one process): staying at 1",
+            new_value,
+        )
+        server.num_workers = 1
 
 
 def child_exit(server, worker):  # type: ignore[no-untyped-def]

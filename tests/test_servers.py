@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +18,7 @@ from streamer.auth.tokens import issue_token
 
 from .clients import ws_close_code
 from .conftest import StartGunicorn
-from .processes import BIN, ServerProcess, free_port, gunicorn_args
+from .processes import BIN, ServerProcess, free_port, gunicorn_args, worker_pids
 from .streams import CurlStream, WsStream, close_all, run_cli, streams_on_every_worker
 from .waiting import eventually, eventually_sync
 
@@ -374,3 +377,126 @@ async def test_streams_whose_clients_left_are_forgotten(
         await asyncio.to_thread(
             eventually_sync, none_open, what="the hub to forget the stream", timeout=5
         )
+
+
+def test_more_workers_at_run_time_need_redis_too(
+    process_env: dict[str, str], start_process: StartProcess
+) -> None:
+    """SIGTTIN adds a worker: without Redis gunicorn stays at one (each worker would run
+    its own embedded broker), as it refuses to start with two."""
+    server = start_process(gunicorn_args(1), process_env)
+    server.wait_healthy()
+    master = server.process.pid
+    server.signal(signal.SIGTTIN)
+    eventually_sync(
+        lambda: "refusing to run 2 workers without STREAMER_REDIS_URL" in server.log(),
+        what="the refusal",
+    )
+    server.signal(signal.SIGTTIN)
+    eventually_sync(lambda: server.log().count("refusing to run") == 2, what="a second refusal")
+    assert len(worker_pids(master)) == 1
+    assert server.log().count("Booting worker") == 1
+
+
+def test_more_workers_at_run_time_with_redis(
+    redis_url: str, process_env: dict[str, str], start_process: StartProcess
+) -> None:
+    server = start_process(gunicorn_args(1), {**process_env, "STREAMER_REDIS_URL": redis_url})
+    server.wait_healthy()
+    server.signal(signal.SIGTTIN)
+    eventually_sync(lambda: len(worker_pids(server.process.pid)) == 2, what="a second worker")
+    assert "refusing" not in server.log()
+
+
+def test_a_binary_upgrade_keeps_the_metrics_of_both_generations(
+    redis_url: str, process_env: dict[str, str], start_process: StartProcess, tmp_path: Path
+) -> None:
+    """SIGUSR2 starts a new master beside the old one (gunicorn's binary upgrade): it
+    must neither wipe the old workers' metrics nor lose its own when the old master,
+    which made its metrics directory, exits."""
+    pid_file = tmp_path / "gunicorn.pid"
+    env = {**process_env, "STREAMER_REDIS_URL": redis_url, "TMPDIR": str(tmp_path)}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    server = start_process([*gunicorn_args(1), "--pid", str(pid_file)], env)
+    server.wait_healthy()
+    # After a reload, which hands the metrics directory to the environment gunicorn
+    # starts a new master with.
+    first_worker = set(worker_pids(server.process.pid))
+    server.signal(signal.SIGHUP)
+    eventually_sync(
+        lambda: not first_worker & set(worker_pids(server.process.pid)), what="the reload"
+    )
+    old_dirs = list(tmp_path.glob("streamer-metrics-*"))
+    assert len(old_dirs) == 1 and list(old_dirs[0].glob("*.db"))
+    server.signal(signal.SIGUSR2)
+    new_pid_file = tmp_path / "gunicorn.pid.2"
+    eventually_sync(new_pid_file.exists, what="the new master")
+    new_master = int(new_pid_file.read_text())
+    eventually_sync(lambda: len(worker_pids(new_master)) == 1, what="the new master's worker")
+    dirs = list(tmp_path.glob("streamer-metrics-*"))
+    assert len(dirs) == 2 and old_dirs[0] in dirs
+    assert list(old_dirs[0].glob("*.db")), "the old workers' metrics were wiped"
+
+    server.signal(signal.SIGTERM)  # the old master goes, the new one serves
+    assert server.wait_exit(30) == 0
+    assert not old_dirs[0].exists()
+    try:
+        eventually_sync(lambda: server.get("/readyz")[0] == 200, what="the new generation")
+        status, body = server.get("/metrics")
+        assert status == 200 and b"streamer_connections" in body
+    finally:
+        os.kill(new_master, signal.SIGTERM)
+        eventually_sync(lambda: not pid_alive(new_master), what="the new master to stop")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_reload_runs_one_version_of_streamer(
+    redis_url: str,
+    process_env: dict[str, str],
+    start_process: StartProcess,
+    token_for: TokenFor,
+    tmp_path: Path,
+) -> None:
+    """After an upgrade, SIGHUP (systemctl reload) must start workers on the new code
+    throughout: modules the master had imported (the settings) as well as the others
+    (the handlers)."""
+    import streamer
+
+    copy = tmp_path / "site" / "streamer"
+    shutil.copytree(Path(streamer.__file__).parent, copy)
+    env = {**process_env, "STREAMER_REDIS_URL": redis_url, "PYTHONPATH": str(copy.parent)}
+    # Not from the checkout: gunicorn puts its working directory first on the path.
+    server = start_process(gunicorn_args(1), env, cwd=tmp_path)
+    server.wait_healthy()
+    assert json.loads(server.get("/healthz")[1])["status"] == "ok"
+
+    def edit(name: str, old: str, new: str) -> None:
+        path = copy / name
+        text = path.read_text()
+        assert old in text
+        path.write_text(text.replace(old, new))
+
+    # (Of another length: a source file's cached bytecode is checked by size and mtime
+    # in whole seconds.)
+    edit("config.py", "sse_retry_ms: int = 3000", "sse_retry_ms: int = 12345")
+    edit("handlers/health.py", '{"status": "ok"}', '{"status": "ok", "version": 2}')
+    old_workers = set(worker_pids(server.process.pid))
+    server.signal(signal.SIGHUP)
+    eventually_sync(
+        lambda: not old_workers & set(worker_pids(server.process.pid)),
+        what="the old worker to stop",
+    )
+    assert json.loads(server.get("/healthz")[1]).get("version") == 2
+    curl = subprocess.run(
+        ["curl", "-sN", "--max-time", "2", "-H", f"Authorization: Bearer {token_for('u')}",
+         f"{server.base_url}/sse/tasks/"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert "retry: 12345" in curl.stdout, curl.stdout
