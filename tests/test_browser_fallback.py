@@ -22,7 +22,7 @@ from streamer.reasons import Reason
 
 from .browser import Browser
 from .nginx import BUFFERING_SITE, Nginx
-from .processes import ServerProcess
+from .processes import RedisServer, ServerProcess
 from .waiting import eventually
 
 WS_LOCATION_HEADERS = (
@@ -230,7 +230,7 @@ async def test_auto_ends_on_long_polling_behind_a_proxy_that_buffers_everything(
     first_event_s = await open_demo(browser, nginx, token_for(user_id), "auto")
     print(f"\nbuffers-everything: first event after {first_event_s:.2f} s, over poll")
     assert await browser.evaluate("window.taskStream.transport") == "poll"
-    assert first_event_s < FIRST_EVENT_BOUND_S + 10  # two failed upgrades, 8 s of SSE, a poll
+    assert first_event_s < FIRST_EVENT_BOUND_S + 14  # two failed upgrades, 12 s of SSE, a poll
     ids = await run_a_job(browser, publisher, user_id)
     assert len(ids) == len(set(ids)) == 6
 
@@ -368,9 +368,9 @@ async def test_auto_stays_on_sse_while_its_proxy_cannot_be_reached(
     black_hole = await asyncio.start_server(hang, "127.0.0.1", nginx.port)
     await browser.evaluate(RECORD_REACHABILITY_CHECKS_JS)
     try:
-        # The page's next stream (within its 10 s back-off) hangs for longer than the 8 s
+        # The page's next stream (within its 10 s back-off) hangs for longer than the 12 s
         # it waits for a first message; it must not move on.
-        down_until = time.monotonic() + 22
+        down_until = time.monotonic() + 26
         while time.monotonic() < down_until:
             assert await browser.evaluate("window.taskStream.transport") == "sse"
             await asyncio.sleep(0.2)
@@ -383,7 +383,7 @@ async def test_auto_stays_on_sse_while_its_proxy_cannot_be_reached(
         await black_hole.wait_closed()
     env = {**process_env, "STREAMER_REDIS_URL": redis_url}
     start_process(["streamer", "serve", "--port", "{port}"], env, port=server.port).wait_healthy()
-    # Back just before the page's next check (8 s after its last failed one), while its
+    # Back just before the page's next check (12 s after its last failed one), while its
     # stream still waits to retry: the server answers before the stream does, which is
     # no reason to leave it.
     checks = await browser.evaluate("window.healthChecks.length")
@@ -394,11 +394,38 @@ async def test_auto_stays_on_sse_while_its_proxy_cannot_be_reached(
     )
     assert failed_at[1] is False
     await browser.wait_for(
-        f"Date.now() >= {failed_at[0] + 7600}", what="the moment before the next check"
+        f"Date.now() >= {failed_at[0] + 11600}", what="the moment before the next check"
     )
     nginx.start()
     await browser.wait_for(
         "document.body?.dataset.connection === 'open'", what="the page back", timeout=40
+    )
+    assert await browser.evaluate("window.taskStream.transport") == "sse"
+    await run_a_job(browser, publisher, user_id)
+
+
+async def test_auto_does_not_take_a_stalled_redis_for_a_buffering_proxy(
+    browser: Browser,
+    start_nginx: Callable[[str], Nginx],
+    redis_server: RedisServer,
+    publisher: Publisher,
+    token_for: Callable[..., str],
+    user_id: str,
+) -> None:
+    """Behind a proxy that blocks the upgrade, the page opens its event stream while Redis
+    stalls: the server sends nothing until it gives up on Redis (10 s) and refuses the
+    stream. Not a buffering proxy: the page stays on SSE, and is there once Redis is back."""
+    nginx = start_nginx("drops-upgrade")
+    with redis_server.paused():
+        await browser.navigate(f"{nginx.base_url}/?{urlencode({'token': token_for(user_id)})}")
+        stalled_until = time.monotonic() + 16
+        while time.monotonic() < stalled_until:
+            transport = await browser.evaluate("window.taskStream?.transport ?? null")
+            assert transport != "poll", "a stalled Redis was taken for a buffering proxy"
+            await asyncio.sleep(0.2)
+        assert await browser.evaluate("window.taskStream.transport") == "sse"
+    await browser.wait_for(
+        "document.body?.dataset.connection === 'open'", what="the page's stream", timeout=40
     )
     assert await browser.evaluate("window.taskStream.transport") == "sse"
     await run_a_job(browser, publisher, user_id)

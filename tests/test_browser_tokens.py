@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlencode
 
@@ -20,6 +21,7 @@ from .processes import ServerProcess
 from .waiting import eventually
 
 TOKEN_TTL_S = 5
+OPAQUE_TTL_S = 3
 
 # The page: streamer.js from the streamer server, getToken asking the page's own origin.
 PAGE = """<!doctype html>
@@ -29,6 +31,7 @@ PAGE = """<!doctype html>
 const params = new URLSearchParams(location.search);
 window.seen = [];
 window.states = [];
+window.texts = [];
 window.tokenCalls = 0;
 window.tokensGot = 0;
 window.taskStream = new Streamer.TaskStream({
@@ -43,7 +46,8 @@ window.taskStream = new Streamer.TaskStream({
     return response.ok ? await response.text() : null;
   },
   onEvent: (message) => window.seen.push(message),
-  onStatus: (text, state) => window.states.push(state),
+  onStatus: (text, state) => { window.states.push(state); window.texts.push(text); },
+  pollTimeoutMs: params.has("pollTimeoutMs") ? Number(params.get("pollTimeoutMs")) : undefined,
 });
 window.taskStream.start();
 </script></body></html>
@@ -57,8 +61,9 @@ async def page_server(
     user_id: str,
 ) -> TestServer:
     """The page's origin, with /token: a fresh short-lived token ("fresh"), a 401
-    ("none"), a token the server refuses ("bad"), or after 3 s an hour's token ("slow");
-    and an /api/tasks/ that answers after 16 s."""
+    ("none"), a token the server refuses ("bad"), after 3 s an hour's token ("slow"), or
+    an opaque token that /auth (a delegated auth service) takes for OPAQUE_TTL_S
+    ("opaque"); and an /api/tasks/ that answers after 16 s."""
 
     async def index(request: web.Request) -> web.Response:
         html = PAGE.replace("STREAMER", request.query["streamer"])
@@ -73,7 +78,17 @@ async def page_server(
         if mode == "slow":
             await asyncio.sleep(3)
             return web.Response(text=token_for(user_id, ttl_s=3600))
+        if mode == "opaque":
+            return web.Response(text=f"opaque-{time.time()}")
         return web.Response(status=401)
+
+    async def auth(request: web.Request) -> web.Response:
+        token = (await request.json())["token"] or ""
+        issued = float(token.removeprefix("opaque-")) if token.startswith("opaque-") else 0
+        left = issued + OPAQUE_TTL_S - time.time()
+        if left <= 0:
+            return web.Response(status=401)
+        return web.json_response({"user_id": user_id, "expires_in": left})
 
     async def slow_api(request: web.Request) -> web.Response:
         await asyncio.sleep(16)
@@ -83,6 +98,7 @@ async def page_server(
     app.router.add_get("/", index)
     app.router.add_get("/token", token)
     app.router.add_get("/api/tasks/", slow_api)
+    app.router.add_post("/auth", auth)
     return await aiohttp_server(app)
 
 
@@ -125,8 +141,9 @@ async def open_page(
     token: str,
     transport: str,
     mode: str,
+    **options: str,
 ) -> None:
-    settings = {"streamer": server.base_url, "transport": transport, "mode": mode}
+    settings = {"streamer": server.base_url, "transport": transport, "mode": mode, **options}
     query = urlencode({**settings, "token": token} if token else settings)
     await browser.navigate(f"{page_server.make_url('/')}?{query}")
 
@@ -375,3 +392,67 @@ async def test_a_command_over_http_that_gets_no_answer_times_out(
     )
     outcome = await browser.wait_for("window.outcome", what="the command to end", timeout=25)
     assert outcome == "timeout"
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse", "poll"])
+async def test_opaque_tokens_are_replaced_at_every_refusal(
+    transport: str,
+    browser: Browser,
+    page_server: TestServer,
+    start_streamer: StartStreamer,
+    publisher: Publisher,
+    user_id: str,
+) -> None:
+    """Tokens of the application (delegated auth) that expire and are not JWTs: each is
+    replaced when the server refuses it, however long the stream was idle; a long poll
+    of an idle user answers nothing, which must not count as a second refusal."""
+    server = start_streamer(
+        STREAMER_AUTH_URL=str(page_server.make_url("/auth")), STREAMER_AUTH_CACHE_S="0"
+    )
+    token = f"opaque-{time.time()}"
+    await open_page(browser, page_server, server, token, transport, "opaque")
+    await browser.wait_for(
+        "window.seen?.some((m) => m.type === 'active_tasks')", what="the snapshot"
+    )
+    # Three lifetimes of the tokens, with nothing published.
+    await browser.wait_for(
+        "window.tokenCalls >= 3",
+        what="three refusals, each replaced",
+        timeout=OPAQUE_TTL_S * 3 + 20,
+    )
+    assert "unauthorized" not in await browser.evaluate("window.states")
+    sent = publisher.progress(user_id, "t", progress=5)
+    await browser.wait_for(f"{event_ids_js()}.includes({json.dumps(sent)})", what="the event")
+    assert "unauthorized" not in await browser.evaluate("window.states")
+
+
+async def test_a_poll_unanswered_for_too_long_is_made_again(
+    browser: Browser,
+    page_server: TestServer,
+    start_streamer: StartStreamer,
+    publisher: Publisher,
+    token_for: Callable[..., str],
+    user_id: str,
+) -> None:
+    """The server holds a poll up to its poll timeout; one that stays unanswered longer
+    than the page's pollTimeoutMs is on a dead connection (here: the server's timeout is
+    longer than the page allows), and the page polls again, resuming where it was."""
+    server = start_streamer(STREAMER_POLL_TIMEOUT_S="60")
+    await open_page(
+        browser, page_server, server, token_for(user_id, ttl_s=3600), "poll", "none",
+        pollTimeoutMs="1500",
+    )  # fmt: skip
+    await browser.wait_for(
+        "window.seen?.some((m) => m.type === 'active_tasks')", what="the snapshot"
+    )
+    await browser.wait_for(
+        "window.texts.some((text) => text.includes('no answer in 2 s'))",
+        what="the held poll given up",
+    )
+    sent = publisher.progress(user_id, "t", progress=5)
+    await browser.wait_for(f"{event_ids_js()}.includes({json.dumps(sent)})", what="the event")
+    assert await browser.evaluate(event_ids_js()) == [sent]
+    # A bad value is refused at once.
+    refused = """(() => { try { new Streamer.TaskStream({pollTimeoutMs: -1}); return null; }
+                 catch (error) { return error.message; } })()"""
+    assert "pollTimeoutMs must be a positive number" in await browser.evaluate(refused)

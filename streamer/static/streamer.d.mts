@@ -93,6 +93,11 @@ export interface TaskStreamOptions {
   getToken?: (() => string | null | undefined | Promise<string | null | undefined>) | null;
   /** The tabs of one user share one connection (default true). */
   shareConnection?: boolean;
+  /**
+   * Long polling: how long a poll may go unanswered before a new one is made (default
+   * 60000 ms; keep the server's STREAMER_POLL_TIMEOUT_S below it).
+   */
+  pollTimeoutMs?: number;
 }
 
 export class TaskStream {
@@ -106,6 +111,8 @@ export class TaskStream {
   lastEventId: string | null;
   /** Whether this tab holds the connection (tabs that share one follow the leader). */
   readonly leader: boolean;
+  /** How long a long poll may go unanswered before a new one is made. */
+  readonly pollTimeoutMs: number;
   start(): void;
   stop(): void;
   /** Send a raw command on the open WebSocket; false when there is none. */

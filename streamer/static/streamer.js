@@ -2,7 +2,7 @@
  * streamer.js: live task progress from a streamer server, over WebSocket or Server-Sent Events
  * (or long polling, for proxies that buffer even SSE: transport "poll"). "auto" starts on
  * WebSocket, moves to SSE when the upgrade fails twice, and to long polling when the event
- * stream brings nothing (not even its snapshot) for 8 s, both while the server answers HTTP.
+ * stream brings nothing (not even its snapshot) for 12 s, both while the server answers HTTP.
  * Plain browser JavaScript, no build step, no dependencies; exposes window.Streamer.
  *
  *   const board = new Streamer.TaskBoard(document.getElementById("tasks"));
@@ -46,7 +46,13 @@
   const FIRST_DELAY_MS = 500;
   // How long "auto" waits for an event stream's first message before it falls back to long
   // polling (the server sends its snapshot at once; heartbeats come every 15 s by default).
-  const SSE_FIRST_MESSAGE_MS = 8000;
+  // Longer than a server waits for its broker (10 s) before it refuses a stream: a snapshot
+  // held up by a stalled Redis ends in a refusal, not in long polling for good.
+  const SSE_FIRST_MESSAGE_MS = 12000;
+  // How long a long poll may go unanswered (the server answers within its poll timeout, 25 s
+  // by default) before the connection is taken for dead (a NAT entry dropped, a laptop that
+  // slept) and a new poll is made.
+  const POLL_ANSWER_MS = 60000;
   const MAX_DELAY_MS = 10000;
   // How long the check whether a failed stream was refused for its credentials may take.
   const REFUSAL_CHECK_MS = 5000;
@@ -121,6 +127,12 @@
       this._timer = null;
       this._pending = []; // commands sent on the WebSocket, awaiting their replies in order
       this.getToken = typeof opts.getToken === "function" ? opts.getToken : null;
+      const pollTimeoutMs = opts.pollTimeoutMs ?? POLL_ANSWER_MS;
+      if (typeof pollTimeoutMs !== "number" || !(pollTimeoutMs > 0 && pollTimeoutMs < 2 ** 31)) {
+        throw new Error(`pollTimeoutMs must be a positive number of ms, got ${pollTimeoutMs}`);
+      }
+      /** How long a long poll may go unanswered before a new one is made. */
+      this.pollTimeoutMs = pollTimeoutMs;
       this._refreshTimer = null;
       this._refreshedSinceMessage = false; // a refused token was replaced: no second try
       /** Share one connection among this browser's tabs (Web Locks + BroadcastChannel). */
@@ -513,18 +525,32 @@
         if (this.token) headers.Authorization = `Bearer ${this.token}`;
         let response;
         let body;
+        // Aborted when the loop is stopped or replaced, or when no answer came in time.
+        const request = new AbortController();
+        const stop = () => request.abort();
+        controller.signal.addEventListener("abort", stop, { once: true });
+        let timedOut = false;
+        const timer = setTimeout(() => {
+          timedOut = true;
+          request.abort();
+        }, this.pollTimeoutMs);
         try {
           response = await fetch(url.toString(), {
             headers,
             credentials: this.token ? "same-origin" : "include",
             cache: "no-store",
-            signal: controller.signal,
+            signal: request.signal,
           });
           body = response.ok ? await response.json() : null;
         } catch (error) {
           if (this._poll !== controller) return; // stopped or replaced
-          this._reconnect(`the poll failed: ${error.message}`);
+          const seconds = Math.round(this.pollTimeoutMs / 1000);
+          const text = timedOut ? `no answer in ${seconds} s` : error.message;
+          this._reconnect(`the poll failed: ${text}`);
           return;
+        } finally {
+          clearTimeout(timer);
+          controller.signal.removeEventListener("abort", stop);
         }
         if (this._poll !== controller || !this._running) return;
         if (response.status === 401) {
@@ -535,6 +561,9 @@
           this._reconnect(`the poll failed (HTTP ${response.status})`);
           return;
         }
+        // The token was taken: its refusal later gets a new one (a resumed poll of an idle
+        // user may answer nothing, so no message says it).
+        this._refreshedSinceMessage = false;
         if (!connected) {
           connected = true;
           this._status("connected (poll)", "connected");
