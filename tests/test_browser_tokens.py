@@ -161,6 +161,13 @@ def event_ids_js() -> str:
     return "window.seen.filter((m) => m.type === 'task_progress').map((m) => m.id)"
 
 
+async def publish_and_see(browser: Browser, publisher: Publisher, user_id: str) -> str:
+    """Publish an event; its id, once the page has it."""
+    sent = publisher.progress(user_id, "t", progress=5)
+    await browser.wait_for(f"{event_ids_js()}.includes({json.dumps(sent)})", what="the event")
+    return sent
+
+
 async def pause(browser: Browser, seconds: float) -> None:
     """Let time pass (bounded): the page's own clock, not a synchronisation."""
     await browser.wait_for(
@@ -316,8 +323,7 @@ async def test_a_session_cookie_carries_a_stream_of_another_origin(
     await browser.wait_for(
         "window.seen?.some((m) => m.type === 'active_tasks')", what="the snapshot"
     )
-    sent = publisher.progress(user_id, "t", progress=5)
-    await browser.wait_for(f"{event_ids_js()}.includes({json.dumps(sent)})", what="the event")
+    await publish_and_see(browser, publisher, user_id)
     assert "unauthorized" not in await browser.evaluate("window.states")
 
 
@@ -421,8 +427,7 @@ async def test_opaque_tokens_are_replaced_at_every_refusal(
         timeout=OPAQUE_TTL_S * 3 + 20,
     )
     assert "unauthorized" not in await browser.evaluate("window.states")
-    sent = publisher.progress(user_id, "t", progress=5)
-    await browser.wait_for(f"{event_ids_js()}.includes({json.dumps(sent)})", what="the event")
+    await publish_and_see(browser, publisher, user_id)
     assert "unauthorized" not in await browser.evaluate("window.states")
 
 
@@ -449,8 +454,7 @@ async def test_a_poll_unanswered_for_too_long_is_made_again(
         "window.texts.some((text) => text.includes('no answer in 2 s'))",
         what="the held poll given up",
     )
-    sent = publisher.progress(user_id, "t", progress=5)
-    await browser.wait_for(f"{event_ids_js()}.includes({json.dumps(sent)})", what="the event")
+    sent = await publish_and_see(browser, publisher, user_id)
     assert await browser.evaluate(event_ids_js()) == [sent]
     # A bad value is refused at once.
     refused = """(() => { try { new Streamer.TaskStream({pollTimeoutMs: -1}); return null; }
