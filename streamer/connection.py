@@ -57,6 +57,7 @@ class Connection:
         "_live",
         "_opened",
         "_out",
+        "_passed",
         "_pending",
         "_pending_bytes",
         "_resets",
@@ -119,6 +120,7 @@ class Connection:
         # A command waits for the broker: the client's pongs wait unread meanwhile.
         self.answering = False
         self.last_id: EventId | None = None  # the newest id sent or queued: the position
+        self._passed: EventId | None = None  # under a task filter: another task's, newer
         self.sent = 0  # events written
         # Times events waiting for the opening were dropped (more came than the outbox
         # holds): the opening reads them from the history instead.
@@ -142,6 +144,8 @@ class Connection:
         in one write; True when this event started such a batch.
         """
         if self.task_id is not None and delivery.task_id != self.task_id:
+            if delivery.event_id.key > self._last_key:
+                self._passed = delivery.event_id
             return False
         key = delivery.event_id.key
         if key <= self._last_key or self.close_reason is not None:
@@ -246,6 +250,7 @@ class Connection:
         self._stale = True
         self._resets += 1
         self._last_key = -1
+        self._passed = None
         if self._pending is not None:
             replies = [(k, f) for k, f in self._pending if k == REPLY_KEY]
             self._pending = replies or None
@@ -317,6 +322,23 @@ class Connection:
         self._resolve_done()
 
     # --- what the transport handler calls ------------------------------------------------
+
+    def passed_through(self) -> EventId | None:
+        """Under a task filter, the newest event of another task that went by after the
+        last one written, when everything this connection was given has been written:
+        a client holding what was written has seen the user's events up to it. None
+        otherwise."""
+        passed = self._passed
+        if (
+            passed is None
+            or not self._live
+            or self._stale
+            or self._pending is not None
+            or self._batch is not None
+            or (self.last_id is not None and passed <= self.last_id)
+        ):
+            return None
+        return passed
 
     def skip_through(self, event_id: EventId) -> None:
         """Everything up to `event_id` is covered (by a snapshot or a replay)."""

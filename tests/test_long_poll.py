@@ -259,6 +259,46 @@ async def test_task_id_narrows_the_poll(
     assert [(e["id"], e["task_id"]) for e in body["events"]] == [(last, "a")]
 
 
+async def test_a_narrowed_poll_moves_past_the_other_tasks_events_it_saw(
+    config: Config,
+    aiohttp_client: Callable[..., object],
+    token_for: TokenFor,
+    user_id: str,
+) -> None:
+    """While a poll of task a is held, more events of task b go by than the history
+    keeps: the answer's id is past them (none of a's is skipped), so the next poll
+    resumes instead of starting over from a snapshot (`recovered: false`)."""
+    config = config.replace(poll_timeout_s=POLL_TIMEOUT_S, history_size=5)
+    client: TestClient = await aiohttp_client(await create_app(config))  # type: ignore[type-arg,misc]
+    token = token_for(user_id)
+    await publish_progress(client, user_id, "a", progress=1)
+    _, first, _ = await poll(client, token, task_id="a")
+    held = asyncio.ensure_future(
+        poll(client, token, task_id="a", last_event_id=first["last_event_id"])
+    )
+    hub = client.app[HUB]
+    await eventually(lambda: held_polls(hub) == 1, what="the poll held by the hub")
+    others = [await publish_progress(client, user_id, "b", progress=p) for p in range(1, 21)]
+    _, body, _ = await asyncio.wait_for(held, POLL_TIMEOUT_S * 3)
+    assert body == {"events": [], "last_event_id": others[-1]}
+
+    held = asyncio.ensure_future(poll(client, token, task_id="a", last_event_id=others[-1]))
+    await eventually(lambda: held_polls(hub) == 1, what="the next poll held, resumed")
+    mine = await publish_progress(client, user_id, "a", progress=2)
+    _, body, _ = await asyncio.wait_for(held, POLL_TIMEOUT_S * 3)
+    assert [(e["id"], e["type"]) for e in body["events"]] == [(mine, "task_progress")]
+
+    # One of a's among them is never skipped: the answer carries it, and ends at it or
+    # past the others after it.
+    held = asyncio.ensure_future(poll(client, token, task_id="a", last_event_id=mine))
+    await eventually(lambda: held_polls(hub) == 1, what="a third poll held")
+    mine_again = await publish_progress(client, user_id, "a", progress=3)
+    after = await publish_progress(client, user_id, "b", progress=30)
+    _, body, _ = await asyncio.wait_for(held, POLL_TIMEOUT_S * 3)
+    assert [e["id"] for e in body["events"]] == [mine_again]
+    assert body["last_event_id"] in (mine_again, after)
+
+
 async def test_refusals_unusable_ids_and_cors(
     client: TestClient,  # type: ignore[type-arg]
     token_for: TokenFor,

@@ -121,6 +121,10 @@ async def poll_handler(request: web.Request) -> web.StreamResponse:
                 connection.write_batch()  # what was offered this turn, if anything
             if not sent:
                 position = None  # nothing of the opening went out
+            elif (passed := connection.passed_through()) is not None:
+                # Under a task filter, other tasks' events went by: the next poll starts
+                # after them, not where the history may have dropped them meanwhile.
+                position = passed if position is None or passed > position else position
     finally:
         hub.detach(connection, connection.close_reason or _how_it_ended(socket))
     # Built after the detach: no event is added to the collector from here on, and
