@@ -144,7 +144,7 @@ class Connection:
         in one write; True when this event started such a batch.
         """
         if self.task_id is not None and delivery.task_id != self.task_id:
-            if delivery.event_id.key > self._last_key:
+            if delivery.event_id.key > self._last_key and self.close_reason is None:
                 self._passed = delivery.event_id
             return False
         key = delivery.event_id.key
@@ -331,6 +331,7 @@ class Connection:
         passed = self._passed
         if (
             passed is None
+            or self.close_reason is not None  # its own task's events are dropped since
             or not self._live
             or self._stale
             or self._pending is not None

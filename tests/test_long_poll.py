@@ -298,6 +298,21 @@ async def test_a_narrowed_poll_moves_past_the_other_tasks_events_it_saw(
     assert [e["id"] for e in body["events"]] == [mine_again]
     assert body["last_event_id"] in (mine_again, after)
 
+    # Closed while held (its credentials expire, say) with an event of its own and then
+    # another task's still on the way in: the answer ends before its own one, which the
+    # next poll gets.
+    last = body["last_event_id"]
+    held = asyncio.ensure_future(poll(client, token, task_id="a", last_event_id=last))
+    await eventually(lambda: held_polls(hub) == 1, what="a fourth poll held")
+    [connection] = [c for c in hub.connections() if c.transport == "poll"]
+    connection.close(Reason.EXPIRED)
+    unsent = await publish_progress(client, user_id, "a", progress=4)
+    await publish_progress(client, user_id, "b", progress=40)
+    _, body, _ = await asyncio.wait_for(held, POLL_TIMEOUT_S * 3)
+    assert body == {"events": [], "last_event_id": last}
+    _, body, _ = await poll(client, token, task_id="a", last_event_id=last)
+    assert [e["id"] for e in body["events"]] == [unsent]
+
 
 async def test_refusals_unusable_ids_and_cors(
     client: TestClient,  # type: ignore[type-arg]
