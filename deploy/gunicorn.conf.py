@@ -6,6 +6,7 @@ Command-line flags (--bind, --workers, ...) override these values.
 """
 
 import atexit
+import fcntl
 import glob
 import os
 import shutil
@@ -13,9 +14,10 @@ import sys
 import tempfile
 
 # A reload (SIGHUP) runs this file again in the master. Workers forked after it would
-# inherit the master's imports of streamer (this file's, the logger's, the worker
-# class's) and import the rest anew: after an upgrade, two versions of streamer in one
-# worker. Forgotten here, every module comes from the version installed now.
+# inherit the master's imports of streamer (this file's, the worker class's) and import
+# the rest anew: after an upgrade, two versions of streamer in one worker. Forgotten
+# here, every module comes from the version installed now (but for the log formatting:
+# gunicorn keeps its logger object, so a change there needs a restart).
 for _module in [name for name in sys.modules if name.split(".")[0] == "streamer"]:
     del sys.modules[_module]
 
@@ -23,6 +25,11 @@ for _module in [name for name in sys.modules if name.split(".")[0] == "streamer"
 # (prometheus-client's multiprocess mode). It must be set before a worker imports
 # prometheus-client; without it, a temporary one is made here and removed on exit.
 METRICS_DIR_PREFIX = "streamer-metrics-"
+# Locked (flock) in each such directory by the master that made it, and by its workers,
+# which inherit the lock, for as long as any of them runs: a directory nobody holds is
+# stale, whatever pid it names (a container's master is always pid 1) and in whichever
+# pid namespace its master ran (containers that share a /tmp).
+OWNER_LOCK = "owner.lock"
 
 
 def _remove_metrics_dir(path: str, master_pid: int) -> None:
@@ -30,36 +37,51 @@ def _remove_metrics_dir(path: str, master_pid: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _start_time(pid: int) -> str:
-    """When process `pid` started (clock ticks since boot), or "" where unknown: with
-    the pid it names a process, even where pids are reused (a container's master is
-    always pid 1)."""
+def _hold(path: str) -> None:
+    descriptor = os.open(os.path.join(path, OWNER_LOCK), os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    # Never closed: the lock goes when this master and its workers have all exited.
+
+
+def _held(path: str) -> bool | None:
+    """Whether a running master or worker holds the directory; None for one made
+    without the lock (by an earlier version)."""
     try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
-            return stat.read().rpartition(")")[2].split()[19]
-    except (OSError, IndexError):
-        return ""
+        descriptor = os.open(os.path.join(path, OWNER_LOCK), os.O_RDWR)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return True  # another user's: not this master's to judge
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(descriptor)  # and the lock with it, where it was taken
+    return False
+
+
+def _pid_gone(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        pass  # another user's
+    return False
 
 
 def _remove_stale_metrics_dirs() -> None:
     """Those of masters that are gone without removing theirs (killed)."""
     pattern = os.path.join(tempfile.gettempdir(), f"{METRICS_DIR_PREFIX}*-*")
     for path in glob.glob(pattern):
-        # streamer-metrics-<pid>.<start time>-<random> (or, made by earlier versions,
-        # streamer-metrics-<pid>-<random>)
-        owner = os.path.basename(path)[len(METRICS_DIR_PREFIX) :].split("-")[0]
-        pid, _, started = owner.partition(".")
-        if not pid.isdigit():
-            continue
-        alive = True
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            alive = False
-        except OSError:
-            pass  # another user's
-        # A pid in use may be another process's now (a container's master is pid 1).
-        if not alive or (started and started != _start_time(int(pid))):
+        held = _held(path)
+        if held is None:  # by the pid in its name: streamer-metrics-<pid>-<random>
+            pid = os.path.basename(path)[len(METRICS_DIR_PREFIX) :].split("-")[0]
+            stale = pid.isdigit() and _pid_gone(pid)
+        else:
+            stale = not held
+        if stale:
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -69,7 +91,7 @@ def _made_by_another_master(path: str) -> bool:
     name = os.path.basename(path.rstrip(os.sep))
     if not name.startswith(METRICS_DIR_PREFIX):
         return False
-    return name[len(METRICS_DIR_PREFIX) :].split("-")[0].partition(".")[0] != str(os.getpid())
+    return name[len(METRICS_DIR_PREFIX) :].split("-")[0] != str(os.getpid())
 
 
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR") or _made_by_another_master(
@@ -77,8 +99,9 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR") or _made_by_another_master(
 ):
     _remove_stale_metrics_dirs()
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(
-        prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}.{_start_time(os.getpid())}-"
+        prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-"
     )
+    _hold(os.environ["PROMETHEUS_MULTIPROC_DIR"])
     # When the master exits, however it does (on_starting may refuse to start).
     atexit.register(_remove_metrics_dir, os.environ["PROMETHEUS_MULTIPROC_DIR"], os.getpid())
 
@@ -139,22 +162,34 @@ def on_starting(server):  # type: ignore[no-untyped-def]
         )
 
 
-def nworkers_changed(server, new_value, old_value):  # type: ignore[no-untyped-def]
-    """More workers at run time (SIGTTIN) need Redis, as at start: the embedded broker
-    lives in one process. gunicorn counts the change before this is called."""
-    if old_value is None or new_value <= 1:
-        return
+def _refused_without_redis(server, workers):  # type: ignore[no-untyped-def]
+    """True (and said) when `workers` workers would run without Redis."""
     try:
         config = Config.from_env(os.environ)
     except ConfigError:
-        return  # the workers refuse to start, and say why
-    if config.redis_url is None:
-        server.log.error(
-            "streamer: refusing to run %d workers without STREAMER_REDIS_URL (the embedded "
-            "broker lives in one process): staying at 1",
-            new_value,
-        )
+        return False  # the workers refuse to start, and say why
+    if workers <= 1 or config.redis_url is not None:
+        return False
+    server.log.error(
+        "streamer: refusing to run %d workers without STREAMER_REDIS_URL (the embedded "
+        "broker lives in one process): running 1",
+        workers,
+    )
+    return True
+
+
+def nworkers_changed(server, new_value, old_value):  # type: ignore[no-untyped-def]
+    """More workers at run time (SIGTTIN) need Redis, as at start: the embedded broker
+    lives in one process. gunicorn counts the change before this is called."""
+    if old_value is not None and _refused_without_redis(server, new_value):
         server.num_workers = 1
+
+
+def on_reload(server):  # type: ignore[no-untyped-def]
+    """A reload starts as many workers as the settings say (a changed config file, say),
+    without on_starting's checks."""
+    if _refused_without_redis(server, server.cfg.workers):
+        server.cfg.set("workers", 1)
 
 
 def child_exit(server, worker):  # type: ignore[no-untyped-def]

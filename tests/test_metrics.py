@@ -4,6 +4,7 @@ dashboard built on those names."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import re
@@ -226,30 +227,44 @@ async def test_an_outage_counts_as_one_reconnect_however_many_attempts_it_took(
     assert await reconnects() == 1
 
 
-def started_at(pid: int) -> str:
-    """A process's start time as /proc has it (clock ticks since boot)."""
-    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19]
-
-
 def test_gunicorn_removes_the_metrics_directory_it_made(
     process_env: dict[str, str], start_process: Callable[..., ServerProcess], tmp_path: Path
 ) -> None:
     """Whether it served and stopped, or refused to start; and those of masters that
     were killed before they could."""
+    held: list[int] = []
+    try:
+        remove_them_all(process_env, start_process, tmp_path, held)
+    finally:
+        for lock in held:
+            os.close(lock)
+
+
+def remove_them_all(
+    process_env: dict[str, str],
+    start_process: Callable[..., ServerProcess],
+    tmp_path: Path,
+    held: list[int],
+) -> None:
     for refused in (False, True):
         tmpdir = tmp_path / f"tmp-{refused}"
         tmpdir.mkdir()
         env = {**process_env, "TMPDIR": str(tmpdir)}
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        # Of masters that were killed: one whose pid is free, one whose pid is now
-        # another process's (this one, which started later), and beside them that of
-        # a master still running (this process, as it started).
+        # Of masters that were killed: one of an earlier version (no lock) whose pid is
+        # free, one whose lock nobody holds although its pid is in use (a container's
+        # master is always pid 1), and beside them that of a master still running (in
+        # another container, say), whose lock this process holds.
         killed = tmpdir / "streamer-metrics-999999999-abc"
-        reused = tmpdir / f"streamer-metrics-{os.getpid()}.1-abc"
-        running = tmpdir / f"streamer-metrics-{os.getpid()}.{started_at(os.getpid())}-abc"
-        for stale in (killed, reused, running):
+        abandoned = tmpdir / f"streamer-metrics-{os.getpid()}-abc"
+        running = tmpdir / "streamer-metrics-1-abc"
+        for stale in (killed, abandoned, running):
             stale.mkdir()
             (stale / "counter_1.db").write_bytes(b"")
+        (abandoned / "owner.lock").write_bytes(b"")
+        lock = os.open(running / "owner.lock", os.O_CREAT | os.O_RDWR)
+        held.append(lock)
+        fcntl.flock(lock, fcntl.LOCK_EX)
         # Two workers without Redis: refused before any worker starts.
         server = start_process(gunicorn_args(2 if refused else 1), env)
         if refused:

@@ -18,7 +18,7 @@ from streamer.auth.tokens import issue_token
 
 from .clients import ws_close_code
 from .conftest import StartGunicorn
-from .processes import BIN, ServerProcess, free_port, gunicorn_args, worker_pids
+from .processes import BIN, GUNICORN_CONF, ServerProcess, free_port, gunicorn_args, worker_pids
 from .streams import CurlStream, WsStream, close_all, run_cli, streams_on_every_worker
 from .waiting import eventually, eventually_sync
 
@@ -396,6 +396,32 @@ def test_more_workers_at_run_time_need_redis_too(
     eventually_sync(lambda: server.log().count("refusing to run") == 2, what="a second refusal")
     assert len(worker_pids(master)) == 1
     assert server.log().count("Booting worker") == 1
+
+
+def test_a_reload_to_more_workers_needs_redis_too(
+    process_env: dict[str, str], start_process: StartProcess, tmp_path: Path
+) -> None:
+    """The config file changed to three workers, then a reload (which starts as many as
+    the settings say): without Redis it runs one."""
+    conf = tmp_path / "gunicorn.conf.py"
+    conf.write_text((Path(GUNICORN_CONF)).read_text())
+    args = [str(conf) if arg == GUNICORN_CONF else arg for arg in gunicorn_args(1)]
+    args.remove("--workers")
+    args.remove("1")  # the config file's, from WEB_CONCURRENCY
+    server = start_process(args, {**process_env, "WEB_CONCURRENCY": "1"})
+    server.wait_healthy()
+    first = set(worker_pids(server.process.pid))
+    conf.write_text(conf.read_text() + "\nworkers = 3\n")
+    server.signal(signal.SIGHUP)
+    eventually_sync(
+        lambda: (
+            worker_pids(server.process.pid) and not first & set(worker_pids(server.process.pid))
+        ),
+        what="the reload",
+    )
+    assert "refusing to run 3 workers without STREAMER_REDIS_URL" in server.log()
+    assert server.log().count("Booting worker") == 2  # the first one, and one after it
+    assert len(worker_pids(server.process.pid)) == 1
 
 
 def test_more_workers_at_run_time_with_redis(
