@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 # than a reset; then the connection closes.
 LINGERING_S = 2.0
 
+# The status logged for a request whose client went away before it was answered
+# (nginx's "client closed request"); never sent.
+CLIENT_CLOSED_REQUEST = 499
+
 # Bytes read from a socket at a time, and (twice that) buffered of a request body before
 # reading pauses until the handler takes some. With asyncio's and aiohttp's defaults
 # (256 KiB reads, 128 KiB buffered) every client that sends a body along with its
@@ -137,9 +141,10 @@ class GuardedRequestHandler(RequestHandler, asyncio.BufferedProtocol):
             return await super()._handle_request(request, start_time, request_handler)
         except asyncio.CancelledError:
             # aiohttp writes no access line for a handler cancelled because its client
-            # went away (`handler_cancellation`), which is how most streams end.
-            if self._prepared_response is not None:
-                self.log_access(request, self._prepared_response, start_time)
+            # went away (`handler_cancellation`), which is how most streams end; one
+            # that had answered nothing yet (a held long poll) is logged as nginx does.
+            response = self._prepared_response or web.Response(status=CLIENT_CLOSED_REQUEST)
+            self.log_access(request, response, start_time)
             raise
         finally:
             self._prepared_response = None  # it refers to the request

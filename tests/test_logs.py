@@ -127,8 +127,8 @@ async def test_every_stream_has_an_access_line_however_it_ended(
     process_env: dict[str, str], start_process: StartProcess, token_for: TokenFor, user_id: str
 ) -> None:
     """A stream whose client went away (curl stopped, a WebSocket's connection dropped
-    without a close frame) and a WebSocket closed by a shutdown each get their access
-    line, as a stream the client closed does."""
+    without a close frame), a long poll given up while held, and a WebSocket closed by a
+    shutdown each get their access line, as a stream the client closed does."""
     server = start_process(COMMANDS["gunicorn"], process_env)
     await asyncio.to_thread(server.wait_healthy)
     token = token_for(user_id)
@@ -155,6 +155,20 @@ async def test_every_stream_has_an_access_line_however_it_ended(
         eventually_sync, lambda: access_lines("/ws/tasks/?probe=dropped"), what="the WS line"
     )
     assert '" 101 ' in line[0] and token not in line[0], line
+
+    # A long poll held, then given up by its client: logged as nginx does (499).
+    status, first = await asyncio.to_thread(server.get, f"/poll/tasks/?token={token}")
+    assert status == 200
+    resume = json.loads(first)["last_event_id"]
+    curl = await asyncio.create_subprocess_exec(
+        "curl", "-s", "--max-time", "1", "-o", "/dev/null",
+        f"{server.base_url}/poll/tasks/?probe=poll&last_event_id={resume}&token={token}",
+    )  # fmt: skip
+    assert await curl.wait() == 28  # curl's "timed out": the poll was held
+    line = await asyncio.to_thread(
+        eventually_sync, lambda: access_lines("/poll/tasks/?probe=poll"), what="the poll line"
+    )
+    assert '" 499 0 ' in line[0], line
 
     shut = await WsStream.open(
         server.base_url.replace("http", "ws") + f"/ws/tasks/?probe=shutdown&token={token}"
