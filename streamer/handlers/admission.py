@@ -30,6 +30,11 @@ from ..wire import EventId, Transport
 MAX_EVENT_ID_LENGTH = 200
 # How long an opening past its user's rate may wait for its turn before it is refused.
 MAX_OPENING_WAIT_S = 1.0
+# The longest a stream's opening may wait for the broker (its user's subscription, then
+# the snapshot and the replay's first page, each read retried while Redis is away) before
+# it is refused as unavailable. The client sees nothing of a stream until then, and
+# streamer.js takes an event stream silent for 12 s for one a proxy holds back.
+OPENING_DEADLINE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -143,6 +148,22 @@ async def open_stream(
     hub = request.app[HUB]
     hub.check_admissible(connection.user_id)  # at once, before a turn is taken for it
     turn = await _take_turn(request, connection.user_id)
+    try:
+        async with asyncio.timeout(OPENING_DEADLINE_S):
+            return await _attach_and_read(request, connection, turn, last_event_id, encode_snapshot)
+    except TimeoutError:
+        hub.refused[Reason.BROKER_UNAVAILABLE] += 1
+        raise Refused(Reason.BROKER_UNAVAILABLE, BROKER_UNAVAILABLE_MESSAGE) from None
+
+
+async def _attach_and_read(
+    request: web.Request,
+    connection: Connection,
+    turn: TokenBucket,
+    last_event_id: str | None,
+    encode_snapshot: Callable[[str, EventId], bytes],
+) -> Opening:
+    hub = request.app[HUB]
     try:
         await hub.attach(connection)
     except BaseException:  # refused, or the client went away: nothing was read for it

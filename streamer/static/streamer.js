@@ -46,8 +46,8 @@
   const FIRST_DELAY_MS = 500;
   // How long "auto" waits for an event stream's first message before it falls back to long
   // polling (the server sends its snapshot at once; heartbeats come every 15 s by default).
-  // Longer than a server waits for its broker (10 s) before it refuses a stream: a snapshot
-  // held up by a stalled Redis ends in a refusal, not in long polling for good.
+  // Longer than a server waits for its broker (10 s in all) before it refuses a stream: a
+  // snapshot held up by a stalled Redis ends in a refusal, not in long polling for good.
   const SSE_FIRST_MESSAGE_MS = 12000;
   // How long a long poll may go unanswered (the server answers within its poll timeout, 25 s
   // by default) before the connection is taken for dead (a NAT entry dropped, a laptop that
