@@ -35,6 +35,7 @@ from django.conf import settings
 from django.contrib.auth import decorators, get_user
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.http.cookie import parse_cookie
+from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
@@ -143,4 +144,17 @@ def _user_from_session_cookie(cookie: str) -> tuple[Any, int | None]:
     user = get_user(request)
     if not user.is_authenticated:
         return None, None
-    return user, max(int(request.session.get_expiry_age()), 1)
+    return user, max(_seconds_left(request.session), 1)
+
+
+def _seconds_left(session: Any) -> int:
+    """Until the session expires. SessionStore.get_expiry_age() counts from now, as for
+    a session being saved; the database engines (Django's default, and cached_db) keep
+    when a stored session expires, which is what a stream must not outlive."""
+    model = getattr(session, "get_model_class", None)
+    if callable(model):
+        rows = model().objects.filter(session_key=session.session_key)
+        expires = rows.values_list("expire_date", flat=True).first()
+        if expires is not None:
+            return int((expires - timezone.now()).total_seconds())
+    return int(session.get_expiry_age())

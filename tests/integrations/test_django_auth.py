@@ -7,11 +7,13 @@ import asyncio
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -305,3 +307,31 @@ def test_the_token_view_answers_401_to_a_visitor_not_logged_in(django_site: Djan
     status, body = django_site.server.get("/streamer/token/")
     assert status == 401
     assert json.loads(body) == {"error": "unauthorized"}
+
+
+def test_a_session_stream_expires_with_the_session(django_site: DjangoSite, tmp_path: Path) -> None:
+    """The answer's `expires_in` is what the stored session has left, not a fresh
+    SESSION_COOKIE_AGE: a stream on a session must not outlive it."""
+    alice = django_site.users["alice"]
+    soon = datetime.now(UTC) + timedelta(seconds=30)
+    with sqlite3.connect(tmp_path / "django.sqlite3") as database:
+        changed = database.execute(
+            "UPDATE django_session SET expire_date = ? WHERE session_key = ?",
+            (soon.strftime("%Y-%m-%d %H:%M:%S.%f"), alice["sessionid"]),
+        ).rowcount
+    assert changed == 1
+
+    def expires_in(cookie: str) -> int:
+        request = urllib.request.Request(
+            django_site.auth_url,
+            data=json.dumps({"token": None, "cookie": cookie}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            answer: int = json.load(response)["expires_in"]
+            return answer
+
+    assert 1 <= expires_in(f"sessionid={alice['sessionid']}") <= 30
+    bob = django_site.users["bob"]
+    two_weeks = 14 * 24 * 3600  # Django's SESSION_COOKIE_AGE, as it was stored at login
+    assert two_weeks - 600 <= expires_in(f"sessionid={bob['sessionid']}") <= two_weeks
