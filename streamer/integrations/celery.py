@@ -58,6 +58,7 @@ from celery.exceptions import Ignore
 from celery.signals import task_revoked, worker_ready, worker_shutdown
 from celery.worker import state as worker_state
 
+from ..config import ConfigError
 from ..events import (
     MAX_TEXT_LENGTH,
     EventError,
@@ -336,14 +337,14 @@ class ProgressTask(Task):
         """Progress reports never fail the job: an unreachable Redis is logged."""
         try:
             return publisher_for(self.app).publish(event)
-        except BrokerUnavailable as exc:
+        except (BrokerUnavailable, ConfigError) as exc:  # Redis away, or none set
             log.warning("task %s[%s]: progress not published: %s", self.name, event.task_id, exc)
             return None
 
     def _cancelled(self, user_id: object, task_id: str) -> bool:
         try:
             return publisher_for(self.app).is_cancelled(user_id, task_id)
-        except BrokerUnavailable as exc:
+        except (BrokerUnavailable, ConfigError) as exc:  # Redis away, or none set
             log.warning("task %s[%s]: cancel flag not read: %s", self.name, task_id, exc)
             return False
 
@@ -467,7 +468,7 @@ def _publish_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
     # finished task's next event would start a new run, without its result.
     try:
         running = publisher_for(sender.app).is_running(user_id, request.id)
-    except BrokerUnavailable as exc:
+    except (BrokerUnavailable, ConfigError) as exc:  # Redis away, or none set
         log.warning("task %s[%s]: REVOKED not published: %s", sender.name, request.id, exc)
         return
     if running:

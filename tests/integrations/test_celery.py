@@ -350,3 +350,24 @@ async def _read_until(
     while not messages or not done(messages[-1]):
         messages.append(await ws.receive_json(timeout=15))
     return messages
+
+
+def test_a_worker_without_a_redis_url_runs_its_jobs_unreported(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No streamer_redis_url and no STREAMER_REDIS_URL (a worker deployed without it):
+    every job still runs and returns, its progress not published, and the log says why."""
+    monkeypatch.delenv("STREAMER_REDIS_URL", raising=False)
+    app = Celery("unconfigured", set_as_current=False)
+    app.conf.task_always_eager = True
+
+    @app.task(base=ProgressTask, bind=True)
+    def job(self: ProgressTask, count: int, *, user_id: str) -> int:
+        for done in range(count):
+            self.update_progress(done * 100 / count, current_step=f"item {done}")
+        return count
+
+    result = job.apply(args=(3,), kwargs={"user_id": "7"})
+    assert result.successful(), result.traceback
+    assert result.get() == 3
+    assert "progress not published" in caplog.text and "Redis" in caplog.text
