@@ -98,10 +98,14 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR") or _made_by_another_master(
     os.environ["PROMETHEUS_MULTIPROC_DIR"]
 ):
     _remove_stale_metrics_dirs()
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(
-        prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-"
+    # Made and locked under a name other masters' clean-ups do not look at, then renamed:
+    # none of them ever sees it without its lock held.
+    _making = tempfile.mkdtemp(prefix=f".{METRICS_DIR_PREFIX}{os.getpid()}-")
+    _hold(_making)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(
+        os.path.dirname(_making), os.path.basename(_making)[1:]
     )
-    _hold(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    os.rename(_making, os.environ["PROMETHEUS_MULTIPROC_DIR"])
     # When the master exits, however it does (on_starting may refuse to start).
     atexit.register(_remove_metrics_dir, os.environ["PROMETHEUS_MULTIPROC_DIR"], os.getpid())
 
@@ -162,33 +166,34 @@ def on_starting(server):  # type: ignore[no-untyped-def]
         )
 
 
-def _refused_without_redis(server, workers):  # type: ignore[no-untyped-def]
-    """True (and said) when `workers` workers would run without Redis."""
+def _without_redis(server):  # type: ignore[no-untyped-def]
+    """Whether the workers would run the embedded broker. The settings as the workers
+    get them: during a reload, gunicorn has taken its -e variables out of the
+    environment for a while."""
     try:
-        config = Config.from_env(os.environ)
+        config = Config.from_env({**os.environ, **server.cfg.env})
     except ConfigError:
         return False  # the workers refuse to start, and say why
-    if workers <= 1 or config.redis_url is not None:
-        return False
-    server.log.error(
-        "streamer: refusing to run %d workers without STREAMER_REDIS_URL (the embedded "
-        "broker lives in one process): running 1",
-        workers,
-    )
-    return True
+    return config.redis_url is None
 
 
 def nworkers_changed(server, new_value, old_value):  # type: ignore[no-untyped-def]
-    """More workers at run time (SIGTTIN) need Redis, as at start: the embedded broker
-    lives in one process. gunicorn counts the change before this is called."""
-    if old_value is not None and _refused_without_redis(server, new_value):
+    """More workers at run time (SIGTTIN, a reload to more) need Redis, as at start: the
+    embedded broker lives in one process. gunicorn counts the change before this is
+    called."""
+    if old_value is not None and new_value > 1 and _without_redis(server):
+        server.log.error(
+            "streamer: refusing to run %d workers without STREAMER_REDIS_URL (the embedded "
+            "broker lives in one process): running 1",
+            new_value,
+        )
         server.num_workers = 1
 
 
 def on_reload(server):  # type: ignore[no-untyped-def]
     """A reload starts as many workers as the settings say (a changed config file, say),
-    without on_starting's checks."""
-    if _refused_without_redis(server, server.cfg.workers):
+    without on_starting's checks; nworkers_changed has said why it is one."""
+    if server.cfg.workers > 1 and _without_redis(server):
         server.cfg.set("workers", 1)
 
 

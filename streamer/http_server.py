@@ -141,9 +141,12 @@ class GuardedRequestHandler(RequestHandler, asyncio.BufferedProtocol):
             return await super()._handle_request(request, start_time, request_handler)
         except asyncio.CancelledError:
             # aiohttp writes no access line for a handler cancelled because its client
-            # went away (`handler_cancellation`), which is how most streams end; one
-            # that had answered nothing yet (a held long poll) is logged as nginx does.
-            response = self._prepared_response or web.Response(status=CLIENT_CLOSED_REQUEST)
+            # went away (`handler_cancellation`), which is how most streams end, or at
+            # the end of a shutdown; one that had answered nothing yet (a held long
+            # poll) is logged as nginx logs a client that left.
+            response = self._prepared_response
+            if response is None:
+                response = web.Response(status=CLIENT_CLOSED_REQUEST)
             self.log_access(request, response, start_time)
             raise
         finally:

@@ -424,6 +424,27 @@ def test_a_reload_to_more_workers_needs_redis_too(
     assert len(worker_pids(server.process.pid)) == 1
 
 
+def test_a_reload_keeps_the_workers_of_a_redis_given_with_gunicorns_env_flag(
+    redis_url: str, process_env: dict[str, str], start_process: StartProcess
+) -> None:
+    """Redis set with `gunicorn -e`, which a reload takes out of the environment for a
+    while: the reload keeps both workers, and refuses nothing."""
+    env = {k: v for k, v in process_env.items() if k != "STREAMER_REDIS_URL"}
+    server = start_process([*gunicorn_args(2), "-e", f"STREAMER_REDIS_URL={redis_url}"], env)
+    server.wait_healthy()
+    first = set(worker_pids(server.process.pid))
+    assert len(first) == 2
+    server.signal(signal.SIGHUP)
+
+    def reloaded() -> bool:
+        workers = set(worker_pids(server.process.pid))
+        return len(workers) == 2 and not first & workers
+
+    eventually_sync(reloaded, what="two new workers")
+    assert "refusing" not in server.log()
+    assert server.log().count("Booting worker") == 4
+
+
 def test_more_workers_at_run_time_with_redis(
     redis_url: str, process_env: dict[str, str], start_process: StartProcess
 ) -> None:
