@@ -56,6 +56,10 @@ __all__ = ["AsyncPublisher", "BrokerUnavailable", "Publisher"]
 _DEFAULTS = {"history_size": 1000, "history_ttl": 3600}
 
 
+class NoRedisURL(ConfigError):
+    """Neither `redis_url=` nor STREAMER_REDIS_URL: there is nowhere to publish to."""
+
+
 def _settings(redis_url: str | None, environ: Mapping[str, str]) -> tuple[str, HistoryLimits]:
     """As the server reads them: values trimmed, a blank variable is an unset one."""
     if redis_url is not None and not isinstance(redis_url, str):
@@ -65,7 +69,7 @@ def _settings(redis_url: str | None, environ: Mapping[str, str]) -> tuple[str, H
     if url is None:
         name, url = "STREAMER_REDIS_URL", environ.get("STREAMER_REDIS_URL", "").strip()
     if not url:
-        raise ConfigError("no Redis URL: pass redis_url= or set STREAMER_REDIS_URL")
+        raise NoRedisURL("no Redis URL: pass redis_url= or set STREAMER_REDIS_URL")
     url = ENV_VARIABLES["redis_url"][0](name, url)
     limits: dict[str, int] = {}
     for setting, default in _DEFAULTS.items():

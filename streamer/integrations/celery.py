@@ -58,7 +58,6 @@ from celery.exceptions import Ignore
 from celery.signals import task_revoked, worker_ready, worker_shutdown
 from celery.worker import state as worker_state
 
-from ..config import ConfigError
 from ..events import (
     MAX_TEXT_LENGTH,
     EventError,
@@ -68,7 +67,7 @@ from ..events import (
     validate_identifier,
     validate_task_id,
 )
-from ..publisher import BrokerUnavailable, Publisher
+from ..publisher import BrokerUnavailable, NoRedisURL, Publisher
 
 __all__ = ["ProgressTask", "TaskCancelled", "publisher_for"]
 
@@ -105,6 +104,17 @@ def publisher_for(app: Celery) -> Publisher:
                 del _publishers[key]
             publisher = _publishers[(pid, url)] = Publisher(url)
         return publisher
+
+
+_told_unconfigured: set[int] = set()
+
+
+def _unconfigured(exc: NoRedisURL) -> None:
+    """No Redis URL in this worker: its jobs run unreported; said once per process."""
+    pid = os.getpid()
+    if pid not in _told_unconfigured:
+        _told_unconfigured.add(pid)
+        log.error("ProgressTask progress is not published from this process: %s", exc)
 
 
 def _describe(exc: BaseException) -> str:
@@ -337,16 +347,20 @@ class ProgressTask(Task):
         """Progress reports never fail the job: an unreachable Redis is logged."""
         try:
             return publisher_for(self.app).publish(event)
-        except (BrokerUnavailable, ConfigError) as exc:  # Redis away, or none set
+        except NoRedisURL as exc:
+            _unconfigured(exc)
+        except BrokerUnavailable as exc:
             log.warning("task %s[%s]: progress not published: %s", self.name, event.task_id, exc)
-            return None
+        return None
 
     def _cancelled(self, user_id: object, task_id: str) -> bool:
         try:
             return publisher_for(self.app).is_cancelled(user_id, task_id)
-        except (BrokerUnavailable, ConfigError) as exc:  # Redis away, or none set
+        except NoRedisURL as exc:
+            _unconfigured(exc)
+        except BrokerUnavailable as exc:
             log.warning("task %s[%s]: cancel flag not read: %s", self.name, task_id, exc)
-            return False
+        return False
 
     def _end_cancelled(self, user_id: object, task_id: str) -> None:
         self._publish(completed_event(user_id, task_id, status="REVOKED"))
@@ -468,7 +482,10 @@ def _publish_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
     # finished task's next event would start a new run, without its result.
     try:
         running = publisher_for(sender.app).is_running(user_id, request.id)
-    except (BrokerUnavailable, ConfigError) as exc:  # Redis away, or none set
+    except NoRedisURL as exc:
+        _unconfigured(exc)
+        return
+    except BrokerUnavailable as exc:
         log.warning("task %s[%s]: REVOKED not published: %s", sender.name, request.id, exc)
         return
     if running:

@@ -18,6 +18,7 @@ import pytest
 from celery import Celery
 from celery.result import AsyncResult
 
+from streamer.config import ConfigError
 from streamer.integrations.celery import ProgressTask
 
 from ..clients import Stream, open_stream
@@ -367,7 +368,14 @@ def test_a_worker_without_a_redis_url_runs_its_jobs_unreported(
             self.update_progress(done * 100 / count, current_step=f"item {done}")
         return count
 
-    result = job.apply(args=(3,), kwargs={"user_id": "7"})
-    assert result.successful(), result.traceback
-    assert result.get() == 3
-    assert "progress not published" in caplog.text and "Redis" in caplog.text
+    for _ in range(2):
+        result = job.apply(args=(3,), kwargs={"user_id": "7"})
+        assert result.successful(), result.traceback
+        assert result.get() == 3
+    said = [r.getMessage() for r in caplog.records if "is not published" in r.getMessage()]
+    assert len(said) == 1, said  # once per process, not at every report
+    assert "no Redis URL" in said[0]
+    # A Redis URL that is set but wrong is a mistake to fix, not to run past.
+    monkeypatch.setenv("STREAMER_REDIS_URL", "http://not-redis")
+    with pytest.raises(ConfigError, match="STREAMER_REDIS_URL must be a redis://"):
+        job.apply(args=(1,), kwargs={"user_id": "7"}, throw=True)
