@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
@@ -518,6 +519,25 @@ async def test_session_cookie_while_redis_is_down_gets_503(
         assert (await login.json())["code"] == "broker_unavailable"
     finally:
         redis_server.start()
+
+
+async def test_session_cookie_while_redis_stalls_gets_503_in_time(
+    redis_server: RedisServer,
+    redis_url: str,
+    aiohttp_client: Callable[..., object],
+    token_for: TokenFor,
+) -> None:
+    """Redis takes the session read and never answers (a stalled host): the request is
+    refused once the read times out, instead of waiting for ever."""
+    config = Config(secret=SECRET, redis_url=redis_url, cookie_secure=False)
+    client: TestClient = await aiohttp_client(await create_app(config))  # type: ignore[misc]
+    assert (await client.post("/auth/session", json={"token": token_for("u")})).status == 200
+    with redis_server.paused():
+        started = time.monotonic()
+        answer = await asyncio.wait_for(client.get("/api/tasks/"), 40)
+        assert answer.status == 503
+        assert (await answer.json())["code"] == "broker_unavailable"
+        assert time.monotonic() - started < 20
 
 
 @pytest.fixture(scope="module")
