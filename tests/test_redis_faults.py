@@ -19,6 +19,7 @@ from streamer.broker import redis_subscriber
 from streamer.broker.redis import RedisBroker
 from streamer.broker.redis_schema import user_channel
 from streamer.config import Config
+from streamer.handlers import admission
 from streamer.publisher import AsyncPublisher, BrokerUnavailable, Publisher
 from streamer.reasons import Reason
 from streamer.wire import Delivery, EventId
@@ -519,6 +520,27 @@ async def test_session_cookie_while_redis_is_down_gets_503(
         assert (await login.json())["code"] == "broker_unavailable"
     finally:
         redis_server.start()
+
+
+async def test_an_opening_waits_for_redis_no_longer_than_its_deadline(
+    redis_server: RedisServer,
+    redis_client: TestClient,  # type: ignore[type-arg]
+    token_for: TokenFor,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stream opened while Redis stalls waits for its subscription, then its snapshot:
+    refused as unavailable at the opening's deadline in all (10 s; here 1 s), not after
+    each part's own wait, and counted out of the hub."""
+    monkeypatch.setattr(admission, "OPENING_DEADLINE_S", 1.0)
+    hub = redis_client.app[HUB]
+    with redis_server.paused():
+        started = time.monotonic()
+        answer = await redis_client.get(f"/sse/tasks/?token={token_for('stalled-user')}")
+        waited = time.monotonic() - started
+    assert answer.status == 503 and answer.headers["Retry-After"] == "1"
+    assert 0.9 <= waited < 5, waited  # the subscription alone waits 10 s
+    assert hub.refused[Reason.BROKER_UNAVAILABLE] == 1
+    assert len(hub) == 0
 
 
 async def test_session_cookie_while_redis_stalls_gets_503_in_time(
