@@ -18,7 +18,9 @@
     import_rows.delay("data.csv", user_id=request.user.id)
 
 The task's user is its `user_id` argument (`streamer_user_kwarg` names another one), the
-streamer task id is the Celery task id, and `task_name` is the task's name. Celery's own
+streamer task id is the Celery task id, and `task_name` is the task's name. PENDING is
+published when the task is sent (`delay`, `apply_async`: the sending process needs the
+Redis URL too), so a queued task is on the streams and can be cancelled. Celery's own
 hooks publish the rest: STARTED before the task runs, SUCCESS (with the returned dict as
 `result_data`), FAILURE (with the error message), RETRY. `update_progress` publishes
 PROGRESS with an estimated completion time from the rate of progress so far.
@@ -56,6 +58,7 @@ from typing import Any, ClassVar
 from celery import Celery, Task
 from celery.exceptions import Ignore
 from celery.signals import task_revoked, worker_ready, worker_shutdown
+from celery.utils import uuid
 from celery.worker import state as worker_state
 
 from ..events import (
@@ -214,6 +217,49 @@ class ProgressTask(Task):
             self._end_cancelled(user_id, request.id)
         return None if event is None else self._publish(event)
 
+    # --- Sending ---------------------------------------------------------------------------
+
+    def apply_async(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        task_id: Any = None,
+        producer: Any = None,
+        link: Any = None,
+        link_error: Any = None,
+        shadow: Any = None,
+        **options: Any,
+    ) -> Any:
+        """Celery's, publishing PENDING first: a queued task is on its user's streams
+        (in `active_tasks`, `get_task_status`), and a cancel reaches it before it
+        starts. A retry is not queued anew (RETRY says it)."""
+        if not options.get("retries"):
+            task_id = task_id or uuid()
+            self._publish_pending(task_id, args or (), kwargs or {})
+        send = super().apply_async
+        return send(  # type: ignore[no-untyped-call]
+            args, kwargs, task_id, producer, link, link_error, shadow, **options
+        )
+
+    def _publish_pending(self, task_id: str, args: Any, kwargs: Any) -> None:
+        user_id = self.streamer_user_id(args, kwargs)
+        if user_id is None or not self._streamable(task_id):
+            return
+        self._publish_beginning(user_id, task_id, "PENDING")
+
+    def _publish_beginning(self, user_id: str, task_id: str, status: str) -> None:
+        """PENDING when sent, STARTED when it starts: at 0 %, with its name."""
+        self._publish(
+            progress_event(
+                user_id,
+                task_id,
+                status=status,
+                progress=0,
+                task_name=self.name,
+                category=self.streamer_category,
+            )
+        )
+
     # --- Celery's hooks --------------------------------------------------------------------
 
     def before_start(self, task_id: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
@@ -229,18 +275,9 @@ class ProgressTask(Task):
             return
         if not self._streamable(task_id, warn=True):
             return
-        if self._cancelled(user_id, task_id):  # while waiting for a retry, say
+        if self._cancelled(user_id, task_id):  # while queued or waiting for a retry
             self._end_cancelled(user_id, task_id)
-        self._publish(
-            progress_event(
-                user_id,
-                task_id,
-                status="STARTED",
-                progress=0,
-                task_name=self.name,
-                category=self.streamer_category,
-            )
-        )
+        self._publish_beginning(user_id, task_id, "STARTED")
 
     def on_success(
         self, retval: Any, task_id: str, args: Sequence[Any], kwargs: Mapping[str, Any]

@@ -97,7 +97,8 @@ def celery_worker(
         "STREAMER_CELERY_REVOKE": "true",
         "PYTHONPATH": str(ROOT),
     }
-    celery_app.app.conf.update(broker_url=url, result_backend=url)
+    # This process sends the tasks, as the web app would: it publishes their PENDING.
+    celery_app.app.conf.update(broker_url=url, result_backend=url, streamer_redis_url=redis_url)
     worker = start_process(
         [
             "celery", "-A", "tests.integrations.celery_app", "worker", "--pool=prefork",
@@ -125,13 +126,15 @@ async def session(
 
 
 async def task_events(stream: Stream, task_id: str) -> list[dict[str, Any]]:
-    """The task's events on `stream`, up to and including its task_completed."""
+    """The task's events on `stream` after the PENDING published when it was sent, up
+    to and including its task_completed."""
     events: list[dict[str, Any]] = []
     while not events or events[-1]["type"] != "task_completed":
         received = await stream.next()
         if received.type in EVENT_TYPES and received.message["task_id"] == task_id:
             events.append(received.message)
-    return events
+    assert events[0]["status"] == "PENDING" and events[0]["progress"] == 0, events[0]
+    return events[1:]
 
 
 async def state_of(result: AsyncResult) -> str:
@@ -312,6 +315,27 @@ async def test_a_task_cancelled_while_waiting_for_its_retry_does_not_run_again(
         events = await _read_until(ws, lambda m: m["type"] == "task_completed")
     assert events[0] == {"type": "task_cancelled", "task_id": result.id, "success": True}
     assert [e["status"] for e in events[1:]] == ["REVOKED"]  # no second STARTED
+    await eventually(lambda: _is(result, "REVOKED"), what="REVOKED stored in Celery")
+
+
+@pytest.mark.usefixtures("celery_worker")
+async def test_a_queued_task_is_on_the_streams_and_a_cancel_ends_it_before_it_starts(
+    session: aiohttp.ClientSession, token_for: TokenFor, user_id: str
+) -> None:
+    """Sent to run in 4 s: PENDING on the streams (the snapshot, the status) from the
+    moment it is sent; cancelled meanwhile, it ends REVOKED without ever starting."""
+    async with session.ws_connect("/ws/tasks/", params={"token": token_for(user_id)}) as ws:
+        assert (await ws.receive_json(timeout=10))["type"] == "active_tasks"
+        result = resize_images.apply_async((2,), {"user_id": user_id}, countdown=4)
+        [pending] = await _read_until(ws, lambda m: m.get("task_id") == result.id)
+        assert (pending["type"], pending["status"]) == ("task_progress", "PENDING")
+        await ws.send_json({"type": "get_task_status", "task_id": result.id})
+        status = await _read_until(ws, lambda m: m["type"] == "task_status")
+        assert status[-1]["status"]["status"] == "PENDING"
+        await ws.send_json({"type": "cancel_task", "task_id": result.id})
+        events = await _read_until(ws, lambda m: m["type"] == "task_completed")
+    assert events[0] == {"type": "task_cancelled", "task_id": result.id, "success": True}
+    assert [e["status"] for e in events[1:]] == ["REVOKED"]  # never STARTED
     await eventually(lambda: _is(result, "REVOKED"), what="REVOKED stored in Celery")
 
 
