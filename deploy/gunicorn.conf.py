@@ -101,11 +101,15 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR") or _made_by_another_master(
     # Made and locked under a name other masters' clean-ups do not look at, then renamed:
     # none of them ever sees it without its lock held.
     _making = tempfile.mkdtemp(prefix=f".{METRICS_DIR_PREFIX}{os.getpid()}-")
-    _hold(_making)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(
-        os.path.dirname(_making), os.path.basename(_making)[1:]
-    )
-    os.rename(_making, os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    try:
+        _hold(_making)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(
+            os.path.dirname(_making), os.path.basename(_making)[1:]
+        )
+        os.rename(_making, os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    except BaseException:
+        shutil.rmtree(_making, ignore_errors=True)
+        raise
     # When the master exits, however it does (on_starting may refuse to start).
     atexit.register(_remove_metrics_dir, os.environ["PROMETHEUS_MULTIPROC_DIR"], os.getpid())
 

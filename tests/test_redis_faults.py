@@ -543,6 +543,23 @@ async def test_an_opening_waits_for_redis_no_longer_than_its_deadline(
     assert len(hub) == 0
 
 
+def test_a_publisher_gives_up_on_a_stalled_redis_in_time(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    """Redis takes the call and never answers: the publisher says so in seconds instead
+    of holding its caller (a web request sending a task) for ever."""
+    publisher = Publisher(redis_url)
+    try:
+        publisher.progress("u", "t", progress=1)  # a connection in the pool
+        with redis_server.paused():
+            started = time.monotonic()
+            with pytest.raises(BrokerUnavailable, match=r"(?i)timeout|timed out"):
+                publisher.progress("u", "t", progress=2)
+            assert time.monotonic() - started < 20
+    finally:
+        publisher.close()
+
+
 async def test_session_cookie_while_redis_stalls_gets_503_in_time(
     redis_server: RedisServer,
     redis_url: str,

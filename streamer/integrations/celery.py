@@ -233,19 +233,44 @@ class ProgressTask(Task):
         """Celery's, publishing PENDING first: a queued task is on its user's streams
         (in `active_tasks`, `get_task_status`), and a cancel reaches it before it
         starts. A retry is not queued anew (RETRY says it)."""
+        user_id = None
         if not options.get("retries"):
             task_id = task_id or uuid()
-            self._publish_pending(task_id, args or (), kwargs or {})
+            user_id = self._publish_pending(task_id, args or (), kwargs or {})
         send = super().apply_async
-        return send(  # type: ignore[no-untyped-call]
-            args, kwargs, task_id, producer, link, link_error, shadow, **options
-        )
+        try:
+            return send(  # type: ignore[no-untyped-call]
+                args, kwargs, task_id, producer, link, link_error, shadow, **options
+            )
+        except Exception as exc:
+            if user_id is not None:
+                self._not_sent(user_id, task_id, exc)
+            raise
 
-    def _publish_pending(self, task_id: str, args: Any, kwargs: Any) -> None:
+    def _publish_pending(self, task_id: str, args: Any, kwargs: Any) -> str | None:
+        """The task's user, when its PENDING was published."""
         user_id = self.streamer_user_id(args, kwargs)
         if user_id is None or not self._streamable(task_id):
-            return
+            return None
         self._publish_beginning(user_id, task_id, "PENDING")
+        return user_id
+
+    def _not_sent(self, user_id: str, task_id: str, exc: Exception) -> None:
+        """Sending failed (Celery's broker down, arguments it cannot encode): the task
+        published as PENDING ends FAILURE, unless it ended already (run eagerly)."""
+        try:
+            running = publisher_for(self.app).is_running(user_id, task_id)
+        except NoRedisURL as error:
+            _unconfigured(error)
+            return
+        except BrokerUnavailable as error:
+            log.warning("task %s[%s]: FAILURE not published: %s", self.name, task_id, error)
+            return
+        if running:
+            message = _publishable(f"the task could not be sent: {_describe(exc)}")
+            self._publish(
+                completed_event(user_id, task_id, status="FAILURE", error_message=message)
+            )
 
     def _publish_beginning(self, user_id: str, task_id: str, status: str) -> None:
         """PENDING when sent, STARTED when it starts: at 0 %, with its name."""
@@ -503,7 +528,7 @@ def _stop_watcher(**_: Any) -> None:
 def _publish_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
     """A running ProgressTask terminated (by this module's watcher, or by anyone with
     `app.control.revoke(..., terminate=True)`: an admin, Flower) ends REVOKED on the
-    streams. One revoked before it started never showed there."""
+    streams, as does one revoked or expired while queued (published PENDING when sent)."""
     if not isinstance(sender, ProgressTask) or request is None or request.id is None:
         return
     cancelled_by_user = None if _watcher is None else _watcher.revoked(request.id)

@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 from celery import Celery
 from celery.result import AsyncResult
+from kombu.exceptions import EncodeError
 
 from streamer.config import ConfigError
 from streamer.integrations.celery import ProgressTask
@@ -337,6 +338,30 @@ async def test_a_queued_task_is_on_the_streams_and_a_cancel_ends_it_before_it_st
     assert events[0] == {"type": "task_cancelled", "task_id": result.id, "success": True}
     assert [e["status"] for e in events[1:]] == ["REVOKED"]  # never STARTED
     await eventually(lambda: _is(result, "REVOKED"), what="REVOKED stored in Celery")
+
+
+@pytest.mark.usefixtures("celery_worker")
+async def test_a_task_that_could_not_be_sent_ends_failure(
+    session: aiohttp.ClientSession, token_for: TokenFor, user_id: str
+) -> None:
+    """PENDING went out, then Celery could not send the task (an argument it cannot
+    encode): the stream does not keep a queued task that no worker will ever run."""
+    async with session.ws_connect("/ws/tasks/", params={"token": token_for(user_id)}) as ws:
+        assert (await ws.receive_json(timeout=10))["type"] == "active_tasks"
+        with pytest.raises(EncodeError):
+            # No result wanted: Celery's result backend would keep listening for one.
+            resize_images.apply_async(
+                (object(),), {"user_id": user_id}, task_id="unsendable", ignore_result=True
+            )
+        events = await _read_until(ws, lambda m: m["type"] == "task_completed")
+        assert [(e["task_id"], e["status"]) for e in events] == [
+            ("unsendable", "PENDING"),
+            ("unsendable", "FAILURE"),
+        ]
+        assert events[-1]["error_message"].startswith("the task could not be sent: ")
+        await ws.send_json({"type": "get_active_tasks"})
+        [snapshot] = await _read_until(ws, lambda m: m["type"] == "active_tasks")
+        assert snapshot["tasks"] == []
 
 
 @pytest.mark.usefixtures("celery_worker")
