@@ -61,6 +61,11 @@ def _held(path: str) -> bool | None:
     return False
 
 
+def _owner_pid(path: str) -> str:
+    """The pid in a directory's name: streamer-metrics-<pid>-<random>."""
+    return os.path.basename(path.rstrip(os.sep))[len(METRICS_DIR_PREFIX) :].split("-")[0]
+
+
 def _pid_gone(pid: str) -> bool:
     try:
         os.kill(int(pid), 0)
@@ -76,8 +81,8 @@ def _remove_stale_metrics_dirs() -> None:
     pattern = os.path.join(tempfile.gettempdir(), f"{METRICS_DIR_PREFIX}*-*")
     for path in glob.glob(pattern):
         held = _held(path)
-        if held is None:  # by the pid in its name: streamer-metrics-<pid>-<random>
-            pid = os.path.basename(path)[len(METRICS_DIR_PREFIX) :].split("-")[0]
+        if held is None:  # by the pid in its name
+            pid = _owner_pid(path)
             stale = pid.isdigit() and _pid_gone(pid)
         else:
             stale = not held
@@ -88,10 +93,9 @@ def _remove_stale_metrics_dirs() -> None:
 def _made_by_another_master(path: str) -> bool:
     """One of these directories, inherited from the master that started this one
     (gunicorn's binary upgrade, SIGUSR2): that master removes it when it exits."""
-    name = os.path.basename(path.rstrip(os.sep))
-    if not name.startswith(METRICS_DIR_PREFIX):
+    if not os.path.basename(path.rstrip(os.sep)).startswith(METRICS_DIR_PREFIX):
         return False
-    return name[len(METRICS_DIR_PREFIX) :].split("-")[0] != str(os.getpid())
+    return _owner_pid(path) != str(os.getpid())
 
 
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR") or _made_by_another_master(

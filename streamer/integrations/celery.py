@@ -258,15 +258,7 @@ class ProgressTask(Task):
     def _not_sent(self, user_id: str, task_id: str, exc: Exception) -> None:
         """Sending failed (Celery's broker down, arguments it cannot encode): the task
         published as PENDING ends FAILURE, unless it ended already (run eagerly)."""
-        try:
-            running = publisher_for(self.app).is_running(user_id, task_id)
-        except NoRedisURL as error:
-            _unconfigured(error)
-            return
-        except BrokerUnavailable as error:
-            log.warning("task %s[%s]: FAILURE not published: %s", self.name, task_id, error)
-            return
-        if running:
+        if self._running(user_id, task_id, then="FAILURE"):
             message = _publishable(f"the task could not be sent: {_describe(exc)}")
             self._publish(
                 completed_event(user_id, task_id, status="FAILURE", error_message=message)
@@ -424,6 +416,17 @@ class ProgressTask(Task):
             log.warning("task %s[%s]: cancel flag not read: %s", self.name, task_id, exc)
         return False
 
+    def _running(self, user_id: str, task_id: str, *, then: str) -> bool:
+        """Whether the task is running (or queued), to publish `then` for it; False
+        when that cannot be read (logged)."""
+        try:
+            return publisher_for(self.app).is_running(user_id, task_id)
+        except NoRedisURL as exc:
+            _unconfigured(exc)
+        except BrokerUnavailable as exc:
+            log.warning("task %s[%s]: %s not published: %s", self.name, task_id, then, exc)
+        return False
+
     def _end_cancelled(self, user_id: object, task_id: str) -> None:
         self._publish(completed_event(user_id, task_id, status="REVOKED"))
         if not self.ignore_result:
@@ -542,15 +545,7 @@ def _publish_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
         return
     # Not when the run had just ended (its SUCCESS published as it was terminated): a
     # finished task's next event would start a new run, without its result.
-    try:
-        running = publisher_for(sender.app).is_running(user_id, request.id)
-    except NoRedisURL as exc:
-        _unconfigured(exc)
-        return
-    except BrokerUnavailable as exc:
-        log.warning("task %s[%s]: REVOKED not published: %s", sender.name, request.id, exc)
-        return
-    if running:
+    if sender._running(user_id, request.id, then="REVOKED"):
         sender._publish(completed_event(user_id, request.id, status="REVOKED"))
 
 
