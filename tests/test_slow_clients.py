@@ -275,3 +275,43 @@ async def test_a_client_that_reads_nothing_but_asks_for_its_tasks_is_cut_off_all
         assert len(hub) == 0
     finally:
         slow.close()
+
+
+async def test_a_slow_client_still_reading_is_told_why_it_was_cut_off(
+    client: TestClient,  # type: ignore[type-arg]
+    token_for: TokenFor,
+    user_id: str,
+) -> None:
+    """A client whose buffer overflowed while its socket was backed up gets what the
+    socket held, then the close code 4008 (SPEC: it knows to resume from its last id),
+    when it goes on reading within the send timeout."""
+    slow = await stalled_websocket(client, token_for(user_id))
+    try:
+        hub, broker = client.app[HUB], client.app[BROKER]
+        [connection] = hub.connections()
+        transport = connection._out  # the server's end of the slow client's socket
+        published: list[str] = []
+        backed_up = False
+        while connection.close_reason is None:
+            assert len(published) < MAX_EVENTS, "the slow client was never cut off"
+            backed_up = transport.get_write_buffer_size() > 0
+            event = completed_event(user_id, f"t{len(published)}", result_data=PAYLOAD)
+            published.append(str(await broker.publish(event)))
+            await asyncio.sleep(0)  # the turn of the event loop at whose end it is written
+        assert connection.close_reason is Reason.OVERFLOW
+        assert backed_up, "the socket was not backed up when the client was cut off"
+
+        def read_to_close() -> tuple[list[str], int]:
+            ids: list[str] = []
+            while True:
+                opcode, payload = slow.receive()
+                if opcode == OP_CLOSE:
+                    return ids, struct.unpack("!H", payload[:2])[0]
+                if opcode == OP_TEXT:
+                    ids.append(json.loads(payload)["id"])
+
+        received, code = await asyncio.wait_for(asyncio.to_thread(read_to_close), WAIT_S)
+        assert code == 4008
+        assert received and received == published[: len(received)]
+    finally:
+        slow.close()

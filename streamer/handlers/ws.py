@@ -79,7 +79,10 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     transport = request.transport
     assert transport is not None
     connection = connection_for(
-        request, admission, "websocket", functools.partial(_close, ws, transport)
+        request,
+        admission,
+        "websocket",
+        functools.partial(_close, ws, transport, cut_off_after_s=config.send_timeout_s),
     )
     last_event_id = admission.last_event_id
     del admission  # nothing of it is needed for the length of the stream
@@ -143,16 +146,30 @@ async def _upgrade(request: web.Request, ws: web.WebSocketResponse) -> bool:
 
 
 def _close(
-    ws: web.WebSocketResponse, transport: asyncio.Transport, reason: Reason, backed_up: bool
+    ws: web.WebSocketResponse,
+    transport: asyncio.Transport,
+    reason: Reason,
+    backed_up: bool,
+    *,
+    cut_off_after_s: float,
 ) -> asyncio.Future[object] | None:
     """Close with the reason's code (the closing handshake runs beside the handler, which
-    sees the close in its receive loop); a socket whose writes are backed up is aborted
-    instead: no close frame, and no graceful close, would get through."""
-    if backed_up:
+    sees the close in its receive loop). A socket whose writes are backed up is aborted
+    when its client stopped reading (no close frame would get through); after an
+    overflow, the close frame goes out behind what the socket holds, for a client that
+    still reads, and the socket is aborted if that has not ended it in
+    `cut_off_after_s`."""
+    if backed_up and reason is not Reason.OVERFLOW:
         transport.abort()
         return None
     code, text = CLOSE_CODES[reason]
-    return asyncio.ensure_future(ws.close(code=code, message=text))
+    if backed_up:
+        # A no-op once the connection is lost; the transport's own close would wait for
+        # its buffer to be read as long as the client lets it.
+        asyncio.get_running_loop().call_later(cut_off_after_s, transport.abort)
+    # Not waiting for a backed-up socket to drain: the handler sees the close at once
+    # and the stream is over for the hub.
+    return asyncio.ensure_future(ws.close(code=code, message=text, drain=not backed_up))
 
 
 _ENDS = frozenset({WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED})
