@@ -304,7 +304,7 @@ ENV_VARIABLES: dict[str, tuple[Callable[[str, str], Any], str]] = {
     "allowed_origins": (_origins, "comma-separated browser origins allowed to connect"),
     "history_size": (_int_between(1, 1_000_000), "events kept per user for resume"),
     "history_ttl": (_int_between(1, 30 * 86400), "seconds a user's history is kept"),
-    "heartbeat_s": (_seconds(0.1, 3600), "seconds between SSE heartbeat comments"),
+    "heartbeat_s": (_seconds(0.1, 3600), "seconds between SSE heartbeats"),
     "client_buffer": (_int_between(1, 1_000_000), "events buffered per slow client"),
     "client_buffer_bytes": (
         _int_between(64 * 1024, 1024**3),

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from . import logs
 from .connection import Connection, Limits
 from .reasons import BROKER_UNAVAILABLE_MESSAGE, Reason, Refused
-from .wire import SSE_HEARTBEAT, WS_PING, Delivery, EventId, Transport
+from .wire import WS_PING, Delivery, EventId, Transport
 
 # Upper bounds (seconds) of the publish-to-delivery latency histogram's buckets.
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -310,11 +310,11 @@ class Hub:
 
     @staticmethod
     def heartbeat(connections: Iterable[Connection]) -> None:
-        """A comment on SSE streams (proxies and clients see they are alive), and a look
+        """A heartbeat on SSE streams (proxies and clients see they are alive), and a look
         at the others: one whose client went away quietly is ended."""
         for connection in connections:
             if connection.transport == "sse":
-                connection.write_idle(SSE_HEARTBEAT)
+                connection.write_idle(connection.heartbeat)
             else:
                 connection.check()
 

@@ -10,6 +10,7 @@ shared by every connection that gets it.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import struct
@@ -139,6 +140,18 @@ def unchunked(data: bytes) -> bytes:
 
 
 SSE_HEARTBEAT = chunk(b": ping\n\n")
+
+
+@functools.lru_cache(maxsize=4)
+def sse_heartbeat_event(interval_s: float) -> bytes:
+    """The heartbeat as an event, for streams that ask for it (`?heartbeat=event`):
+    EventSource shows a page no comment, so only an event lets it tell a dead stream
+    from a quiet one, and the interval how long a silence may last. No `id:`, so the
+    resume point stays where it is."""
+    data = json.dumps({"type": "heartbeat", "interval_s": interval_s}, separators=(",", ":"))
+    return sse_chunk(data.encode(), event="heartbeat")
+
+
 END_OF_CHUNKED_BODY = b"0\r\n\r\n"
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlencode
@@ -48,6 +50,7 @@ window.taskStream = new Streamer.TaskStream({
   onEvent: (message) => window.seen.push(message),
   onStatus: (text, state) => { window.states.push(state); window.texts.push(text); },
   pollTimeoutMs: params.has("pollTimeoutMs") ? Number(params.get("pollTimeoutMs")) : undefined,
+  keepaliveMs: params.has("keepaliveMs") ? Number(params.get("keepaliveMs")) : undefined,
 });
 window.taskStream.start();
 </script></body></html>
@@ -460,3 +463,48 @@ async def test_a_poll_unanswered_for_too_long_is_made_again(
     refused = """(() => { try { new Streamer.TaskStream({pollTimeoutMs: -1}); return null; }
                  catch (error) { return error.message; } })()"""
     assert "pollTimeoutMs must be a positive number" in await browser.evaluate(refused)
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
+async def test_a_stream_gone_silent_is_taken_for_dead_and_opened_again(
+    transport: str,
+    browser: Browser,
+    page_server: TestServer,
+    start_streamer: StartStreamer,
+    publisher: Publisher,
+    token_for: Callable[..., str],
+    user_id: str,
+) -> None:
+    """A connection that died without the browser noticing (here: the server stopped,
+    its sockets open and silent) is noticed by the page: a WebSocket gets no answer to
+    its ping, an event stream misses its heartbeat events. The page reconnects, and
+    once the server answers again, resumes with what was published meanwhile."""
+    server = start_streamer(STREAMER_HEARTBEAT_S="0.5")
+    await open_page(
+        browser, page_server, server, token_for(user_id, ttl_s=3600), transport, "none",
+        keepaliveMs="1000",
+    )  # fmt: skip
+    await browser.wait_for(
+        "window.seen?.some((m) => m.type === 'active_tasks')", what="the snapshot"
+    )
+    await pause(browser, 2)  # pings answered (or heartbeats seen): still connected
+    assert await browser.evaluate("window.states.at(-1)") == "connected"
+    os.kill(server.process.pid, signal.SIGSTOP)
+    try:
+        await browser.wait_for(
+            "window.states.at(-1) === 'reconnecting'", what="the dead stream noticed"
+        )
+        texts = await browser.evaluate("window.texts")
+        expected = "no answer from the server" if transport == "websocket" else "brought nothing"
+        assert expected in texts[-1], texts
+        meanwhile = publisher.progress(user_id, "t", progress=7)
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+    await browser.wait_for(
+        f"{event_ids_js()}.includes({json.dumps(meanwhile)})", what="the event published meanwhile"
+    )
+    assert await browser.evaluate("window.states.at(-1)") == "connected"
+    assert await browser.evaluate(event_ids_js()) == [meanwhile]
+    refused = """(() => { try { new Streamer.TaskStream({keepaliveMs: 0}); return null; }
+                 catch (error) { return error.message; } })()"""
+    assert "keepaliveMs must be a positive number" in await browser.evaluate(refused)

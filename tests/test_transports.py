@@ -176,6 +176,30 @@ async def test_sse_stream_framing_and_headers(
     response.close()
 
 
+async def test_sse_heartbeat_as_an_event_for_pages_that_ask(
+    client: TestClient,  # type: ignore[type-arg]
+    token_for: TokenFor,
+    user_id: str,
+) -> None:
+    """EventSource shows a page no comment: with `?heartbeat=event` the heartbeat is an
+    event carrying its interval, without an id (the resume point stays)."""
+    token = token_for(user_id)
+    async with client.get(f"/sse/tasks/?token={token}&heartbeat=event") as response:
+        assert response.status == 200
+        reader = SseReader(response)
+        snapshot = await reader.next()
+        assert snapshot.event == "active_tasks"
+        event_id = await publish_progress(client, user_id, "job", progress=3)
+        assert (await reader.next()).id == event_id
+        heartbeat = await reader.next(timeout=5)  # heartbeat_s is 0.5 in tests
+        assert heartbeat.event == "heartbeat" and heartbeat.id is None
+        assert heartbeat.json == {"type": "heartbeat", "interval_s": 0.5}
+        assert reader.comments == []
+    async with client.get(f"/sse/tasks/?token={token}&heartbeat=events") as refused:
+        assert refused.status == 400
+        assert (await refused.json())["code"] == "invalid_heartbeat"
+
+
 async def test_sse_over_http_1_0_is_unframed_and_ends_with_the_connection(
     client: TestClient, token_for: TokenFor, user_id: str
 ) -> None:

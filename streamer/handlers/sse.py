@@ -41,11 +41,19 @@ SSE_HEADERS = {
     "X-Accel-Buffering": "no",  # nginx: pass each event on at once
 }
 END_TIMEOUT_S = 2.0
+# `?heartbeat=`: how an idle stream shows it is alive (a comment, as SPEC says, unless
+# the client asks for an event: a page's EventSource sees events only).
+HEARTBEATS = ("comment", "event")
 
 
 async def sse_handler(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG]
     cors = cors_headers(request, config.allowed_origins)
+    heartbeat = request.query.get("heartbeat", "comment")
+    if heartbeat not in HEARTBEATS:
+        refused = json_error(400, "invalid_heartbeat", 'heartbeat must be "comment" or "event"')
+        refused.headers.update(cors)
+        return refused
     try:
         admission = await admit(request, last_event_header=True)
     except Refused as refusal:
@@ -61,6 +69,8 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
     chunked = request.version >= HttpVersion11
     out = socket if chunked else Unchunked(socket)
     connection = connection_for(request, admission, "sse", _close_transport, out=out)
+    if heartbeat == "event":
+        connection.heartbeat = wire.sse_heartbeat_event(config.heartbeat_s)
     last_event_id = admission.last_event_id
     del admission  # nothing of it is needed for the length of the stream
     try:

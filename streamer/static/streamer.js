@@ -53,6 +53,14 @@
   // by default) before the connection is taken for dead (a NAT entry dropped, a laptop that
   // slept) and a new poll is made.
   const POLL_ANSWER_MS = 60000;
+  // How long a WebSocket may bring nothing before the page pings the server; as long again
+  // without an answer, the connection is taken for dead (a NAT entry dropped, a laptop that
+  // slept: the browser itself may not notice for many minutes) and a new one is made.
+  const KEEPALIVE_MS = 30000;
+  // An event stream asks for its heartbeats as events (EventSource shows JavaScript no
+  // comment); one silent for this many of their intervals, plus a margin, is taken for dead.
+  const HEARTBEATS_MISSED = 3;
+  const HEARTBEAT_MARGIN_MS = 2000;
   const MAX_DELAY_MS = 10000;
   // How long the check whether a failed stream was refused for its credentials may take.
   const REFUSAL_CHECK_MS = 5000;
@@ -133,6 +141,13 @@
       }
       /** How long a long poll may go unanswered before a new one is made. */
       this.pollTimeoutMs = pollTimeoutMs;
+      const keepaliveMs = opts.keepaliveMs ?? KEEPALIVE_MS;
+      if (typeof keepaliveMs !== "number" || !(keepaliveMs > 0 && keepaliveMs < 2 ** 31)) {
+        throw new Error(`keepaliveMs must be a positive number of ms, got ${keepaliveMs}`);
+      }
+      /** How long a WebSocket may be silent before a ping; as long again, before a new one. */
+      this.keepaliveMs = keepaliveMs;
+      this._silenceTimer = null; // the open connection is taken for dead when it fires
       this._refreshTimer = null;
       this._refreshedSinceMessage = false; // a refused token was replaced: no second try
       /** Share one connection among this browser's tabs (Web Locks + BroadcastChannel). */
@@ -379,11 +394,13 @@
         opened = true;
         openedAt = Date.now();
         this._markStableLater();
+        this._keepAlive(socket);
         this._status("connected (websocket)", "connected");
       };
       socket.onmessage = (event) => {
         if (this._socket !== socket) return; // replaced: its last messages are not ours
         received = true;
+        this._keepAlive(socket);
         this._receive(event.data);
       };
       socket.onclose = (event) => {
@@ -407,6 +424,29 @@
           this._reconnect(`connection closed (code ${event.code})`);
         }
       };
+    }
+
+    /**
+     * The WebSocket brought something (or opened): after keepaliveMs of silence the server
+     * is pinged, and after as long again without a word from it, a new connection is made.
+     */
+    _keepAlive(socket) {
+      const seconds = Math.round(this.keepaliveMs / 1000);
+      this._silence(this.keepaliveMs, () => {
+        if (this._socket !== socket || !this.send({ type: "ping" })) return;
+        this._silence(this.keepaliveMs, () => {
+          if (this._socket === socket) this._reconnect(`no answer from the server in ${seconds} s`);
+        });
+      });
+    }
+
+    /** Run `then` after `ms` unless something is heard (or the connection ends) first. */
+    _silence(ms, then) {
+      clearTimeout(this._silenceTimer);
+      this._silenceTimer = setTimeout(() => {
+        this._silenceTimer = null;
+        then();
+      }, ms);
     }
 
     _webSocketFailed(text) {
@@ -442,7 +482,9 @@
     }
 
     _openEventSource() {
-      const url = this._endpoint("/sse/tasks/", "http");
+      const endpoint = new URL(this._endpoint("/sse/tasks/", "http"));
+      endpoint.searchParams.set("heartbeat", "event"); // what a page can see
+      const url = endpoint.toString();
       // Without a token the credentials are cookies: sent to another origin only when asked.
       const source = new EventSource(url, { withCredentials: !this.token });
       this._source = source;
@@ -451,13 +493,37 @@
         this._status("connected (sse)", "connected");
       };
       let received = false;
+      // Known from the first heartbeat: how long the stream may be silent.
+      let silenceMs = null;
+      const heard = () => {
+        if (silenceMs === null) return;
+        this._silence(silenceMs, () => {
+          if (this._source !== source) return;
+          const seconds = Math.round(silenceMs / 1000);
+          this._reconnect(`the event stream brought nothing for ${seconds} s`);
+        });
+      };
       for (const name of SSE_EVENTS) {
         source.addEventListener(name, (event) => {
           if (this._source !== source) return; // replaced
           received = true;
+          heard();
           this._receive(event.data);
         });
       }
+      source.addEventListener("heartbeat", (event) => {
+        if (this._source !== source) return;
+        let interval = null;
+        try {
+          interval = JSON.parse(event.data).interval_s;
+        } catch (error) {
+          interval = null;
+        }
+        if (typeof interval === "number" && interval > 0 && interval <= 3600) {
+          silenceMs = interval * 1000 * HEARTBEATS_MISSED + HEARTBEAT_MARGIN_MS;
+        }
+        heard();
+      });
       if (this.requestedTransport === "auto") {
         // The snapshot is the first thing the server sends, at once: a stream that brings
         // nothing for this long, from a server that answers over HTTP, is held back by a
@@ -638,6 +704,8 @@
 
     _disconnect() {
       this._cancelStable();
+      clearTimeout(this._silenceTimer);
+      this._silenceTimer = null;
       const socket = this._socket;
       const source = this._source;
       const poll = this._poll;
