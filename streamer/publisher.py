@@ -54,6 +54,9 @@ from .events import (
 __all__ = ["AsyncPublisher", "BrokerUnavailable", "Publisher"]
 
 _DEFAULTS = {"history_size": 1000, "history_ttl": 3600}
+# How long a publisher waits for Redis to connect, and to answer a call, before it raises
+# BrokerUnavailable (a stalled Redis must not hold its caller, a web request, for ever).
+REDIS_TIMEOUT_S = 5.0
 
 
 class NoRedisURL(ConfigError):
@@ -104,7 +107,9 @@ class Publisher:
         url, self._limits = _settings(redis_url, os.environ)
         try:
             # A Redis Cluster client learns the cluster's layout as it is made.
-            self._client = redis_client_sync(url, socket_connect_timeout=5)
+            self._client = redis_client_sync(
+                url, socket_connect_timeout=REDIS_TIMEOUT_S, socket_timeout=REDIS_TIMEOUT_S
+            )
         except REDIS_ERRORS as exc:
             raise BrokerUnavailable(f"could not reach Redis: {redis_failure(exc)}") from exc
         self._limits = dataclasses.replace(self._limits, db=database(self._client))
@@ -170,7 +175,9 @@ class AsyncPublisher:
 
     def __init__(self, redis_url: str | None = None) -> None:
         url, self._limits = _settings(redis_url, os.environ)
-        self._client = redis_client(url, socket_connect_timeout=5)
+        self._client = redis_client(
+            url, socket_connect_timeout=REDIS_TIMEOUT_S, socket_timeout=REDIS_TIMEOUT_S
+        )
         self._limits = dataclasses.replace(self._limits, db=database(self._client))
         self._queue = PublishQueue(self._client, self._limits)
         self._loop: weakref.ref[asyncio.AbstractEventLoop] | None = None

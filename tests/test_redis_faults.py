@@ -19,6 +19,7 @@ from streamer.broker import redis_subscriber
 from streamer.broker.redis import RedisBroker
 from streamer.broker.redis_schema import user_channel
 from streamer.config import Config
+from streamer.events import progress_event
 from streamer.handlers import admission
 from streamer.publisher import AsyncPublisher, BrokerUnavailable, Publisher
 from streamer.reasons import Reason
@@ -558,6 +559,27 @@ def test_a_publisher_gives_up_on_a_stalled_redis_in_time(
             assert time.monotonic() - started < 20
     finally:
         publisher.close()
+
+
+@pytest.mark.parametrize("fresh", [False, True], ids=["held connection", "new connection"])
+async def test_an_async_publisher_gives_up_on_a_stalled_redis_in_time(
+    redis_server: RedisServer, redis_url: str, fresh: bool
+) -> None:
+    """The same for AsyncPublisher: its publish, with the connection it holds or with
+    one it opens while Redis stalls, and its other calls."""
+    async with AsyncPublisher(redis_url) as publisher:
+        if not fresh:
+            await publisher.progress("u", "t", progress=1)
+        with redis_server.paused():
+            for call in (
+                lambda: publisher.progress("u", "t", progress=2),
+                lambda: publisher.publish_many([progress_event("u", "t", progress=3)]),
+                lambda: publisher.is_cancelled("u", "t"),
+            ):
+                started = time.monotonic()
+                with pytest.raises(BrokerUnavailable, match=r"(?i)timeout|timed out"):
+                    await asyncio.wait_for(call(), 40)
+                assert time.monotonic() - started < 20
 
 
 async def test_session_cookie_while_redis_stalls_gets_503_in_time(

@@ -26,6 +26,7 @@ from .redis_connect import current_master, watches_master
 from .redis_schema import ScriptCall
 
 Argument = str | int | float
+CALL_TIMEOUT_S = 5.0
 
 
 def resp_command(parts: Sequence[Argument]) -> bytes:
@@ -92,7 +93,9 @@ class HeldScript:
         self._behind_sentinel = watches_master(pool)
         self._settings = {**pool.connection_kwargs, "socket_timeout": None}
         self._connection_class: type[AbstractConnection] = pool.connection_class
-        self._timeout: float | None = pool.connection_kwargs.get("socket_timeout")
+        # The client's, or (when it was given none) what redis-py's connections default
+        # to: a call is never left waiting for ever.
+        self._timeout: float = pool.connection_kwargs.get("socket_timeout") or CALL_TIMEOUT_S
         self._script = script
         self._sha = hashlib.sha1(script.encode()).hexdigest()
         self._connection: AbstractConnection | None = None
@@ -101,9 +104,11 @@ class HeldScript:
     async def each(self, calls: Iterator[ScriptCall]) -> AsyncGenerator[object, None]:
         call = next(calls, None)
         while call is not None:
-            connection = await self._usable_connection()
             try:
                 async with asyncio.timeout(self._timeout):
+                    # Connecting is bounded too: a stalled Redis accepts the connection
+                    # and never answers its handshake.
+                    connection = await self._usable_connection()
                     await self._send(connection, call)
                     following = next(calls, None)
                     reply = await self._reply(connection, call)
@@ -148,7 +153,11 @@ class HeldScript:
             connection = self._connection_class(**self._settings)
             # Connected here, not by its first command, which would skip how a connection
             # behind Sentinel finds the master (redis-py's default address instead).
-            await connection.connect()  # type: ignore[no-untyped-call]
+            try:
+                await connection.connect()  # type: ignore[no-untyped-call]
+            except BaseException:
+                await connection.disconnect(nowait=True)
+                raise
             self._connection = connection
         return self._connection
 
