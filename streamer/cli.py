@@ -245,7 +245,7 @@ def _event_from_args(args: argparse.Namespace) -> TaskEvent:
 
 def _publish(args: argparse.Namespace) -> int:
     event = _event_from_args(args)
-    redis_url = args.redis_url or os.environ.get("STREAMER_REDIS_URL")
+    redis_url = _setting(args.redis_url, "STREAMER_REDIS_URL")
     if redis_url and not args.url:
         from .publisher import Publisher
 
@@ -256,9 +256,16 @@ def _publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def _setting(flag: str | None, variable: str) -> str | None:
+    """The flag's value, else the environment's; trimmed, and blank is none (as the
+    service reads its settings)."""
+    value = (flag or os.environ.get(variable) or "").strip()
+    return value or None
+
+
 def _publish_over_http(event: TaskEvent, args: argparse.Namespace) -> str:
     url = service_url(DEFAULT_URL if args.url is None else args.url) + "/api/tasks/events"
-    key = args.publish_key or os.environ.get("STREAMER_PUBLISH_KEY")
+    key = _setting(args.publish_key, "STREAMER_PUBLISH_KEY")
     if not key:
         raise ConfigError("publishing over HTTP needs --publish-key or STREAMER_PUBLISH_KEY")
     body = json.dumps(

@@ -106,6 +106,8 @@ def validate_identifier(name: str, value: object) -> str:
     or separator characters other than the space, and no lone surrogates."""
     if isinstance(value, bool):
         raise EventError(f"{name} must be a string, got a boolean")
+    if isinstance(value, int) and abs(value) >= 10**MAX_ID_LENGTH:
+        raise EventError(f"{name} must be 1 to {MAX_ID_LENGTH} characters long")
     if isinstance(value, int | uuid.UUID):
         value = str(value)
     if not isinstance(value, str):
@@ -221,6 +223,10 @@ class TaskEvent:
     type: EventType
     fields: Mapping[str, Any]
     published_at: str = field(default_factory=utc_now_iso)
+    # Set by the builders, which validate: an event made any other way (by hand, or
+    # with dataclasses.replace, which does not copy it) is validated before it is
+    # published (`validated`).
+    _built: bool = field(default=False, init=False, repr=False, compare=False)
 
     @property
     def status(self) -> str:
@@ -322,12 +328,19 @@ def progress_event(
         "estimated_completion": _iso_timestamp("estimated_completion", estimated_completion),
     }
     fields.update({k: v for k, v in optional.items() if v is not None})
-    return TaskEvent(
-        user_id=validate_identifier("user_id", user_id),
-        task_id=validate_task_id(task_id),
-        type="task_progress",
-        fields=fields,
+    return _built(
+        TaskEvent(
+            user_id=validate_identifier("user_id", user_id),
+            task_id=validate_task_id(task_id),
+            type="task_progress",
+            fields=fields,
+        )
     )
+
+
+def _built(event: TaskEvent) -> TaskEvent:
+    object.__setattr__(event, "_built", True)
+    return event
 
 
 def _status_error(kind: str, allowed: Collection[str], status: object) -> EventError:
@@ -364,11 +377,13 @@ def completed_event(
         "result_data": _result_data(result_data),
         "error_message": _optional_text("error_message", error_message),
     }
-    return TaskEvent(
-        user_id=validate_identifier("user_id", user_id),
-        task_id=validate_task_id(task_id),
-        type="task_completed",
-        fields=fields,
+    return _built(
+        TaskEvent(
+            user_id=validate_identifier("user_id", user_id),
+            task_id=validate_task_id(task_id),
+            type="task_completed",
+            fields=fields,
+        )
     )
 
 
@@ -421,3 +436,28 @@ def event_from_payload(payload: object) -> TaskEvent:
         return progress_event(user_id, task_id, **body)
     body.setdefault("status", "SUCCESS")
     return completed_event(user_id, task_id, **body)
+
+
+def validated(event: TaskEvent) -> TaskEvent:
+    """`event` when `progress_event` or `completed_event` made it; else the same event
+    as they make it (the checks and the defaults of their arguments), or EventError
+    for what they refuse."""
+    if event._built:
+        return event
+    fields = event.fields
+    if not isinstance(fields, Mapping) or not all(isinstance(name, str) for name in fields):
+        raise EventError("fields must be a mapping of field names to values")
+    if event.type == "task_progress":
+        allowed, build = _PROGRESS_KEYS, progress_event
+    elif event.type == "task_completed":
+        allowed, build = _COMPLETED_KEYS, completed_event  # type: ignore[assignment]
+    else:
+        raise EventError("type must be task_progress or task_completed")
+    unknown = sorted(set(fields) - allowed)
+    if unknown:
+        raise EventError(f"unknown field(s) for {event.type}: {', '.join(unknown)}")
+    made = build(event.user_id, event.task_id, **fields)
+    published_at = _iso_timestamp("published_at", event.published_at)
+    if published_at is None:
+        raise EventError("published_at must be an ISO 8601 timestamp")
+    return _built(TaskEvent(made.user_id, made.task_id, made.type, made.fields, published_at))

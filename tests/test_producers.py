@@ -217,6 +217,22 @@ def test_cli_publish_errors_are_clear(
     assert "s3cret" not in result.stderr
 
 
+def test_cli_publish_takes_blank_settings_for_unset(process_env: dict[str, str]) -> None:
+    """As everywhere else, a blank STREAMER_REDIS_URL or STREAMER_PUBLISH_KEY is no
+    setting: it publishes over HTTP, and says it needs a key."""
+    env = {**process_env, "STREAMER_REDIS_URL": " ", "STREAMER_PUBLISH_KEY": "  "}
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    result = subprocess.run(
+        [str(BIN / "streamer"), "publish", "--user", "u", "--task", "t", "--url", url],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "publishing over HTTP needs --publish-key" in result.stderr, result.stderr
+
+
 async def test_http_publish_reads_a_body_sent_in_pieces(
     client: TestClient, token_for: TokenFor, user_id: str
 ) -> None:

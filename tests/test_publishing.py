@@ -406,6 +406,15 @@ async def test_publish_many_sends_nothing_when_one_event_is_malformed(redis_url:
         # The same shape as `good` (checked once per shape), with values JSON cannot carry.
         dataclasses.replace(good, fields={**good.fields, "progress": {"a set"}}),
         dataclasses.replace(good, published_at=object()),  # type: ignore[arg-type]
+        # Made by hand or with replace: validated as the builders validate.
+        TaskEvent("u", "t", "task_progress", {"status": "SUCCESS", "progress": "lots"}),
+        TaskEvent("u", "t", "task_completed", {"status": "PROGRESS", "result_data": [1, 2]}),
+        dataclasses.replace(good, fields={**good.fields, "progress": 101}),
+        dataclasses.replace(good, fields={**good.fields, "current_step": 5}),
+        dataclasses.replace(good, fields={"status": "PROGRESS", "result_data": {}}),
+        dataclasses.replace(good, user_id=""),
+        dataclasses.replace(good, task_id=".."),
+        dataclasses.replace(good, published_at="yesterday"),
     ]
     with Publisher(redis_url) as publisher, redis.Redis.from_url(redis_url) as admin:
         with pytest.raises(EventError, match="progress"):
@@ -418,6 +427,20 @@ async def test_publish_many_sends_nothing_when_one_event_is_malformed(redis_url:
                     await async_publisher.publish_many([good, bad])  # type: ignore[list-item]
         assert admin.dbsize() == 0  # not even the epoch: no script ran
         assert publisher.publish_many([]) == []
+    for bad in malformed[7:]:  # the embedded broker refuses them too
+        with pytest.raises(EventError):
+            await MemoryBroker(history_size=10, history_ttl=60).publish(bad)  # type: ignore[arg-type]
+
+
+def test_an_event_made_by_hand_is_published_as_the_builders_make_it(redis_url: str) -> None:
+    by_hand = TaskEvent("u", 42, "task_completed", {"status": "FAILURE"})  # type: ignore[arg-type]
+    with Publisher(redis_url) as publisher, redis.Redis.from_url(redis_url) as admin:
+        publisher.publish(by_hand)
+        state = {k.decode(): v.decode() for k, v in admin.hgetall(task_key("u", "42")).items()}
+    assert state["status"] == '"FAILURE"' and state["result_data"] == "{}"
+    assert state["task_id"] == '"42"' and state["completed_at"] == f'"{by_hand.published_at}"'
+    with pytest.raises(EventError, match="user_id must be 1 to 200 characters"):
+        progress_event(10**5000, "t")  # more digits than Python turns into a string
 
 
 async def test_a_batch_larger_than_a_chunk_goes_in_several_script_calls_in_order(

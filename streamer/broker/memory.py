@@ -10,7 +10,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..events import TaskEvent, TaskState, dumps, full_task_state
+from ..events import TaskEvent, TaskState, dumps, full_task_state, validated
 from ..wire import Delivery, EventId, with_id
 from .base import (
     ACTIVE_TASK_TTL_S,
@@ -128,6 +128,7 @@ class MemoryBroker(Broker):
         return self._users.get(user_id)
 
     async def publish(self, event: TaskEvent) -> EventId:
+        event = validated(event)  # one made by hand
         self._tasks(event.user_id, event.task_id)
         tasks = self._users.setdefault(event.user_id, _UserTasks())
         update = event.state_update()

@@ -14,7 +14,14 @@ import time
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from ..events import EVENT_STATE_FIELDS, TASK_STATE_FIELDS, EventError, TaskEvent, dumps
+from ..events import (
+    EVENT_STATE_FIELDS,
+    TASK_STATE_FIELDS,
+    EventError,
+    TaskEvent,
+    dumps,
+    validated,
+)
 from .base import ACTIVE_TASK_TTL_S
 from .redis_schema import (
     EPOCH_KEY,
@@ -378,6 +385,7 @@ def check_event(event: TaskEvent) -> TaskEvent:
     before anything is sent."""
     if not isinstance(event, TaskEvent):
         raise TypeError(f"expected a TaskEvent, got {type(event).__name__}")
+    event = validated(event)  # one made by hand
     fields = event.fields
     key = _shape_key(event)
     if key is None or key not in _SHAPES:
