@@ -457,6 +457,12 @@ async def test_a_poll_unanswered_for_too_long_is_made_again(
         "window.texts.some((text) => text.includes('no answer in 2 s'))",
         what="the held poll given up",
     )
+    # The polls after it are held too (resumed, nothing new): the page shows itself
+    # connected while they are (the server took them), not "connecting".
+    await browser.wait_for(
+        "window.states.lastIndexOf('connected') > window.states.indexOf('reconnecting')",
+        what="the page connected again while its poll is held",
+    )
     sent = await publish_and_see(browser, publisher, user_id)
     assert await browser.evaluate(event_ids_js()) == [sent]
     # A bad value is refused at once.

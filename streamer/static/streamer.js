@@ -583,12 +583,26 @@
 
     async _pollLoop(controller) {
       let connected = false;
+      const showConnected = () => {
+        if (connected || this._poll !== controller || !this._running) return;
+        connected = true;
+        this._status("connected (poll)", "connected");
+        this._markStableLater();
+      };
+      let first = true;
       while (this._running && this._poll === controller) {
         const url = new URL("/poll/tasks/", this.url);
         if (this.taskId) url.searchParams.set("task_id", this.taskId);
         if (this.lastEventId) url.searchParams.set("last_event_id", this.lastEventId);
         const headers = { Accept: "application/json" };
         if (this.token) headers.Authorization = `Bearer ${this.token}`;
+        if (first && this.lastEventId) {
+          // A resumed poll is held until events come: whether the server takes it is
+          // asked with HEAD (answered at once, nothing held), so that the page shows
+          // itself connected meanwhile.
+          pollTaken(url.toString(), headers, this.token).then((taken) => taken && showConnected());
+        }
+        first = false;
         let response;
         let body;
         // Aborted when the loop is stopped or replaced, or when no answer came in time.
@@ -630,11 +644,7 @@
         // The token was taken: its refusal later gets a new one (a resumed poll of an idle
         // user may answer nothing, so no message says it).
         this._refreshedSinceMessage = false;
-        if (!connected) {
-          connected = true;
-          this._status("connected (poll)", "connected");
-          this._markStableLater();
-        }
+        showConnected();
         for (const message of body.events) {
           if (this._poll !== controller) return;
           if (message === null || typeof message !== "object") continue;
@@ -987,6 +997,22 @@
     } finally {
       clearTimeout(timer);
       controller.abort();
+    }
+  }
+
+  /** Would a poll be taken (HEAD: answered at once, nothing read, nothing held)? */
+  async function pollTaken(url, headers, token) {
+    try {
+      const response = await fetch(url, {
+        method: "HEAD",
+        headers,
+        credentials: token ? "same-origin" : "include",
+        cache: "no-store",
+        signal: AbortSignal.timeout(REFUSAL_CHECK_MS),
+      });
+      return response.ok;
+    } catch (error) {
+      return false;
     }
   }
 
