@@ -463,6 +463,24 @@ async def test_the_subscriber_is_ready_when_redis_confirms_not_when_its_time_is_
             await broker.close()
 
 
+async def test_a_start_while_redis_stalls_waits_for_it_a_few_seconds_only(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    """A worker started (or reloaded) while Redis takes connections and answers
+    nothing serves after a few seconds, not ready (its health check answers), instead
+    of waiting for the epoch and the subscriber each for as long as a command may."""
+    broker = RedisBroker(redis_url, history_size=10, history_ttl=60)
+    with redis_server.paused():
+        started = time.monotonic()
+        await broker.start(_Recorder())
+        try:
+            took = time.monotonic() - started
+            assert not await broker.ready()
+            assert took < 5, took
+        finally:
+            await broker.close()
+
+
 async def test_a_silent_subscriber_connection_is_replaced(
     redis_url: str, caplog: pytest.LogCaptureFixture, user_id: str
 ) -> None:

@@ -77,6 +77,10 @@ REDIS_POOL_WAIT_S = 10.0
 # instead of holding its caller, a client's command loop say, for good.
 REDIS_COMMAND_TIMEOUT_S = 10.0
 IDLE_PING_S = 15.0
+# The longest a start waits for Redis (the epoch, the subscriber) before the process
+# serves: a stalled Redis must not keep a starting or reloaded worker from answering
+# (its health check included); what was not read by then is read later.
+STARTUP_WAIT_S = 3.0
 PONG_TIMEOUT_S = 10.0
 
 
@@ -153,11 +157,13 @@ class RedisBroker(Broker):
         self._snapshot_script = self._client.register_script(SNAPSHOT_SCRIPT)
         self._replay_script = self._client.register_script(REPLAY_SCRIPT)
         self._listener = listener
+        deadline = asyncio.get_running_loop().time() + STARTUP_WAIT_S
         if isinstance(self._client, aiocluster.RedisCluster):
             self._user_fence = UserFence(self._client, ttl_s=user_epoch_ttl(self._history_ttl))
         else:
-            with contextlib.suppress(*REDIS_ERRORS):
-                self._epoch = await self._read_epoch()
+            with contextlib.suppress(*REDIS_ERRORS, TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    self._epoch = await self._read_epoch()
         subscriber_class = ClusterSubscriber if self._cluster else Subscriber
         self._subscriber = subscriber_class(
             self._url,
@@ -173,7 +179,8 @@ class RedisBroker(Broker):
         # do not refuse to start while Redis is down: the subscriber keeps retrying
         # and /readyz reports not ready meanwhile.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._subscriber.ready.wait(), timeout=5)
+            async with asyncio.timeout_at(deadline):
+                await self._subscriber.ready.wait()
 
     async def close(self) -> None:
         if self._subscriber_task is not None:
