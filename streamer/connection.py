@@ -234,6 +234,15 @@ class Connection:
             self._done = asyncio.get_running_loop().create_future()
         return await self._done
 
+    def ending(self) -> asyncio.Future[Reason]:
+        """Resolved with why the connection ended, once it has; `ended()` waits on the
+        same future, so it is never to be cancelled."""
+        if self._done is None:
+            self._done = asyncio.get_running_loop().create_future()
+            if self.close_reason is not None:
+                self._done.set_result(self.close_reason)
+        return self._done
+
     def _resolve_done(self) -> None:
         if self._done is not None and not self._done.done():
             assert self.close_reason is not None

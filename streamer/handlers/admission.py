@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
@@ -150,10 +151,42 @@ async def open_stream(
     turn = await _take_turn(request, connection.user_id)
     try:
         async with asyncio.timeout(OPENING_DEADLINE_S):
-            return await _attach_and_read(request, connection, turn, last_event_id, encode_snapshot)
+            return await _unless_ended(
+                request,
+                connection,
+                _attach_and_read(request, connection, turn, last_event_id, encode_snapshot),
+            )
     except TimeoutError:
         hub.refused[Reason.BROKER_UNAVAILABLE] += 1
         raise Refused(Reason.BROKER_UNAVAILABLE, BROKER_UNAVAILABLE_MESSAGE) from None
+
+
+# An opening whose connection the server ended meanwhile (the process shuts down, the
+# credentials expired) is refused at once, for that reason, instead of waiting for the
+# broker: what each ending becomes.
+ENDED_WHILE_OPENING = {
+    Reason.SHUTDOWN: Refused(Reason.SHUTTING_DOWN, "the server is shutting down; reconnect"),
+    Reason.EXPIRED: Refused(Reason.UNAUTHORIZED, "the credentials expired"),
+}
+
+
+async def _unless_ended(
+    request: web.Request, connection: Connection, opening: Awaitable[Opening]
+) -> Opening:
+    reading = asyncio.ensure_future(opening)
+    ended = connection.ending()  # waited on, never cancelled: the handler waits on it later
+    try:
+        waited: set[asyncio.Future[Any]] = {reading, ended}
+        await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
+        refusal = None if reading.done() else ENDED_WHILE_OPENING.get(ended.result())
+        if refusal is None:
+            return await reading  # the client going away ends the reading by itself
+        reading.cancel()
+        await asyncio.wait({reading})  # it counts the connection out
+        request.app[HUB].refused[refusal.reason] += 1
+        raise Refused(refusal.reason, refusal.message)
+    finally:
+        reading.cancel()
 
 
 async def _attach_and_read(

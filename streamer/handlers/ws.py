@@ -91,8 +91,12 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
             request, connection, last_event_id=last_event_id, encode_snapshot=_snapshot_frame
         )
     except Refused as refusal:
-        code, text = CLOSE_CODES[refusal.reason]
-        await ws.close(code=code, message=text)
+        if connection.closing is None:
+            code, text = CLOSE_CODES[refusal.reason]
+            await ws.close(code=code, message=text)
+        else:  # ended by the server while it opened: that close is under way
+            with contextlib.suppress(Exception):
+                await connection.closing
         return ws
     hub = request.app[HUB]
     ended_by: Reason | None = None
