@@ -214,6 +214,25 @@ def _result_data(value: object) -> dict[str, Any]:
     return loaded
 
 
+class BuiltFields(dict[str, Any]):
+    """The fields of an event a builder made: read-only, so that what was validated is
+    what is published (an event is not reused by changing its fields: build another)."""
+
+    __slots__ = ()
+
+    def _refuse(self, *args: object, **kwargs: object) -> Any:
+        raise TypeError(
+            "an event's fields cannot be changed once it is built: build another "
+            "(progress_event, completed_event)"
+        )
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _refuse
+    __ior__ = _refuse
+
+    def __reduce__(self) -> tuple[type[BuiltFields], tuple[dict[str, Any]]]:
+        return BuiltFields, (dict(self),)  # made again whole, not item by item
+
+
 @dataclass(frozen=True)
 class TaskEvent:
     """One validated progress or completion event, before it gets its id."""
@@ -333,7 +352,7 @@ def progress_event(
             user_id=validate_identifier("user_id", user_id),
             task_id=validate_task_id(task_id),
             type="task_progress",
-            fields=fields,
+            fields=BuiltFields(fields),
         )
     )
 
@@ -382,7 +401,7 @@ def completed_event(
             user_id=validate_identifier("user_id", user_id),
             task_id=validate_task_id(task_id),
             type="task_completed",
-            fields=fields,
+            fields=BuiltFields(fields),
         )
     )
 

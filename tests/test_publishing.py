@@ -441,6 +441,10 @@ def test_an_event_made_by_hand_is_published_as_the_builders_make_it(redis_url: s
     assert state["task_id"] == '"42"' and state["completed_at"] == f'"{by_hand.published_at}"'
     with pytest.raises(EventError, match="user_id must be 1 to 200 characters"):
         progress_event(10**5000, "t")  # more digits than Python turns into a string
+    built = progress_event("u", "t", progress=5)
+    with pytest.raises(TypeError, match="cannot be changed once it is built"):
+        built.fields["status"] = "SUCCESS"  # type: ignore[index]
+    assert built.fields["status"] == "PROGRESS"
 
 
 async def test_a_batch_larger_than_a_chunk_goes_in_several_script_calls_in_order(

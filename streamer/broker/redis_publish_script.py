@@ -17,6 +17,7 @@ from typing import NamedTuple
 from ..events import (
     EVENT_STATE_FIELDS,
     TASK_STATE_FIELDS,
+    BuiltFields,
     EventError,
     TaskEvent,
     dumps,
@@ -442,7 +443,7 @@ def _shape_key(event: TaskEvent) -> tuple[str, str, tuple[str, ...]] | None:
     """What `state_stamps` gives depends on the type and the status only: events of the
     same type, status and field names share their layout and their stamps' shape."""
     fields = event.fields
-    if type(fields) is not dict:
+    if type(fields) is not BuiltFields:
         return None
     status = fields.get("status")
     return (event.type, status, tuple(fields)) if type(status) is str else None
