@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from .broker.base import Broker, BrokerUnavailable
 from .reasons import Reason
-from .wire import SSE_HEARTBEAT, Delivery, EventId, Transport, active_tasks, encode
+from .wire import SSE_HEARTBEAT, WS_PING, Delivery, EventId, Transport, active_tasks, encode
 
 # How often a backed-up socket is looked at again while it drains (its drain waiter
 # normally wakes the flusher first), and the pause after a drain wait that ended early.
@@ -118,7 +118,8 @@ class Connection:
         self._done: asyncio.Future[Reason] | None = None
         self.expires_at = expires_at  # when its credentials end (the hub keeps the time)
         self.heard = True  # from the client since the last ping round (WebSocket)
-        self.heartbeat = SSE_HEARTBEAT  # what an idle SSE stream gets now and then
+        # What the hub's clock writes now and then (an SSE heartbeat, a WebSocket ping).
+        self.heartbeat = SSE_HEARTBEAT if transport == "sse" else WS_PING
         # A command waits for the broker: the client's pongs wait unread meanwhile.
         self.answering = False
         self.last_id: EventId | None = None  # the newest id sent or queued: the position

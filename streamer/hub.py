@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from . import logs
 from .connection import Connection, Limits
 from .reasons import BROKER_UNAVAILABLE_MESSAGE, Reason, Refused
-from .wire import WS_PING, Delivery, EventId, Transport
+from .wire import Delivery, EventId, Transport
 
 # Upper bounds (seconds) of the publish-to-delivery latency histogram's buckets.
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -329,7 +329,7 @@ class Hub:
                 connection.close(Reason.UNRESPONSIVE)
                 continue
             connection.heard = False
-            if not connection.write_idle(WS_PING):
+            if not connection.write_idle(connection.heartbeat):
                 connection.heard = True  # busy writing: its own deadline applies
 
     def connections(self) -> Iterator[Connection]:

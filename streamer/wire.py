@@ -142,14 +142,26 @@ def unchunked(data: bytes) -> bytes:
 SSE_HEARTBEAT = chunk(b": ping\n\n")
 
 
+def _heartbeat_message(interval_s: float) -> bytes:
+    return json.dumps(
+        {"type": "heartbeat", "interval_s": interval_s}, separators=(",", ":")
+    ).encode()
+
+
 @functools.lru_cache(maxsize=4)
 def sse_heartbeat_event(interval_s: float) -> bytes:
     """The heartbeat as an event, for streams that ask for it (`?heartbeat=event`):
     EventSource shows a page no comment, so only an event lets it tell a dead stream
     from a quiet one, and the interval how long a silence may last. No `id:`, so the
     resume point stays where it is."""
-    data = json.dumps({"type": "heartbeat", "interval_s": interval_s}, separators=(",", ":"))
-    return sse_chunk(data.encode(), event="heartbeat")
+    return sse_chunk(_heartbeat_message(interval_s), event="heartbeat")
+
+
+@functools.lru_cache(maxsize=4)
+def ws_heartbeat_frames(interval_s: float) -> bytes:
+    """The ping round's ping, and for WebSockets that ask for it (`?heartbeat=event`) a
+    heartbeat message after it: a page sees no ping, and sends none of its own."""
+    return WS_PING + ws_text_frame(_heartbeat_message(interval_s))
 
 
 END_OF_CHUNKED_BODY = b"0\r\n\r\n"

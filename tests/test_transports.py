@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 from aiohttp.test_utils import TestClient
 
 from streamer.app import create_app
-from streamer.app_keys import BROKER
+from streamer.app_keys import BROKER, HUB
 from streamer.config import Config
 from streamer.events import completed_event, progress_event
+from streamer.wire import WS_PING
 
 from .clients import SseReader, ws_json, ws_messages
+from .conftest import SECRET
 from .waiting import eventually
 
 TokenFor = Callable[..., str]
@@ -189,15 +191,57 @@ async def test_sse_heartbeat_as_an_event_for_pages_that_ask(
         reader = SseReader(response)
         snapshot = await reader.next()
         assert snapshot.event == "active_tasks"
-        event_id = await publish_progress(client, user_id, "job", progress=3)
-        assert (await reader.next()).id == event_id
-        heartbeat = await reader.next(timeout=5)  # heartbeat_s is 0.5 in tests
+        heartbeat = await reader.next(timeout=0.4)  # the first one at once
         assert heartbeat.event == "heartbeat" and heartbeat.id is None
         assert heartbeat.json == {"type": "heartbeat", "interval_s": 0.5}
+        event_id = await publish_progress(client, user_id, "job", progress=3)
+        event = await reader.next()
+        while event.event == "heartbeat":
+            event = await reader.next()
+        assert event.id == event_id
+        assert (await reader.next(timeout=5)).event == "heartbeat"  # every 0.5 s in tests
         assert reader.comments == []
-    async with client.get(f"/sse/tasks/?token={token}&heartbeat=events") as refused:
-        assert refused.status == 400
-        assert (await refused.json())["code"] == "invalid_heartbeat"
+    upgrade = {
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version": "13",
+    }
+    for path, headers in (("/sse/tasks/", {}), ("/ws/tasks/", upgrade)):
+        url = f"{path}?token={token}&heartbeat=events"
+        async with client.get(url, headers=headers) as refused:
+            assert refused.status == 400
+            assert (await refused.json())["code"] == "invalid_heartbeat"
+
+
+async def test_ws_heartbeat_as_a_message_for_pages_that_ask(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],  # type: ignore[type-arg]
+    token_for: TokenFor,
+    user_id: str,
+) -> None:
+    """A page sees no WebSocket ping: with `?heartbeat=event` each ping of the hub's
+    round comes with a heartbeat message carrying the interval, the first one right
+    after the opening."""
+    config = Config(secret=SECRET, ws_heartbeat_s=0.5)
+    client = await aiohttp_client(await create_app(config))
+    token = token_for(user_id)
+    async with client.ws_connect(f"/ws/tasks/?token={token}&heartbeat=event") as ws:
+        assert (await ws_json(ws))["type"] == "active_tasks"
+        started = asyncio.get_running_loop().time()
+        assert await ws_json(ws) == {"type": "heartbeat", "interval_s": 0.5}
+        assert asyncio.get_running_loop().time() - started < 0.4  # the first at once
+        assert await ws_json(ws) == {"type": "heartbeat", "interval_s": 0.5}
+        event_id = await publish_progress(client, user_id, "job", progress=1)
+        message = await ws_json(ws)
+        while message["type"] == "heartbeat":
+            message = await ws_json(ws)
+        assert message["id"] == event_id
+    async with client.ws_connect(f"/ws/tasks/?token={token}") as plain:
+        assert (await ws_json(plain))["type"] == "active_tasks"
+        # Without asking: pings only (answered by aiohttp), no heartbeat message.
+        assert [c.heartbeat for c in client.app[HUB].connections()] == [WS_PING]
+        event_id = await publish_progress(client, user_id, "job", progress=2)
+        assert (await ws_json(plain))["id"] == event_id
 
 
 async def test_sse_over_http_1_0_is_unframed_and_ends_with_the_connection(

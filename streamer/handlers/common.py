@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 from aiohttp import web
@@ -12,6 +13,25 @@ WORKER_HEADER = "X-Streamer-Worker"
 
 def worker_header() -> dict[str, str]:
     return {WORKER_HEADER: str(os.getpid())}
+
+
+def heartbeat_events(request: web.Request) -> bool:
+    """`?heartbeat=event`: the stream's heartbeats come as messages a page can see (its
+    EventSource shows no SSE comment, its WebSocket no ping), so that it can tell a dead
+    connection from a quiet one. Raises HTTPBadRequest for another value."""
+    value = request.query.get("heartbeat")
+    if value not in (None, "event"):
+        raise web.HTTPBadRequest(
+            text=json.dumps(
+                {
+                    "type": "error",
+                    "code": "invalid_heartbeat",
+                    "message": 'heartbeat must be "event" (or left out)',
+                }
+            ),
+            content_type="application/json",
+        )
+    return value == "event"
 
 
 def json_error(status: int, code: str, message: str) -> web.Response:

@@ -20,7 +20,7 @@ from ..auth.origin import cors_headers
 from ..opening import send_opening
 from ..reasons import Reason, Refused
 from .admission import admit, connection_for, open_stream
-from .common import json_error, worker_header
+from .common import heartbeat_events, json_error, worker_header
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +41,16 @@ SSE_HEADERS = {
     "X-Accel-Buffering": "no",  # nginx: pass each event on at once
 }
 END_TIMEOUT_S = 2.0
-# `?heartbeat=`: how an idle stream shows it is alive (a comment, as SPEC says, unless
-# the client asks for an event: a page's EventSource sees events only).
-HEARTBEATS = ("comment", "event")
 
 
 async def sse_handler(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG]
     cors = cors_headers(request, config.allowed_origins)
-    heartbeat = request.query.get("heartbeat", "comment")
-    if heartbeat not in HEARTBEATS:
-        refused = json_error(400, "invalid_heartbeat", 'heartbeat must be "comment" or "event"')
+    try:
+        heartbeat_event = heartbeat_events(request)  # else comments, as SPEC says
+    except web.HTTPBadRequest as refused:
         refused.headers.update(cors)
-        return refused
+        raise
     try:
         admission = await admit(request, last_event_header=True)
     except Refused as refusal:
@@ -69,7 +66,7 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
     chunked = request.version >= HttpVersion11
     out = socket if chunked else Unchunked(socket)
     connection = connection_for(request, admission, "sse", _close_transport, out=out)
-    if heartbeat == "event":
+    if heartbeat_event:
         connection.heartbeat = wire.sse_heartbeat_event(config.heartbeat_s)
     last_event_id = admission.last_event_id
     del admission  # nothing of it is needed for the length of the stream
@@ -90,6 +87,8 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
         await response.prepare(request)
         hub.replayed += await send_opening(request.app[BROKER], connection, opening)
         del opening  # written: not kept for the length of the stream
+        if heartbeat_event:
+            connection.write_idle(connection.heartbeat)  # the page learns the interval now
         reason = await connection.ended()
         await _end(request, response, reason)
         return response

@@ -19,7 +19,7 @@ from ..opening import send_opening
 from ..rate_limit import TokenBucket, command_burst
 from ..reasons import Reason, Refused
 from .admission import admit, connection_for, open_stream
-from .common import json_error, worker_header
+from .common import heartbeat_events, json_error, worker_header
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     ws.headers.update(worker_header())
     if not ws.can_prepare(request).ok:
         raise web.HTTPBadRequest(text="expected a WebSocket upgrade\n")
+    heartbeat_event = heartbeat_events(request)  # else pings only
     try:
         admission = await admit(request, last_event_header=False)
     except Refused as refusal:
@@ -84,6 +85,8 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         "websocket",
         functools.partial(_close, ws, transport, cut_off_after_s=config.send_timeout_s),
     )
+    if heartbeat_event:
+        connection.heartbeat = wire.ws_heartbeat_frames(config.ws_heartbeat_s)
     last_event_id = admission.last_event_id
     del admission  # nothing of it is needed for the length of the stream
     try:
@@ -103,6 +106,8 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     try:
         hub.replayed += await send_opening(request.app[BROKER], connection, opening)
         del opening  # written: not kept for the length of the stream
+        if heartbeat_event:
+            connection.write_idle(connection.heartbeat)  # the page learns the interval now
         ended_by = await _answer_commands(request, ws, connection)
     finally:
         hub.detach(connection, connection.close_reason or ended_by or Reason.CLIENT_CLOSED)

@@ -98,13 +98,6 @@ export interface TaskStreamOptions {
    * 60000 ms; keep the server's STREAMER_POLL_TIMEOUT_S below it).
    */
   pollTimeoutMs?: number;
-  /**
-   * WebSocket: how long it may bring nothing before the page pings the server; as long
-   * again without an answer, the connection is taken for dead and a new one is made
-   * (default 30000 ms). An event stream is taken for dead after three of the server's
-   * heartbeat intervals of silence.
-   */
-  keepaliveMs?: number;
 }
 
 export class TaskStream {
@@ -120,8 +113,6 @@ export class TaskStream {
   readonly leader: boolean;
   /** How long a long poll may go unanswered before a new one is made. */
   readonly pollTimeoutMs: number;
-  /** How long a WebSocket may be silent before a ping; as long again, before a new one. */
-  readonly keepaliveMs: number;
   start(): void;
   stop(): void;
   /** Send a raw command on the open WebSocket; false when there is none. */

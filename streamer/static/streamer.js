@@ -53,12 +53,10 @@
   // by default) before the connection is taken for dead (a NAT entry dropped, a laptop that
   // slept) and a new poll is made.
   const POLL_ANSWER_MS = 60000;
-  // How long a WebSocket may bring nothing before the page pings the server; as long again
-  // without an answer, the connection is taken for dead (a NAT entry dropped, a laptop that
-  // slept: the browser itself may not notice for many minutes) and a new one is made.
-  const KEEPALIVE_MS = 30000;
-  // An event stream asks for its heartbeats as events (EventSource shows JavaScript no
-  // comment); one silent for this many of their intervals, plus a margin, is taken for dead.
+  // WebSocket and event stream ask for their heartbeats as messages (`?heartbeat=event`:
+  // JavaScript sees no ping and no SSE comment), the first right after the opening; one
+  // silent for this many of their intervals, plus a margin, is taken for dead (a NAT entry
+  // dropped, a laptop that slept: the browser itself may not notice for many minutes).
   const HEARTBEATS_MISSED = 3;
   const HEARTBEAT_MARGIN_MS = 2000;
   const MAX_DELAY_MS = 10000;
@@ -141,12 +139,6 @@
       }
       /** How long a long poll may go unanswered before a new one is made. */
       this.pollTimeoutMs = pollTimeoutMs;
-      const keepaliveMs = opts.keepaliveMs ?? KEEPALIVE_MS;
-      if (typeof keepaliveMs !== "number" || !(keepaliveMs > 0 && keepaliveMs < 2 ** 31)) {
-        throw new Error(`keepaliveMs must be a positive number of ms, got ${keepaliveMs}`);
-      }
-      /** How long a WebSocket may be silent before a ping; as long again, before a new one. */
-      this.keepaliveMs = keepaliveMs;
       this._silenceTimer = null; // the open connection is taken for dead when it fires
       this._refreshTimer = null;
       this._refreshedSinceMessage = false; // a refused token was replaced: no second try
@@ -375,6 +367,7 @@
       if (this.token) url.searchParams.set("token", this.token);
       if (this.taskId) url.searchParams.set("task_id", this.taskId);
       if (this.lastEventId) url.searchParams.set("last_event_id", this.lastEventId);
+      url.searchParams.set("heartbeat", "event"); // heartbeats a page can see
       return url.toString();
     }
 
@@ -390,18 +383,17 @@
       let received = false;
       let openedAt = 0;
       this._socket = socket;
+      const liveness = this._liveness(() => this._socket === socket, "the WebSocket");
       socket.onopen = () => {
         opened = true;
         openedAt = Date.now();
         this._markStableLater();
-        this._keepAlive(socket);
         this._status("connected (websocket)", "connected");
       };
       socket.onmessage = (event) => {
         if (this._socket !== socket) return; // replaced: its last messages are not ours
         received = true;
-        this._keepAlive(socket);
-        this._receive(event.data);
+        this._receive(event.data, liveness);
       };
       socket.onclose = (event) => {
         if (this._socket !== socket) return; // stopped or replaced
@@ -427,26 +419,29 @@
     }
 
     /**
-     * The WebSocket brought something (or opened): after keepaliveMs of silence the server
-     * is pinged, and after as long again without a word from it, a new connection is made.
+     * Takes a connection (`isCurrent` while it is this stream's) for dead, and opens
+     * another, once it brought nothing for three heartbeat intervals plus a margin. The
+     * interval comes with the heartbeats (`heartbeat(message)`); `heard()` for the rest.
      */
-    _keepAlive(socket) {
-      const seconds = Math.round(this.keepaliveMs / 1000);
-      this._silence(this.keepaliveMs, () => {
-        if (this._socket !== socket || !this.send({ type: "ping" })) return;
-        this._silence(this.keepaliveMs, () => {
-          if (this._socket === socket) this._reconnect(`no answer from the server in ${seconds} s`);
-        });
-      });
-    }
-
-    /** Run `then` after `ms` unless something is heard (or the connection ends) first. */
-    _silence(ms, then) {
-      clearTimeout(this._silenceTimer);
-      this._silenceTimer = setTimeout(() => {
-        this._silenceTimer = null;
-        then();
-      }, ms);
+    _liveness(isCurrent, what) {
+      let silenceMs = null;
+      const heard = () => {
+        if (silenceMs === null) return; // a server without heartbeat messages
+        clearTimeout(this._silenceTimer);
+        this._silenceTimer = setTimeout(() => {
+          this._silenceTimer = null;
+          if (!isCurrent() || !this._running) return;
+          this._reconnect(`${what} brought nothing for ${Math.round(silenceMs / 1000)} s`);
+        }, silenceMs);
+      };
+      const heartbeat = (message) => {
+        const interval = message !== null && typeof message === "object" ? message.interval_s : null;
+        if (typeof interval === "number" && interval > 0 && interval <= 3600) {
+          silenceMs = interval * 1000 * HEARTBEATS_MISSED + HEARTBEAT_MARGIN_MS;
+        }
+        heard();
+      };
+      return { heard, heartbeat };
     }
 
     _webSocketFailed(text) {
@@ -482,9 +477,7 @@
     }
 
     _openEventSource() {
-      const endpoint = new URL(this._endpoint("/sse/tasks/", "http"));
-      endpoint.searchParams.set("heartbeat", "event"); // what a page can see
-      const url = endpoint.toString();
+      const url = this._endpoint("/sse/tasks/", "http");
       // Without a token the credentials are cookies: sent to another origin only when asked.
       const source = new EventSource(url, { withCredentials: !this.token });
       this._source = source;
@@ -493,37 +486,14 @@
         this._status("connected (sse)", "connected");
       };
       let received = false;
-      // Known from the first heartbeat: how long the stream may be silent.
-      let silenceMs = null;
-      const heard = () => {
-        if (silenceMs === null) return;
-        this._silence(silenceMs, () => {
-          if (this._source !== source) return;
-          const seconds = Math.round(silenceMs / 1000);
-          this._reconnect(`the event stream brought nothing for ${seconds} s`);
-        });
-      };
-      for (const name of SSE_EVENTS) {
+      const liveness = this._liveness(() => this._source === source, "the event stream");
+      for (const name of [...SSE_EVENTS, "heartbeat"]) {
         source.addEventListener(name, (event) => {
           if (this._source !== source) return; // replaced
-          received = true;
-          heard();
-          this._receive(event.data);
+          if (name !== "heartbeat") received = true;
+          this._receive(event.data, liveness);
         });
       }
-      source.addEventListener("heartbeat", (event) => {
-        if (this._source !== source) return;
-        let interval = null;
-        try {
-          interval = JSON.parse(event.data).interval_s;
-        } catch (error) {
-          interval = null;
-        }
-        if (typeof interval === "number" && interval > 0 && interval <= 3600) {
-          silenceMs = interval * 1000 * HEARTBEATS_MISSED + HEARTBEAT_MARGIN_MS;
-        }
-        heard();
-      });
       if (this.requestedTransport === "auto") {
         // The snapshot is the first thing the server sends, at once: a stream that brings
         // nothing for this long, from a server that answers over HTTP, is held back by a
@@ -582,12 +552,12 @@
     }
 
     async _pollLoop(controller) {
-      let connected = false;
+      let shown = false; // "connected" on the page
+      let answered = false; // a poll was answered: the backoff may start over
       const showConnected = () => {
-        if (connected || this._poll !== controller || !this._running) return;
-        connected = true;
+        if (shown || this._poll !== controller || !this._running) return;
+        shown = true;
         this._status("connected (poll)", "connected");
-        this._markStableLater();
       };
       let first = true;
       while (this._running && this._poll === controller) {
@@ -597,9 +567,10 @@
         const headers = { Accept: "application/json" };
         if (this.token) headers.Authorization = `Bearer ${this.token}`;
         if (first && this.lastEventId) {
-          // A resumed poll is held until events come: whether the server takes it is
-          // asked with HEAD (answered at once, nothing held), so that the page shows
-          // itself connected meanwhile.
+          // A resumed poll is held until events come: whether the server would take it
+          // is asked with HEAD (answered at once, nothing read, nothing held), so that
+          // the page shows itself connected meanwhile. Only an answered poll counts
+          // towards the backoff starting over: the poll may still fail (Redis away).
           pollTaken(url.toString(), headers, this.token).then((taken) => taken && showConnected());
         }
         first = false;
@@ -645,6 +616,10 @@
         // user may answer nothing, so no message says it).
         this._refreshedSinceMessage = false;
         showConnected();
+        if (!answered) {
+          answered = true;
+          this._markStableLater();
+        }
         for (const message of body.events) {
           if (this._poll !== controller) return;
           if (message === null || typeof message !== "object") continue;
@@ -656,7 +631,7 @@
       }
     }
 
-    _receive(data) {
+    _receive(data, liveness) {
       let message;
       try {
         message = JSON.parse(data);
@@ -664,6 +639,11 @@
         return; // not ours: ignore
       }
       if (message === null || typeof message !== "object") return;
+      if (message.type === "heartbeat") {
+        liveness.heartbeat(message); // for the connection only
+        return;
+      }
+      liveness.heard();
       this._deliver(message);
     }
 
