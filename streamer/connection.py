@@ -11,6 +11,7 @@ drains, a short-lived flusher).
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -533,9 +534,12 @@ class Connection:
         while True:
             self._stale = False
             # Data is lost when Redis restarted: the first reads may meet connections of
-            # the pool that it closed.
+            # the pool that it closed. The snapshot stands at least where the client
+            # does (Redis may have come back from an older save): ids only go up.
             snapshot = await self.read_from_broker(
-                lambda: self._broker.snapshot(self.user_id, self.task_id)
+                functools.partial(
+                    self._broker.snapshot, self.user_id, self.task_id, at_least=self.last_id
+                )
             )
             if snapshot is None:  # what the client holds is of the lost data: it ended
                 self._resyncing = None

@@ -578,11 +578,13 @@ class FailingSnapshots(MemoryBroker):
         self.failures = failures
         self.reads = 0
 
-    async def snapshot(self, user_id: str, task_id: str | None = None) -> Snapshot:
+    async def snapshot(
+        self, user_id: str, task_id: str | None = None, *, at_least: EventId | None = None
+    ) -> Snapshot:
         self.reads += 1
         if self.reads <= self.failures:
             raise BrokerUnavailable("Connection closed by server.")
-        return await super().snapshot(user_id, task_id)
+        return await super().snapshot(user_id, task_id, at_least=at_least)
 
 
 async def test_a_resync_tries_its_snapshot_again_before_it_gives_up(

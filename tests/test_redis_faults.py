@@ -394,6 +394,54 @@ async def test_redis_back_from_an_older_save_makes_clients_resync(
         server.stop()
 
 
+async def test_ids_on_a_connection_never_go_down_when_redis_comes_back_older(
+    aiohttp_client: Callable[..., object],
+    tmp_path_factory: pytest.TempPathFactory,
+    token_for: TokenFor,
+    user_id: str,
+) -> None:
+    """Redis restarted from a save older than what a live client was sent, and nothing
+    published since: the resync's snapshot stands where the client stood, not at the
+    save's last event (ids on a connection only go up), and it is a resume point; a
+    resume from before it is told what was lost."""
+    server = RedisServer(tmp_path_factory.mktemp("redis-older"))
+    server.start()
+    try:
+        config = Config(secret=SECRET, redis_url=server.url)
+        client: TestClient = await aiohttp_client(await create_app(config))  # type: ignore[misc]
+        token = token_for(user_id)
+        async with AsyncPublisher(server.url) as publisher:
+            await publisher.progress(user_id, "job", progress=10)
+        with redis.Redis.from_url(server.url) as admin:
+            assert admin.save()
+        async with client.ws_connect(f"/ws/tasks/?token={token}") as ws:
+            await ws_json(ws)
+            async with AsyncPublisher(server.url) as publisher:
+                lost = await publisher.progress(user_id, "job", progress=20)
+                newest = await publisher.progress(user_id, "job", progress=30)
+            assert [m["id"] for m in await ws_messages(ws, 2)] == [lost, newest]
+            server.stop()
+            server.start()  # from the save: the job at 10 %
+            resync = await ws_json(ws)
+            assert resync["type"] == "active_tasks" and resync["recovered"] is False
+            assert [task["progress"] for task in resync["tasks"]] == [10]
+            position = EventId.parse(resync["id"])
+            assert position is not None and position >= EventId.parse(newest)  # type: ignore[operator]
+            async with AsyncPublisher(server.url) as publisher:
+                after = await publisher.progress(user_id, "job", progress=50)
+            assert (await ws_json(ws))["id"] == after
+        url = f"/ws/tasks/?token={token}&last_event_id={resync['id']}"
+        async with client.ws_connect(url) as resumed:
+            first = await ws_json(resumed)
+            assert first["recovered"] is True
+            assert (await ws_json(resumed))["id"] == after
+        url = f"/ws/tasks/?token={token}&last_event_id={lost}"
+        async with client.ws_connect(url) as late:
+            assert (await ws_json(late))["recovered"] is False
+    finally:
+        server.stop()
+
+
 class _Recorder:
     """A listener that keeps what the broker hands it."""
 

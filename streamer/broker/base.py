@@ -119,10 +119,14 @@ class Broker(TaskStore):
         """This process no longer needs the user's events (their last connection left)."""
 
     @abstractmethod
-    async def snapshot(self, user_id: str, task_id: str | None = None) -> Snapshot:
+    async def snapshot(
+        self, user_id: str, task_id: str | None = None, *, at_least: EventId | None = None
+    ) -> Snapshot:
         """The user's unfinished tasks (only `task_id` if given) and position, atomically.
 
-        A user without history gets a position all the same: a new, empty history.
+        A user without history gets a position all the same: a new, empty history. With
+        `at_least` (what a live client was sent before the broker lost its data), a
+        position below it in the same epoch moves up to it: the data came back older.
         """
 
     @abstractmethod

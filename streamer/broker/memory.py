@@ -178,7 +178,10 @@ class MemoryBroker(Broker):
         self._histories[user_id] = history
         return history
 
-    async def snapshot(self, user_id: str, task_id: str | None = None) -> Snapshot:
+    async def snapshot(
+        self, user_id: str, task_id: str | None = None, *, at_least: EventId | None = None
+    ) -> Snapshot:
+        # `at_least` does not apply: this broker never comes back with older data.
         history = self._history(user_id)
         if history is None:
             history = self._new_history(user_id, self._next_id())

@@ -366,10 +366,16 @@ class RedisBroker(Broker):
         return (await self._publishing.publish(check(events))).event_ids()
 
     @_unavailable_on_error
-    async def snapshot(self, user_id: str, task_id: str | None = None) -> Snapshot:
+    async def snapshot(
+        self, user_id: str, task_id: str | None = None, *, at_least: EventId | None = None
+    ) -> Snapshot:
         await self._fence_user(user_id)
         call = snapshot_call(
-            user_id, task_id, history_ttl=self._history_ttl, per_user_epoch=self._cluster
+            user_id,
+            task_id,
+            history_ttl=self._history_ttl,
+            per_user_epoch=self._cluster,
+            at_least=at_least,
         )
         raw_states, raw_position, raw_epoch, truncated = await self._snapshot_script(
             keys=call.keys, args=call.args

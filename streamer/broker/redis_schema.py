@@ -91,13 +91,14 @@ def cancel_key_prefix(user_id: str) -> str:
 SNAPSHOT_SCRIPT = """
 -- KEYS: active zset, history stream, epoch
 -- ARGV: max tasks, task key prefix, candidate epoch, history ttl, max bytes,
---       only this task id ('' for all), under Redis Cluster the epoch's ttl
+--       only this task id ('' for all), under Redis Cluster the epoch's ttl (else ''),
+--       and the least position wanted ('' for any) with its epoch
 -- One atomic read: the unfinished tasks' states and the user's position in their
 -- history (every event up to it is reflected in the states). A user without
 -- history gets one: an empty stream whose last id is the position, so that resuming
 -- from it replays exactly what came after, or reports the gap if the stream expired.
 redis.call('SET', KEYS[3], ARGV[3], 'NX')
-if ARGV[7] then  -- under Redis Cluster, the user's own epoch: see PUBLISH_SCRIPT
+if ARGV[7] ~= '' then  -- under Redis Cluster, the user's own epoch: see PUBLISH_SCRIPT
   redis.call('EXPIRE', KEYS[3], ARGV[7])
 end
 local epoch = redis.call('GET', KEYS[3])
@@ -132,6 +133,23 @@ else
   position = redis.call('XADD', KEYS[2], '*', 'e', '')
   redis.call('XDEL', KEYS[2], position)
   redis.call('EXPIRE', KEYS[2], ARGV[4])
+end
+
+-- A client was sent events up to the least position wanted, and Redis came back from
+-- a save older than them: the history moves up to where the client stood, so that ids
+-- on its connection never go down. What lay between was lost, and a resume from
+-- before it is told so (max-deleted-entry-id).
+local function parts(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+if ARGV[8] and ARGV[8] ~= '' and ARGV[9] == epoch then
+  local want_ms, want_seq = parts(ARGV[8])
+  local ms, seq = parts(position)
+  if want_ms and (ms < want_ms or (ms == want_ms and seq < want_seq)) then
+    redis.call('XSETID', KEYS[2], ARGV[8], 'MAXDELETEDID', ARGV[8])
+    position = ARGV[8]
+  end
 end
 return {states, position, epoch, truncated}
 """
@@ -175,7 +193,12 @@ def cancel_call(user_id: str, task_id: str) -> ScriptCall:
 
 
 def snapshot_call(
-    user_id: str, task_id: str | None, *, history_ttl: int, per_user_epoch: bool = False
+    user_id: str,
+    task_id: str | None,
+    *,
+    history_ttl: int,
+    per_user_epoch: bool = False,
+    at_least: EventId | None = None,
 ) -> ScriptCall:
     epoch = user_epoch_key(user_id) if per_user_epoch else EPOCH_KEY
     return ScriptCall(
@@ -187,7 +210,8 @@ def snapshot_call(
             history_ttl,
             MAX_SNAPSHOT_BYTES,
             task_id or "",
-            *([user_epoch_ttl(history_ttl)] if per_user_epoch else []),
+            user_epoch_ttl(history_ttl) if per_user_epoch else "",
+            *([] if at_least is None else [at_least.stream_id, at_least.epoch]),
         ],
     )
 
