@@ -347,9 +347,29 @@ async def test_redis_restart(
         server.stop()
 
 
-async def test_redis_back_from_an_older_save_makes_clients_resync(
+@pytest.fixture
+async def saved_redis(
     aiohttp_client: Callable[..., object],
     tmp_path_factory: pytest.TempPathFactory,
+    user_id: str,
+) -> AsyncIterator[tuple[RedisServer, TestClient]]:  # type: ignore[type-arg]
+    """A private Redis that saved (RDB) the user's job at 10 %, and the app on it."""
+    server = RedisServer(tmp_path_factory.mktemp("redis-saved"))
+    server.start()
+    try:
+        config = Config(secret=SECRET, redis_url=server.url)
+        client: TestClient = await aiohttp_client(await create_app(config))  # type: ignore[misc]
+        async with AsyncPublisher(server.url) as publisher:
+            await publisher.progress(user_id, "job", progress=10)
+        with redis.Redis.from_url(server.url) as admin:
+            assert admin.save()
+        yield server, client
+    finally:
+        server.stop()
+
+
+async def test_redis_back_from_an_older_save_makes_clients_resync(
+    saved_redis: tuple[RedisServer, TestClient],  # type: ignore[type-arg]
     token_for: TokenFor,
     user_id: str,
 ) -> None:
@@ -357,46 +377,35 @@ async def test_redis_back_from_an_older_save_makes_clients_resync(
     gone, though the epoch came back with the save and later events follow them. A
     client resuming from one of them is told (`recovered: false`), as is one that
     stayed connected, instead of silently missing them."""
-    server = RedisServer(tmp_path_factory.mktemp("redis-rollback"))
-    server.start()
-    try:
-        config = Config(secret=SECRET, redis_url=server.url)
-        client: TestClient = await aiohttp_client(await create_app(config))  # type: ignore[misc]
-        token = token_for(user_id)
+    server, client = saved_redis
+    token = token_for(user_id)
+    async with client.ws_connect(f"/ws/tasks/?token={token}") as ws:
+        await ws_json(ws)
         async with AsyncPublisher(server.url) as publisher:
-            await publisher.progress(user_id, "job", progress=10)
-        with redis.Redis.from_url(server.url) as admin:
-            assert admin.save()
-        async with client.ws_connect(f"/ws/tasks/?token={token}") as ws:
-            await ws_json(ws)
-            async with AsyncPublisher(server.url) as publisher:
-                lost = await publisher.progress(user_id, "job", progress=40)
-                assert (await ws_json(ws))["id"] == lost
-                done = await publisher.completed(user_id, "job")
-                assert (await ws_json(ws))["id"] == done
-            server.stop()
-            server.start()  # from the save: the job at 10%, running
-            async with AsyncPublisher(server.url) as publisher:
-                after = await publisher.progress(user_id, "other", progress=1)
-            resync = await ws_json(ws)
-            if resync["type"] != "active_tasks":  # live, as the subscriber caught up
-                assert resync["id"] == after
-                resync = await ws_json(ws)
-            assert resync["type"] == "active_tasks" and resync["recovered"] is False
-            assert "job" in [task["task_id"] for task in resync["tasks"]]
-        async with client.ws_connect(f"/ws/tasks/?token={token}&last_event_id={lost}") as late:
-            resumed = await ws_json(late)
-            assert resumed["type"] == "active_tasks" and resumed["recovered"] is False
-            progress = {task["task_id"]: task["progress"] for task in resumed["tasks"]}
-            assert progress == {"job": 10, "other": 1}
-            assert resumed["id"] == after
-    finally:
+            lost = await publisher.progress(user_id, "job", progress=40)
+            assert (await ws_json(ws))["id"] == lost
+            done = await publisher.completed(user_id, "job")
+            assert (await ws_json(ws))["id"] == done
         server.stop()
+        server.start()  # from the save: the job at 10%, running
+        async with AsyncPublisher(server.url) as publisher:
+            after = await publisher.progress(user_id, "other", progress=1)
+        resync = await ws_json(ws)
+        if resync["type"] != "active_tasks":  # live, as the subscriber caught up
+            assert resync["id"] == after
+            resync = await ws_json(ws)
+        assert resync["type"] == "active_tasks" and resync["recovered"] is False
+        assert "job" in [task["task_id"] for task in resync["tasks"]]
+    async with client.ws_connect(f"/ws/tasks/?token={token}&last_event_id={lost}") as late:
+        resumed = await ws_json(late)
+        assert resumed["type"] == "active_tasks" and resumed["recovered"] is False
+        progress = {task["task_id"]: task["progress"] for task in resumed["tasks"]}
+        assert progress == {"job": 10, "other": 1}
+        assert resumed["id"] == after
 
 
 async def test_ids_on_a_connection_never_go_down_when_redis_comes_back_older(
-    aiohttp_client: Callable[..., object],
-    tmp_path_factory: pytest.TempPathFactory,
+    saved_redis: tuple[RedisServer, TestClient],  # type: ignore[type-arg]
     token_for: TokenFor,
     user_id: str,
 ) -> None:
@@ -404,42 +413,30 @@ async def test_ids_on_a_connection_never_go_down_when_redis_comes_back_older(
     published since: the resync's snapshot stands where the client stood, not at the
     save's last event (ids on a connection only go up), and it is a resume point; a
     resume from before it is told what was lost."""
-    server = RedisServer(tmp_path_factory.mktemp("redis-older"))
-    server.start()
-    try:
-        config = Config(secret=SECRET, redis_url=server.url)
-        client: TestClient = await aiohttp_client(await create_app(config))  # type: ignore[misc]
-        token = token_for(user_id)
+    server, client = saved_redis
+    token = token_for(user_id)
+    async with client.ws_connect(f"/ws/tasks/?token={token}") as ws:
+        await ws_json(ws)
         async with AsyncPublisher(server.url) as publisher:
-            await publisher.progress(user_id, "job", progress=10)
-        with redis.Redis.from_url(server.url) as admin:
-            assert admin.save()
-        async with client.ws_connect(f"/ws/tasks/?token={token}") as ws:
-            await ws_json(ws)
-            async with AsyncPublisher(server.url) as publisher:
-                lost = await publisher.progress(user_id, "job", progress=20)
-                newest = await publisher.progress(user_id, "job", progress=30)
-            assert [m["id"] for m in await ws_messages(ws, 2)] == [lost, newest]
-            server.stop()
-            server.start()  # from the save: the job at 10 %
-            resync = await ws_json(ws)
-            assert resync["type"] == "active_tasks" and resync["recovered"] is False
-            assert [task["progress"] for task in resync["tasks"]] == [10]
-            position = EventId.parse(resync["id"])
-            assert position is not None and position >= EventId.parse(newest)  # type: ignore[operator]
-            async with AsyncPublisher(server.url) as publisher:
-                after = await publisher.progress(user_id, "job", progress=50)
-            assert (await ws_json(ws))["id"] == after
-        url = f"/ws/tasks/?token={token}&last_event_id={resync['id']}"
-        async with client.ws_connect(url) as resumed:
-            first = await ws_json(resumed)
-            assert first["recovered"] is True
-            assert (await ws_json(resumed))["id"] == after
-        url = f"/ws/tasks/?token={token}&last_event_id={lost}"
-        async with client.ws_connect(url) as late:
-            assert (await ws_json(late))["recovered"] is False
-    finally:
+            lost = await publisher.progress(user_id, "job", progress=20)
+            newest = await publisher.progress(user_id, "job", progress=30)
+        assert [m["id"] for m in await ws_messages(ws, 2)] == [lost, newest]
         server.stop()
+        server.start()  # from the save: the job at 10 %
+        resync = await ws_json(ws)
+        assert resync["type"] == "active_tasks" and resync["recovered"] is False
+        assert [task["progress"] for task in resync["tasks"]] == [10]
+        position = EventId.parse(resync["id"])
+        assert position is not None and position >= EventId.parse(newest)  # type: ignore[operator]
+        async with AsyncPublisher(server.url) as publisher:
+            after = await publisher.progress(user_id, "job", progress=50)
+        assert (await ws_json(ws))["id"] == after
+    url = f"/ws/tasks/?token={token}&last_event_id={resync['id']}"
+    async with client.ws_connect(url) as resumed:
+        assert (await ws_json(resumed))["recovered"] is True
+        assert (await ws_json(resumed))["id"] == after
+    async with client.ws_connect(f"/ws/tasks/?token={token}&last_event_id={lost}") as late:
+        assert (await ws_json(late))["recovered"] is False
 
 
 class _Recorder:
