@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import re
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -524,6 +526,26 @@ async def test_a_start_while_redis_stalls_waits_for_it_a_few_seconds_only(
             assert took < 5, took
         finally:
             await broker.close()
+
+
+async def test_the_subscriber_logs_the_delay_it_retries_after(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """While Redis cannot be reached, attempts come at most a second apart: the log
+    says so, not the longer backoff of a subscription lost while Redis answers."""
+    caplog.set_level(logging.WARNING, logger="streamer.broker.redis_subscriber")
+    broker = RedisBroker(f"redis://127.0.0.1:{free_port()}/0", history_size=10, history_ttl=60)
+    await broker.start(_Recorder())
+    try:
+
+        def delays() -> list[float]:
+            found = (re.search(r"in ([0-9.]+)s$", r.getMessage()) for r in caplog.records)
+            return [float(match.group(1)) for match in found if match]
+
+        await eventually(lambda: len(delays()) >= 6, what="six attempts", timeout=20)
+        assert max(delays()) == redis_subscriber.UNREACHABLE_RETRY_S, delays()
+    finally:
+        await broker.close()
 
 
 async def test_a_silent_subscriber_connection_is_replaced(

@@ -188,10 +188,14 @@ class Subscriber:
                 await self._listen(pubsub)
             except _SUBSCRIPTION_LOST as exc:
                 log.warning(
-                    "redis subscription lost (%s); retrying in %.1fs", redis_failure(exc), backoff
+                    "redis subscription lost (%s); retrying in %.1fs",
+                    redis_failure(exc),
+                    self._retry_delay(backoff),
                 )
             except Exception:
-                log.exception("redis subscriber failed; reconnecting in %.1fs", backoff)
+                log.exception(
+                    "redis subscriber failed; reconnecting in %.1fs", self._retry_delay(backoff)
+                )
             finally:
                 if not self._reached and not self._sharded:
                     # (A shard's master that cannot be reached is failed over: those
@@ -203,10 +207,14 @@ class Subscriber:
                 with contextlib.suppress(Exception):
                     await client.aclose()
             self.restarts += 1
-            # While Redis cannot be reached, streams are refused: tried again as soon as
-            # refused clients come back (Retry-After: 1), not after a longer backoff.
-            await asyncio.sleep(min(backoff, UNREACHABLE_RETRY_S) if self.unreachable else backoff)
+            await asyncio.sleep(self._retry_delay(backoff))
             backoff = min(backoff * 2, RECONNECT_BACKOFF_MAX_S)
+
+    def _retry_delay(self, backoff: float) -> float:
+        """While Redis cannot be reached, streams are refused: tried again as soon as
+        refused clients come back (Retry-After: 1), not after a longer backoff."""
+        unreachable = self.unreachable or (not self._reached and not self._sharded)
+        return min(backoff, UNREACHABLE_RETRY_S) if unreachable else backoff
 
     # --- inside ----------------------------------------------------------------------------
 
