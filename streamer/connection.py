@@ -234,7 +234,8 @@ class Connection:
             return self.close_reason
         if self._done is None:
             self._done = asyncio.get_running_loop().create_future()
-        return await self._done
+        # Shielded: a waiter given up (cancelled) does not cancel it for the others.
+        return await asyncio.shield(self._done)
 
     def ending(self) -> asyncio.Future[Reason]:
         """Resolved with why the connection ended, once it has; `ended()` waits on the

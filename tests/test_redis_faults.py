@@ -430,6 +430,8 @@ async def test_ids_on_a_connection_never_go_down_when_redis_comes_back_older(
         assert [task["progress"] for task in resync["tasks"]] == [10]
         position = EventId.parse(resync["id"])
         assert position is not None and position >= EventId.parse(newest)  # type: ignore[operator]
+        async with client.ws_connect(f"/ws/tasks/?token={token}") as fresh:
+            assert (await ws_json(fresh))["id"] == resync["id"]  # where the history stands
         async with AsyncPublisher(server.url) as publisher:
             after = await publisher.progress(user_id, "job", progress=50)
         assert (await ws_json(ws))["id"] == after

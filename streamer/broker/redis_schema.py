@@ -120,11 +120,10 @@ for n, task in ipairs(ids) do
   states[#states + 1] = state
 end
 
+-- The position: the last id the history gave (its newest entry's, or above it when
+-- the newest were deleted or the history was moved up, below).
 local position
-local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
-if #newest > 0 then
-  position = newest[1][1]
-elseif redis.call('EXISTS', KEYS[2]) == 1 then
+if redis.call('EXISTS', KEYS[2]) == 1 then
   local info = redis.call('XINFO', 'STREAM', KEYS[2])
   for k = 1, #info, 2 do
     if info[k] == 'last-generated-id' then position = info[k + 1] end

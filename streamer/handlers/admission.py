@@ -175,18 +175,34 @@ async def _unless_ended(
 ) -> Opening:
     reading = asyncio.ensure_future(opening)
     ended = connection.ending()  # waited on, never cancelled: the handler waits on it later
+    returned = False
     try:
         waited: set[asyncio.Future[Any]] = {reading, ended}
         await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
         refusal = None if reading.done() else ENDED_WHILE_OPENING.get(ended.result())
         if refusal is None:
-            return await reading  # the client going away ends the reading by itself
+            opened = await reading  # the client going away ends the reading by itself
+            returned = True
+            return opened
         reading.cancel()
         await asyncio.wait({reading})  # it counts the connection out
         request.app[HUB].refused[refusal.reason] += 1
         raise Refused(refusal.reason, refusal.message)
     finally:
+        if not returned:
+            _discard(request, connection, reading)
+
+
+def _discard(
+    request: web.Request, connection: Connection, reading: asyncio.Future[Opening]
+) -> None:
+    """The opening is given up (its deadline, the client gone): a reading still under way
+    counts the connection out as it ends; one that ended with the opening read, as it
+    was given up, leaves it counted in: out now."""
+    if not reading.done():
         reading.cancel()
+    elif not reading.cancelled() and reading.exception() is None:
+        request.app[HUB].detach(connection, None)
 
 
 async def _attach_and_read(

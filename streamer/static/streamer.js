@@ -58,6 +58,9 @@
   // silent for this many of their intervals, plus a margin, is taken for dead (a NAT entry
   // dropped, a laptop that slept: the browser itself may not notice for many minutes).
   const HEARTBEATS_MISSED = 3;
+  // Until the first heartbeat tells the interval (it comes right after the opening, which
+  // a server gives 10 s): time enough for the opening and a round of the default intervals.
+  const FIRST_HEARTBEAT_MS = 120000;
   const HEARTBEAT_MARGIN_MS = 2000;
   const MAX_DELAY_MS = 10000;
   // How long the check whether a failed stream was refused for its credentials may take.
@@ -388,6 +391,7 @@
         opened = true;
         openedAt = Date.now();
         this._markStableLater();
+        liveness.heard();
         this._status("connected (websocket)", "connected");
       };
       socket.onmessage = (event) => {
@@ -421,12 +425,12 @@
     /**
      * Takes a connection (`isCurrent` while it is this stream's) for dead, and opens
      * another, once it brought nothing for three heartbeat intervals plus a margin. The
-     * interval comes with the heartbeats (`heartbeat(message)`); `heard()` for the rest.
+     * interval comes with the heartbeats (`heartbeat(message)`); `heard()` for the rest,
+     * and when it opens.
      */
     _liveness(isCurrent, what) {
-      let silenceMs = null;
+      let silenceMs = FIRST_HEARTBEAT_MS;
       const heard = () => {
-        if (silenceMs === null) return; // a server without heartbeat messages
         clearTimeout(this._silenceTimer);
         this._silenceTimer = setTimeout(() => {
           this._silenceTimer = null;
@@ -481,12 +485,13 @@
       // Without a token the credentials are cookies: sent to another origin only when asked.
       const source = new EventSource(url, { withCredentials: !this.token });
       this._source = source;
-      source.onopen = () => {
-        this._markStableLater();
-        this._status("connected (sse)", "connected");
-      };
       let received = false;
       const liveness = this._liveness(() => this._source === source, "the event stream");
+      source.onopen = () => {
+        this._markStableLater();
+        liveness.heard();
+        this._status("connected (sse)", "connected");
+      };
       for (const name of [...SSE_EVENTS, "heartbeat"]) {
         source.addEventListener(name, (event) => {
           if (this._source !== source) return; // replaced
