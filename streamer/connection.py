@@ -239,12 +239,19 @@ class Connection:
 
     def ending(self) -> asyncio.Future[Reason]:
         """Resolved with why the connection ended, once it has; `ended()` waits on the
-        same future, so it is never to be cancelled."""
+        same future, so it is never to be cancelled. `forget_ending()` once no longer
+        waited on."""
         if self._done is None:
             self._done = asyncio.get_running_loop().create_future()
             if self.close_reason is not None:
                 self._done.set_result(self.close_reason)
         return self._done
+
+    def forget_ending(self) -> None:
+        """Nobody waits for the end any more: an open connection keeps no future for it
+        (`ended()` makes one again)."""
+        if self._done is not None and not self._done.done():
+            self._done = None
 
     def _resolve_done(self) -> None:
         if self._done is not None and not self._done.done():

@@ -183,6 +183,7 @@ async def _unless_ended(
         if refusal is None:
             opened = await reading  # the client going away ends the reading by itself
             returned = True
+            connection.forget_ending()  # the handler waits for the end on its own, if at all
             return opened
         reading.cancel()
         await asyncio.wait({reading})  # it counts the connection out
