@@ -237,22 +237,6 @@ class Connection:
         # Shielded: a waiter given up (cancelled) does not cancel it for the others.
         return await asyncio.shield(self._done)
 
-    def ending(self) -> asyncio.Future[Reason]:
-        """Resolved with why the connection ended, once it has; `ended()` waits on the
-        same future, so it is never to be cancelled. `forget_ending()` once no longer
-        waited on."""
-        if self._done is None:
-            self._done = asyncio.get_running_loop().create_future()
-            if self.close_reason is not None:
-                self._done.set_result(self.close_reason)
-        return self._done
-
-    def forget_ending(self) -> None:
-        """Nobody waits for the end any more: an open connection keeps no future for it
-        (`ended()` makes one again)."""
-        if self._done is not None and not self._done.done():
-            self._done = None
-
     def _resolve_done(self) -> None:
         if self._done is not None and not self._done.done():
             assert self.close_reason is not None

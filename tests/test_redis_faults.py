@@ -631,38 +631,6 @@ async def test_an_opening_waits_for_redis_no_longer_than_its_deadline(
     assert len(hub) == 0
 
 
-async def test_streams_still_opening_at_shutdown_are_refused_at_once(
-    redis_server: RedisServer,
-    redis_client: TestClient,  # type: ignore[type-arg]
-    token_for: TokenFor,
-) -> None:
-    """Streams waiting for a stalled Redis when the process shuts down are refused as
-    shutting down (503 / 1001) then, counted as such, and a poll is answered as held
-    ones are (nothing, the client where it stood), not after the opening's deadline as
-    unavailable."""
-    hub = redis_client.app[HUB]
-    token = token_for("opening-user")
-    with redis_server.paused():
-        sse = asyncio.ensure_future(redis_client.get(f"/sse/tasks/?token={token}"))
-        poll = asyncio.ensure_future(redis_client.get(f"/poll/tasks/?token={token}"))
-        ws = await redis_client.ws_connect(f"/ws/tasks/?token={token}")
-        await eventually(lambda: len(hub) == 3, what="three streams opening")
-        started = time.monotonic()
-        hub.close_all(Reason.SHUTDOWN)
-        refused, answered = await asyncio.wait_for(asyncio.gather(sse, poll), 20)
-        code = await ws_close_code(ws)
-        waited = time.monotonic() - started
-    assert refused.status == 503 and refused.headers["Retry-After"] == "1"
-    assert (await refused.json())["code"] == "shutting_down"
-    assert answered.status == 200
-    assert await answered.json() == {"events": [], "last_event_id": None}
-    assert code == 1001
-    assert waited < 5, waited  # the opening's deadline is 10 s
-    assert hub.refused[Reason.SHUTTING_DOWN] == 3
-    assert hub.refused[Reason.BROKER_UNAVAILABLE] == 0
-    assert len(hub) == 0
-
-
 def test_a_publisher_gives_up_on_a_stalled_redis_in_time(
     redis_server: RedisServer, redis_url: str
 ) -> None:

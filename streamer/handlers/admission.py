@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from aiohttp import web
 
@@ -151,59 +150,10 @@ async def open_stream(
     turn = await _take_turn(request, connection.user_id)
     try:
         async with asyncio.timeout(OPENING_DEADLINE_S):
-            return await _unless_ended(
-                request,
-                connection,
-                _attach_and_read(request, connection, turn, last_event_id, encode_snapshot),
-            )
+            return await _attach_and_read(request, connection, turn, last_event_id, encode_snapshot)
     except TimeoutError:
         hub.refused[Reason.BROKER_UNAVAILABLE] += 1
         raise Refused(Reason.BROKER_UNAVAILABLE, BROKER_UNAVAILABLE_MESSAGE) from None
-
-
-# An opening whose connection the server ended meanwhile (the process shuts down, the
-# credentials expired) is refused at once, for that reason, instead of waiting for the
-# broker: what each ending becomes.
-ENDED_WHILE_OPENING = {
-    Reason.SHUTDOWN: Refused(Reason.SHUTTING_DOWN, "the server is shutting down; reconnect"),
-    Reason.EXPIRED: Refused(Reason.UNAUTHORIZED, "the credentials expired"),
-}
-
-
-async def _unless_ended(
-    request: web.Request, connection: Connection, opening: Awaitable[Opening]
-) -> Opening:
-    reading = asyncio.ensure_future(opening)
-    ended = connection.ending()  # waited on, never cancelled: the handler waits on it later
-    returned = False
-    try:
-        waited: set[asyncio.Future[Any]] = {reading, ended}
-        await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
-        refusal = None if reading.done() else ENDED_WHILE_OPENING.get(ended.result())
-        if refusal is None:
-            opened = await reading  # the client going away ends the reading by itself
-            returned = True
-            connection.forget_ending()  # the handler waits for the end on its own, if at all
-            return opened
-        reading.cancel()
-        await asyncio.wait({reading})  # it counts the connection out
-        request.app[HUB].refused[refusal.reason] += 1
-        raise Refused(refusal.reason, refusal.message)
-    finally:
-        if not returned:
-            _discard(request, connection, reading)
-
-
-def _discard(
-    request: web.Request, connection: Connection, reading: asyncio.Future[Opening]
-) -> None:
-    """The opening is given up (its deadline, the client gone): a reading still under way
-    counts the connection out as it ends; one that ended with the opening read, as it
-    was given up, leaves it counted in: out now."""
-    if not reading.done():
-        reading.cancel()
-    elif not reading.cancelled() and reading.exception() is None:
-        request.app[HUB].detach(connection, None)
 
 
 async def _attach_and_read(
