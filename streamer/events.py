@@ -347,11 +347,17 @@ def progress_event(
         "estimated_completion": _iso_timestamp("estimated_completion", estimated_completion),
     }
     fields.update({k: v for k, v in optional.items() if v is not None})
+    return _new_event(user_id, task_id, "task_progress", fields)
+
+
+def _new_event(
+    user_id: object, task_id: object, kind: EventType, fields: dict[str, Any]
+) -> TaskEvent:
     return _built(
         TaskEvent(
             user_id=validate_identifier("user_id", user_id),
             task_id=validate_task_id(task_id),
-            type="task_progress",
+            type=kind,
             fields=BuiltFields(fields),
         )
     )
@@ -396,14 +402,7 @@ def completed_event(
         "result_data": _result_data(result_data),
         "error_message": _optional_text("error_message", error_message),
     }
-    return _built(
-        TaskEvent(
-            user_id=validate_identifier("user_id", user_id),
-            task_id=validate_task_id(task_id),
-            type="task_completed",
-            fields=BuiltFields(fields),
-        )
-    )
+    return _new_event(user_id, task_id, "task_completed", fields)
 
 
 _PROGRESS_KEYS = frozenset(
