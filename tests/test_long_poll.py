@@ -300,7 +300,8 @@ async def test_a_narrowed_poll_moves_past_the_other_tasks_events_it_saw(
 
     # Closed while held (its credentials expire, say) with an event of its own and then
     # another task's still on the way in: the answer ends before its own one, which the
-    # next poll gets.
+    # next poll gets. (It ends at `after`: where the last answer ended, or past `after`
+    # when that answer ended at a's event and this poll's replay went past `after`.)
     last = body["last_event_id"]
     held = asyncio.ensure_future(poll(client, token, task_id="a", last_event_id=last))
     await eventually(lambda: held_polls(hub) == 1, what="a fourth poll held")
@@ -309,8 +310,8 @@ async def test_a_narrowed_poll_moves_past_the_other_tasks_events_it_saw(
     unsent = await publish_progress(client, user_id, "a", progress=4)
     await publish_progress(client, user_id, "b", progress=40)
     _, body, _ = await asyncio.wait_for(held, POLL_TIMEOUT_S * 3)
-    assert body == {"events": [], "last_event_id": last}
-    _, body, _ = await poll(client, token, task_id="a", last_event_id=last)
+    assert body == {"events": [], "last_event_id": after}
+    _, body, _ = await poll(client, token, task_id="a", last_event_id=after)
     assert [e["id"] for e in body["events"]] == [unsent]
 
 
