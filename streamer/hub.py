@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
+import contextlib
 import heapq
 import itertools
 import math
@@ -15,7 +16,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 
 from . import logs
 from .connection import Connection, Limits
-from .reasons import BROKER_UNAVAILABLE_MESSAGE, Reason, Refused
+from .reasons import BROKER_UNAVAILABLE_MESSAGE, SHUTTING_DOWN_MESSAGE, Reason, Refused
 from .wire import Delivery, EventId, Transport
 
 # Upper bounds (seconds) of the publish-to-delivery latency histogram's buckets.
@@ -53,6 +54,7 @@ class Hub:
         self._users: dict[str, _User] = {}
         self._count = 0
         self._closed = False
+        self._opening_deadlines: set[asyncio.Timeout] = set()
         self._started: list[Connection] = []  # connections with events to write this turn
         self._write_scheduled = False
         # (expires_at, sequence, connection): the next credentials to end, first.
@@ -116,7 +118,7 @@ class Hub:
 
     def _check_limits(self, user_id: str) -> None:
         if self._closed:
-            raise Refused(Reason.SHUTTING_DOWN, "the server is shutting down; reconnect")
+            raise Refused(Reason.SHUTTING_DOWN, SHUTTING_DOWN_MESSAGE)
         if self._count >= self._max_connections:
             raise Refused(
                 Reason.TOO_MANY_CONNECTIONS, "this server has too many connections; retry later"
@@ -336,10 +338,29 @@ class Hub:
         for user in self._users.values():
             yield from user.connections
 
+    @property
+    def shutting_down(self) -> bool:
+        return self._closed
+
+    @contextlib.contextmanager
+    def opening(self, deadline: asyncio.Timeout) -> Iterator[None]:
+        """While a stream opens under `deadline`: at shutdown the deadline comes at once,
+        rather than the stream waiting (for a stalled broker, say) to be refused later."""
+        self._opening_deadlines.add(deadline)
+        try:
+            yield
+        finally:
+            self._opening_deadlines.discard(deadline)
+
     def close_all(self, reason: Reason) -> None:
-        """End every connection; with SHUTDOWN, refuse new ones from now on."""
+        """End every connection; with SHUTDOWN, refuse new ones from now on and cut the
+        openings under way short."""
         if reason is Reason.SHUTDOWN:
             self._closed = True
+            now = asyncio.get_running_loop().time()
+            for deadline in self._opening_deadlines:
+                if not deadline.expired():
+                    deadline.reschedule(now)
         for connection in list(self.connections()):
             connection.close(reason)
 

@@ -11,6 +11,7 @@ import enum
 # What a client is told when Redis fails it: its own error names hosts and ports of the
 # private network (the worker's log and metrics have the rest).
 BROKER_UNAVAILABLE_MESSAGE = "the broker is unavailable; try again"
+SHUTTING_DOWN_MESSAGE = "the server is shutting down; reconnect"
 
 
 class Reason(enum.Enum):

@@ -631,6 +631,35 @@ async def test_an_opening_waits_for_redis_no_longer_than_its_deadline(
     assert len(hub) == 0
 
 
+async def test_streams_still_opening_at_shutdown_are_refused_at_once(
+    redis_server: RedisServer,
+    redis_client: TestClient,  # type: ignore[type-arg]
+    token_for: TokenFor,
+) -> None:
+    """Streams waiting for a stalled Redis when the process shuts down are refused as
+    shutting down then (503 / 1001) and counted as such, not after the opening's
+    deadline as unavailable."""
+    hub = redis_client.app[HUB]
+    token = token_for("opening-user")
+    with redis_server.paused():
+        sse = asyncio.ensure_future(redis_client.get(f"/sse/tasks/?token={token}"))
+        poll = asyncio.ensure_future(redis_client.get(f"/poll/tasks/?token={token}"))
+        ws = await redis_client.ws_connect(f"/ws/tasks/?token={token}")
+        await eventually(lambda: len(hub) == 3, what="three streams opening")
+        started = time.monotonic()
+        hub.close_all(Reason.SHUTDOWN)
+        refusals = await asyncio.wait_for(asyncio.gather(sse, poll), 20)
+        code = await ws_close_code(ws)
+        waited = time.monotonic() - started
+    for refused in refusals:
+        assert refused.status == 503 and refused.headers["Retry-After"] == "1"
+        assert (await refused.json())["code"] == "shutting_down"
+    assert code == 1001
+    assert waited < 5, waited  # the opening's deadline is 10 s
+    assert hub.refused == {Reason.SHUTTING_DOWN: 3}
+    assert len(hub) == 0
+
+
 def test_a_publisher_gives_up_on_a_stalled_redis_in_time(
     redis_server: RedisServer, redis_url: str
 ) -> None:

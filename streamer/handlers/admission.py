@@ -24,7 +24,7 @@ from ..connection import Connection
 from ..events import EventError, validate_task_id
 from ..opening import Opening, read_opening
 from ..rate_limit import TokenBucket
-from ..reasons import BROKER_UNAVAILABLE_MESSAGE, Reason, Refused
+from ..reasons import BROKER_UNAVAILABLE_MESSAGE, SHUTTING_DOWN_MESSAGE, Reason, Refused
 from ..wire import EventId, Transport
 
 MAX_EVENT_ID_LENGTH = 200
@@ -149,9 +149,15 @@ async def open_stream(
     hub.check_admissible(connection.user_id)  # at once, before a turn is taken for it
     turn = await _take_turn(request, connection.user_id)
     try:
-        async with asyncio.timeout(OPENING_DEADLINE_S):
-            return await _attach_and_read(request, connection, turn, last_event_id, encode_snapshot)
+        async with asyncio.timeout(OPENING_DEADLINE_S) as deadline:
+            with hub.opening(deadline):  # which comes at once if the process shuts down
+                return await _attach_and_read(
+                    request, connection, turn, last_event_id, encode_snapshot
+                )
     except TimeoutError:
+        if hub.shutting_down:
+            hub.refused[Reason.SHUTTING_DOWN] += 1
+            raise Refused(Reason.SHUTTING_DOWN, SHUTTING_DOWN_MESSAGE) from None
         hub.refused[Reason.BROKER_UNAVAILABLE] += 1
         raise Refused(Reason.BROKER_UNAVAILABLE, BROKER_UNAVAILABLE_MESSAGE) from None
 

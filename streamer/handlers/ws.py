@@ -97,7 +97,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         if connection.closing is None:
             code, text = CLOSE_CODES[refusal.reason]
             await ws.close(code=code, message=text)
-        else:  # ended by the server while it opened: that close is under way
+        else:  # ended by the server while it opened (shutdown): that close is under way
             with contextlib.suppress(Exception):
                 await connection.closing
         return ws
