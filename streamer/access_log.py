@@ -1,14 +1,18 @@
 """An access log that never writes credentials: `token=` query values are redacted and
-no header other than the User-Agent is logged."""
+no header other than the User-Agent is logged. Behind trusted proxies, the address is
+the client's they forward for (`client_address`)."""
 
 from __future__ import annotations
 
 import re
+from typing import ClassVar
 from urllib.parse import unquote_plus
 
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
+
+from .client_address import LOOPBACK, Network, client_address
 
 _SECRET_PARAMETERS = frozenset({"token", "access_token"})
 # `;` is no separator to aiohttp's parser, but is to others': a token after it is one,
@@ -38,12 +42,16 @@ def redact(path_qs: str) -> str:
 
 
 class RedactingAccessLogger(AbstractAccessLogger):
-    """Fixed format: remote "METHOD path HTTP/x.y" status bytes seconds "user agent"."""
+    """Fixed format: client "METHOD path HTTP/x.y" status bytes seconds "user agent"."""
+
+    trusted_proxies: ClassVar[tuple[Network, ...]] = LOOPBACK
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+        peer = request.remote
+        forwarded_for = request.headers.getall("X-Forwarded-For", ())
         self.logger.info(
             '%s "%s %s HTTP/%d.%d" %d %d %.3fs "%s"',
-            request.remote or "-",
+            "-" if peer is None else client_address(peer, forwarded_for, self.trusted_proxies),
             request.method,
             redact(request.path_qs),
             request.version.major,
@@ -53,3 +61,10 @@ class RedactingAccessLogger(AbstractAccessLogger):
             time,
             request.headers.get("User-Agent", "-").replace('"', "'"),
         )
+
+
+def access_logger(trusted_proxies: tuple[Network, ...]) -> type[RedactingAccessLogger]:
+    """The logger class aiohttp makes its access logger from, with these proxies."""
+    return type(
+        "RedactingAccessLogger", (RedactingAccessLogger,), {"trusted_proxies": trusted_proxies}
+    )

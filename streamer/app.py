@@ -13,7 +13,7 @@ from importlib import resources
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from .access_log import RedactingAccessLogger
+from .access_log import access_logger
 from .app_keys import BROKER, CONFIG, DELEGATED_AUTH, HUB, METRICS, OPENING_BUCKETS
 from .auth.delegated import DelegatedAuth
 from .auth.sessions import SessionStoreUnavailable, setup_sessions
@@ -97,7 +97,7 @@ def build_app(config: Config) -> web.Application:
     app = web.Application(
         client_max_size=MAX_REQUEST_BODY_BYTES,
         handler_args={
-            "access_log_class": RedactingAccessLogger,
+            "access_log_class": access_logger(config.trusted_proxies),
             "max_line_size": config.max_header_bytes,
             "max_field_size": config.max_header_bytes,
         },

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import SplitResult, parse_qs, unquote_plus, urlsplit
+
+from .client_address import LOOPBACK, Network
 
 MIN_SECRET_LENGTH = 32
 
@@ -48,6 +51,7 @@ class Config:
     auth_cache_s: float = 30.0
     ws_refuse_at_handshake: bool = False
     log_format: str = "text"
+    trusted_proxies: tuple[Network, ...] = LOOPBACK
 
     def __post_init__(self) -> None:
         if len(self.secret) < MIN_SECRET_LENGTH:
@@ -272,6 +276,25 @@ def _number(
     return parse
 
 
+def _networks(name: str, raw: str) -> tuple[Network, ...]:
+    networks: list[Network] = []
+    for item in raw.split(","):
+        entry = item.strip()
+        if not entry:
+            continue
+        if entry == "*":
+            networks += (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
+            continue
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            raise ConfigError(
+                f"{name} must be a comma-separated list of IP addresses or networks "
+                f"(10.0.0.0/8), or *, got {entry!r}"
+            ) from None
+    return tuple(networks)
+
+
 def _log_format(name: str, raw: str) -> str:
     value = raw.lower()
     if value not in ("text", "json"):
@@ -348,4 +371,8 @@ ENV_VARIABLES: dict[str, tuple[Callable[[str, str], Any], str]] = {
         "refuse bad WebSocket credentials with HTTP 403 before the upgrade (not 4401 after)",
     ),
     "log_format": (_log_format, "log lines as text (default) or json, one object per line"),
+    "trusted_proxies": (
+        _networks,
+        "proxies whose X-Forwarded-For the access log believes (addresses, networks or *)",
+    ),
 }

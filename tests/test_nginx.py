@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -11,10 +12,12 @@ import pytest
 
 from .conftest import StartGunicorn
 from .nginx import BARE_SITE, Nginx
+from .processes import ServerProcess, gunicorn_args
 from .streams import CurlStream, WsStream, run_cli
-from .waiting import eventually
+from .waiting import eventually, eventually_sync
 
 TokenFor = Callable[..., str]
+StartProcess = Callable[..., ServerProcess]
 
 
 @pytest.fixture
@@ -171,3 +174,49 @@ async def test_sse_and_long_poll_through_nginx_speaking_http_1_0(
         nginx.stop()
     log = (tmp_path / "nginx" / "error.log").read_text()
     assert "upstream prematurely closed" not in log, log
+
+
+@pytest.mark.parametrize(
+    ("trusted_proxies", "shown"),
+    [(None, "198.51.100.7"), ("10.0.0.0/8", "127.0.0.1")],
+    ids=["nginx on loopback, trusted by default", "nginx not trusted"],
+)
+async def test_the_access_log_shows_the_client_nginx_forwards_for(
+    start_process: StartProcess,
+    process_env: dict[str, str],
+    redis_url: str,
+    tmp_path: Path,
+    token_for: TokenFor,
+    user_id: str,
+    trusted_proxies: str | None,
+    shown: str,
+) -> None:
+    """Behind nginx the access log shows the address nginx forwards for, not nginx's
+    own; nothing nginx says is believed when it is not a trusted proxy. Here the test
+    plays a trusted proxy (on loopback) in front of nginx, forwarding for a client."""
+    env = {**process_env, "STREAMER_REDIS_URL": redis_url}
+    if trusted_proxies is not None:
+        env["STREAMER_TRUSTED_PROXIES"] = trusted_proxies
+    server = start_process(gunicorn_args(1), env)
+    await asyncio.to_thread(server.wait_healthy)
+    nginx = Nginx(tmp_path / "nginx", server.port)
+    nginx.directory.mkdir()
+    try:
+        nginx.start()
+        async with aiohttp.ClientSession() as session:
+            for name, forwarded_for in (
+                ("forwarded", {"X-Forwarded-For": "198.51.100.7"}),
+                ("direct", {}),
+            ):
+                url = f"{nginx.base_url}/api/tasks/?token={token_for(user_id)}&as={name}"
+                async with session.get(url, headers=forwarded_for) as answer:
+                    assert answer.status == 200
+    finally:
+        nginx.stop()
+
+    def access_lines() -> dict[str, str] | None:
+        found = re.findall(r'(\S+) "GET /api/tasks/\?token=\[redacted\]&as=(\w+) ', server.log())
+        return {name: address for address, name in found} if len(found) == 2 else None
+
+    addresses = await asyncio.to_thread(eventually_sync, access_lines, what="two access lines")
+    assert addresses == {"forwarded": shown, "direct": "127.0.0.1"}

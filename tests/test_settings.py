@@ -132,3 +132,25 @@ def test_number_flags_read_ascii_numbers() -> None:
     parsed = _parser().parse_args([*publish, "--progress", "12.5", "--processed", "3"])
     assert (parsed.progress, parsed.processed) == (12.5, 3)
     assert _parser().parse_args(["token", "--user", "u", "--ttl", "60"]).ttl == 60
+
+
+def test_trusted_proxies_are_read_as_networks() -> None:
+    config = Config.from_env(
+        {
+            "STREAMER_SECRET": SECRET,
+            "STREAMER_TRUSTED_PROXIES": " 10.1.2.3, 172.16.0.0/12,fd00::/8,",
+        }
+    )
+    assert [str(network) for network in config.trusted_proxies] == [
+        "10.1.2.3/32", "172.16.0.0/12", "fd00::/8",
+    ]  # fmt: skip
+    everyone = Config.from_env({"STREAMER_SECRET": SECRET, "STREAMER_TRUSTED_PROXIES": "*"})
+    assert [str(network) for network in everyone.trusted_proxies] == ["0.0.0.0/0", "::/0"]
+    default = Config.from_env({"STREAMER_SECRET": SECRET})
+    assert [str(network) for network in default.trusted_proxies] == ["127.0.0.0/8", "::1/128"]
+
+
+@pytest.mark.parametrize("value", ["nginx", "10.0.0.0/33", "10.0.0.1 10.0.0.2", "::g"])
+def test_a_trusted_proxy_that_is_no_address_is_refused(value: str) -> None:
+    with pytest.raises(ConfigError, match="STREAMER_TRUSTED_PROXIES must be a comma-separated"):
+        Config.from_env({"STREAMER_SECRET": SECRET, "STREAMER_TRUSTED_PROXIES": value})
