@@ -48,7 +48,9 @@ class RedactingAccessLogger(AbstractAccessLogger):
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
         peer = request.remote
-        forwarded_for = request.headers.getall("X-Forwarded-For", ())
+        # A request the parser refused comes with a plain dict of headers, if any.
+        getall = getattr(request.headers, "getall", None)
+        forwarded_for = () if getall is None else getall("X-Forwarded-For", ())
         self.logger.info(
             '%s "%s %s HTTP/%d.%d" %d %d %.3fs "%s"',
             "-" if peer is None else client_address(peer, forwarded_for, self.trusted_proxies),

@@ -21,7 +21,9 @@ THREAD_WAIT_S = 3 * WAIT_S
 @pytest.fixture
 def server_errors(caplog: pytest.LogCaptureFixture) -> ServerErrors:
     """ERROR records logged so far (the test server runs in this process): a handler
-    that crashed shows up here as aiohttp's "Error handling request" with a traceback."""
+    that crashed shows up here as aiohttp's "Error handling request" with a traceback,
+    the access logger (on, as in production) as "Unhandled exception"."""
+    caplog.set_level(logging.INFO, logger="aiohttp.access")
 
     def errors() -> list[logging.LogRecord]:
         return [record for record in caplog.records if record.levelno >= logging.ERROR]
