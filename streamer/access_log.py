@@ -8,11 +8,16 @@ import re
 from typing import ClassVar
 from urllib.parse import unquote_plus
 
+from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
 from .client_address import LOOPBACK, Network, client_address
+
+# Bytes a stream wrote past aiohttp's own writer (the hub writes to the socket): set
+# by the stream handlers, added to the bytes aiohttp counted.
+STREAMED_BYTES = web.ResponseKey("streamed_bytes", int)
 
 _SECRET_PARAMETERS = frozenset({"token", "access_token"})
 # `;` is no separator to aiohttp's parser, but is to others': a token after it is one,
@@ -59,7 +64,7 @@ class RedactingAccessLogger(AbstractAccessLogger):
             request.version.major,
             request.version.minor,
             response.status,
-            response.body_length,
+            response.body_length + response.get(STREAMED_BYTES, 0),
             time,
             request.headers.get("User-Agent", "-").replace('"', "'"),
         )

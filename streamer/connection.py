@@ -65,6 +65,7 @@ class Connection:
         "_resyncing",
         "_stale",
         "answering",
+        "bytes_out",
         "close_reason",
         "closing",
         "dropped",
@@ -126,6 +127,7 @@ class Connection:
         self.last_id: EventId | None = None  # the newest id sent or queued: the position
         self._passed: EventId | None = None  # under a task filter: another task's, newer
         self.sent = 0  # events written
+        self.bytes_out = 0  # bytes written by the hub and the opening (the access log's)
         # Times events waiting for the opening were dropped (more came than the outbox
         # holds): the opening reads them from the history instead.
         self.dropped = 0
@@ -189,6 +191,7 @@ class Connection:
         self.last_id = last
         out.write(frames)
         self.sent += count
+        self.bytes_out += len(frames)
         return True
 
     def write_batch(self) -> None:
@@ -203,8 +206,10 @@ class Connection:
             for key, frame in batch:
                 self._queue(key, frame)
         else:
-            self._out.write(batch[0][1] if len(batch) == 1 else b"".join(f for _, f in batch))
+            data = batch[0][1] if len(batch) == 1 else b"".join(f for _, f in batch)
+            self._out.write(data)
             self.sent += len(batch)
+            self.bytes_out += len(data)
 
     def write_idle(self, data: bytes) -> bool:
         """Write what only matters when nothing else is being sent (a heartbeat or a
@@ -213,6 +218,7 @@ class Connection:
             self.lost()
         elif self._live and self._pending is None and not self._backed_up():
             self._out.write(data)
+            self.bytes_out += len(data)
             return True
         return False
 
@@ -385,8 +391,7 @@ class Connection:
         if self._out.is_closing():
             self.lost()
             return False
-        self.sent += len(frames)
-        self._out.write(b"".join(frames))
+        self._write_frames(frames)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._limits.send_timeout_s
         while self.close_reason is None and self._backed_up():
@@ -405,6 +410,7 @@ class Connection:
             return
         if self._live and self._pending is None and not self._backed_up():
             self._out.write(data)
+            self.bytes_out += len(data)
         else:
             self._queue(REPLY_KEY, data)
 
@@ -464,8 +470,7 @@ class Connection:
                     return  # held for a snapshot: its end writes what waits
                 pending = self._pending
                 self._pending, self._pending_bytes = None, 0
-                self.sent += len(pending)
-                self._out.write(b"".join(f for _, f in pending))
+                self._write_frames([f for _, f in pending])
         finally:
             self._flusher = None
 
@@ -494,10 +499,16 @@ class Connection:
 
     def _release(self, first: list[bytes]) -> None:
         frames = [*first, *(f for _, f in self._pending or ())]
-        self.sent += len(frames)
         self._pending, self._pending_bytes = None, 0
         self._live = True
-        self._out.write(b"".join(frames))
+        self._write_frames(frames)
+
+    def _write_frames(self, frames: list[bytes]) -> None:
+        """Events (and replies among them) in one write."""
+        data = b"".join(frames)
+        self._out.write(data)
+        self.sent += len(frames)
+        self.bytes_out += len(data)
 
     def _resync_soon(self) -> asyncio.Task[int]:
         if self._resyncing is None:

@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 
+from .conftest import StartGunicorn
 from .processes import ServerProcess, gunicorn_args
 from .raw_ws import RawWebSocket
-from .streams import CurlStream, WsStream
+from .streams import CurlStream, WsStream, run_cli
 from .waiting import eventually_sync
 
 TokenFor = Callable[..., str]
@@ -201,3 +202,42 @@ async def test_json_set_with_gunicorns_env_flag_covers_its_first_line(
     lines = [line for line in server.log().splitlines() if line.strip()]
     assert lines and [line for line in lines if not line.startswith("{")] == []
     assert "Starting gunicorn" in json.loads(lines[0])["message"]
+
+
+async def test_a_streams_access_line_counts_the_bytes_it_sent(
+    start_gunicorn: StartGunicorn, token_for: TokenFor, user_id: str
+) -> None:
+    """The hub writes events to the socket past aiohttp's own writer: a stream's access
+    line counts them, not only the response head."""
+    server, env = start_gunicorn(1)
+    token = token_for(user_id)
+    ws = await WsStream.open(
+        server.base_url.replace("http", "ws") + f"/ws/tasks/?probe=bytes&token={token}"
+    )
+    sse = await CurlStream.open(f"{server.base_url}/sse/tasks/?probe=bytes", token)
+    step, events = "x" * 2000, 5
+    try:
+        await ws.next()
+        await sse.next_data()
+        for progress in range(events):
+            event_id = await run_cli(
+                "publish", "--user", user_id, "--task", "t", "--progress", str(progress),
+                "--step", step, env=env,
+            )  # fmt: skip
+            assert (await ws.next())["id"] == event_id
+            assert (await sse.next_data())["id"] == event_id
+    finally:
+        await ws.close()
+        await sse.close()
+
+    def logged_bytes() -> dict[str, int] | None:
+        found = re.findall(
+            r'"GET /(ws|sse)/tasks/\?probe=bytes\S* HTTP/1.1" \d+ (\d+) ', server.log()
+        )
+        return {path: int(size) for path, size in found} if len(found) == 2 else None
+
+    sizes = await asyncio.to_thread(eventually_sync, logged_bytes, what="both access lines")
+    sent = events * len(step)
+    for path, size in sizes.items():
+        # The events (their steps and the rest of each message), the snapshot and head.
+        assert sent < size < sent + events * 600 + 2048, (path, size)

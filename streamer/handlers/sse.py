@@ -15,6 +15,7 @@ import logging
 from aiohttp import HttpVersion11, web
 
 from .. import wire
+from ..access_log import STREAMED_BYTES
 from ..app_keys import BROKER, CONFIG, HUB
 from ..auth.origin import cors_headers
 from ..opening import send_opening
@@ -80,8 +81,8 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
     except Refused as refusal:
         return refusal_response(refusal, cors)
     hub = request.app[HUB]
+    response = web.StreamResponse(headers=SSE_HEADERS | worker_header() | cors)
     try:
-        response = web.StreamResponse(headers=SSE_HEADERS | worker_header() | cors)
         if chunked:
             response.enable_chunked_encoding()
         await response.prepare(request)
@@ -94,6 +95,8 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
         return response
     finally:
         hub.detach(connection, connection.close_reason or Reason.CLIENT_CLOSED)
+        written = out.written if isinstance(out, Unchunked) else connection.bytes_out
+        response[STREAMED_BYTES] = written
 
 
 async def answer_head(
@@ -125,9 +128,12 @@ class Unchunked(asyncio.Transport):
     def __init__(self, socket: asyncio.Transport) -> None:
         super().__init__()
         self._socket = socket
+        self.written = 0  # bytes, as they go out
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        self._socket.write(wire.unchunked(bytes(data)))
+        unchunked = wire.unchunked(bytes(data))
+        self._socket.write(unchunked)
+        self.written += len(unchunked)
 
     def is_closing(self) -> bool:
         return self._socket.is_closing()

@@ -11,6 +11,7 @@ from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 from multidict import CIMultiDict
 
 from .. import wire
+from ..access_log import STREAMED_BYTES
 from ..app_keys import BROKER, CONFIG, HUB
 from ..broker.base import BrokerUnavailable
 from ..commands import BROKER_UNAVAILABLE, answer, read_command, reply_cost
@@ -111,6 +112,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         ended_by = await _answer_commands(request, ws, connection)
     finally:
         hub.detach(connection, connection.close_reason or ended_by or Reason.CLIENT_CLOSED)
+        ws[STREAMED_BYTES] = connection.bytes_out
     if connection.closing is not None:
         with contextlib.suppress(Exception):
             await connection.closing
