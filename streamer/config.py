@@ -277,6 +277,8 @@ def _number(
 
 
 def _networks(name: str, raw: str) -> tuple[Network, ...]:
+    if raw.lower() == "none":
+        return ()
     networks: list[Network] = []
     for item in raw.split(","):
         entry = item.strip()
@@ -286,12 +288,17 @@ def _networks(name: str, raw: str) -> tuple[Network, ...]:
             networks += (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
             continue
         try:
-            networks.append(ipaddress.ip_network(entry, strict=False))
-        except ValueError:
+            if "%" in entry:
+                raise ValueError("no zone ids: X-Forwarded-For entries with one are not read")
+            # Strict: 10.1.2.3/8 is a typo for an address or for 10.0.0.0/8.
+            networks.append(ipaddress.ip_network(entry))
+        except ValueError as exc:
             raise ConfigError(
                 f"{name} must be a comma-separated list of IP addresses or networks "
-                f"(10.0.0.0/8), or *, got {entry!r}"
+                f"(10.0.0.0/8), * or none, got {entry!r} ({exc})"
             ) from None
+    if not networks:
+        raise ConfigError(f"{name} lists no address (none: trust no proxy), got {raw!r}")
     return tuple(networks)
 
 
@@ -373,6 +380,6 @@ ENV_VARIABLES: dict[str, tuple[Callable[[str, str], Any], str]] = {
     "log_format": (_log_format, "log lines as text (default) or json, one object per line"),
     "trusted_proxies": (
         _networks,
-        "proxies whose X-Forwarded-For the access log believes (addresses, networks or *)",
+        "proxies whose X-Forwarded-For the access log believes (addresses, networks, * or none)",
     ),
 }

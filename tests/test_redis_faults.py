@@ -638,7 +638,8 @@ async def test_streams_still_opening_at_shutdown_are_refused_at_once(
 ) -> None:
     """Streams waiting for a stalled Redis when the process shuts down are refused as
     shutting down then (503 / 1001) and counted as such, not after the opening's
-    deadline as unavailable."""
+    deadline as unavailable; a poll is answered as held ones are (nothing, the client
+    where it stood)."""
     hub = redis_client.app[HUB]
     token = token_for("opening-user")
     with redis_server.paused():
@@ -648,15 +649,17 @@ async def test_streams_still_opening_at_shutdown_are_refused_at_once(
         await eventually(lambda: len(hub) == 3, what="three streams opening")
         started = time.monotonic()
         hub.close_all(Reason.SHUTDOWN)
-        refusals = await asyncio.wait_for(asyncio.gather(sse, poll), 20)
+        refused, answered = await asyncio.wait_for(asyncio.gather(sse, poll), 20)
         code = await ws_close_code(ws)
         waited = time.monotonic() - started
-    for refused in refusals:
-        assert refused.status == 503 and refused.headers["Retry-After"] == "1"
-        assert (await refused.json())["code"] == "shutting_down"
+    assert refused.status == 503 and refused.headers["Retry-After"] == "1"
+    assert (await refused.json())["code"] == "shutting_down"
+    assert answered.status == 200
+    assert await answered.json() == {"events": [], "last_event_id": None}
     assert code == 1001
     assert waited < 5, waited  # the opening's deadline is 10 s
     assert hub.refused == {Reason.SHUTTING_DOWN: 3}
+    assert hub.ended == {}  # none of them started
     assert len(hub) == 0
 
 

@@ -146,11 +146,20 @@ def test_trusted_proxies_are_read_as_networks() -> None:
     ]  # fmt: skip
     everyone = Config.from_env({"STREAMER_SECRET": SECRET, "STREAMER_TRUSTED_PROXIES": "*"})
     assert [str(network) for network in everyone.trusted_proxies] == ["0.0.0.0/0", "::/0"]
+    nobody = Config.from_env({"STREAMER_SECRET": SECRET, "STREAMER_TRUSTED_PROXIES": "None"})
+    assert nobody.trusted_proxies == ()
     default = Config.from_env({"STREAMER_SECRET": SECRET})
     assert [str(network) for network in default.trusted_proxies] == ["127.0.0.0/8", "::1/128"]
 
 
-@pytest.mark.parametrize("value", ["nginx", "10.0.0.0/33", "10.0.0.1 10.0.0.2", "::g"])
+@pytest.mark.parametrize(
+    "value", ["nginx", "10.0.0.0/33", "10.0.0.1 10.0.0.2", "::g", "10.1.2.3/8", "fe80::1%eth0"]
+)
 def test_a_trusted_proxy_that_is_no_address_is_refused(value: str) -> None:
     with pytest.raises(ConfigError, match="STREAMER_TRUSTED_PROXIES must be a comma-separated"):
         Config.from_env({"STREAMER_SECRET": SECRET, "STREAMER_TRUSTED_PROXIES": value})
+
+
+def test_a_list_of_trusted_proxies_without_one_is_refused() -> None:
+    with pytest.raises(ConfigError, match="STREAMER_TRUSTED_PROXIES lists no address"):
+        Config.from_env({"STREAMER_SECRET": SECRET, "STREAMER_TRUSTED_PROXIES": ", ,"})

@@ -95,7 +95,16 @@ async def poll_handler(request: web.Request) -> web.StreamResponse:
             request, connection, last_event_id=resume_point, encode_snapshot=encode_snapshot
         )
     except Refused as refusal:
-        return _no_store(refusal_response(refusal, cors))
+        if connection.close_reason is not Reason.SHUTDOWN:
+            return _no_store(refusal_response(refusal, cors))
+        # Shut down while it opened: answered as held polls are, with nothing, the
+        # client where it stood.
+        body, _ = wire.poll_body(b"", resume_point, at_least=None)
+        return web.Response(
+            body=body,
+            content_type="application/json",
+            headers=POLL_HEADERS | worker_header() | cors,
+        )
     position: wire.EventId | None = opening.position
     try:
         frames, more, replayed = opening.frames, opening.more, opening.replayed
