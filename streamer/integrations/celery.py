@@ -49,15 +49,22 @@ import inspect
 import logging
 import os
 import re
+import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from celery import Celery, Task
-from celery.exceptions import Ignore
-from celery.signals import task_revoked, worker_ready, worker_shutdown
+from celery import Celery, Task, states
+from celery.exceptions import Ignore, Reject, TimeLimitExceeded, WorkerLostError
+from celery.signals import (
+    task_failure,
+    task_postrun,
+    task_revoked,
+    worker_ready,
+    worker_shutdown,
+)
 from celery.utils import uuid
 from celery.worker import state as worker_state
 
@@ -244,7 +251,12 @@ class ProgressTask(Task):
             )
         except Exception as exc:
             if user_id is not None:
-                self._not_sent(user_id, task_id, exc)
+                if self.app.conf.task_always_eager:
+                    # Run here, its exception propagated (task_eager_propagates): Celery
+                    # calls no on_failure then.
+                    self._ended_without_hooks(user_id, task_id, "FAILURE", _describe(exc))
+                else:
+                    self._not_sent(user_id, task_id, exc)
             raise
 
     def _publish_pending(self, task_id: str, args: Any, kwargs: Any) -> str | None:
@@ -334,11 +346,56 @@ class ProgressTask(Task):
         kwargs: Mapping[str, Any],
         einfo: Any,
     ) -> None:
-        user_id = self.streamer_user_id(args, kwargs)
-        if user_id is None or not self._streamable(task_id):
+        if getattr(self.request, "streamer_retry_published", False):
+            return  # by `retry`, before the next run was sent
+        self._publish_retry(self.streamer_user_id(args, kwargs), task_id, exc)
+
+    def retry(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        exc: BaseException | None = None,
+        throw: bool = True,
+        eta: Any = None,
+        countdown: Any = None,
+        max_retries: int | None = None,
+        **options: Any,
+    ) -> Any:
+        """Celery's, publishing RETRY before the next run is sent, not after (in
+        `on_retry`): that run could start and even finish first (a countdown of 0, another
+        worker process), and RETRY then showed a running or finished task as retrying."""
+        request = self.request
+        limit = self.max_retries if max_retries is None else max_retries
+        if not request.called_directly and (limit is None or request.retries < limit):
+            reason = exc if exc is not None else sys.exc_info()[1]
+            args_now, kwargs_now = request.args or (), request.kwargs or {}
+            self._publish_retry(self.streamer_user_id(args_now, kwargs_now), request.id, reason)
+            request.streamer_retry_published = True
+        return super().retry(  # type: ignore[no-untyped-call]
+            args, kwargs, exc, throw, eta, countdown, max_retries, **options
+        )
+
+    def _publish_retry(
+        self, user_id: str | None, task_id: str | None, exc: BaseException | None
+    ) -> None:
+        if user_id is None or task_id is None or not self._streamable(task_id):
             return
-        step = _publishable(f"retrying after: {_describe(exc)}")
+        step = "retrying" if exc is None else _publishable(f"retrying after: {_describe(exc)}")
         self._publish(progress_event(user_id, task_id, status="RETRY", current_step=step))
+
+    def on_replace(self, sig: Any) -> Any:
+        """Replaced (`raise self.replace(...)`): the replacement runs under this task's id
+        and reports only if it is a ProgressTask too."""
+        replacement = self.app.tasks.get(getattr(sig, "task", None) or "")
+        if not isinstance(replacement, ProgressTask):
+            log.warning(
+                "task %s[%s] replaced by %s, which is not a ProgressTask: its end is not published",
+                self.name,
+                self.request.id,
+                getattr(sig, "task", sig),
+            )
+        self.request.streamer_replaced = True
+        return super().on_replace(sig)  # type: ignore[no-untyped-call]
 
     # --- Helpers -------------------------------------------------------------------------
 
@@ -426,6 +483,13 @@ class ProgressTask(Task):
         except BrokerUnavailable as exc:
             log.warning("task %s[%s]: %s not published: %s", self.name, task_id, then, exc)
         return False
+
+    def _ended_without_hooks(self, user_id: str, task_id: str, status: str, message: str) -> None:
+        """The task ended where Celery calls none of its hooks: `status` for it, unless
+        it ended already (a hook that did run, an event that came first)."""
+        if self._running(user_id, task_id, then=status):
+            error = _publishable(message)
+            self._publish(completed_event(user_id, task_id, status=status, error_message=error))
 
     def _end_cancelled(self, user_id: object, task_id: str) -> None:
         self._publish(completed_event(user_id, task_id, status="REVOKED"))
@@ -549,7 +613,56 @@ def _publish_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
         sender._publish(completed_event(user_id, request.id, status="REVOKED"))
 
 
+# Failures Celery's worker reports from its main process, where no on_failure runs: the
+# process running the task was lost (killed by the OOM killer, a hard time limit), or
+# the task rejected its message for good.
+_FAILED_WITHOUT_HOOKS = (WorkerLostError, TimeLimitExceeded, Reject)
+
+
+def _publish_failure(
+    sender: Any = None,
+    task_id: str | None = None,
+    exception: BaseException | None = None,
+    args: Any = None,
+    kwargs: Any = None,
+    **_: Any,
+) -> None:
+    """Those failures end FAILURE on the streams (a task's own exceptions have their
+    on_failure, which published it)."""
+    if not isinstance(sender, ProgressTask) or task_id is None:
+        return
+    if not isinstance(exception, _FAILED_WITHOUT_HOOKS):
+        return
+    user_id = sender.streamer_user_id(args or (), kwargs or {})
+    if user_id is not None and sender._streamable(task_id):
+        sender._ended_without_hooks(user_id, task_id, "FAILURE", _describe(exception))
+
+
+def _publish_ignored(
+    sender: Any = None,
+    task_id: str | None = None,
+    task: Any = None,
+    args: Any = None,
+    kwargs: Any = None,
+    retval: Any = None,
+    state: str | None = None,
+    **_: Any,
+) -> None:
+    """A ProgressTask that raised Celery's `Ignore` ends there, with no hook called: it
+    ends REVOKED on the streams (a cancel published that already; a replaced task goes
+    on under the same id)."""
+    if not isinstance(task, ProgressTask) or task_id is None or state != states.IGNORED:
+        return
+    if isinstance(retval, TaskCancelled) or getattr(task.request, "streamer_replaced", False):
+        return
+    user_id = task.streamer_user_id(args or (), kwargs or {})
+    if user_id is not None and task._streamable(task_id):
+        task._ended_without_hooks(user_id, task_id, "REVOKED", "ended by the task (Ignore)")
+
+
 # Celery's Signal.connect is untyped.
 worker_ready.connect(_start_watcher)  # type: ignore[no-untyped-call]
 worker_shutdown.connect(_stop_watcher)  # type: ignore[no-untyped-call]
 task_revoked.connect(_publish_revoked)  # type: ignore[no-untyped-call]
+task_failure.connect(_publish_failure)  # type: ignore[no-untyped-call]
+task_postrun.connect(_publish_ignored)  # type: ignore[no-untyped-call]

@@ -7,6 +7,7 @@ it in a real worker; the README quotes it).
 from __future__ import annotations
 
 import os
+import signal
 import time
 from typing import Any
 
@@ -84,3 +85,24 @@ def sloppy_progress(self: ProgressTask, *, user_id: str) -> dict[str, Any]:
     self.update_progress(50, current_step=3)  # type: ignore[arg-type]  # the same
     self.update_progress(1e-300)  # published, without an estimate past any calendar
     return {"done": True}
+
+
+@app.task(base=ProgressTask, bind=True, max_retries=1)
+def retried_at_once(self: ProgressTask, *, user_id: str) -> dict[str, Any]:
+    """Retried with no countdown: the next run may start before this one has ended."""
+    if self.request.retries == 0:
+        raise self.retry(countdown=0)
+    return {"attempts": self.request.retries + 1}
+
+
+@app.task(base=ProgressTask, bind=True)
+def ended_abruptly(self: ProgressTask, how: str, *, user_id: str) -> None:
+    """Ends where Celery calls none of the task's hooks."""
+    from celery.exceptions import Ignore, Reject  # here: the README quotes the imports above
+
+    self.update_progress(50, current_step="halfway")
+    if how == "killed":  # as the OOM killer would
+        os.kill(os.getpid(), signal.SIGKILL)
+    if how == "rejected":
+        raise Reject("the input is gone", requeue=False)
+    raise Ignore()

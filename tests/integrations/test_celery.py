@@ -5,6 +5,7 @@ Redis (Celery on database 1, streamer on 0)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import uuid
@@ -15,10 +16,12 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis
 from celery import Celery
 from celery.result import AsyncResult
 from kombu.exceptions import EncodeError
 
+from streamer.broker.redis_schema import history_key
 from streamer.config import ConfigError
 from streamer.integrations.celery import ProgressTask
 
@@ -28,7 +31,16 @@ from ..processes import ServerProcess
 from ..waiting import eventually, eventually_sync
 from . import celery_app
 from .celery_app import app as celery_app_object
-from .celery_app import broken, flaky, long_export, resize_images, silent_job, sloppy_progress
+from .celery_app import (
+    broken,
+    ended_abruptly,
+    flaky,
+    long_export,
+    resize_images,
+    retried_at_once,
+    silent_job,
+    sloppy_progress,
+)
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 TokenFor = Callable[..., str]
@@ -281,6 +293,48 @@ async def test_a_retried_task_reports_retry_then_its_new_run(
 
 
 @pytest.mark.usefixtures("celery_worker")
+async def test_a_task_retried_at_once_reports_retry_before_its_next_run(
+    session: aiohttp.ClientSession, token_for: TokenFor, user_id: str
+) -> None:
+    """With no countdown the next run can start (and end) in the worker's other
+    process before the first one's on_retry: RETRY went out after it, and a task that
+    had succeeded showed as retrying for good."""
+    async with open_stream(session, "sse", token_for(user_id)) as sse:
+        await sse.next()
+        for _ in range(30):  # it went wrong about once in six, one task at a time
+            result = retried_at_once.apply_async((), {"user_id": user_id})
+            events = await task_events(sse, result.id)
+            assert [e["status"] for e in events] == ["STARTED", "RETRY", "STARTED", "SUCCESS"]
+
+
+@pytest.mark.parametrize(
+    ("how", "status", "message"),
+    [
+        ("killed", "FAILURE", "Worker exited prematurely"),
+        ("rejected", "FAILURE", "the input is gone"),
+        ("ignored", "REVOKED", "ended by the task (Ignore)"),
+    ],
+)
+@pytest.mark.usefixtures("celery_worker")
+async def test_a_task_that_ends_without_its_hooks_ends_on_the_streams(
+    session: aiohttp.ClientSession,
+    token_for: TokenFor,
+    user_id: str,
+    how: str,
+    status: str,
+    message: str,
+) -> None:
+    """Its process killed, its message rejected, or Ignore raised: Celery calls none of
+    the task's hooks, and the task stayed at its last progress on the streams."""
+    async with open_stream(session, "sse", token_for(user_id)) as sse:
+        await sse.next()
+        result = ended_abruptly.apply_async((how,), {"user_id": user_id})
+        events = await task_events(sse, result.id)
+    assert [e["status"] for e in events] == ["STARTED", "PROGRESS", status]
+    assert message in events[-1]["error_message"], events[-1]
+
+
+@pytest.mark.usefixtures("celery_worker")
 async def test_cancel_ends_a_task_that_checks_between_steps_as_revoked(
     session: aiohttp.ClientSession, token_for: TokenFor, user_id: str
 ) -> None:
@@ -428,3 +482,26 @@ def test_a_worker_without_a_redis_url_runs_its_jobs_unreported(
     monkeypatch.setenv("STREAMER_REDIS_URL", "http://not-redis")
     with pytest.raises(ConfigError, match="STREAMER_REDIS_URL must be a redis://"):
         job.apply(args=(1,), kwargs={"user_id": "7"}, throw=True)
+
+
+def test_in_eager_mode_a_propagated_failure_is_the_tasks_own(redis_url: str, user_id: str) -> None:
+    """With task_always_eager and task_eager_propagates (Django test settings), the task
+    runs inside apply_async and its exception propagates with no on_failure called: it
+    ended FAILURE "could not be sent", as if the task had never run."""
+    app = Celery("eager", set_as_current=False)
+    app.conf.update(
+        task_always_eager=True, task_eager_propagates=True, streamer_redis_url=redis_url
+    )
+
+    @app.task(base=ProgressTask, bind=True)
+    def job(self: ProgressTask, *, user_id: str) -> None:
+        self.update_progress(10)
+        raise ValueError("the file is empty")
+
+    with pytest.raises(ValueError, match="the file is empty"):
+        job.apply_async((), {"user_id": user_id}, task_id="eager-run")
+    with redis.Redis.from_url(redis_url) as client:
+        entries = client.xrange(history_key(user_id))
+    events = [json.loads(fields[b"e"]) for _, fields in entries]
+    assert [e["status"] for e in events] == ["PENDING", "STARTED", "PROGRESS", "FAILURE"]
+    assert events[-1]["error_message"] == "the file is empty"
