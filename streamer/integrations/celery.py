@@ -78,6 +78,7 @@ from ..events import (
     validate_task_id,
 )
 from ..publisher import BrokerUnavailable, NoRedisURL, Publisher
+from .kept_ends import KEPT_ENDS, OUTAGE
 
 __all__ = ["ProgressTask", "TaskCancelled", "publisher_for"]
 
@@ -270,11 +271,10 @@ class ProgressTask(Task):
     def _not_sent(self, user_id: str, task_id: str, exc: Exception) -> None:
         """Sending failed (Celery's broker down, arguments it cannot encode): the task
         published as PENDING ends FAILURE, unless it ended already (run eagerly)."""
-        if self._running(user_id, task_id, then="FAILURE"):
-            message = _publishable(f"the task could not be sent: {_describe(exc)}")
-            self._publish(
-                completed_event(user_id, task_id, status="FAILURE", error_message=message)
-            )
+        message = _publishable(f"the task could not be sent: {_describe(exc)}")
+        self._end_if_running(
+            completed_event(user_id, task_id, status="FAILURE", error_message=message)
+        )
 
     def _publish_beginning(self, user_id: str, task_id: str, status: str) -> None:
         """PENDING when sent, STARTED when it starts: at 0 %, with its name."""
@@ -322,7 +322,7 @@ class ProgressTask(Task):
         except EventError as exc:
             log.warning("task %s[%s]: result not published (%s)", self.name, task_id, exc)
             event = completed_event(user_id, task_id, status="SUCCESS")
-        self._publish(event)
+        self._publish(event, end=True)
 
     def on_failure(
         self,
@@ -336,7 +336,8 @@ class ProgressTask(Task):
         if user_id is None or not self._streamable(task_id):
             return
         message = _publishable(_describe(exc))
-        self._publish(completed_event(user_id, task_id, status="FAILURE", error_message=message))
+        event = completed_event(user_id, task_id, status="FAILURE", error_message=message)
+        self._publish(event, end=True)
 
     def on_retry(
         self,
@@ -454,45 +455,67 @@ class ProgressTask(Task):
         except (OverflowError, ValueError, OSError):  # a progress so small it never ends
             return None
 
-    def _publish(self, event: TaskEvent) -> str | None:
-        """Progress reports never fail the job: an unreachable Redis is logged."""
+    def _publish(self, event: TaskEvent, *, end: bool = False) -> str | None:
+        """Progress reports never fail the job: an unreachable Redis is logged, and while
+        it does not answer they are skipped; a task's `end` is kept and sent when it
+        answers again (`kept_ends`)."""
+        if OUTAGE.ongoing:
+            if end:
+                KEPT_ENDS.keep(event, self._publisher, only_if_running=False)
+            return None
         try:
             return publisher_for(self.app).publish(event)
         except NoRedisURL as exc:
             _unconfigured(exc)
         except BrokerUnavailable as exc:
-            log.warning("task %s[%s]: progress not published: %s", self.name, event.task_id, exc)
+            OUTAGE.began(exc)
+            log.warning("task %s[%s]: not published now: %s", self.name, event.task_id, exc)
+            if end:
+                KEPT_ENDS.keep(event, self._publisher, only_if_running=False)
         return None
 
+    def _publisher(self) -> Publisher:
+        return publisher_for(self.app)
+
     def _cancelled(self, user_id: object, task_id: str) -> bool:
+        if OUTAGE.ongoing:
+            return False
         try:
             return publisher_for(self.app).is_cancelled(user_id, task_id)
         except NoRedisURL as exc:
             _unconfigured(exc)
         except BrokerUnavailable as exc:
+            OUTAGE.began(exc)
             log.warning("task %s[%s]: cancel flag not read: %s", self.name, task_id, exc)
         return False
 
-    def _running(self, user_id: str, task_id: str, *, then: str) -> bool:
-        """Whether the task is running (or queued), to publish `then` for it; False
-        when that cannot be read (logged)."""
-        try:
-            return publisher_for(self.app).is_running(user_id, task_id)
-        except NoRedisURL as exc:
-            _unconfigured(exc)
-        except BrokerUnavailable as exc:
-            log.warning("task %s[%s]: %s not published: %s", self.name, task_id, then, exc)
-        return False
+    def _end_if_running(self, event: TaskEvent) -> None:
+        """`event`, the task's end, unless it ended already (a hook that did run, an
+        event that came first); kept for later, with that condition, while Redis does
+        not answer."""
+        if not OUTAGE.ongoing:
+            try:
+                if publisher_for(self.app).is_running(event.user_id, event.task_id):
+                    self._publish(event, end=True)
+                return
+            except NoRedisURL as exc:
+                _unconfigured(exc)
+                return
+            except BrokerUnavailable as exc:
+                OUTAGE.began(exc)
+                log.warning(
+                    "task %s[%s]: its end kept for later: %s", self.name, event.task_id, exc
+                )
+        KEPT_ENDS.keep(event, self._publisher, only_if_running=True)
 
     def _ended_without_hooks(self, user_id: str, task_id: str, status: str, message: str) -> None:
         """The task ended where Celery calls none of its hooks: `status` for it, unless
-        it ended already (a hook that did run, an event that came first)."""
-        if self._running(user_id, task_id, then=status):
-            error = _publishable(message)
-            self._publish(completed_event(user_id, task_id, status=status, error_message=error))
+        it ended already."""
+        error = _publishable(message)
+        self._end_if_running(completed_event(user_id, task_id, status=status, error_message=error))
 
     def _end_cancelled(self, user_id: object, task_id: str) -> None:
-        self._publish(completed_event(user_id, task_id, status="REVOKED"))
+        self._publish(completed_event(user_id, task_id, status="REVOKED"), end=True)
         if not self.ignore_result:
             backend: Any = self.backend  # a property Celery's source declares None
             backend.mark_as_revoked(task_id, "cancelled by the user", request=self.request)
@@ -600,17 +623,15 @@ def _publish_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
         return
     cancelled_by_user = None if _watcher is None else _watcher.revoked(request.id)
     if cancelled_by_user is not None:
-        # The flag is gone when the task saw the cancel by itself and published REVOKED.
-        if sender._cancelled(cancelled_by_user, request.id):
-            sender._publish(completed_event(cancelled_by_user, request.id, status="REVOKED"))
-        return
-    user_id = sender.streamer_user_id(request.args or (), request.kwargs or {})
-    if user_id is None or not sender._streamable(request.id):
-        return
-    # Not when the run had just ended (its SUCCESS published as it was terminated): a
-    # finished task's next event would start a new run, without its result.
-    if sender._running(user_id, request.id, then="REVOKED"):
-        sender._publish(completed_event(user_id, request.id, status="REVOKED"))
+        user_id = cancelled_by_user
+    else:
+        user_id = sender.streamer_user_id(request.args or (), request.kwargs or {})
+        if user_id is None or not sender._streamable(request.id):
+            return
+    # Not when the run had just ended (its SUCCESS published as it was terminated: a
+    # finished task's next event would start a new run, without its result), nor when
+    # the task saw the cancel by itself and published REVOKED.
+    sender._end_if_running(completed_event(user_id, request.id, status="REVOKED"))
 
 
 # Failures Celery's worker reports from its main process, where no on_failure runs: the

@@ -8,6 +8,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime
@@ -23,11 +24,14 @@ from kombu.exceptions import EncodeError
 
 from streamer.broker.redis_schema import history_key
 from streamer.config import ConfigError
+from streamer.integrations import celery as celery_integration
+from streamer.integrations import kept_ends as kept_ends_module
 from streamer.integrations.celery import ProgressTask
+from streamer.integrations.kept_ends import KeptEnds, Outage
 
 from ..clients import Stream, open_stream
 from ..conftest import StartGunicorn
-from ..processes import ServerProcess
+from ..processes import RedisServer, ServerProcess
 from ..waiting import eventually, eventually_sync
 from . import celery_app
 from .celery_app import app as celery_app_object
@@ -505,3 +509,56 @@ def test_in_eager_mode_a_propagated_failure_is_the_tasks_own(redis_url: str, use
     events = [json.loads(fields[b"e"]) for _, fields in entries]
     assert [e["status"] for e in events] == ["PENDING", "STARTED", "PROGRESS", "FAILURE"]
     assert events[-1]["error_message"] == "the file is empty"
+
+
+@pytest.fixture
+def kept_ends(monkeypatch: pytest.MonkeyPatch) -> Iterator[KeptEnds]:
+    """This test's own outage state and kept ends (short delays), its thread stopped
+    after it."""
+    monkeypatch.setattr(kept_ends_module, "OUTAGE_S", 1.0)
+    monkeypatch.setattr(kept_ends_module, "RETRY_EVERY_S", 0.1)
+    outage = Outage()
+    kept = KeptEnds(outage)
+    monkeypatch.setattr(celery_integration, "OUTAGE", outage)
+    monkeypatch.setattr(celery_integration, "KEPT_ENDS", kept)
+    yield kept
+    kept.close()
+
+
+def test_a_stalled_redis_costs_a_task_one_wait_and_its_end_is_sent_once_it_answers(
+    redis_server: RedisServer, redis_url: str, user_id: str, kept_ends: KeptEnds
+) -> None:
+    """Redis stops answering (connections hang): every report waited out the publisher's
+    timeout, twice (the event, the cancel check), and a task's end was lost. Now the
+    first wait starts an outage in which reports are skipped, and the end is sent
+    when Redis answers again."""
+    app = Celery("stalled", set_as_current=False)
+    app.conf.update(task_always_eager=True, streamer_redis_url=redis_url)
+
+    @app.task(base=ProgressTask, bind=True)
+    def job(self: ProgressTask, *, user_id: str) -> dict[str, int]:
+        for step in range(20):
+            self.update_progress(5 * step, current_step=f"step {step}")
+        return {"steps": 20}
+
+    with redis_server.paused():
+        started = time.monotonic()
+        result = job.apply_async((), {"user_id": user_id}, task_id="stalled-run")
+        waited = time.monotonic() - started
+        assert result.get() == {"steps": 20}
+        assert len(kept_ends) == 1  # its SUCCESS
+    # One publisher timeout (5 s), where 20 reports waited 10 s each.
+    assert waited < 15, waited
+
+    def history() -> list[dict[str, Any]]:
+        with redis.Redis.from_url(redis_url) as client:
+            entries = client.xrange(history_key(user_id))
+        return [json.loads(fields[b"e"]) for _, fields in entries]
+
+    eventually_sync(lambda: len(kept_ends) == 0, what="the kept end sent", timeout=30)
+    events = history()
+    # PENDING went out first if its command had reached the stalled Redis (on a
+    # connection already open): Redis runs it when it wakes up, before the end.
+    assert [e["status"] for e in events] in (["SUCCESS"], ["PENDING", "SUCCESS"])
+    assert {e["task_id"] for e in events} == {"stalled-run"}
+    assert events[-1]["result_data"] == {"steps": 20}
