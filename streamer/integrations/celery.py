@@ -57,11 +57,12 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from celery import Celery, Task, states
-from celery.exceptions import Ignore, Reject, TimeLimitExceeded, WorkerLostError
+from celery.exceptions import Ignore, Reject, WorkerLostError
 from celery.signals import (
     task_failure,
     task_postrun,
     task_revoked,
+    worker_process_shutdown,
     worker_ready,
     worker_shutdown,
 )
@@ -461,7 +462,7 @@ class ProgressTask(Task):
         answers again (`kept_ends`)."""
         if OUTAGE.ongoing:
             if end:
-                KEPT_ENDS.keep(event, self._publisher, only_if_running=False)
+                KEPT_ENDS.keep(event, self._publisher)
             return None
         try:
             return publisher_for(self.app).publish(event)
@@ -471,7 +472,7 @@ class ProgressTask(Task):
             OUTAGE.began(exc)
             log.warning("task %s[%s]: not published now: %s", self.name, event.task_id, exc)
             if end:
-                KEPT_ENDS.keep(event, self._publisher, only_if_running=False)
+                KEPT_ENDS.keep(event, self._publisher)
         return None
 
     def _publisher(self) -> Publisher:
@@ -506,7 +507,7 @@ class ProgressTask(Task):
                 log.warning(
                     "task %s[%s]: its end kept for later: %s", self.name, event.task_id, exc
                 )
-        KEPT_ENDS.keep(event, self._publisher, only_if_running=True)
+        KEPT_ENDS.keep(event, self._publisher)
 
     def _ended_without_hooks(self, user_id: str, task_id: str, status: str, message: str) -> None:
         """The task ended where Celery calls none of its hooks: `status` for it, unless
@@ -635,9 +636,9 @@ def _publish_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
 
 
 # Failures Celery's worker reports from its main process, where no on_failure runs: the
-# process running the task was lost (killed by the OOM killer, a hard time limit), or
-# the task rejected its message for good.
-_FAILED_WITHOUT_HOOKS = (WorkerLostError, TimeLimitExceeded, Reject)
+# process running the task was lost (killed by the OOM killer), or the task rejected its
+# message for good. (For a hard time limit the main process calls on_failure itself.)
+_FAILED_WITHOUT_HOOKS = (WorkerLostError, Reject)
 
 
 def _publish_failure(
@@ -656,7 +657,11 @@ def _publish_failure(
         return
     user_id = sender.streamer_user_id(args or (), kwargs or {})
     if user_id is not None and sender._streamable(task_id):
-        sender._ended_without_hooks(user_id, task_id, "FAILURE", _describe(exception))
+        if isinstance(exception, Reject):  # its reason: what the task said
+            message = "rejected" if exception.reason is None else _describe(exception.reason)
+        else:
+            message = _describe(exception)
+        sender._ended_without_hooks(user_id, task_id, "FAILURE", message)
 
 
 def _publish_ignored(
@@ -686,4 +691,6 @@ worker_ready.connect(_start_watcher)  # type: ignore[no-untyped-call]
 worker_shutdown.connect(_stop_watcher)  # type: ignore[no-untyped-call]
 task_revoked.connect(_publish_revoked)  # type: ignore[no-untyped-call]
 task_failure.connect(_publish_failure)  # type: ignore[no-untyped-call]
+# A prefork child leaves with os._exit: atexit handlers do not run there.
+worker_process_shutdown.connect(KEPT_ENDS.send_at_exit)  # type: ignore[no-untyped-call]
 task_postrun.connect(_publish_ignored)  # type: ignore[no-untyped-call]

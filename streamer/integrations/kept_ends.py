@@ -5,7 +5,9 @@ A stalled Redis (paused, partitioned: connections hang rather than fail) costs e
 the publisher's timeout; a task reporting its progress at every step would wait it out
 at every step. After a failure, `Outage` says to skip what can be lost (progress, a
 cancel check) for a while; `KeptEnds` holds what must not be (SUCCESS, FAILURE,
-REVOKED) and a thread of the process sends it, in order, when the outage is over.
+REVOKED) and a thread of the process sends it, in order, when the outage is over: each
+only if its task is still running on the streams (a command that timed out may have run
+all the same, once Redis woke up; a task the streams never showed needs no end).
 """
 
 from __future__ import annotations
@@ -58,7 +60,6 @@ class Outage:
 class _Kept:
     event: TaskEvent
     publisher: Callable[[], Publisher]
-    only_if_running: bool  # not if the task ended meanwhile (a hook that did publish)
     expires: float
 
 
@@ -69,13 +70,12 @@ class KeptEnds:
     def __init__(self, outage: Outage) -> None:
         self._outage = outage
         self._lock = threading.Lock()
+        self._sending = threading.Lock()  # the thread, or the flush at exit
         self._kept: deque[_Kept] = deque()
         self._closed = threading.Event()
         self._pid = 0  # the process whose thread sends them
 
-    def keep(
-        self, event: TaskEvent, publisher: Callable[[], Publisher], *, only_if_running: bool
-    ) -> None:
+    def keep(self, event: TaskEvent, publisher: Callable[[], Publisher]) -> None:
         with self._lock:
             if self._pid != os.getpid():  # inherited through fork: the parent's to send
                 self._kept.clear()
@@ -85,7 +85,7 @@ class KeptEnds:
                 dropped = self._kept.popleft()
                 log.error("task %s: its end is dropped (too many kept)", dropped.event.task_id)
             expires = time.monotonic() + KEEP_FOR_S
-            self._kept.append(_Kept(event, publisher, only_if_running, expires))
+            self._kept.append(_Kept(event, publisher, expires))
 
     def __len__(self) -> int:
         with self._lock:
@@ -102,6 +102,10 @@ class KeptEnds:
 
     def send(self) -> None:
         """Send what is kept, in order; stop at the first call Redis does not answer."""
+        with self._sending:
+            self._send()
+
+    def _send(self) -> None:
         while True:
             with self._lock:
                 if not self._kept or self._pid != os.getpid():
@@ -113,9 +117,7 @@ class KeptEnds:
             else:
                 try:
                     publisher = kept.publisher()
-                    if not kept.only_if_running or publisher.is_running(
-                        event.user_id, event.task_id
-                    ):
+                    if publisher.is_running(event.user_id, event.task_id):
                         publisher.publish(event)
                 except BrokerUnavailable as exc:
                     self._outage.began(exc)
@@ -126,9 +128,13 @@ class KeptEnds:
                 if self._kept and self._kept[0] is kept:
                     self._kept.popleft()
 
-    def send_at_exit(self) -> None:
-        if not self._outage.ongoing:
-            self.send()
+    def send_at_exit(self, **_: object) -> None:
+        """What is kept, sent before the process exits if Redis answers now, outage or
+        not (one call's timeout at most); what is left is said."""
+        self.send()
+        left = len(self)
+        if left:
+            log.error("%d task end(s) not published: Redis did not answer", left)
 
 
 OUTAGE = Outage()

@@ -106,3 +106,10 @@ def ended_abruptly(self: ProgressTask, how: str, *, user_id: str) -> None:
     if how == "rejected":
         raise Reject("the input is gone", requeue=False)
     raise Ignore()
+
+
+@app.task(base=ProgressTask, bind=True, time_limit=1)
+def hard_limited(self: ProgressTask, *, user_id: str) -> None:
+    """Killed by its hard time limit."""
+    self.update_progress(10, current_step="started")
+    time.sleep(30)

@@ -5,6 +5,7 @@ Redis (Celery on database 1, streamer on 0)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -24,10 +25,12 @@ from kombu.exceptions import EncodeError
 
 from streamer.broker.redis_schema import history_key
 from streamer.config import ConfigError
+from streamer.events import completed_event
 from streamer.integrations import celery as celery_integration
 from streamer.integrations import kept_ends as kept_ends_module
 from streamer.integrations.celery import ProgressTask
 from streamer.integrations.kept_ends import KeptEnds, Outage
+from streamer.publisher import BrokerUnavailable, Publisher
 
 from ..clients import Stream, open_stream
 from ..conftest import StartGunicorn
@@ -39,6 +42,7 @@ from .celery_app import (
     broken,
     ended_abruptly,
     flaky,
+    hard_limited,
     long_export,
     resize_images,
     retried_at_once,
@@ -335,7 +339,35 @@ async def test_a_task_that_ends_without_its_hooks_ends_on_the_streams(
         result = ended_abruptly.apply_async((how,), {"user_id": user_id})
         events = await task_events(sse, result.id)
     assert [e["status"] for e in events] == ["STARTED", "PROGRESS", status]
-    assert message in events[-1]["error_message"], events[-1]
+    assert events[-1]["error_message"].startswith(message), events[-1]
+
+
+@pytest.mark.usefixtures("celery_worker")
+async def test_a_task_past_its_hard_time_limit_ends_failure_once(
+    session: aiohttp.ClientSession, token_for: TokenFor, user_id: str
+) -> None:
+    """The worker's main process calls on_failure itself for a hard time limit: no
+    second FAILURE (which would start a new run of the task on the streams)."""
+    async with open_stream(session, "sse", token_for(user_id)) as sse:
+        await sse.next()
+        result = hard_limited.apply_async((), {"user_id": user_id})
+        events = await task_events(sse, result.id)
+        assert [e["status"] for e in events] == ["STARTED", "PROGRESS", "FAILURE"]
+        assert "TimeLimitExceeded" in events[-1]["error_message"], events[-1]
+        # Sent once the main process has handled the time limit: whatever it published
+        # for the task arrives before this one's events.
+        after = resize_images.apply_async((1,), {"user_id": user_id})
+        more: list[str] = []
+        while True:
+            received = await sse.next()
+            if received.type not in EVENT_TYPES:
+                continue
+            message = received.message
+            if message["task_id"] == result.id:
+                more.append(message["status"])
+            if message["task_id"] == after.id and message["type"] == "task_completed":
+                break
+    assert more == []
 
 
 @pytest.mark.usefixtures("celery_worker")
@@ -525,29 +557,38 @@ def kept_ends(monkeypatch: pytest.MonkeyPatch) -> Iterator[KeptEnds]:
     kept.close()
 
 
-def test_a_stalled_redis_costs_a_task_one_wait_and_its_end_is_sent_once_it_answers(
-    redis_server: RedisServer, redis_url: str, user_id: str, kept_ends: KeptEnds
+@pytest.mark.parametrize("stalled_before", ["reports", "end"])
+def test_a_stalled_redis_costs_a_task_one_wait_and_its_end_is_sent_once(
+    redis_server: RedisServer,
+    redis_url: str,
+    user_id: str,
+    kept_ends: KeptEnds,
+    stalled_before: str,
 ) -> None:
     """Redis stops answering (connections hang): every report waited out the publisher's
-    timeout, twice (the event, the cancel check), and a task's end was lost. Now the
-    first wait starts an outage in which reports are skipped, and the end is sent
-    when Redis answers again."""
+    timeout, twice (the event, the cancel check), and the task's end was lost. Now the
+    first wait starts an outage in which reports are skipped, and the end is kept and
+    sent when Redis answers again, once: an end whose publish timed out may have run
+    when Redis woke up, and is not sent again then (it would start a new run)."""
     app = Celery("stalled", set_as_current=False)
     app.conf.update(task_always_eager=True, streamer_redis_url=redis_url)
 
     @app.task(base=ProgressTask, bind=True)
     def job(self: ProgressTask, *, user_id: str) -> dict[str, int]:
-        for step in range(20):
-            self.update_progress(5 * step, current_step=f"step {step}")
+        self.update_progress(0, current_step="step 0")
+        stalled.enter_context(redis_server.paused())  # until the test resumes it
+        if stalled_before == "reports":
+            for step in range(1, 20):
+                self.update_progress(5 * step, current_step=f"step {step}")
         return {"steps": 20}
 
-    with redis_server.paused():
+    with contextlib.ExitStack() as stalled:
         started = time.monotonic()
         result = job.apply_async((), {"user_id": user_id}, task_id="stalled-run")
         waited = time.monotonic() - started
         assert result.get() == {"steps": 20}
         assert len(kept_ends) == 1  # its SUCCESS
-    # One publisher timeout (5 s), where 20 reports waited 10 s each.
+    # One publisher timeout (5 s), where 19 reports waited 10 s each.
     assert waited < 15, waited
 
     def history() -> list[dict[str, Any]]:
@@ -555,10 +596,21 @@ def test_a_stalled_redis_costs_a_task_one_wait_and_its_end_is_sent_once_it_answe
             entries = client.xrange(history_key(user_id))
         return [json.loads(fields[b"e"]) for _, fields in entries]
 
-    eventually_sync(lambda: len(kept_ends) == 0, what="the kept end sent", timeout=30)
+    eventually_sync(lambda: len(kept_ends) == 0, what="the kept end handled", timeout=30)
     events = history()
-    # PENDING went out first if its command had reached the stalled Redis (on a
-    # connection already open): Redis runs it when it wakes up, before the end.
-    assert [e["status"] for e in events] in (["SUCCESS"], ["PENDING", "SUCCESS"])
-    assert {e["task_id"] for e in events} == {"stalled-run"}
+    assert [e["status"] for e in events] == ["PENDING", "STARTED", "PROGRESS", "SUCCESS"]
     assert events[-1]["result_data"] == {"steps": 20}
+
+
+def test_what_is_kept_is_sent_when_the_process_exits_if_redis_answers(
+    redis_url: str, user_id: str, kept_ends: KeptEnds
+) -> None:
+    """A prefork child recycled (max-tasks-per-child) or stopped leaves with what it
+    kept: it tries once, outage or not (the outage may be over by then)."""
+    with Publisher(redis_url) as publisher:
+        publisher.progress(user_id, "kept", progress=50)
+        celery_integration.OUTAGE.began(BrokerUnavailable("Redis did not answer"))
+        kept_ends.keep(completed_event(user_id, "kept"), lambda: publisher)
+        kept_ends.send_at_exit()
+        assert len(kept_ends) == 0
+        assert not publisher.is_running(user_id, "kept")  # its SUCCESS was published
