@@ -67,6 +67,7 @@ from celery.signals import (
     worker_shutdown,
 )
 from celery.utils import uuid
+from celery.utils.serialization import UnpickleableExceptionWrapper
 from celery.worker import state as worker_state
 
 from ..events import (
@@ -131,6 +132,12 @@ def _unconfigured(exc: NoRedisURL) -> None:
 
 def _describe(exc: BaseException) -> str:
     """An exception as a user reads it: its message, or its type when it has none."""
+    if isinstance(exc, UnpickleableExceptionWrapper):
+        # What Celery hands on_failure for an exception it cannot pickle: its str() is
+        # the original's repr; its arguments are the original's (made picklable).
+        args = tuple(exc.exc_args or ())
+        text = str(args[0]) if len(args) == 1 else str(args) if args else ""
+        return text or str(exc.exc_cls_name or "") or type(exc).__name__
     return str(exc) or type(exc).__name__
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from typing import Any
 
@@ -113,3 +114,16 @@ def hard_limited(self: ProgressTask, *, user_id: str) -> None:
     """Killed by its hard time limit."""
     self.update_progress(10, current_step="started")
     time.sleep(30)
+
+
+class DiskFull(Exception):
+    """An exception Celery cannot pickle (it holds an open resource)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+@app.task(base=ProgressTask, bind=True)
+def unpicklable_failure(self: ProgressTask, *, user_id: str) -> None:
+    raise DiskFull("the disk is full")

@@ -48,6 +48,7 @@ from .celery_app import (
     retried_at_once,
     silent_job,
     sloppy_progress,
+    unpicklable_failure,
 )
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -239,6 +240,19 @@ async def test_a_failing_task_ends_failure_with_its_message(
     assert events[-1]["progress"] == 10  # where it failed
     await eventually(lambda: state_of(result), what="FAILURE stored")
     assert await state_of(result) == "FAILURE"
+
+
+@pytest.mark.usefixtures("celery_worker")
+async def test_an_exception_celery_cannot_pickle_ends_failure_with_its_message(
+    session: aiohttp.ClientSession, token_for: TokenFor, user_id: str
+) -> None:
+    """Celery hands on_failure a stand-in for it, whose text is the original's repr."""
+    async with open_stream(session, "ws", token_for(user_id)) as ws:
+        await ws.next()
+        result = unpicklable_failure.apply_async((), {"user_id": user_id})
+        events = await task_events(ws, result.id)
+    assert events[-1]["status"] == "FAILURE"
+    assert events[-1]["error_message"] == "the disk is full"
 
 
 @pytest.mark.usefixtures("celery_worker")
