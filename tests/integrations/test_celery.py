@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 import redis
-from celery import Celery
+from celery import Celery, Signature
 from celery.result import AsyncResult
 from kombu.exceptions import EncodeError
 
@@ -242,31 +242,32 @@ async def test_a_failing_task_ends_failure_with_its_message(
     assert await state_of(result) == "FAILURE"
 
 
+@pytest.mark.parametrize(
+    ("failing", "message"),
+    [
+        # A file name Python could not decode leaves a lone surrogate in the message: it
+        # was refused, and the FAILURE said so instead of what failed.
+        (broken.s("no such file: \udce9.csv"), "no such file: \ufffd.csv"),
+        # Celery hands on_failure a stand-in for an exception it cannot pickle, whose
+        # text is the original's repr.
+        (unpicklable_failure.s(), "the disk is full"),
+    ],
+    ids=["not valid unicode", "not picklable"],
+)
 @pytest.mark.usefixtures("celery_worker")
-async def test_an_exception_celery_cannot_pickle_ends_failure_with_its_message(
-    session: aiohttp.ClientSession, token_for: TokenFor, user_id: str
+async def test_an_error_message_is_published_as_a_user_reads_it(
+    session: aiohttp.ClientSession,
+    token_for: TokenFor,
+    user_id: str,
+    failing: Signature,
+    message: str,
 ) -> None:
-    """Celery hands on_failure a stand-in for it, whose text is the original's repr."""
-    async with open_stream(session, "ws", token_for(user_id)) as ws:
-        await ws.next()
-        result = unpicklable_failure.apply_async((), {"user_id": user_id})
-        events = await task_events(ws, result.id)
-    assert events[-1]["status"] == "FAILURE"
-    assert events[-1]["error_message"] == "the disk is full"
-
-
-@pytest.mark.usefixtures("celery_worker")
-async def test_an_error_message_that_is_not_valid_unicode_is_published_readable(
-    session: aiohttp.ClientSession, token_for: TokenFor, user_id: str
-) -> None:
-    """A file name Python could not decode leaves a lone surrogate in the message: it
-    was refused, and the FAILURE said so instead of what failed."""
     async with open_stream(session, "websocket", token_for(user_id)) as ws:
         await ws.next()
-        result = broken.apply_async(("no such file: \udce9.csv",), {"user_id": user_id})
+        result = failing.apply_async(kwargs={"user_id": user_id})
         events = await task_events(ws, result.id)
-    assert [e["status"] for e in events] == ["STARTED", "PROGRESS", "FAILURE"]
-    assert events[-1]["error_message"] == "no such file: \ufffd.csv"
+    assert events[-1]["status"] == "FAILURE"
+    assert events[-1]["error_message"] == message
 
 
 @pytest.mark.usefixtures("celery_worker")
