@@ -114,6 +114,25 @@ async def test_anything_but_a_clear_answer_is_unavailable(
         assert await ws_close_code(ws) == 1013
 
 
+async def test_an_answer_that_arrives_in_pieces_is_read_whole(with_auth_service: Any) -> None:
+    """A body written in several pieces (a proxy, a streaming framework) was read as far
+    as it had arrived, taken for malformed: unavailable, every time."""
+
+    async def in_pieces(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        await response.write(b'{"user_id"')
+        await asyncio.sleep(0.1)  # the second piece comes later, as over a network
+        await response.write(b': "9"}')
+        await response.write_eof()
+        return response
+
+    client, _ = await with_auth_service(in_pieces)
+    async with client.ws_connect("/ws/tasks/?token=opaque") as ws:
+        assert (await ws_json(ws))["type"] == "active_tasks"
+
+
 async def test_the_auth_services_password_stays_out_of_the_logs(
     with_auth_service: Any, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -122,7 +122,7 @@ class DelegatedAuth:
                 self.url, json={"token": token, "cookie": cookie}, allow_redirects=False
             ) as response:
                 status = response.status
-                body = await response.content.read(MAX_ANSWER_BYTES + 1)
+                body = await _read_at_most(response.content, MAX_ANSWER_BYTES + 1)
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning("auth service %s did not answer: %r", self._shown, exc)
             raise AuthUnavailable("the auth service did not answer") from None
@@ -138,6 +138,18 @@ class DelegatedAuth:
             raise AuthUnavailable("the auth service gave a malformed answer")
         lifetime = identity.expires_at - time.time()
         return _Answer(identity, "", min(keep_until, time.monotonic() + lifetime))
+
+
+async def _read_at_most(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """The body up to `limit` bytes, however many pieces it comes in (`read(n)` gives
+    what has arrived so far)."""
+    body = bytearray()
+    while len(body) < limit:
+        piece = await content.read(limit - len(body))
+        if not piece:
+            break
+        body += piece
+    return bytes(body)
 
 
 def _identity(body: bytes) -> Identity | None:

@@ -18,8 +18,13 @@ Django settings read here:
 - `STREAMER_TOKEN_TTL`: seconds a minted token lives (default 3600).
 - `STREAMER_USER_ID_FIELD`: the user attribute that is the streamer user id
   (default `"pk"`: the id Channels consumers used as `user.id`).
-- `STREAMER_AUTH_MAX_AGE`: seconds a stream admitted by a REST framework token may
-  live before it must authenticate again (default: unset, those tokens do not expire).
+- `STREAMER_AUTH_MAX_AGE`: seconds (at least 1) a stream admitted by a REST framework
+  token may live before it must authenticate again (default: unset, those tokens do
+  not expire).
+
+A user whose streamer user id is longer than streamer takes (200 characters) is refused
+(403); `streamer_token` raises ValueError for a visitor who is not logged in or a user
+who is not active.
 
 The auth view answers only what streamer sends it; serve it on the internal network
 (it is CSRF-exempt: streamer posts the credentials in the body, not as cookies).
@@ -33,12 +38,14 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import decorators, get_user
+from django.core.exceptions import ImproperlyConfigured
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.http.cookie import parse_cookie
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
+from ..auth.delegated import MAX_EXPIRES_IN_S, MAX_USER_ID_LENGTH
 from ..auth.tokens import MAX_TOKEN_LENGTH, issue_token
 
 __all__ = ["streamer_auth_view", "streamer_token", "streamer_token_view", "streamer_user_id"]
@@ -58,7 +65,11 @@ def streamer_user_id(user: Any) -> str:
 
 
 def streamer_token(user: Any, ttl_s: int | None = None) -> str:
-    """A streamer access token for `user`, signed with `settings.STREAMER_SECRET`."""
+    """A streamer access token for `user`, signed with `settings.STREAMER_SECRET`.
+    Raises ValueError for a user who is not logged in or not active (an anonymous
+    user's id, None, would be one identity shared by every visitor)."""
+    if not getattr(user, "is_authenticated", False) or not getattr(user, "is_active", False):
+        raise ValueError("streamer tokens are for logged-in, active users")
     ttl = ttl_s if ttl_s is not None else int(getattr(settings, "STREAMER_TOKEN_TTL", 3600))
     return issue_token(settings.STREAMER_SECRET, streamer_user_id(user), ttl)
 
@@ -69,7 +80,7 @@ def streamer_token_view(request: HttpRequest) -> HttpResponse:
     """`{"token": ...}` for the logged-in user: for pages that connect with a token.
     401 `{"error": "unauthorized"}` when no one is logged in (not a redirect to the
     login page, whose HTML a page's fetch would take for the answer)."""
-    if not request.user.is_authenticated:
+    if not request.user.is_authenticated or not request.user.is_active:
         response = _error(401, "unauthorized")
     else:
         response = JsonResponse({"token": streamer_token(request.user)})
@@ -88,7 +99,7 @@ def streamer_auth_view(request: HttpRequest) -> HttpResponse:
     """
     try:
         body = json.loads(request.body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested past Python's limit
         return _error(400, "the body must be JSON")
     if not isinstance(body, dict):
         return _error(400, "the body must be a JSON object")
@@ -100,13 +111,22 @@ def streamer_auth_view(request: HttpRequest) -> HttpResponse:
         user = _user_from_rest_framework_token(token)
         max_age = getattr(settings, "STREAMER_AUTH_MAX_AGE", None)
         expires_in = int(max_age) if max_age is not None else None
+        if expires_in is not None and expires_in < 1:
+            raise ImproperlyConfigured(
+                f"STREAMER_AUTH_MAX_AGE must be at least 1 second, got {max_age!r}"
+            )
     if user is None and cookie:
         user, expires_in = _user_from_session_cookie(cookie)
     if user is None or not user.is_active:
         return _error(401, "unauthorized")
-    answer: dict[str, object] = {"user_id": streamer_user_id(user)}
+    user_id = streamer_user_id(user)
+    if len(user_id) > MAX_USER_ID_LENGTH:  # streamer would take the answer for an outage
+        return _error(403, f"user ids longer than {MAX_USER_ID_LENGTH} characters cannot stream")
+    answer: dict[str, object] = {"user_id": user_id}
     if expires_in is not None:
-        answer["expires_in"] = expires_in
+        # At most what streamer takes (a session cookie of decades must not shut
+        # everyone out).
+        answer["expires_in"] = min(expires_in, MAX_EXPIRES_IN_S)
     return JsonResponse(answer)
 
 

@@ -10,6 +10,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -307,6 +308,47 @@ def test_the_token_view_answers_401_to_a_visitor_not_logged_in(django_site: Djan
     status, body = django_site.server.get("/streamer/token/")
     assert status == 401
     assert json.loads(body) == {"error": "unauthorized"}
+
+
+def test_the_token_view_refuses_an_inactive_user(django_site: DjangoSite) -> None:
+    """A deactivated account whose session still authenticates (this site's backend
+    lets it) got a working streamer token, where the auth view refused its session."""
+    mallory = django_site.users["mallory"]
+    request = urllib.request.Request(
+        django_site.server.base_url + "/streamer/token/",
+        headers={"Cookie": f"sessionid={mallory['sessionid']}"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=5)
+    assert refused.value.code == 401
+
+
+def test_no_token_is_minted_for_a_visitor_not_logged_in(
+    process_env: dict[str, str], tmp_path: Path
+) -> None:
+    """`streamer_token(request.user)` for an anonymous visitor gave a valid token for the
+    user "None", one identity shared by every visitor."""
+    script = (
+        "import django; django.setup()\n"
+        "from django.contrib.auth.models import AnonymousUser\n"
+        "from streamer.integrations.django import streamer_token\n"
+        "streamer_token(AnonymousUser())\n"
+    )
+    env = {**_django_env(process_env, tmp_path), "STREAMER_SECRET": SECRET}
+    run = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, timeout=60
+    )
+    assert run.returncode != 0
+    assert b"ValueError: streamer tokens are for logged-in, active users" in run.stderr
+
+
+def test_the_auth_view_answers_400_to_json_nested_past_pythons_limit(
+    django_site: DjangoSite,
+) -> None:
+    request = urllib.request.Request(django_site.auth_url, data=b"[" * 100_000, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=5)
+    assert refused.value.code == 400
 
 
 def test_a_session_stream_expires_with_the_session(django_site: DjangoSite, tmp_path: Path) -> None:

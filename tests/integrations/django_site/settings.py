@@ -23,6 +23,9 @@ if django.VERSION >= (5, 1):
     # Sites that require a login everywhere: streamer's views must still answer.
     MIDDLEWARE.append("django.contrib.auth.middleware.LoginRequiredMiddleware")
     LOGIN_URL = "/login/"
+# Inactive users' sessions authenticate too (as on sites that show them a "deactivated"
+# page): streamer's views must refuse them themselves.
+AUTHENTICATION_BACKENDS = ["django.contrib.auth.backends.AllowAllUsersModelBackend"]
 ROOT_URLCONF = "tests.integrations.django_site.urls"
 DATABASES = {
     "default": {"ENGINE": "django.db.backends.sqlite3", "NAME": os.environ["DJANGO_DB_PATH"]}
