@@ -100,11 +100,7 @@ async def poll_handler(request: web.Request) -> web.StreamResponse:
         # Shut down while it opened: answered as held polls are, with nothing, the
         # client where it stood.
         body, _ = wire.poll_body(b"", resume_point, at_least=None)
-        return web.Response(
-            body=body,
-            content_type="application/json",
-            headers=POLL_HEADERS | worker_header() | cors,
-        )
+        return _answer(body, cors)
     position: wire.EventId | None = opening.position
     try:
         frames, more, replayed = opening.frames, opening.more, opening.replayed
@@ -140,6 +136,10 @@ async def poll_handler(request: web.Request) -> web.StreamResponse:
     # `last_event_id` is the id of the last message in the body, or where the opening
     # stands when that is further (a task filter left out the replay's last events).
     body, _ = wire.poll_body(bytes(collector.data), resume_point, at_least=position)
+    return _answer(body, cors)
+
+
+def _answer(body: bytes, cors: dict[str, str]) -> web.Response:
     return web.Response(
         body=body,
         content_type="application/json",
