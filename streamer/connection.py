@@ -236,12 +236,19 @@ class Connection:
 
     async def ended(self) -> Reason:
         """Wait until the connection ends; why it did."""
-        if self.close_reason is not None:
-            return self.close_reason
-        if self._done is None:
-            self._done = asyncio.get_running_loop().create_future()
-        # Shielded: a waiter given up (cancelled) does not cancel it for the others.
-        return await asyncio.shield(self._done)
+        # Not shielded (a shield costs each stream a future and two callbacks for its
+        # whole life): a waiter given up cancels the future, and the others, which were
+        # not cancelled themselves, wait on a new one.
+        while self.close_reason is None:
+            if self._done is None or self._done.cancelled():
+                self._done = asyncio.get_running_loop().create_future()
+            try:
+                return await self._done
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is None or task.cancelling():
+                    raise
+        return self.close_reason
 
     def _resolve_done(self) -> None:
         if self._done is not None and not self._done.done():

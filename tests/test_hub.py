@@ -681,3 +681,24 @@ async def test_after_a_resync_events_of_the_new_data_come_though_their_ids_are_l
         snapshot, event = await read_messages(peer, 2)
         assert snapshot["recovered"] is False
         assert event["id"] == str(new.event_id)
+
+
+async def test_a_waiter_given_up_leaves_the_others_waiting_for_the_end() -> None:
+    """`ended()` is not shielded (a shield costs every stream memory for its life):
+    a waiter cancelled cancels the future they share, and the others, not cancelled
+    themselves, go on waiting; a later waiter still learns the end."""
+    async with socket_connection("u") as (connection, _, _):
+        given_up = asyncio.ensure_future(connection.ended())
+        waiting = asyncio.ensure_future(connection.ended())
+        await asyncio.sleep(0)
+        given_up.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await given_up
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        late = asyncio.ensure_future(connection.ended())
+        await asyncio.sleep(0)
+        connection.lost()
+        assert await asyncio.wait_for(waiting, 5) is Reason.CLIENT_CLOSED
+        assert await asyncio.wait_for(late, 5) is Reason.CLIENT_CLOSED
+        assert await connection.ended() is Reason.CLIENT_CLOSED

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from ..request_query import query_value
 from .delegated import DelegatedAuth
 from .sessions import SESSION_COOKIE, identity_from_session
 from .tokens import MAX_TOKEN_LENGTH, Identity, InvalidToken, verify_token
@@ -22,13 +23,13 @@ def token_from_request(request: web.Request, *, delegated: bool = False) -> str 
         if scheme.lower() not in schemes or not value.strip():
             raise InvalidToken("Authorization header must be 'Bearer <token>'")
         return value.strip()
-    return request.query.get("token")
+    return query_value(request, "token")
 
 
 def uses_cookie_credentials(request: web.Request, *, delegated: bool = False) -> bool:
     """True when a cookie is what this request's credentials would be: the session
     cookie, or with delegated authentication any cookie of the application."""
-    if "Authorization" in request.headers or "token" in request.query:
+    if "Authorization" in request.headers or query_value(request, "token") is not None:
         return False
     if delegated:
         return bool(request.headers.get("Cookie"))

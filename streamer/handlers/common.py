@@ -7,6 +7,8 @@ import os
 
 from aiohttp import web
 
+from ..request_query import query_value
+
 # Which process serves a stream: useful behind a load balancer with several workers.
 WORKER_HEADER = "X-Streamer-Worker"
 
@@ -19,7 +21,7 @@ def heartbeat_events(request: web.Request) -> bool:
     """`?heartbeat=event`: the stream's heartbeats come as messages a page can see (its
     EventSource shows no SSE comment, its WebSocket no ping), so that it can tell a dead
     connection from a quiet one. Raises HTTPBadRequest for another value."""
-    value = request.query.get("heartbeat")
+    value = query_value(request, "heartbeat")
     if value not in (None, "event"):
         raise web.HTTPBadRequest(
             text=json.dumps(

@@ -8,7 +8,6 @@ import functools
 import logging
 
 from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
-from multidict import CIMultiDict
 
 from .. import wire
 from ..access_log import STREAMED_BYTES
@@ -128,7 +127,7 @@ def _shed_http_state(request: web.Request, ws: web.WebSocketResponse) -> None:
     # Only where aiohttp names them so (3.14 does), once the WebSocket reader is in place.
     if None not in (getattr(protocol, "_parser", None), getattr(protocol, "_payload_parser", None)):
         protocol._parser = None
-    ws._headers = CIMultiDict()
+    ws.headers.clear()
 
 
 def _snapshot_frame(message: str, position: wire.EventId) -> bytes:
