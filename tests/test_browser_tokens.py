@@ -10,12 +10,14 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+import streamer
 from streamer.publisher import Publisher
 
 from .browser import Browser
@@ -23,6 +25,14 @@ from .processes import ServerProcess
 from .waiting import eventually
 
 TOKEN_TTL_S = 5
+STREAMER_JS = Path(streamer.__file__).parent / "static" / "streamer.js"
+# The page's timers of 100 s or more run a hundred times faster: the waits of minutes
+# streamer.js makes, in seconds (its own figures in what it shows stay as they are).
+FAST_LONG_TIMERS = """<script>
+const realSetTimeout = window.setTimeout;
+window.setTimeout = (callback, ms, ...args) =>
+  realSetTimeout(callback, ms >= 100000 ? ms / 100 : ms, ...args);
+</script>"""
 OPAQUE_TTL_S = 3
 
 # The page: streamer.js from the streamer server, getToken asking the page's own origin.
@@ -69,6 +79,8 @@ async def page_server(
 
     async def index(request: web.Request) -> web.Response:
         html = PAGE.replace("STREAMER", request.query["streamer"])
+        if "fast_long_timers" in request.query:
+            html = html.replace("<head>", "<head>" + FAST_LONG_TIMERS, 1)
         return web.Response(text=html, content_type="text/html")
 
     async def token(request: web.Request) -> web.Response:
@@ -102,6 +114,50 @@ async def page_server(
     app.router.add_get("/api/tasks/", slow_api)
     app.router.add_post("/auth", auth)
     return await aiohttp_server(app)
+
+
+@pytest.fixture
+async def silent_server(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+) -> tuple[TestServer, list[str]]:
+    """A server that takes streams and sends nothing on them (as a proxy does whose
+    server is gone), serving streamer.js; with the list of the streams it took."""
+    opens: list[str] = []
+    sockets: set[web.WebSocketResponse] = set()
+
+    async def silent_script(request: web.Request) -> web.Response:
+        return web.Response(text=STREAMER_JS.read_text(), content_type="text/javascript")
+
+    async def silent_websocket(request: web.Request) -> web.WebSocketResponse:
+        opens.append("websocket")
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        sockets.add(ws)
+        async for _ in ws:  # until the page closes it
+            pass
+        return ws
+
+    async def silent_event_stream(request: web.Request) -> web.StreamResponse:
+        opens.append("sse")
+        origin = request.headers.get("Origin", "*")
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Access-Control-Allow-Origin": origin}
+        )
+        await response.prepare(request)
+        await asyncio.Event().wait()  # until the page leaves (the server cancels it)
+        return response
+
+    app = web.Application()
+    app.router.add_get("/static/streamer.js", silent_script)
+    app.router.add_get("/ws/tasks/", silent_websocket)
+    app.router.add_get("/sse/tasks/", silent_event_stream)
+
+    async def close_sockets(app: web.Application) -> None:
+        for ws in sockets:
+            await ws.close()
+
+    app.on_shutdown.append(close_sockets)
+    return await aiohttp_server(app), opens
 
 
 StartStreamer = Callable[..., ServerProcess]
@@ -508,3 +564,32 @@ async def test_a_stream_gone_silent_is_taken_for_dead_and_opened_again(
     )
     assert await browser.evaluate("window.states.at(-1)") == "connected"
     assert await browser.evaluate(event_ids_js()) == [meanwhile]
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
+async def test_a_stream_open_but_silent_from_the_start_is_opened_again(
+    transport: str,
+    browser: Browser,
+    page_server: TestServer,
+    silent_server: tuple[TestServer, list[str]],
+) -> None:
+    """A stream that opens and then brings nothing, not even the heartbeat that tells
+    its interval (a proxy that took the connection while the server behind it is gone),
+    is taken for dead after the first heartbeat's allowance (120 s, here a hundred times
+    faster), and opened again."""
+    server, opens = silent_server
+    silent = str(server.make_url("/")).rstrip("/")
+    settings = {"streamer": silent, "transport": transport, "mode": "none", "token": "t"}
+    await browser.navigate(f"{page_server.make_url('/')}?{urlencode(settings)}&fast_long_timers")
+    what = "the WebSocket" if transport == "websocket" else "the event stream"
+    await browser.wait_for(
+        f"window.texts.some((text) => text.includes({json.dumps(what + ' brought nothing')}))",
+        what="the silent stream given up",
+    )
+    texts = await browser.evaluate("window.texts")
+    given_up = [text for text in texts if "brought nothing" in text]
+    assert given_up[0].startswith(f"{what} brought nothing for 120 s"), texts
+    assert await browser.evaluate("window.seen") == []
+    assert texts.index(given_up[0]) > texts.index(f"connected ({transport})"), texts
+    await eventually(lambda: opens.count(transport) >= 2, what="the stream opened again")
+    assert set(opens) == {transport}
