@@ -13,8 +13,6 @@ def query_value(request: web.BaseRequest, name: str) -> str | None:
     """The first value of `name` in the request's query, decoded as `request.query`
     decodes it ('+' and percent escapes); None when it is absent."""
     query = request.raw_path.partition("?")[2].partition("#")[0]
-    if name not in query:
-        return None
     for key, value in parse_qsl(query, keep_blank_values=True):
         if key == name:
             return value

@@ -19,6 +19,7 @@ TARGETS = [
     "/sse/tasks/?heartbeat&task_id==x",
     "/sse/tasks/?task_id=a%ZZb&last_event_id=%",
     "/ws/tasks/?last_event_id=a&last_event_id=b",
+    "/ws/tasks/?%74oken=escaped&heart%62eat=event",
 ]
 NAMES = ["token", "heartbeat", "task_id", "last_event_id"]
 
