@@ -20,6 +20,12 @@ from .reasons import BROKER_UNAVAILABLE_MESSAGE, SHUTTING_DOWN_MESSAGE, Reason, 
 from .wire import Delivery, EventId, Transport
 
 # Upper bounds (seconds) of the publish-to-delivery latency histogram's buckets.
+# How often streams that wait without reading from their client (SSE, long polls) are
+# looked at for a client that left. Under streamer's gunicorn worker their handler is
+# cancelled at once; aiohttp's own worker does not, and a stream would otherwise count
+# against its user's limit until its next write (a long poll's: its answer).
+GONE_CHECK_S = 1.0
+
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -296,12 +302,14 @@ class Hub:
         tick = min(0.1, heartbeat_s, ping_s)
         heartbeats = _Round(heartbeat_s, tick, self.heartbeat, start=loop.time())
         pings = _Round(ping_s, tick, self.ping, start=loop.time())
+        gone = _Round(GONE_CHECK_S, tick, self.notice_gone, start=loop.time())
         while True:
             await asyncio.sleep(tick)
             self.expire(time.time())
             now = loop.time()
             heartbeats.advance(now, self.connections)
             pings.advance(now, self.connections)
+            gone.advance(now, self.connections)
 
     def expire(self, now: float) -> None:
         expiries = self._expiries
@@ -318,6 +326,14 @@ class Hub:
             if connection.transport == "sse":
                 connection.write_idle(connection.heartbeat)
             else:
+                connection.check()
+
+    @staticmethod
+    def notice_gone(connections: Iterable[Connection]) -> None:
+        """End the streams that read nothing from their client (a WebSocket's reader
+        notices a close itself) whose client went away."""
+        for connection in connections:
+            if connection.transport != "websocket":
                 connection.check()
 
     @staticmethod

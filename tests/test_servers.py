@@ -350,14 +350,14 @@ async def test_streams_whose_clients_left_are_forgotten(
     user_id: str,
 ) -> None:
     """Clients that hang up are no longer counted: with streamer's worker at once (their
-    handler is cancelled), with aiohttp's own within a heartbeat (the hub's heartbeat
-    finds them). 15 streams opened and dropped one after the other fit in a limit of 3
-    per user."""
+    handler is cancelled), with aiohttp's own within about a second (the hub looks for
+    them), not at the next heartbeat (here 60 s). 15 streams opened and dropped one
+    after the other fit in a limit of 3 per user."""
     env = {
         **process_env,
         "STREAMER_REDIS_URL": redis_url,
         "STREAMER_MAX_CONNECTIONS_PER_USER": "3",
-        "STREAMER_HEARTBEAT_S": "0.2",
+        "STREAMER_HEARTBEAT_S": "60",
     }
     server = start_process([*gunicorn_args(1), "-k", worker], env)
     server.wait_healthy()
@@ -377,6 +377,55 @@ async def test_streams_whose_clients_left_are_forgotten(
         await asyncio.to_thread(
             eventually_sync, none_open, what="the hub to forget the stream", timeout=5
         )
+
+
+@pytest.mark.parametrize("worker", ["streamer.worker.StreamerWorker", "aiohttp.GunicornWebWorker"])
+async def test_held_polls_whose_clients_left_are_forgotten_within_a_second(
+    worker: str,
+    redis_url: str,
+    process_env: dict[str, str],
+    start_process: StartProcess,
+    token_for: TokenFor,
+    user_id: str,
+) -> None:
+    """A held long poll is written to only when it is answered: one whose client left
+    no longer counts within about a second under either worker (with aiohttp's own, the
+    hub looks for them), not at the next heartbeat (here 60 s). Six polls held and
+    dropped one after the other fit in a limit of 3 per user."""
+    env = {
+        **process_env,
+        "STREAMER_REDIS_URL": redis_url,
+        "STREAMER_MAX_CONNECTIONS_PER_USER": "3",
+        "STREAMER_HEARTBEAT_S": "60",
+    }
+    server = start_process([*gunicorn_args(1), "-k", worker], env)
+    server.wait_healthy()
+    auth = f"Authorization: Bearer {token_for(user_id)}"
+    curl = shutil.which("curl")
+    assert curl is not None, "curl is not installed: .ci/run installs it"
+    first = await asyncio.create_subprocess_exec(
+        curl, "-s", "-f", "-H", auth, f"{server.base_url}/poll/tasks/",
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    answer, _ = await asyncio.wait_for(first.communicate(), 10)
+    assert first.returncode == 0, answer
+    held_url = f"{server.base_url}/poll/tasks/?last_event_id={json.loads(answer)['last_event_id']}"
+
+    def polls_open(count: int) -> bool:
+        metrics = server.get("/metrics")[1].decode()
+        return f'streamer_connections{{transport="poll"}} {count}.0' in metrics
+
+    for _ in range(6):
+        poll = await asyncio.create_subprocess_exec(
+            curl, "-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", auth, held_url,
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            await eventually(lambda: polls_open(1), what="the poll held")
+        finally:
+            poll.kill()
+            await poll.wait()
+        await eventually(lambda: polls_open(0), what="the poll forgotten", timeout=5)
 
 
 def test_more_workers_at_run_time_need_redis_too(
