@@ -340,27 +340,33 @@ async def test_streamer_serve_takes_every_setting_as_a_flag(
     assert server.get("/demo/token")[0] == 404  # a given secret means production mode
 
 
-@pytest.mark.parametrize("worker", ["streamer.worker.StreamerWorker", "aiohttp.GunicornWebWorker"])
-async def test_streams_whose_clients_left_are_forgotten(
-    worker: str,
+@pytest.fixture(params=["streamer.worker.StreamerWorker", "aiohttp.GunicornWebWorker"])
+def limited_server(
+    request: pytest.FixtureRequest,
     redis_url: str,
     process_env: dict[str, str],
     start_process: StartProcess,
-    token_for: TokenFor,
-    user_id: str,
-) -> None:
-    """Clients that hang up are no longer counted: with streamer's worker at once (their
-    handler is cancelled), with aiohttp's own within about a second (the hub looks for
-    them), not at the next heartbeat (here 60 s). 15 streams opened and dropped one
-    after the other fit in a limit of 3 per user."""
+) -> ServerProcess:
+    """gunicorn with one worker of each class, 3 streams per user, a heartbeat every 60 s."""
     env = {
         **process_env,
         "STREAMER_REDIS_URL": redis_url,
         "STREAMER_MAX_CONNECTIONS_PER_USER": "3",
         "STREAMER_HEARTBEAT_S": "60",
     }
-    server = start_process([*gunicorn_args(1), "-k", worker], env)
+    server = start_process([*gunicorn_args(1), "-k", request.param], env)
     server.wait_healthy()
+    return server
+
+
+async def test_streams_whose_clients_left_are_forgotten(
+    limited_server: ServerProcess, token_for: TokenFor, user_id: str
+) -> None:
+    """Clients that hang up are no longer counted: with streamer's worker at once (their
+    handler is cancelled), with aiohttp's own within about a second (the hub looks for
+    them), not at the next heartbeat (here 60 s). 15 streams opened and dropped one
+    after the other fit in a limit of 3 per user."""
+    server = limited_server
     token = token_for(user_id)
 
     def none_open() -> bool:
@@ -379,27 +385,14 @@ async def test_streams_whose_clients_left_are_forgotten(
         )
 
 
-@pytest.mark.parametrize("worker", ["streamer.worker.StreamerWorker", "aiohttp.GunicornWebWorker"])
 async def test_held_polls_whose_clients_left_are_forgotten_within_a_second(
-    worker: str,
-    redis_url: str,
-    process_env: dict[str, str],
-    start_process: StartProcess,
-    token_for: TokenFor,
-    user_id: str,
+    limited_server: ServerProcess, token_for: TokenFor, user_id: str
 ) -> None:
     """A held long poll is written to only when it is answered: one whose client left
     no longer counts within about a second under either worker (with aiohttp's own, the
     hub looks for them), not at the next heartbeat (here 60 s). Six polls held and
     dropped one after the other fit in a limit of 3 per user."""
-    env = {
-        **process_env,
-        "STREAMER_REDIS_URL": redis_url,
-        "STREAMER_MAX_CONNECTIONS_PER_USER": "3",
-        "STREAMER_HEARTBEAT_S": "60",
-    }
-    server = start_process([*gunicorn_args(1), "-k", worker], env)
-    server.wait_healthy()
+    server = limited_server
     auth = f"Authorization: Bearer {token_for(user_id)}"
     curl = shutil.which("curl")
     assert curl is not None, "curl is not installed: .ci/run installs it"
