@@ -7,11 +7,10 @@ endpoints under /api/tasks/ (`handlers/api.py`), which build the same `Command` 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Literal
 
-from . import wire
+from . import json_input, wire
 from .broker.base import Broker, BrokerUnavailable, Snapshot
 from .events import EventError, validate_task_id
 from .reasons import BROKER_UNAVAILABLE_MESSAGE
@@ -40,7 +39,9 @@ class CommandError(Exception):
 def parse_command(text: str) -> Command:
     """Parse one text frame; raise CommandError with a code the client can act on."""
     try:
-        message = json.loads(text)
+        message = json_input.loads(text)
+    except json_input.DuplicateKey as exc:
+        raise CommandError("invalid_message", str(exc)) from None
     except (ValueError, RecursionError):
         raise CommandError("invalid_json", "message is not valid JSON") from None
     if not isinstance(message, dict):

@@ -44,6 +44,8 @@ TokenFor = Callable[..., str]
         ('{"type": "cancel_task", "task_id": "a\\nb"}', "invalid_task_id"),
         ('{"type": "cancel_task", "task_id": ".."}', "invalid_task_id"),  # no URL names it
         ("[" * 50_000, "invalid_json"),  # deep nesting, under the size limit
+        ('{"type": "cancel_task", "task_id": "a", "task_id": "b"}', "invalid_message"),
+        ('{"type": "ping", "type": "cancel_task"}', "invalid_message"),
     ],
 )
 async def test_bad_commands_get_an_error_and_the_connection_stays_open(

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import hmac
-import json
 
 from aiohttp import web
 
+from .. import json_input
 from ..app_keys import BROKER, CONFIG, METRICS
 from ..broker.base import BrokerUnavailable
 from ..events import MAX_JSON_DEPTH, EventError, event_from_payload
@@ -49,10 +49,12 @@ async def publish_handler(request: web.Request) -> web.Response:
         return refusal
     body = await read_body(request, limit=MAX_BODY_BYTES, timeout_s=config.body_timeout_s)
     try:
-        payload = json.loads(body)
+        payload = json_input.loads(body)
     except RecursionError:
         too_deep = f"JSON values must not nest deeper than {MAX_JSON_DEPTH} levels"
         return json_error(422, "invalid_event", too_deep)
+    except json_input.DuplicateKey as exc:
+        return json_error(422, "invalid_event", str(exc))
     except ValueError:
         return json_error(400, "invalid_json", "the body must be one JSON object")
     try:

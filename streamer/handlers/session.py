@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 from aiohttp import web
 
+from .. import json_input
 from ..app_keys import CONFIG
 from ..auth.credentials import token_from_request
 from ..auth.origin import origin_allowed
@@ -22,7 +21,7 @@ def _token_from_body(request: web.Request, body: bytes) -> str:
     if request.content_type != "application/json":
         raise InvalidToken('send the token as application/json: {"token": "..."}')
     try:
-        payload = json.loads(body)
+        payload = json_input.loads(body)
     except (ValueError, RecursionError):
         raise InvalidToken('the body must be JSON: {"token": "..."}') from None
     token = payload.get("token") if isinstance(payload, dict) else None

@@ -153,6 +153,34 @@ async def test_line_breaks_in_estimated_completion_are_refused(
     assert (await client.app[BROKER].snapshot(user_id)).tasks == []
 
 
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ('{"user_id": "USER", "task_id": "t", "progress": 1, "user_id": "other"}', "user_id"),
+        ('{"user_id": "USER", "task_id": "t", "result_data": {"a": 1, "a": 2}}', "a"),
+    ],
+)
+async def test_a_field_given_twice_is_refused_and_nothing_is_published(
+    client: TestClient,  # type: ignore[type-arg]
+    user_id: str,
+    body: str,
+    field: str,
+) -> None:
+    """JSON lets an object name a key twice and Python keeps the last: an event whose
+    user (or any value) depends on which one counts is refused, not published."""
+    response = await client.post(
+        "/api/tasks/events",
+        data=body.replace("USER", user_id),
+        headers={"X-API-Key": PUBLISH_KEY, "Content-Type": "application/json"},
+    )
+    assert response.status == 422
+    error = await response.json()
+    assert error["code"] == "invalid_event" and repr(field) in error["message"]
+    broker = client.app[BROKER]
+    assert (await broker.snapshot(user_id)).tasks == []
+    assert (await broker.snapshot("other")).tasks == []
+
+
 # --- Lone UTF-16 surrogates ------------------------------------------------------------
 # JSON can carry "\ud800"; no UTF-8 output can encode it. Accepted, it used to raise
 # UnicodeEncodeError inside the handlers (connection dropped with 1006, traceback), and a
