@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -162,6 +163,15 @@ def _redis_url(name: str, raw: str) -> str:
     return raw
 
 
+# A URL's numeric connection settings: (name, least value, whether it must be above it).
+_NUMERIC_CONNECTION_SETTINGS = (
+    ("socket_timeout", 0, True),
+    ("socket_connect_timeout", 0, True),
+    ("health_check_interval", 0, False),
+    ("max_connections", 1, False),
+)
+
+
 def _check_connection_settings(name: str, raw: str, shown: str) -> None:
     """redis-py hands the URL's query (`?socket_timeout=5`, `?ssl_ca_certs=...`) to each
     connection it makes: an unknown or malformed setting would fail every connection,
@@ -170,9 +180,21 @@ def _check_connection_settings(name: str, raw: str, shown: str) -> None:
     import redis
     import redis.asyncio
 
-    if "protocol" in parse_qs(urlsplit(raw).query):
+    settings = parse_qs(urlsplit(raw).query)
+    if "protocol" in settings:
         # It would override the RESP2 the subscriber reads: no stream would open.
         raise ConfigError(f"{name}: the protocol is streamer's to choose, not ?protocol=")
+    # redis-py takes these as numbers without looking at them: a timeout of 0 or less
+    # fails every read, so that the process would run with Redis out of reach for good.
+    for setting, least, above in _NUMERIC_CONNECTION_SETTINGS:
+        for value in settings.get(setting, []):
+            try:
+                number = float(value)
+            except ValueError:
+                number = math.nan
+            if not (math.isfinite(number) and (number > least if above else number >= least)):
+                bound = f"above {least:g}" if above else f"{least:g} or more"
+                raise ConfigError(f"{name}: ?{setting}= must be a number {bound}, got {shown!r}")
     try:
         for pool in (redis.ConnectionPool, redis.asyncio.ConnectionPool):
             pool.from_url(raw).make_connection()

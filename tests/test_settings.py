@@ -109,6 +109,31 @@ def test_a_refused_redis_url_is_named_without_its_password(url: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("setting", "refused", "taken"),
+    [
+        ("socket_timeout", ["0", "-1", "nan", "inf"], ["0.5", "10"]),
+        ("socket_connect_timeout", ["0", "-2.5"], ["3"]),
+        ("health_check_interval", ["-5", "inf"], ["0", "30"]),
+        ("max_connections", ["0", "-1"], ["1", "50"]),
+    ],
+)
+def test_connection_settings_that_could_never_work_are_refused(
+    setting: str, refused: list[str], taken: list[str]
+) -> None:
+    """A timeout of 0 or less fails every read: the process would start and never
+    reach Redis (readiness 503 for good, a reconnection a second)."""
+    for value in refused:
+        url = f"redis://127.0.0.1:1/0?{setting}={value}"
+        with pytest.raises(ConfigError, match=f"STREAMER_REDIS_URL: \\?{setting}= must be"):
+            Config.from_env({"STREAMER_SECRET": SECRET, "STREAMER_REDIS_URL": url})
+    for value in taken:
+        url = f"redis://127.0.0.1:1/0?{setting}={value}"
+        assert (
+            Config.from_env({"STREAMER_SECRET": SECRET, "STREAMER_REDIS_URL": url}).redis_url == url
+        )
+
+
+@pytest.mark.parametrize(
     "flags",
     [
         ["token", "--user", "u", "--ttl", "1_000"],
