@@ -79,7 +79,9 @@ async def test_one_process_counts_deliveries_replays_latency_and_refusals(
         first = await publish(client, user_id, "t", progress=10)
         for stream in (ws, sse):
             assert (await stream.next()).id == first
-        text = await (await client.get("/metrics")).text()
+        exposed = await client.get("/metrics")
+        assert exposed.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+        text = await exposed.text()
         assert value(text, "streamer_connections", transport="websocket") == 1
         assert value(text, "streamer_connections", transport="sse") == 1
         # Latency: once per event in this process, not once per connection.

@@ -6,6 +6,10 @@ from aiohttp import web
 
 from ..app_keys import BROKER, METRICS
 
+# The text format's media type with its version, which Prometheus 3 reads to know what
+# it parses (prometheus_client writes that version).
+EXPOSITION_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
 
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
@@ -20,5 +24,5 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     body = await request.app[METRICS].render_when_readable()
     return web.Response(
-        body=body, content_type="text/plain", charset="utf-8", headers={"Cache-Control": "no-cache"}
+        body=body, headers={"Content-Type": EXPOSITION_TYPE, "Cache-Control": "no-cache"}
     )
