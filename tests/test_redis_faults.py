@@ -870,7 +870,7 @@ async def test_back_from_a_restart_the_first_reconnection_holds(
     server that went away: on the first of them it failed, and the subscription was
     given up once more and reopened only after the next, longer, backoff."""
     subscriber = redis_client.app[BROKER].subscriber  # type: ignore[attr-defined]
-    caplog.set_level("WARNING", logger="streamer.broker.redis_subscriber")
+    caplog.set_level("INFO", logger="streamer.broker.redis_subscriber")
     async with redis_client.ws_connect(f"/ws/tasks/?token={token_for(user_id)}") as ws:
         await ws_json(ws)  # its snapshot was read on a pooled connection, left there
         redis_server.stop()

@@ -260,7 +260,7 @@ class Subscriber:
                 raise ConnectionError("Redis did not confirm the subscriptions")
         self._check_connection()
         if self.restarts or self._catch_up_first:
-            log.warning("redis subscription restored; catching up")
+            log.info("redis subscription restored; catching up")
             await self._on_restored(frozenset(self.wanted))
         self._check_connection()
         held, self._held = self._held, None
