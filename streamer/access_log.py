@@ -15,8 +15,9 @@ from aiohttp.web_response import StreamResponse
 
 from .client_address import LOOPBACK, Network, client_address
 
-# Bytes a stream wrote past aiohttp's own writer (the hub writes to the socket): set
-# by the stream handlers, added to the bytes aiohttp counted.
+# Every byte a stream sent, its response head included: set by the stream handlers,
+# since the hub writes events to the socket past aiohttp's writer, and aiohttp counts
+# its own writes only for a response that it ended itself.
 STREAMED_BYTES = web.ResponseKey("streamed_bytes", int)
 
 _SECRET_PARAMETERS = frozenset({"token", "access_token"})
@@ -64,7 +65,7 @@ class RedactingAccessLogger(AbstractAccessLogger):
             request.version.major,
             request.version.minor,
             response.status,
-            response.body_length + response.get(STREAMED_BYTES, 0),
+            response.get(STREAMED_BYTES, response.body_length),
             time,
             request.headers.get("User-Agent", "-").replace('"', "'"),
         )

@@ -241,3 +241,42 @@ async def test_a_streams_access_line_counts_the_bytes_it_sent(
     for path, size in sizes.items():
         # The events (their steps and the rest of each message), the snapshot and head.
         assert sent < size < sent + events * 600 + 2048, (path, size)
+
+
+async def test_an_event_streams_access_line_counts_every_byte_its_client_got(
+    start_gunicorn: StartGunicorn, token_for: TokenFor, user_id: str
+) -> None:
+    """Head included, when the client leaves (aiohttp ends no response then, and counts
+    nothing of its own): a raw client reads the snapshot and an event, then hangs up."""
+    server, env = start_gunicorn(1)
+    host, port = server.base_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    received = b""
+    try:
+        writer.write(
+            f"GET /sse/tasks/?probe=exact HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            f"Authorization: Bearer {token_for(user_id)}\r\n\r\n".encode()
+        )
+
+        async def read_through(message: bytes) -> None:
+            """Until the chunk that holds `message` ends."""
+            nonlocal received
+            while message not in received or not received.endswith(b"\n\n\r\n"):
+                chunk = await reader.read(65536)
+                assert chunk, received
+                received += chunk
+
+        await asyncio.wait_for(read_through(b'"type":"active_tasks"'), 10)
+        event_id = await run_cli(
+            "publish", "--user", user_id, "--task", "t", "--progress", "5", env=env
+        )  # fmt: skip
+        await asyncio.wait_for(read_through(f"id: {event_id}".encode()), 10)
+    finally:
+        writer.close()
+
+    def logged_bytes() -> int | None:
+        found = re.search(r'"GET /sse/tasks/\?probe=exact HTTP/1.1" 200 (\d+) ', server.log())
+        return int(found.group(1)) if found else None
+
+    logged = await asyncio.to_thread(eventually_sync, logged_bytes, what="the access line")
+    assert logged == len(received), received

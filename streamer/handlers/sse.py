@@ -99,7 +99,7 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
     finally:
         hub.detach(connection, connection.close_reason or Reason.CLIENT_CLOSED)
         written = out.written if isinstance(out, Unchunked) else connection.bytes_out
-        response[STREAMED_BYTES] = written
+        response[STREAMED_BYTES] = request.writer.output_size + written  # with the head
 
 
 async def answer_head(

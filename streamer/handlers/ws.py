@@ -111,7 +111,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         ended_by = await _answer_commands(request, ws, connection)
     finally:
         hub.detach(connection, connection.close_reason or ended_by or Reason.CLIENT_CLOSED)
-        ws[STREAMED_BYTES] = connection.bytes_out
+        ws[STREAMED_BYTES] = request.writer.output_size + connection.bytes_out  # with the head
     if connection.closing is not None:
         with contextlib.suppress(Exception):
             await connection.closing
