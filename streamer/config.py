@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
+import logging
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -12,6 +14,8 @@ from typing import Any
 from urllib.parse import SplitResult, parse_qs, unquote_plus, urlsplit
 
 from .client_address import LOOPBACK, Network
+
+log = logging.getLogger(__name__)
 
 MIN_SECRET_LENGTH = 32
 
@@ -89,6 +93,8 @@ class Config:
             if raw is not None:
                 values[name] = raw.strip()
 
+        for warning in misspelt_variables(environ):
+            log.warning("%s", warning)
         if "secret" not in values:
             raise ConfigError("STREAMER_SECRET is not set: it signs and verifies the access tokens")
         kwargs: dict[str, Any] = {}
@@ -405,3 +411,26 @@ ENV_VARIABLES: dict[str, tuple[Callable[[str, str], Any], str]] = {
         "proxies whose X-Forwarded-For the access log believes (addresses, networks, * or none)",
     ),
 }
+
+
+# What else of streamer reads STREAMER_* from the environment: the Celery integration.
+OTHER_VARIABLES = frozenset({"STREAMER_CELERY_REVOKE"})
+
+
+def misspelt_variables(environ: Mapping[str, str]) -> list[str]:
+    """A warning for each STREAMER_* variable that streamer does not read but that
+    looks like one it does: a typo (`STREAMER_REDIS_ULR`) is otherwise ignored without a
+    word. Other names are left alone, since streamer is not the only one to set them
+    (Kubernetes gives every pod STREAMER_SERVICE_HOST and the like for a Service named
+    streamer)."""
+    known = {f"STREAMER_{name.upper()}" for name in ENV_VARIABLES} | OTHER_VARIABLES
+    warnings = []
+    for name in sorted(environ):
+        if not name.startswith("STREAMER_") or name in known:
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.85)
+        if close:
+            warnings.append(
+                f"{name[:100]} is not a setting of streamer (ignored): did you mean {close[0]}?"
+            )
+    return warnings

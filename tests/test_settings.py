@@ -188,3 +188,28 @@ def test_a_trusted_proxy_that_is_no_address_is_refused(value: str) -> None:
 def test_a_list_of_trusted_proxies_without_one_is_refused() -> None:
     with pytest.raises(ConfigError, match="STREAMER_TRUSTED_PROXIES lists no address"):
         Config.from_env({"STREAMER_SECRET": SECRET, "STREAMER_TRUSTED_PROXIES": ", ,"})
+
+
+def test_a_misspelt_variable_is_warned_about_and_others_are_left_alone(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A typo would leave a setting at its default without a word (STREAMER_REDIS_ULR:
+    the embedded broker); names streamer does not read and that look like none of its
+    own are other programs' (Kubernetes' service links for a Service named streamer)."""
+    caplog.set_level("WARNING", logger="streamer.config")
+    environ = {
+        "STREAMER_SECRET": SECRET,
+        "STREAMER_REDIS_ULR": "redis://127.0.0.1:1/0",
+        "STREAMER_HEARTBEAT_SECONDS": "5",
+        "STREAMER_SERVICE_HOST": "10.0.0.7",
+        "STREAMER_PORT_8080_TCP": "tcp://10.0.0.7:8080",
+        "STREAMER_CELERY_REVOKE": "true",
+    }
+    config = Config.from_env(environ)
+    assert config.redis_url is None
+    assert [record.getMessage() for record in caplog.records] == [
+        "STREAMER_HEARTBEAT_SECONDS is not a setting of streamer (ignored): "
+        "did you mean STREAMER_HEARTBEAT_S?",
+        "STREAMER_REDIS_ULR is not a setting of streamer (ignored): "
+        "did you mean STREAMER_REDIS_URL?",
+    ]
