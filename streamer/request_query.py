@@ -4,16 +4,30 @@ stream is its whole life."""
 
 from __future__ import annotations
 
-from urllib.parse import parse_qsl
+from urllib.parse import unquote_plus
 
 from aiohttp import web
 
 
+class QueryError(ValueError):
+    """A parameter given more than once, or whose escapes are not UTF-8."""
+
+
 def query_value(request: web.BaseRequest, name: str) -> str | None:
-    """The first value of `name` in the request's query, decoded as `request.query`
-    decodes it ('+' and percent escapes); None when it is absent."""
+    """The value of `name` in the request's query, decoded as `request.query` decodes it
+    ('+' and percent escapes); None when it is absent. Raises QueryError when it is
+    given more than once (which one counts is up to each reader of the URL) or does not
+    decode to text."""
     query = request.raw_path.partition("?")[2].partition("#")[0]
-    for key, value in parse_qsl(query, keep_blank_values=True):
-        if key == name:
-            return value
-    return None
+    found: str | None = None
+    for pair in query.split("&"):
+        raw_key, _, raw_value = pair.partition("=")
+        if unquote_plus(raw_key) != name:
+            continue
+        if found is not None:
+            raise QueryError(f"?{name}= is given more than once")
+        try:
+            found = unquote_plus(raw_value, errors="strict")
+        except UnicodeDecodeError:
+            raise QueryError(f"?{name}= is not UTF-8 text once its escapes are decoded") from None
+    return found

@@ -321,9 +321,29 @@ async def test_task_id_filter(client: TestClient, token_for: TokenFor, user_id: 
         assert asked["type"] == "active_tasks" and asked["id"] == b_id
         assert [t["task_id"] for t in asked["tasks"]] == ["b"]
 
-    bad = await client.get(f"/sse/tasks/?token={token}&task_id=" + "x" * 300)
-    assert bad.status == 400
-    assert (await bad.json())["code"] == "invalid_task_id"
+    for narrowed in ("x" * 300, "b&task_id=a", "%ff%fe"):
+        bad = await client.get(f"/sse/tasks/?token={token}&task_id={narrowed}")
+        assert bad.status == 400
+        assert (await bad.json())["code"] == "invalid_task_id"
+    twice = await client.get(f"/sse/tasks/?token={token}&token={token}")
+    assert twice.status == 401
+    assert "given more than once" in (await twice.json())["message"]
+    twice = await client.get(f"/sse/tasks/?token={token}&heartbeat=event&heartbeat=event")
+    assert twice.status == 400
+    assert (await twice.json())["code"] == "invalid_heartbeat"
+
+
+async def test_a_resume_point_given_twice_is_none_the_client_can_rely_on(
+    client: TestClient, token_for: TokenFor, user_id: str
+) -> None:
+    """Which of two ids would count is up to each reader of the URL: the client is told
+    that what it missed is not known (`recovered: false`) and gets a snapshot."""
+    ids = [await publish_progress(client, user_id, "job", progress=p) for p in range(3)]
+    query = f"token={token_for(user_id)}&last_event_id={ids[0]}&last_event_id={ids[1]}"
+    async with client.ws_connect(f"/ws/tasks/?{query}") as ws:
+        snapshot = await ws_json(ws)
+        assert snapshot["type"] == "active_tasks" and snapshot["recovered"] is False
+        assert [t["progress"] for t in snapshot["tasks"]] == [2]
 
 
 async def test_resume_from_last_event_id_on_both_transports(

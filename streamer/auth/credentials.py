@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from ..request_query import query_value
+from ..request_query import QueryError, query_value
 from .delegated import DelegatedAuth
 from .sessions import SESSION_COOKIE, identity_from_session
 from .tokens import MAX_TOKEN_LENGTH, Identity, InvalidToken, verify_token
@@ -23,17 +23,27 @@ def token_from_request(request: web.Request, *, delegated: bool = False) -> str 
         if scheme.lower() not in schemes or not value.strip():
             raise InvalidToken("Authorization header must be 'Bearer <token>'")
         return value.strip()
-    return query_value(request, "token")
+    try:
+        return query_value(request, "token")
+    except QueryError as exc:
+        raise InvalidToken(str(exc)) from None
 
 
 def uses_cookie_credentials(request: web.Request, *, delegated: bool = False) -> bool:
     """True when a cookie is what this request's credentials would be: the session
     cookie, or with delegated authentication any cookie of the application."""
-    if "Authorization" in request.headers or query_value(request, "token") is not None:
+    if "Authorization" in request.headers or _has_token_parameter(request):
         return False
     if delegated:
         return bool(request.headers.get("Cookie"))
     return SESSION_COOKIE in request.cookies
+
+
+def _has_token_parameter(request: web.Request) -> bool:
+    try:
+        return query_value(request, "token") is not None
+    except QueryError:  # a token, if one that will be refused
+        return True
 
 
 async def authenticate(

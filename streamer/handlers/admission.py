@@ -25,10 +25,12 @@ from ..events import EventError, validate_task_id
 from ..opening import Opening, read_opening
 from ..rate_limit import TokenBucket
 from ..reasons import BROKER_UNAVAILABLE_MESSAGE, SHUTTING_DOWN_MESSAGE, Reason, Refused
-from ..request_query import query_value
+from ..request_query import QueryError, query_value
 from ..wire import EventId, Transport
 
 MAX_EVENT_ID_LENGTH = 200
+# A resume point that is no event's: the client gets `recovered: false` and a snapshot.
+UNUSABLE_EVENT_ID = "unusable"
 # How long an opening past its user's rate may wait for its turn before it is refused.
 MAX_OPENING_WAIT_S = 1.0
 # The longest a stream's opening may wait for the broker (its user's subscription, then
@@ -65,15 +67,18 @@ def stream_params(
     request: web.Request, *, last_event_header: bool
 ) -> tuple[str | None, str | None]:
     """`?task_id=` narrows to one task; `?last_event_id=` (or the SSE header) resumes."""
-    task_id = query_value(request, "task_id")
-    if task_id is not None:
-        try:
+    try:
+        task_id = query_value(request, "task_id")
+        if task_id is not None:
             task_id = validate_task_id(task_id)
-        except EventError as exc:
-            raise Refused(Reason.INVALID_TASK_ID, str(exc)) from None
+    except (QueryError, EventError) as exc:
+        raise Refused(Reason.INVALID_TASK_ID, str(exc)) from None
     last_event_id = request.headers.get("Last-Event-ID") if last_event_header else None
     if not (last_event_id and last_event_id.strip()):  # an empty header is no id
-        last_event_id = query_value(request, "last_event_id")
+        try:
+            last_event_id = query_value(request, "last_event_id")
+        except QueryError:  # the client resumes, from where is not known
+            last_event_id = UNUSABLE_EVENT_ID
     if last_event_id is not None:
         # An unusable id is not an error: the client gets recovered=false and a snapshot.
         last_event_id = last_event_id.strip()[:MAX_EVENT_ID_LENGTH] or None

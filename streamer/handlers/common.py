@@ -7,7 +7,7 @@ import os
 
 from aiohttp import web
 
-from ..request_query import query_value
+from ..request_query import QueryError, query_value
 
 # Which process serves a stream: useful behind a load balancer with several workers.
 WORKER_HEADER = "X-Streamer-Worker"
@@ -21,7 +21,10 @@ def heartbeat_events(request: web.Request) -> bool:
     """`?heartbeat=event`: the stream's heartbeats come as messages a page can see (its
     EventSource shows no SSE comment, its WebSocket no ping), so that it can tell a dead
     connection from a quiet one. Raises HTTPBadRequest for another value."""
-    value = query_value(request, "heartbeat")
+    try:
+        value = query_value(request, "heartbeat")
+    except QueryError:
+        value = ""  # refused below, as any value but "event"
     if value not in (None, "event"):
         raise web.HTTPBadRequest(
             text=json.dumps(
