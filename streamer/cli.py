@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import functools
 import json
 import logging
 import os
@@ -85,6 +86,13 @@ def _parser() -> argparse.ArgumentParser:
     who.add_argument("--token", help="an access token")
     who.add_argument("--user", help="sign a token for this user with STREAMER_SECRET")
     watch.add_argument("--secret", help="STREAMER_SECRET, with --user")
+    watch.add_argument(
+        "--ttl",
+        type=_ascii_int,
+        default=DEFAULT_TTL_S,
+        help="with --user: seconds each signed token lives; the watch signs a new one "
+        "for each connection (default 3600)",
+    )
     watch.add_argument("--task-id", help="only this task")
     watch.add_argument("--transport", choices=["auto", "websocket", "sse"], default="auto")
     watch.add_argument("--json", action="store_true", help="print each message as JSON")
@@ -288,10 +296,14 @@ def _publish_over_http(event: TaskEvent, args: argparse.Namespace) -> str:
     return str(answer["id"])
 
 
+def _check_ttl(ttl_s: int) -> None:
+    if ttl_s <= 0 or time.time() + ttl_s > MAX_TIMESTAMP:
+        raise ConfigError("--ttl must be a positive number of seconds ending before 10000 AD")
+
+
 def _token(args: argparse.Namespace) -> int:
     secret = _signing_secret(args.secret, "STREAMER_SECRET is not set (or pass --secret)")
-    if args.ttl <= 0 or time.time() + args.ttl > MAX_TIMESTAMP:
-        raise ConfigError("--ttl must be a positive number of seconds ending before 10000 AD")
+    _check_ttl(args.ttl)
     print(issue_token(secret, validate_identifier("--user", args.user), ttl_s=args.ttl))
     return 0
 
@@ -299,14 +311,18 @@ def _token(args: argparse.Namespace) -> int:
 def _watch(args: argparse.Namespace) -> int:
     from .watch import Watch, watch
 
+    sign = None
     token = args.token
     if token is None:
         secret = _signing_secret(
             args.secret, "--user signs a token with STREAMER_SECRET: set it (or --secret)"
         )
-        token = issue_token(secret, validate_identifier("--user", args.user))
+        user_id = validate_identifier("--user", args.user)
+        _check_ttl(args.ttl)
+        sign = functools.partial(issue_token, secret, user_id, ttl_s=args.ttl)
+        token = sign()
     task_id = None if args.task_id is None else validate_task_id(args.task_id, "--task-id")
-    stream = Watch(args.url, token, transport=args.transport, task_id=task_id)
+    stream = Watch(args.url, token, transport=args.transport, task_id=task_id, sign=sign)
     try:
         return asyncio.run(watch(stream, as_json=args.json))
     except KeyboardInterrupt:

@@ -1,16 +1,21 @@
 """`streamer watch`: a user's tasks live in the terminal.
 
-One stream (WebSocket, or SSE when the upgrade fails twice, as in the browser) that
-resumes from the last id it saw after every drop, so nothing is shown twice or missed.
-Progress bars per task with `rich`; completions and errors as lines; `--json` prints
-each message as one line of JSON instead, for scripts.
+One stream (WebSocket, or SSE when the upgrade fails twice while the server answers over
+HTTP, as in the browser) that resumes from the last id it saw after every drop, so
+nothing is shown twice or missed. It asks for its heartbeats as messages and takes a
+stream silent for three of their intervals for dead. With `--user` each connection gets
+a freshly signed token, so that a watch outlives its tokens. Progress bars per task
+with `rich`; completions and errors as lines; `--json` prints each message as one line
+of JSON instead, for scripts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
+import signal
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -27,23 +32,36 @@ FIRST_DELAY_S = 0.5
 MAX_DELAY_S = 10.0
 WEBSOCKET_FAILURES_BEFORE_SSE = 2
 CLOSE_UNAUTHORIZED = 4401
-# Longer than the server's heartbeat and ping intervals: silence this long is a dead stream.
-READ_TIMEOUT_S = 75.0
+# Until the first heartbeat tells the interval (it comes right after the opening, which a
+# server gives 10 s): time for the opening and a round of the default intervals.
+FIRST_HEARTBEAT_S = 120.0
+# Then a stream silent for this many intervals, plus a margin, is taken for dead.
+HEARTBEATS_MISSED = 3
+HEARTBEAT_MARGIN_S = 2.0
+# How long the check whether a server answers over HTTP may take.
+REACHABLE_TIMEOUT_S = 5.0
 
 Message = dict[str, Any]
 Transport = Literal["auto", "websocket", "sse"]
 
 
 class Unauthorized(Exception):
-    """The server refused the token: reconnecting would not help."""
+    """The server refused the token (`opened`: it ended a stream that had opened with
+    it, an expired token); reconnecting with it would not help."""
+
+    def __init__(self, message: str, *, opened: bool = False) -> None:
+        super().__init__(message)
+        self.opened = opened
 
 
 class StreamFailed(Exception):
-    """The stream could not be opened or ended; `opened` says whether it had opened."""
+    """The stream could not be opened or ended; `opened` says whether it had opened,
+    `answered` whether the server answered (a refused upgrade)."""
 
-    def __init__(self, message: str, *, opened: bool) -> None:
+    def __init__(self, message: str, *, opened: bool, answered: bool = False) -> None:
         super().__init__(message)
         self.opened = opened
+        self.answered = answered
 
 
 @dataclass
@@ -53,9 +71,11 @@ class Watch:
     transport: Transport = "auto"
     task_id: str | None = None
     last_event_id: str | None = None
+    sign: Callable[[], str] | None = None  # a fresh token for each connection
     failed_websockets: int = 0
     attempt: int = 0
     _using: str = field(default="websocket")
+    _silence_s: float = FIRST_HEARTBEAT_S
 
     def __post_init__(self) -> None:
         self.url = service_url(self.url)
@@ -66,16 +86,28 @@ class Watch:
         async with aiohttp.ClientSession() as session:
             while True:
                 try:
+                    self._silence_s = FIRST_HEARTBEAT_S
                     async for message in self._messages(session):
                         self.attempt = 0
+                        if message.get("type") == "heartbeat":
+                            self._heard_heartbeat(message)
+                            continue
                         if message.get("id"):
                             self.last_event_id = str(message["id"])
                         show(message)
                     say("stream ended; reconnecting")
+                except Unauthorized as exc:
+                    if self.sign is None or not exc.opened:
+                        raise
+                    say(f"{exc}; reconnecting with a new token")
                 except StreamFailed as exc:
                     say(f"{exc}; reconnecting")
                     if self._using == "websocket" and not exc.opened:
-                        self.failed_websockets += 1
+                        # A server that cannot be reached is down (restarting, say), not
+                        # behind a proxy that refuses the upgrade: only failures while it
+                        # answers over HTTP count towards SSE.
+                        if exc.answered or await _answers(session, self.url):
+                            self.failed_websockets += 1
                         if (
                             self.transport == "auto"
                             and self.failed_websockets >= WEBSOCKET_FAILURES_BEFORE_SSE
@@ -86,8 +118,15 @@ class Watch:
                 self.attempt += 1
                 await asyncio.sleep(delay)
 
+    def _heard_heartbeat(self, message: Message) -> None:
+        interval = message.get("interval_s")
+        if isinstance(interval, int | float) and 0 < interval <= 3600:
+            self._silence_s = interval * HEARTBEATS_MISSED + HEARTBEAT_MARGIN_S
+
     def _query(self) -> str:
-        params = {"token": self.token}
+        if self.sign is not None:
+            self.token = self.sign()
+        params = {"token": self.token, "heartbeat": "event"}
         if self.task_id is not None:
             params["task_id"] = self.task_id
         if self.last_event_id is not None:
@@ -106,7 +145,9 @@ class Watch:
         except aiohttp.WSServerHandshakeError as exc:
             if exc.status in (401, 403):
                 raise Unauthorized(f"refused ({exc.status})") from None
-            raise StreamFailed(f"WebSocket upgrade failed ({exc.status})", opened=False) from None
+            raise StreamFailed(
+                f"WebSocket upgrade failed ({exc.status})", opened=False, answered=True
+            ) from None
         except (aiohttp.ClientError, OSError) as exc:
             raise StreamFailed(
                 f"cannot connect: {_without_token(str(exc))}", opened=False
@@ -114,19 +155,19 @@ class Watch:
         async with ws:
             while True:
                 try:
-                    frame = await ws.receive(timeout=READ_TIMEOUT_S)
+                    frame = await ws.receive(timeout=self._silence_s)
                 except TimeoutError:
-                    raise StreamFailed("no message or ping for too long", opened=True) from None
+                    raise self._silent() from None
                 if frame.type == aiohttp.WSMsgType.TEXT:
                     yield json.loads(frame.data)
                     continue
                 if ws.close_code == CLOSE_UNAUTHORIZED:
                     reason = frame.extra if isinstance(frame.extra, str) and frame.extra else None
-                    raise Unauthorized(f"refused: {reason or 'unauthorized'}")
+                    raise Unauthorized(f"refused: {reason or 'unauthorized'}", opened=True)
                 raise StreamFailed(f"WebSocket closed ({ws.close_code})", opened=True)
 
     async def _sse(self, session: aiohttp.ClientSession) -> AsyncIterator[Message]:
-        timeout = aiohttp.ClientTimeout(total=None, sock_read=READ_TIMEOUT_S)
+        timeout = aiohttp.ClientTimeout(total=None, sock_read=None)  # silence: below
         url = self.url + "/sse/tasks/" + self._query()
         try:
             response = await session.get(url, timeout=timeout)
@@ -142,7 +183,7 @@ class Watch:
             data: list[str] = []
             event_id: str | None = None
             try:
-                async for raw in response.content:
+                while raw := await self._line(response.content):
                     line = raw.decode().rstrip("\r\n")
                     if line.startswith("data:"):
                         data.append(line[5:].removeprefix(" "))
@@ -153,8 +194,28 @@ class Watch:
                             self.last_event_id = event_id
                         yield json.loads("\n".join(data))
                         data, event_id = [], None
-            except (aiohttp.ClientError, TimeoutError) as exc:
+            except aiohttp.ClientError as exc:
                 raise StreamFailed(f"stream broke: {exc!r}", opened=True) from None
+
+    async def _line(self, content: aiohttp.StreamReader) -> bytes:
+        try:
+            return await asyncio.wait_for(content.readline(), self._silence_s)
+        except TimeoutError:
+            raise self._silent() from None
+
+    def _silent(self) -> StreamFailed:
+        return StreamFailed(f"no message or heartbeat for {round(self._silence_s)} s", opened=True)
+
+
+async def _answers(session: aiohttp.ClientSession, url: str) -> bool:
+    """Whether the server answers over HTTP at all."""
+    try:
+        async with session.get(
+            url + "/healthz", timeout=aiohttp.ClientTimeout(total=REACHABLE_TIMEOUT_S)
+        ):
+            return True
+    except (aiohttp.ClientError, OSError, TimeoutError):
+        return False
 
 
 class ProgressView:
@@ -233,8 +294,13 @@ def _without_token(text: str) -> str:
 
 
 async def watch(stream: Watch, *, as_json: bool) -> int:
-    """Run until interrupted (0) or refused (3)."""
-    errors = Console(stderr=True)
+    """Run until interrupted or terminated (0), or refused (3)."""
+    # Messages are lines whatever the terminal's width (a script reads them).
+    errors = Console(stderr=True, soft_wrap=True)
+    running = asyncio.current_task()
+    assert running is not None
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, running.cancel)  # the bars' cleanup runs
     try:
         if as_json:
 
@@ -249,4 +315,9 @@ async def watch(stream: Watch, *, as_json: bool) -> int:
     except Unauthorized as exc:
         errors.print(f"streamer: {exc}: get a new token", markup=False)
         return 3
+    except asyncio.CancelledError:  # SIGTERM
+        return 0
+    finally:
+        with contextlib.suppress(RuntimeError):
+            loop.remove_signal_handler(signal.SIGTERM)
     return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -40,6 +42,15 @@ def start_server(
 class JsonWatch:
     def __init__(self, process: asyncio.subprocess.Process) -> None:
         self.process = process
+        self.said: list[str] = []
+
+    async def says(self, text: str, times: int = 1) -> None:
+        """Until `times` lines of its stderr hold `text`."""
+        assert self.process.stderr is not None
+        while sum(text in line for line in self.said) < times:
+            line = await asyncio.wait_for(self.process.stderr.readline(), WAIT_S)
+            assert line, f"watch ended: {self.said}"
+            self.said.append(line.decode())
 
     async def next(self) -> dict[str, Any]:
         assert self.process.stdout is not None
@@ -61,9 +72,10 @@ async def watch_json(
 ) -> AsyncIterator[Callable[..., Any]]:
     started: list[asyncio.subprocess.Process] = []
 
-    async def start(server: ServerProcess, *args: str) -> JsonWatch:
+    async def start(server: ServerProcess | str, *args: str) -> JsonWatch:
+        url = server if isinstance(server, str) else server.base_url
         process = await asyncio.create_subprocess_exec(
-            str(BIN / "streamer"), "watch", "--url", server.base_url, "--json", *args,
+            str(BIN / "streamer"), "watch", "--url", url, "--json", *args,
             env=process_env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         started.append(process)
@@ -202,3 +214,100 @@ async def test_bad_arguments_are_refused_at_once(
     assert process.returncode == 2
     assert says in stderr and b"Traceback" not in stderr
     assert b"t.o.k" not in stderr
+
+
+async def test_a_server_down_at_first_is_waited_for_on_the_websocket(
+    process_env: dict[str, str],
+    redis_url: str,
+    start_process: Callable[..., ServerProcess],
+    watch_json: Callable[..., Any],
+    user_id: str,
+) -> None:
+    """Connections refused count as no failed upgrade (the server is down, not behind a
+    proxy that refuses upgrades): once it is up the watch is on the WebSocket. What it
+    says are whole lines, however long, for the scripts that read them."""
+    port = free_port()
+    watch = await watch_json(f"http://127.0.0.1:{port}", "--user", user_id)
+    await watch.says("cannot connect", times=3)
+    assert all(line.endswith("; reconnecting\n") for line in watch.said), watch.said
+    server = start_process(
+        ["streamer", "serve", "--port", "{port}"],
+        {**process_env, "STREAMER_REDIS_URL": redis_url},
+        port,
+    )
+    server.wait_healthy()
+    assert (await watch.next())["type"] == "active_tasks"
+    metrics = server.get("/metrics")[1].decode()
+    assert 'streamer_connections{transport="websocket"} 1.0' in metrics
+    assert 'streamer_connections{transport="sse"} 0.0' in metrics
+    assert not any("Server-Sent Events" in line for line in watch.said), watch.said
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
+async def test_a_silent_stream_is_given_up_after_three_heartbeat_intervals(
+    transport: str,
+    process_env: dict[str, str],
+    redis_url: str,
+    start_process: Callable[..., ServerProcess],
+    publisher: Publisher,
+    watch_json: Callable[..., Any],
+    user_id: str,
+) -> None:
+    """The interval comes with the heartbeats the watch asks for: a server stopped
+    (its sockets open and silent) is given up after three of them and a margin, and the
+    watch resumes once it answers again."""
+    server = start_process(
+        ["streamer", "serve", "--port", "{port}"],
+        {
+            **process_env,
+            "STREAMER_REDIS_URL": redis_url,
+            "STREAMER_HEARTBEAT_S": "0.5",
+            "STREAMER_WS_HEARTBEAT_S": "0.5",
+        },
+    )
+    server.wait_healthy()
+    watch = await watch_json(server, "--user", user_id, "--transport", transport)
+    assert (await watch.next())["type"] == "active_tasks"
+    os.kill(server.process.pid, signal.SIGSTOP)
+    try:
+        await watch.says("no message or heartbeat for 4 s; reconnecting")
+        meanwhile = publisher.progress(user_id, "t", progress=3)
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+    assert (await watch.next_task_event())["id"] == meanwhile
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
+async def test_a_watch_of_a_user_signs_a_new_token_for_each_connection(
+    transport: str,
+    start_server: StartServer,
+    publisher: Publisher,
+    watch_json: Callable[..., Any],
+    user_id: str,
+) -> None:
+    """Its token expires (here after 2 s) and the server ends the stream: the watch
+    goes on with a new one, and misses nothing."""
+    server = start_server()
+    watch = await watch_json(server, "--user", user_id, "--ttl", "2", "--transport", transport)
+    assert (await watch.next())["type"] == "active_tasks"
+    await watch.says("reconnecting")  # the stream ended with its token
+    sent = publisher.progress(user_id, "t", progress=4)
+    assert (await watch.next_task_event())["id"] == sent
+    assert watch.process.returncode is None
+    assert not any("get a new token" in line for line in watch.said), watch.said
+
+
+def test_terminated_in_a_terminal_it_leaves_the_cursor_shown(
+    start_server: StartServer, publisher: Publisher, process_env: dict[str, str], user_id: str
+) -> None:
+    terminal = watch_in_a_terminal(start_server(), user_id, process_env, 100)
+    try:
+        publisher.progress(user_id, "imp", progress=25, current_step="first", task_name="Import")
+        terminal.expect(r"Import \[PROGRESS\].*25%")
+        terminal.kill(signal.SIGTERM)
+        terminal.expect(pexpect.EOF)
+        shown = terminal.before
+    finally:
+        terminal.close(force=True)
+    assert "\x1b[?25h" in shown  # the cursor, hidden while the bars are drawn
+    assert terminal.exitstatus == 0
