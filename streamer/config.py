@@ -266,7 +266,8 @@ def _origins(name: str, raw: str) -> tuple[str, ...]:
         if origin == "*":
             origins.append(origin)
             continue
-        parts = _split(name, origin, item.strip())
+        shown = without_password(item.strip())
+        parts = _split(name, origin, shown)
         # Only scheme, host and port: a browser's Origin never has more, so an entry
         # with a path, query, fragment or user would never match.
         only_host = origin.lower() == f"{parts.scheme}://{parts.netloc}".lower()
@@ -278,9 +279,9 @@ def _origins(name: str, raw: str) -> tuple[str, ...]:
         ):
             raise ConfigError(
                 f"{name} must be a comma-separated list of origins such as "
-                f"https://app.example.com (or *), got {item.strip()!r}"
+                f"https://app.example.com (or *), got {shown!r}"
             )
-        _check_port(name, parts, item.strip())
+        _check_port(name, parts, shown)
         origins.append(origin.lower())
     return tuple(origins)
 

@@ -213,3 +213,12 @@ def test_a_misspelt_variable_is_warned_about_and_others_are_left_alone(
         "STREAMER_REDIS_ULR is not a setting of streamer (ignored): "
         "did you mean STREAMER_REDIS_URL?",
     ]
+
+
+@pytest.mark.parametrize(
+    "origin", ["https://user:S3cret@app.example.com", "https://u:S3cret@app.example.com:99999"]
+)
+def test_a_refused_origin_is_named_without_its_password(origin: str) -> None:
+    with pytest.raises(ConfigError, match="STREAMER_ALLOWED_ORIGINS") as refusal:
+        Config.from_env({"STREAMER_SECRET": SECRET, "STREAMER_ALLOWED_ORIGINS": origin})
+    assert "S3cret" not in str(refusal.value) and "app.example.com" in str(refusal.value)
