@@ -83,15 +83,17 @@ class Config:
         (`redis_url`, `secret`, ...). A None override means "not given".
         """
         values: dict[str, str] = {}
+        # Where each value came from, as errors name it: the variable, or the CLI flag.
+        sources: dict[str, str] = {}
         for name in ENV_VARIABLES:
             raw = environ.get(f"STREAMER_{name.upper()}")
             if raw is not None and raw.strip() != "":
-                values[name] = raw.strip()
+                values[name], sources[name] = raw.strip(), f"STREAMER_{name.upper()}"
         for name, raw in (overrides or {}).items():
             if name not in ENV_VARIABLES:
                 raise ConfigError(f"unknown setting {name!r}")
             if raw is not None:
-                values[name] = raw.strip()
+                values[name], sources[name] = raw.strip(), f"--{name.replace('_', '-')}"
 
         for warning in misspelt_variables(environ):
             log.warning("%s", warning)
@@ -100,7 +102,7 @@ class Config:
         kwargs: dict[str, Any] = {}
         for name, raw in values.items():
             parse, _ = ENV_VARIABLES[name]
-            kwargs[name] = parse(f"STREAMER_{name.upper()}", raw)
+            kwargs[name] = parse(sources[name], raw)
         return cls(**kwargs)
 
     def replace(self, **changes: Any) -> Config:

@@ -222,3 +222,11 @@ def test_a_refused_origin_is_named_without_its_password(origin: str) -> None:
     with pytest.raises(ConfigError, match="STREAMER_ALLOWED_ORIGINS") as refusal:
         Config.from_env({"STREAMER_SECRET": SECRET, "STREAMER_ALLOWED_ORIGINS": origin})
     assert "S3cret" not in str(refusal.value) and "app.example.com" in str(refusal.value)
+
+
+def test_a_bad_flag_is_named_as_the_flag() -> None:
+    """`streamer serve --history-size abc`: the flag is what the user wrote."""
+    with pytest.raises(ConfigError, match=r"^--history-size must be an integer, got 'abc'$"):
+        Config.from_env({"STREAMER_SECRET": SECRET}, {"history_size": "abc"})
+    with pytest.raises(ConfigError, match=r"^STREAMER_HISTORY_SIZE must be an integer"):
+        Config.from_env({"STREAMER_SECRET": SECRET, "STREAMER_HISTORY_SIZE": "abc"})
