@@ -23,6 +23,8 @@ from streamer.broker.redis_connect import (
     fence_failover,
     parse_sentinel_url,
     redis_client,
+    redis_client_sync,
+    redis_failure,
 )
 from streamer.broker.redis_schema import EPOCH_KEY, history_key
 from streamer.config import Config, ConfigError
@@ -30,7 +32,7 @@ from streamer.publisher import AsyncPublisher, BrokerUnavailable, Publisher
 
 from .clients import SseReader, ws_json
 from .conftest import SECRET
-from .processes import BIN, SentinelGroup, ServerProcess
+from .processes import BIN, SentinelGroup, ServerProcess, free_port
 from .waiting import eventually, eventually_sync
 
 
@@ -101,6 +103,35 @@ def test_bad_sentinel_url_never_shows_the_password() -> None:
             {"STREAMER_SECRET": SECRET, "STREAMER_REDIS_URL": "redis+sentinel://:hunter2@a:1"}
         )
     assert "hunter2" not in str(error.value)
+
+
+async def test_with_no_sentinel_to_ask_commands_fail_at_once_in_a_short_line() -> None:
+    """redis-py asks a sentinel three times with backoff by default: every command
+    took about 8 s to fail (a stream's opening, an HTTP command, a publish), and its
+    message held the repr of every sentinel's client (over a kilobyte a log line)."""
+    url = f"redis+sentinel://127.0.0.1:{free_port()}/mymaster"
+    client = redis_client(url)
+    try:
+        with pytest.raises(redis.ConnectionError) as failed:
+            await asyncio.wait_for(client.get("x"), 2)
+    finally:
+        await client.aclose()
+    said = redis_failure(failed.value)
+    assert said == "No master found for 'mymaster'", said
+    sync_client = redis_client_sync(url)
+    try:
+        failure = await asyncio.wait_for(asyncio.to_thread(_fails, sync_client), 2)
+    finally:
+        sync_client.close()
+    assert redis_failure(failure) == "No master found for 'mymaster'"
+
+
+def _fails(client: redis.Redis) -> BaseException:
+    try:
+        client.get("x")
+    except redis.ConnectionError as exc:
+        return exc
+    raise AssertionError("a command succeeded with no sentinel to ask")
 
 
 async def test_fence_starts_a_new_epoch_only_on_another_master(redis_url: str) -> None:

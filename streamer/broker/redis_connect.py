@@ -33,7 +33,11 @@ import redis.asyncio.cluster as aiocluster
 import redis.asyncio.sentinel as aiosentinel
 import redis.cluster as synccluster
 import redis.sentinel as syncsentinel
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
+from redis.retry import Retry
+from redis.sentinel import MasterNotFoundError
 
 # What a failing Redis raises: a Redis Cluster client raises RedisClusterException (not a
 # RedisError) when it cannot reach any node or a slot is not served.
@@ -42,8 +46,12 @@ REDIS_ERRORS_OR_TIMEOUT: tuple[type[Exception], ...] = (*REDIS_ERRORS, TimeoutEr
 
 
 def redis_failure(exc: BaseException) -> str:
-    """What went wrong, for a message: a timeout often comes without any text."""
+    """What went wrong, for a message: a timeout often comes without any text, and
+    redis-py's "No master found" comes with the repr of every sentinel's client (over
+    a kilobyte a line), which says nothing more."""
     text = str(exc)
+    if isinstance(exc, (MasterNotFoundError, aiosentinel.MasterNotFoundError)):
+        text = text.partition(" : <")[0]
     if text:
         return text
     return "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
@@ -150,13 +158,16 @@ def _sentinel_settings(target: SentinelTarget, kwargs: dict[str, Any]) -> dict[s
     return settings
 
 
-def _sentinel_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Sentinels are asked with short timeouts: one that is down must not hold up
-    the discovery (the next one is asked)."""
+def _sentinel_kwargs(kwargs: dict[str, Any], retry: object) -> dict[str, Any]:
+    """Sentinels are asked with short timeouts and once (`retry`: none): one that is
+    down must not hold up the discovery (the next one is asked, and the pool asks again
+    every MASTER_CHECK_S). redis-py's own default retries each three times with
+    backoff: with the sentinels unreachable, every command took 8 s to fail."""
     timeout = kwargs.get("socket_connect_timeout") or SENTINEL_TIMEOUT_S
     return {
         "socket_connect_timeout": min(timeout, SENTINEL_TIMEOUT_S),
         "socket_timeout": SENTINEL_TIMEOUT_S,
+        "retry": retry,
     }
 
 
@@ -274,7 +285,8 @@ def redis_client(url: str, *, blocking: bool = False, **kwargs: Any) -> AsyncCli
     if is_sentinel_url(url):
         target = parse_sentinel_url(url)
         sentinel = aiosentinel.Sentinel(  # type: ignore[no-untyped-call]
-            list(target.sentinels), sentinel_kwargs=_sentinel_kwargs(kwargs)
+            list(target.sentinels),
+            sentinel_kwargs=_sentinel_kwargs(kwargs, AsyncRetry(NoBackoff(), 0)),
         )
         pool_class = _BlockingWatchedPool if blocking else _WatchedPool
         client: _SentinelClient = sentinel.master_for(
@@ -302,7 +314,7 @@ def redis_client_sync(url: str, **kwargs: Any) -> SyncClient:
     if is_sentinel_url(url):
         target = parse_sentinel_url(url)
         sentinel = syncsentinel.Sentinel(  # type: ignore[no-untyped-call]
-            list(target.sentinels), sentinel_kwargs=_sentinel_kwargs(kwargs)
+            list(target.sentinels), sentinel_kwargs=_sentinel_kwargs(kwargs, Retry(NoBackoff(), 0))
         )
         client: _SyncSentinelClient = sentinel.master_for(  # type: ignore[no-untyped-call]
             target.service,
