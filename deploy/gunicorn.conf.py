@@ -98,9 +98,13 @@ def _made_by_another_master(path: str) -> bool:
     return _owner_pid(path) != str(os.getpid())
 
 
+# Whether this master made (and locked) the directory; one given by the operator is
+# locked at start (on_starting).
+_made_here = False
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR") or _made_by_another_master(
     os.environ["PROMETHEUS_MULTIPROC_DIR"]
 ):
+    _made_here = True
     _remove_stale_metrics_dirs()
     # Made and locked under a name other masters' clean-ups do not look at, then renamed:
     # none of them ever sees it without its lock held.
@@ -150,8 +154,23 @@ def on_starting(server):  # type: ignore[no-untyped-def]
     this master was started by a binary upgrade (SIGUSR2): the workers of the one
     that started it still write theirs."""
     metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
-    os.makedirs(metrics_dir, exist_ok=True)
+    try:
+        os.makedirs(metrics_dir, exist_ok=True)
+    except OSError as exc:
+        sys.exit(f"streamer: configuration error: PROMETHEUS_MULTIPROC_DIR: {exc}")
     if not server.master_pid:
+        if not _made_here:
+            # Its files are this master's to clear and its workers' to write: another
+            # gunicorn running on it would have them wiped, and its numbers mixed in.
+            try:
+                _hold(metrics_dir)
+            except BlockingIOError:
+                sys.exit(
+                    f"streamer: configuration error: PROMETHEUS_MULTIPROC_DIR={metrics_dir} "
+                    "is in use by another gunicorn that is running: give each its own"
+                )
+            except OSError as exc:
+                sys.exit(f"streamer: configuration error: PROMETHEUS_MULTIPROC_DIR: {exc}")
         for path in glob.glob(os.path.join(metrics_dir, "*.db")):
             os.remove(path)
     try:

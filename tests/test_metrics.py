@@ -277,3 +277,35 @@ def remove_them_all(
             assert [p.name[: len("streamer-metrics-")] for p in made] == ["streamer-metrics-"]
             server.stop()
         assert list(tmpdir.iterdir()) == [running]
+
+
+def test_a_metrics_directory_given_to_a_running_gunicorn_is_refused_to_another(
+    process_env: dict[str, str],
+    redis_url: str,
+    start_process: Callable[..., ServerProcess],
+    tmp_path: Path,
+) -> None:
+    """Each gunicorn clears the directory's files at start, and its workers write theirs
+    there: a second one on it wiped the first's numbers (its open connections read 0)
+    and summed its own in. It refuses to start; once the first has stopped, it starts."""
+    shared = tmp_path / "metrics"
+    env = {**process_env, "STREAMER_REDIS_URL": redis_url, "PROMETHEUS_MULTIPROC_DIR": str(shared)}
+    first = start_process(gunicorn_args(1), env)
+    first.wait_healthy()
+    second = start_process(gunicorn_args(1), env)
+    assert second.wait_exit(30) != 0
+    assert f"PROMETHEUS_MULTIPROC_DIR={shared} is in use by another gunicorn" in second.log()
+    assert list(shared.glob("*.db")), "the first one's files are still there"
+    assert first.get("/metrics")[0] == 200
+    first.stop()
+    third = start_process(gunicorn_args(1), env)
+    third.wait_healthy()
+    assert third.get("/metrics")[0] == 200
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("")
+    refused = start_process(
+        gunicorn_args(1), {**env, "PROMETHEUS_MULTIPROC_DIR": str(not_a_directory)}
+    )
+    assert refused.wait_exit(30) != 0
+    assert "configuration error: PROMETHEUS_MULTIPROC_DIR:" in refused.log()
+    assert "Traceback" not in refused.log()
