@@ -473,9 +473,13 @@ def test_a_reload_keeps_the_workers_of_a_redis_given_with_gunicorns_env_flag(
     while: the reload keeps both workers, and refuses nothing."""
     env = {k: v for k, v in process_env.items() if k != "STREAMER_REDIS_URL"}
     server = start_process([*gunicorn_args(2), "-e", f"STREAMER_REDIS_URL={redis_url}"], env)
-    server.wait_healthy()
-    first = set(worker_pids(server.process.pid))
-    assert len(first) == 2
+    server.wait_healthy()  # one worker serves: the other may still be starting
+
+    def both_workers() -> set[int] | None:
+        workers = set(worker_pids(server.process.pid))
+        return workers if len(workers) == 2 else None
+
+    first = eventually_sync(both_workers, what="both workers")
     server.signal(signal.SIGHUP)
 
     def reloaded() -> bool:
