@@ -123,7 +123,10 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR") or _made_by_another_master(
 
 from streamer.config import Config, ConfigError  # noqa: E402
 
-bind = os.environ.get("GUNICORN_BIND", "").strip() or "0.0.0.0:8080"
+# Comma-separated addresses, as gunicorn's own GUNICORN_CMD_ARGS would take several.
+bind = [
+    address.strip() for address in os.environ.get("GUNICORN_BIND", "").split(",") if address.strip()
+] or ["0.0.0.0:8080"]
 # gunicorn parses WEB_CONCURRENCY itself first (a value int() refuses stops it there).
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 # aiohttp's uvloop worker with streamer's HTTP timeouts (streamer.worker.StreamerWorker
@@ -144,8 +147,15 @@ logger_class = "streamer.gunicorn_logger.GunicornLogger"
 # GUNICORN_CONTROL_SOCKET=/run/streamer/gunicorn.ctl: by default it would go to
 # $HOME/.gunicorn/, which a system user without a home cannot create, and which
 # every gunicorn of that user on the host would share.
-control_socket = os.environ.get("GUNICORN_CONTROL_SOCKET", "")
+control_socket = os.environ.get("GUNICORN_CONTROL_SOCKET", "").strip()
 control_socket_disable = not control_socket
+
+
+def _refuse(server, message):  # type: ignore[no-untyped-def]
+    """Stop before any worker starts, saying why in gunicorn's log (in
+    STREAMER_LOG_FORMAT, as every other line)."""
+    server.log.error("streamer: %s", message)
+    sys.exit(1)
 
 
 def on_starting(server):  # type: ignore[no-untyped-def]
@@ -157,7 +167,7 @@ def on_starting(server):  # type: ignore[no-untyped-def]
     try:
         os.makedirs(metrics_dir, exist_ok=True)
     except OSError as exc:
-        sys.exit(f"streamer: configuration error: PROMETHEUS_MULTIPROC_DIR: {exc}")
+        _refuse(server, f"configuration error: PROMETHEUS_MULTIPROC_DIR: {exc}")
     if not server.master_pid:
         if not _made_here:
             # Its files are this master's to clear and its workers' to write: another
@@ -165,31 +175,34 @@ def on_starting(server):  # type: ignore[no-untyped-def]
             try:
                 _hold(metrics_dir)
             except BlockingIOError:
-                sys.exit(
-                    f"streamer: configuration error: PROMETHEUS_MULTIPROC_DIR={metrics_dir} "
-                    "is in use by another gunicorn that is running: give each its own"
+                _refuse(
+                    server,
+                    f"configuration error: PROMETHEUS_MULTIPROC_DIR={metrics_dir} "
+                    "is in use by another gunicorn that is running: give each its own",
                 )
             except OSError as exc:
-                sys.exit(f"streamer: configuration error: PROMETHEUS_MULTIPROC_DIR: {exc}")
+                _refuse(server, f"configuration error: PROMETHEUS_MULTIPROC_DIR: {exc}")
         for path in glob.glob(os.path.join(metrics_dir, "*.db")):
             os.remove(path)
     try:
         config = Config.from_env(os.environ)
     except ConfigError as exc:
-        sys.exit(f"streamer: configuration error: {exc}")
+        _refuse(server, f"configuration error: {exc}")
     if server.cfg.workers < 1:
-        sys.exit(
-            f"streamer: configuration error: {server.cfg.workers} workers "
-            "(--workers or WEB_CONCURRENCY): at least one serves the clients"
+        _refuse(
+            server,
+            f"configuration error: {server.cfg.workers} workers "
+            "(--workers or WEB_CONCURRENCY): at least one serves the clients",
         )
     if not server.cfg.bind or not all(address.strip() for address in server.cfg.bind):
-        sys.exit("streamer: configuration error: no address to listen on (--bind, GUNICORN_BIND)")
+        _refuse(server, "configuration error: no address to listen on (--bind, GUNICORN_BIND)")
     if config.redis_url is None and server.cfg.workers > 1:
-        sys.exit(
-            f"streamer: refusing to start {server.cfg.workers} workers without "
+        _refuse(
+            server,
+            f"refusing to start {server.cfg.workers} workers without "
             "STREAMER_REDIS_URL: the embedded broker lives in one process, so clients "
             "of one worker would never see events published through another. "
-            "Set STREAMER_REDIS_URL, or run a single worker (--workers 1)."
+            "Set STREAMER_REDIS_URL, or run a single worker (--workers 1).",
         )
 
 

@@ -204,6 +204,23 @@ async def test_json_set_with_gunicorns_env_flag_covers_its_first_line(
     assert "Starting gunicorn" in json.loads(lines[0])["message"]
 
 
+def test_a_refused_start_says_why_in_json_too(
+    process_env: dict[str, str], start_process: StartProcess
+) -> None:
+    """Two workers without Redis are refused before any starts: the reason is a JSON
+    line as every other, not plain text among them."""
+    env = {key: value for key, value in process_env.items() if key != "STREAMER_REDIS_URL"}
+    server = start_process(gunicorn_args(2), {**env, "STREAMER_LOG_FORMAT": "json"})
+    assert server.wait_exit(30) != 0
+    lines = [line for line in server.log().splitlines() if line.strip()]
+    assert lines and [line for line in lines if not line.startswith("{")] == [], lines
+    said = [json.loads(line) for line in lines]
+    assert any(
+        entry["level"] == "error" and "refusing to start 2 workers" in entry["message"]
+        for entry in said
+    ), said
+
+
 async def test_a_streams_access_line_counts_the_bytes_it_sent(
     start_gunicorn: StartGunicorn, token_for: TokenFor, user_id: str
 ) -> None:
