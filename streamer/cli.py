@@ -145,9 +145,12 @@ def _serve(args: argparse.Namespace) -> int:
         config = config.replace(demo_mode=True, cookie_secure=False)
     logs.configure(config.log_format)
     broker = without_password(config.redis_url) if config.redis_url else "embedded (in-memory)"
-    log.info("serving on http://%s:%s/ with broker %s", args.host, args.port, broker)
+
+    def listening() -> None:
+        log.info("serving on http://%s:%s/ with broker %s", args.host, args.port, broker)
+
     try:
-        asyncio.run(serve(create_app(config), host=args.host, port=args.port))
+        asyncio.run(serve(create_app(config), host=args.host, port=args.port, listening=listening))
     except OSError as exc:
         # Binding failed (most often: another server already has the port): one line.
         if exc.errno == errno.EADDRINUSE:

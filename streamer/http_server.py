@@ -260,9 +260,16 @@ def guarded_runner(app: web.Application, **kwargs: Any) -> GuardedAppRunner:
     )
 
 
-async def serve(app: Awaitable[web.Application], *, host: str, port: int) -> None:
+async def serve(
+    app: Awaitable[web.Application],
+    *,
+    host: str,
+    port: int,
+    listening: Callable[[], None] | None = None,
+) -> None:
     """Serve until SIGINT or SIGTERM, then shut down as aiohttp's run_app does: the
-    app's shutdown hooks first (WebSockets close with 1001), then the connections."""
+    app's shutdown hooks first (WebSockets close with 1001), then the connections.
+    `listening` is called once the port is bound."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -272,6 +279,8 @@ async def serve(app: Awaitable[web.Application], *, host: str, port: int) -> Non
         await runner.setup()
         try:
             await web.TCPSite(runner, host, port).start()
+            if listening is not None:
+                listening()
             await stop.wait()
         finally:
             await runner.cleanup()

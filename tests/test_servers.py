@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -593,3 +594,17 @@ def test_a_reload_runs_one_version_of_streamer(
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert "retry: 12345" in curl.stdout, curl.stdout
+
+
+def test_serve_on_a_port_in_use_says_so_and_never_that_it_serves(
+    process_env: dict[str, str], start_process: StartProcess
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = start_process(["streamer", "serve", "--port", "{port}"], process_env, port)
+        assert server.wait_exit(30) == 1
+    said = server.log()
+    assert f"cannot listen on 127.0.0.1:{port}: the address is already in use" in said
+    assert "serving on" not in said
