@@ -17,6 +17,9 @@ from .client_address import LOOPBACK, Network
 
 log = logging.getLogger(__name__)
 
+# How long streamer.js waits for a long poll's answer by default (its POLL_ANSWER_MS).
+STREAMER_JS_POLL_ANSWER_S = 60.0
+
 MIN_SECRET_LENGTH = 32
 
 
@@ -103,7 +106,17 @@ class Config:
         for name, raw in values.items():
             parse, _ = ENV_VARIABLES[name]
             kwargs[name] = parse(sources[name], raw)
-        return cls(**kwargs)
+        config = cls(**kwargs)
+        if config.poll_timeout_s >= STREAMER_JS_POLL_ANSWER_S:
+            log.warning(
+                "%s=%g holds long polls as long as streamer.js waits for an answer (%g s "
+                "unless a page sets pollTimeoutMs): its pages take polls the server still "
+                "holds for lost and poll again",
+                sources["poll_timeout_s"],
+                config.poll_timeout_s,
+                STREAMER_JS_POLL_ANSWER_S,
+            )
+        return config
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)

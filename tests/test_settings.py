@@ -4,10 +4,13 @@ operator would read as something else), and URLs are shown without their passwor
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+import streamer
 from streamer.cli import _parser
-from streamer.config import Config, ConfigError, without_password
+from streamer.config import STREAMER_JS_POLL_ANSWER_S, Config, ConfigError, without_password
 
 SECRET = "s" * 40
 
@@ -230,3 +233,18 @@ def test_a_bad_flag_is_named_as_the_flag() -> None:
         Config.from_env({"STREAMER_SECRET": SECRET}, {"history_size": "abc"})
     with pytest.raises(ConfigError, match=r"^STREAMER_HISTORY_SIZE must be an integer"):
         Config.from_env({"STREAMER_SECRET": SECRET, "STREAMER_HISTORY_SIZE": "abc"})
+
+
+def test_long_polls_held_as_long_as_streamer_js_waits_are_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level("WARNING", logger="streamer.config")
+    Config.from_env({"STREAMER_SECRET": SECRET, "STREAMER_POLL_TIMEOUT_S": "59"})
+    assert caplog.records == []
+    Config.from_env({"STREAMER_SECRET": SECRET, "STREAMER_POLL_TIMEOUT_S": "120"})
+    (warning,) = caplog.records
+    assert "STREAMER_POLL_TIMEOUT_S=120 holds long polls as long as streamer.js" in (
+        warning.getMessage()
+    )
+    js = (Path(streamer.__file__).parent / "static" / "streamer.js").read_text()
+    assert f"const POLL_ANSWER_MS = {STREAMER_JS_POLL_ANSWER_S * 1000:.0f};" in js
