@@ -339,6 +339,13 @@ async def test_cookie_posts_need_an_allowed_origin(
     assert listed.headers["Access-Control-Allow-Origin"] == ALLOWED
     assert listed.headers["Access-Control-Allow-Credentials"] == "true"
     assert "Origin" in listed.headers["Vary"]
+    # Its mistakes too, which it could not read otherwise.
+    for method, path in [("GET", "/api/nothing"), ("DELETE", "/api/tasks/t")]:
+        wrong = await client.request(method, path, headers={"Origin": ALLOWED})
+        assert wrong.status in (404, 405)
+        assert wrong.headers["Access-Control-Allow-Origin"] == ALLOWED
+        wrong = await client.request(method, path, headers={"Origin": EVIL})
+        assert "Access-Control-Allow-Origin" not in wrong.headers
 
 
 async def test_token_posts_without_origin_are_accepted(

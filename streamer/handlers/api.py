@@ -75,8 +75,11 @@ async def elsewhere(request: web.Request) -> web.Response:
     if allowed:
         refused = json_error(405, "method_not_allowed", f"{request.method} is not allowed here")
         refused.headers["Allow"] = ", ".join(sorted(allowed))
-        return refused
-    return json_error(404, "not_found", "no such endpoint")
+    else:
+        refused = json_error(404, "not_found", "no such endpoint")
+    # A listed origin's page reads why (the browser hides an answer without them).
+    refused.headers.update(cors_headers(request, request.app[CONFIG].allowed_origins))
+    return refused
 
 
 async def active_tasks(request: web.Request) -> web.Response:
