@@ -18,7 +18,7 @@ def query_value(request: web.BaseRequest, name: str) -> str | None:
     ('+' and percent escapes); None when it is absent. Raises QueryError when it is
     given more than once (which one counts is up to each reader of the URL) or does not
     decode to text."""
-    query = request.raw_path.partition("?")[2].partition("#")[0]
+    query = request.raw_path.partition("#")[0].partition("?")[2]
     found: str | None = None
     for pair in query.split("&"):
         raw_key, _, raw_value = pair.partition("=")

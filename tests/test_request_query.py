@@ -20,6 +20,8 @@ TARGETS = [
     "/sse/tasks/?heartbeat&task_id==x",
     "/sse/tasks/?task_id=a%ZZb&last_event_id=%",
     "/ws/tasks/?%74oken=escaped&heart%62eat=event",
+    "/ws/tasks/#fragment?token=not-in-the-query",
+    "/ws/tasks/?heartbeat=event#fragment&token=not-in-the-query",
 ]
 NAMES = ["token", "heartbeat", "task_id", "last_event_id"]
 
