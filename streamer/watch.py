@@ -198,8 +198,10 @@ class Watch:
                 raise StreamFailed(f"stream broke: {exc!r}", opened=True) from None
 
     async def _line(self, content: aiohttp.StreamReader) -> bytes:
+        # Not wait_for: on Python 3.11 it drops a cancel (SIGTERM) that comes as a line does.
         try:
-            return await asyncio.wait_for(content.readline(), self._silence_s)
+            async with asyncio.timeout(self._silence_s):
+                return await content.readline()
         except TimeoutError:
             raise self._silent() from None
 

@@ -268,6 +268,10 @@ async def test_a_silent_stream_is_given_up_after_three_heartbeat_intervals(
     server.wait_healthy()
     watch = await watch_json(server, "--user", user_id, "--transport", transport)
     assert (await watch.next())["type"] == "active_tasks"
+    # The first heartbeat, which tells the interval, comes right after the opening: by
+    # the time an event published later is shown, the watch has read it.
+    before = publisher.progress(user_id, "t", progress=1)
+    assert (await watch.next_task_event())["id"] == before
     os.kill(server.process.pid, signal.SIGSTOP)
     try:
         await watch.says("no message or heartbeat for 4 s; reconnecting")
