@@ -144,6 +144,8 @@ def _serve(args: argparse.Namespace) -> int:
         # Development over plain http: a Secure cookie would never come back.
         config = config.replace(demo_mode=True, cookie_secure=False)
     logs.configure(config.log_format)
+    for warning in config.warnings:
+        log.warning("%s", warning)
     broker = without_password(config.redis_url) if config.redis_url else "embedded (in-memory)"
 
     def listening() -> None:

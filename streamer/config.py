@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import ipaddress
-import logging
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -14,8 +13,6 @@ from typing import Any
 from urllib.parse import SplitResult, parse_qs, unquote_plus, urlsplit
 
 from .client_address import LOOPBACK, Network
-
-log = logging.getLogger(__name__)
 
 # How long streamer.js waits for a long poll's answer by default (its POLL_ANSWER_MS).
 STREAMER_JS_POLL_ANSWER_S = 60.0
@@ -58,6 +55,9 @@ class Config:
     auth_timeout_s: float = 3.0
     auth_cache_s: float = 30.0
     ws_refuse_at_handshake: bool = False
+    # What looked wrong in the settings without being an error: for whoever starts the
+    # server to log once its logging is set up (`streamer serve`, gunicorn's master).
+    warnings: tuple[str, ...] = dataclasses.field(default=(), compare=False, repr=False)
     log_format: str = "text"
     trusted_proxies: tuple[Network, ...] = LOOPBACK
 
@@ -98,25 +98,22 @@ class Config:
             if raw is not None:
                 values[name], sources[name] = raw.strip(), f"--{name.replace('_', '-')}"
 
-        for warning in misspelt_variables(environ):
-            log.warning("%s", warning)
         if "secret" not in values:
             raise ConfigError("STREAMER_SECRET is not set: it signs and verifies the access tokens")
         kwargs: dict[str, Any] = {}
         for name, raw in values.items():
             parse, _ = ENV_VARIABLES[name]
             kwargs[name] = parse(sources[name], raw)
-        config = cls(**kwargs)
-        if config.poll_timeout_s >= STREAMER_JS_POLL_ANSWER_S:
-            log.warning(
-                "%s=%g holds long polls as long as streamer.js waits for an answer (%g s "
-                "unless a page sets pollTimeoutMs): its pages take polls the server still "
-                "holds for lost and poll again",
-                sources["poll_timeout_s"],
-                config.poll_timeout_s,
-                STREAMER_JS_POLL_ANSWER_S,
+        warnings = misspelt_variables(environ)
+        poll_timeout_s = kwargs.get("poll_timeout_s", cls.poll_timeout_s)
+        if poll_timeout_s >= STREAMER_JS_POLL_ANSWER_S:
+            warnings.append(
+                f"{sources['poll_timeout_s']}={poll_timeout_s:g} holds long polls as long as "
+                f"streamer.js waits for an answer ({STREAMER_JS_POLL_ANSWER_S:g} s unless a "
+                "page sets pollTimeoutMs): its pages take polls the server still holds for "
+                "lost and poll again"
             )
-        return config
+        return cls(**kwargs, warnings=tuple(warnings))
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
@@ -431,6 +428,11 @@ ENV_VARIABLES: dict[str, tuple[Callable[[str, str], Any], str]] = {
 
 # What else of streamer reads STREAMER_* from the environment: the Celery integration.
 OTHER_VARIABLES = frozenset({"STREAMER_CELERY_REVOKE"})
+# Kubernetes' service links, for a Service named streamer-redis: STREAMER_REDIS_PORT,
+# STREAMER_REDIS_PORT_6379_TCP_ADDR, STREAMER_REDIS_SERVICE_HOST, ...
+_SERVICE_LINK = re.compile(
+    r"_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT|PORT_[0-9]+_(TCP|UDP|SCTP)(_[A-Z]+)?)$"
+)
 
 
 def misspelt_variables(environ: Mapping[str, str]) -> list[str]:
@@ -442,7 +444,7 @@ def misspelt_variables(environ: Mapping[str, str]) -> list[str]:
     known = {f"STREAMER_{name.upper()}" for name in ENV_VARIABLES} | OTHER_VARIABLES
     warnings = []
     for name in sorted(environ):
-        if not name.startswith("STREAMER_") or name in known:
+        if not name.startswith("STREAMER_") or name in known or _SERVICE_LINK.search(name):
             continue
         close = difflib.get_close_matches(name, known, n=1, cutoff=0.85)
         if close:

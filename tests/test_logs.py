@@ -206,6 +206,36 @@ async def test_json_set_with_gunicorns_env_flag_covers_its_first_line(
     assert "Starting gunicorn" in json.loads(lines[0])["message"]
 
 
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+async def test_a_misspelt_setting_is_warned_about_once_in_the_log_format(
+    command: str, redis_url: str, process_env: dict[str, str], start_process: StartProcess
+) -> None:
+    """Once (by gunicorn's master, not by each worker), as a JSON line as every other."""
+    env = {
+        **process_env,
+        "STREAMER_REDIS_URL": redis_url,
+        "STREAMER_LOG_FORMAT": "json",
+        "STREAMER_HEARTBEAT_SECONDS": "5",
+    }
+    args = [*gunicorn_args(2)] if command == "gunicorn" else COMMANDS[command]
+    server = start_process(args, env)
+    await asyncio.to_thread(server.wait_healthy)
+    if command == "gunicorn":
+        await asyncio.to_thread(
+            eventually_sync,
+            lambda: server.log().count("Booting worker") == 2,
+            what="both workers",
+        )
+    lines = [line for line in server.log().splitlines() if line.strip()]
+    assert [line for line in lines if not line.startswith("{")] == [], lines
+    warned = [
+        entry
+        for entry in json_lines(server.log())
+        if "STREAMER_HEARTBEAT_SECONDS is not a setting" in entry["message"]
+    ]
+    assert len(warned) == 1 and warned[0]["level"] == "warning", warned
+
+
 def test_a_refused_start_says_why_in_json_too(
     process_env: dict[str, str], start_process: StartProcess
 ) -> None:
