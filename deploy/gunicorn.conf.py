@@ -40,7 +40,9 @@ def _remove_metrics_dir(path: str, master_pid: int) -> None:
 def _hold(path: str) -> None:
     descriptor = os.open(os.path.join(path, OWNER_LOCK), os.O_CREAT | os.O_RDWR, 0o600)
     fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    # Never closed: the lock goes when this master and its workers have all exited.
+    # Never closed: the lock goes when this master and its workers have all exited, and
+    # a master started by a binary upgrade (SIGUSR2, an exec) holds it too.
+    os.set_inheritable(descriptor, True)
 
 
 def _held(path: str) -> bool | None:
@@ -98,13 +100,13 @@ def _made_by_another_master(path: str) -> bool:
     return _owner_pid(path) != str(os.getpid())
 
 
-# Whether this master made (and locked) the directory; one given by the operator is
+# The directory this master made (and locked); another one, given by the operator (in
+# the environment, or with gunicorn's -e, which is applied after this file runs), is
 # locked at start (on_starting).
-_made_here = False
+_made_here = None
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR") or _made_by_another_master(
     os.environ["PROMETHEUS_MULTIPROC_DIR"]
 ):
-    _made_here = True
     _remove_stale_metrics_dirs()
     # Made and locked under a name other masters' clean-ups do not look at, then renamed:
     # none of them ever sees it without its lock held.
@@ -115,6 +117,7 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR") or _made_by_another_master(
             os.path.dirname(_making), os.path.basename(_making)[1:]
         )
         os.rename(_making, os.environ["PROMETHEUS_MULTIPROC_DIR"])
+        _made_here = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     except BaseException:
         shutil.rmtree(_making, ignore_errors=True)
         raise
@@ -169,7 +172,7 @@ def on_starting(server):  # type: ignore[no-untyped-def]
     except OSError as exc:
         _refuse(server, f"configuration error: PROMETHEUS_MULTIPROC_DIR: {exc}")
     if not server.master_pid:
-        if not _made_here:
+        if metrics_dir != _made_here:
             # Its files are this master's to clear and its workers' to write: another
             # gunicorn running on it would have them wiped, and its numbers mixed in.
             try:
@@ -188,6 +191,8 @@ def on_starting(server):  # type: ignore[no-untyped-def]
         config = Config.from_env(os.environ)
     except ConfigError as exc:
         _refuse(server, f"configuration error: {exc}")
+    for warning in config.warnings:
+        server.log.warning("streamer: %s", warning)
     if server.cfg.workers < 1:
         _refuse(
             server,

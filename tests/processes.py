@@ -54,6 +54,14 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
     eventually_sync(condition, what=what, timeout=timeout)
 
 
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def worker_pids(master_pid: int) -> list[int]:
     """The gunicorn master's children: its workers."""
     path = Path(f"/proc/{master_pid}/task/{master_pid}/children")

@@ -20,7 +20,7 @@ from streamer.app_keys import BROKER
 
 from .clients import open_stream
 from .conftest import PUBLISH_KEY, StartGunicorn
-from .processes import RedisServer, ServerProcess, gunicorn_args
+from .processes import RedisServer, ServerProcess, gunicorn_args, pid_alive
 from .streams import WsStream, close_all, streams_on_every_worker
 from .waiting import eventually, eventually_sync
 
@@ -309,3 +309,40 @@ def test_a_metrics_directory_given_to_a_running_gunicorn_is_refused_to_another(
     assert refused.wait_exit(30) != 0
     assert "configuration error: PROMETHEUS_MULTIPROC_DIR:" in refused.log()
     assert "Traceback" not in refused.log()
+
+
+def test_the_lock_of_a_given_metrics_directory_holds_through_an_upgrade_and_with_e(
+    process_env: dict[str, str],
+    redis_url: str,
+    start_process: Callable[..., ServerProcess],
+    tmp_path: Path,
+) -> None:
+    """The directory given with gunicorn's -e (applied after its config file runs) is
+    locked as one given in the environment; after a binary upgrade (SIGUSR2, then the
+    old master stopped) the new master holds the lock: another gunicorn is refused."""
+    shared = tmp_path / "metrics"
+    env = {**process_env, "STREAMER_REDIS_URL": redis_url, "TMPDIR": str(tmp_path)}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    pid_file = tmp_path / "gunicorn.pid"
+    with_e = [*gunicorn_args(1), "-e", f"PROMETHEUS_MULTIPROC_DIR={shared}"]
+    first = start_process([*with_e, "--pid", str(pid_file)], env)
+    first.wait_healthy()
+    refused = start_process(with_e, env)
+    assert refused.wait_exit(30) != 0
+    assert f"PROMETHEUS_MULTIPROC_DIR={shared} is in use by another gunicorn" in refused.log()
+
+    first.signal(signal.SIGUSR2)
+    new_pid_file = tmp_path / "gunicorn.pid.2"
+    eventually_sync(new_pid_file.exists, what="the new master")
+    new_master = int(new_pid_file.read_text())
+    try:
+        first.signal(signal.SIGTERM)
+        assert first.wait_exit(30) == 0
+        eventually_sync(lambda: first.get("/readyz")[0] == 200, what="the new generation")
+        again = start_process(with_e, env)
+        assert again.wait_exit(30) != 0
+        assert "is in use by another gunicorn" in again.log()
+        assert first.get("/metrics")[0] == 200
+    finally:
+        os.kill(new_master, signal.SIGTERM)
+        eventually_sync(lambda: not pid_alive(new_master), what="the new master to stop")

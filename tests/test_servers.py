@@ -19,7 +19,15 @@ from streamer.auth.tokens import issue_token
 
 from .clients import ws_close_code
 from .conftest import StartGunicorn
-from .processes import BIN, GUNICORN_CONF, ServerProcess, free_port, gunicorn_args, worker_pids
+from .processes import (
+    BIN,
+    GUNICORN_CONF,
+    ServerProcess,
+    free_port,
+    gunicorn_args,
+    pid_alive,
+    worker_pids,
+)
 from .streams import CurlStream, WsStream, close_all, run_cli, streams_on_every_worker
 from .waiting import eventually, eventually_sync
 
@@ -541,14 +549,6 @@ def test_a_binary_upgrade_keeps_the_metrics_of_both_generations(
     finally:
         os.kill(new_master, signal.SIGTERM)
         eventually_sync(lambda: not pid_alive(new_master), what="the new master to stop")
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_a_reload_runs_one_version_of_streamer(
