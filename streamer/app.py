@@ -141,11 +141,15 @@ def build_app(config: Config) -> web.Application:
     static_dir = resources.files("streamer").joinpath("static")
     app.router.add_get("/", demo.index)
     app.router.add_static("/static/", str(static_dir))
-    app.router.add_get("/ws/tasks/", ws.websocket_handler)
-    app.router.add_get("/sse/tasks/", sse.sse_handler)
-    app.router.add_route("OPTIONS", "/sse/tasks/", sse.sse_preflight)
-    app.router.add_get("/poll/tasks/", poll.poll_handler)
-    app.router.add_route("OPTIONS", "/poll/tasks/", poll.poll_preflight)
+    # Each stream also without its final slash, as people type it (`curl -N .../sse/tasks`).
+    for path in ("/ws/tasks/", "/ws/tasks"):
+        app.router.add_get(path, ws.websocket_handler)
+    for path in ("/sse/tasks/", "/sse/tasks"):
+        app.router.add_get(path, sse.sse_handler)
+        app.router.add_route("OPTIONS", path, sse.sse_preflight)
+    for path in ("/poll/tasks/", "/poll/tasks"):
+        app.router.add_get(path, poll.poll_handler)
+        app.router.add_route("OPTIONS", path, poll.poll_preflight)
     app.router.add_post(
         "/api/tasks/events", publish.publish_handler, expect_handler=publish.expect_publish
     )

@@ -300,6 +300,24 @@ async def test_both_transports_get_the_same_events_in_the_same_order(
         sse.close()
 
 
+async def test_every_stream_answers_without_its_final_slash_too(
+    client: TestClient, token_for: TokenFor, user_id: str
+) -> None:
+    """As people type them: `curl -N http://localhost:8080/sse/tasks` was a 404."""
+    token = token_for(user_id)
+    async with client.ws_connect(f"/ws/tasks?token={token}") as ws:
+        assert (await ws_json(ws))["type"] == "active_tasks"
+    sse = await client.get(f"/sse/tasks?token={token}")
+    assert sse.status == 200 and sse.headers["Content-Type"].startswith("text/event-stream")
+    assert (await SseReader(sse).next()).json["type"] == "active_tasks"
+    sse.close()
+    poll = await client.get(f"/poll/tasks?token={token}")
+    assert poll.status == 200
+    assert [event["type"] for event in (await poll.json())["events"]] == ["active_tasks"]
+    for path in ("/sse/tasks", "/poll/tasks"):
+        assert (await client.head(f"{path}?token={token}")).status == 200
+
+
 async def test_task_id_filter(client: TestClient, token_for: TokenFor, user_id: str) -> None:
     await publish_progress(client, user_id, "a", progress=1)
     await publish_progress(client, user_id, "b", progress=1)
