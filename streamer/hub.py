@@ -19,13 +19,13 @@ from .connection import Connection, Limits
 from .reasons import BROKER_UNAVAILABLE_MESSAGE, SHUTTING_DOWN_MESSAGE, Reason, Refused
 from .wire import Delivery, EventId, Transport
 
-# Upper bounds (seconds) of the publish-to-delivery latency histogram's buckets.
-# How often streams that wait without reading from their client (SSE, long polls) are
-# looked at for a client that left. Under streamer's gunicorn worker their handler is
-# cancelled at once; aiohttp's own worker does not, and a stream would otherwise count
-# against its user's limit until its next write (a long poll's: its answer).
+# How often every stream is looked at for a client that left. Under streamer's gunicorn
+# worker the handler of a stream that reads nothing from its client (SSE, long polls) is
+# cancelled at once; aiohttp's own worker does not, and such a stream would otherwise
+# count against its user's limit until its next write (a long poll's: its answer).
 GONE_CHECK_S = 1.0
 
+# Upper bounds (seconds) of the publish-to-delivery latency histogram's buckets.
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -320,21 +320,16 @@ class Hub:
 
     @staticmethod
     def heartbeat(connections: Iterable[Connection]) -> None:
-        """A heartbeat on SSE streams (proxies and clients see they are alive), and a look
-        at the others: one whose client went away quietly is ended."""
+        """A heartbeat on SSE streams: proxies and clients see they are alive."""
         for connection in connections:
             if connection.transport == "sse":
                 connection.write_idle(connection.heartbeat)
-            else:
-                connection.check()
 
     @staticmethod
     def notice_gone(connections: Iterable[Connection]) -> None:
-        """End the streams that read nothing from their client (a WebSocket's reader
-        notices a close itself) whose client went away."""
+        """End the streams whose client went away quietly."""
         for connection in connections:
-            if connection.transport != "websocket":
-                connection.check()
+            connection.check()
 
     @staticmethod
     def ping(connections: Iterable[Connection]) -> None:
