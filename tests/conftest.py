@@ -145,13 +145,15 @@ StartGunicorn = Callable[[int], tuple[ServerProcess, dict[str, str]]]
 def start_gunicorn(
     redis_url: str, process_env: dict[str, str], start_process: Callable[..., ServerProcess]
 ) -> StartGunicorn:
-    """Start gunicorn with N aiohttp workers on the private Redis, once it is ready;
-    returns it and the environment its producers should use."""
+    """Start gunicorn with N aiohttp workers on the private Redis, once every worker has
+    started (one serving is not all of them); returns it and the environment its
+    producers should use."""
     env = {**process_env, "STREAMER_REDIS_URL": redis_url}
 
     def start(workers: int) -> tuple[ServerProcess, dict[str, str]]:
         server = start_process(gunicorn_args(workers), env)
         server.wait_healthy()
+        server.wait_workers_started(workers)
         return server, env
 
     return start

@@ -30,6 +30,10 @@ def gunicorn_args(workers: int, port: int | str = "{port}") -> list[str]:
     ]  # fmt: skip
 
 
+# What each of streamer's gunicorn workers logs once its app has started.
+WORKER_STARTED_LOG = "objects made at startup left out of garbage collection passes"
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -183,6 +187,20 @@ class ServerProcess:
                 return False
 
         eventually_sync(healthy, what=f"server on port {self.port}", timeout=timeout)
+
+    def wait_workers_started(self, workers: int, timeout: float = 20) -> None:
+        """Wait until the gunicorn master has `workers` children and each has started its
+        app: a worker logs its startup just before it takes connections."""
+
+        def started() -> bool:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
+            return (
+                len(worker_pids(self.process.pid)) == workers
+                and self.log().count(WORKER_STARTED_LOG) >= workers
+            )
+
+        eventually_sync(started, what=f"{workers} workers started", timeout=timeout)
 
     def signal(self, signum: int) -> None:
         self.process.send_signal(signum)
