@@ -113,6 +113,15 @@ class Config:
                 "page sets pollTimeoutMs): its pages take polls the server still holds for "
                 "lost and poll again"
             )
+        per_user = kwargs.get("max_connections_per_user", cls.max_connections_per_user)
+        per_process = kwargs.get("max_connections", cls.max_connections)
+        if per_user > per_process:
+            warnings.append(
+                f"{sources.get('max_connections_per_user', 'STREAMER_MAX_CONNECTIONS_PER_USER')}"
+                f"={per_user} is above {sources.get('max_connections', 'STREAMER_MAX_CONNECTIONS')}"
+                f"={per_process}: one user can hold every stream of a process, and no more "
+                f"than {per_process}"
+            )
         return cls(**kwargs, warnings=tuple(warnings))
 
     def replace(self, **changes: Any) -> Config:
@@ -182,9 +191,10 @@ def _redis_url(name: str, raw: str) -> str:
 
 
 # A URL's numeric connection settings: (name, least value, whether it must be above it).
+# A timeout under 10 ms fails reads of a Redis that answers (a replica's, a busy one's).
 _NUMERIC_CONNECTION_SETTINGS = (
-    ("socket_timeout", 0, True),
-    ("socket_connect_timeout", 0, True),
+    ("socket_timeout", 0.01, False),
+    ("socket_connect_timeout", 0.01, False),
     ("health_check_interval", 0, False),
     ("max_connections", 1, False),
 )
@@ -203,7 +213,7 @@ def _check_connection_settings(name: str, raw: str, shown: str) -> None:
         # It would override the RESP2 the subscriber reads: no stream would open.
         raise ConfigError(f"{name}: the protocol is streamer's to choose, not ?protocol=")
     # redis-py takes these as numbers without looking at them: a timeout of 0 or less
-    # fails every read, so that the process would run with Redis out of reach for good.
+    # (or of a nanosecond) fails every read, so that the process would run with Redis out of reach for good.
     for setting, least, above in _NUMERIC_CONNECTION_SETTINGS:
         for value in settings.get(setting, []):
             try:

@@ -114,8 +114,8 @@ def test_a_refused_redis_url_is_named_without_its_password(url: str) -> None:
 @pytest.mark.parametrize(
     ("setting", "refused", "taken"),
     [
-        ("socket_timeout", ["0", "-1", "nan", "inf"], ["0.5", "10"]),
-        ("socket_connect_timeout", ["0", "-2.5"], ["3"]),
+        ("socket_timeout", ["0", "-1", "nan", "inf", "1e-9", "0.009"], ["0.01", "0.5", "10"]),
+        ("socket_connect_timeout", ["0", "-2.5", "0.001"], ["3"]),
         ("health_check_interval", ["-5", "inf"], ["0", "30"]),
         ("max_connections", ["0", "-1"], ["1", "50"]),
     ],
@@ -246,3 +246,20 @@ def test_long_polls_held_as_long_as_streamer_js_waits_are_warned_about() -> None
     assert "STREAMER_POLL_TIMEOUT_S=120 holds long polls as long as streamer.js" in warning
     js = (Path(streamer.__file__).parent / "static" / "streamer.js").read_text()
     assert f"const POLL_ANSWER_MS = {STREAMER_JS_POLL_ANSWER_S * 1000:.0f};" in js
+
+
+def test_a_per_user_limit_above_the_process_limit_is_warned_about() -> None:
+    def warnings(**limits: str) -> tuple[str, ...]:
+        return Config.from_env({"STREAMER_SECRET": SECRET, **limits}).warnings
+
+    assert warnings(STREAMER_MAX_CONNECTIONS="20") == ()  # the per-user default, 20
+    (warning,) = warnings(STREAMER_MAX_CONNECTIONS="10")
+    assert warning == (
+        "STREAMER_MAX_CONNECTIONS_PER_USER=20 is above STREAMER_MAX_CONNECTIONS=10: one user "
+        "can hold every stream of a process, and no more than 10"
+    )
+    (warning,) = Config.from_env(
+        {"STREAMER_SECRET": SECRET},
+        {"max_connections": "5", "max_connections_per_user": "6"},
+    ).warnings
+    assert warning.startswith("--max-connections-per-user=6 is above --max-connections=5:")
