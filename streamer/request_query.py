@@ -4,13 +4,23 @@ stream is its whole life."""
 
 from __future__ import annotations
 
-from urllib.parse import unquote_plus
+from urllib.parse import unquote, unquote_plus
 
 from aiohttp import web
 
 
 class QueryError(ValueError):
     """A parameter given more than once, or whose escapes are not UTF-8."""
+
+
+def path_is_text(request: web.BaseRequest) -> bool:
+    """Whether the request's path decodes to text: aiohttp leaves an escape that is not
+    UTF-8 as it is, so `/a/%ff` and `/a/%25ff` would both name "%ff"."""
+    try:
+        unquote(request.raw_path.partition("?")[0].partition("#")[0], errors="strict")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def query_value(request: web.BaseRequest, name: str) -> str | None:

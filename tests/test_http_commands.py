@@ -248,6 +248,26 @@ async def test_task_ids_with_any_printable_character(
     assert (await cancel.json())["success"] is True
 
 
+async def test_a_task_id_whose_escapes_are_not_utf8_is_400(
+    client: TestClient, token_for: TokenFor, user_id: str
+) -> None:
+    """`%ff` is no text: aiohttp keeps it as written, which named the task "%ff" (the
+    task `%25ff` names)."""
+    await publish(client, progress_event(user_id, "%ff", progress=7))
+    headers = bearer(token_for(user_id))
+    for method, path in [("GET", "/api/tasks/%ff"), ("POST", "/api/tasks/%ff/cancel")]:
+        response = await client.request(method, URL(path, encoded=True), headers=headers)
+        assert response.status == 400
+        assert await response.json() == {
+            "type": "error",
+            "code": "invalid_task_id",
+            "message": "the task id is not UTF-8 text once its escapes are decoded",
+        }
+    named = await client.get(URL("/api/tasks/%25ff", encoded=True), headers=headers)
+    assert named.status == 200 and (await named.json())["status"]["progress"] == 7
+    assert not await client.app[BROKER].is_cancelled(user_id, "%ff")
+
+
 async def test_commands_beyond_the_rate_are_429_per_user(
     config: Config, aiohttp_client: AiohttpClient, token_for: TokenFor
 ) -> None:

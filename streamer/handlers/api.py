@@ -35,6 +35,7 @@ from ..commands import (
 from ..config import Config
 from ..rate_limit import BucketsByKey, command_burst
 from ..reasons import BROKER_UNAVAILABLE_MESSAGE, Refused
+from ..request_query import path_is_text
 from .admission import check_origin, cookie_usable
 from .common import json_error, unavailable
 
@@ -128,8 +129,13 @@ async def _answer(request: web.Request, kind: CommandType) -> web.Response:
         )
         response.headers["Retry-After"] = str(bucket.retry_after_s())
         return response
+    task_id = request.match_info.get("task_id")
+    if task_id is not None and not path_is_text(request):
+        return json_error(
+            400, "invalid_task_id", "the task id is not UTF-8 text once its escapes are decoded"
+        )
     try:
-        command = make_command(kind, request.match_info.get("task_id"))
+        command = make_command(kind, task_id)
     except CommandError as exc:
         return json_error(400, exc.code, exc.message)
     try:
