@@ -534,20 +534,55 @@ async def test_the_subscriber_logs_the_delay_it_retries_after(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """While Redis cannot be reached, attempts come at most a second apart: the log
-    says so, not the longer backoff of a subscription lost while Redis answers."""
-    caplog.set_level(logging.WARNING, logger="streamer.broker.redis_subscriber")
+    says so, not the longer backoff of a subscription lost while Redis answers. Only
+    the first attempt is a warning: the others are at DEBUG, until the outage has lasted
+    long enough for a reminder."""
+    caplog.set_level(logging.DEBUG, logger="streamer.broker.redis_subscriber")
     broker = RedisBroker(f"redis://127.0.0.1:{free_port()}/0", history_size=10, history_ttl=60)
     await broker.start(_Recorder())
     try:
 
-        def delays() -> list[float]:
-            found = (re.search(r"in ([0-9.]+)s$", r.getMessage()) for r in caplog.records)
-            return [float(match.group(1)) for match in found if match]
+        def attempts() -> list[logging.LogRecord]:
+            return [r for r in caplog.records if "redis subscription lost" in r.getMessage()]
 
-        await eventually(lambda: len(delays()) >= 6, what="six attempts", timeout=20)
-        assert max(delays()) == redis_subscriber.UNREACHABLE_RETRY_S, delays()
+        await eventually(lambda: len(attempts()) >= 6, what="six attempts", timeout=20)
+        found = (re.search(r"in ([0-9.]+)s$", r.getMessage()) for r in attempts())
+        delays = [float(match.group(1)) for match in found if match]
+        assert len(delays) == len(attempts())
+        assert max(delays) == redis_subscriber.UNREACHABLE_RETRY_S, delays
+        levels = [r.levelname for r in attempts()]
+        assert levels[0] == "WARNING" and set(levels[1:]) == {"DEBUG"}, levels
     finally:
         await broker.close()
+
+
+async def test_the_end_of_an_outage_says_how_long_it_lasted(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="streamer.broker.redis_subscriber")
+    broker = RedisBroker(redis_server.url, history_size=10, history_ttl=60)
+    await broker.start(_Recorder())
+    subscriber = broker.subscriber
+    try:
+        await eventually(lambda: subscriber.ready.is_set(), what="the subscription")
+        redis_server.stop()
+        try:
+            await eventually(lambda: subscriber.restarts >= 3, what="three attempts")
+        finally:
+            redis_server.start()
+        await eventually(lambda: subscriber.ready.is_set(), what="the subscription restored")
+    finally:
+        await broker.close()
+    said = [record.getMessage() for record in caplog.records]
+    lost = [text for text in said if "redis subscription lost" in text]
+    assert len(lost) == 1, said  # the other attempts were at DEBUG
+    (restored,) = [text for text in said if "subscription restored" in text]
+    failed = re.fullmatch(
+        r"redis subscription restored after (\d+) failed attempts over [0-9.]+s; catching up",
+        restored,
+    )
+    assert failed is not None, restored
+    assert int(failed.group(1)) == subscriber.restarts  # one successful attempt: the first
 
 
 async def test_a_silent_subscriber_connection_is_replaced(

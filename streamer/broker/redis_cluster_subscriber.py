@@ -21,6 +21,7 @@ import redis.asyncio.cluster as aiocluster
 from redis.crc import key_slot
 
 from .base import BrokerUnavailable
+from .outage_log import OutageLog
 from .redis_cluster import cluster_client, masters, node_client
 from .redis_connect import REDIS_ERRORS, redis_failure
 from .redis_subscriber import SUBSCRIBE_TIMEOUT_S, Rerouted, Subscriber
@@ -114,17 +115,21 @@ class ClusterSubscriber:
         """Follow the cluster's layout until cancelled."""
         client = cluster_client(self._url, socket_connect_timeout=5)
         backoff = 0.1
+        outage = OutageLog(log)
         try:
             while True:
                 try:
                     layout = await masters(client)
                 except REDIS_ERRORS as exc:
-                    log.warning(
-                        "cannot read the cluster's layout (%s); retrying", redis_failure(exc)
+                    outage.failed(
+                        f"cannot read the cluster's layout ({redis_failure(exc)}); retrying"
                     )
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
                     continue
+                ended = outage.ended()
+                if ended:
+                    log.info("the cluster's layout read%s", ended)
                 backoff = 0.1
                 await self._serve(client, layout)
                 self._rebuilds += 1

@@ -27,6 +27,7 @@ from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from .base import BrokerUnavailable
+from .outage_log import OutageLog
 from .redis_connect import (
     MASTER_CHECK_S,
     REDIS_ERRORS,
@@ -107,6 +108,7 @@ class Subscriber:
         self._reached = False  # this attempt connected (what came after may have failed)
         self._abandoned = False
         self.restarts = 0  # attempts after the first, failed ones included
+        self._outage = OutageLog(log)
         self.reconnects = 0  # subscriptions lost and opened again
         self._opened = False  # once: later openings are reconnections
         self.messages = 0  # events received, of every user
@@ -187,10 +189,9 @@ class Subscriber:
                 backoff = RECONNECT_BACKOFF_MIN_S
                 await self._listen(pubsub)
             except _SUBSCRIPTION_LOST as exc:
-                log.warning(
-                    "redis subscription lost (%s); retrying in %.1fs",
-                    redis_failure(exc),
-                    self._retry_delay(backoff),
+                self._outage.failed(
+                    f"redis subscription lost ({redis_failure(exc)}); "
+                    f"retrying in {self._retry_delay(backoff):.1f}s"
                 )
             except Exception:
                 log.exception(
@@ -260,7 +261,7 @@ class Subscriber:
                 raise ConnectionError("Redis did not confirm the subscriptions")
         self._check_connection()
         if self.restarts or self._catch_up_first:
-            log.info("redis subscription restored; catching up")
+            log.info("redis subscription restored%s; catching up", self._outage.ended())
             await self._on_restored(frozenset(self.wanted))
         self._check_connection()
         held, self._held = self._held, None
