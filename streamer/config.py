@@ -212,8 +212,9 @@ def _check_connection_settings(name: str, raw: str, shown: str) -> None:
     if "protocol" in settings:
         # It would override the RESP2 the subscriber reads: no stream would open.
         raise ConfigError(f"{name}: the protocol is streamer's to choose, not ?protocol=")
-    # redis-py takes these as numbers without looking at them: a timeout of 0 or less
-    # (or of a nanosecond) fails every read, so that the process would run with Redis out of reach for good.
+    # redis-py takes these as numbers without looking at them: a timeout of 0 or less (or
+    # of a nanosecond) fails every read, so that the process would run with Redis out of
+    # reach for good.
     for setting, least, above in _NUMERIC_CONNECTION_SETTINGS:
         for value in settings.get(setting, []):
             try:
