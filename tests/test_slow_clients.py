@@ -16,11 +16,13 @@ from streamer.app import create_app
 from streamer.app_keys import BROKER, HUB
 from streamer.config import Config
 from streamer.events import completed_event
+from streamer.handlers import ws
 from streamer.reasons import Reason
 
 from .clients import SseReader, ws_json, ws_messages
 from .conftest import SECRET
 from .raw_ws import OP_CLOSE, OP_PING, OP_TEXT, RawWebSocket
+from .waiting import eventually
 
 TokenFor = Callable[..., str]
 PAYLOAD = {"blob": "x" * 16 * 1024}
@@ -313,5 +315,10 @@ async def test_a_slow_client_still_reading_is_told_why_it_was_cut_off(
         received, code = await asyncio.wait_for(asyncio.to_thread(read_to_close), WAIT_S)
         assert code == 4008
         assert received and received == published[: len(received)]
+        slow.close()
+        # Once the connection ended, the cut-off due after the send timeout does nothing
+        # (asyncio's transport raised in `abort()`, logged as an error in the loop).
+        await eventually(lambda: transport.get_protocol() is None, what="the connection lost")
+        ws.cut_off(transport)
     finally:
         slow.close()

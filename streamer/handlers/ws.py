@@ -174,12 +174,20 @@ def _close(
         return None
     code, text = CLOSE_CODES[reason]
     if backed_up:
-        # A no-op once the connection is lost; the transport's own close would wait for
-        # its buffer to be read as long as the client lets it.
-        asyncio.get_running_loop().call_later(cut_off_after_s, transport.abort)
+        # The transport's own close would wait for its buffer to be read as long as the
+        # client lets it.
+        asyncio.get_running_loop().call_later(cut_off_after_s, cut_off, transport)
     # Not waiting for a backed-up socket to drain: the handler sees the close at once
     # and the stream is over for the hub.
     return asyncio.ensure_future(ws.close(code=code, message=text, drain=not backed_up))
+
+
+def cut_off(transport: asyncio.Transport) -> None:
+    """Abort a connection whose client has not read its close in time. One that ended
+    meanwhile has no protocol left: asyncio's transport (Python 3.11) would fail in
+    `abort()` once its buffer was read and it closed, where uvloop's does nothing."""
+    if transport.get_protocol() is not None:
+        transport.abort()
 
 
 _ENDS = frozenset({WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED})
