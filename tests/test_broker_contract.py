@@ -13,6 +13,7 @@ process, may hand over every event.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -420,6 +421,27 @@ async def test_replay_from_an_unknown_id_is_incomplete(
 
     replay = await subject.broker.replay(replay_user, after)
     assert not replay.complete, after
+
+
+async def test_replay_from_another_users_id_inside_the_history_is_incomplete(
+    subject: BrokerUnderTest, user_id: str, stranger: str
+) -> None:
+    """An id between two of this user's events, given to someone else: the embedded
+    broker took it for this user's and replayed from it (`recovered: true`). (Redis
+    numbers each user's history on its own: published in the same millisecond, two
+    users' events can have the same id, so each is published in a millisecond of its
+    own.)"""
+
+    async def a_millisecond_after(event_id: EventId) -> None:
+        await eventually(lambda: time.time() * 1000 > event_id.ms + 1, what="the next ms")
+
+    first = await publish_progress(subject.broker, user_id, "job")
+    await a_millisecond_after(first)
+    foreign = await publish_progress(subject.broker, stranger, "theirs")
+    await a_millisecond_after(foreign)
+    second = await publish_progress(subject.broker, user_id, "job", progress=2)
+    assert first < foreign < second
+    assert not (await subject.broker.replay(user_id, str(foreign))).complete
 
 
 async def test_replay_from_before_the_retained_history_is_incomplete(
