@@ -160,7 +160,7 @@ def _progress(value: object) -> float | int | None:
 
 _ISO_8601 = re.compile(
     r"\d{4}-\d{2}-\d{2}"
-    r"(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,6})?)?(?:Z|[+-]\d{2}:?\d{2})?)?",
+    r"(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?(?:Z|[+-]\d{2}:?\d{2})?)?",
     re.ASCII,
 )
 
@@ -210,8 +210,21 @@ def _result_data(value: object) -> dict[str, Any]:
         raise EventError(f"result_data is not JSON-serialisable as UTF-8: {exc}") from None
     if size > MAX_RESULT_BYTES:
         raise EventError(f"result_data must be at most {MAX_RESULT_BYTES} bytes as JSON")
-    loaded: dict[str, Any] = json.loads(encoded)
-    return loaded
+    # Read-only all the way down: what was measured is what is published.
+    frozen: dict[str, Any] = _frozen_lists(json.loads(encoded, object_hook=BuiltFields))
+    return frozen
+
+
+def _frozen_lists(value: Any) -> Any:
+    """`value` (JSON as loaded) with each list replaced by a read-only one."""
+    if isinstance(value, dict):
+        for key, item in dict.items(value):
+            if isinstance(item, list | dict):
+                dict.__setitem__(value, key, _frozen_lists(item))
+        return value
+    if isinstance(value, list):
+        return BuiltList(_frozen_lists(item) for item in value)
+    return value
 
 
 class BuiltFields(dict[str, Any]):
@@ -231,6 +244,19 @@ class BuiltFields(dict[str, Any]):
 
     def __reduce__(self) -> tuple[type[BuiltFields], tuple[dict[str, Any]]]:
         return BuiltFields, (dict(self),)  # made again whole, not item by item
+
+
+class BuiltList(list[Any]):
+    """A list in an event's `result_data`: read-only, as its fields are."""
+
+    __slots__ = ()
+
+    _refuse = BuiltFields._refuse
+    __setitem__ = __delitem__ = append = extend = insert = pop = remove = clear = _refuse
+    sort = reverse = __iadd__ = __imul__ = _refuse
+
+    def __reduce__(self) -> tuple[type[BuiltList], tuple[list[Any]]]:
+        return BuiltList, (list(self),)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import pickle
 import time
+import zlib
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
 
@@ -201,6 +203,88 @@ async def test_a_cancelled_call_that_has_not_left_publishes_nothing(redis_url: s
         assert not admin.exists(task_key("u", "gone"))
 
 
+def users_of_two_lanes() -> tuple[str, str]:
+    def lane(user: str) -> int:
+        return zlib.crc32(user.encode()) % redis_publishing.LANES
+
+    first = next(f"a{n}" for n in range(100) if lane(f"a{n}") == 0)
+    second = next(f"b{n}" for n in range(100) if lane(f"b{n}") == 1)
+    return first, second
+
+
+async def test_a_call_for_users_of_two_lanes_is_not_overtaken_by_a_later_call(
+    redis_url: str,
+) -> None:
+    """`publish_many` of events of users in two lanes went in the first user's lane: a
+    later call for the other user went out before it, while that lane was busy. A
+    progress published before a completion landed after it, and started a new run."""
+    busy_user, user = users_of_two_lanes()
+    async with AsyncPublisher(redis_url) as publisher:
+        busy = asyncio.ensure_future(
+            publisher.publish_many([progress_event(busy_user, f"x{n}") for n in range(3000)])
+        )
+        both, completed = await asyncio.gather(
+            publisher.publish_many(
+                [
+                    progress_event(busy_user, "a", progress=99),
+                    progress_event(user, "t", progress=99),
+                ]
+            ),
+            publisher.completed(user, "t"),
+        )
+        await busy
+        assert event_id(both[1]) < event_id(completed)
+        assert not await publisher.is_running(user, "t")
+        # Two such calls over the same lanes, in either order, hold them in turn.
+        crossed = await asyncio.gather(
+            publisher.publish_many([progress_event(user, "c"), progress_event(busy_user, "c")]),
+            publisher.publish_many([progress_event(busy_user, "d"), progress_event(user, "d")]),
+            publisher.progress(user, "e"),
+        )
+    ids = [event_id(raw) for raw in [*crossed[0], *crossed[1], crossed[2]]]
+    assert ids == sorted(ids)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_an_event_redis_refuses_changes_nothing(redis_url: str, kind: str) -> None:
+    """A publish the script failed (here: the user's history is not a stream) wrote the
+    failed event's fields to its task's state and put a new task among the active ones:
+    an event that is not published changes nothing."""
+
+    async def publish_many(events: list[TaskEvent]) -> list[str]:
+        if kind == "sync":
+            with Publisher(redis_url) as publisher:
+                return publisher.publish_many(events)
+        async with AsyncPublisher(redis_url) as publisher:
+            return await publisher.publish_many(events)
+
+    user, other = f"refused-{kind}", f"other-{kind}"
+    await publish_many([progress_event(user, "t", progress=10, current_step="before")])
+    with redis.Redis.from_url(redis_url) as admin:
+        state = admin.hgetall(task_key(user, "t"))
+        admin.delete(history_key(user))
+        admin.set(history_key(user), "not a stream")
+        for events in (
+            [progress_event(user, "t", progress=90, current_step="failed")],
+            [progress_event(user, "new", progress=5)],
+        ):
+            with pytest.raises(BrokerUnavailable, match="WRONGTYPE"):
+                await publish_many(events)
+        assert admin.hgetall(task_key(user, "t")) == state
+        assert admin.zrange(active_key(user), 0, -1) == [b"t"]
+        assert not admin.exists(task_key(user, "new"))
+
+        batch = [progress_event(other, "x"), completed_event(user, "t"), progress_event(other, "y")]
+        with pytest.raises(BrokerUnavailable, match=r"at event 2 of 3: the ones before it"):
+            await publish_many(batch)
+        assert admin.xlen(history_key(other)) == 1
+        assert admin.zrange(active_key(other), 0, -1) == [b"x"]
+        assert not admin.exists(task_key(other, "y"))
+        assert admin.hgetall(task_key(user, "t")) == state
+        assert admin.zrange(active_key(user), 0, -1) == [b"t"]
+
+
+# --- publish_many ------------------------------------------------------------------------
 # --- publish_many ------------------------------------------------------------------------
 
 
@@ -445,6 +529,22 @@ def test_an_event_made_by_hand_is_published_as_the_builders_make_it(redis_url: s
     with pytest.raises(TypeError, match="cannot be changed once it is built"):
         built.fields["status"] = "SUCCESS"  # type: ignore[index]
     assert built.fields["status"] == "PROGRESS"
+    # Its result_data too, all the way down: it was measured against the size limit
+    # (5 MB appended to one of its lists was published, and every resume replayed it).
+    completed = completed_event("u", "t", result_data={"rows": [], "n": {"deep": [{}]}})
+    result = completed.fields["result_data"]
+    for change in (
+        lambda: result["rows"].append("x" * 5_000_000),
+        lambda: result["rows"].extend(["x"]),
+        lambda: result["n"].update(more=1),
+        lambda: result["n"]["deep"][0].setdefault("k", 1),
+        lambda: result["n"]["deep"].__setitem__(0, {}),
+        lambda: result.pop("rows"),
+    ):
+        with pytest.raises(TypeError, match="cannot be changed once it is built"):
+            change()
+    assert result == {"rows": [], "n": {"deep": [{}]}}
+    assert pickle.loads(pickle.dumps(completed)) == completed
 
 
 async def test_a_batch_larger_than_a_chunk_goes_in_several_script_calls_in_order(

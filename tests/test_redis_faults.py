@@ -17,9 +17,9 @@ from aiohttp.test_utils import TestClient
 
 from streamer.app import create_app
 from streamer.app_keys import BROKER, HUB
-from streamer.broker import redis_subscriber
+from streamer.broker import redis_publishing, redis_subscriber
 from streamer.broker.redis import RedisBroker
-from streamer.broker.redis_schema import user_channel
+from streamer.broker.redis_schema import history_key, task_key, user_channel
 from streamer.config import Config
 from streamer.events import progress_event
 from streamer.handlers import admission
@@ -31,7 +31,7 @@ from .certificates import self_signed_certificate
 from .clients import SseReader, ws_close_code, ws_json, ws_messages
 from .conftest import PUBLISH_KEY, SECRET
 from .processes import RedisServer, free_port
-from .waiting import eventually
+from .waiting import WAIT_S, eventually
 
 TokenFor = Callable[..., str]
 
@@ -872,6 +872,20 @@ def unix_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
         server.stop()
 
 
+async def test_a_publisher_used_just_before_a_restart_publishes_right_after_it(
+    redis_server: RedisServer,
+) -> None:
+    """The held connection was checked only after a second unused: the first call
+    less than a second after a restart failed ("Connection closed by server")."""
+    async with AsyncPublisher(redis_server.url) as publisher:
+        await publisher.progress("u", "t", progress=1)
+        await asyncio.to_thread(redis_server.stop)  # the event loop serves meanwhile
+        await asyncio.to_thread(redis_server.start)
+        await publisher.progress("u", "t", progress=2)
+    with redis.Redis.from_url(redis_server.url) as admin:
+        assert admin.hget(task_key("u", "t"), "progress") == b"2"
+
+
 @pytest.mark.parametrize("kind", ["async", "sync"])
 async def test_a_publish_redis_does_not_answer_in_time_says_it_timed_out(
     redis_server: RedisServer, redis_url: str, user_id: str, kind: str
@@ -892,6 +906,43 @@ async def test_a_publish_redis_does_not_answer_in_time_says_it_timed_out(
     message = str(failure.value)
     assert message.startswith("could not publish to Redis: ")
     assert "timed out" in message or "Timeout reading" in message  # ours, redis-py's
+
+
+@pytest.mark.parametrize("kind", ["async", "sync"])
+async def test_a_batch_redis_stops_answering_in_says_how_far_it_got(
+    redis_server: RedisServer,
+    redis_url: str,
+    user_id: str,
+    kind: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`publish_many` cut by Redis said only why ("Timeout reading from socket"): the
+    caller could not tell which events to publish again."""
+    monkeypatch.setattr(redis_publishing, "MAX_CHUNK_EVENTS", 7)
+    monkeypatch.setenv("STREAMER_HISTORY_SIZE", "100000")
+    url = f"{redis_url}?socket_timeout=0.5"
+    events = [progress_event(user_id, f"t{n}") for n in range(20_000)]
+    admin = redis.Redis.from_url(redis_url)
+    loop = asyncio.get_running_loop()
+    with contextlib.closing(admin), Publisher(url) as publisher:
+        async with AsyncPublisher(url) as async_publisher:
+            if kind == "async":
+                batch = asyncio.ensure_future(async_publisher.publish_many(events))
+            else:
+                batch = loop.run_in_executor(None, publisher.publish_many, events)
+            await eventually(lambda: admin.xlen(history_key(user_id)) >= 7, what="a chunk")
+            with redis_server.paused(), pytest.raises(BrokerUnavailable) as failure:
+                await asyncio.wait_for(batch, WAIT_S)
+        said = re.fullmatch(
+            r"could not publish to Redis: .+ \((\d+) of 20000 events were published"
+            r"(?:, perhaps (\d+) more after them)?; none after (?:them|those)\)",
+            str(failure.value),
+        )
+        assert said is not None, str(failure.value)
+        published, perhaps = int(said.group(1)), int(said.group(2) or 0)
+        assert 7 <= published < 20_000 and published % 7 == 0 and perhaps <= 7
+        # The call in flight ran once Redis was back, or never reached it.
+        assert admin.xlen(history_key(user_id)) in {published, published + perhaps}
 
 
 async def test_back_from_a_restart_the_first_reconnection_holds(

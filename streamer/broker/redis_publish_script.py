@@ -183,6 +183,12 @@ local function publish(n)
   local task = tasks[(t1 - 48) * 64 + t2 - 48]
   local layout = layouts[(l1 - 48) * 64 + l2 - 48]
   local user = task.user
+  -- Every key the event writes is read first (its type checked): an event that fails
+  -- fails before it changed anything, stored or to be stored.
+  if not user.length then
+    user.length = call('XLEN', user.history)
+    user.fresh = user.length == 0 and call('EXISTS', user.history) == 0
+  end
   if not task.values then
     start(task)
   end
@@ -255,10 +261,6 @@ local function publish(n)
     user.active_used = true
   end
 
-  if not user.length then
-    user.length = call('XLEN', user.history)
-    user.fresh = user.length == 0 and call('EXISTS', user.history) == 0
-  end
   -- One concatenation of every piece (`..` copies them once; `table.concat` costs a
   -- call per piece).
   local json = __JOIN_PARTS__

@@ -140,17 +140,34 @@ def publish_sync(
     epochs: list[str] = []
     stream_ids: list[str] = []
     calls = _Calls(events, limits)
+    answered = 0
     with contextlib.closing(script.each(iter(calls))) as replies:
         try:
-            for number, raw in enumerate(replies):
-                reply = publish_reply(raw, calls.sizes[number])
+            for raw in replies:
+                reply = publish_reply(raw, calls.sizes[answered])
+                answered += 1
                 epochs += [reply.epoch] * len(reply.stream_ids)
                 stream_ids += reply.stream_ids
                 if reply.error is not None:
                     raise _failure(reply.error, len(stream_ids), len(events))
         except REDIS_ERRORS as exc:
-            raise BrokerUnavailable(f"could not publish to Redis: {redis_failure(exc)}") from exc
+            in_flight = calls.sizes[answered] if answered < len(calls.sizes) else 0
+            raise _unavailable(exc, len(stream_ids), len(events), in_flight) from exc
     return Published(epochs, stream_ids)
+
+
+def _unavailable(
+    exc: BaseException, published: int, total: int, in_flight: int
+) -> BrokerUnavailable:
+    """Redis failed during a call: for a batch, how far it got (a call that was sent
+    and not answered may have published its events)."""
+    text = f"could not publish to Redis: {redis_failure(exc)}"
+    if total > 1:
+        in_flight = min(in_flight, total - published)
+        perhaps = f", perhaps {in_flight} more after them" if in_flight else ""
+        text += f" ({published} of {total} events were published{perhaps}; none after "
+        text += "those)" if in_flight else "them)"
+    return BrokerUnavailable(text)
 
 
 def _failure(error: str, published: int, total: int) -> PublishFailed:
@@ -163,6 +180,22 @@ def _failure(error: str, published: int, total: int) -> PublishFailed:
 
 
 _Request = tuple[Sequence[TaskEvent], "asyncio.Future[Published]"]
+
+
+class _Barrier:
+    """A place in a lane's queue where its sender stops (once what was queued before it
+    is sent) until a call that spans several lanes is sent."""
+
+    __slots__ = ("reached", "released")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.reached: asyncio.Future[None] = loop.create_future()
+        self.released: asyncio.Future[None] = loop.create_future()
+
+    def release(self) -> None:
+        if not self.released.done():
+            self.released.set_result(None)
+
 
 # Users are spread over this many queues, each with one batch in flight: while Redis
 # runs one queue's batch, this process prepares the other's. A user always has the
@@ -186,18 +219,36 @@ class PublishQueue:
         if lanes is None:
             lanes = CLUSTER_LANES if limits.per_user else LANES
         self._lanes = [_Lane(held_script(client, script), limits) for _ in range(lanes)]
+        self._crossing: set[asyncio.Task[None]] = set()
 
     async def publish(self, events: Sequence[TaskEvent]) -> Published:
-        """Publish `events` (of any users, checked) in order, in the lane of the first
-        one's user."""
-        lanes = self._lanes
+        """Publish `events` (of any users, checked) in order. Events of users of several
+        lanes wait for what those lanes hold and hold them meanwhile: a user's events
+        published after them by another call must not overtake them."""
         if not events:
             return Published([], [])
-        lane = lanes[zlib.crc32(events[0].user_id.encode()) % len(lanes)]
-        return await lane.publish(events)
+        lanes = self._lanes
+        first = self._lane_of(events[0].user_id)
+        others = {self._lane_of(event.user_id) for event in events} - {first}
+        if not others:
+            return await lanes[first].publish(events)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Published] = loop.create_future()
+        # Every lane's barrier now, in this call: two such calls hold their lanes in the
+        # same order, and a call made after this one for the first lane waits too.
+        barriers = [lanes[index].barrier() for index in (first, *sorted(others))]
+        crossing = loop.create_task(lanes[first].publish_after(barriers, events, future))
+        self._crossing.add(crossing)
+        crossing.add_done_callback(self._crossing.discard)
+        return await future
+
+    def _lane_of(self, user_id: str) -> int:
+        return zlib.crc32(user_id.encode()) % len(self._lanes)
 
     async def close(self) -> None:
         """Wait until everything queued has been sent, then give the connections back."""
+        while self._crossing:
+            await asyncio.wait(self._crossing)
         for lane in self._lanes:
             await lane.close()
 
@@ -206,16 +257,50 @@ class _Lane:
     def __init__(self, script: AsyncScriptRunner, limits: HistoryLimits) -> None:
         self._script = script
         self._limits = limits
-        self._queue: list[_Request] = []
+        self._queue: list[_Request | _Barrier] = []
         self._sender: asyncio.Task[None] | None = None
 
     async def publish(self, events: Sequence[TaskEvent]) -> Published:
         future: asyncio.Future[Published] = asyncio.get_running_loop().create_future()
         self._queue.append((events, future))
+        self._start_sender()
+        return await future
+
+    def barrier(self) -> _Barrier:
+        barrier = _Barrier(asyncio.get_running_loop())
+        self._queue.append(barrier)
+        self._start_sender()
+        return barrier
+
+    async def publish_after(
+        self,
+        barriers: Sequence[_Barrier],
+        events: Sequence[TaskEvent],
+        future: asyncio.Future[Published],
+    ) -> None:
+        """Publish `events` (for `future`) on this lane's connection once every lane
+        they span (this one too) is held at its one of `barriers`; release them once
+        it is done."""
+        try:
+            reached = [held.reached for held in barriers]
+            await asyncio.wait(reached)
+            if any(held.cancelled() for held in reached):  # a lane's sender was cancelled
+                future.cancel()
+            elif not future.cancelled():  # (its caller may have given up meanwhile)
+                try:
+                    await self._send([(events, future)])
+                except BaseException as exc:
+                    _fail(future, exc)
+                    if not isinstance(exc, Exception):
+                        raise
+        finally:
+            for held in barriers:
+                held.release()
+
+    def _start_sender(self) -> None:
         if self._sender is None:
             # Starts in the loop's next turn: the calls made in this one join the batch.
             self._sender = asyncio.create_task(self._send_queued())
-        return await future
 
     async def close(self) -> None:
         while self._sender is not None:
@@ -223,21 +308,38 @@ class _Lane:
         await self._script.close()
 
     async def _send_queued(self) -> None:
+        queue = self._queue
         try:
-            while self._queue:
-                batch = [request for request in self._queue if not request[1].cancelled()]
-                self._queue.clear()
+            while queue:
+                first = queue[0]
+                if isinstance(first, _Barrier):
+                    del queue[0]
+                    if not first.reached.done():
+                        first.reached.set_result(None)
+                    await first.released
+                    continue
+                end = next((n for n, item in enumerate(queue) if isinstance(item, _Barrier)), None)
+                batch = [
+                    item
+                    for item in queue[:end]
+                    if not isinstance(item, _Barrier) and not item[1].cancelled()
+                ]
+                del queue[:end]
                 try:
-                    await self._send(batch)
+                    if batch:
+                        await self._send(batch)
                 except BaseException as exc:
                     for _, future in batch:
                         _fail(future, exc)
                     if not isinstance(exc, Exception):
                         raise
         except BaseException:
-            for _, future in self._queue:
-                future.cancel()
-            self._queue.clear()
+            for item in queue:
+                if isinstance(item, _Barrier):
+                    item.reached.cancel()
+                else:
+                    item[1].cancel()
+            queue.clear()
             raise
         finally:
             self._sender = None
@@ -254,9 +356,11 @@ class _Lane:
                 try:
                     raw = await anext(replies, _NO_MORE)
                 except REDIS_ERRORS_OR_TIMEOUT as exc:
-                    raise BrokerUnavailable(
-                        f"could not publish to Redis: {redis_failure(exc)}"
-                    ) from exc
+                    if request is not None:  # the request in flight: how far it got
+                        in_flight = calls.sizes[number] if number < len(calls.sizes) else 0
+                        sent = len(stream_ids) - done
+                        _fail(request[1], _unavailable(exc, sent, len(request[0]), in_flight))
+                    raise _unavailable(exc, 0, 1, 0) from exc
                 if raw is _NO_MORE:
                     return
                 reply = publish_reply(raw, calls.sizes[number])

@@ -79,7 +79,8 @@ class PooledScript:
             return connection.read_response()
 
 
-# A held connection unused for longer is checked before use (Redis may have restarted).
+# A held connection unused for longer is checked before use (Redis may have restarted):
+# a read attempt, which a busy publisher does not pay for each call.
 STALE_CHECK_AFTER_S = 1.0
 
 
@@ -142,6 +143,8 @@ class HeldScript:
             master = await current_master(self._pool)
             if master is not None and master != _address(self._connection):
                 await self.close()
+        if self._connection is not None and _closed_by_server(self._connection):
+            await self.close()
         if self._connection is not None and idle > STALE_CHECK_AFTER_S:
             try:
                 stale = await self._connection.can_read()
@@ -165,6 +168,13 @@ class HeldScript:
         connection, self._connection = self._connection, None
         if connection is not None:
             await connection.disconnect(nowait=True)
+
+
+def _closed_by_server(connection: AbstractConnection) -> bool:
+    """Whether the event loop has seen Redis close the connection (a restart): checked
+    for every call, as it costs no system call."""
+    reader = getattr(connection, "_reader", None)
+    return isinstance(reader, asyncio.StreamReader) and reader.at_eof()
 
 
 def _address(connection: AbstractConnection) -> tuple[str, int] | None:

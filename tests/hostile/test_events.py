@@ -5,6 +5,7 @@ UTF-8) in every field."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
@@ -151,6 +152,36 @@ async def test_line_breaks_in_estimated_completion_are_refused(
     assert (await response.json())["code"] == "invalid_event"
     # Nothing was stored: the user has no tasks.
     assert (await client.app[BROKER].snapshot(user_id)).tasks == []
+
+
+@pytest.mark.parametrize(
+    "timestamp",
+    [
+        "2030-01-01T10:00:00.1234567Z",  # .NET's round-trip format
+        "2030-01-01T10:00:00.123456789Z",  # Go's RFC3339Nano, Java's Instant
+        "2030-01-01T10:00:00.123456789+02:00",
+    ],
+)
+async def test_timestamps_to_the_nanosecond_are_taken_as_given(
+    client: TestClient,  # type: ignore[type-arg]
+    token_for: TokenFor,
+    user_id: str,
+    timestamp: str,
+) -> None:
+    """Producers in other languages write up to nine digits of a second: refused, a
+    progress update was lost."""
+    response = await client.post(
+        "/api/tasks/events",
+        json={"user_id": user_id, "task_id": "task", "estimated_completion": timestamp},
+        headers={"X-API-Key": PUBLISH_KEY},
+    )
+    assert response.status == 202, await response.text()
+    (task,) = (await client.app[BROKER].snapshot(user_id)).tasks
+    assert task["estimated_completion"] == timestamp
+    with pytest.raises(EventError, match="estimated_completion"):
+        progress_event(
+            user_id, "t", estimated_completion=re.sub(r"\.\d+", ".1234567890", timestamp)
+        )
 
 
 @pytest.mark.parametrize(
