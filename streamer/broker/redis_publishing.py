@@ -229,7 +229,7 @@ class PublishQueue:
             return Published([], [])
         lanes = self._lanes
         first = self._lane_of(events[0].user_id)
-        others = {self._lane_of(event.user_id) for event in events} - {first}
+        others = {self._lane_of(user) for user in {event.user_id for event in events}} - {first}
         if not others:
             return await lanes[first].publish(events)
         loop = asyncio.get_running_loop()
