@@ -408,7 +408,9 @@ def _retrieve(future: asyncio.Future[None]) -> None:
 
 
 class _Round:
-    """Visit every connection once per `interval`, a slice per tick."""
+    """Visit every connection once per `interval`, a slice per tick. A round holds its
+    connections weakly: one that ended is not kept until its turn (up to a ping
+    interval, for every client that came and went meanwhile)."""
 
     def __init__(
         self,
@@ -421,18 +423,19 @@ class _Round:
         self._interval = interval
         self._tick = tick
         self._visit = visit
-        self._queue: collections.deque[Connection] = collections.deque()
+        self._queue: collections.deque[weakref.ref[Connection]] = collections.deque()
         self._per_tick = 0
         self._started = start  # the first round begins one interval from now
 
     def advance(self, now: float, connections: Callable[[], Iterable[Connection]]) -> None:
         if not self._queue and now - self._started >= self._interval:
-            self._queue = collections.deque(connections())
+            self._queue = collections.deque(map(weakref.ref, connections()))
             self._started = now
             self._per_tick = math.ceil(len(self._queue) * self._tick / self._interval)
         count = min(self._per_tick, len(self._queue))
-        batch = [self._queue.popleft() for _ in range(count)]
-        self._visit(c for c in batch if c.close_reason is None)  # skip those that ended
+        batch = [self._queue.popleft()() for _ in range(count)]
+        # Those that ended are skipped.
+        self._visit(c for c in batch if c is not None and c.close_reason is None)
 
 
 def _joined(group: Sequence[Delivery], transport: Transport) -> bytes:

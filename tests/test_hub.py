@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from streamer import connection as connection_module
+from streamer import hub as hub_module
 from streamer.broker.base import Broker, BrokerUnavailable, Snapshot
 from streamer.broker.memory import MemoryBroker
 from streamer.connection import Connection, Limits
@@ -702,3 +703,26 @@ async def test_a_waiter_given_up_leaves_the_others_waiting_for_the_end() -> None
         assert await asyncio.wait_for(waiting, 5) is Reason.CLIENT_CLOSED
         assert await asyncio.wait_for(late, 5) is Reason.CLIENT_CLOSED
         assert await connection.ended() is Reason.CLIENT_CLOSED
+
+
+def test_a_round_does_not_keep_the_streams_that_ended_until_their_turn() -> None:
+    """A round (a ping every 30 s, a heartbeat every 15 s) listed every stream when it
+    began and visited a slice per tick: a stream that ended meanwhile was kept until
+    its turn, for every client that came and went in that time."""
+
+    class Stream:
+        close_reason: Reason | None = None
+
+    streams = [Stream() for _ in range(10)]
+    visited: list[Stream] = []
+    round_ = hub_module._Round(10.0, 1.0, visited.extend, start=0.0)  # type: ignore[arg-type]
+    round_.advance(10.0, lambda: streams)  # type: ignore[arg-type,return-value]
+    assert visited == streams[:1]  # one per tick
+    ended = weakref.ref(streams[9])
+    streams[8].close_reason = Reason.CLIENT_CLOSED
+    del streams[9]
+    gc.collect()
+    assert ended() is None
+    for now in range(11, 20):
+        round_.advance(float(now), list)
+    assert visited == streams[:8]
