@@ -40,7 +40,7 @@ def parse_command(text: str) -> Command:
     """Parse one text frame; raise CommandError with a code the client can act on."""
     try:
         message = json_input.loads(text)
-    except json_input.DuplicateKey as exc:
+    except json_input.RefusedValue as exc:
         raise CommandError("invalid_message", str(exc)) from None
     except (ValueError, RecursionError):
         raise CommandError("invalid_json", "message is not valid JSON") from None

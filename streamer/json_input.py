@@ -1,15 +1,29 @@
 """JSON from producers and clients, read strictly: an object that names a key twice is
 refused. Python's `json` keeps the last of them silently, so that
-`{"user_id": "a", ..., "user_id": "b"}` would publish to b what reads as a's."""
+`{"user_id": "a", ..., "user_id": "b"}` would publish to b what reads as a's. A number
+longer than Python turns into an int is refused as such, not as text that is no JSON."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
+# Python turns no longer run of digits into an int (sys.get_int_max_str_digits()).
+MAX_INT_DIGITS = 4300
 
-class DuplicateKey(ValueError):
+
+class RefusedValue(ValueError):
+    """JSON that parses, with a value that cannot be taken; the message says which."""
+
+
+class DuplicateKey(RefusedValue):
     """An object names the same key twice."""
+
+
+def _int(text: str) -> int:
+    if len(text) - text.startswith("-") > MAX_INT_DIGITS:  # else "not JSON", which it is
+        raise RefusedValue(f"a number has more than {MAX_INT_DIGITS} digits")
+    return int(text)
 
 
 def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -24,5 +38,6 @@ def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def loads(text: str | bytes) -> Any:
-    """`json.loads`, raising DuplicateKey (a ValueError) for a key given twice."""
-    return json.loads(text, object_pairs_hook=_object)
+    """`json.loads`, raising RefusedValue (a ValueError) for a key given twice or a
+    number too long for Python."""
+    return json.loads(text, object_pairs_hook=_object, parse_int=_int)

@@ -53,7 +53,7 @@ async def publish_handler(request: web.Request) -> web.Response:
     except RecursionError:
         too_deep = f"JSON values must not nest deeper than {MAX_JSON_DEPTH} levels"
         return json_error(422, "invalid_event", too_deep)
-    except json_input.DuplicateKey as exc:
+    except json_input.RefusedValue as exc:
         return json_error(422, "invalid_event", str(exc))
     except ValueError:
         return json_error(400, "invalid_json", "the body must be one JSON object")

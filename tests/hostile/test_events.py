@@ -212,6 +212,37 @@ async def test_a_field_given_twice_is_refused_and_nothing_is_published(
     assert (await broker.snapshot("other")).tasks == []
 
 
+async def test_a_number_too_long_for_python_is_named_as_such(
+    client: TestClient,  # type: ignore[type-arg]
+    token_for: TokenFor,
+    user_id: str,
+) -> None:
+    """JSON puts no bound on a number's digits; Python reads at most 4300: the body was
+    answered "must be one JSON object" (400), which it is, and a WebSocket command
+    "not valid JSON"."""
+    huge = "9" * 4301
+    response = await client.post(
+        "/api/tasks/events",
+        data=f'{{"user_id": "{user_id}", "task_id": "t", "processed_items": {huge}}}',
+        headers={"X-API-Key": PUBLISH_KEY, "Content-Type": "application/json"},
+    )
+    assert response.status == 422
+    assert await response.json() == {
+        "type": "error",
+        "code": "invalid_event",
+        "message": "a number has more than 4300 digits",
+    }
+    assert (await client.app[BROKER].snapshot(user_id)).tasks == []
+    async with client.ws_connect(f"/ws/tasks/?token={token_for(user_id)}") as ws:
+        await ws_json(ws)  # the snapshot
+        await ws.send_str(f'{{"type": "ping", "n": -{huge}}}')
+        error = await ws_json(ws)
+        assert error["code"] == "invalid_message"
+        assert error["message"] == "a number has more than 4300 digits"
+        await ws.send_str(f'{{"type": "ping", "n": -{huge[1:]}}}')  # 4300 digits: taken
+        assert (await ws_json(ws))["type"] == "pong"
+
+
 # --- Lone UTF-16 surrogates ------------------------------------------------------------
 # JSON can carry "\ud800"; no UTF-8 output can encode it. Accepted, it used to raise
 # UnicodeEncodeError inside the handlers (connection dropped with 1006, traceback), and a
