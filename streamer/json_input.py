@@ -6,10 +6,8 @@ longer than Python turns into an int is refused as such, not as text that is no 
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
-
-# Python turns no longer run of digits into an int (sys.get_int_max_str_digits()).
-MAX_INT_DIGITS = 4300
 
 
 class RefusedValue(ValueError):
@@ -21,9 +19,11 @@ class DuplicateKey(RefusedValue):
 
 
 def _int(text: str) -> int:
-    if len(text) - text.startswith("-") > MAX_INT_DIGITS:  # else "not JSON", which it is
-        raise RefusedValue(f"a number has more than {MAX_INT_DIGITS} digits")
-    return int(text)
+    try:
+        return int(text)
+    except ValueError:  # it has JSON's shape: too long for Python (4300 digits by default)
+        limit = sys.get_int_max_str_digits()
+        raise RefusedValue(f"a number has more than {limit} digits") from None
 
 
 def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

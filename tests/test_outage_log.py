@@ -34,3 +34,20 @@ def test_an_outage_is_a_warning_then_a_reminder_a_minute_and_its_end(
     assert [record.levelname for record in caplog.records] == ["WARNING"]
     now[0] += 2.5
     assert outage.ended() == " after 1 failed attempt over 2.5s"
+
+
+def test_an_unexpected_failure_keeps_its_level_and_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    log = logging.getLogger("outage-test")
+    caplog.set_level(logging.DEBUG, logger="outage-test")
+    outage = OutageLog(log, clock=lambda: 0.0)
+    for _ in range(2):
+        try:
+            raise RuntimeError("bug")
+        except RuntimeError:
+            outage.failed("failed", level=logging.ERROR, exc_info=True)
+    first, second = caplog.records
+    assert (first.levelname, second.levelname) == ("ERROR", "DEBUG")
+    assert first.exc_info is not None and first.exc_info[0] is RuntimeError
+    assert outage.ended() == " after 2 failed attempts over 0.0s"

@@ -945,6 +945,43 @@ async def test_a_batch_redis_stops_answering_in_says_how_far_it_got(
         assert admin.xlen(history_key(user_id)) in {published, published + perhaps}
 
 
+async def test_calls_sent_together_that_redis_stops_answering_each_say_how_far_they_got(
+    redis_server: RedisServer, redis_url: str, user_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Concurrent calls leave in the same script calls: each one not answered is told
+    its own count, not only the one whose events were in flight."""
+    monkeypatch.setattr(redis_publishing, "MAX_CHUNK_EVENTS", 7)
+    monkeypatch.setattr(redis_publishing, "LANES", 1)
+    monkeypatch.setenv("STREAMER_HISTORY_SIZE", "100000")
+    admin = redis.Redis.from_url(redis_url)
+    with contextlib.closing(admin):
+        async with AsyncPublisher(f"{redis_url}?socket_timeout=0.5") as publisher:
+            calls = [
+                asyncio.ensure_future(
+                    publisher.publish_many([progress_event(user_id, f"t{n}") for n in range(size)])
+                )
+                for size in (10_000, 3, 10_000)
+            ]
+            await eventually(lambda: admin.xlen(history_key(user_id)) >= 7, what="a chunk")
+            with redis_server.paused():
+                failures = await asyncio.wait_for(
+                    asyncio.gather(*calls, return_exceptions=True), WAIT_S
+                )
+        counts = []
+        for failure, size in zip(failures, (10_000, 3, 10_000), strict=True):
+            assert isinstance(failure, BrokerUnavailable), failure
+            said = re.search(
+                rf"\((\d+) of {size} events were published(?:, perhaps (\d+) more after them)?;",
+                str(failure),
+            )
+            assert said is not None, str(failure)
+            counts.append((int(said.group(1)), int(said.group(2) or 0)))
+        published = sum(sent for sent, _ in counts)
+        perhaps = sum(more for _, more in counts)
+        assert 7 <= published < 20_003 and perhaps <= 7
+        assert admin.xlen(history_key(user_id)) in {published, published + perhaps}
+
+
 async def test_back_from_a_restart_the_first_reconnection_holds(
     redis_client: TestClient,
     redis_server: RedisServer,

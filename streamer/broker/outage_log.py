@@ -31,17 +31,18 @@ class OutageLog:
         self._since = 0.0
         self._last_warned = 0.0
 
-    def failed(self, message: str) -> None:
+    def failed(self, message: str, *, level: int = logging.WARNING, exc_info: bool = False) -> None:
         now = self._clock()
         self._failures += 1
         if self._failures == 1:
             self._since = self._last_warned = now
-            self._log.warning("%s", message)
+            self._log.log(level, "%s", message, exc_info=exc_info)
         elif now - self._last_warned >= self._remind_every_s:
             self._last_warned = now
-            self._log.warning("%s (failing for %s)", message, self._lasting(now))
+            lasting = self._lasting(now)
+            self._log.log(level, "%s (failing for %s)", message, lasting, exc_info=exc_info)
         else:
-            self._log.debug("%s", message)
+            self._log.debug("%s", message, exc_info=exc_info)
 
     def ended(self) -> str:
         """How the outage went, for the line that says it is over ('' if there was

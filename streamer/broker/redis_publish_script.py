@@ -184,13 +184,14 @@ local function publish(n)
   local layout = layouts[(l1 - 48) * 64 + l2 - 48]
   local user = task.user
   -- Every key the event writes is read first (its type checked): an event that fails
-  -- fails before it changed anything, stored or to be stored.
+  -- fails before it changed anything, stored or to be stored. The history's length,
+  -- once known, has the user's history trimmed after the loop: it is read last.
+  if not task.values then
+    start(task)
+  end
   if not user.length then
     user.length = call('XLEN', user.history)
     user.fresh = user.length == 0 and call('EXISTS', user.history) == 0
-  end
-  if not task.values then
-    start(task)
   end
   if not task.active and task.finished then
     -- A new run of a finished task id starts from a clean state.

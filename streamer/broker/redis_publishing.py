@@ -294,6 +294,8 @@ class _Lane:
                     if not isinstance(exc, Exception):
                         raise
         finally:
+            if not future.done():  # this was cancelled before it could send
+                future.cancel()
             for held in barriers:
                 held.release()
 
@@ -356,10 +358,17 @@ class _Lane:
                 try:
                     raw = await anext(replies, _NO_MORE)
                 except REDIS_ERRORS_OR_TIMEOUT as exc:
-                    if request is not None:  # the request in flight: how far it got
-                        in_flight = calls.sizes[number] if number < len(calls.sizes) else 0
-                        sent = len(stream_ids) - done
-                        _fail(request[1], _unavailable(exc, sent, len(request[0]), in_flight))
+                    # Each request not answered: how far it got, and how many of its
+                    # events the call in flight held (it may have run).
+                    in_flight = calls.sizes[number] if number < len(calls.sizes) else 0
+                    published, start = len(stream_ids), done
+                    pending = itertools.chain([] if request is None else [request], waiting)
+                    for events_of, future in pending:
+                        end = start + len(events_of)
+                        sent = max(0, min(end, published) - start)
+                        perhaps = max(0, min(end, published + in_flight) - max(start, published))
+                        _fail(future, _unavailable(exc, sent, len(events_of), perhaps))
+                        start = end
                     raise _unavailable(exc, 0, 1, 0) from exc
                 if raw is _NO_MORE:
                     return

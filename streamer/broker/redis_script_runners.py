@@ -171,10 +171,12 @@ class HeldScript:
 
 
 def _closed_by_server(connection: AbstractConnection) -> bool:
-    """Whether the event loop has seen Redis close the connection (a restart): checked
-    for every call, as it costs no system call."""
+    """Whether the event loop has seen Redis close or reset the connection (a restart):
+    checked for every call, as it costs no system call."""
     reader = getattr(connection, "_reader", None)
-    return isinstance(reader, asyncio.StreamReader) and reader.at_eof()
+    if not isinstance(reader, asyncio.StreamReader):
+        return False
+    return reader.at_eof() or reader.exception() is not None  # closed, or reset
 
 
 def _address(connection: AbstractConnection) -> tuple[str, int] | None:

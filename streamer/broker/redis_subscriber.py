@@ -194,8 +194,10 @@ class Subscriber:
                     f"retrying in {self._retry_delay(backoff):.1f}s"
                 )
             except Exception:
-                log.exception(
-                    "redis subscriber failed; reconnecting in %.1fs", self._retry_delay(backoff)
+                self._outage.failed(
+                    f"redis subscriber failed; reconnecting in {self._retry_delay(backoff):.1f}s",
+                    level=logging.ERROR,
+                    exc_info=True,
                 )
             finally:
                 if not self._reached and not self._sharded:
