@@ -236,7 +236,7 @@ class MemoryBroker(Broker):
         # by comparing every retained event (up to a million per user) for each page.
         start = bisect.bisect_right(entries, resume_point.key, key=lambda entry: entry[0].key)
         given = start > 0 and entries[start - 1][0].key == resume_point.key
-        if not given and (history.max_deleted is None or history.max_deleted != resume_point):
+        if not given and history.max_deleted != resume_point:
             # No id this user was given (another user's, or made up), as Redis answers.
             return Replay([], complete=False)
         stop = None if limit is None else start + limit

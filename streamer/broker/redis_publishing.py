@@ -284,9 +284,9 @@ class _Lane:
         try:
             reached = [held.reached for held in barriers]
             await asyncio.wait(reached)
-            if any(held.cancelled() for held in reached):  # a lane's sender was cancelled
-                future.cancel()
-            elif not future.cancelled():  # (its caller may have given up meanwhile)
+            # Not sent if a lane's sender was cancelled (its caller's wait is cancelled
+            # below), nor for a caller that gave up meanwhile.
+            if not any(held.cancelled() for held in reached) and not future.cancelled():
                 try:
                     await self._send([(events, future)])
                 except BaseException as exc:
@@ -294,7 +294,7 @@ class _Lane:
                     if not isinstance(exc, Exception):
                         raise
         finally:
-            if not future.done():  # this was cancelled before it could send
+            if not future.done():  # not sent
                 future.cancel()
             for held in barriers:
                 held.release()
