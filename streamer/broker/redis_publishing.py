@@ -335,6 +335,10 @@ class _Lane:
                         _fail(future, exc)
                     if not isinstance(exc, Exception):
                         raise
+                if not queue:
+                    # The callers just answered run in the loop's next turn: a next call
+                    # of theirs finds this sender still there (a task less per batch).
+                    await asyncio.sleep(0)
         except BaseException:
             for item in queue:
                 if isinstance(item, _Barrier):

@@ -23,6 +23,7 @@ import redis.cluster as synccluster
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import NoScriptError, RedisError
 
+from .call_deadline import CallDeadline
 from .redis_connect import current_master, watches_master
 from .redis_schema import ScriptCall
 
@@ -97,7 +98,8 @@ class HeldScript:
         self._connection_class: type[AbstractConnection] = pool.connection_class
         # The client's, or (when it was given none) what redis-py's connections default
         # to: a call is never left waiting for ever.
-        self._timeout: float = pool.connection_kwargs.get("socket_timeout") or CALL_TIMEOUT_S
+        timeout: float = pool.connection_kwargs.get("socket_timeout") or CALL_TIMEOUT_S
+        self._deadline = CallDeadline(timeout)
         self._script = script
         self._sha = hashlib.sha1(script.encode()).hexdigest()
         self._connection: AbstractConnection | None = None
@@ -107,7 +109,7 @@ class HeldScript:
         call = next(calls, None)
         while call is not None:
             try:
-                async with asyncio.timeout(self._timeout):
+                async with self._deadline:
                     # Connecting is bounded too: a stalled Redis accepts the connection
                     # and never answers its handshake.
                     connection = await self._usable_connection()
@@ -168,6 +170,7 @@ class HeldScript:
         return self._connection
 
     async def close(self) -> None:
+        self._deadline.close()
         connection, self._connection = self._connection, None
         if connection is not None:
             await connection.disconnect(nowait=True)
