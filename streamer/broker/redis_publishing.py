@@ -151,7 +151,8 @@ def publish_sync(
                 if reply.error is not None:
                     raise _failure(reply.error, len(stream_ids), len(events))
         except REDIS_ERRORS as exc:
-            in_flight = calls.sizes[answered] if answered < len(calls.sizes) else 0
+            maybe_ran = answered < len(calls.sizes) and script.unanswered
+            in_flight = calls.sizes[answered] if maybe_ran else 0
             raise _unavailable(exc, len(stream_ids), len(events), in_flight) from exc
     return Published(epochs, stream_ids)
 
@@ -162,7 +163,9 @@ def _unavailable(
     """Redis failed during a call: for a batch, how far it got (a call that was sent
     and not answered may have published its events)."""
     text = f"could not publish to Redis: {redis_failure(exc)}"
-    if total > 1:
+    if total == 1 and in_flight:
+        text += " (the event may have been published: Redis did not answer once it was sent)"
+    elif total > 1:
         in_flight = min(in_flight, total - published)
         perhaps = f", perhaps {in_flight} more after them" if in_flight else ""
         text += f" ({published} of {total} events were published{perhaps}; none after "
@@ -364,7 +367,8 @@ class _Lane:
                 except REDIS_ERRORS_OR_TIMEOUT as exc:
                     # Each request not answered: how far it got, and how many of its
                     # events the call in flight held (it may have run).
-                    in_flight = calls.sizes[number] if number < len(calls.sizes) else 0
+                    maybe_ran = number < len(calls.sizes) and self._script.unanswered
+                    in_flight = calls.sizes[number] if maybe_ran else 0
                     published, start = len(stream_ids), done
                     pending = itertools.chain([] if request is None else [request], waiting)
                     for events_of, future in pending:

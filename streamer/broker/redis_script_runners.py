@@ -3,6 +3,8 @@ command machinery (pool checkout, argument encoding, retries, timeouts per socke
 operation) costs more than the encoding of a small batch of events.
 
 A failed call is not retried: the script may have run before the connection failed.
+Each runner's `unanswered` says whether its last call was sent (or may have been) and
+its reply not read: where it was never sent (no connection), it did not run.
 `each` runs calls one after the other and builds the next one (the caller's iterator
 takes its next step) while Redis runs the one before; it sends it only once the reply
 before it was taken, so a caller that stops at a reply has sent nothing after it.
@@ -48,17 +50,21 @@ class PooledScript:
         self._pool = client.connection_pool
         self._script = script
         self._sha = hashlib.sha1(script.encode()).hexdigest()
+        self.unanswered = False
 
     def each(self, calls: Iterator[ScriptCall]) -> Generator[object, None, None]:
         # redis-py's synchronous connections carry no type annotations.
+        self.unanswered = False
         connection: Any = self._pool.get_connection()
         try:
             call = next(calls, None)
             while call is not None:
                 try:
+                    self.unanswered = True
                     self._send(connection, call)
                     following = next(calls, None)
                     reply = self._reply(connection, call)
+                    self.unanswered = False
                 except BaseException:
                     connection.disconnect()  # part of a reply may be left unread
                     raise
@@ -104,8 +110,10 @@ class HeldScript:
         self._sha = hashlib.sha1(script.encode()).hexdigest()
         self._connection: AbstractConnection | None = None
         self._last_used = 0.0
+        self.unanswered = False
 
     async def each(self, calls: Iterator[ScriptCall]) -> AsyncGenerator[object, None]:
+        self.unanswered = False
         call = next(calls, None)
         while call is not None:
             try:
@@ -113,9 +121,11 @@ class HeldScript:
                     # Connecting is bounded too: a stalled Redis accepts the connection
                     # and never answers its handshake.
                     connection = await self._usable_connection()
+                    self.unanswered = True
                     await self._send(connection, call)
                     following = next(calls, None)
                     reply = await self._reply(connection, call)
+                    self.unanswered = False
             except BaseException:
                 # A failed, timed out or cancelled call may leave part of a reply unread.
                 await self.close()
@@ -212,11 +222,15 @@ class ClusterScript:
 
     def __init__(self, client: aiocluster.RedisCluster, script: str) -> None:
         self._script = client.register_script(script)
+        self.unanswered = False  # the cluster client does not say whether it sent a call
 
     async def each(self, calls: Iterator[ScriptCall]) -> AsyncGenerator[object, None]:
         """One call at a time: the calls of a batch go to the masters of their users."""
         for call in calls:
-            yield await self._script(keys=call.keys, args=call.args)
+            self.unanswered = True
+            reply = await self._script(keys=call.keys, args=call.args)
+            self.unanswered = False
+            yield reply
 
     async def close(self) -> None:
         """Nothing is held: the cluster client's pools own the connections."""
@@ -227,10 +241,14 @@ class ClusterScriptSync:
 
     def __init__(self, client: synccluster.RedisCluster, script: str) -> None:
         self._script = client.register_script(script)
+        self.unanswered = False
 
     def each(self, calls: Iterator[ScriptCall]) -> Generator[object, None, None]:
         for call in calls:
-            yield self._script(keys=call.keys, args=call.args)
+            self.unanswered = True
+            reply = self._script(keys=call.keys, args=call.args)
+            self.unanswered = False
+            yield reply
 
 
 AsyncScriptRunner = HeldScript | ClusterScript
