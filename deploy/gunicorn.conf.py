@@ -161,6 +161,22 @@ def _refuse(server, message):  # type: ignore[no-untyped-def]
     sys.exit(1)
 
 
+def _bind_problem(address):  # type: ignore[no-untyped-def]
+    """What gunicorn would otherwise fail on with a traceback, or after retrying for
+    seconds: a port it cannot parse or no port can have, a socket path left empty."""
+    from gunicorn.util import parse_address
+
+    try:
+        parsed = parse_address(address.strip())
+    except RuntimeError as exc:
+        return str(exc)
+    if isinstance(parsed, tuple) and not 0 <= parsed[1] <= 65535:
+        return f"the port must be from 0 to 65535, not {parsed[1]}"
+    if parsed == "":
+        return "a unix socket needs a path (unix:/run/streamer/streamer.sock)"
+    return None
+
+
 def on_starting(server):  # type: ignore[no-untyped-def]
     """Refuse to start with a configuration that cannot work, before forking workers;
     start the metrics from zero (files of an earlier run would be summed in), unless
@@ -201,6 +217,10 @@ def on_starting(server):  # type: ignore[no-untyped-def]
         )
     if not server.cfg.bind or not all(address.strip() for address in server.cfg.bind):
         _refuse(server, "configuration error: no address to listen on (--bind, GUNICORN_BIND)")
+    for address in server.cfg.bind:
+        problem = _bind_problem(address)
+        if problem:
+            _refuse(server, f"configuration error: --bind / GUNICORN_BIND {address!r}: {problem}")
     if config.redis_url is None and server.cfg.workers > 1:
         _refuse(
             server,

@@ -111,6 +111,31 @@ def test_gunicorn_refuses_to_start_no_workers(process_env: dict[str, str]) -> No
     assert "Booting worker" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("bind", "said"),
+    [
+        ("127.0.0.1:70000", "the port must be from 0 to 65535, not 70000"),
+        ("127.0.0.1:-1", "the port must be from 0 to 65535, not -1"),
+        ("unix:", "a unix socket needs a path"),
+    ],
+)
+def test_gunicorn_refuses_an_address_it_cannot_listen_on(
+    process_env: dict[str, str], bind: str, said: str
+) -> None:
+    """A port out of range ended gunicorn with a traceback; an empty socket path was
+    retried for seconds. GUNICORN_BIND, read by the config file, and --bind alike."""
+    command = [arg for arg in gunicorn_args(1, free_port()) if not arg.startswith("127.0.0.1:")]
+    command.remove("--bind")
+    result = run_to_exit(command, process_env | {"GUNICORN_BIND": f"127.0.0.1:0,{bind}"})
+    assert result.returncode != 0
+    assert f"streamer: configuration error: --bind / GUNICORN_BIND {bind!r}: {said}" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr and "Booting worker" not in result.stderr
+    result = run_to_exit([*command, "--bind", bind], process_env)
+    assert result.returncode != 0 and said in result.stderr
+
+
 def test_gunicorn_refuses_to_start_without_a_secret(
     process_env: dict[str, str], redis_url: str
 ) -> None:
