@@ -124,7 +124,7 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR") or _made_by_another_master(
     # When the master exits, however it does (on_starting may refuse to start).
     atexit.register(_remove_metrics_dir, os.environ["PROMETHEUS_MULTIPROC_DIR"], os.getpid())
 
-from streamer.config import Config, ConfigError  # noqa: E402
+from streamer.config import Config, ConfigError, log_warnings_once  # noqa: E402
 
 # Comma-separated addresses, as gunicorn's own GUNICORN_CMD_ARGS would take several.
 bind = [
@@ -207,8 +207,7 @@ def on_starting(server):  # type: ignore[no-untyped-def]
         config = Config.from_env(os.environ)
     except ConfigError as exc:
         _refuse(server, f"configuration error: {exc}")
-    for warning in config.warnings:
-        server.log.warning("streamer: %s", warning)
+    log_warnings_once(config, lambda warning: server.log.warning("streamer: %s", warning))
     if server.cfg.workers < 1:
         _refuse(
             server,

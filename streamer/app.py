@@ -20,7 +20,7 @@ from .auth.sessions import SessionStoreUnavailable, setup_sessions
 from .broker.base import Broker
 from .broker.memory import MemoryBroker
 from .broker.redis import RedisBroker
-from .config import Config
+from .config import Config, log_warnings_once
 from .connection import Limits
 from .handlers import api, demo, health, poll, publish, session, sse, ws
 from .handlers.common import json_error
@@ -179,4 +179,7 @@ async def create_app(config: Config | None = None) -> web.Application:
     """Build the application; without `config`, read it from STREAMER_* variables now."""
     if config is None:
         config = Config.from_env(os.environ)
+        # Under a worker started without streamer's gunicorn config (which logs them in
+        # the master), a misspelt setting would otherwise pass without a word.
+        log_warnings_once(config, functools.partial(log.warning, "%s"))
     return build_app(config)

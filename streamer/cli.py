@@ -20,7 +20,7 @@ from typing import Any
 from . import logs
 from .auth.tokens import DEFAULT_TTL_S, MAX_TIMESTAMP, issue_token
 from .broker.base import BrokerUnavailable
-from .config import ENV_VARIABLES, Config, ConfigError, without_password
+from .config import ENV_VARIABLES, Config, ConfigError, log_warnings_once, without_password
 from .events import (
     MAX_JSON_DEPTH,
     TERMINAL_STATUSES,
@@ -144,8 +144,7 @@ def _serve(args: argparse.Namespace) -> int:
         # Development over plain http: a Secure cookie would never come back.
         config = config.replace(demo_mode=True, cookie_secure=False)
     logs.configure(config.log_format)
-    for warning in config.warnings:
-        log.warning("%s", warning)
+    log_warnings_once(config, functools.partial(log.warning, "%s"))
     broker = without_password(config.redis_url) if config.redis_url else "embedded (in-memory)"
 
     def listening() -> None:

@@ -463,3 +463,17 @@ def misspelt_variables(environ: Mapping[str, str]) -> list[str]:
                 f"{name[:100]} is not a setting of streamer (ignored): did you mean {close[0]}?"
             )
     return warnings
+
+
+# The warnings this process has logged, or the process it was forked from: a gunicorn
+# master logs them at start (deploy/gunicorn.conf.py), and its workers, which read the
+# same settings, do not log them again; under a master that did not, each worker does.
+_logged_warnings: set[str] = set()
+
+
+def log_warnings_once(config: Config, log: Callable[[str], object]) -> None:
+    """Pass each of `config.warnings` to `log`, but those logged here before."""
+    for warning in config.warnings:
+        if warning not in _logged_warnings:
+            _logged_warnings.add(warning)
+            log(warning)

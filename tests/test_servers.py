@@ -374,6 +374,38 @@ async def test_streamer_serve_takes_every_setting_as_a_flag(
     assert server.get("/demo/token")[0] == 404  # a given secret means production mode
 
 
+MISSPELT_WARNING = (
+    "STREAMER_HISTROY_SIZE is not a setting of streamer (ignored): "
+    "did you mean STREAMER_HISTORY_SIZE?"
+)
+
+
+@pytest.mark.parametrize("config_file", [True, False], ids=["streamer's config", "none"])
+def test_a_misspelt_setting_is_warned_about_once_with_or_without_the_config_file(
+    redis_url: str, process_env: dict[str, str], start_process: StartProcess, config_file: bool
+) -> None:
+    """With streamer's gunicorn config the master says it, once for all its workers;
+    without it (`gunicorn streamer.app:create_app -k aiohttp.GunicornWebWorker`, as
+    aiohttp's documentation runs an app) each worker says it: nothing did."""
+    env = {**process_env, "STREAMER_REDIS_URL": redis_url, "STREAMER_HISTROY_SIZE": "5"}
+    args = gunicorn_args(2)
+    if not config_file:
+        at = args.index("-c")
+        args[at : at + 2] = ["-k", "aiohttp.GunicornWebWorker"]
+    server = start_process(args, env)
+    server.wait_healthy()
+    eventually_sync(
+        lambda: server.log().count("Booting worker") == 2, what="both workers", timeout=20
+    )
+    expected = 1 if config_file else 2
+    eventually_sync(
+        lambda: server.log().count(MISSPELT_WARNING) >= expected, what="the warning", timeout=20
+    )
+    if config_file:
+        server.wait_workers_started(2)  # past the point where a worker would have said it
+    assert server.log().count(MISSPELT_WARNING) == expected
+
+
 @pytest.fixture(params=["streamer.worker.StreamerWorker", "aiohttp.GunicornWebWorker"])
 def limited_server(
     request: pytest.FixtureRequest,
