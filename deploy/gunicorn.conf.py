@@ -230,15 +230,20 @@ def on_starting(server):  # type: ignore[no-untyped-def]
         )
 
 
-def _without_redis(server):  # type: ignore[no-untyped-def]
-    """Whether the workers would run the embedded broker. The settings as the workers
-    get them: during a reload, gunicorn has taken its -e variables out of the
-    environment for a while."""
+def _workers_settings(server):  # type: ignore[no-untyped-def]
+    """The settings as the workers get them (during a reload, gunicorn has taken its -e
+    variables out of the environment for a while); None if they are refused (the
+    workers refuse to start, and say why)."""
     try:
-        config = Config.from_env({**os.environ, **server.cfg.env})
+        return Config.from_env({**os.environ, **server.cfg.env})
     except ConfigError:
-        return False  # the workers refuse to start, and say why
-    return config.redis_url is None
+        return None
+
+
+def _without_redis(server):  # type: ignore[no-untyped-def]
+    """Whether the workers would run the embedded broker."""
+    config = _workers_settings(server)
+    return config is not None and config.redis_url is None
 
 
 def nworkers_changed(server, new_value, old_value):  # type: ignore[no-untyped-def]
@@ -259,6 +264,11 @@ def on_reload(server):  # type: ignore[no-untyped-def]
     without on_starting's checks; nworkers_changed has said why it is one."""
     if server.cfg.workers > 1 and _without_redis(server):
         server.cfg.set("workers", 1)
+    # This file ran again, and streamer's modules with it: the settings' warnings, once
+    # more here, not by each worker to come.
+    config = _workers_settings(server)
+    if config is not None:
+        log_warnings_once(config, lambda warning: server.log.warning("streamer: %s", warning))
 
 
 def child_exit(server, worker):  # type: ignore[no-untyped-def]

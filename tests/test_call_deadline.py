@@ -78,6 +78,20 @@ async def test_each_call_has_its_own_limit() -> None:
     assert time.monotonic() - started >= LIMIT_S - 0.01
 
 
+async def test_a_call_right_after_another_is_not_cut_before_its_limit() -> None:
+    """The earlier call's timer fires during the later one, a moment before the later
+    one's deadline: it waits for it (a margin of a millisecond cut calls short)."""
+    deadline = CallDeadline(LIMIT_S)
+    for _ in range(5):
+        async with deadline:
+            pass
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(TimeoutError):
+            async with deadline:
+                await asyncio.wait_for(never(), 10)
+        assert asyncio.get_running_loop().time() - started >= LIMIT_S
+
+
 async def test_a_call_that_returns_in_time_is_left_alone() -> None:
     deadline = CallDeadline(LIMIT_S)
     for _ in range(3):
@@ -123,6 +137,27 @@ def test_it_bounds_calls_in_each_event_loop_it_is_used_in() -> None:
     asyncio.run(quick())
     with pytest.raises(TimeoutError):
         asyncio.run(stalled())
+
+
+def test_a_timer_left_in_a_loop_used_before_leaves_the_current_one_alone() -> None:
+    """Used in loop A, then in loop B, then A runs again: A's timer firing took B's
+    for its own, and `close` then left B's scheduled."""
+    deadline = CallDeadline(0.05)
+    first, second = asyncio.new_event_loop(), asyncio.new_event_loop()
+    try:
+
+        async def quick() -> None:
+            async with deadline:
+                pass
+
+        first.run_until_complete(quick())
+        second.run_until_complete(quick())
+        first.run_until_complete(asyncio.sleep(0.1))  # A's timer fires
+        deadline.close()
+        assert not [handle for handle in second._scheduled if not handle.cancelled()]  # type: ignore[attr-defined]
+    finally:
+        first.close()
+        second.close()
 
 
 async def test_one_call_at_a_time() -> None:

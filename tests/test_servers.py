@@ -22,6 +22,7 @@ from .conftest import StartGunicorn
 from .processes import (
     BIN,
     GUNICORN_CONF,
+    WORKER_STARTED_LOG,
     ServerProcess,
     free_port,
     gunicorn_args,
@@ -404,6 +405,30 @@ def test_a_misspelt_setting_is_warned_about_once_with_or_without_the_config_file
     if config_file:
         server.wait_workers_started(2)  # past the point where a worker would have said it
     assert server.log().count(MISSPELT_WARNING) == expected
+    if not config_file:
+        return
+    # A reload runs the config file again: the master says it once more, for the workers
+    # it starts then and for one started after a crash (each of them said it again).
+    first = set(worker_pids(server.process.pid))
+    server.signal(signal.SIGHUP)
+    eventually_sync(
+        lambda: (
+            server.log().count(WORKER_STARTED_LOG) == 4
+            and not first & set(worker_pids(server.process.pid))
+        ),
+        what="two new workers",
+        timeout=30,
+    )
+    os.kill(worker_pids(server.process.pid)[0], signal.SIGKILL)
+    eventually_sync(
+        lambda: (
+            server.log().count(WORKER_STARTED_LOG) == 5
+            and len(worker_pids(server.process.pid)) == 2
+        ),
+        what="a worker in place of the one killed",
+        timeout=30,
+    )
+    assert server.log().count(MISSPELT_WARNING) == 2
 
 
 @pytest.fixture(params=["streamer.worker.StreamerWorker", "aiohttp.GunicornWebWorker"])

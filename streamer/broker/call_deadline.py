@@ -13,10 +13,6 @@ import asyncio
 from types import TracebackType
 from typing import Any
 
-# A timer may fire this much before its time (the event loop's clock resolution);
-# under it, a call is taken as past its deadline.
-_EARLY_S = 0.001
-
 
 class CallDeadline:
     """`async with deadline:` bounds what it holds to `limit_s` seconds, raising
@@ -42,8 +38,8 @@ class CallDeadline:
         loop = task.get_loop()
         self._deadline = loop.time() + self._limit_s
         self._task, self._cancelling, self._expired = task, task.cancelling(), False
-        if self._timer is None or self._loop is not loop:
-            self._timer, self._loop = loop.call_at(self._deadline, self._on_timer), loop
+        if self._timer is None or self._loop is not loop:  # (another loop's does nothing)
+            self._timer, self._loop = loop.call_at(self._deadline, self._on_timer, loop), loop
 
     async def __aexit__(
         self,
@@ -68,14 +64,15 @@ class CallDeadline:
             self._timer.cancel()
             self._timer = self._loop = None
 
-    def _on_timer(self) -> None:
+    def _on_timer(self, loop: asyncio.AbstractEventLoop) -> None:
+        if loop is not self._loop:  # a timer left in a loop used before
+            return
         task = self._task
         if task is None:  # no call now: the next one sets a timer again
-            self._timer = None
+            self._timer = self._loop = None
             return
-        loop = task.get_loop()
-        if loop.time() + _EARLY_S < self._deadline:  # a later call's deadline
-            self._timer = loop.call_at(self._deadline, self._on_timer)
+        if loop.time() < self._deadline:  # a later call's deadline (or a timer a tick early)
+            self._timer = loop.call_at(self._deadline, self._on_timer, loop)
             return
         self._timer = None
         self._expired = True

@@ -164,7 +164,7 @@ def _unavailable(
     and not answered may have published its events)."""
     text = f"could not publish to Redis: {redis_failure(exc)}"
     if total == 1 and in_flight:
-        text += " (the event may have been published: Redis did not answer once it was sent)"
+        text += " (the event may have been published)"
     elif total > 1:
         in_flight = min(in_flight, total - published)
         perhaps = f", perhaps {in_flight} more after them" if in_flight else ""

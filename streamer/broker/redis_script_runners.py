@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import select
+import threading
 from collections.abc import AsyncGenerator, Generator, Iterator, Sequence
 from typing import Any
 
@@ -42,6 +43,13 @@ def resp_command(parts: Sequence[Argument]) -> bytes:
     return b"".join(chunks)
 
 
+class _ThreadsCalls(threading.local):
+    """A synchronous runner's `unanswered`, for each thread: a `Publisher` is shared
+    between threads, and one thread's call must not answer for another's."""
+
+    unanswered = False
+
+
 class PooledScript:
     """A script run on a connection of a synchronous client's pool: safe between threads,
     and the pool checks each connection it hands out."""
@@ -50,21 +58,26 @@ class PooledScript:
         self._pool = client.connection_pool
         self._script = script
         self._sha = hashlib.sha1(script.encode()).hexdigest()
-        self.unanswered = False
+        self._calls = _ThreadsCalls()
+
+    @property
+    def unanswered(self) -> bool:
+        return self._calls.unanswered
 
     def each(self, calls: Iterator[ScriptCall]) -> Generator[object, None, None]:
         # redis-py's synchronous connections carry no type annotations.
-        self.unanswered = False
+        state = self._calls
+        state.unanswered = False
         connection: Any = self._pool.get_connection()
         try:
             call = next(calls, None)
             while call is not None:
                 try:
-                    self.unanswered = True
+                    state.unanswered = True
                     self._send(connection, call)
                     following = next(calls, None)
                     reply = self._reply(connection, call)
-                    self.unanswered = False
+                    state.unanswered = False
                 except BaseException:
                     connection.disconnect()  # part of a reply may be left unread
                     raise
@@ -241,13 +254,18 @@ class ClusterScriptSync:
 
     def __init__(self, client: synccluster.RedisCluster, script: str) -> None:
         self._script = client.register_script(script)
-        self.unanswered = False
+        self._calls = _ThreadsCalls()
+
+    @property
+    def unanswered(self) -> bool:
+        return self._calls.unanswered
 
     def each(self, calls: Iterator[ScriptCall]) -> Generator[object, None, None]:
+        state = self._calls
         for call in calls:
-            self.unanswered = True
+            state.unanswered = True
             reply = self._script(keys=call.keys, args=call.args)
-            self.unanswered = False
+            state.unanswered = False
             yield reply
 
 
