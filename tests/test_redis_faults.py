@@ -1050,6 +1050,85 @@ async def test_calls_sent_together_that_redis_stops_answering_each_say_how_far_t
         assert admin.xlen(history_key(user_id)) in {published, published + perhaps}
 
 
+async def test_a_subscription_update_cut_by_the_lost_connection_is_no_error(
+    redis_client: TestClient,
+    redis_url: str,
+    token_for: TokenFor,
+    user_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The subscriber connection closed while a SUBSCRIBE was on its way: redis-py then
+    failed with an AttributeError (its writer gone), logged as an ERROR with its
+    traceback for a routine reconnection. Here the SUBSCRIBE waits until the connection
+    is killed, and then fails as redis-py 8.1 did."""
+    subscriber = redis_client.app[BROKER].subscriber  # type: ignore[attr-defined]
+    channel = user_channel(user_id, 0)
+    waiting = asyncio.Event()
+    sender = redis_subscriber._sender
+    cut = False
+
+    def cut_once(pubsub: Any) -> Callable[..., Any]:
+        send = sender(pubsub)
+
+        async def sent(*args: str) -> None:
+            nonlocal cut
+            if args[0] == "SUBSCRIBE" and channel in args and not cut:
+                cut = True
+                waiting.set()
+                try:
+                    await asyncio.sleep(3600)
+                except asyncio.CancelledError:
+                    raise AttributeError("'NoneType' object has no attribute 'writelines'")  # noqa: B904
+            await send(*args)
+
+        return sent
+
+    monkeypatch.setattr(redis_subscriber, "_sender", cut_once)
+    caplog.set_level("DEBUG", logger="streamer.broker.redis_subscriber")
+    opening = asyncio.ensure_future(
+        redis_client.ws_connect(f"/ws/tasks/?token={token_for(user_id)}")
+    )
+    try:
+        await asyncio.wait_for(waiting.wait(), WAIT_S)
+        with redis.Redis.from_url(redis_url) as admin:
+            assert admin.client_kill_filter(_type="pubsub") == 1
+        ws = await asyncio.wait_for(opening, WAIT_S)  # subscribed on the next connection
+        async with ws:
+            assert (await ws_json(ws))["type"] == "active_tasks"
+    finally:
+        opening.cancel()
+    await eventually(lambda: subscriber.ready.is_set(), what="the subscription restored")
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
+    assert any("subscribing stopped" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_lost_subscription_leaves_the_connections_of_commands_open(
+    redis_client: TestClient, redis_url: str, token_for: TokenFor, user_id: str
+) -> None:
+    """Only the subscriber connection went (Redis is up): the catch-up closed every idle
+    pooled connection, under the snapshots and commands that took them meanwhile (they
+    failed with 503 / 1013 on each reconnection of the subscriber)."""
+    subscriber = redis_client.app[BROKER].subscriber  # type: ignore[attr-defined]
+    headers = {"Authorization": f"Bearer {token_for(user_id)}"}
+    with redis.Redis.from_url(redis_url) as admin:
+        own = admin.client_id()
+        answers = await asyncio.gather(
+            *(redis_client.get("/api/tasks/", headers=headers) for _ in range(4))
+        )
+        assert [answer.status for answer in answers] == [200] * 4
+        pooled = {c["id"] for c in admin.client_list(_type="normal")} - {own}
+        assert pooled
+        assert admin.client_kill_filter(_type="pubsub") == 1
+        await eventually(lambda: not subscriber.ready.is_set(), what="the subscription lost")
+        await eventually(lambda: subscriber.ready.is_set(), what="the subscription restored")
+        left = {c["id"] for c in admin.client_list(_type="normal")}
+        assert pooled <= left, f"closed: {pooled - left}"
+        answer = await redis_client.get("/api/tasks/", headers=headers)
+        assert answer.status == 200
+
+
 async def test_back_from_a_restart_the_first_reconnection_holds(
     redis_client: TestClient,
     redis_server: RedisServer,

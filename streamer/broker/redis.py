@@ -24,6 +24,7 @@ from .redis_connect import (
     REDIS_ERRORS_OR_TIMEOUT,
     AsyncClient,
     database,
+    drop_closed_idle_connections,
     fence_failover,
     is_sentinel_url,
     redis_client,
@@ -263,7 +264,7 @@ class RedisBroker(Broker):
             # Idle pooled connections may lead to a server that went away meanwhile: the
             # first command on each would fail (redis-py retries none), this one first.
             with contextlib.suppress(*REDIS_ERRORS_OR_TIMEOUT):  # closing a dead one
-                await client.connection_pool.disconnect(inuse_connections=False)
+                await drop_closed_idle_connections(client.connection_pool)
             await self._catch_up_all()
 
     async def _catch_up_users(self, channels: Set[str]) -> None:

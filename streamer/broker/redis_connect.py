@@ -19,9 +19,11 @@ resync (`recovered: false`) instead of silently missing events.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import secrets
+import select
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +35,7 @@ import redis.asyncio.cluster as aiocluster
 import redis.asyncio.sentinel as aiosentinel
 import redis.cluster as synccluster
 import redis.sentinel as syncsentinel
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
@@ -355,3 +358,36 @@ async def fence_failover(client: aioredis.Redis, epoch_key: str) -> bool:
         return False
     new_epoch = secrets.token_hex(4)
     return bool(await client.eval(FENCE_SCRIPT, 2, epoch_key, FENCE_KEY, replid, new_epoch))
+
+
+def closed_by_server(connection: AbstractConnection) -> bool:
+    """Whether Redis closed or reset an idle connection (a restart): the event loop has
+    seen it (no system call), or the kernel has something to read on it, which between
+    commands means the same, seen even where the event loop did not run since (a caller
+    that blocked it through a restart; one `select` that does not wait)."""
+    reader = getattr(connection, "_reader", None)
+    if isinstance(reader, asyncio.StreamReader) and (
+        reader.at_eof() or reader.exception() is not None
+    ):
+        return True
+    writer = getattr(connection, "_writer", None)
+    sock = writer.get_extra_info("socket") if isinstance(writer, asyncio.StreamWriter) else None
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock.fileno()], [], [], 0)
+    except (OSError, ValueError):  # closed under it
+        return True
+    return bool(readable)
+
+
+async def drop_closed_idle_connections(pool: aioredis.ConnectionPool) -> None:
+    """Disconnect the pool's idle connections that Redis closed (it restarted): the first
+    command on each would fail (redis-py's pool does not look). Only those: closing
+    every idle one raced with the commands that took them meanwhile, which failed."""
+    idle = getattr(pool, "_available_connections", None)
+    if not isinstance(idle, list):  # another redis-py: every idle one, as it can
+        await pool.disconnect(inuse_connections=False)
+        return
+    for connection in [connection for connection in idle if closed_by_server(connection)]:
+        await connection.disconnect()

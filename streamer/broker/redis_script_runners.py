@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import select
 import threading
 from collections.abc import AsyncGenerator, Generator, Iterator, Sequence
 from typing import Any
@@ -27,7 +26,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import NoScriptError, RedisError
 
 from .call_deadline import CallDeadline
-from .redis_connect import current_master, watches_master
+from .redis_connect import closed_by_server, current_master, watches_master
 from .redis_schema import ScriptCall
 
 Argument = str | int | float
@@ -169,9 +168,7 @@ class HeldScript:
             master = await current_master(self._pool)
             if master is not None and master != _address(self._connection):
                 await self.close()
-        if self._connection is not None and (
-            _closed_by_server(self._connection) or _readable(self._connection)
-        ):
+        if self._connection is not None and closed_by_server(self._connection):
             await self.close()
         if self._connection is not None and idle > STALE_CHECK_AFTER_S:
             try:
@@ -197,31 +194,6 @@ class HeldScript:
         connection, self._connection = self._connection, None
         if connection is not None:
             await connection.disconnect(nowait=True)
-
-
-def _closed_by_server(connection: AbstractConnection) -> bool:
-    """Whether the event loop has seen Redis close or reset the connection (a restart):
-    checked for every call, as it costs no system call."""
-    reader = getattr(connection, "_reader", None)
-    if not isinstance(reader, asyncio.StreamReader):
-        return False
-    return reader.at_eof() or reader.exception() is not None  # closed, or reset
-
-
-def _readable(connection: AbstractConnection) -> bool:
-    """Whether the kernel has something to read on the connection, which between calls
-    means Redis closed it: seen even where the event loop did not run since (a caller
-    that blocked it through a restart). One system call that does not wait, about a
-    microsecond."""
-    writer = getattr(connection, "_writer", None)
-    sock = writer.get_extra_info("socket") if isinstance(writer, asyncio.StreamWriter) else None
-    if sock is None:
-        return False
-    try:
-        readable, _, _ = select.select([sock.fileno()], [], [], 0)
-    except (OSError, ValueError):  # closed under it
-        return True
-    return bool(readable)
 
 
 def _address(connection: AbstractConnection) -> tuple[str, int] | None:

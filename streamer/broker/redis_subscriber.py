@@ -442,6 +442,13 @@ class Subscriber:
             # The connection is failing: the listener notices, reconnects and
             # subscribes to everything wanted then.
             log.warning("subscribing failed: %s", redis_failure(exc))
+        except Exception:
+            if self._pubsub is pubsub:
+                raise
+            # The connection was closed under a command (redis-py then fails in its own
+            # ways: an AttributeError on its writer, gone): the next one subscribes to
+            # everything wanted.
+            log.debug("subscribing stopped: the subscriber connection was closed", exc_info=True)
 
     def _disconnected(self) -> None:
         self.ready.clear()
