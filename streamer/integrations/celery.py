@@ -45,7 +45,9 @@ for any producer, and the workers, which know their Celery app, act on it.
 
 from __future__ import annotations
 
+import decimal
 import inspect
+import json
 import logging
 import os
 import re
@@ -53,8 +55,10 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
+from datetime import time as time_of_day
 from typing import Any, ClassVar
+from uuid import UUID
 
 from celery import Celery, Task, states
 from celery.exceptions import Ignore, Reject, WorkerLostError
@@ -151,15 +155,44 @@ def _publishable(text: str) -> str:
     return text if len(text) <= MAX_TEXT_LENGTH else text[: MAX_TEXT_LENGTH - 1] + "…"
 
 
+def _lazy_text(value: object) -> bool:
+    """Whether `value` is a Django lazy translation string (`gettext_lazy`), which a
+    Django app passes wherever it passes text."""
+    functional = sys.modules.get("django.utils.functional")
+    return functional is not None and isinstance(value, functional.Promise)
+
+
+def _text(value: Any) -> Any:
+    """Text as an event carries it (`_publishable`), a lazy translation string too."""
+    if _lazy_text(value):
+        value = str(value)
+    return _publishable(value) if isinstance(value, str) else value
+
+
 def _number(value: Any) -> Any:
-    """A float that is a whole number as an int (an item count computed as 5.0)."""
+    """A float or Decimal that is a whole number as an int (an item count computed as
+    5.0), another Decimal as a float."""
+    if isinstance(value, decimal.Decimal) and value.is_finite():
+        value = int(value) if value == value.to_integral_value() else float(value)
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return value
 
 
+def _json_value(value: object) -> object:
+    """For `json.dumps(default=...)`: the values of a Django app's results that JSON has
+    no type for, as Django's own encoder (DjangoJSONEncoder) writes them."""
+    if isinstance(value, datetime | date | time_of_day):
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal | UUID) or _lazy_text(value):
+        return str(value)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
 def _percent(value: Any) -> Any:
     """A computed percentage a rounding error put just outside 0..100, put back in."""
+    if isinstance(value, decimal.Decimal) and value.is_finite():
+        value = float(value)
     if isinstance(value, float) and -1e-6 < value < 0:
         return 0
     if isinstance(value, float) and 100 < value < 100 + 1e-6:
@@ -218,9 +251,7 @@ class ProgressTask(Task):
                 request.id,
                 status="PROGRESS",
                 progress=progress,
-                current_step=_publishable(current_step)
-                if isinstance(current_step, str)
-                else current_step,
+                current_step=_text(current_step),
                 processed_items=_number(processed_items),
                 total_items=_number(total_items),
                 task_name=self.name,
@@ -284,14 +315,19 @@ class ProgressTask(Task):
             completed_event(user_id, task_id, status="FAILURE", error_message=message)
         )
 
-    def _publish_beginning(self, user_id: str, task_id: str, status: str) -> None:
-        """PENDING when sent, STARTED when it starts: at 0 %, with its name."""
+    def _publish_beginning(
+        self, user_id: str, task_id: str, status: str, *, retried: bool = False
+    ) -> None:
+        """PENDING when sent, STARTED when it starts: at 0 %, with its name; a retry's
+        run without the step RETRY showed ("retrying after: ..."), which the task's end
+        would otherwise still show."""
         self._publish(
             progress_event(
                 user_id,
                 task_id,
                 status=status,
                 progress=0,
+                current_step="" if retried else None,
                 task_name=self.name,
                 category=self.streamer_category,
             )
@@ -314,7 +350,7 @@ class ProgressTask(Task):
             return
         if self._cancelled(user_id, task_id):  # while queued or waiting for a retry
             self._end_cancelled(user_id, task_id)
-        self._publish_beginning(user_id, task_id, "STARTED")
+        self._publish_beginning(user_id, task_id, "STARTED", retried=bool(self.request.retries))
 
     def on_success(
         self, retval: Any, task_id: str, args: Sequence[Any], kwargs: Mapping[str, Any]
@@ -328,8 +364,13 @@ class ProgressTask(Task):
         try:
             event = completed_event(user_id, task_id, status="SUCCESS", result_data=result)
         except EventError as exc:
-            log.warning("task %s[%s]: result not published (%s)", self.name, task_id, exc)
-            event = completed_event(user_id, task_id, status="SUCCESS")
+            try:  # with its dates, Decimals, UUIDs and lazy text as Django writes them
+                plain = json.loads(json.dumps(result, default=_json_value))
+                event = completed_event(user_id, task_id, status="SUCCESS", result_data=plain)
+            except (EventError, TypeError, ValueError, RecursionError) as again:
+                problem = again if isinstance(again, EventError) else exc
+                log.warning("task %s[%s]: result not published (%s)", self.name, task_id, problem)
+                event = completed_event(user_id, task_id, status="SUCCESS")
         self._publish(event, end=True)
 
     def on_failure(

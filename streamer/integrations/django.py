@@ -60,14 +60,22 @@ _answers_for_itself = getattr(decorators, "login_not_required", lambda view: vie
 
 
 def streamer_user_id(user: Any) -> str:
-    """The streamer user id of a Django user (`STREAMER_USER_ID_FIELD`, default pk)."""
-    return str(getattr(user, getattr(settings, "STREAMER_USER_ID_FIELD", "pk")))
+    """The streamer user id of a Django user (`STREAMER_USER_ID_FIELD`, default pk).
+    Raises ValueError where the field is empty (None, a blank email): every such user
+    would share one identity, or streamer would take the answer for an outage."""
+    field = getattr(settings, "STREAMER_USER_ID_FIELD", "pk")
+    value = getattr(user, field)
+    text = "" if value is None else str(value)
+    if not text.strip() or not text.isprintable():
+        raise ValueError(f"this user cannot stream: their {field} ({value!r}) is no user id")
+    return text
 
 
 def streamer_token(user: Any, ttl_s: int | None = None) -> str:
     """A streamer access token for `user`, signed with `settings.STREAMER_SECRET`.
     Raises ValueError for a user who is not logged in or not active (an anonymous
-    user's id, None, would be one identity shared by every visitor)."""
+    user's id, None, would be one identity shared by every visitor), or who has no user
+    id (`streamer_user_id`)."""
     if not getattr(user, "is_authenticated", False) or not getattr(user, "is_active", False):
         raise ValueError("streamer tokens are for logged-in, active users")
     ttl = ttl_s if ttl_s is not None else int(getattr(settings, "STREAMER_TOKEN_TTL", 3600))
@@ -83,7 +91,10 @@ def streamer_token_view(request: HttpRequest) -> HttpResponse:
     if not request.user.is_authenticated or not request.user.is_active:
         response = _error(401, "unauthorized")
     else:
-        response = JsonResponse({"token": streamer_token(request.user)})
+        try:
+            response = JsonResponse({"token": streamer_token(request.user)})
+        except ValueError as exc:
+            response = _error(403, str(exc))
     response["Cache-Control"] = "no-store"
     return response
 
@@ -119,7 +130,10 @@ def streamer_auth_view(request: HttpRequest) -> HttpResponse:
         user, expires_in = _user_from_session_cookie(cookie)
     if user is None or not user.is_active:
         return _error(401, "unauthorized")
-    user_id = streamer_user_id(user)
+    try:
+        user_id = streamer_user_id(user)
+    except ValueError as exc:
+        return _error(403, str(exc))
     if len(user_id) > MAX_USER_ID_LENGTH:  # streamer would take the answer for an outage
         return _error(403, f"user ids longer than {MAX_USER_ID_LENGTH} characters cannot stream")
     answer: dict[str, object] = {"user_id": user_id}

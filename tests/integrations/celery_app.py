@@ -6,10 +6,13 @@ it in a real worker; the README quotes it).
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import os
 import signal
 import threading
 import time
+import uuid
 from typing import Any
 
 from celery import Celery
@@ -127,3 +130,25 @@ class DiskFull(Exception):
 @app.task(base=ProgressTask, bind=True)
 def unpicklable_failure(self: ProgressTask, *, user_id: str) -> None:
     raise DiskFull("the disk is full")
+
+
+@app.task(base=ProgressTask, bind=True)
+def django_values(self: ProgressTask, *, user_id: str) -> dict[str, Any]:
+    """Reports and returns what a Django app has at hand: lazy translation strings,
+    Decimals, UUIDs, dates."""
+    from django.utils.functional import lazy
+
+    step = lazy(lambda: "Importing", str)()
+    self.update_progress(
+        decimal.Decimal("50"),
+        current_step=step,
+        processed_items=decimal.Decimal(3),
+        total_items=decimal.Decimal("6.0"),
+    )
+    return {
+        "amount": decimal.Decimal("12.50"),
+        "id": uuid.UUID(int=7),
+        "at": datetime.datetime(2030, 1, 31, 12, 0, tzinfo=datetime.UTC),
+        "day": datetime.date(2030, 1, 31),
+        "label": step,
+    }

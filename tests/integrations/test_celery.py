@@ -40,6 +40,7 @@ from . import celery_app
 from .celery_app import app as celery_app_object
 from .celery_app import (
     broken,
+    django_values,
     ended_abruptly,
     flaky,
     hard_limited,
@@ -312,7 +313,32 @@ async def test_a_retried_task_reports_retry_then_its_new_run(
         events = await task_events(sse, result.id)
     assert [e["status"] for e in events] == ["STARTED", "RETRY", "STARTED", "SUCCESS"]
     assert "the upstream timed out" in events[1]["current_step"]
+    # The new run no longer shows why the one before was retried (its end kept it).
+    assert [e["current_step"] for e in events[2:]] == ["", ""]
     assert events[-1]["result_data"] == {"attempts": 2}
+
+
+@pytest.mark.usefixtures("celery_worker")
+async def test_what_a_django_app_reports_and_returns_is_published(
+    session: aiohttp.ClientSession, token_for: TokenFor, user_id: str
+) -> None:
+    """A lazy translation string for a step, Decimals for numbers: the report was not
+    published; a Decimal, UUID or date in the result: the whole result was left out."""
+    async with open_stream(session, "sse", token_for(user_id)) as sse:
+        await sse.next()
+        result = django_values.apply_async((), {"user_id": user_id})
+        events = await task_events(sse, result.id)
+    assert [e["status"] for e in events] == ["STARTED", "PROGRESS", "SUCCESS"]
+    progress = events[1]
+    assert progress["progress"] == 50 and progress["current_step"] == "Importing"
+    assert progress["processed_items"] == 3 and progress["total_items"] == 6
+    assert events[-1]["result_data"] == {
+        "amount": "12.50",
+        "id": "00000000-0000-0000-0000-000000000007",
+        "at": "2030-01-31T12:00:00+00:00",
+        "day": "2030-01-31",
+        "label": "Importing",
+    }
 
 
 @pytest.mark.usefixtures("celery_worker")

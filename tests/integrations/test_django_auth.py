@@ -377,3 +377,48 @@ def test_a_session_stream_expires_with_the_session(django_site: DjangoSite, tmp_
     bob = django_site.users["bob"]
     two_weeks = 14 * 24 * 3600  # Django's SESSION_COOKIE_AGE, as it was stored at login
     assert two_weeks - 86400 <= expires_in(f"sessionid={bob['sessionid']}") <= two_weeks
+
+
+def test_a_user_whose_id_field_is_empty_cannot_stream(
+    process_env: dict[str, str], tmp_path: Path, django_database: tuple[Path, Users]
+) -> None:
+    """STREAMER_USER_ID_FIELD = "email", Django's default blank email: the auth view
+    answered 200 with user id "" (streamer took that for an outage: every stream got
+    1013 / 503 for ever); a None field gave every such user the id "None"."""
+    database, _ = django_database
+    env = {**_django_env(process_env, tmp_path), "STREAMER_SECRET": SECRET}
+    shutil.copyfile(database, env["DJANGO_DB_PATH"])
+    script = (
+        "import json, django; django.setup()\n"
+        "from django.contrib.auth.models import User\n"
+        "from django.test import Client, override_settings\n"
+        "from rest_framework.authtoken.models import Token\n"
+        "from streamer.integrations.django import streamer_token\n"
+        "alice = User.objects.get(username='alice')\n"
+        "key = Token.objects.get(user=alice).key\n"
+        "logged_in = Client()\n"
+        "logged_in.force_login(alice)\n"
+        "said = {}\n"
+        "with override_settings(STREAMER_USER_ID_FIELD='email'):\n"
+        "    auth = Client().post('/streamer/auth/', {'token': key},\n"
+        "                         content_type='application/json')\n"
+        "    said['auth'] = [auth.status_code, auth.json()]\n"
+        "    mint = logged_in.get('/streamer/token/')\n"
+        "    said['mint'] = [mint.status_code, mint.json()]\n"
+        "alice.last_login = None\n"
+        "with override_settings(STREAMER_USER_ID_FIELD='last_login'):\n"
+        "    try:\n"
+        "        streamer_token(alice)\n"
+        "    except ValueError as exc:\n"
+        "        said['token'] = str(exc)\n"
+        "print(json.dumps(said))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr.decode()
+    said = json.loads(run.stdout)
+    no_email = "this user cannot stream: their email ('') is no user id"
+    assert said["auth"] == [403, {"error": no_email}]
+    assert said["mint"] == [403, {"error": no_email}]
+    assert said["token"] == "this user cannot stream: their last_login (None) is no user id"
