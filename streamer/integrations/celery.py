@@ -173,7 +173,9 @@ def _number(value: Any) -> Any:
     """A float or Decimal that is a whole number as an int (an item count computed as
     5.0), another Decimal as a float."""
     if isinstance(value, decimal.Decimal) and value.is_finite():
-        value = int(value) if value == value.to_integral_value() else float(value)
+        # Past 19 digits no count is meant (and int() of 1e999999 makes a million digits).
+        whole = value.adjusted() < 19 and value == value.to_integral_value()
+        value = int(value) if whole else float(value)
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return value
