@@ -7,7 +7,9 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
 import pickle
+import resource
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -732,6 +734,33 @@ async def test_calls_one_after_the_other_share_one_timer(
         assert len(timers) <= 1
     with redis.Redis.from_url(redis_url) as admin:
         assert admin.xlen(history_key("u")) == 201
+
+
+async def test_a_publisher_keeps_its_connection_in_a_process_with_many_files(
+    redis_url: str,
+) -> None:
+    """Past descriptor 1023 (a server with a thousand clients publishing over HTTP),
+    `select` refused the connection's, and every call took it for closed: a new
+    connection for each."""
+    needed = 1200
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert hard == resource.RLIM_INFINITY or hard >= needed, f"needs {needed} open files"
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, needed), hard))
+    held: list[int] = []
+    try:
+        while not held or held[-1] < 1100:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+        with redis.Redis.from_url(redis_url) as admin:
+            before = admin.info("stats")["total_connections_received"]
+            async with AsyncPublisher(redis_url) as publisher:
+                for progress in range(20):
+                    await publisher.progress("u", "t", progress=progress)
+            made = admin.info("stats")["total_connections_received"] - before
+        assert made == 1
+    finally:
+        for descriptor in held:
+            os.close(descriptor)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 async def test_a_publisher_left_open_carries_on_after_redis_restarts(

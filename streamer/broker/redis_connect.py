@@ -364,7 +364,8 @@ def closed_by_server(connection: AbstractConnection) -> bool:
     """Whether Redis closed or reset an idle connection (a restart): the event loop has
     seen it (no system call), or the kernel has something to read on it, which between
     commands means the same, seen even where the event loop did not run since (a caller
-    that blocked it through a restart; one `select` that does not wait)."""
+    that blocked it through a restart; one `poll` that does not wait: `select` refuses
+    descriptors from 1024 on, which a server with a thousand clients has)."""
     reader = getattr(connection, "_reader", None)
     if isinstance(reader, asyncio.StreamReader) and (
         reader.at_eof() or reader.exception() is not None
@@ -374,11 +375,15 @@ def closed_by_server(connection: AbstractConnection) -> bool:
     sock = writer.get_extra_info("socket") if isinstance(writer, asyncio.StreamWriter) else None
     if sock is None:
         return False
-    try:
-        readable, _, _ = select.select([sock.fileno()], [], [], 0)
-    except (OSError, ValueError):  # closed under it
+    descriptor = sock.fileno()
+    if descriptor < 0:  # closed under it
         return True
-    return bool(readable)
+    poller = select.poll()
+    poller.register(descriptor, select.POLLIN)
+    try:
+        return bool(poller.poll(0))  # readable, hung up or failed
+    except OSError:
+        return True
 
 
 async def drop_closed_idle_connections(pool: aioredis.ConnectionPool) -> None:
@@ -390,4 +395,5 @@ async def drop_closed_idle_connections(pool: aioredis.ConnectionPool) -> None:
         await pool.disconnect(inuse_connections=False)
         return
     for connection in [connection for connection in idle if closed_by_server(connection)]:
-        await connection.disconnect()
+        if connection in idle:  # not taken by a command meanwhile
+            await connection.disconnect()

@@ -45,6 +45,7 @@ for any producer, and the workers, which know their Celery app, act on it.
 
 from __future__ import annotations
 
+import contextlib
 import decimal
 import inspect
 import json
@@ -163,9 +164,11 @@ def _lazy_text(value: object) -> bool:
 
 
 def _text(value: Any) -> Any:
-    """Text as an event carries it (`_publishable`), a lazy translation string too."""
+    """Text as an event carries it (`_publishable`), a lazy translation string too (one
+    that fails to make its text is left as it is, and refused)."""
     if _lazy_text(value):
-        value = str(value)
+        with contextlib.suppress(Exception):
+            value = str(value)
     return _publishable(value) if isinstance(value, str) else value
 
 
@@ -183,7 +186,7 @@ def _number(value: Any) -> Any:
 
 def _json_value(value: object) -> object:
     """For `json.dumps(default=...)`: the values of a Django app's results that JSON has
-    no type for, as Django's own encoder (DjangoJSONEncoder) writes them."""
+    no type for: dates and times in ISO 8601, the others as their text."""
     if isinstance(value, datetime | date | time_of_day):
         return value.isoformat()
     if isinstance(value, decimal.Decimal | UUID) or _lazy_text(value):
@@ -369,7 +372,7 @@ class ProgressTask(Task):
             try:  # with its dates, Decimals, UUIDs and lazy text as Django writes them
                 plain = json.loads(json.dumps(result, default=_json_value))
                 event = completed_event(user_id, task_id, status="SUCCESS", result_data=plain)
-            except (EventError, TypeError, ValueError, RecursionError) as again:
+            except Exception as again:  # a lazy string's own failure among them
                 problem = again if isinstance(again, EventError) else exc
                 log.warning("task %s[%s]: result not published (%s)", self.name, task_id, problem)
                 event = completed_event(user_id, task_id, status="SUCCESS")

@@ -68,6 +68,8 @@ def streamer_user_id(user: Any) -> str:
     text = "" if value is None else str(value)
     if not text.strip() or not text.isprintable():
         raise ValueError(f"this user cannot stream: their {field} ({value!r}) is no user id")
+    if len(text) > MAX_USER_ID_LENGTH:  # streamer would refuse its tokens, its answers
+        raise ValueError(f"user ids longer than {MAX_USER_ID_LENGTH} characters cannot stream")
     return text
 
 
@@ -132,10 +134,8 @@ def streamer_auth_view(request: HttpRequest) -> HttpResponse:
         return _error(401, "unauthorized")
     try:
         user_id = streamer_user_id(user)
-    except ValueError as exc:
+    except ValueError as exc:  # streamer would take the answer for an outage
         return _error(403, str(exc))
-    if len(user_id) > MAX_USER_ID_LENGTH:  # streamer would take the answer for an outage
-        return _error(403, f"user ids longer than {MAX_USER_ID_LENGTH} characters cannot stream")
     answer: dict[str, object] = {"user_id": user_id}
     if expires_in is not None:
         # At most what streamer takes (a session cookie of decades must not shut

@@ -152,3 +152,15 @@ def django_values(self: ProgressTask, *, user_id: str) -> dict[str, Any]:
         "day": datetime.date(2030, 1, 31),
         "label": step,
     }
+
+
+@app.task(base=ProgressTask, bind=True)
+def broken_lazy_text(self: ProgressTask, *, user_id: str) -> dict[str, Any]:
+    """A lazy string whose text fails to be made, in a report."""
+    from django.utils.functional import lazy
+
+    def failing() -> str:
+        raise KeyError("name")
+
+    self.update_progress(50, current_step=lazy(failing, str)())
+    return {"done": True}

@@ -40,6 +40,7 @@ from . import celery_app
 from .celery_app import app as celery_app_object
 from .celery_app import (
     broken,
+    broken_lazy_text,
     django_values,
     ended_abruptly,
     flaky,
@@ -316,6 +317,19 @@ async def test_a_retried_task_reports_retry_then_its_new_run(
     # The new run no longer shows why the one before was retried (its end kept it).
     assert [e["current_step"] for e in events[2:]] == ["", ""]
     assert events[-1]["result_data"] == {"attempts": 2}
+
+
+@pytest.mark.usefixtures("celery_worker")
+async def test_a_lazy_string_that_fails_in_a_report_does_not_fail_the_task(
+    session: aiohttp.ClientSession, token_for: TokenFor, user_id: str
+) -> None:
+    async with open_stream(session, "sse", token_for(user_id)) as sse:
+        await sse.next()
+        result = broken_lazy_text.apply_async((), {"user_id": user_id})
+        events = await task_events(sse, result.id)
+    assert [e["status"] for e in events] == ["STARTED", "SUCCESS"]  # the report left out
+    assert events[-1]["result_data"] == {"done": True}
+    assert await state_of(result) == "SUCCESS"
 
 
 @pytest.mark.usefixtures("celery_worker")

@@ -384,7 +384,8 @@ def test_a_user_whose_id_field_is_empty_cannot_stream(
 ) -> None:
     """STREAMER_USER_ID_FIELD = "email", Django's default blank email: the auth view
     answered 200 with user id "" (streamer took that for an outage: every stream got
-    1013 / 503 for ever); a None field gave every such user the id "None"."""
+    1013 / 503 for ever); a None field gave every such user the id "None"; one over
+    200 characters got a token from the token view that streamer refused."""
     database, _ = django_database
     env = {**_django_env(process_env, tmp_path), "STREAMER_SECRET": SECRET}
     shutil.copyfile(database, env["DJANGO_DB_PATH"])
@@ -405,6 +406,11 @@ def test_a_user_whose_id_field_is_empty_cannot_stream(
         "    said['auth'] = [auth.status_code, auth.json()]\n"
         "    mint = logged_in.get('/streamer/token/')\n"
         "    said['mint'] = [mint.status_code, mint.json()]\n"
+        "alice.email = 'x' * 201\n"
+        "alice.save()\n"
+        "with override_settings(STREAMER_USER_ID_FIELD='email'):\n"
+        "    mint = logged_in.get('/streamer/token/')\n"
+        "    said['long'] = [mint.status_code, mint.json()]\n"
         "alice.last_login = None\n"
         "with override_settings(STREAMER_USER_ID_FIELD='last_login'):\n"
         "    try:\n"
@@ -422,3 +428,5 @@ def test_a_user_whose_id_field_is_empty_cannot_stream(
     assert said["auth"] == [403, {"error": no_email}]
     assert said["mint"] == [403, {"error": no_email}]
     assert said["token"] == "this user cannot stream: their last_login (None) is no user id"
+    # A token streamer would refuse ("bad subject") is not minted either.
+    assert said["long"] == [403, {"error": "user ids longer than 200 characters cannot stream"}]
