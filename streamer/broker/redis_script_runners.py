@@ -12,7 +12,6 @@ before it was taken, so a caller that stops at a reply has sent nothing after it
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import threading
 from collections.abc import AsyncGenerator, Generator, Iterator, Sequence
@@ -23,7 +22,7 @@ import redis.asyncio as aioredis
 import redis.asyncio.cluster as aiocluster
 import redis.cluster as synccluster
 from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError
 
 from .call_deadline import CallDeadline
 from .redis_connect import closed_by_server, current_master, watches_master
@@ -99,11 +98,6 @@ class PooledScript:
             return connection.read_response()
 
 
-# A held connection unused for longer is checked before use (Redis may have restarted)
-# with a read attempt, which a busy publisher does not pay for each call.
-STALE_CHECK_AFTER_S = 1.0
-
-
 class HeldScript:
     """A script run on an asyncio connection of its own, one call at a time, each call
     bounded as a whole by the client's socket timeout."""
@@ -121,7 +115,6 @@ class HeldScript:
         self._script = script
         self._sha = hashlib.sha1(script.encode()).hexdigest()
         self._connection: AbstractConnection | None = None
-        self._last_used = 0.0
         self.unanswered = False
 
     async def each(self, calls: Iterator[ScriptCall]) -> AsyncGenerator[object, None]:
@@ -159,10 +152,8 @@ class HeldScript:
             return await connection.read_response()
 
     async def _usable_connection(self) -> AbstractConnection:
-        """The held connection; after a pause, checked first as the pool checks the ones it
-        hands out, so that a restarted Redis costs no failed call."""
-        now = asyncio.get_running_loop().time()
-        idle, self._last_used = now - self._last_used, now
+        """The held connection, checked first (Redis may have closed it, a restart), so
+        that a restarted Redis costs no failed call."""
         if self._behind_sentinel and self._connection is not None and self._connection.is_connected:
             # Behind Sentinel: a connection to a replaced master is not used again.
             master = await current_master(self._pool)
@@ -170,13 +161,6 @@ class HeldScript:
                 await self.close()
         if self._connection is not None and closed_by_server(self._connection):
             await self.close()
-        if self._connection is not None and idle > STALE_CHECK_AFTER_S:
-            try:
-                stale = await self._connection.can_read()
-            except (RedisError, OSError):
-                stale = True
-            if stale:
-                await self.close()
         if self._connection is None:
             connection = self._connection_class(**self._settings)
             # Connected here, not by its first command, which would skip how a connection
